@@ -1,0 +1,196 @@
+//! The application: shared state built once at startup, the router with its layers in one
+//! place, and [`serve`], which runs the server on a given listener until a given shutdown
+//! future resolves (tests pass port 0 and their own shutdown).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{middleware, Json, Router};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::{Config, ConfigError};
+use crate::gatekeeper::lockout::Lockout;
+use crate::quota::Quotas;
+use crate::upstream::Upstreams;
+use crate::users::persist::Persistence;
+use crate::users::UserStore;
+
+/// Everything a handler may need, cheap to clone (a handful of `Arc`s).
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub users: Arc<UserStore>,
+    pub persistence: Arc<Persistence>,
+    pub upstreams: Arc<Upstreams>,
+    pub quotas: Arc<Quotas>,
+    pub lockout: Arc<Lockout>,
+    pub started_at: Instant,
+}
+
+impl AppState {
+    /// Builds every component from the configuration and loads users from the store.
+    pub async fn build(config: Config) -> Result<AppState, ConfigError> {
+        let config = Arc::new(config);
+        let users = UserStore::new();
+        let persistence = Arc::new(Persistence::open(&config, users.clone()).await?);
+        let upstreams = Arc::new(Upstreams::from_config(&config)?);
+        let quotas = Arc::new(Quotas::from_config(&config, users.clone())?);
+        let lockout = Arc::new(Lockout::new(
+            config.cli.brute_force_max_failed_attempts,
+            std::time::Duration::from_secs(config.cli.brute_force_ttl_seconds),
+        ));
+        Ok(AppState {
+            config,
+            users,
+            persistence,
+            upstreams,
+            quotas,
+            lockout,
+            started_at: Instant::now(),
+        })
+    }
+}
+
+/// The router with every layer. Layers, outermost first:
+/// 1. `SetSensitiveRequestHeaders` marks `authorization`, `x-api-key`, `cookie` and
+///    `x-session-token` sensitive, so the trace layer (2) prints them redacted.
+/// 2. `TraceLayer` logs each request and response.
+/// 3. `net::client_ip_layer` decides the client address once and inserts
+///    [`crate::net::ClientIp`] (read by the gatekeeper, quotas and handlers).
+/// 4. `gatekeeper::guard`, default-deny: inserts [`crate::gatekeeper::Principal`] (proxied
+///    routes) or [`crate::admin::AdminIdentity`] (admin routes), or refuses.
+/// 5. The routes: proxied (`upstream`), admin (`admin`), public pages (`web`), `/health`.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.max_request_body_bytes();
+    Router::new()
+        .route("/health", get(health))
+        .merge(crate::upstream::routes(&state.config))
+        .merge(crate::admin::routes())
+        .merge(crate::web::routes())
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::gatekeeper::guard,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::net::client_ip_layer,
+        ))
+        .layer(TraceLayer::new_for_http())
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::COOKIE,
+            header::HeaderName::from_static("x-api-key"),
+            header::HeaderName::from_static("x-session-token"),
+        ]))
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+struct HealthQuery {
+    verbose: Option<String>,
+}
+
+/// `GET /health`: 200 while serving; `?verbose` adds persistence status (never a secret).
+async fn health(State(state): State<AppState>, Query(q): Query<HealthQuery>) -> Response {
+    if q.verbose.is_none() {
+        return (StatusCode::OK, "OK").into_response();
+    }
+    Json(serde_json::json!({
+        "status": "ok",
+        "uptimeSecs": state.started_at.elapsed().as_secs(),
+        "users": state.users.len(),
+        "persistence": state.persistence.status(),
+    }))
+    .into_response()
+}
+
+/// Serves on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
+/// requests (streams included) finish within `SHUTDOWN_GRACE_SECS`, stops the background
+/// tasks and flushes pending user changes.
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let background = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(state.persistence.clone().run(background.clone()));
+    tasks.spawn(crate::users::sweep::run(
+        state.users.clone(),
+        state.config.cli.pow_token_purge_hours,
+        background.clone(),
+    ));
+    tasks.spawn(state.quotas.clone().run_refresh(background.clone()));
+    tasks.close();
+
+    let grace = state.config.shutdown_grace();
+    let stop_accepting = CancellationToken::new();
+    let app = router(state);
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
+    let mut server = tokio::spawn(async move { server.await });
+
+    tokio::select! {
+        res = &mut server => {
+            background.cancel();
+            tasks.wait().await;
+            return res.map_err(std::io::Error::other)?;
+        }
+        _ = shutdown => {}
+    }
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: no new connections, waiting for in-flight requests"
+    );
+    stop_accepting.cancel();
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(res) => res.map_err(std::io::Error::other)??,
+        Err(_) => {
+            tracing::warn!(
+                "in-flight requests did not finish within SHUTDOWN_GRACE_SECS; closing them"
+            );
+            server.abort();
+        }
+    }
+    background.cancel();
+    tasks.wait().await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

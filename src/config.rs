@@ -1,0 +1,426 @@
+//! Configuration: every environment variable (and its `--flag`) parsed once into one typed
+//! [`Config`], then validated. Knows nothing of HTTP or of the user store.
+//!
+//! Names and defaults follow the original `oai-reverse-proxy` where it has them. Each variable
+//! is documented in `.env.example`; a new variable must be added there too.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use ipnet::IpNet;
+use url::Url;
+
+/// A secret string whose `Debug`/`Display` never show the value.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; only for comparison or for sending to its intended recipient.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("*****")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("*****")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum GatekeeperMode {
+    /// Everyone may use the proxy.
+    None,
+    /// Only holders of `PROXY_KEY` may use the proxy.
+    ProxyKey,
+    /// Each user has a personal token managed through `/admin/users`.
+    UserToken,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// Users live in memory and are lost on restart.
+    Memory,
+    /// Users are persisted to a Firebase Realtime Database.
+    FirebaseRtdb,
+    /// Users are persisted to a local SQLite file.
+    Sqlite,
+}
+
+/// Command-line flags; each one can also be set by the environment variable of the same name.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "llm-gatekeeper", version, about)]
+pub struct Cli {
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 7860)]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(long, env = "BIND_ADDRESS", default_value = "0.0.0.0")]
+    pub bind_address: IpAddr,
+    /// Who may use the proxy: none | proxy_key | user_token.
+    #[arg(long, env = "GATEKEEPER", value_enum, default_value = "none")]
+    pub gatekeeper: GatekeeperMode,
+    /// The shared password for GATEKEEPER=proxy_key.
+    #[arg(long, env = "PROXY_KEY", hide_env_values = true)]
+    pub proxy_key: Option<Secret>,
+    /// The administrator's key for /admin (and a pass for the proxy in every mode).
+    #[arg(long, env = "ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<Secret>,
+    /// Comma-separated OpenAI (or OpenAI-compatible) upstream keys.
+    #[arg(long, env = "OPENAI_KEY", hide_env_values = true)]
+    pub openai_key: Option<Secret>,
+    /// Comma-separated Anthropic upstream keys.
+    #[arg(long, env = "ANTHROPIC_KEY", hide_env_values = true)]
+    pub anthropic_key: Option<Secret>,
+    /// Base URL of the OpenAI-style upstream.
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "https://api.openai.com"
+    )]
+    pub openai_base_url: Url,
+    /// Base URL of the Anthropic-style upstream.
+    #[arg(
+        long,
+        env = "ANTHROPIC_BASE_URL",
+        default_value = "https://api.anthropic.com"
+    )]
+    pub anthropic_base_url: Url,
+    /// Prefix of the compatibility routes ({route}/openai/..., {route}/anthropic/...).
+    #[arg(long, env = "PROXY_ENDPOINT_ROUTE", default_value = "/proxy")]
+    pub proxy_endpoint_route: String,
+    /// How many reverse proxies in front of us append to X-Forwarded-For (0 = ignore the header).
+    #[arg(long, env = "TRUSTED_PROXIES", default_value_t = 1)]
+    pub trusted_proxies: usize,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter directive).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Seconds to wait for a TCP/TLS connection to an upstream.
+    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT_SECS", default_value_t = 10)]
+    pub upstream_connect_timeout_secs: u64,
+    /// Seconds an upstream request may take in total (streams included).
+    #[arg(long, env = "UPSTREAM_TIMEOUT_SECS", default_value_t = 600)]
+    pub upstream_timeout_secs: u64,
+    /// Largest accepted request body, in megabytes.
+    #[arg(long, env = "MAX_REQUEST_BODY_MB", default_value_t = 100)]
+    pub max_request_body_mb: u64,
+    /// Seconds in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
+    // ----- users (issue 4) -----
+    /// Where users are kept: memory | firebase_rtdb | sqlite.
+    #[arg(long, env = "GATEKEEPER_STORE", value_enum, default_value = "memory")]
+    pub gatekeeper_store: StoreKind,
+    /// Hours after a temporary user is disabled before it is deleted.
+    #[arg(long, env = "POW_TOKEN_PURGE_HOURS", default_value_t = 48)]
+    pub pow_token_purge_hours: u64,
+    /// Distinct client addresses one user token may use (0 = unlimited).
+    #[arg(long, env = "MAX_IPS_PER_USER", default_value_t = 0)]
+    pub max_ips_per_user: u32,
+    /// Disable a user who exceeds their address limit instead of refusing the request.
+    #[arg(long, env = "MAX_IPS_AUTO_BAN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub max_ips_auto_ban: bool,
+    /// Comma-separated addresses/CIDRs refused on every route but /health.
+    #[arg(long, env = "IP_BLACKLIST", default_value = "")]
+    pub ip_blacklist: String,
+    /// Comma-separated addresses/CIDRs allowed on /admin.
+    #[arg(long, env = "ADMIN_WHITELIST", default_value = "0.0.0.0/0,::/0")]
+    pub admin_whitelist: String,
+    /// Failed credential attempts per address before it is locked out.
+    #[arg(long, env = "BRUTE_FORCE_MAX_FAILED_ATTEMPTS", default_value_t = 5)]
+    pub brute_force_max_failed_attempts: u32,
+    /// Seconds a failed attempt is remembered (and the lockout lasts).
+    #[arg(long, env = "BRUTE_FORCE_TTL_SECONDS", default_value_t = 900)]
+    pub brute_force_ttl_seconds: u64,
+
+    // ----- quotas (issue 5) -----
+    /// When quotas refresh: hourly | daily | a 5- or 6-field cron expression (empty = never).
+    #[arg(long, env = "QUOTA_REFRESH_PERIOD", default_value = "")]
+    pub quota_refresh_period: String,
+    /// Prompts per minute per user (or per address without a user); 0 disables.
+    #[arg(long, env = "TEXT_MODEL_RATE_LIMIT", default_value_t = 4)]
+    pub text_model_rate_limit: u32,
+
+    // ----- persistence (issue 6) -----
+    /// Firebase Realtime Database URL (GATEKEEPER_STORE=firebase_rtdb).
+    #[arg(long, env = "FIREBASE_RTDB_URL")]
+    pub firebase_rtdb_url: Option<Url>,
+    /// Base64-encoded Firebase service-account JSON.
+    #[arg(long, env = "FIREBASE_KEY", hide_env_values = true)]
+    pub firebase_key: Option<Secret>,
+    /// Name of the RTDB node that holds users.
+    #[arg(long, env = "FIREBASE_USERS_REF_NAME", default_value = "users")]
+    pub firebase_users_ref_name: String,
+    /// host:port of a Firebase RTDB emulator (plain HTTP, no OAuth).
+    #[arg(long, env = "FIREBASE_DATABASE_EMULATOR_HOST")]
+    pub firebase_database_emulator_host: Option<String>,
+    /// Seconds between flushes of changed users to the persistent store.
+    #[arg(long, env = "GATEKEEPER_STORE_FLUSH_SECS", default_value_t = 20)]
+    pub gatekeeper_store_flush_secs: u64,
+    /// SQLite file for GATEKEEPER_STORE=sqlite.
+    #[arg(long, env = "SQLITE_PATH", default_value = "data/users.sqlite")]
+    pub sqlite_path: PathBuf,
+
+    // ----- web (issue 7) -----
+    /// Key that signs admin session cookies (random per start when unset).
+    #[arg(long, env = "SIGNING_KEY", hide_env_values = true)]
+    pub signing_key: Option<Secret>,
+    /// Send session cookies without the Secure flag (for plain-HTTP setups).
+    #[arg(long, env = "USE_INSECURE_COOKIES", default_value_t = false, action = clap::ArgAction::Set)]
+    pub use_insecure_cookies: bool,
+    /// URL of an external session service that may also admit admins.
+    #[arg(long, env = "ADMIN_SESSION_VALIDATE_URL")]
+    pub admin_session_validate_url: Option<Url>,
+    /// Whether users may change their nickname at /user.
+    #[arg(long, env = "ALLOW_NICKNAME_CHANGES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub allow_nickname_changes: bool,
+    /// Serve a bare 200 at / instead of the service info page.
+    #[arg(long, env = "STATIC_SERVICE_INFO", default_value_t = false, action = clap::ArgAction::Set)]
+    pub static_service_info: bool,
+}
+
+/// A configuration problem, phrased for the operator: which variable, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// The validated configuration, built once at startup and shared read-only.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cli: Cli,
+    pub openai_keys: Vec<Secret>,
+    pub anthropic_keys: Vec<Secret>,
+    pub ip_blacklist: Vec<IpNet>,
+    pub admin_whitelist: Vec<IpNet>,
+    /// `TOKEN_QUOTA_<FAMILY>` values keyed by family name (lower-case, `_` → `-`).
+    pub token_quotas: BTreeMap<String, u64>,
+    /// The normalised compatibility prefix: starts with `/`, no trailing `/`.
+    pub proxy_endpoint_route: String,
+}
+
+impl Config {
+    /// Parses the process's arguments and environment (after loading `.env`, which never
+    /// overrides a variable that is already set).
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let _ = dotenvy::dotenv();
+        let cli = Cli::try_parse().map_err(|e| ConfigError(e.to_string()))?;
+        Config::from_cli(cli, std::env::vars())
+    }
+
+    /// Builds a config from flags (tests use this; the process environment is still read by clap
+    /// for unset flags) and an explicit list of extra variables (for `TOKEN_QUOTA_*`).
+    pub fn from_args<I, T>(
+        args: I,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args).map_err(|e| ConfigError(e.to_string()))?;
+        Config::from_cli(cli, vars)
+    }
+
+    pub fn from_cli(
+        cli: Cli,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let split_keys = |s: &Option<Secret>| -> Vec<Secret> {
+            s.as_ref()
+                .map(|s| {
+                    s.expose()
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty())
+                        .map(Secret::new)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let openai_keys = split_keys(&cli.openai_key);
+        let anthropic_keys = split_keys(&cli.anthropic_key);
+        let ip_blacklist = parse_cidr_list("IP_BLACKLIST", &cli.ip_blacklist)?;
+        let admin_whitelist = parse_cidr_list("ADMIN_WHITELIST", &cli.admin_whitelist)?;
+
+        let mut token_quotas = BTreeMap::new();
+        for (name, value) in vars {
+            if let Some(family) = name.strip_prefix("TOKEN_QUOTA_") {
+                let v: u64 = value.trim().parse().map_err(|_| {
+                    ConfigError(format!(
+                        "{name}={value:?} is not a whole number of tokens; set it to 0 (unlimited) or a positive integer"
+                    ))
+                })?;
+                token_quotas.insert(family.to_ascii_lowercase().replace('_', "-"), v);
+            }
+        }
+
+        let mut route = cli
+            .proxy_endpoint_route
+            .trim()
+            .trim_end_matches('/')
+            .to_string();
+        if !route.starts_with('/') {
+            route.insert(0, '/');
+        }
+        if route == "/" || route.is_empty() {
+            return Err(ConfigError(
+                "PROXY_ENDPOINT_ROUTE must be a path prefix other than \"/\", e.g. /proxy".into(),
+            ));
+        }
+
+        for (name, url) in [
+            ("OPENAI_BASE_URL", &cli.openai_base_url),
+            ("ANTHROPIC_BASE_URL", &cli.anthropic_base_url),
+        ] {
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(ConfigError(format!(
+                    "{name}={url} must be an http:// or https:// URL with a host, e.g. https://api.openai.com"
+                )));
+            }
+        }
+
+        match cli.gatekeeper {
+            GatekeeperMode::ProxyKey
+                if cli.proxy_key.as_ref().is_none_or(|k| k.expose().is_empty()) =>
+            {
+                return Err(ConfigError(
+                    "GATEKEEPER=proxy_key needs PROXY_KEY: set PROXY_KEY to the shared password clients must send".into(),
+                ));
+            }
+            GatekeeperMode::UserToken
+                if cli.admin_key.as_ref().is_none_or(|k| k.expose().is_empty()) =>
+            {
+                return Err(ConfigError(
+                    "GATEKEEPER=user_token needs ADMIN_KEY: set ADMIN_KEY to a long random secret used to manage users at /admin/users".into(),
+                ));
+            }
+            _ => {}
+        }
+        if cli.max_request_body_mb == 0 {
+            return Err(ConfigError("MAX_REQUEST_BODY_MB must be at least 1".into()));
+        }
+        if cli.gatekeeper_store_flush_secs == 0 {
+            return Err(ConfigError(
+                "GATEKEEPER_STORE_FLUSH_SECS must be at least 1".into(),
+            ));
+        }
+
+        Ok(Config {
+            openai_keys,
+            anthropic_keys,
+            ip_blacklist,
+            admin_whitelist,
+            token_quotas,
+            proxy_endpoint_route: route,
+            cli,
+        })
+    }
+
+    pub fn upstream_connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.cli.upstream_connect_timeout_secs)
+    }
+    pub fn upstream_timeout(&self) -> Duration {
+        Duration::from_secs(self.cli.upstream_timeout_secs)
+    }
+    pub fn max_request_body_bytes(&self) -> usize {
+        usize::try_from(self.cli.max_request_body_mb.saturating_mul(1024 * 1024))
+            .unwrap_or(usize::MAX)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.cli.shutdown_grace_secs)
+    }
+    pub fn mode(&self) -> GatekeeperMode {
+        self.cli.gatekeeper
+    }
+}
+
+/// Parses a comma-separated list of addresses or CIDR blocks. A bare address becomes a /32
+/// (or /128). Any unparseable entry is an error naming the variable: silently skipping it (as
+/// the original did) could leave the admin API open.
+pub fn parse_cidr_list(var: &str, s: &str) -> Result<Vec<IpNet>, ConfigError> {
+    let mut out = Vec::new();
+    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let net = if let Ok(net) = entry.parse::<IpNet>() {
+            net
+        } else if let Ok(ip) = entry.parse::<IpAddr>() {
+            IpNet::from(ip)
+        } else {
+            return Err(ConfigError(format!(
+                "{var}: {entry:?} is not an IP address or CIDR block (e.g. 10.0.0.0/8, 2001:db8::/32, 127.0.0.1)"
+            )));
+        };
+        out.push(net.trunc());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["llm-gatekeeper"];
+        v.extend_from_slice(args);
+        Config::from_args(v, Vec::<(String, String)>::new())
+    }
+
+    #[test]
+    fn defaults_are_the_originals() {
+        let c = cfg(&[]).expect("defaults parse");
+        assert_eq!(c.cli.port, 7860);
+        assert_eq!(c.mode(), GatekeeperMode::None);
+        assert_eq!(c.proxy_endpoint_route, "/proxy");
+        assert_eq!(c.cli.trusted_proxies, 1);
+    }
+
+    #[test]
+    fn proxy_key_mode_needs_proxy_key() {
+        let e = cfg(&["--gatekeeper", "proxy_key"]).expect_err("must fail");
+        assert!(e.0.contains("PROXY_KEY"));
+    }
+
+    #[test]
+    fn bad_cidr_names_variable_and_entry() {
+        let e = cfg(&["--admin-whitelist", "10.0.0.0/8,nonsense"]).expect_err("must fail");
+        assert!(e.0.contains("ADMIN_WHITELIST") && e.0.contains("nonsense"));
+    }
+
+    #[test]
+    fn token_quotas_are_read_from_vars() {
+        let c = Config::from_args(
+            ["llm-gatekeeper"],
+            vec![("TOKEN_QUOTA_GPT4_32K".to_string(), "100".to_string())],
+        )
+        .expect("parses");
+        assert_eq!(c.token_quotas.get("gpt4-32k"), Some(&100));
+    }
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let c = cfg(&["--proxy-key", "hunter2", "--gatekeeper", "proxy_key"]).expect("parses");
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

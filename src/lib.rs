@@ -1,0 +1,16 @@
+//! llm-gatekeeper: a gateway in front of OpenAI- and Anthropic-style LLM APIs that decides
+//! who may use them. See `ARCHITECTURE.md` for the map of modules.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod gatekeeper;
+pub mod net;
+pub mod quota;
+pub mod upstream;
+pub mod users;
+pub mod web;
+
+pub use app::{router, serve, shutdown_signal, AppState};
+pub use config::Config;

@@ -1,0 +1,60 @@
+//! The `llm-gatekeeper` binary: parses configuration, sets up logging, binds the port and
+//! hands over to [`llm_gatekeeper::serve`]. Everything else lives in the library.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use llm_gatekeeper::config::GatekeeperMode;
+use llm_gatekeeper::{AppState, Config};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            // clap's own messages (e.g. --help) already end with a newline.
+            eprintln!("llm-gatekeeper: configuration error: {}", e.0.trim_end());
+            return ExitCode::from(2);
+        }
+    };
+    let filter = EnvFilter::try_new(&config.cli.log_level).unwrap_or_else(|_| {
+        eprintln!(
+            "llm-gatekeeper: LOG_LEVEL={:?} is not a valid level; using info",
+            config.cli.log_level
+        );
+        EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    let addr = SocketAddr::new(config.cli.bind_address, config.cli.port);
+    if config.mode() == GatekeeperMode::None && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "GATEKEEPER=none on a non-loopback address: anyone who can reach this port can spend your upstream keys. Set GATEKEEPER=proxy_key or user_token, or BIND_ADDRESS=127.0.0.1."
+        );
+    }
+    let state = match AppState::build(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("llm-gatekeeper: startup error: {}", e.0);
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("llm-gatekeeper: cannot listen on {addr} ({e}); change PORT or BIND_ADDRESS");
+            return ExitCode::from(2);
+        }
+    };
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!(%local, "llm-gatekeeper listening on http://{local}");
+    match llm_gatekeeper::serve(state, listener, llm_gatekeeper::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("llm-gatekeeper: server error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! Users: the user model, the in-memory store every request reads, and the persistence
+//! backends behind the [`backend::UserBackend`] trait. Knows nothing of HTTP.
+
+pub mod backend;
+pub mod model;
+pub mod persist;
+pub mod store;
+pub mod sweep;
+
+pub use model::{User, UserType};
+pub use store::UserStore;
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp in the user model.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A short, non-reversible fingerprint of a secret for logs (first 8 hex chars of SHA-256).
+pub fn fingerprint(secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(secret.as_bytes());
+    hex::encode(&digest[..4])
+}

@@ -1,0 +1,118 @@
+//! The user record, in the JSON shape the original `oai-reverse-proxy` exports (camelCase,
+//! epoch-millisecond timestamps), so exported users import unchanged.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserType {
+    /// Subject to quotas and IP limits.
+    #[default]
+    Normal,
+    /// Exempt from quotas, IP limits and rate limits.
+    Special,
+    /// Expires at `expiresAt`, then is disabled and later purged.
+    Temporary,
+}
+
+impl UserType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserType::Normal => "normal",
+            UserType::Special => "special",
+            UserType::Temporary => "temporary",
+        }
+    }
+}
+
+/// Token counts or limits by model family (any family name is accepted and kept).
+pub type TokenCounts = BTreeMap<String, u64>;
+
+/// One user, as stored, exported and imported.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct User {
+    pub token: String,
+    #[serde(default)]
+    pub ip: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nickname: Option<String>,
+    #[serde(rename = "type", default)]
+    pub kind: UserType,
+    #[serde(default)]
+    pub prompt_count: u64,
+    #[serde(default)]
+    pub token_counts: TokenCounts,
+    #[serde(default)]
+    pub token_limits: TokenCounts,
+    #[serde(default)]
+    pub created_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ips: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_note: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl User {
+    /// A fresh user with the given token and limits, created now.
+    pub fn new(token: String, kind: UserType, token_limits: TokenCounts, now_ms: i64) -> User {
+        User {
+            token,
+            ip: Vec::new(),
+            nickname: None,
+            kind,
+            prompt_count: 0,
+            token_counts: TokenCounts::new(),
+            token_limits,
+            created_at: now_ms,
+            last_used_at: None,
+            disabled_at: None,
+            disabled_reason: None,
+            expires_at: None,
+            max_ips: None,
+            admin_note: None,
+            meta: None,
+        }
+    }
+
+    pub fn is_disabled(&self) -> bool {
+        self.disabled_at.is_some()
+    }
+
+    /// A temporary user whose expiry has passed is refused from that very moment, before the
+    /// background sweep marks it disabled.
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.kind == UserType::Temporary && self.expires_at.is_some_and(|e| e <= now_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_export_round_trips() {
+        let json = r#"{"token":"abc","ip":["1.2.3.4"],"type":"special","promptCount":3,
+            "tokenCount":12,"tokenCounts":{"turbo":5,"gpt4":0,"claude":7},
+            "tokenLimits":{"turbo":0,"gpt4":0,"claude":0},"createdAt":1690000000000,
+            "lastUsedAt":1690000001000,"nickname":"bob"}"#;
+        let u: User = serde_json::from_str(json).expect("original export parses");
+        assert_eq!(u.kind, UserType::Special);
+        assert_eq!(u.token_counts.get("claude"), Some(&7));
+        let back = serde_json::to_value(&u).expect("serialises");
+        assert_eq!(back["promptCount"], 3);
+        assert!(back.get("tokenCount").is_none());
+    }
+}
