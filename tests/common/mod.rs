@@ -10,6 +10,8 @@ use llm_gatekeeper::{AppState, Config};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub mod persist;
+
 pub struct TestApp {
     pub addr: SocketAddr,
     /// `http://127.0.0.1:PORT`
