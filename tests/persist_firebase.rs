@@ -278,13 +278,13 @@ async fn sigterm_flushes_pending_changes() {
         ],
     );
     let mut child = usage_child("persist_usage_child", &env);
-    child.wait_for("DONE 40");
+    child.wait_for("DONE 40").await;
     assert_eq!(
         fb.db.get("users/sigterm-user").await,
         Value::Null,
         "nothing flushed yet"
     );
-    let status = child.term();
+    let status = child.term().await;
     let out = child.output();
     assert!(status.success(), "exit after SIGTERM: {status}\n{out}");
     assert!(out.contains("CHILD EXITED CLEANLY"), "{out}");
@@ -331,7 +331,7 @@ async fn a_restart_reloads_everything() {
 
     // The real binary loads the same users and exits 0 on SIGTERM.
     let mut bin = Proc::binary(&fb.env(1));
-    let url = bin.wait_listening();
+    let url = bin.wait_listening().await;
     let v: Value = reqwest::get(format!("{url}/health?verbose"))
         .await
         .expect("health")
@@ -339,7 +339,7 @@ async fn a_restart_reloads_everything() {
         .await
         .expect("json");
     assert_eq!(v["users"], 2, "{v}");
-    let status = bin.term();
+    let status = bin.term().await;
     assert!(status.success(), "{status}\n{}", bin.output());
 }
 
@@ -417,7 +417,7 @@ async fn startup_fails_when_the_database_is_unreachable() {
     let mut env = fb.env(1);
     env[1].1 = format!("http://127.0.0.1:{closed}");
     let mut bin = Proc::binary(&env);
-    let status = bin.wait_exit();
+    let status = bin.wait_exit().await;
     let out = bin.output();
     assert_eq!(status.code(), Some(2), "{out}");
     assert!(out.contains("FIREBASE_RTDB_URL"), "{out}");
@@ -432,7 +432,7 @@ async fn startup_fails_when_credentials_are_rejected() {
     // The token endpoint refuses the key (a revoked key).
     fb.tokens.state.reject.store(true, Ordering::SeqCst);
     let mut bin = Proc::binary(&fb.env(1));
-    let status = bin.wait_exit();
+    let status = bin.wait_exit().await;
     let out = bin.output();
     assert_eq!(status.code(), Some(2), "{out}");
     assert!(out.contains("FIREBASE_KEY"), "{out}");

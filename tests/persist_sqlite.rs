@@ -93,7 +93,7 @@ async fn usage_is_stored_within_the_interval_and_a_restart_reloads_everything() 
 
     // The real binary loads the same file and exits 0 on SIGTERM.
     let mut bin = Proc::binary(&env(&path, 1, &[]));
-    let url = bin.wait_listening();
+    let url = bin.wait_listening().await;
     let v: Value = reqwest::get(format!("{url}/health?verbose"))
         .await
         .expect("health")
@@ -101,7 +101,7 @@ async fn usage_is_stored_within_the_interval_and_a_restart_reloads_everything() 
         .await
         .expect("json");
     assert_eq!(v["users"], 1, "{v}");
-    let status = bin.term();
+    let status = bin.term().await;
     assert!(status.success(), "{status}\n{}", bin.output());
 }
 
@@ -149,9 +149,9 @@ async fn sigterm_flushes_pending_changes() {
             &[("PERSIST_CHILD_TOKEN", "t1"), ("PERSIST_CHILD_STEPS", "40")],
         ),
     );
-    child.wait_for("DONE 40");
+    child.wait_for("DONE 40").await;
     assert_eq!(stored_prompts(&path, "t1"), 0, "nothing flushed yet");
-    let status = child.term();
+    let status = child.term().await;
     let out = child.output();
     assert!(status.success(), "{status}\n{out}");
     assert!(out.contains("every user change is stored"), "{out}");
@@ -168,14 +168,14 @@ async fn kill_9_loses_at_most_one_flush_interval() {
         "persist_usage_child",
         &env(&path, 1, &[("PERSIST_CHILD_TOKEN", "t9")]),
     );
-    child.wait_listening();
+    child.wait_listening().await;
     // Let a few flushes happen while usage keeps growing (one increment per ≥ 10 ms).
     eventually(20, "a few flushes", || async {
         (stored_prompts(&path, "t9") >= 150).then_some(())
     })
     .await;
     child.kill9();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let acked = last_ack(&child.output());
     let kept = stored_prompts(&path, "t9");
     assert!(kept <= acked + 1, "kept {kept}, acknowledged {acked}");
@@ -201,7 +201,7 @@ async fn an_unwritable_path_fails_startup_naming_sqlite_path() {
     std::fs::write(&file, b"x").expect("write");
     let path = file.join("users.sqlite");
     let mut bin = Proc::binary(&env(&path, 1, &[]));
-    let status = bin.wait_exit();
+    let status = bin.wait_exit().await;
     let out = bin.output();
     assert_eq!(status.code(), Some(2), "{out}");
     assert!(out.contains("SQLITE_PATH"), "{out}");

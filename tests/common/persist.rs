@@ -484,9 +484,10 @@ impl Proc {
         self.child.id()
     }
 
-    /// Waits until the output contains `needle`; panics (with the output) if the process
+    /// Waits (without blocking the test's runtime, which may serve the relay) until the output
+    /// contains `needle`; panics (with the output) if the process
     /// exits first or 30 s pass.
-    pub fn wait_for(&mut self, needle: &str) -> String {
+    pub async fn wait_for(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let out = self.output();
@@ -494,7 +495,7 @@ impl Proc {
                 return out[i + needle.len()..].to_string();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(200));
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 panic!(
                     "child exited ({status}) before printing {needle:?}; output:\n{}",
                     self.output()
@@ -504,13 +505,13 @@ impl Proc {
                 Instant::now() < deadline,
                 "no {needle:?} within 30 s; output:\n{out}"
             );
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// Waits for the binary's "listening on http://…" line and returns the base URL.
-    pub fn wait_listening(&mut self) -> String {
-        let rest = self.wait_for("listening on http://");
+    pub async fn wait_listening(&mut self) -> String {
+        let rest = self.wait_for("listening on http://").await;
         let addr: String = rest
             .chars()
             .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
@@ -519,30 +520,30 @@ impl Proc {
     }
 
     /// Waits for the process to exit (at most 30 s) and returns its status.
-    pub fn wait_exit(&mut self) -> ExitStatus {
+    pub async fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Let the reader threads drain the pipes.
-                std::thread::sleep(Duration::from_millis(200));
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 return status;
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 panic!("child did not exit within 30 s; output:\n{}", self.output());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     /// Sends SIGTERM (`kill -TERM <pid>`) and waits for the exit.
-    pub fn term(&mut self) -> ExitStatus {
+    pub async fn term(&mut self) -> ExitStatus {
         let ok = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("run kill");
         assert!(ok.success(), "kill -TERM failed");
-        self.wait_exit()
+        self.wait_exit().await
     }
 
     /// SIGKILL: no chance to flush.
