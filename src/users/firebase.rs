@@ -68,8 +68,12 @@ fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        // Some errors repeat their source in their own message; say it once.
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -541,9 +545,8 @@ mod tests {
         let u = parse_record("abc", serde_json::json!({"promptCount": 2})).expect("parses");
         assert_eq!(u.token, "abc");
         assert_eq!(u.prompt_count, 2);
-        let (fp, _) = parse_record("abc", serde_json::json!({"promptCount": "x"}))
-            .err()
-            .expect("fails");
+        let (fp, _) =
+            parse_record("abc", serde_json::json!({"promptCount": "x"})).expect_err("fails");
         assert_eq!(fp, fingerprint("abc"));
     }
 }

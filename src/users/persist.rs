@@ -79,7 +79,7 @@ impl Persistence {
             let hint = match &e {
                 BackendError::Config(_) => "fix the variable named above",
                 BackendError::Unavailable(_) => {
-                    "check that the database is reachable and the variable named above is right"
+                    "check that the address named above is reachable and the variable is right"
                 }
             };
             ConfigError(format!(
