@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod firebase;
 pub mod model;
+pub mod ops;
 pub mod persist;
 pub mod sqlite;
 pub mod store;
