@@ -292,6 +292,73 @@ async fn sigterm_flushes_pending_changes() {
     assert_eq!(fb.db.get("users/sigterm-user/promptCount").await, json!(40));
 }
 
+#[tokio::test]
+async fn the_binary_stores_admin_changes_even_when_sigterm_comes_during_an_outage() {
+    let Some(fb) = Firebase::start().await else {
+        return;
+    };
+    const ADMIN_KEY: &str = "persist-test-admin-key-0123456789";
+    let env = s(
+        &fb.env(3600),
+        &[("GATEKEEPER", "user_token"), ("ADMIN_KEY", ADMIN_KEY)],
+    );
+    let mut bin = Proc::binary(&env);
+    let url = bin.wait_listening().await;
+    let client = reqwest::Client::new();
+    let create = || async {
+        let v: Value = client
+            .post(format!("{url}/admin/users"))
+            .bearer_auth(ADMIN_KEY)
+            .json(&json!({"type": "special"}))
+            .send()
+            .await
+            .expect("create user")
+            .json()
+            .await
+            .expect("json");
+        v["token"].as_str().expect("token").to_string()
+    };
+
+    // Admin writes reach the database at once, although the interval is an hour.
+    let first = create().await;
+    db_has(&fb, &format!("users/{first}/type"), json!("special")).await;
+    let resp = client
+        .delete(format!("{url}/admin/users/{first}?disabledReason=abuse"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("disable");
+    assert_eq!(resp.status(), 200);
+    db_has(
+        &fb,
+        &format!("users/{first}/disabledReason"),
+        json!("abuse"),
+    )
+    .await;
+
+    // During an outage an admin creates a user; the flush fails and the change waits.
+    fb.relay.state.fail.store(true, Ordering::SeqCst);
+    let second = create().await;
+    eventually(15, "a failed flush", || async {
+        let s = persist_status(&url).await;
+        (s["consecutiveFailures"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    // SIGTERM while the database is still down; it comes back within the final flush's 10 s.
+    bin.signal_term();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    fb.relay.state.fail.store(false, Ordering::SeqCst);
+    let status = bin.wait_exit().await;
+    let out = bin.output();
+    assert!(status.success(), "{status}\n{out}");
+    assert_eq!(
+        fb.db.get(&format!("users/{second}/token")).await,
+        json!(second),
+        "{out}"
+    );
+    assert!(out.contains("every user change is stored"), "{out}");
+}
+
 /// Not a test: the child process for [`sigterm_flushes_pending_changes`].
 #[tokio::test]
 #[ignore = "child process of other tests"]

@@ -536,13 +536,18 @@ impl Proc {
         }
     }
 
-    /// Sends SIGTERM (`kill -TERM <pid>`) and waits for the exit.
-    pub async fn term(&mut self) -> ExitStatus {
+    /// Sends SIGTERM (`kill -TERM <pid>`) without waiting.
+    pub fn signal_term(&self) {
         let ok = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("run kill");
         assert!(ok.success(), "kill -TERM failed");
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub async fn term(&mut self) -> ExitStatus {
+        self.signal_term();
         self.wait_exit().await
     }
 
