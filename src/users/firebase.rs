@@ -320,8 +320,18 @@ impl OAuth {
             .token_uri
             .ok_or_else(|| malformed("no token_uri".into()))?;
         Url::parse(&token_uri).map_err(|e| malformed(format!("token_uri is not a URL ({e})")))?;
-        let account =
-            gcp_auth::CustomServiceAccount::from_json(&json).map_err(|e| malformed(chain(&e)))?;
+        let account = gcp_auth::CustomServiceAccount::from_json(&json).map_err(|e| {
+            let why = chain(&e);
+            // gcp_auth also builds an HTTPS client here, which needs the system's CA
+            // certificates; that is not the key's fault.
+            if why.contains("root certificates") {
+                BackendError::Config(format!(
+                    "FIREBASE_KEY: cannot prepare HTTPS for the service account ({why}); install the system CA certificates (ca-certificates)"
+                ))
+            } else {
+                malformed(why)
+            }
+        })?;
         Ok(OAuth {
             account,
             client_email,
