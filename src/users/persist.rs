@@ -38,7 +38,7 @@ pub struct PersistStatus {
     /// Changes in the batch being written right now.
     pub in_flight: usize,
     pub flush_interval_secs: u64,
-    /// When a flush last succeeded (epoch ms): every change made before it is stored.
+    /// When the last successful flush began (epoch ms): every change made before it is stored.
     pub last_flush_ok_ms: Option<i64>,
     /// The most recent flush error, kept after recovery for diagnosis.
     pub last_error: Option<String>,
@@ -164,13 +164,16 @@ impl Persistence {
 
     /// Writes every pending change once. On failure the batch is pending again.
     pub async fn flush_once(&self) -> Result<usize, BackendError> {
+        // Every change made before the batch is taken is in it (or already stored), so this
+        // is the moment a successful flush vouches for.
+        let started = now_ms();
         let batch = self.users.take_batch();
         let n = batch.changed.len() + batch.deleted.len();
         if n == 0 {
             // Nothing pending and nothing in flight: everything is stored as of now.
             let mut s = self.status_mut();
             s.consecutive_failures = 0;
-            s.last_flush_ok_ms = Some(now_ms());
+            s.last_flush_ok_ms = Some(started);
             return Ok(0);
         }
         // If this future is dropped mid-write (shutdown cut a slow write short), the guard
@@ -197,7 +200,7 @@ impl Persistence {
                     );
                 }
                 s.consecutive_failures = 0;
-                s.last_flush_ok_ms = Some(now_ms());
+                s.last_flush_ok_ms = Some(started);
                 tracing::debug!(changes = n, store = self.backend.name(), "flushed users");
                 Ok(n)
             }
