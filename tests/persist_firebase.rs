@@ -194,6 +194,11 @@ async fn changes_made_during_an_outage_all_arrive_afterwards() {
             .contains("503"),
         "{status}"
     );
+    // The public status names the variable, not the database's address.
+    assert!(
+        !status.to_string().contains(&fb.relay.addr.to_string()),
+        "{status}"
+    );
     let waiting =
         status["pending"].as_u64().unwrap_or(0) + status["inFlight"].as_u64().unwrap_or(0);
     assert_eq!(waiting, 4, "{status}");

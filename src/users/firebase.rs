@@ -245,18 +245,20 @@ impl FirebaseBackend {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let url = self.shown_url();
+        // Messages name only the path: they reach the public `/health?verbose`, and the
+        // original treats the database URL as a secret. Startup errors add the URL.
+        let url = self.users_url.path().to_string();
         let resp = req.send().await.map_err(|e| {
             BackendError::Unavailable(format!(
                 "FIREBASE_RTDB_URL: {method} {url} failed: {}",
-                chain(&e)
+                chain(&e.without_url())
             ))
         })?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| {
             BackendError::Unavailable(format!(
                 "FIREBASE_RTDB_URL: {method} {url}: cannot read the response: {}",
-                chain(&e)
+                chain(&e.without_url())
             ))
         })?;
         if status.is_success() {
@@ -445,7 +447,18 @@ impl UserBackend for FirebaseBackend {
 
     fn load_all(&self) -> BoxFuture<'_, Result<Loaded, BackendError>> {
         Box::pin(async move {
-            let text = self.request(reqwest::Method::GET, None).await?;
+            let shown = self.shown_url();
+            let text = self
+                .request(reqwest::Method::GET, None)
+                .await
+                .map_err(|e| match e {
+                    BackendError::Config(m) => {
+                        BackendError::Config(format!("{m} (database {shown})"))
+                    }
+                    BackendError::Unavailable(m) => {
+                        BackendError::Unavailable(format!("{m} (database {shown})"))
+                    }
+                })?;
             let value: Value = serde_json::from_str(&text).map_err(|e| {
                 BackendError::Unavailable(format!(
                     "FIREBASE_RTDB_URL: {} did not return JSON ({e})",
