@@ -70,7 +70,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
         if u.is_expired(now) {
             return Look::Refused(expired_error());
         }
-        let known_ip = u.ip.iter().any(|i| *i == ip_s);
+        let known_ip = u.ip.contains(&ip_s);
         let fresh = u
             .last_used_at
             .is_some_and(|t| now.saturating_sub(t) < LAST_USED_RESOLUTION_MS);
@@ -112,7 +112,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
             return (Err(expired_error()), false);
         }
         let mut changed = false;
-        if !u.ip.iter().any(|i| *i == ip_s) {
+        if !u.ip.contains(&ip_s) {
             let limit = ip_limit(u.kind, u.max_ips, global_limit);
             if limit.is_some_and(|max| u.ip.len() >= max) {
                 if auto_ban {
