@@ -88,6 +88,18 @@ fn snippet(body: &str) -> String {
     }
 }
 
+/// `https://`, or plain `http://` to a loopback address (local emulators and tests): where a
+/// bearer credential may be sent.
+fn is_safe_url(url: &Url) -> bool {
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    url.scheme() == "https" || (url.scheme() == "http" && loopback)
+}
+
 /// Encodes a token as an RTDB key: `%`, the characters RTDB forbids in keys (`. $ # [ ] /`)
 /// and control characters become `%XX`. UUID tokens (what the original issues) are unchanged,
 /// so a database written by the original is read as is.
@@ -192,8 +204,7 @@ impl FirebaseBackend {
                 (url, None)
             }
             None => {
-                let loopback = matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]" | "::1");
-                if db_url.scheme() != "https" && !(db_url.scheme() == "http" && loopback) {
+                if !is_safe_url(&db_url) {
                     return Err(BackendError::Config(format!(
                         "FIREBASE_RTDB_URL={db_url} must use https:// (plain http only to a loopback address); for an emulator set FIREBASE_DATABASE_EMULATOR_HOST"
                     )));
@@ -321,7 +332,14 @@ impl OAuth {
         let token_uri = fields
             .token_uri
             .ok_or_else(|| malformed("no token_uri".into()))?;
-        Url::parse(&token_uri).map_err(|e| malformed(format!("token_uri is not a URL ({e})")))?;
+        let parsed = Url::parse(&token_uri)
+            .map_err(|e| malformed(format!("token_uri is not a URL ({e})")))?;
+        // The signed assertion is a credential: it may cross a network only encrypted.
+        if !is_safe_url(&parsed) {
+            return Err(malformed(format!(
+                "token_uri {token_uri} must use https:// (plain http only to a loopback address)"
+            )));
+        }
         let account = gcp_auth::CustomServiceAccount::from_json(&json).map_err(|e| {
             let why = chain(&e);
             // gcp_auth also builds an HTTPS client here, which needs the system's CA
@@ -553,6 +571,17 @@ mod tests {
         }
         assert_eq!(encode_key("a.b"), "a%2Eb");
         assert_eq!(decode_key("50%"), "50%");
+    }
+
+    #[test]
+    fn credentials_go_only_over_https_or_loopback() {
+        let ok = |u: &str| is_safe_url(&Url::parse(u).expect("url"));
+        assert!(ok("https://x-default-rtdb.firebaseio.com"));
+        assert!(ok("http://127.0.0.1:9000"));
+        assert!(ok("http://[::1]:9000"));
+        assert!(ok("http://localhost:9000"));
+        assert!(!ok("http://x-default-rtdb.firebaseio.com"));
+        assert!(!ok("http://10.0.0.1:9000"));
     }
 
     #[test]
