@@ -148,6 +148,22 @@ async fn new_user_and_usage_appear_within_the_flush_interval() {
 }
 
 #[tokio::test]
+async fn an_access_token_near_expiry_is_renewed_before_use() {
+    let Some(fb) = Firebase::start().await else {
+        return;
+    };
+    // Tokens valid for 5 minutes are within the renewal margin: each use fetches a new one.
+    fb.tokens.state.expires_in.store(300, Ordering::SeqCst);
+    let app = spawn_args(&fb.args(3600)).await;
+    assert_eq!(fb.tokens.state.calls.load(Ordering::SeqCst), 1);
+    app.state.users.upsert(user("renewed", 1));
+    app.state.users.request_flush();
+    db_has(&fb, "users/renewed/promptCount", json!(1)).await;
+    assert_eq!(fb.tokens.state.calls.load(Ordering::SeqCst), 2);
+    app.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn admin_writes_are_flushed_immediately() {
     let Some(fb) = Firebase::start().await else {
         return;

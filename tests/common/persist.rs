@@ -270,6 +270,8 @@ pub struct TokenState {
     /// Answer 400 invalid_grant (a revoked or unknown key).
     pub reject: AtomicBool,
     pub calls: AtomicUsize,
+    /// `expires_in` of issued tokens (0 = the usual 3599 s).
+    pub expires_in: AtomicU64,
 }
 
 pub struct TokenEndpoint {
@@ -315,8 +317,14 @@ async fn token_handler(State(s): State<Arc<TokenState>>, body: String) -> Respon
         )
             .into_response();
     }
-    axum::Json(json!({"access_token": ACCESS_TOKEN, "expires_in": 3599, "token_type": "Bearer"}))
-        .into_response()
+    let expires_in = match s.expires_in.load(Ordering::SeqCst) {
+        0 => 3599,
+        n => n,
+    };
+    axum::Json(
+        json!({"access_token": ACCESS_TOKEN, "expires_in": expires_in, "token_type": "Bearer"}),
+    )
+    .into_response()
 }
 
 pub async fn token_endpoint() -> TokenEndpoint {
