@@ -1,8 +1,11 @@
 //! Administration: the `/admin/users` REST API and the admin web UI. Handlers are thin: they
 //! extract arguments and call domain code in [`crate::users`].
 //!
-//! (Skeleton: to be completed by the per-user-tokens and web-side work.)
+//! [`authorize`] is the one place that decides who is an administrator; it is called by the
+//! gatekeeper for every `/admin` route: the bearer `ADMIN_KEY` ([`check_admin_key`]), the
+//! admin UI's session cookie ([`session`]) and the external session service.
 
+pub mod api;
 pub mod session;
 pub mod ui;
 
@@ -35,9 +38,11 @@ impl AdminIdentity {
 }
 
 /// Decides whether a request to an `/admin` route comes from an administrator: the
-/// `ADMIN_KEY` as a Bearer credential, a signed-in session cookie (`/admin/login`), or a
-/// session accepted by `ADMIN_SESSION_VALIDATE_URL`. A browser without any of them asking for
-/// an admin page is sent to the sign-in page; API clients get JSON.
+/// `ADMIN_KEY` as a Bearer credential ([`check_admin_key`]), a signed-in session cookie
+/// (`/admin/login`), or a session accepted by `ADMIN_SESSION_VALIDATE_URL`. A locked-out
+/// address is refused (429) before any credential is looked at, even a correct one. A browser
+/// without a session asking for an admin page is sent to the sign-in page; API clients get
+/// JSON.
 pub async fn authorize(
     state: &AppState,
     ip: IpAddr,
@@ -56,27 +61,11 @@ pub async fn authorize(
         }
         return Err(admin_lockout_error(secs).into_response());
     }
-    let admin_key = state
-        .config
-        .cli
-        .admin_key
-        .as_ref()
-        .filter(|k| !k.expose().is_empty());
-    if let Some(c) = client_credential(headers) {
-        return match admin_key {
-            Some(expected) if secret_eq(c, expected.expose()) => Ok(AdminIdentity::AdminKey),
-            None => Err(AdminError::unauthorized(
-                "Admin keys are disabled: set ADMIN_KEY on the server to use one.",
-            )
-            .into_response()),
-            Some(_) => {
-                state.lockout.record_failure(ip);
-                Err(AdminError::unauthorized("Invalid admin key.").into_response())
-            }
-        };
+    if client_credential(headers).is_some() {
+        return check_admin_key(state, ip, headers).map_err(IntoResponse::into_response);
     }
     if let Some(s) = state.sessions.lookup(headers) {
-        return Ok(if s.who == "admin-key" {
+        return Ok(if s.who == AdminIdentity::AdminKey.who() {
             AdminIdentity::AdminKey
         } else {
             AdminIdentity::Session(s.who)
@@ -99,19 +88,49 @@ pub async fn authorize(
     if page {
         return Err(Redirect::to("/admin/login").into_response());
     }
-    if admin_key.is_none() && !state.sessions.external_configured() {
+    if state.sessions.external_configured() {
         return Err(AdminError::unauthorized(
-            "The admin API is disabled: set ADMIN_KEY on the server to enable it.",
+            "Admin authentication required: send 'Authorization: Bearer <ADMIN_KEY>' or a session accepted by ADMIN_SESSION_VALIDATE_URL (its cookie or 'X-Session-Token').",
         )
         .into_response());
     }
-    Err(AdminError::unauthorized(
-        "Admin authentication required: send 'Authorization: Bearer <ADMIN_KEY>' (or a session accepted by ADMIN_SESSION_VALIDATE_URL).",
-    )
-    .into_response())
+    check_admin_key(state, ip, headers).map_err(IntoResponse::into_response)
+}
+
+/// The bearer check: `Authorization: Bearer <ADMIN_KEY>` (or `x-api-key`), compared in constant
+/// time. A wrong key counts toward the brute-force lockout; a missing one does not (it is not
+/// a guess). With no `ADMIN_KEY` configured every request is refused.
+pub fn check_admin_key(
+    state: &AppState,
+    ip: IpAddr,
+    headers: &HeaderMap,
+) -> Result<AdminIdentity, AdminError> {
+    let Some(expected) = state
+        .config
+        .cli
+        .admin_key
+        .as_ref()
+        .filter(|k| !k.expose().is_empty())
+    else {
+        return Err(AdminError::unauthorized(
+            "The admin API is disabled: set ADMIN_KEY on the server to enable it.",
+        ));
+    };
+    match client_credential(headers) {
+        Some(c) if secret_eq(c, expected.expose()) => Ok(AdminIdentity::AdminKey),
+        Some(_) => {
+            state.lockout.record_failure(ip);
+            Err(AdminError::unauthorized(
+                "Invalid admin key: send 'Authorization: Bearer <ADMIN_KEY>' with the server's ADMIN_KEY.",
+            ))
+        }
+        None => Err(AdminError::unauthorized(
+            "Admin authentication required: send 'Authorization: Bearer <ADMIN_KEY>'.",
+        )),
+    }
 }
 
 /// The `/admin` routes.
 pub fn routes() -> Router<AppState> {
-    Router::new().merge(ui::routes())
+    Router::new().merge(api::routes()).merge(ui::routes())
 }
