@@ -78,7 +78,19 @@ pub struct Sessions {
     table: DashMap<String, Session>,
     validate_url: Option<Url>,
     http: reqwest::Client,
+    /// Data waiting for a second, confirming form (an import preview), by random id.
+    stash: DashMap<String, Stashed>,
 }
+
+/// One stashed value, usable only by the browser (CSRF binding) that stashed it.
+struct Stashed {
+    owner: String,
+    expires: Instant,
+    value: serde_json::Value,
+}
+
+/// The most stashed values kept at once.
+const MAX_STASHED: usize = 8;
 
 impl Sessions {
     /// Builds from `SIGNING_KEY` (or a random key, with a warning), `USE_INSECURE_COOKIES` and
@@ -115,6 +127,7 @@ impl Sessions {
             table: DashMap::new(),
             validate_url: config.cli.admin_session_validate_url.clone(),
             http,
+            stash: DashMap::new(),
         })
     }
 
@@ -239,6 +252,44 @@ impl Sessions {
             }
         };
         secret_eq(presented, &self.csrf_token(&binding))
+    }
+
+    /// Keeps `value` for `ttl_secs` for the browser with CSRF binding `owner`; returns its id.
+    /// At most a few values are kept: the oldest is dropped to make room.
+    pub fn stash(&self, owner: &str, value: serde_json::Value, ttl_secs: u64) -> String {
+        let now = Instant::now();
+        self.stash.retain(|_, s| s.expires > now);
+        while self.stash.len() >= MAX_STASHED {
+            let oldest = self
+                .stash
+                .iter()
+                .min_by_key(|e| e.value().expires)
+                .map(|e| e.key().clone());
+            match oldest {
+                Some(id) => {
+                    self.stash.remove(&id);
+                }
+                None => break,
+            }
+        }
+        let id = random_id();
+        self.stash.insert(
+            id.clone(),
+            Stashed {
+                owner: owner.to_string(),
+                expires: now + Duration::from_secs(ttl_secs),
+                value,
+            },
+        );
+        id
+    }
+
+    /// Takes a stashed value back, if it exists, has not expired and belongs to `owner`.
+    pub fn take_stash(&self, owner: &str, id: &str) -> Option<serde_json::Value> {
+        let (_, s) = self
+            .stash
+            .remove_if(id, |_, s| secret_eq(&s.owner, owner))?;
+        (s.expires > Instant::now()).then_some(s.value)
     }
 
     /// True when `ADMIN_SESSION_VALIDATE_URL` is set.
@@ -415,8 +466,7 @@ fn random_id() -> String {
 /// True for something shaped like [`random_id`].
 fn is_id(s: &str) -> bool {
     s.len() == 43
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
@@ -461,7 +511,9 @@ mod tests {
         let (name_id, sig) = pair.rsplit_once('.').expect("signed");
         let mut bad_sig = sig.to_string();
         bad_sig.replace_range(0..1, if sig.starts_with('A') { "B" } else { "A" });
-        assert!(s.lookup(&with_cookie(&format!("{name_id}.{bad_sig}"))).is_none());
+        assert!(s
+            .lookup(&with_cookie(&format!("{name_id}.{bad_sig}")))
+            .is_none());
         // Another process (another random key) cannot read our cookies.
         let other = sessions(&[]);
         assert!(other.lookup(&with_cookie(&pair)).is_none());
@@ -511,9 +563,15 @@ mod tests {
             External::Valid("alice".into())
         );
         assert!(matches!(ok(r#"{"valid":false}"#), External::Rejected(_)));
-        assert!(matches!(ok(r#"{"valid":"true","user":"a"}"#), External::Unavailable(_)));
+        assert!(matches!(
+            ok(r#"{"valid":"true","user":"a"}"#),
+            External::Unavailable(_)
+        ));
         assert!(matches!(ok(r#"{"valid":true}"#), External::Unavailable(_)));
-        assert!(matches!(ok(r#"{"valid":true,"user":""}"#), External::Unavailable(_)));
+        assert!(matches!(
+            ok(r#"{"valid":true,"user":""}"#),
+            External::Unavailable(_)
+        ));
         assert!(matches!(ok("not json"), External::Unavailable(_)));
         assert!(matches!(
             interpret(StatusCode::UNAUTHORIZED, br#"{"valid":true,"user":"a"}"#),

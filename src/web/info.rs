@@ -2,14 +2,13 @@
 //! authenticate, providers and how many keys work, model families and default quotas, the
 //! rate limit, uptime), as HTML for people and JSON for programs. Never shows a key.
 
-use std::str::FromStr;
-
 use axum::http::{header, HeaderMap};
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::app::AppState;
 use crate::config::GatekeeperMode;
+use crate::upstream::api::Provider;
 
 /// One endpoint family and how to use it.
 #[derive(Serialize)]
@@ -74,42 +73,40 @@ fn mode_name(mode: GatekeeperMode) -> &'static str {
     }
 }
 
-/// Providers with their key counts. Until the forwarder reports key health, every configured
-/// key counts as working.
+/// Providers with their key counts as the forwarder sees them right now (keys resting after a
+/// 429 or rejected by the upstream do not count as working).
 pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
-    vec![
-        ProviderInfo {
-            name: "openai",
-            keys: state.config.openai_keys.len(),
-            working: state.config.openai_keys.len(),
-        },
-        ProviderInfo {
-            name: "anthropic",
-            keys: state.config.anthropic_keys.len(),
-            working: state.config.anthropic_keys.len(),
-        },
+    [
+        ("openai", Provider::OpenAi),
+        ("anthropic", Provider::Anthropic),
     ]
+    .into_iter()
+    .map(|(name, p)| {
+        let c = state.upstreams.key_counts(p);
+        ProviderInfo {
+            name,
+            keys: c.total,
+            working: c.working,
+        }
+    })
+    .collect()
 }
 
-/// Describes `QUOTA_REFRESH_PERIOD` and, when it is a schedule, when it next fires.
-pub fn refresh_description(period: &str) -> (String, Option<i64>) {
-    let period = period.trim();
-    let (what, pattern) = match period.to_ascii_lowercase().as_str() {
+/// Describes `QUOTA_REFRESH_PERIOD` and when quotas next refresh (epoch milliseconds).
+pub fn refresh_description(state: &AppState) -> (String, Option<i64>) {
+    let period = state.config.cli.quota_refresh_period.trim();
+    let what = match period.to_ascii_lowercase().as_str() {
         "" => {
             return (
-                "never: quotas are only reset by the administrator".to_string(),
+                "never: only the administrator resets quotas".to_string(),
                 None,
             )
         }
-        "hourly" => ("every hour".to_string(), "0 * * * *".to_string()),
-        "daily" => ("every day at midnight UTC".to_string(), "0 0 * * *".to_string()),
-        _ => (format!("on the schedule '{period}' (UTC)"), period.to_string()),
+        "hourly" => "every hour".to_string(),
+        "daily" => "every day at midnight (server time)".to_string(),
+        _ => format!("on the schedule '{period}' (server time)"),
     };
-    let next = croner::Cron::from_str(&pattern)
-        .ok()
-        .and_then(|c| c.find_next_occurrence(&chrono::Utc::now(), false).ok())
-        .map(|t| t.timestamp_millis());
-    match next {
+    match state.quotas.next_refresh().map(|t| t.timestamp_millis()) {
         Some(ms) => (
             format!("{what}; next at {}", super::templates::format_ms(ms)),
             Some(ms),
@@ -144,14 +141,22 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             usage: "the same, under the compatibility prefix",
         },
     ];
-    let families: Vec<Value> = state
-        .config
-        .token_quotas
-        .iter()
-        .map(|(family, quota)| json!({ "family": family, "quota": quota }))
+    // Every known family, with its default quota (0: unlimited), plus any family that only
+    // appears in a `TOKEN_QUOTA_*` variable.
+    let quotas = &state.config.token_quotas;
+    let mut names: Vec<&str> = crate::quota::families::FAMILIES.to_vec();
+    names.extend(
+        quotas
+            .keys()
+            .map(String::as_str)
+            .filter(|f| !crate::quota::families::FAMILIES.contains(f)),
+    );
+    let families: Vec<Value> = names
+        .into_iter()
+        .map(|f| json!({ "family": f, "quota": quotas.get(f).copied().unwrap_or(0) }))
         .collect();
     let uptime = state.started_at.elapsed().as_secs();
-    let (refresh, next) = refresh_description(&state.config.cli.quota_refresh_period);
+    let (refresh, next) = refresh_description(state);
     json!({
         "uptime": uptime,
         "uptimeHuman": super::templates::human_duration(uptime),
@@ -187,15 +192,6 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn refresh_periods() {
-        assert!(refresh_description("").0.starts_with("never"));
-        let (d, next) = refresh_description("hourly");
-        assert!(d.starts_with("every hour; next at"));
-        assert!(next.is_some());
-        assert!(refresh_description("0 0 * * 1").1.is_some());
-    }
 
     #[test]
     fn accept_negotiation() {

@@ -13,16 +13,34 @@ use serde::Serialize;
 /// Every template, by name. Names end in `.html`, which turns auto-escaping on.
 const TEMPLATES: &[(&str, &str)] = &[
     ("base.html", include_str!("../../templates/base.html")),
-    ("admin_base.html", include_str!("../../templates/admin_base.html")),
+    (
+        "admin_base.html",
+        include_str!("../../templates/admin_base.html"),
+    ),
     ("message.html", include_str!("../../templates/message.html")),
     ("login.html", include_str!("../../templates/login.html")),
     ("index.html", include_str!("../../templates/index.html")),
     ("user.html", include_str!("../../templates/user.html")),
-    ("admin_users.html", include_str!("../../templates/admin_users.html")),
-    ("admin_user_new.html", include_str!("../../templates/admin_user_new.html")),
-    ("admin_user.html", include_str!("../../templates/admin_user.html")),
-    ("admin_import.html", include_str!("../../templates/admin_import.html")),
-    ("admin_abuse.html", include_str!("../../templates/admin_abuse.html")),
+    (
+        "admin_users.html",
+        include_str!("../../templates/admin_users.html"),
+    ),
+    (
+        "admin_user_new.html",
+        include_str!("../../templates/admin_user_new.html"),
+    ),
+    (
+        "admin_user.html",
+        include_str!("../../templates/admin_user.html"),
+    ),
+    (
+        "admin_import.html",
+        include_str!("../../templates/admin_import.html"),
+    ),
+    (
+        "admin_abuse.html",
+        include_str!("../../templates/admin_abuse.html"),
+    ),
 ];
 
 /// The content security policy of every page: no scripts at all, inline styles only, forms

@@ -66,18 +66,13 @@ pub fn clean_nickname(raw: &str) -> Result<Option<String>, String> {
     Ok(Some(n.to_string()))
 }
 
-fn render(
-    state: &AppState,
-    headers: &HeaderMap,
-    status: StatusCode,
-    extra: Value,
-) -> Response {
+fn render(state: &AppState, headers: &HeaderMap, status: StatusCode, extra: Value) -> Response {
     let (binding, cookie) = state.sessions.csrf_binding(headers, PUBLIC);
     let mut ctx = json!({
         "csrf": state.sessions.csrf_token(&binding),
         "allow_nickname": state.config.cli.allow_nickname_changes,
         "nickname_max": NICKNAME_MAX,
-        "refresh": super::info::refresh_description(&state.config.cli.quota_refresh_period).0,
+        "refresh": super::info::refresh_description(state).0,
     });
     if let (Some(ctx), Value::Object(extra)) = (ctx.as_object_mut(), extra) {
         ctx.extend(extra);
@@ -107,7 +102,10 @@ fn find(
         ));
     }
     let token = form.text("token").unwrap_or("");
-    match (!token.is_empty()).then(|| state.users.get(token)).flatten() {
+    match (!token.is_empty())
+        .then(|| state.users.get(token))
+        .flatten()
+    {
         Some(u) => Ok((token.to_string(), u)),
         None => {
             if !token.is_empty() {
@@ -211,7 +209,12 @@ mod tests {
 
     #[test]
     fn view_masks_addresses_and_hides_token() {
-        let mut u = User::new("secret-token".into(), crate::users::UserType::Normal, Default::default(), 0);
+        let mut u = User::new(
+            "secret-token".into(),
+            crate::users::UserType::Normal,
+            Default::default(),
+            0,
+        );
         u.ip = vec!["10.20.30.40".into()];
         u.token_counts.insert("claude".into(), 70);
         u.token_limits.insert("claude".into(), 100);

@@ -106,8 +106,7 @@ fn matches(u: &User, q: &Query, needle: &str, now: i64) -> bool {
     }
     needle.is_empty()
         || u.token.to_lowercase().contains(needle)
-        || u
-            .nickname
+        || u.nickname
             .as_deref()
             .is_some_and(|n| n.to_lowercase().contains(needle))
 }
@@ -119,8 +118,12 @@ fn key(u: &User, sort: SortBy) -> Key {
         SortBy::Type => Key::Text(u.kind.as_str().to_string()),
         SortBy::Prompts => Key::Num(i64::try_from(u.prompt_count).unwrap_or(i64::MAX)),
         SortBy::Tokens => Key::Num(
-            i64::try_from(u.token_counts.values().fold(0u64, |a, b| a.saturating_add(*b)))
-                .unwrap_or(i64::MAX),
+            i64::try_from(
+                u.token_counts
+                    .values()
+                    .fold(0u64, |a, b| a.saturating_add(*b)),
+            )
+            .unwrap_or(i64::MAX),
         ),
         SortBy::Created => Key::Num(u.created_at),
         SortBy::LastUsed => Key::Num(u.last_used_at.unwrap_or(0)),
@@ -171,7 +174,12 @@ mod tests {
         let s = UserStore::new();
         let users = (0..n)
             .map(|i| {
-                let mut u = User::new(format!("tok-{i:06}"), UserType::Normal, Default::default(), i as i64);
+                let mut u = User::new(
+                    format!("tok-{i:06}"),
+                    UserType::Normal,
+                    Default::default(),
+                    i as i64,
+                );
                 u.prompt_count = (i % 7) as u64;
                 if i % 10 == 0 {
                     u.kind = UserType::Special;
@@ -190,7 +198,11 @@ mod tests {
     #[test]
     fn pages_through_many_users() {
         let s = store(100_000);
-        let q = Query { per_page: 50, page: 3, ..Default::default() };
+        let q = Query {
+            per_page: 50,
+            page: 3,
+            ..Default::default()
+        };
         let p = page(&s, &q, 0);
         assert_eq!(p.matched, 100_000);
         assert_eq!(p.pages, 2000);
@@ -214,7 +226,12 @@ mod tests {
         // Every 50th user is special and disabled.
         assert_eq!(p.matched, 20);
         assert_eq!(p.users[0].token, "tok-000950");
-        let q = Query { text: "SPECIAL 99".into(), per_page: 10, page: 1, ..Default::default() };
+        let q = Query {
+            text: "SPECIAL 99".into(),
+            per_page: 10,
+            page: 1,
+            ..Default::default()
+        };
         let p = page(&s, &q, 0);
         assert_eq!(p.matched, 1);
         assert_eq!(p.users[0].token, "tok-000990");
@@ -223,7 +240,11 @@ mod tests {
     #[test]
     fn out_of_range_page_is_clamped() {
         let s = store(5);
-        let q = Query { per_page: 2, page: 99, ..Default::default() };
+        let q = Query {
+            per_page: 2,
+            page: 99,
+            ..Default::default()
+        };
         let p = page(&s, &q, 0);
         assert_eq!(p.page, 3);
         assert_eq!(p.users.len(), 1);
