@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod upstream;
+pub mod web;
 
 use std::net::SocketAddr;
 
