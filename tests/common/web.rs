@@ -203,7 +203,7 @@ pub struct Seen {
 
 /// A fake `ADMIN_SESSION_VALIDATE_URL` service on 127.0.0.1:0. The session (cookie `session`
 /// or header `X-Session-Token`) decides the answer: `good` → valid user alice; `bad` → 401;
-/// `falsy` → 200 valid:false; `slow` → answers valid after 7 s; `malformed` → 200 not JSON;
+/// `falsy` → 200 valid:false; `slow` → answers valid after 30 s; `malformed` → 200 not JSON;
 /// `nouser` → 200 valid:true without user; `stringy` → 200 valid:"true".
 pub async fn fake_session_service() -> (String, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -246,7 +246,7 @@ pub async fn fake_session_service() -> (String, Arc<Mutex<Seen>>) {
                     Some("good") => json(r#"{"valid":true,"user":"alice"}"#),
                     Some("falsy") => json(r#"{"valid":false}"#),
                     Some("slow") => {
-                        tokio::time::sleep(Duration::from_secs(7)).await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
                         json(r#"{"valid":true,"user":"slowpoke"}"#)
                     }
                     Some("malformed") => json("this is not json"),
