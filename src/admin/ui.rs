@@ -124,7 +124,7 @@ async fn login(
     body: Bytes,
 ) -> Response {
     let form = FormData::parse(&body);
-    if let Err(r) = check_csrf(&state, &headers, ANONYMOUS, &form) {
+    if let Some(r) = check_csrf(&state, &headers, ANONYMOUS, &form) {
         return r;
     }
     if let Some(secs) = state.lockout.locked_for(ip) {
@@ -178,7 +178,7 @@ async fn logout(
     body: Bytes,
 ) -> Response {
     let form = FormData::parse(&body);
-    if let Err(r) = check_csrf(&state, &headers, id.who(), &form) {
+    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
         return r;
     }
     if let Some(s) = state.sessions.lookup(&headers) {
@@ -500,7 +500,7 @@ async fn unlock(
     body: Bytes,
 ) -> Response {
     let form = FormData::parse(&body);
-    if let Err(r) = check_csrf(&state, &headers, id.who(), &form) {
+    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
         return r;
     }
     match form.text("ip").and_then(|ip| ip.parse::<IpAddr>().ok()) {
@@ -678,7 +678,7 @@ async fn create(
     body: Bytes,
 ) -> Response {
     let form = FormData::parse(&body);
-    if let Err(r) = check_csrf(&state, &headers, id.who(), &form) {
+    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
         return r;
     }
     let parsed = match parse_user_form(&form, now_ms()) {
@@ -730,7 +730,7 @@ async fn edit(
     body: Bytes,
 ) -> Response {
     let form = FormData::parse(&body);
-    if let Err(r) = check_csrf(&state, &headers, id.who(), &form) {
+    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
         return r;
     }
     if !state.users.contains(&token) {
@@ -789,7 +789,7 @@ async fn user_action(
     body: Bytes,
 ) -> Response {
     let form = FormData::parse(&body);
-    if let Err(r) = check_csrf(&state, &headers, id.who(), &form) {
+    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
         return r;
     }
     let ops = ops(&state);
@@ -971,7 +971,7 @@ async fn import_apply(
     body: Bytes,
 ) -> Response {
     let form = FormData::parse(&body);
-    if let Err(r) = check_csrf(&state, &headers, id.who(), &form) {
+    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
         return r;
     }
     let (binding, _) = state.sessions.csrf_binding(&headers, id.who());

@@ -49,20 +49,20 @@ impl FormData {
     }
 }
 
-/// Refuses the form unless it carries this browser's CSRF token for `who`.
+/// The refusal page unless the form carries this browser's CSRF token for `who`.
 pub fn check_csrf(
     state: &AppState,
     headers: &HeaderMap,
     who: &str,
     form: &FormData,
-) -> Result<(), Response> {
+) -> Option<Response> {
     if state
         .sessions
         .verify_csrf(headers, who, form.get(CSRF_FIELD))
     {
-        Ok(())
+        None
     } else {
-        Err(csrf_refusal())
+        Some(csrf_refusal())
     }
 }
 

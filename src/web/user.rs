@@ -92,14 +92,14 @@ fn find(
     headers: &HeaderMap,
     ip: IpAddr,
     form: &FormData,
-) -> Result<(String, User), Response> {
+) -> Result<(String, User), Box<Response>> {
     if let Some(secs) = state.lockout.locked_for(ip) {
-        return Err(render(
+        return Err(Box::new(render(
             state,
             headers,
             StatusCode::TOO_MANY_REQUESTS,
             json!({ "error": format!("Too many failed attempts from your address; try again in {secs} s.") }),
-        ));
+        )));
     }
     let token = form.text("token").unwrap_or("");
     match (!token.is_empty())
@@ -111,19 +111,19 @@ fn find(
             if !token.is_empty() {
                 state.lockout.record_failure(ip);
             }
-            Err(render(
+            Err(Box::new(render(
                 state,
                 headers,
                 StatusCode::UNAUTHORIZED,
                 json!({ "error": "No user has this token. Check it and try again (repeated failures lock your address out for a while)." }),
-            ))
+            )))
         }
     }
 }
 
 /// `POST /user`: shows the user whose token was submitted.
 pub fn lookup(state: &AppState, headers: &HeaderMap, ip: IpAddr, form: &FormData) -> Response {
-    if let Err(r) = check_csrf(state, headers, PUBLIC, form) {
+    if let Some(r) = check_csrf(state, headers, PUBLIC, form) {
         return r;
     }
     match find(state, headers, ip, form) {
@@ -133,7 +133,7 @@ pub fn lookup(state: &AppState, headers: &HeaderMap, ip: IpAddr, form: &FormData
             StatusCode::OK,
             json!({ "u": view(&u, now_ms()), "token": token }),
         ),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -144,12 +144,12 @@ pub fn change_nickname(
     ip: IpAddr,
     form: &FormData,
 ) -> Response {
-    if let Err(r) = check_csrf(state, headers, PUBLIC, form) {
+    if let Some(r) = check_csrf(state, headers, PUBLIC, form) {
         return r;
     }
     let (token, user) = match find(state, headers, ip, form) {
         Ok(found) => found,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let now = now_ms();
     let page = |status, user: &User, msg: Value| {
