@@ -224,9 +224,21 @@ pub struct Config {
 impl Config {
     /// Parses the process's arguments and environment (after loading `.env`, which never
     /// overrides a variable that is already set).
+    ///
+    /// A variable set to the empty string counts as unset (so a `.env` copied from
+    /// `.env.example` works as is). Call this before starting any thread: it edits the
+    /// process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         let _ = dotenvy::dotenv();
-        let cli = Cli::try_parse().map_err(|e| ConfigError(e.to_string()))?;
+        forget_empty_vars();
+        let cli = Cli::try_parse().map_err(|e| {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                // `--help` and `--version` print and exit 0 as usual.
+                e.exit()
+            }
+            ConfigError(e.to_string())
+        })?;
         Config::from_cli(cli, std::env::vars())
     }
 
@@ -354,6 +366,20 @@ impl Config {
     }
     pub fn mode(&self) -> GatekeeperMode {
         self.cli.gatekeeper
+    }
+}
+
+/// Removes our variables that are set to the empty string, so that clap uses their defaults.
+fn forget_empty_vars() {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    for arg in cmd.get_arguments() {
+        if let Some(name) = arg.get_env() {
+            if std::env::var_os(name).is_some_and(|v| v.is_empty()) {
+                // Safe here: called from `main` before the runtime starts any thread.
+                std::env::remove_var(name);
+            }
+        }
     }
 }
 

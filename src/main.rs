@@ -8,16 +8,33 @@ use llm_gatekeeper::config::GatekeeperMode;
 use llm_gatekeeper::{AppState, Config};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Configuration is read before the runtime exists: it may edit the process environment,
+    // which is only sound while a single thread runs.
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
-            // clap's own messages (e.g. --help) already end with a newline.
-            eprintln!("llm-gatekeeper: configuration error: {}", e.0.trim_end());
+            eprintln!(
+                "llm-gatekeeper: configuration error: {}",
+                e.0.trim_end().trim_start_matches("error: ")
+            );
             return ExitCode::from(2);
         }
     };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("llm-gatekeeper: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
     let filter = EnvFilter::try_new(&config.cli.log_level).unwrap_or_else(|_| {
         eprintln!(
             "llm-gatekeeper: LOG_LEVEL={:?} is not a valid level; using info",
@@ -49,7 +66,7 @@ async fn main() -> ExitCode {
         }
     };
     let local = listener.local_addr().unwrap_or(addr);
-    tracing::info!(%local, "llm-gatekeeper listening on http://{local}");
+    tracing::info!("llm-gatekeeper listening on http://{local}");
     match llm_gatekeeper::serve(state, listener, llm_gatekeeper::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -172,9 +172,6 @@ fn as_counts(field: &str, v: &Value) -> Result<TokenCounts, OpsError> {
     };
     let mut out = TokenCounts::new();
     for (family, n) in map {
-        if family.is_empty() {
-            return Err(invalid(field, "model family names must not be empty"));
-        }
         out.insert(family.clone(), as_count(&format!("{field}.{family}"), n)?);
     }
     Ok(out)
@@ -201,12 +198,17 @@ fn as_ips(field: &str, v: &Value) -> Result<Vec<String>, OpsError> {
 /// `maxIps`: a whole number ≥ 0; the original coerced numeric strings, so "5" is accepted too.
 fn as_max_ips(field: &str, v: &Value) -> Result<u32, OpsError> {
     let n = match v {
-        Value::String(s) => s.trim().parse::<u64>().map_err(|_| {
-            invalid(
-                field,
-                format!("must be a whole number ≥ 0, got the string {v}"),
-            )
-        })?,
+        Value::String(s) => s
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+            .ok_or_else(|| {
+                invalid(
+                    field,
+                    format!("must be a whole number ≥ 0, got the string {v}"),
+                )
+            })?,
         other => as_count(field, other)?,
     };
     u32::try_from(n).map_err(|_| invalid(field, format!("must be at most {}", u32::MAX)))
@@ -282,7 +284,12 @@ impl UserPatch {
                 ));
             }
             match key.as_str() {
-                "token" | "tokenCount" => {}
+                // The caller decides which token counts (the path wins in a single upsert),
+                // but a token of the wrong type is still a mistake worth reporting.
+                "token" => {
+                    as_string(f, val)?;
+                }
+                "tokenCount" => {}
                 "ip" => p.ip = Some(as_ips(f, val)?),
                 "type" => p.kind = Some(as_kind(f, val)?),
                 "promptCount" => p.prompt_count = Some(as_count(f, val)?),
@@ -399,7 +406,7 @@ impl CreateRequest {
             )));
         };
         let kind = match map.get("type") {
-            None | Some(Value::Null) => UserType::Normal,
+            None => UserType::Normal,
             Some(t) => as_kind("type", t)?,
         };
         if kind != UserType::Temporary {
@@ -471,11 +478,14 @@ pub const SORT_FIELDS: &[(&str, SortField)] = &[
 /// The default order: most prompts first, then most recently used.
 pub const DEFAULT_SORT: &[SortField] = &[SortField::PromptCount, SortField::LastUsedAt];
 
-/// Parses `promptCount,lastUsedAt` into sort fields (empty items are skipped; an empty list
-/// means the default order).
+/// Parses `promptCount,lastUsedAt` into sort fields; an empty string means the default order.
 pub fn parse_sort(s: &str) -> Result<Vec<SortField>, OpsError> {
     let mut out = Vec::new();
-    for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+    if s.is_empty() {
+        out.extend_from_slice(DEFAULT_SORT);
+        return Ok(out);
+    }
+    for name in s.split(',') {
         let Some((_, f)) = SORT_FIELDS.iter().find(|(n, _)| *n == name) else {
             let names: Vec<&str> = SORT_FIELDS.iter().map(|(n, _)| *n).collect();
             return Err(invalid(
@@ -487,9 +497,6 @@ pub fn parse_sort(s: &str) -> Result<Vec<SortField>, OpsError> {
             ));
         };
         out.push(*f);
-    }
-    if out.is_empty() {
-        out.extend_from_slice(DEFAULT_SORT);
     }
     Ok(out)
 }
