@@ -71,7 +71,7 @@ pub fn csrf_refusal() -> Response {
     super::templates::message(
         StatusCode::FORBIDDEN,
         "Form expired",
-        "This form was not accepted: it is missing its security token, the token is wrong, or it was sent from another site. Reload the page and submit the form again.",
+        "This form was not accepted: it is missing its security token, the token is wrong, or it was sent from another site. Reload the page and submit the form again. (If this keeps happening and you reach this server over plain http:// on an address other than localhost, your browser drops its Secure cookies: serve it over HTTPS, or set USE_INSECURE_COOKIES=true on the server.)",
         None,
     )
 }
