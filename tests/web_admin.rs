@@ -33,6 +33,7 @@ async fn sign_in_sets_a_secure_httponly_strict_session_cookie() {
     assert!(c.contains("SameSite=Strict"), "{c}");
     assert!(c.contains("; Secure"), "{c}");
     assert!(c.contains("Max-Age="), "sessions expire: {c}");
+    assert!(c.contains("Path=/admin;"), "only admin routes see it: {c}");
     let page = b.get("/admin/manage/users").await;
     assert_eq!(page.status, 200);
     assert!(page.body.contains("admin-key"));

@@ -153,7 +153,8 @@ impl Sessions {
             },
         );
         let value = format!("{id}.{}", self.sign(&["session", &id]));
-        self.cookie(SESSION_COOKIE, &value, "/", SESSION_TTL.as_secs())
+        // Only the admin pages and API need it; no other route ever sees it.
+        self.cookie(SESSION_COOKIE, &value, "/admin", SESSION_TTL.as_secs())
     }
 
     /// Drops expired sessions and, if the table is still full, the one closest to expiry.
@@ -205,7 +206,7 @@ impl Sessions {
 
     /// The `Set-Cookie` value that removes the session cookie from the browser.
     pub fn clear_cookie(&self) -> String {
-        self.cookie(SESSION_COOKIE, "", "/", 0)
+        self.cookie(SESSION_COOKIE, "", "/admin", 0)
     }
 
     /// A cookie with the flags every cookie of ours carries: `HttpOnly`, `SameSite=Strict`,
