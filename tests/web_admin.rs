@@ -378,6 +378,15 @@ async fn users_list_filters_sorts_and_pages() {
     assert!(p.body.contains("page 1 of 3"));
     let p2 = b.get("/admin/manage/users?sort=token&dir=asc&page=3").await;
     assert!(p2.body.contains("tok-0119") && !p2.body.contains("tok-0000"));
+    app.state.users.update("tok-0000", |u| {
+        u.nickname = Some("<script>alert(1)</script>".into())
+    });
+    let p = b.get("/admin/manage/users?sort=token&dir=asc").await;
+    assert!(
+        !p.body.contains("<script>alert(1)"),
+        "nicknames are escaped"
+    );
+    assert!(p.body.contains("&lt;script&gt;alert(1)"));
     let f = b.get("/admin/manage/users?q=NICK11").await;
     assert!(
         f.body.contains("tok-0011") && f.body.contains("tok-0119") && !f.body.contains("tok-0012")

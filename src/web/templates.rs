@@ -229,6 +229,16 @@ mod tests {
             serde_json::json!({"title": "t", "message": "<script>x</script>"}),
         );
         assert_eq!(r.status(), StatusCode::OK);
+        let rendered = env()
+            .get_template("message.html")
+            .and_then(|t| {
+                t.render(to_template_value(
+                    serde_json::json!({"title": "t", "message": "<script>x</script>"}),
+                ))
+            })
+            .expect("renders");
+        assert!(!rendered.contains("<script>"));
+        assert!(rendered.contains("&lt;script&gt;"));
     }
 
     #[test]
