@@ -555,7 +555,9 @@ fn parse_datetime_local(s: &str) -> Option<i64> {
 
 /// Validates the create/edit form; errors name the field and say what to enter. The patch is
 /// checked by [`UserPatch::parse`], the same validation as the REST API.
-fn parse_user_form(form: &FormData, now: i64) -> Result<UserForm, String> {
+/// `creating`: a new temporary user must expire in the future; an existing one may keep a
+/// past expiry (so an expired user can still be edited, e.g. given a note).
+fn parse_user_form(form: &FormData, now: i64, creating: bool) -> Result<UserForm, String> {
     let kind = parse_kind(form.get("type").unwrap_or("normal"))
         .ok_or("type: choose normal, special or temporary")?;
     let mut expires_at = match form.text("expiresAt") {
@@ -579,7 +581,7 @@ fn parse_user_form(form: &FormData, now: i64) -> Result<UserForm, String> {
                 "expiresAt: a temporary user needs an expiry; enter a date or a number of hours"
                     .into(),
             ),
-            Some(e) if e <= now => {
+            Some(e) if creating && e <= now => {
                 return Err(
                     "expiresAt: the expiry of a temporary user must be in the future".into(),
                 )
@@ -681,7 +683,7 @@ async fn create(
     if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
         return r;
     }
-    let parsed = match parse_user_form(&form, now_ms()) {
+    let parsed = match parse_user_form(&form, now_ms(), true) {
         Ok(p) => p,
         Err(msg) => {
             // Show the form again with what was entered, so nothing has to be retyped.
@@ -736,7 +738,7 @@ async fn edit(
     if !state.users.contains(&token) {
         return not_found(&state, &headers, &id);
     }
-    let parsed = match parse_user_form(&form, now_ms()) {
+    let parsed = match parse_user_form(&form, now_ms(), false) {
         Ok(p) => p,
         Err(msg) => {
             return user_page(
@@ -1054,21 +1056,30 @@ mod tests {
     #[test]
     fn temporary_users_need_a_future_expiry() {
         let now = 1_000_000;
-        assert!(parse_user_form(&form(&[("type", "temporary")]), now).is_err());
+        assert!(parse_user_form(&form(&[("type", "temporary")]), now, true).is_err());
         let f = parse_user_form(
             &form(&[("type", "temporary"), ("expiresInHours", "2")]),
             now,
+            true,
         )
         .expect("valid");
         assert_eq!(f.expires_at, Some(now + 7_200_000));
-        assert!(parse_user_form(
-            &form(&[("type", "temporary"), ("expiresAt", "1970-01-01T00:00")]),
-            now
-        )
-        .is_err());
+        let past = form(&[("type", "temporary"), ("expiresAt", "1970-01-01T00:00")]);
+        assert!(parse_user_form(&past, now, true).is_err());
+        // An existing, expired temporary user can still be edited.
+        assert_eq!(
+            parse_user_form(&past, now, false)
+                .expect("valid")
+                .expires_at,
+            Some(0)
+        );
         // A normal user never keeps an expiry.
-        let f = parse_user_form(&form(&[("type", "normal"), ("expiresInHours", "2")]), now)
-            .expect("valid");
+        let f = parse_user_form(
+            &form(&[("type", "normal"), ("expiresInHours", "2")]),
+            now,
+            true,
+        )
+        .expect("valid");
         assert_eq!(f.expires_at, None);
     }
 
@@ -1084,6 +1095,7 @@ mod tests {
                 ("maxIps", "3"),
             ]),
             0,
+            true,
         )
         .expect("valid");
         let limits = f.patch.token_limits.expect("limits");
@@ -1091,13 +1103,13 @@ mod tests {
         assert_eq!(limits.get("claude"), Some(&5));
         assert!(!limits.contains_key("gpt4"));
         assert_eq!(f.patch.max_ips, Some(Some(3)));
-        let e = parse_user_form(&form(&[("limit.turbo", "-1")]), 0)
+        let e = parse_user_form(&form(&[("limit.turbo", "-1")]), 0, true)
             .err()
             .expect("error");
         assert!(e.contains("tokenLimits.turbo"));
-        assert!(parse_user_form(&form(&[("maxIps", "many")]), 0).is_err());
-        assert!(parse_user_form(&form(&[("type", "admin")]), 0).is_err());
-        assert!(parse_user_form(&form(&[("nickname", &"x".repeat(81))]), 0).is_err());
+        assert!(parse_user_form(&form(&[("maxIps", "many")]), 0, true).is_err());
+        assert!(parse_user_form(&form(&[("type", "admin")]), 0, true).is_err());
+        assert!(parse_user_form(&form(&[("nickname", &"x".repeat(81))]), 0, true).is_err());
     }
 
     #[test]
