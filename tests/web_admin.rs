@@ -343,6 +343,26 @@ async fn user_lifecycle_through_the_forms() {
     let u = app.state.users.get(&token).expect("user");
     assert!(u.ip.is_empty());
     assert_eq!(u.token_counts.get("claude"), Some(&0));
+    // Refresh quota: each family with a default quota (TOKEN_QUOTA_TURBO=1000) allows that many
+    // more tokens than used so far.
+    app.state.users.update(&token, |u| {
+        u.token_counts.insert("turbo".into(), 300);
+    });
+    assert_eq!(
+        b.post_form(&format!("{action}/refresh-quota"), &[("_csrf", &csrf)])
+            .await
+            .status,
+        303
+    );
+    assert_eq!(
+        app.state
+            .users
+            .get(&token)
+            .expect("user")
+            .token_limits
+            .get("turbo"),
+        Some(&1300)
+    );
     // Unknown actions and users are refused.
     assert_eq!(
         b.post_form(&format!("{action}/explode"), &[("_csrf", &csrf)])

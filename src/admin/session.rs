@@ -549,6 +549,21 @@ mod tests {
     }
 
     #[test]
+    fn validate_url_must_be_http() {
+        let config = Config::from_args(
+            [
+                "llm-gatekeeper",
+                "--admin-session-validate-url",
+                "ftp://auth/session",
+            ],
+            Vec::new(),
+        )
+        .expect("config");
+        let err = Sessions::from_config(&config).err().expect("refused");
+        assert!(err.0.contains("ADMIN_SESSION_VALIDATE_URL"));
+    }
+
+    #[test]
     fn forwards_only_foreign_cookies() {
         let h = with_cookie("gk_session=a.b; session=xyz; gk_csrf=n");
         let v = forwarded_cookies(&h).expect("kept");
