@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod admin;
+pub mod upstream;
+pub mod web;
 
 use std::net::SocketAddr;
 
