@@ -441,9 +441,10 @@ pub fn default_reply(req: &Recorded) -> Reply {
             &["Hello", " from", " the fake upstream"],
             include_usage,
         )),
-        ("POST", "/v1/chat/completions") => {
-            Reply::json(200, openai_chat_json(&model, "Hello from the fake upstream"))
-        }
+        ("POST", "/v1/chat/completions") => Reply::json(
+            200,
+            openai_chat_json(&model, "Hello from the fake upstream"),
+        ),
         ("POST", "/v1/completions") => Reply::json(
             200,
             json!({
