@@ -263,8 +263,9 @@ impl Quotas {
         let facts = request_facts(req.api, body);
         let family = family_for(req.api.provider(), &facts.model);
         let requested = facts.requested();
-        let special = kind == Some(UserType::Special);
         let outcome = self.users.update_entry(token, |e| {
+            // The stored type decides (an admin may have changed it since authentication).
+            let special = e.user.kind == UserType::Special;
             let limit = e.user.token_limits.get(&family).copied().unwrap_or(0);
             let used = e.user.token_counts.get(&family).copied().unwrap_or(0);
             let reserved = e.reserved.get(&family).copied().unwrap_or(0);
