@@ -463,3 +463,42 @@ async fn mixed_parallel_traffic_counts_exactly_what_the_upstream_reported() {
     }
     assert_eq!(app.state.users.get("u").expect("user").prompt_count, 40);
 }
+
+#[tokio::test]
+async fn split_events_are_reassembled_and_complete_ones_are_not_held_back() {
+    let fake = FakeUpstream::start().await;
+    let app = proxy(&fake, NO_RATE, &[]).await;
+    add_user(&app, "u", UserType::Normal, &[]);
+    let (reply, gate) = Reply::gated();
+    fake.push(reply);
+    let c = reqwest::Client::new();
+    let mut r = post(
+        &c,
+        &app,
+        "/v1/chat/completions",
+        "u",
+        &chat("o3", Some(true), None),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let first = sse_event(json!({"choices": [{"index": 0, "delta": {"content": "First"}}]}));
+    let usage = sse_event(json!({"choices": [],
+        "usage": {"prompt_tokens": 70, "completion_tokens": 30, "total_tokens": 100}}));
+    // One complete event plus the start of the usage chunk in the same upstream chunk.
+    gate.send(format!("{first}{}", &usage[..20]));
+    let mut seen = String::new();
+    while !seen.contains("First") {
+        let chunk = r.chunk().await.expect("chunk").expect("more body");
+        seen.push_str(std::str::from_utf8(&chunk).expect("utf8"));
+    }
+    assert_eq!(
+        seen, first,
+        "the complete event arrives before the rest is sent"
+    );
+    gate.send(usage[20..].to_string());
+    gate.send("data: [DONE]\n\n");
+    gate.end();
+    let rest = r.text().await.expect("body");
+    assert_eq!(rest, "data: [DONE]\n\n");
+    eventually("settlement", || used(&app, "u", "o3") == 100).await;
+}

@@ -106,7 +106,9 @@ impl Meter {
         out.freeze()
     }
 
-    /// Called when the body ended (normally or not): reads what is still buffered.
+    /// Called when the body ended (normally or not): reads what is still buffered. A final
+    /// line without a line ending can only be read here, not forwarded any more, when usage
+    /// chunks are being hidden; SSE servers end every line, so this never happens in practice.
     pub fn end(&mut self) {
         if !self.succeeded() {
             return;
