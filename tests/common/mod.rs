@@ -4,6 +4,7 @@
 //! Each area keeps its own helpers in a submodule here (`pub mod <area>;`).
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod quota;
 pub mod upstream;
 
