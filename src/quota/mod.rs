@@ -410,6 +410,11 @@ impl Quotas {
     /// Refreshes quotas on the `QUOTA_REFRESH_PERIOD` schedule and forgets idle rate-limit
     /// keys, until `shutdown`.
     pub async fn run_refresh(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        // Load the tokenizer now, off the request path, so the first prompt does not wait.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::task::spawn_blocking(|| estimate::count_tokens("warm up")) => {}
+        }
         if let Some(s) = &self.schedule {
             tracing::info!(period = %s.source, next = ?self.next_refresh(), "quota refresh scheduled");
         }
