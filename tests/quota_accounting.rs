@@ -502,3 +502,35 @@ async fn split_events_are_reassembled_and_complete_ones_are_not_held_back() {
     assert_eq!(rest, "data: [DONE]\n\n");
     eventually("settlement", || used(&app, "u", "o3") == 100).await;
 }
+
+#[tokio::test]
+async fn client_gone_before_the_upstream_answered_pays_the_prompt() {
+    let fake = FakeUpstream::start().await;
+    let app = proxy(&fake, NO_RATE, &[]).await;
+    add_user(&app, "u", UserType::Normal, &[]);
+    fake.push(
+        Reply::json(
+            200,
+            json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
+        )
+        .delayed(Duration::from_secs(60)),
+    );
+    let body = chat("gpt-4o", None, None);
+    let prompt_estimate = request_facts(Api::OpenAiChat, &body).prompt_tokens;
+    let url = format!("{}/v1/chat/completions", app.url);
+    let task = tokio::spawn(async move {
+        let _ = reqwest::Client::new()
+            .post(url)
+            .bearer_auth("u")
+            .json(&body)
+            .send()
+            .await;
+    });
+    eventually("the upstream got the request", || fake.request_count() == 1).await;
+    task.abort();
+    eventually("prompt charged", || {
+        used(&app, "u", "gpt4o") == prompt_estimate
+    })
+    .await;
+    assert_eq!(reserved(&app, "u", "gpt4o"), 0);
+}

@@ -115,7 +115,7 @@ impl Ticket {
 
     /// Called when the upstream body ended normally.
     pub fn finish(mut self) {
-        self.settle();
+        self.settle(false);
     }
 
     /// The usage this ticket would charge now (for tests and logs).
@@ -125,12 +125,22 @@ impl Ticket {
     }
 
     /// Releases the reservation and charges the real (or, failing that, estimated) usage.
-    fn settle(&mut self) {
+    /// `abandoned`: the ticket was dropped unfinished.
+    fn settle(&mut self, abandoned: bool) {
         let Some(s) = self.settlement.take() else {
             return;
         };
         self.meter.end();
-        let usage = self.meter.usage(s.prompt_estimate);
+        let usage = if abandoned && !self.meter.started() {
+            // The client went away while the upstream was working on the request (before it
+            // answered): the upstream got the prompt, so the prompt is charged.
+            Some(Usage {
+                prompt: s.prompt_estimate,
+                completion: 0,
+            })
+        } else {
+            self.meter.usage(s.prompt_estimate)
+        };
         let charge = usage.map(Usage::total).unwrap_or(0);
         let found = s.users.update_entry(&s.token, |e| {
             if let Some(r) = e.reserved.get_mut(&s.family) {
@@ -163,7 +173,7 @@ impl Drop for Ticket {
     /// A ticket dropped before `finish` is a response cut short (usually the client went
     /// away): what was seen is still charged, estimated where the upstream did not report it.
     fn drop(&mut self) {
-        self.settle();
+        self.settle(true);
     }
 }
 

@@ -248,17 +248,37 @@ fn upstream_errors_charge_nothing_and_release_the_reservation() {
     t.finish();
     assert_eq!(counts(&users, "u", "gpt4o"), (0, 0));
 
-    // No response at all (upstream unreachable): nothing charged either.
+    // The forwarder's own error (upstream unreachable) is reported as a status: no charge.
+    let mut t = admit(
+        &q,
+        &user("u", UserType::Normal),
+        Api::OpenAiChat,
+        &mut chat(10),
+    )
+    .expect("admitted")
+    .ticket;
+    t.on_response_start(StatusCode::BAD_GATEWAY, false);
+    t.finish();
+    assert_eq!(counts(&users, "u", "gpt4o"), (0, 0));
+}
+
+#[test]
+fn client_gone_before_the_upstream_answered_pays_the_prompt() {
+    let (q, users) = quotas(NO_RATE, &[]);
+    add_user(&users, "u", UserType::Normal, &[]);
+    let body = chat(10);
+    let prompt = estimate::request_facts(Api::OpenAiChat, &body).prompt_tokens;
     drop(
         admit(
             &q,
             &user("u", UserType::Normal),
             Api::OpenAiChat,
-            &mut chat(10),
+            &mut body.clone(),
         )
         .expect("admitted"),
     );
-    assert_eq!(counts(&users, "u", "gpt4o"), (0, 0));
+    assert_eq!(counts(&users, "u", "gpt4o"), (prompt, 0));
+    assert!(prompt > 0);
 }
 
 #[test]

@@ -82,6 +82,11 @@ impl Meter {
         self.is_sse = is_sse;
     }
 
+    /// True once the upstream answered (whatever the status).
+    pub fn started(&self) -> bool {
+        self.success.is_some()
+    }
+
     /// True when the response started with a 2xx status.
     pub fn succeeded(&self) -> bool {
         self.success == Some(true)
