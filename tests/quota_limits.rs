@@ -122,6 +122,9 @@ async fn rate_limit_headers_and_retry_after() {
     let r = post(&c, &app, "/v1/chat/completions", "u", &chat()).await;
     assert_eq!(r.status(), 429);
     let retry = header(&r, "retry-after").expect("Retry-After");
+    assert_eq!(header(&r, "x-ratelimit-limit"), Some(2));
+    assert_eq!(header(&r, "x-ratelimit-remaining"), Some(0));
+    assert!(header(&r, "x-ratelimit-reset").is_some_and(|s| s >= retry));
     assert!((1..=30).contains(&retry), "retry after {retry}");
     let e: Value = r.json().await.expect("json");
     assert_eq!(e["error"]["type"], "rate_limit_error");

@@ -256,7 +256,8 @@ impl Quotas {
                         limiter.limit()
                     ),
                     wait,
-                ));
+                )
+                .with_headers(decision.headers));
             }
             headers = decision.headers;
         }

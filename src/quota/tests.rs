@@ -389,6 +389,11 @@ fn non_users_are_rate_limited_by_address_but_not_counted() {
     assert_eq!(err.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(err.kind, "rate_limit_error");
     assert!(err.retry_after.is_some_and(|s| s >= 1));
+    let extra = err.headers.as_deref().expect("rate-limit headers");
+    assert_eq!(
+        extra.get(ratelimit::REMAINING).map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
     // The admin is exempt; non-generation requests are not limited.
     assert!(admit(&q, &Principal::Admin, Api::OpenAiChat, &mut chat(1)).is_ok());
     assert!(admit(&q, &p, Api::OpenAiOther, &mut json!({})).is_ok());
