@@ -332,7 +332,10 @@ impl Config {
             _ => {}
         }
         for (name, secs) in [
-            ("UPSTREAM_CONNECT_TIMEOUT_SECS", cli.upstream_connect_timeout_secs),
+            (
+                "UPSTREAM_CONNECT_TIMEOUT_SECS",
+                cli.upstream_connect_timeout_secs,
+            ),
             ("UPSTREAM_TIMEOUT_SECS", cli.upstream_timeout_secs),
         ] {
             if secs == 0 {

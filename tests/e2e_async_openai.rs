@@ -106,7 +106,11 @@ async fn async_openai_sees_a_readable_auth_error_for_a_wrong_key() {
         .expect_err("must be refused");
     match err {
         OpenAIError::ApiError(api) => {
-            assert!(api.api_error.message.contains("Invalid proxy key"), "{}", api.api_error.message);
+            assert!(
+                api.api_error.message.contains("Invalid proxy key"),
+                "{}",
+                api.api_error.message
+            );
         }
         other => panic!("expected an API error, got {other:?}"),
     }

@@ -65,7 +65,11 @@ async fn official_python_sdks_work_through_the_binary() {
     );
     assert!(stdout.contains("all SDK checks passed"), "{stdout}");
     let requests = fake.requests();
-    assert!(requests.len() >= 6, "only {} upstream requests", requests.len());
+    assert!(
+        requests.len() >= 6,
+        "only {} upstream requests",
+        requests.len()
+    );
     for request in requests {
         let cred = request.credential().expect("credential");
         assert!(

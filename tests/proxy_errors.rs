@@ -91,12 +91,19 @@ async fn proxy_key_mode_refuses_missing_and_wrong_keys_with_401_json() {
         .await
         .expect("req");
     json_error(alias, 401).await;
-    assert_eq!(fake.request_count(), 0, "a refused request reached the upstream");
+    assert_eq!(
+        fake.request_count(),
+        0,
+        "a refused request reached the upstream"
+    );
 
     // The right key, by either header, passes.
     for resp in [
         client.post(&url).bearer_auth(PROXY_KEY).json(&chat()),
-        client.post(&url).header("x-api-key", PROXY_KEY).json(&chat()),
+        client
+            .post(&url)
+            .header("x-api-key", PROXY_KEY)
+            .json(&chat()),
     ] {
         assert_eq!(resp.send().await.expect("req").status(), 200);
     }
@@ -178,7 +185,13 @@ async fn oversized_bodies_get_413_json_and_the_proxy_keeps_serving() {
     json_error(resp, 413).await;
     assert_eq!(fake.request_count(), 0);
     assert_eq!(
-        client.post(&url).json(&chat()).send().await.expect("req").status(),
+        client
+            .post(&url)
+            .json(&chat())
+            .send()
+            .await
+            .expect("req")
+            .status(),
         200
     );
 }

@@ -18,8 +18,14 @@ fn each_invalid_config_exits_non_zero_naming_the_variable() {
         (&[("GATEKEEPER", "user_token")], "ADMIN_KEY"),
         (&[("PORT", "abc")], "PORT"),
         (&[("OPENAI_BASE_URL", "not a url")], "OPENAI_BASE_URL"),
-        (&[("ANTHROPIC_BASE_URL", "ftp://example.com")], "ANTHROPIC_BASE_URL"),
-        (&[("ADMIN_WHITELIST", "10.0.0.0/8,nonsense")], "ADMIN_WHITELIST"),
+        (
+            &[("ANTHROPIC_BASE_URL", "ftp://example.com")],
+            "ANTHROPIC_BASE_URL",
+        ),
+        (
+            &[("ADMIN_WHITELIST", "10.0.0.0/8,nonsense")],
+            "ADMIN_WHITELIST",
+        ),
         (&[("UPSTREAM_TIMEOUT_SECS", "0")], "UPSTREAM_TIMEOUT_SECS"),
         (&[("MAX_REQUEST_BODY_MB", "lots")], "MAX_REQUEST_BODY_MB"),
         (&[("OPENAI_KEY", "sk-a,sk-\u{1}b")], "OPENAI_KEY"),
@@ -35,7 +41,10 @@ fn each_invalid_config_exits_non_zero_naming_the_variable() {
         std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
             .expect("read stderr");
         assert!(!status.success(), "{vars:?} started anyway");
-        assert!(stderr.contains(name), "{vars:?}: stderr does not name {name}: {stderr}");
+        assert!(
+            stderr.contains(name),
+            "{vars:?}: stderr does not name {name}: {stderr}"
+        );
         assert_eq!(
             stderr.trim_end().lines().count(),
             1,
@@ -88,7 +97,10 @@ async fn sigterm_lets_an_in_flight_stream_finish_and_exits_zero() {
         .await
         .is_ok()
     {
-        assert!(std::time::Instant::now() < deadline, "still accepting after SIGTERM");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still accepting after SIGTERM"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 
@@ -104,6 +116,12 @@ async fn sigterm_lets_an_in_flight_stream_finish_and_exits_zero() {
         .await
         .expect("join");
     assert!(status.success(), "exit status {status:?}; log:\n{log}");
-    assert!(!log.contains("sk-operator"), "the upstream key was logged:\n{log}");
-    assert!(!log.contains("Bearer pk"), "the client key was logged:\n{log}");
+    assert!(
+        !log.contains("sk-operator"),
+        "the upstream key was logged:\n{log}"
+    );
+    assert!(
+        !log.contains("Bearer pk"),
+        "the client key was logged:\n{log}"
+    );
 }

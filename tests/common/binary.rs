@@ -66,8 +66,7 @@ impl RunningBinary {
                 if !sent {
                     if let Some(i) = line.find("listening on http://") {
                         let rest = &line[i + "listening on ".len()..];
-                        let url: String =
-                            rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                        let url: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
                         let _ = tx.send(url);
                         sent = true;
                     }
