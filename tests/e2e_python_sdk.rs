@@ -41,6 +41,8 @@ async fn official_python_sdks_work_through_the_binary() {
             ("ANTHROPIC_KEY", "sk-ant-operator"),
             ("OPENAI_BASE_URL", &fake.url),
             ("ANTHROPIC_BASE_URL", &fake.url),
+            // The script sends more prompts than the default 4 per minute.
+            ("TEXT_MODEL_RATE_LIMIT", "0"),
         ],
     );
     // tokio's process API, so the fake upstream keeps answering while the script runs.

@@ -24,6 +24,9 @@ async fn app(fake: &FakeUpstream, openai_keys: &str) -> common::TestApp {
             &fake.url,
             "--anthropic-base-url",
             &fake.url,
+            // These tests send more prompts than the default 4 per minute.
+            "--text-model-rate-limit",
+            "0",
         ],
         &[],
     )
