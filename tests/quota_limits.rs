@@ -43,6 +43,10 @@ async fn user_at_limit_is_refused_until_the_refresh_tick() {
     let c = reqwest::Client::new();
     let r = post(&c, &app, "/v1/chat/completions", "u", &chat()).await;
     assert_eq!(r.status(), 429);
+    assert!(
+        r.headers().get("retry-after").is_none(),
+        "a quota refusal is not a rate limit"
+    );
     let e: Value = r.json().await.expect("json");
     assert_eq!(e["error"]["type"], "insufficient_quota");
     let msg = e["error"]["message"].as_str().expect("message");
@@ -132,6 +136,12 @@ async fn rate_limit_headers_and_retry_after() {
     // The limit is per user.
     let r = post(&c, &app, "/v1/chat/completions", "other", &chat()).await;
     assert_eq!(r.status(), 200);
+    // A quota refusal carries the rate-limit headers too.
+    add_user(&app, "poor", UserType::Normal, &[("turbo", 1)]);
+    let r = post(&c, &app, "/v1/chat/completions", "poor", &chat()).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "x-ratelimit-limit"), Some(2));
+    assert_eq!(header(&r, "x-ratelimit-remaining"), Some(1));
     // Requests that are not prompts are not limited.
     let r = c
         .get(format!("{}/v1/models", app.url))

@@ -302,7 +302,11 @@ impl Quotas {
                     "Your user token no longer exists; ask the proxy operator for a new one.",
                 ))
             }
-            Some(Err(r)) => return Err(self.quota_error(&family, requested, &r)),
+            Some(Err(r)) => {
+                return Err(self
+                    .quota_error(&family, requested, &r)
+                    .with_headers(headers))
+            }
             Some(Ok(())) => {}
         }
 
