@@ -511,3 +511,43 @@ async fn refresh_task_stops_on_shutdown() {
     stop.cancel();
     task.await.expect("task ends");
 }
+
+#[tokio::test]
+async fn background_task_refreshes_when_the_driven_clock_reaches_the_tick() {
+    let t0 = Local
+        .with_ymd_and_hms(2026, 5, 4, 23, 59, 0)
+        .single()
+        .expect("local time");
+    let now = Arc::new(AtomicI64::new(t0.timestamp()));
+    let clock_now = now.clone();
+    let clock: Clock = Arc::new(move || {
+        Local
+            .timestamp_opt(clock_now.load(Ordering::SeqCst), 0)
+            .single()
+            .expect("valid")
+    });
+    let users = UserStore::new();
+    let cfg = config(
+        &["--quota-refresh-period", "daily"],
+        &[("TOKEN_QUOTA_CLAUDE", "500")],
+    );
+    let q = Arc::new(Quotas::with_clock(&cfg, users.clone(), clock).expect("builds"));
+    add_user(&users, "n", UserType::Normal, &[("claude", 10)]);
+    let tick = q.next_refresh().expect("scheduled");
+    // The clock jumps to the tick: the task notices without waiting for real time to pass.
+    now.store(tick.timestamp(), Ordering::SeqCst);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(q.clone().run_refresh(stop.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while users
+        .get("n")
+        .and_then(|u| u.token_limits.get("claude").copied())
+        != Some(500)
+    {
+        assert!(std::time::Instant::now() < deadline, "refresh did not run");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(q.next_refresh(), Some(tick + chrono::Duration::days(1)));
+    stop.cancel();
+    task.await.expect("task ends");
+}
