@@ -231,14 +231,19 @@ impl Config {
     pub fn from_env() -> Result<Config, ConfigError> {
         let _ = dotenvy::dotenv();
         forget_empty_vars();
-        let cli = Cli::try_parse().map_err(|e| {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                // `--help` and `--version` print and exit 0 as usual.
+        let cli = match Cli::try_parse() {
+            Ok(cli) => cli,
+            // `--help` and `--version` are not errors: print them and exit 0.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+                ) =>
+            {
                 e.exit()
             }
-            ConfigError(e.to_string())
-        })?;
+            Err(e) => return Err(ConfigError(describe_clap_error(&e))),
+        };
         Config::from_cli(cli, std::env::vars())
     }
 
@@ -252,7 +257,7 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let cli = Cli::try_parse_from(args).map_err(|e| ConfigError(e.to_string()))?;
+        let cli = Cli::try_parse_from(args).map_err(|e| ConfigError(describe_clap_error(&e)))?;
         Config::from_cli(cli, vars)
     }
 
@@ -331,6 +336,19 @@ impl Config {
             }
             _ => {}
         }
+        for (name, secs) in [
+            (
+                "UPSTREAM_CONNECT_TIMEOUT_SECS",
+                cli.upstream_connect_timeout_secs,
+            ),
+            ("UPSTREAM_TIMEOUT_SECS", cli.upstream_timeout_secs),
+        ] {
+            if secs == 0 {
+                return Err(ConfigError(format!(
+                    "{name} must be at least 1 (seconds); 0 would make every upstream request time out"
+                )));
+            }
+        }
         if cli.max_request_body_mb == 0 {
             return Err(ConfigError("MAX_REQUEST_BODY_MB must be at least 1".into()));
         }
@@ -383,6 +401,45 @@ fn forget_empty_vars() {
     }
 }
 
+/// Turns clap's multi-line message into one line that names the environment variable, the
+/// rejected value and why (e.g. `PORT="abc" is invalid: invalid digit found in string`).
+fn describe_clap_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    use clap::CommandFactory;
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    if let (Some(arg), Some(value)) = (
+        context(ContextKind::InvalidArg),
+        context(ContextKind::InvalidValue),
+    ) {
+        // `arg` reads like "--port <PORT>": find that flag's environment variable.
+        let long = arg
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches('-');
+        let var = Cli::command()
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env().map(|v| v.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| arg.clone());
+        let mut msg = format!("{var}={value:?} is invalid");
+        if let Some(cause) = std::error::Error::source(e) {
+            msg.push_str(&format!(": {cause}"));
+        }
+        if let Some(ContextValue::Strings(valid)) = e.get(ContextKind::ValidValue) {
+            msg.push_str(&format!("; use one of: {}", valid.join(", ")));
+        }
+        msg.push_str(&format!(" (set by {var} or --{long})"));
+        return msg;
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.trim_start_matches("error: ").to_string()
+}
+
 /// Parses a comma-separated list of addresses or CIDR blocks. A bare address becomes a /32
 /// (or /128). Any unparseable entry is an error naming the variable: silently skipping it (as
 /// the original did) could leave the admin API open.
@@ -420,6 +477,18 @@ mod tests {
         assert_eq!(c.mode(), GatekeeperMode::None);
         assert_eq!(c.proxy_endpoint_route, "/proxy");
         assert_eq!(c.cli.trusted_proxies, 1);
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable_on_one_line() {
+        let e = cfg(&["--port", "abc"]).expect_err("must fail");
+        assert!(e.0.starts_with("PORT=\"abc\" is invalid"), "{}", e.0);
+        assert!(!e.0.contains('\n'));
+        let e = cfg(&["--gatekeeper", "bogus"]).expect_err("must fail");
+        assert!(e.0.contains("GATEKEEPER=\"bogus\""), "{}", e.0);
+        assert!(e.0.contains("proxy_key"), "{}", e.0);
+        let e = cfg(&["--openai-base-url", "not a url"]).expect_err("must fail");
+        assert!(e.0.starts_with("OPENAI_BASE_URL="), "{}", e.0);
     }
 
     #[test]

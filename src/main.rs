@@ -42,7 +42,12 @@ async fn run(config: Config) -> ExitCode {
         );
         EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colours only on a terminal: log files and container logs get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .init();
 
     let addr = SocketAddr::new(config.cli.bind_address, config.cli.port);
     if config.mode() == GatekeeperMode::None && !addr.ip().is_loopback() {

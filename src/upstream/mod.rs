@@ -181,7 +181,10 @@ pub fn routes(config: &Config) -> Router<AppState> {
         .route("/v1/messages", post(anthropic_messages))
         .route("/v1/messages/count_tokens", post(anthropic_other))
         .route(&format!("{prefix}/openai/{{*rest}}"), any(openai_alias))
-        .route(&format!("{prefix}/anthropic/{{*rest}}"), any(anthropic_alias))
+        .route(
+            &format!("{prefix}/anthropic/{{*rest}}"),
+            any(anthropic_alias),
+        )
 }
 
 async fn openai_chat(State(s): State<AppState>, req: Request) -> Response {

@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod admin;
+pub mod binary;
+pub mod quota;
 pub mod upstream;
 pub mod web;
 

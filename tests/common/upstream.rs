@@ -269,25 +269,21 @@ fn gated_body(gate: GateBody) -> Body {
         ended: false,
     };
     let stream = futures::stream::unfold((rx, flag), move |(mut rx, mut flag)| async move {
-        loop {
-            let msg = match heartbeat {
-                Some(every) => match tokio::time::timeout(every, rx.recv()).await {
-                    Ok(m) => m,
-                    Err(_) => {
-                        return Some((
-                            Ok::<Bytes, std::io::Error>(Bytes::from_static(b": ping\n\n")),
-                            (rx, flag),
-                        ))
-                    }
-                },
-                None => rx.recv().await,
-            };
-            match msg {
-                Some(GateMsg::Chunk(b)) => return Some((Ok(b), (rx, flag))),
-                Some(GateMsg::End) | None => {
-                    flag.disarm();
-                    return None;
+        let msg = match heartbeat {
+            Some(every) => match tokio::time::timeout(every, rx.recv()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    let ping = Bytes::from_static(b": ping\n\n");
+                    return Some((Ok::<Bytes, std::io::Error>(ping), (rx, flag)));
                 }
+            },
+            None => rx.recv().await,
+        };
+        match msg {
+            Some(GateMsg::Chunk(b)) => Some((Ok(b), (rx, flag))),
+            Some(GateMsg::End) | None => {
+                flag.disarm();
+                None
             }
         }
     });
