@@ -154,7 +154,11 @@ pub async fn proxy(
             // Phase 5: relay.
             relay(resp, ticket, extra_headers)
         }
-        Err(Failure { error: e, key, cause }) => {
+        Err(Failure {
+            error: e,
+            key,
+            cause,
+        }) => {
             tracing::warn!(
                 method = %ctx.method,
                 path = %ctx.client_path,
