@@ -364,3 +364,41 @@ async fn models_embeddings_and_count_tokens_with_query_strings() {
     assert_eq!(seen.query.as_deref(), Some("beta=true"));
     assert_eq!(seen.header("x-api-key"), Some(ANTHROPIC_OP_KEY));
 }
+
+#[tokio::test]
+async fn unknown_paths_and_wrong_methods_get_json_errors() {
+    let fake = FakeUpstream::start().await;
+    let app = proxy_for(&fake, &[]).await;
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{}/v1/files", app.url))
+        .bearer_auth(PROXY_KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.expect("json");
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("/v1/files"), "{msg}");
+
+    let resp = client
+        .get(format!("{}/v1/chat/completions", app.url))
+        .bearer_auth(PROXY_KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "POST");
+    let body: Value = resp.json().await.expect("json");
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("use POST"), "{msg}");
+
+    // Without the proxy key, an unknown path is refused like any other.
+    let resp = client
+        .post(format!("{}/v1/files", app.url))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 401);
+    assert_eq!(fake.request_count(), 0);
+}
