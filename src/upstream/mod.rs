@@ -2,25 +2,286 @@
 //! client's request to OpenAI- or Anthropic-style APIs. Never reads the user store directly:
 //! admission and accounting go through [`crate::quota`].
 //!
-//! (Skeleton: to be completed by the foundation work.)
+//! [`Upstreams`] is built once at startup: one shared HTTP client (connection pool, timeouts)
+//! and one [`keys::KeyPool`] per provider. [`routes`] maps client paths to an [`Api`]; the
+//! request itself is handled phase by phase in [`forward`].
 
 pub mod api;
+pub mod forward;
+pub mod keys;
 
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
 use axum::Router;
 
 use crate::app::AppState;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::error::ProxyError;
+use api::{Api, Provider};
+use keys::{KeyCounts, KeyPool};
 
-/// Every configured provider with its key pool and HTTP client.
-pub struct Upstreams {}
+/// One provider: where it lives and which keys it is called with.
+pub struct ProviderUpstream {
+    pub provider: Provider,
+    /// The base URL without a trailing `/` (`https://api.openai.com`).
+    base: String,
+    /// True when the base URL already ends in `/v1` (as OpenAI-compatible servers are often
+    /// written, e.g. `https://openrouter.ai/api/v1`), so that the client's `/v1` is not
+    /// doubled.
+    base_has_v1: bool,
+    pub keys: KeyPool,
+    /// The variable that configures the base URL, for messages.
+    pub base_url_var: &'static str,
+}
 
-impl Upstreams {
-    pub fn from_config(_config: &Config) -> Result<Upstreams, crate::config::ConfigError> {
-        Ok(Upstreams {})
+impl ProviderUpstream {
+    fn new(
+        provider: Provider,
+        base: &url::Url,
+        base_url_var: &'static str,
+        keys: KeyPool,
+    ) -> ProviderUpstream {
+        let mut base = base.as_str().trim_end_matches('/').to_string();
+        // A query or fragment on a base URL has no meaning here; dropping it keeps URL
+        // building a plain concatenation.
+        if let Some(i) = base.find(['?', '#']) {
+            base.truncate(i);
+            base = base.trim_end_matches('/').to_string();
+        }
+        let base_has_v1 = base.ends_with("/v1");
+        ProviderUpstream {
+            provider,
+            base,
+            base_has_v1,
+            keys,
+            base_url_var,
+        }
+    }
+
+    /// The full upstream URL for a client path (`/v1/...`) and query string.
+    pub fn url(&self, path: &str, query: Option<&str>) -> String {
+        let path = if self.base_has_v1 {
+            path.strip_prefix("/v1").unwrap_or(path)
+        } else {
+            path
+        };
+        let mut url = String::with_capacity(self.base.len() + path.len() + 64);
+        url.push_str(&self.base);
+        url.push_str(path);
+        if let Some(q) = query.filter(|q| !q.is_empty()) {
+            url.push('?');
+            url.push_str(q);
+        }
+        url
     }
 }
 
-/// The proxied routes (`/v1/...` and the `{PROXY_ENDPOINT_ROUTE}/...` aliases).
-pub fn routes(_config: &Config) -> Router<AppState> {
+/// Every configured provider with its key pool, and the one HTTP client they share.
+pub struct Upstreams {
+    client: reqwest::Client,
+    openai: ProviderUpstream,
+    anthropic: ProviderUpstream,
+    connect_timeout_secs: u64,
+    timeout_secs: u64,
+}
+
+impl Upstreams {
+    /// Builds the shared client and the key pools. Fails (naming the variable) when a key
+    /// cannot be sent as an HTTP header.
+    pub fn from_config(config: &Config) -> Result<Upstreams, ConfigError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.upstream_connect_timeout())
+            .timeout(config.upstream_timeout())
+            .tcp_nodelay(true)
+            .user_agent(concat!("llm-gatekeeper/", env!("CARGO_PKG_VERSION")))
+            // Redirects would re-send the operator's key to wherever the upstream points.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| ConfigError(format!("cannot build the upstream HTTP client: {e}")))?;
+        Ok(Upstreams {
+            client,
+            openai: ProviderUpstream::new(
+                Provider::OpenAi,
+                &config.cli.openai_base_url,
+                "OPENAI_BASE_URL",
+                KeyPool::new("OPENAI_KEY", &config.openai_keys, true)?,
+            ),
+            anthropic: ProviderUpstream::new(
+                Provider::Anthropic,
+                &config.cli.anthropic_base_url,
+                "ANTHROPIC_BASE_URL",
+                KeyPool::new("ANTHROPIC_KEY", &config.anthropic_keys, false)?,
+            ),
+            connect_timeout_secs: config.cli.upstream_connect_timeout_secs,
+            timeout_secs: config.cli.upstream_timeout_secs,
+        })
+    }
+
+    /// The provider's upstream (base URL and key pool).
+    pub fn provider(&self, provider: Provider) -> &ProviderUpstream {
+        match provider {
+            Provider::OpenAi => &self.openai,
+            Provider::Anthropic => &self.anthropic,
+        }
+    }
+
+    /// How many keys of a provider work right now (for the service info page).
+    pub fn key_counts(&self, provider: Provider) -> KeyCounts {
+        self.provider(provider).keys.counts()
+    }
+
+    /// The shared HTTP client.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+}
+
+/// Which [`Api`] a method and normalised path (`/v1/...`) of a provider is, if we proxy it.
+pub fn classify(provider: Provider, method: &Method, path: &str) -> Option<Api> {
+    let is_post = method == Method::POST;
+    let is_get = method == Method::GET;
+    match provider {
+        Provider::OpenAi => match path {
+            "/v1/chat/completions" if is_post => Some(Api::OpenAiChat),
+            "/v1/completions" if is_post => Some(Api::OpenAiCompletions),
+            "/v1/embeddings" if is_post => Some(Api::OpenAiEmbeddings),
+            "/v1/models" if is_get => Some(Api::OpenAiOther),
+            p if is_get && is_model_id_path(p) => Some(Api::OpenAiOther),
+            _ => None,
+        },
+        Provider::Anthropic => match path {
+            "/v1/messages" if is_post => Some(Api::AnthropicMessages),
+            "/v1/messages/count_tokens" if is_post => Some(Api::AnthropicOther),
+            "/v1/models" if is_get => Some(Api::AnthropicOther),
+            p if is_get && is_model_id_path(p) => Some(Api::AnthropicOther),
+            _ => None,
+        },
+    }
+}
+
+/// `/v1/models/{id}` with a single non-empty segment.
+fn is_model_id_path(path: &str) -> bool {
+    path.strip_prefix("/v1/models/")
+        .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+}
+
+/// The proxied routes: `/v1/...` (OpenAI paths to the OpenAI upstream, `/v1/messages...` to
+/// Anthropic) and the compatibility aliases `{PROXY_ENDPOINT_ROUTE}/openai/...` and
+/// `{PROXY_ENDPOINT_ROUTE}/anthropic/...`, with `/v1` added when the client left it out.
+pub fn routes(config: &Config) -> Router<AppState> {
+    let prefix = &config.proxy_endpoint_route;
     Router::new()
+        .route("/v1/chat/completions", post(openai_chat))
+        .route("/v1/completions", post(openai_completions))
+        .route("/v1/embeddings", post(openai_embeddings))
+        .route("/v1/models", get(openai_other))
+        .route("/v1/models/{id}", get(openai_other))
+        .route("/v1/messages", post(anthropic_messages))
+        .route("/v1/messages/count_tokens", post(anthropic_other))
+        .route(&format!("{prefix}/openai/{{*rest}}"), any(openai_alias))
+        .route(&format!("{prefix}/anthropic/{{*rest}}"), any(anthropic_alias))
+}
+
+async fn openai_chat(State(s): State<AppState>, req: Request) -> Response {
+    forward::proxy(s, Api::OpenAiChat, None, req).await
+}
+async fn openai_completions(State(s): State<AppState>, req: Request) -> Response {
+    forward::proxy(s, Api::OpenAiCompletions, None, req).await
+}
+async fn openai_embeddings(State(s): State<AppState>, req: Request) -> Response {
+    forward::proxy(s, Api::OpenAiEmbeddings, None, req).await
+}
+async fn openai_other(State(s): State<AppState>, req: Request) -> Response {
+    forward::proxy(s, Api::OpenAiOther, None, req).await
+}
+async fn anthropic_messages(State(s): State<AppState>, req: Request) -> Response {
+    forward::proxy(s, Api::AnthropicMessages, None, req).await
+}
+async fn anthropic_other(State(s): State<AppState>, req: Request) -> Response {
+    forward::proxy(s, Api::AnthropicOther, None, req).await
+}
+async fn openai_alias(State(s): State<AppState>, req: Request) -> Response {
+    alias(s, Provider::OpenAi, "/openai", req).await
+}
+async fn anthropic_alias(State(s): State<AppState>, req: Request) -> Response {
+    alias(s, Provider::Anthropic, "/anthropic", req).await
+}
+
+/// `{PROXY_ENDPOINT_ROUTE}/openai/chat/completions` → `/v1/chat/completions`, and so on.
+async fn alias(state: AppState, provider: Provider, segment: &str, req: Request) -> Response {
+    let full = req.uri().path();
+    let rest = full
+        .strip_prefix(state.config.proxy_endpoint_route.as_str())
+        .and_then(|p| p.strip_prefix(segment))
+        .unwrap_or(full);
+    let path = if rest == "/v1" || rest.starts_with("/v1/") {
+        rest.to_string()
+    } else {
+        format!("/v1{rest}")
+    };
+    match classify(provider, req.method(), &path) {
+        Some(api) => forward::proxy(state, api, Some(path), req).await,
+        None => ProxyError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "{} {full} is not a route of this proxy; see the list of supported routes in docs/proxy.md",
+                req.method()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pu(base: &str) -> ProviderUpstream {
+        let url: url::Url = base.parse().expect("url");
+        ProviderUpstream::new(
+            Provider::OpenAi,
+            &url,
+            "OPENAI_BASE_URL",
+            KeyPool::new("OPENAI_KEY", &[], true).expect("pool"),
+        )
+    }
+
+    #[test]
+    fn urls_join_without_doubling_v1() {
+        assert_eq!(
+            pu("https://api.openai.com").url("/v1/models", None),
+            "https://api.openai.com/v1/models"
+        );
+        assert_eq!(
+            pu("https://openrouter.ai/api/v1/").url("/v1/chat/completions", Some("a=1")),
+            "https://openrouter.ai/api/v1/chat/completions?a=1"
+        );
+        assert_eq!(
+            pu("http://127.0.0.1:8080/base").url("/v1/embeddings", Some("")),
+            "http://127.0.0.1:8080/base/v1/embeddings"
+        );
+    }
+
+    #[test]
+    fn classify_routes() {
+        use Provider::*;
+        assert_eq!(
+            classify(OpenAi, &Method::POST, "/v1/chat/completions"),
+            Some(Api::OpenAiChat)
+        );
+        assert_eq!(classify(OpenAi, &Method::GET, "/v1/chat/completions"), None);
+        assert_eq!(
+            classify(OpenAi, &Method::GET, "/v1/models/gpt-4o"),
+            Some(Api::OpenAiOther)
+        );
+        assert_eq!(classify(OpenAi, &Method::GET, "/v1/models/a/b"), None);
+        assert_eq!(
+            classify(Anthropic, &Method::POST, "/v1/messages"),
+            Some(Api::AnthropicMessages)
+        );
+        assert_eq!(classify(Anthropic, &Method::POST, "/v1/files"), None);
+    }
 }

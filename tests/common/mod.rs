@@ -4,6 +4,8 @@
 //! Each area keeps its own helpers in a submodule here (`pub mod <area>;`).
 #![allow(dead_code)]
 
+pub mod upstream;
+
 use std::net::SocketAddr;
 
 use llm_gatekeeper::{AppState, Config};

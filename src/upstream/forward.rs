@@ -1,0 +1,588 @@
+//! The forwarder: one proxied request, top to bottom, as named phases over a per-request
+//! context (in the manner of Pingora):
+//!
+//! 1. [`read_request`]: read the body within `MAX_REQUEST_BODY_MB` (413) and check that JSON
+//!    routes carry a JSON object (400).
+//! 2. [`admit`]: for generation APIs, ask [`crate::quota::Quotas::admit`]; it may refuse or
+//!    change the body (re-serialised only then; otherwise the client's bytes go up untouched).
+//! 3. [`upstream_headers`]: build the upstream request headers from an allowlist.
+//! 4. [`send`]: pick a key and send; 401/403 takes the key out, 429 rests it, and the request
+//!    is retried on the next free key.
+//! 5. [`relay`]: stream the upstream response back chunk by chunk through the quota
+//!    [`Ticket`]; dropping the body (client gone) drops the upstream request too.
+//!
+//! Every failure becomes a [`ProxyError`] in [`fail_to_proxy`], the one place that decides how
+//! upstream failures look to clients (502 unreachable, 504 timeout, ...).
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::Stream;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use crate::app::AppState;
+use crate::error::ProxyError;
+use crate::gatekeeper::Principal;
+use crate::net::ClientIp;
+use crate::quota::{AdmitRequest, Ticket};
+use crate::upstream::api::{Api, Provider};
+use crate::upstream::keys::{rest_duration, ChosenKey, NoKey};
+use crate::upstream::ProviderUpstream;
+
+/// The `anthropic-version` sent when the client sends none.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// Client request headers forwarded to every upstream. Everything else is dropped: above all
+/// the client's `authorization`, `x-api-key` and `cookie`, hop-by-hop headers, `host` and
+/// `content-length` (recomputed by the client library), but also `accept-encoding` (so that
+/// usage accounting can read the response) and `openai-organization`/`openai-project` (the
+/// operator's key decides those).
+const FORWARDED_HEADERS: &[&str] = &["content-type", "accept"];
+/// Extra headers forwarded to the OpenAI upstream.
+const FORWARDED_OPENAI: &[&str] = &["openai-beta"];
+/// Extra headers forwarded to the Anthropic upstream (`anthropic-version` is always set).
+const FORWARDED_ANTHROPIC: &[&str] = &["anthropic-beta", "anthropic-version"];
+
+/// Upstream response headers not relayed to the client: hop-by-hop headers, cookies and
+/// transport hints that belong to the upstream's host, and headers that describe the
+/// operator's account rather than the client's request.
+const DROPPED_RESPONSE_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "set-cookie",
+    "alt-svc",
+    "strict-transport-security",
+    "openai-organization",
+    "openai-project",
+    "anthropic-organization-id",
+];
+/// Prefixes of dropped response headers (the operator's key's rate-limit state).
+const DROPPED_RESPONSE_PREFIXES: &[&str] = &["x-ratelimit-", "anthropic-ratelimit-"];
+
+/// Everything the phases share about one request.
+struct Ctx {
+    api: Api,
+    method: Method,
+    /// The client's path, for the log line.
+    client_path: String,
+    /// The normalised upstream path (`/v1/...`).
+    upstream_path: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    principal: Principal,
+    ip: IpAddr,
+}
+
+/// Handles one proxied request. `upstream_path` is set by the alias routes (normalised
+/// `/v1/...`); otherwise the client's path is used as is.
+pub async fn proxy(
+    state: AppState,
+    api: Api,
+    upstream_path: Option<String>,
+    req: Request,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let Some(principal) = parts.extensions.get::<Principal>().cloned() else {
+        // The gatekeeper inserts a principal on every proxied route; without one, deny.
+        return ProxyError::unauthorized("No credential was checked for this request.")
+            .into_response();
+    };
+    let ip = parts
+        .extensions
+        .get::<ClientIp>()
+        .map(|c| c.0)
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let client_path = parts.uri.path().to_string();
+    let ctx = Ctx {
+        api,
+        upstream_path: upstream_path.unwrap_or_else(|| client_path.clone()),
+        client_path,
+        query: parts.uri.query().map(str::to_string),
+        method: parts.method,
+        headers: parts.headers,
+        principal,
+        ip,
+    };
+    let upstream = state.upstreams.provider(api.provider());
+
+    // Phase 1: read and validate.
+    let body = match read_request(&ctx, body, state.config.max_request_body_bytes()).await {
+        Ok(b) => b,
+        Err(e) => return log_refusal(&ctx, e),
+    };
+    // A request that cannot possibly be served must not be admitted (and charged).
+    if upstream.keys.is_empty() {
+        return log_refusal(&ctx, no_key_error(upstream, NoKey::NoneConfigured));
+    }
+    // Phase 2: admission.
+    let (body, admitted) = match admit(&state, &ctx, body) {
+        Ok(v) => v,
+        Err(e) => return log_refusal(&ctx, e),
+    };
+    let (mut ticket, extra_headers) = match admitted {
+        Some(a) => (Some(a.ticket), a.headers),
+        None => (None, HeaderMap::new()),
+    };
+    // Phases 3 and 4: build the upstream request and send it.
+    let headers = upstream_headers(&ctx, upstream.provider);
+    let url = upstream.url(&ctx.upstream_path, ctx.query.as_deref());
+    let started = Instant::now();
+    match send(&state, upstream, &ctx, &url, headers, body).await {
+        Ok((resp, key)) => {
+            let latency = started.elapsed();
+            tracing::info!(
+                method = %ctx.method,
+                path = %ctx.client_path,
+                status = resp.status().as_u16(),
+                upstream_ms = latency.as_millis() as u64,
+                key = %key.fingerprint,
+                "proxied"
+            );
+            // Phase 5: relay.
+            relay(resp, ticket, extra_headers)
+        }
+        Err(e) => {
+            tracing::warn!(
+                method = %ctx.method,
+                path = %ctx.client_path,
+                status = e.status.as_u16(),
+                upstream_ms = started.elapsed().as_millis() as u64,
+                error = %e.message,
+                "proxy failed"
+            );
+            // The ticket learns that the request ended with our own error, so that quota
+            // accounting can release the reservation instead of charging an estimate.
+            if let Some(mut t) = ticket.take() {
+                t.on_response_start(e.status, false);
+                t.finish();
+            }
+            let mut resp = e.into_response();
+            extend_headers(resp.headers_mut(), extra_headers);
+            resp
+        }
+    }
+}
+
+/// Logs a request refused before anything was sent upstream, and answers it.
+fn log_refusal(ctx: &Ctx, e: ProxyError) -> Response {
+    tracing::info!(
+        method = %ctx.method,
+        path = %ctx.client_path,
+        status = e.status.as_u16(),
+        error = %e.message,
+        "refused"
+    );
+    e.into_response()
+}
+
+/// The body as read and, for JSON routes, parsed.
+struct Incoming {
+    bytes: Bytes,
+    /// The parsed body of a generation request (what quota admission looks at).
+    json: Option<serde_json::Value>,
+}
+
+/// Phase 1: reads the body within the size limit and validates JSON routes.
+async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, ProxyError> {
+    if ctx.method == Method::GET || ctx.method == Method::HEAD {
+        return Ok(Incoming {
+            bytes: Bytes::new(),
+            json: None,
+        });
+    }
+    let too_large = || {
+        ProxyError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!(
+                "The request body is larger than this proxy accepts ({} MB, set by MAX_REQUEST_BODY_MB); send a smaller request.",
+                limit / (1024 * 1024)
+            ),
+        )
+    };
+    let declared = ctx
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
+        Err(_) => {
+            return Err(ProxyError::bad_request(
+                "The request body could not be read completely; send it again.",
+            ))
+        }
+    };
+    let not_json = |detail: String| {
+        ProxyError::bad_request(format!(
+            "The request body must be a JSON object ({detail}); check the Content-Type and the JSON you send."
+        ))
+    };
+    if ctx.api.is_generation() {
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| not_json(e.to_string()))?;
+        if !value.is_object() {
+            return Err(not_json("got another JSON value".into()));
+        }
+        Ok(Incoming {
+            bytes,
+            json: Some(value),
+        })
+    } else {
+        // Other JSON routes (count_tokens) are validated without building a tree.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            .map_err(|e| not_json(e.to_string()))?;
+        Ok(Incoming { bytes, json: None })
+    }
+}
+
+/// Phase 2: quota admission for generation requests. Returns the bytes to send: the
+/// client's original bytes unless admission changed the body.
+fn admit(
+    state: &AppState,
+    ctx: &Ctx,
+    incoming: Incoming,
+) -> Result<(Bytes, Option<crate::quota::Admitted>), ProxyError> {
+    let Incoming { bytes, json } = incoming;
+    let Some(mut json) = json else {
+        return Ok((bytes, None));
+    };
+    let admitted = state.quotas.admit(
+        &AdmitRequest {
+            principal: &ctx.principal,
+            ip: ctx.ip,
+            api: ctx.api,
+        },
+        &mut json,
+    )?;
+    let bytes = if admitted.body_changed {
+        serde_json::to_vec(&json).map(Bytes::from).map_err(|_| {
+            ProxyError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "The proxy could not prepare the request body.",
+            )
+        })?
+    } else {
+        bytes
+    };
+    Ok((bytes, Some(admitted)))
+}
+
+/// Phase 3: the upstream request headers, from an allowlist of the client's headers. The
+/// credential is added per attempt in [`send`].
+fn upstream_headers(ctx: &Ctx, provider: Provider) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(6);
+    let extra = match provider {
+        Provider::OpenAi => FORWARDED_OPENAI,
+        Provider::Anthropic => FORWARDED_ANTHROPIC,
+    };
+    for name in FORWARDED_HEADERS.iter().chain(extra) {
+        for v in ctx.headers.get_all(*name) {
+            out.append(HeaderName::from_static(name), v.clone());
+        }
+    }
+    if ctx.method == Method::POST && !out.contains_key(header::CONTENT_TYPE) {
+        // The body was validated as JSON; say so even when the client did not.
+        out.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    if provider == Provider::Anthropic && !out.contains_key("anthropic-version") {
+        out.insert(
+            "anthropic-version",
+            HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
+        );
+    }
+    out
+}
+
+/// Phase 4: picks a key and sends; on 401/403 the key is taken out, on 429 it rests, and the
+/// request goes again on the next usable key. When no key is left after a 429, that 429 is
+/// relayed as the upstream sent it.
+async fn send(
+    state: &AppState,
+    upstream: &ProviderUpstream,
+    ctx: &Ctx,
+    url: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(reqwest::Response, ChosenKey), ProxyError> {
+    let auth_header = match upstream.provider {
+        Provider::OpenAi => header::AUTHORIZATION,
+        Provider::Anthropic => HeaderName::from_static("x-api-key"),
+    };
+    let mut last_429: Option<(reqwest::Response, ChosenKey)> = None;
+    loop {
+        let key = match upstream.keys.pick() {
+            Ok(k) => k,
+            Err(no) => {
+                return match last_429 {
+                    Some(r) => Ok(r),
+                    None => Err(no_key_error(upstream, no)),
+                }
+            }
+        };
+        let mut headers = headers.clone();
+        headers.insert(auth_header.clone(), key.header.clone());
+        let mut rb = state
+            .upstreams
+            .client()
+            .request(ctx.method.clone(), url)
+            .headers(headers);
+        if !body.is_empty() || ctx.method == Method::POST {
+            rb = rb.body(body.clone());
+        }
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| fail_to_proxy(state, upstream, &e))?;
+        match resp.status() {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                upstream
+                    .keys
+                    .mark_invalid(key.index, resp.status().as_u16());
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                upstream.keys.rest(key.index, rest_duration(resp.headers()));
+                last_429 = Some((resp, key));
+            }
+            _ => return Ok((resp, key)),
+        }
+    }
+}
+
+/// The client-facing error when no key can be used.
+fn no_key_error(upstream: &ProviderUpstream, no: NoKey) -> ProxyError {
+    let var = upstream.keys.var();
+    match no {
+        NoKey::NoneConfigured => ProxyError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_error",
+            format!("No {var} configured: this proxy has no key for that upstream. The operator must set {var}."),
+        ),
+        NoKey::AllInvalid => ProxyError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_error",
+            format!("Every {var} key was rejected by the upstream as invalid (401/403). The operator must replace them in {var}."),
+        ),
+        NoKey::AllResting(d) => {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            ProxyError::too_many(
+                "rate_limit_error",
+                format!("Every {var} key is rate-limited by the upstream right now; try again in {secs} s."),
+                secs,
+            )
+        }
+    }
+}
+
+/// Decides how a failed upstream call looks to the client: timeouts 504, everything else
+/// (refused, unreachable, reset) 502. The cause goes to the log only.
+fn fail_to_proxy(state: &AppState, upstream: &ProviderUpstream, e: &reqwest::Error) -> ProxyError {
+    let var = upstream.base_url_var;
+    tracing::warn!(error = %e, base_url_var = var, "upstream request failed");
+    if e.is_timeout() {
+        let (which, secs) = if e.is_connect() {
+            (
+                "UPSTREAM_CONNECT_TIMEOUT_SECS",
+                state.upstreams.connect_timeout_secs,
+            )
+        } else {
+            ("UPSTREAM_TIMEOUT_SECS", state.upstreams.timeout_secs)
+        };
+        ProxyError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_error",
+            format!("The upstream did not answer in time ({which}={secs} s); try again later."),
+        )
+    } else if e.is_connect() {
+        ProxyError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            format!("The upstream is unreachable (cannot connect to {var}); try again later."),
+        )
+    } else {
+        ProxyError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "The upstream connection failed before it answered; try again later.",
+        )
+    }
+}
+
+/// Phase 5: relays status, headers and the body, chunk by chunk, through the ticket.
+fn relay(resp: reqwest::Response, mut ticket: Option<Ticket>, extra: HeaderMap) -> Response {
+    let status = resp.status();
+    let is_sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    if let Some(t) = ticket.as_mut() {
+        t.on_response_start(status, is_sse);
+    }
+    let mut headers = HeaderMap::with_capacity(resp.headers().len() + extra.len() + 1);
+    for (name, value) in resp.headers() {
+        let n = name.as_str();
+        if DROPPED_RESPONSE_HEADERS.contains(&n)
+            || DROPPED_RESPONSE_PREFIXES.iter().any(|p| n.starts_with(p))
+            // The ticket may remove a chunk, so the length is only known without one.
+            || (ticket.is_some() && name == header::CONTENT_LENGTH)
+        {
+            continue;
+        }
+        headers.append(name.clone(), value.clone());
+    }
+    if is_sse {
+        // Tells a buffering reverse proxy in front of us (nginx) to pass events through.
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+    extend_headers(&mut headers, extra);
+    let stream = Relay {
+        upstream: Box::pin(resp.bytes_stream()),
+        ticket,
+    };
+    let mut out = Response::new(Body::from_stream(stream));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// Adds the quota's headers, replacing any of the same name.
+fn extend_headers(headers: &mut HeaderMap, extra: HeaderMap) {
+    let mut last: Option<HeaderName> = None;
+    for (name, value) in extra {
+        match name {
+            Some(n) => {
+                headers.insert(n.clone(), value);
+                last = Some(n);
+            }
+            None => {
+                if let Some(n) = &last {
+                    headers.append(n.clone(), value);
+                }
+            }
+        }
+    }
+}
+
+type UpstreamStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// The response body: the upstream's chunks as they arrive, each passed through the ticket.
+/// Dropping it (the client went away) drops the upstream response, which closes that
+/// connection and so cancels the upstream request, and drops the ticket unfinished.
+struct Relay {
+    upstream: UpstreamStream,
+    ticket: Option<Ticket>,
+}
+
+impl Stream for Relay {
+    type Item = reqwest::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            return match this.upstream.as_mut().poll_next(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let chunk = match this.ticket.as_mut() {
+                        Some(t) => t.on_chunk(chunk),
+                        None => chunk,
+                    };
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    Poll::Ready(Some(Ok(chunk)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    // The client sees the connection end abruptly (not a clean end), so that it
+                    // knows the answer is incomplete; the ticket is dropped unfinished.
+                    tracing::warn!(error = %e, "upstream body failed mid-stream");
+                    this.ticket = None;
+                    Poll::Ready(Some(Err(e)))
+                }
+                Poll::Ready(None) => {
+                    if let Some(t) = this.ticket.take() {
+                        t.finish();
+                    }
+                    Poll::Ready(None)
+                }
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(headers: &[(&str, &str)]) -> Ctx {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        Ctx {
+            api: Api::OpenAiChat,
+            method: Method::POST,
+            client_path: "/v1/chat/completions".into(),
+            upstream_path: "/v1/chat/completions".into(),
+            query: None,
+            headers: h,
+            principal: Principal::Anonymous,
+            ip: IpAddr::from([127, 0, 0, 1]),
+        }
+    }
+
+    #[test]
+    fn only_allowlisted_headers_go_upstream() {
+        let c = ctx(&[
+            ("authorization", "Bearer client"),
+            ("x-api-key", "client"),
+            ("cookie", "a=b"),
+            ("host", "proxy"),
+            ("content-length", "3"),
+            ("connection", "keep-alive"),
+            ("accept-encoding", "gzip"),
+            ("openai-organization", "org-x"),
+            ("openai-beta", "assistants=v2"),
+            ("anthropic-beta", "tools-2024"),
+            ("accept", "text/event-stream"),
+        ]);
+        let o = upstream_headers(&c, Provider::OpenAi);
+        let names: Vec<&str> = o.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["accept", "openai-beta", "content-type"]);
+        let a = upstream_headers(&c, Provider::Anthropic);
+        assert_eq!(a.get("anthropic-version").expect("set"), "2023-06-01");
+        assert_eq!(a.get("anthropic-beta").expect("set"), "tools-2024");
+        assert!(a.get("openai-beta").is_none());
+    }
+
+    #[test]
+    fn client_anthropic_version_wins() {
+        let c = ctx(&[("anthropic-version", "2024-01-01")]);
+        let a = upstream_headers(&c, Provider::Anthropic);
+        assert_eq!(a.get("anthropic-version").expect("set"), "2024-01-01");
+    }
+}

@@ -1,0 +1,151 @@
+//! The upstream key pool as the upstream sees it: keys used in turn, a rate-limited key rests
+//! while the request is retried on another, an invalid key is taken out of rotation, and the
+//! client gets a clear error when no key is left.
+
+mod common;
+
+use common::upstream::{FakeUpstream, Reply};
+use llm_gatekeeper::upstream::api::Provider;
+use llm_gatekeeper::upstream::keys::KeyCounts;
+use serde_json::{json, Value};
+
+fn chat() -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn app(fake: &FakeUpstream, openai_keys: &str) -> common::TestApp {
+    common::spawn(
+        &[
+            "--openai-key",
+            openai_keys,
+            "--anthropic-key",
+            "ant-1,ant-2",
+            "--openai-base-url",
+            &fake.url,
+            "--anthropic-base-url",
+            &fake.url,
+        ],
+        &[],
+    )
+    .await
+}
+
+async fn post_chat(app: &common::TestApp) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", app.url))
+        .json(&chat())
+        .send()
+        .await
+        .expect("request")
+}
+
+fn creds(fake: &FakeUpstream) -> Vec<String> {
+    fake.credentials()
+        .into_iter()
+        .map(|c| c.expect("credential"))
+        .collect()
+}
+
+#[tokio::test]
+async fn keys_are_used_in_turn() {
+    let fake = FakeUpstream::start().await;
+    let app = app(&fake, "k1, k2,k3").await;
+    for _ in 0..6 {
+        assert_eq!(post_chat(&app).await.status(), 200);
+    }
+    assert_eq!(creds(&fake), ["k1", "k2", "k3", "k1", "k2", "k3"]);
+    for _ in 0..2 {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/v1/messages", app.url))
+            .json(&chat())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+    }
+    let all = creds(&fake);
+    assert_eq!(&all[6..], ["ant-1", "ant-2"]);
+}
+
+#[tokio::test]
+async fn rate_limited_key_rests_and_the_request_is_retried_on_another() {
+    let fake = FakeUpstream::start().await;
+    let app = app(&fake, "k1,k2").await;
+    fake.on_key("k1", Reply::rate_limited("30"));
+    let resp = post_chat(&app).await;
+    assert_eq!(resp.status(), 200, "the client never sees the 429 of one key");
+    assert_eq!(creds(&fake), ["k1", "k2"]);
+    // k1 rests: every following request goes to k2, without touching k1.
+    for _ in 0..3 {
+        assert_eq!(post_chat(&app).await.status(), 200);
+    }
+    assert_eq!(creds(&fake), ["k1", "k2", "k2", "k2", "k2"]);
+    assert_eq!(
+        app.state.upstreams.key_counts(Provider::OpenAi),
+        KeyCounts {
+            total: 2,
+            working: 1,
+            resting: 1,
+            invalid: 0
+        }
+    );
+}
+
+#[tokio::test]
+async fn when_every_key_is_rate_limited_the_client_gets_a_429() {
+    let fake = FakeUpstream::start().await;
+    let app = app(&fake, "k1").await;
+    let date = (chrono::Utc::now() + chrono::Duration::seconds(120)).to_rfc2822();
+    fake.on_key("k1", Reply::rate_limited(&date));
+    // The last key's own 429 is relayed as the upstream sent it.
+    let resp = post_chat(&app).await;
+    assert_eq!(resp.status(), 429);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["message"], "Rate limit reached (fake upstream)");
+    // While it rests, the proxy answers itself, with Retry-After, without calling upstream.
+    let resp = post_chat(&app).await;
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=120).contains(&retry), "retry-after {retry}");
+    let body: Value = resp.json().await.expect("json");
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("OPENAI_KEY") && msg.contains("rate-limited"), "{msg}");
+    assert_eq!(fake.request_count(), 1);
+}
+
+#[tokio::test]
+async fn invalid_key_is_taken_out_of_rotation() {
+    let fake = FakeUpstream::start().await;
+    let app = app(&fake, "bad-key,good-key").await;
+    fake.on_key("bad-key", Reply::error(401, "Incorrect API key provided: bad-key"));
+    for _ in 0..3 {
+        assert_eq!(post_chat(&app).await.status(), 200);
+    }
+    assert_eq!(creds(&fake), ["bad-key", "good-key", "good-key", "good-key"]);
+    assert_eq!(
+        app.state.upstreams.key_counts(Provider::OpenAi).invalid,
+        1
+    );
+
+    // When the last key goes bad too, the client gets the proxy's own error, which names the
+    // variable and never echoes the upstream's message (it may quote part of a key).
+    fake.on_key("good-key", Reply::error(403, "Forbidden: good-key"));
+    let resp = post_chat(&app).await;
+    assert_eq!(resp.status(), 503);
+    let text = resp.text().await.expect("body");
+    assert!(text.contains("OPENAI_KEY"), "{text}");
+    assert!(!text.contains("good-key") && !text.contains("bad-key"), "{text}");
+    assert_eq!(
+        app.state.upstreams.key_counts(Provider::OpenAi),
+        KeyCounts {
+            total: 2,
+            working: 0,
+            resting: 0,
+            invalid: 2
+        }
+    );
+}
