@@ -1,7 +1,11 @@
 //! Administration: the `/admin/users` REST API and the admin web UI. Handlers are thin: they
 //! extract arguments and call domain code in [`crate::users`].
 //!
-//! (Skeleton: to be completed by the per-user-tokens and web-side work.)
+//! [`authorize`] is the one place that decides who is an administrator; it is called by the
+//! gatekeeper for every `/admin` route. Today it knows the bearer `ADMIN_KEY`
+//! ([`check_admin_key`]); cookie sessions and an external session validator plug in beside it.
+
+pub mod api;
 
 use std::net::IpAddr;
 
@@ -31,7 +35,8 @@ impl AdminIdentity {
     }
 }
 
-/// Decides whether a request to an `/admin` route comes from an administrator.
+/// Decides whether a request to an `/admin` route comes from an administrator. A locked-out
+/// address is refused (429) before any credential is looked at, even a correct one.
 pub async fn authorize(
     state: &AppState,
     ip: IpAddr,
@@ -45,6 +50,17 @@ pub async fn authorize(
     if let Some(secs) = state.lockout.locked_for(ip) {
         return Err(admin_lockout_error(secs).into_response());
     }
+    check_admin_key(state, ip, headers).map_err(IntoResponse::into_response)
+}
+
+/// The bearer check: `Authorization: Bearer <ADMIN_KEY>` (or `x-api-key`), compared in constant
+/// time. A wrong key counts toward the brute-force lockout; a missing one does not (it is not
+/// a guess). With no `ADMIN_KEY` configured every request is refused.
+pub fn check_admin_key(
+    state: &AppState,
+    ip: IpAddr,
+    headers: &HeaderMap,
+) -> Result<AdminIdentity, AdminError> {
     let Some(expected) = state
         .config
         .cli
@@ -54,23 +70,23 @@ pub async fn authorize(
     else {
         return Err(AdminError::unauthorized(
             "The admin API is disabled: set ADMIN_KEY on the server to enable it.",
-        )
-        .into_response());
+        ));
     };
     match client_credential(headers) {
         Some(c) if secret_eq(c, expected.expose()) => Ok(AdminIdentity::AdminKey),
         Some(_) => {
             state.lockout.record_failure(ip);
-            Err(AdminError::unauthorized("Invalid admin key.").into_response())
+            Err(AdminError::unauthorized(
+                "Invalid admin key: send 'Authorization: Bearer <ADMIN_KEY>' with the server's ADMIN_KEY.",
+            ))
         }
         None => Err(AdminError::unauthorized(
             "Admin authentication required: send 'Authorization: Bearer <ADMIN_KEY>'.",
-        )
-        .into_response()),
+        )),
     }
 }
 
 /// The `/admin` routes.
 pub fn routes() -> Router<AppState> {
-    Router::new()
+    Router::new().merge(api::routes())
 }

@@ -1,44 +1,170 @@
-//! `GATEKEEPER=user_token`: admits a request carrying a known, enabled, unexpired user token,
-//! and records the client address and last use.
+//! `GATEKEEPER=user_token`: admits a request carrying a known, enabled, unexpired user token;
+//! records the client address (enforcing `MAX_IPS_PER_USER` / `maxIps`, with optional
+//! auto-ban) and the time of last use.
 //!
-//! (Skeleton: IP limits and auto-ban to be completed by the per-user-tokens work.)
+//! The hot path is cheap: a shard read lock decides most requests; the write lock is taken
+//! (and the user marked dirty for persistence) only when something changes — a new address,
+//! or `lastUsedAt` older than [`LAST_USED_RESOLUTION_MS`]. `promptCount` is counted by the
+//! quota module on generation requests, not here.
 
 use std::net::IpAddr;
 
 use crate::app::AppState;
 use crate::error::ProxyError;
 use crate::gatekeeper::Principal;
-use crate::users::now_ms;
+use crate::users::{fingerprint, now_ms, UserType};
 
+/// `lastUsedAt` is rewritten at most once per this many milliseconds per user, so a busy user
+/// does not take a write lock and a persistence write on every request.
+pub const LAST_USED_RESOLUTION_MS: i64 = 1_000;
+
+/// The reason recorded when `MAX_IPS_AUTO_BAN` disables a user.
+pub const IP_LIMIT_BAN_REASON: &str = "IP address limit exceeded.";
+
+/// The message of the refusal when a user is over their address limit.
+pub const IP_LIMIT_MESSAGE: &str = "no more IP addresses allowed for this user token";
+
+/// What the read-only look at the user decided.
+enum Look {
+    Refused(ProxyError),
+    /// Admitted, nothing to write.
+    Pass(UserType),
+    /// Admitted if the write path agrees (a new address or a stale `lastUsedAt`).
+    NeedsWrite,
+}
+
+/// The IP limit that applies to a user: their `maxIps`, else `MAX_IPS_PER_USER`; 0 and
+/// `special` users mean unlimited.
+fn ip_limit(kind: UserType, max_ips: Option<u32>, global: u32) -> Option<usize> {
+    if kind == UserType::Special {
+        return None;
+    }
+    match max_ips.unwrap_or(global) {
+        0 => None,
+        n => Some(n as usize),
+    }
+}
+
+fn disabled_error(reason: Option<&str>) -> ProxyError {
+    ProxyError::forbidden(format!(
+        "This user token has been disabled: {}",
+        reason.unwrap_or("no reason given")
+    ))
+}
+
+fn expired_error() -> ProxyError {
+    ProxyError::forbidden("This user token has been disabled: Temporary token expired.")
+}
+
+/// Admits `token` from `ip`, or says why not (401 unknown, 403 disabled/expired/over the IP
+/// limit). An unknown token counts as a failed attempt for the brute-force lockout.
 pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, ProxyError> {
     let now = now_ms();
-    let Some(user) = state.users.with_user(token, |u| {
-        (
-            u.kind,
-            u.is_disabled(),
-            u.disabled_reason.clone(),
-            u.is_expired(now),
-        )
-    }) else {
-        state.lockout.record_failure(ip);
-        return Err(ProxyError::unauthorized(
-            "Unknown user token. Check the token you were given; ask the proxy's operator for a new one.",
-        ));
+    let ip_s = ip.to_string();
+    let global_limit = state.config.cli.max_ips_per_user;
+
+    let look = state.users.with_user(token, |u| {
+        if u.is_disabled() {
+            return Look::Refused(disabled_error(u.disabled_reason.as_deref()));
+        }
+        if u.is_expired(now) {
+            return Look::Refused(expired_error());
+        }
+        let known_ip = u.ip.iter().any(|i| *i == ip_s);
+        let fresh = u
+            .last_used_at
+            .is_some_and(|t| now.saturating_sub(t) < LAST_USED_RESOLUTION_MS);
+        if known_ip && fresh {
+            Look::Pass(u.kind)
+        } else {
+            Look::NeedsWrite
+        }
+    });
+    let look = match look {
+        Some(l) => l,
+        None => {
+            state.lockout.record_failure(ip);
+            return Err(ProxyError::unauthorized(
+                "Unknown user token. Check the token you were given; ask the proxy's operator for a new one.",
+            ));
+        }
     };
-    let (kind, disabled, reason, expired) = user;
-    if disabled {
-        return Err(ProxyError::forbidden(format!(
-            "This user token has been disabled: {}",
-            reason.unwrap_or_else(|| "no reason given".into())
-        )));
+    match look {
+        Look::Refused(e) => return Err(e),
+        Look::Pass(kind) => {
+            return Ok(Principal::User {
+                token: token.to_string(),
+                kind,
+            })
+        }
+        Look::NeedsWrite => {}
     }
-    if expired {
-        return Err(ProxyError::forbidden(
-            "This user token has been disabled: Temporary token expired.",
-        ));
+
+    // The write path: everything is checked again under the entry's lock, since the user may
+    // have changed between the two looks.
+    let auto_ban = state.config.cli.max_ips_auto_ban;
+    let outcome = state.users.update_entry(token, |e| {
+        let u = &mut e.user;
+        if u.is_disabled() {
+            return (Err(disabled_error(u.disabled_reason.as_deref())), false);
+        }
+        if u.is_expired(now) {
+            return (Err(expired_error()), false);
+        }
+        let mut changed = false;
+        if !u.ip.iter().any(|i| *i == ip_s) {
+            let limit = ip_limit(u.kind, u.max_ips, global_limit);
+            if limit.is_some_and(|max| u.ip.len() >= max) {
+                if auto_ban {
+                    u.ip.push(ip_s.clone());
+                    u.disabled_at = Some(now);
+                    u.disabled_reason = Some(IP_LIMIT_BAN_REASON.to_string());
+                    tracing::warn!(
+                        user = %fingerprint(token),
+                        %ip,
+                        "user disabled: IP address limit exceeded (MAX_IPS_AUTO_BAN)"
+                    );
+                    return (Err(disabled_error(Some(IP_LIMIT_BAN_REASON))), true);
+                }
+                return (Err(ProxyError::forbidden(IP_LIMIT_MESSAGE)), false);
+            }
+            u.ip.push(ip_s.clone());
+            changed = true;
+        }
+        if u.last_used_at
+            .is_none_or(|t| now.saturating_sub(t) >= LAST_USED_RESOLUTION_MS)
+        {
+            u.last_used_at = Some(now);
+            changed = true;
+        }
+        (Ok(u.kind), changed)
+    });
+    match outcome {
+        Some(Ok(kind)) => Ok(Principal::User {
+            token: token.to_string(),
+            kind,
+        }),
+        Some(Err(e)) => Err(e),
+        // Removed between the two looks (a purge): as unknown as any other token.
+        None => {
+            state.lockout.record_failure(ip);
+            Err(ProxyError::unauthorized(
+                "Unknown user token. Check the token you were given; ask the proxy's operator for a new one.",
+            ))
+        }
     }
-    Ok(Principal::User {
-        token: token.to_string(),
-        kind,
-    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn special_users_and_zero_are_unlimited() {
+        assert_eq!(ip_limit(UserType::Special, Some(1), 1), None);
+        assert_eq!(ip_limit(UserType::Normal, None, 0), None);
+        assert_eq!(ip_limit(UserType::Normal, Some(0), 3), None);
+        assert_eq!(ip_limit(UserType::Normal, Some(2), 3), Some(2));
+        assert_eq!(ip_limit(UserType::Temporary, None, 3), Some(3));
+    }
 }

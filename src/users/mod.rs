@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod model;
+pub mod ops;
 pub mod persist;
 pub mod store;
 pub mod sweep;

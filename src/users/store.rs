@@ -116,6 +116,30 @@ impl UserStore {
         self.dirty.insert(token);
     }
 
+    /// Changes the user `token` in place, first creating it with `create` when absent, and
+    /// marks it dirty. The check and the change happen under the entry's lock, so two
+    /// concurrent upserts of a new token cannot overwrite each other.
+    pub fn upsert_with<R>(
+        &self,
+        token: &str,
+        create: impl FnOnce() -> User,
+        f: impl FnOnce(&mut User) -> R,
+    ) -> R {
+        self.deleted.remove(token);
+        let r = {
+            let mut e = self
+                .users
+                .entry(token.to_string())
+                .or_insert_with(|| Entry {
+                    user: create(),
+                    reserved: TokenCounts::new(),
+                });
+            f(&mut e.user)
+        };
+        self.dirty.insert(token.to_string());
+        r
+    }
+
     /// Deletes a user for good (the purge of expired temporary users).
     pub fn remove(&self, token: &str) -> Option<User> {
         let removed = self.users.remove(token).map(|(_, e)| e.user);

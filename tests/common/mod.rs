@@ -4,6 +4,7 @@
 //! Each area keeps its own helpers in a submodule here (`pub mod <area>;`).
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod upstream;
 
 use std::net::SocketAddr;

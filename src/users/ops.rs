@@ -1,0 +1,891 @@
+//! The domain operations on users that administrators perform — create, partial update
+//! (upsert), bulk upsert, disable, re-enable, clear addresses, reset usage, list sorted —
+//! shared by the `/admin/users` REST API and the admin web UI. Input arrives as JSON values and
+//! is validated here, field by field, with errors that name the field and the problem.
+//! Knows nothing of HTTP.
+//!
+//! Validation choices:
+//! - Types are strict (a string where a number belongs is an error), but values follow the
+//!   original's export: integers may be written as `5.0`, `maxIps` may be a numeric string.
+//! - Unknown fields are accepted and ignored (reported in [`UserPatch::ignored`] so callers can
+//!   log them): exports from forks of the original carry extra fields, and refusing them would
+//!   make migration fail on records that are otherwise fine. The deprecated `tokenCount` is
+//!   ignored silently.
+//! - `null` removes an optional field; `null` on a field every user has is an error.
+//! - Every check happens before anything is changed, so a rejected request changes nothing.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use super::model::TokenCounts;
+use super::{now_ms, User, UserStore, UserType};
+
+/// The largest integer accepted anywhere (JavaScript's `Number.MAX_SAFE_INTEGER`, what the
+/// original could represent exactly).
+pub const MAX_INT: u64 = 9_007_199_254_740_991;
+/// Longest accepted nickname, in characters (as the original).
+pub const MAX_NICKNAME_CHARS: usize = 80;
+/// Longest accepted token, in bytes.
+pub const MAX_TOKEN_LEN: usize = 256;
+/// Most records accepted in one bulk upsert.
+pub const MAX_BULK_USERS: usize = 100_000;
+
+/// Why an operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpsError {
+    /// The input is invalid; the message names the field and the problem.
+    #[error("{0}")]
+    Invalid(String),
+    /// No user has that token.
+    #[error("Not found")]
+    NotFound,
+}
+
+fn invalid(field: &str, problem: impl std::fmt::Display) -> OpsError {
+    OpsError::Invalid(format!("{field}: {problem}"))
+}
+
+/// Checks that a token can be used as a credential: 1–256 visible ASCII characters.
+pub fn validate_token(field: &str, token: &str) -> Result<(), OpsError> {
+    if token.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(invalid(
+            field,
+            format!("must be at most {MAX_TOKEN_LEN} characters"),
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            "must contain only visible ASCII characters (no spaces or control characters), since clients send it in a header",
+        ));
+    }
+    Ok(())
+}
+
+// ----- field parsers -----
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A non-negative integer ≤ [`MAX_INT`]; `5.0` is accepted as 5.
+fn as_count(field: &str, v: &Value) -> Result<u64, OpsError> {
+    let problem = || {
+        invalid(
+            field,
+            format!("must be a whole number between 0 and {MAX_INT}, got {v}"),
+        )
+    };
+    let Value::Number(n) = v else {
+        return Err(invalid(
+            field,
+            format!(
+                "must be a whole number between 0 and {MAX_INT}, got {}",
+                type_name(v)
+            ),
+        ));
+    };
+    let n = if let Some(u) = n.as_u64() {
+        u
+    } else if let Some(f) = n.as_f64() {
+        if f.fract() != 0.0 || !(0.0..=MAX_INT as f64).contains(&f) {
+            return Err(problem());
+        }
+        f as u64
+    } else {
+        return Err(problem());
+    };
+    if n > MAX_INT {
+        return Err(problem());
+    }
+    Ok(n)
+}
+
+/// An epoch-millisecond time.
+fn as_time(field: &str, v: &Value) -> Result<i64, OpsError> {
+    as_count(field, v)
+        .map_err(|_| {
+            invalid(
+                field,
+                format!(
+                    "must be a time in epoch milliseconds (a whole number ≥ 0), got {}",
+                    if v.is_number() {
+                        v.to_string()
+                    } else {
+                        type_name(v).to_string()
+                    }
+                ),
+            )
+        })
+        .map(|n| n as i64)
+}
+
+fn as_string(field: &str, v: &Value) -> Result<String, OpsError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        other => Err(invalid(
+            field,
+            format!("must be a string, got {}", type_name(other)),
+        )),
+    }
+}
+
+fn as_kind(field: &str, v: &Value) -> Result<UserType, OpsError> {
+    match v.as_str() {
+        Some("normal") => Ok(UserType::Normal),
+        Some("special") => Ok(UserType::Special),
+        Some("temporary") => Ok(UserType::Temporary),
+        _ => Err(invalid(
+            field,
+            format!(
+                "must be one of \"normal\", \"special\", \"temporary\", got {}",
+                if v.is_string() {
+                    v.to_string()
+                } else {
+                    type_name(v).to_string()
+                }
+            ),
+        )),
+    }
+}
+
+fn as_counts(field: &str, v: &Value) -> Result<TokenCounts, OpsError> {
+    let Value::Object(map) = v else {
+        return Err(invalid(
+            field,
+            format!(
+                "must be an object of model family to token count, e.g. {{\"turbo\": 0}}, got {}",
+                type_name(v)
+            ),
+        ));
+    };
+    let mut out = TokenCounts::new();
+    for (family, n) in map {
+        out.insert(family.clone(), as_count(&format!("{field}.{family}"), n)?);
+    }
+    Ok(out)
+}
+
+fn as_ips(field: &str, v: &Value) -> Result<Vec<String>, OpsError> {
+    let Value::Array(items) = v else {
+        return Err(invalid(
+            field,
+            format!("must be an array of address strings, got {}", type_name(v)),
+        ));
+    };
+    let mut out: Vec<String> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let s = as_string(&format!("{field}[{i}]"), item)?;
+        // Duplicates would count twice toward the address limit.
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+/// `maxIps`: a whole number ≥ 0; the original coerced numeric strings, so "5" is accepted too.
+fn as_max_ips(field: &str, v: &Value) -> Result<u32, OpsError> {
+    let n = match v {
+        Value::String(s) => s
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+            .ok_or_else(|| {
+                invalid(
+                    field,
+                    format!("must be a whole number ≥ 0, got the string {v}"),
+                )
+            })?,
+        other => as_count(field, other)?,
+    };
+    u32::try_from(n).map_err(|_| invalid(field, format!("must be at most {}", u32::MAX)))
+}
+
+fn as_object(field: &str, v: &Value) -> Result<Map<String, Value>, OpsError> {
+    match v {
+        Value::Object(m) => Ok(m.clone()),
+        other => Err(invalid(
+            field,
+            format!("must be an object, got {}", type_name(other)),
+        )),
+    }
+}
+
+// ----- partial updates -----
+
+/// A validated partial update. For an optional field, `Some(None)` removes it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UserPatch {
+    pub ip: Option<Vec<String>>,
+    pub nickname: Option<Option<String>>,
+    pub kind: Option<UserType>,
+    pub prompt_count: Option<u64>,
+    pub token_counts: Option<TokenCounts>,
+    pub token_limits: Option<TokenCounts>,
+    pub created_at: Option<i64>,
+    pub last_used_at: Option<Option<i64>>,
+    pub disabled_at: Option<Option<i64>>,
+    pub disabled_reason: Option<Option<String>>,
+    pub expires_at: Option<Option<i64>>,
+    pub max_ips: Option<Option<u32>>,
+    pub admin_note: Option<Option<String>>,
+    pub meta: Option<Option<Map<String, Value>>>,
+    /// Unknown fields that were ignored.
+    pub ignored: Vec<String>,
+}
+
+/// Fields every user has: they can be changed but not removed.
+const REQUIRED: &[&str] = &[
+    "ip",
+    "type",
+    "promptCount",
+    "tokenCounts",
+    "tokenLimits",
+    "createdAt",
+];
+
+impl UserPatch {
+    /// Validates a JSON object of user fields. `prefix` is put before field names in errors
+    /// (e.g. `users[3].`). The `token` field is not read here: the caller decides where the
+    /// token comes from.
+    pub fn parse(v: &Value, prefix: &str) -> Result<UserPatch, OpsError> {
+        let Value::Object(map) = v else {
+            let what = if prefix.is_empty() {
+                "the request body".to_string()
+            } else {
+                prefix.trim_end_matches('.').to_string()
+            };
+            return Err(OpsError::Invalid(format!(
+                "{what}: must be a JSON object of user fields, got {}",
+                type_name(v)
+            )));
+        };
+        let mut p = UserPatch::default();
+        for (key, val) in map {
+            let f = format!("{prefix}{key}");
+            let f = f.as_str();
+            if val.is_null() && REQUIRED.contains(&key.as_str()) {
+                return Err(invalid(
+                    f,
+                    "cannot be removed (null); every user has it. Leave it out to keep it unchanged",
+                ));
+            }
+            match key.as_str() {
+                "token" | "tokenCount" => {}
+                "ip" => p.ip = Some(as_ips(f, val)?),
+                "type" => p.kind = Some(as_kind(f, val)?),
+                "promptCount" => p.prompt_count = Some(as_count(f, val)?),
+                "tokenCounts" => p.token_counts = Some(as_counts(f, val)?),
+                "tokenLimits" => p.token_limits = Some(as_counts(f, val)?),
+                "createdAt" => p.created_at = Some(as_time(f, val)?),
+                "nickname" => {
+                    p.nickname = Some(nullable(val, |v| {
+                        let s = as_string(f, v)?;
+                        if s.chars().count() > MAX_NICKNAME_CHARS {
+                            return Err(invalid(
+                                f,
+                                format!("must be at most {MAX_NICKNAME_CHARS} characters"),
+                            ));
+                        }
+                        Ok(s)
+                    })?)
+                }
+                "lastUsedAt" => p.last_used_at = Some(nullable(val, |v| as_time(f, v))?),
+                "disabledAt" => p.disabled_at = Some(nullable(val, |v| as_time(f, v))?),
+                "expiresAt" => p.expires_at = Some(nullable(val, |v| as_time(f, v))?),
+                "disabledReason" => p.disabled_reason = Some(nullable(val, |v| as_string(f, v))?),
+                "adminNote" => p.admin_note = Some(nullable(val, |v| as_string(f, v))?),
+                "maxIps" => p.max_ips = Some(nullable(val, |v| as_max_ips(f, v))?),
+                "meta" => p.meta = Some(nullable(val, |v| as_object(f, v))?),
+                _ => p.ignored.push(f.to_string()),
+            }
+        }
+        Ok(p)
+    }
+
+    /// Applies the update to `u`. Cannot fail: everything was checked by [`UserPatch::parse`].
+    pub fn apply(&self, u: &mut User) {
+        if let Some(v) = &self.ip {
+            u.ip = v.clone();
+        }
+        if let Some(v) = &self.nickname {
+            u.nickname = v.clone();
+        }
+        if let Some(v) = self.kind {
+            u.kind = v;
+        }
+        if let Some(v) = self.prompt_count {
+            u.prompt_count = v;
+        }
+        if let Some(v) = &self.token_counts {
+            u.token_counts = v.clone();
+        }
+        if let Some(v) = &self.token_limits {
+            u.token_limits = v.clone();
+        }
+        if let Some(v) = self.created_at {
+            u.created_at = v;
+        }
+        if let Some(v) = self.last_used_at {
+            u.last_used_at = v;
+        }
+        if let Some(v) = self.disabled_at {
+            u.disabled_at = v;
+        }
+        if let Some(v) = &self.disabled_reason {
+            u.disabled_reason = v.clone();
+        }
+        if let Some(v) = self.expires_at {
+            u.expires_at = v;
+        }
+        if let Some(v) = self.max_ips {
+            u.max_ips = v;
+        }
+        if let Some(v) = &self.admin_note {
+            u.admin_note = v.clone();
+        }
+        if let Some(v) = &self.meta {
+            u.meta = v.clone();
+        }
+    }
+}
+
+fn nullable<T>(
+    v: &Value,
+    parse: impl FnOnce(&Value) -> Result<T, OpsError>,
+) -> Result<Option<T>, OpsError> {
+    if v.is_null() {
+        Ok(None)
+    } else {
+        parse(v).map(Some)
+    }
+}
+
+/// The operations, over one store and the configured default quotas.
+pub struct UserOps<'a> {
+    pub users: &'a UserStore,
+    /// `TOKEN_QUOTA_*`: the `tokenLimits` of every new user.
+    pub default_limits: &'a BTreeMap<String, u64>,
+}
+
+/// What `POST /admin/users` may ask for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateRequest {
+    pub kind: UserType,
+    pub expires_at: Option<i64>,
+    pub token_limits: Option<TokenCounts>,
+}
+
+impl CreateRequest {
+    /// Validates `{}`, `{"type":"normal"|"special"}` or
+    /// `{"type":"temporary","expiresAt":…,"tokenLimits":{…}}` (both required for temporary).
+    /// Other fields are ignored, as the original did.
+    pub fn parse(v: &Value) -> Result<CreateRequest, OpsError> {
+        let Value::Object(map) = v else {
+            return Err(OpsError::Invalid(format!(
+                "the request body: must be a JSON object such as {{\"type\":\"normal\"}}, got {}",
+                type_name(v)
+            )));
+        };
+        let kind = match map.get("type") {
+            None => UserType::Normal,
+            Some(t) => as_kind("type", t)?,
+        };
+        if kind != UserType::Temporary {
+            return Ok(CreateRequest {
+                kind,
+                expires_at: None,
+                token_limits: None,
+            });
+        }
+        let expires_at = match map.get("expiresAt") {
+            None | Some(Value::Null) => {
+                return Err(invalid(
+                    "expiresAt",
+                    "is required for a temporary user (epoch milliseconds)",
+                ))
+            }
+            Some(v) => as_time("expiresAt", v)?,
+        };
+        let token_limits = match map.get("tokenLimits") {
+            None | Some(Value::Null) => {
+                return Err(invalid(
+                    "tokenLimits",
+                    "is required for a temporary user, e.g. {\"turbo\": 100000}",
+                ))
+            }
+            Some(v) => as_counts("tokenLimits", v)?,
+        };
+        Ok(CreateRequest {
+            kind,
+            expires_at: Some(expires_at),
+            token_limits: Some(token_limits),
+        })
+    }
+}
+
+/// A user field the list can be sorted by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SortField {
+    Token,
+    Ip,
+    Nickname,
+    Type,
+    PromptCount,
+    CreatedAt,
+    LastUsedAt,
+    DisabledAt,
+    DisabledReason,
+    ExpiresAt,
+    MaxIps,
+    AdminNote,
+}
+
+/// The sortable field names, as accepted by `?sort=`.
+pub const SORT_FIELDS: &[(&str, SortField)] = &[
+    ("token", SortField::Token),
+    ("ip", SortField::Ip),
+    ("nickname", SortField::Nickname),
+    ("type", SortField::Type),
+    ("promptCount", SortField::PromptCount),
+    ("createdAt", SortField::CreatedAt),
+    ("lastUsedAt", SortField::LastUsedAt),
+    ("disabledAt", SortField::DisabledAt),
+    ("disabledReason", SortField::DisabledReason),
+    ("expiresAt", SortField::ExpiresAt),
+    ("maxIps", SortField::MaxIps),
+    ("adminNote", SortField::AdminNote),
+];
+
+/// The default order: most prompts first, then most recently used.
+pub const DEFAULT_SORT: &[SortField] = &[SortField::PromptCount, SortField::LastUsedAt];
+
+/// Parses `promptCount,lastUsedAt` into sort fields; an empty string means the default order.
+pub fn parse_sort(s: &str) -> Result<Vec<SortField>, OpsError> {
+    let mut out = Vec::new();
+    if s.is_empty() {
+        out.extend_from_slice(DEFAULT_SORT);
+        return Ok(out);
+    }
+    for name in s.split(',') {
+        let Some((_, f)) = SORT_FIELDS.iter().find(|(n, _)| *n == name) else {
+            let names: Vec<&str> = SORT_FIELDS.iter().map(|(n, _)| *n).collect();
+            return Err(invalid(
+                "sort",
+                format!(
+                    "unknown field {name:?}; use a comma-separated list of {}",
+                    names.join(", ")
+                ),
+            ));
+        };
+        out.push(*f);
+    }
+    Ok(out)
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum Key<'a> {
+    Num(i128),
+    Str(&'a str),
+}
+
+fn key(u: &User, f: SortField) -> Option<Key<'_>> {
+    match f {
+        SortField::Token => Some(Key::Str(&u.token)),
+        SortField::Ip => Some(Key::Num(u.ip.len() as i128)),
+        SortField::Nickname => u.nickname.as_deref().map(Key::Str),
+        SortField::Type => Some(Key::Str(u.kind.as_str())),
+        SortField::PromptCount => Some(Key::Num(i128::from(u.prompt_count))),
+        SortField::CreatedAt => Some(Key::Num(i128::from(u.created_at))),
+        SortField::LastUsedAt => u.last_used_at.map(|v| Key::Num(i128::from(v))),
+        SortField::DisabledAt => u.disabled_at.map(|v| Key::Num(i128::from(v))),
+        SortField::DisabledReason => u.disabled_reason.as_deref().map(Key::Str),
+        SortField::ExpiresAt => u.expires_at.map(|v| Key::Num(i128::from(v))),
+        SortField::MaxIps => u.max_ips.map(|v| Key::Num(i128::from(v))),
+        SortField::AdminNote => u.admin_note.as_deref().map(Key::Str),
+    }
+}
+
+/// Sorts descending by each field in turn, missing values last (as the original), then by
+/// token so the order is stable between calls.
+pub fn sort_users(users: &mut [User], fields: &[SortField]) {
+    users.sort_by(|a, b| {
+        for f in fields {
+            let ord = match (key(a, *f), key(b, *f)) {
+                (None, None) => std::cmp::Ordering::Equal,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (Some(x), Some(y)) => y.cmp(&x),
+            };
+            if ord.is_ne() {
+                return ord;
+            }
+        }
+        a.token.cmp(&b.token)
+    });
+}
+
+/// One record of a bulk upsert, validated.
+#[derive(Debug, Clone)]
+pub struct BulkRecord {
+    pub token: String,
+    pub patch: UserPatch,
+}
+
+/// Validates `{"users":[…]}`: every record must be valid and carry a token. Errors of up to
+/// five records are reported together.
+pub fn parse_bulk(body: &Value) -> Result<Vec<BulkRecord>, OpsError> {
+    let users = match body {
+        Value::Object(m) => match m.get("users") {
+            Some(Value::Array(a)) => a,
+            Some(other) => {
+                return Err(invalid(
+                    "users",
+                    format!("must be an array of users, got {}", type_name(other)),
+                ))
+            }
+            None => {
+                return Err(invalid(
+                    "users",
+                    "is required: send {\"users\": [ {\"token\": \"…\", …}, … ]}",
+                ))
+            }
+        },
+        other => {
+            return Err(OpsError::Invalid(format!(
+                "the request body: must be a JSON object {{\"users\": […]}}, got {}",
+                type_name(other)
+            )))
+        }
+    };
+    if users.len() > MAX_BULK_USERS {
+        return Err(invalid(
+            "users",
+            format!(
+                "at most {MAX_BULK_USERS} users per request; split the import into several requests"
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(users.len());
+    let mut errors = Vec::new();
+    for (i, rec) in users.iter().enumerate() {
+        let prefix = format!("users[{i}].");
+        let parsed = (|| {
+            let field = format!("{prefix}token");
+            let token = match rec.get("token") {
+                Some(Value::String(t)) => {
+                    validate_token(&field, t)?;
+                    t.clone()
+                }
+                Some(other) => {
+                    return Err(invalid(
+                        &field,
+                        format!("must be a string, got {}", type_name(other)),
+                    ))
+                }
+                None if rec.is_object() => {
+                    return Err(invalid(&field, "is required in a bulk upsert"))
+                }
+                // Not an object at all: `UserPatch::parse` says so.
+                None => String::new(),
+            };
+            let patch = UserPatch::parse(rec, &prefix)?;
+            Ok(BulkRecord { token, patch })
+        })();
+        match parsed {
+            Ok(r) => out.push(r),
+            Err(OpsError::Invalid(m)) => errors.push(m),
+            Err(e) => errors.push(e.to_string()),
+        }
+        if errors.len() >= 5 {
+            break;
+        }
+    }
+    if !errors.is_empty() {
+        return Err(OpsError::Invalid(format!(
+            "nothing was changed: {}",
+            errors.join("; ")
+        )));
+    }
+    Ok(out)
+}
+
+impl UserOps<'_> {
+    fn fresh(&self, token: &str, kind: UserType, now: i64) -> User {
+        User::new(token.to_string(), kind, self.default_limits.clone(), now)
+    }
+
+    /// Creates a user with a new UUIDv4 token; its limits are the configured default quotas
+    /// unless the request (a temporary user) gives its own.
+    pub fn create(&self, req: &CreateRequest) -> User {
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut user = self.fresh(&token, req.kind, now_ms());
+        if let Some(limits) = &req.token_limits {
+            user.token_limits = limits.clone();
+        }
+        user.expires_at = req.expires_at;
+        self.users.upsert(user.clone());
+        user
+    }
+
+    /// Applies a validated partial update to the user `token`, creating it (with default
+    /// limits) when absent. Returns the user as stored.
+    pub fn upsert(&self, token: &str, patch: &UserPatch) -> Result<User, OpsError> {
+        validate_token("token", token)?;
+        let now = now_ms();
+        Ok(self.users.upsert_with(
+            token,
+            || self.fresh(token, UserType::Normal, now),
+            |u| {
+                patch.apply(u);
+                u.clone()
+            },
+        ))
+    }
+
+    /// Applies every record of a validated bulk upsert, in order.
+    pub fn upsert_bulk(&self, records: &[BulkRecord]) -> Result<Vec<User>, OpsError> {
+        // Tokens were validated by `parse_bulk`; re-checking here keeps this function safe to
+        // call with hand-built records, before anything is changed.
+        for (i, r) in records.iter().enumerate() {
+            validate_token(&format!("users[{i}].token"), &r.token)?;
+        }
+        records
+            .iter()
+            .map(|r| self.upsert(&r.token, &r.patch))
+            .collect()
+    }
+
+    /// Disables a user (it stays in the store). An already disabled user keeps its original
+    /// `disabledAt`; a given reason replaces the old one.
+    pub fn disable(&self, token: &str, reason: Option<&str>) -> Result<User, OpsError> {
+        let now = now_ms();
+        self.users
+            .update(token, |u| {
+                if u.disabled_at.is_none() {
+                    u.disabled_at = Some(now);
+                    u.disabled_reason = reason.map(str::to_string);
+                } else if let Some(r) = reason {
+                    u.disabled_reason = Some(r.to_string());
+                }
+                u.clone()
+            })
+            .ok_or(OpsError::NotFound)
+    }
+
+    /// Re-enables a disabled user. (A temporary user past `expiresAt` stays refused until its
+    /// `expiresAt` is moved.)
+    pub fn enable(&self, token: &str) -> Result<User, OpsError> {
+        self.users
+            .update(token, |u| {
+                u.disabled_at = None;
+                u.disabled_reason = None;
+                u.clone()
+            })
+            .ok_or(OpsError::NotFound)
+    }
+
+    /// Forgets the addresses a user was seen from (so they can connect from new ones).
+    pub fn clear_ips(&self, token: &str) -> Result<User, OpsError> {
+        self.users
+            .update(token, |u| {
+                u.ip.clear();
+                u.clone()
+            })
+            .ok_or(OpsError::NotFound)
+    }
+
+    /// Sets every token count of a user back to 0 (the families are kept).
+    pub fn reset_usage(&self, token: &str) -> Result<User, OpsError> {
+        self.users
+            .update(token, |u| {
+                u.token_counts.values_mut().for_each(|n| *n = 0);
+                u.clone()
+            })
+            .ok_or(OpsError::NotFound)
+    }
+
+    /// Every user, sorted.
+    pub fn list(&self, sort: &[SortField]) -> Vec<User> {
+        let mut users = self.users.list();
+        sort_users(&mut users, sort);
+        users
+    }
+
+    /// One user.
+    pub fn get(&self, token: &str) -> Result<User, OpsError> {
+        self.users.get(token).ok_or(OpsError::NotFound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ops_fixture() -> (std::sync::Arc<UserStore>, BTreeMap<String, u64>) {
+        let mut limits = BTreeMap::new();
+        limits.insert("turbo".to_string(), 1000);
+        (UserStore::new(), limits)
+    }
+
+    #[test]
+    fn patch_null_removes_and_types_are_checked() {
+        let p =
+            UserPatch::parse(&json!({"nickname": null, "maxIps": "3", "x": 1}), "").expect("valid");
+        assert_eq!(p.nickname, Some(None));
+        assert_eq!(p.max_ips, Some(Some(3)));
+        assert_eq!(p.ignored, vec!["x".to_string()]);
+
+        let e = UserPatch::parse(&json!({"promptCount": "5"}), "").expect_err("string count");
+        assert!(e.to_string().starts_with("promptCount:"), "{e}");
+        let e = UserPatch::parse(&json!({"promptCount": -1}), "").expect_err("negative");
+        assert!(e.to_string().contains("promptCount"), "{e}");
+        let e = UserPatch::parse(&json!({"nickname": "x".repeat(81)}), "").expect_err("long");
+        assert!(e.to_string().contains("nickname") && e.to_string().contains("80"));
+        let e = UserPatch::parse(&json!({"type": "admin"}), "").expect_err("bad type");
+        assert!(e.to_string().contains("type"));
+        let e = UserPatch::parse(&json!({"ip": null}), "").expect_err("null required");
+        assert!(e.to_string().contains("ip"));
+        let e = UserPatch::parse(&json!({"tokenCounts": {"turbo": 1.5}}), "u.").expect_err("frac");
+        assert!(e.to_string().starts_with("u.tokenCounts.turbo:"), "{e}");
+        assert!(UserPatch::parse(&json!({"promptCount": 5.0}), "").is_ok());
+        assert!(UserPatch::parse(&json!([]), "").is_err());
+    }
+
+    #[test]
+    fn original_export_parses_unchanged() {
+        let rec = json!({"token":"abc","ip":["1.2.3.4"],"type":"special","promptCount":3,
+            "tokenCount":12,"tokenCounts":{"turbo":5,"gpt4":0,"claude":7},
+            "tokenLimits":{"turbo":0,"gpt4":0,"claude":0},"createdAt":1690000000000u64,
+            "lastUsedAt":1690000001000u64,"nickname":"bob","meta":{}});
+        let p = UserPatch::parse(&rec, "").expect("valid");
+        assert!(p.ignored.is_empty());
+        let (store, limits) = ops_fixture();
+        let ops = UserOps {
+            users: &store,
+            default_limits: &limits,
+        };
+        let u = ops.upsert("abc", &p).expect("upserts");
+        assert_eq!(u.kind, UserType::Special);
+        assert_eq!(u.token_limits.get("turbo"), Some(&0), "export's limits win");
+        assert_eq!(u.created_at, 1_690_000_000_000);
+    }
+
+    #[test]
+    fn upsert_creates_with_default_limits_and_keeps_other_fields() {
+        let (store, limits) = ops_fixture();
+        let ops = UserOps {
+            users: &store,
+            default_limits: &limits,
+        };
+        let p = UserPatch::parse(&json!({"nickname": "a"}), "").expect("valid");
+        let u = ops.upsert("t", &p).expect("creates");
+        assert_eq!(u.token_limits.get("turbo"), Some(&1000));
+        let p = UserPatch::parse(&json!({"promptCount": 4}), "").expect("valid");
+        let u = ops.upsert("t", &p).expect("updates");
+        assert_eq!(u.nickname.as_deref(), Some("a"));
+        assert_eq!(u.prompt_count, 4);
+        assert!(ops.upsert("bad token", &p).is_err());
+    }
+
+    #[test]
+    fn bulk_with_one_bad_record_is_refused_whole() {
+        let body = json!({"users": [{"token": "a"}, {"token": "b", "promptCount": "x"}, {"nickname": "n"}]});
+        let e = parse_bulk(&body).expect_err("invalid");
+        let m = e.to_string();
+        assert!(m.contains("users[1].promptCount"), "{m}");
+        assert!(m.contains("users[2].token"), "{m}");
+        assert!(parse_bulk(&json!({"users": {}})).is_err());
+        assert!(parse_bulk(&json!({})).is_err());
+        assert!(parse_bulk(&json!({"users": [1]})).is_err());
+    }
+
+    #[test]
+    fn create_temporary_needs_expiry_and_limits() {
+        assert!(CreateRequest::parse(&json!({})).is_ok());
+        assert!(CreateRequest::parse(&json!({"type": "special"})).is_ok());
+        let e = CreateRequest::parse(&json!({"type": "temporary", "tokenLimits": {}}))
+            .expect_err("no expiry");
+        assert!(e.to_string().starts_with("expiresAt"));
+        let e = CreateRequest::parse(&json!({"type": "temporary", "expiresAt": 5}))
+            .expect_err("no limits");
+        assert!(e.to_string().starts_with("tokenLimits"));
+        let r = CreateRequest::parse(
+            &json!({"type": "temporary", "expiresAt": 5, "tokenLimits": {"turbo": 3}}),
+        )
+        .expect("valid");
+        let (store, limits) = ops_fixture();
+        let ops = UserOps {
+            users: &store,
+            default_limits: &limits,
+        };
+        let u = ops.create(&r);
+        assert_eq!(u.token_limits.get("turbo"), Some(&3));
+        assert_eq!(u.expires_at, Some(5));
+        assert!(uuid::Uuid::parse_str(&u.token).is_ok());
+    }
+
+    #[test]
+    fn sorts_descending_with_missing_last() {
+        let mk = |t: &str, pc: u64, last: Option<i64>| {
+            let mut u = User::new(t.into(), UserType::Normal, TokenCounts::new(), 0);
+            u.prompt_count = pc;
+            u.last_used_at = last;
+            u
+        };
+        let mut v = vec![
+            mk("a", 1, None),
+            mk("b", 5, Some(1)),
+            mk("c", 1, Some(9)),
+            mk("d", 5, Some(3)),
+        ];
+        sort_users(&mut v, DEFAULT_SORT);
+        let order: Vec<&str> = v.iter().map(|u| u.token.as_str()).collect();
+        assert_eq!(order, vec!["d", "b", "c", "a"]);
+        assert!(parse_sort("bogus").is_err());
+        assert_eq!(parse_sort("").expect("default"), DEFAULT_SORT.to_vec());
+    }
+
+    #[test]
+    fn disable_enable_clear_reset() {
+        let (store, limits) = ops_fixture();
+        let ops = UserOps {
+            users: &store,
+            default_limits: &limits,
+        };
+        assert_eq!(ops.disable("nope", None), Err(OpsError::NotFound));
+        let p = UserPatch::parse(&json!({"ip": ["1.1.1.1"], "tokenCounts": {"turbo": 9}}), "")
+            .expect("valid");
+        ops.upsert("t", &p).expect("creates");
+        let u = ops.disable("t", Some("spam")).expect("disables");
+        let at = u.disabled_at;
+        assert!(at.is_some());
+        let u = ops.disable("t", Some("abuse")).expect("again");
+        assert_eq!(u.disabled_at, at);
+        assert_eq!(u.disabled_reason.as_deref(), Some("abuse"));
+        let u = ops.enable("t").expect("enables");
+        assert!(u.disabled_at.is_none() && u.disabled_reason.is_none());
+        assert!(ops.clear_ips("t").expect("clears").ip.is_empty());
+        assert_eq!(
+            ops.reset_usage("t")
+                .expect("resets")
+                .token_counts
+                .get("turbo"),
+            Some(&0)
+        );
+    }
+}
