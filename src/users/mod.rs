@@ -2,9 +2,11 @@
 //! backends behind the [`backend::UserBackend`] trait. Knows nothing of HTTP.
 
 pub mod backend;
+pub mod firebase;
 pub mod model;
 pub mod ops;
 pub mod persist;
+pub mod sqlite;
 pub mod store;
 pub mod sweep;
 
