@@ -3,25 +3,58 @@
 //!
 //! The forwarder calls [`Quotas::admit`] for every generation request before forwarding it, and
 //! feeds the response through the returned [`Ticket`]; dropping a ticket without
-//! [`Ticket::finish`] (client disconnected) still charges an estimate.
+//! [`Ticket::finish`] (client disconnected) still charges what was seen, estimated where the
+//! upstream did not report it. Knows nothing of HTTP beyond status codes and header maps.
 //!
-//! (Skeleton: to be completed by the quotas work.)
+//! Admission is check-and-reserve in one step under the user's store entry lock
+//! ([`UserStore::update_entry`]): a request is admitted only if
+//! `tokenCounts[f] + reserved[f] + requested < tokenLimits[f]`, and its `requested` tokens are
+//! reserved in the same step, so concurrent requests can never all pass one check. When the
+//! response ends, the reservation is released and the real usage added to `tokenCounts[f]`.
 
+pub mod estimate;
+pub mod families;
+pub mod ratelimit;
+pub mod refresh;
+pub mod usage;
+
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
+use chrono::{DateTime, Local};
 
 use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
 use crate::gatekeeper::Principal;
 use crate::upstream::api::Api;
-use crate::users::UserStore;
+use crate::users::model::TokenCounts;
+use crate::users::{UserStore, UserType};
+
+use self::estimate::request_facts;
+use self::families::family_for;
+use self::ratelimit::{PromptLimiter, RateKey};
+use self::refresh::Schedule;
+use self::usage::{Meter, Usage};
+
+/// The time source for quota refresh; tests drive it.
+pub type Clock = Arc<dyn Fn() -> DateTime<Local> + Send + Sync>;
+
+/// How often the background task wakes at most (to forget idle rate-limit keys and to notice
+/// a changed wall clock).
+const HOUSEKEEPING: Duration = Duration::from_secs(60);
 
 pub struct Quotas {
-    #[allow(dead_code)]
     users: Arc<UserStore>,
+    /// `TOKEN_QUOTA_*` by family; only non-zero quotas are refreshed.
+    quotas: BTreeMap<String, u64>,
+    schedule: Option<Schedule>,
+    next_refresh: Mutex<Option<DateTime<Local>>>,
+    limiter: Option<PromptLimiter>,
+    clock: Clock,
 }
 
 /// What the forwarder knows about a generation request when it asks for admission.
@@ -42,44 +75,360 @@ pub struct Admitted {
 }
 
 /// Observes one response and settles the request's reservation when it ends.
-pub struct Ticket {}
+pub struct Ticket {
+    meter: Meter,
+    /// `None` for requests with no user to charge, and once settled.
+    settlement: Option<Settlement>,
+}
+
+/// What settling a user's request needs.
+struct Settlement {
+    users: Arc<UserStore>,
+    token: String,
+    family: String,
+    reserved: u64,
+    prompt_estimate: u64,
+}
 
 impl Ticket {
+    /// A ticket that observes nothing and charges nobody.
+    fn passthrough(api: Api) -> Ticket {
+        Ticket {
+            meter: Meter::new(api, false),
+            settlement: None,
+        }
+    }
+
     /// Called once with the upstream's status and whether the body is an SSE stream.
-    pub fn on_response_start(&mut self, _status: StatusCode, _is_sse: bool) {}
+    pub fn on_response_start(&mut self, status: StatusCode, is_sse: bool) {
+        self.meter.on_response_start(status.is_success(), is_sse);
+    }
 
     /// Called with every body chunk as it arrives; returns what the client should get
     /// (usually the chunk itself; a usage-only chunk the client did not ask for is removed).
     pub fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
-        chunk
+        if self.settlement.is_none() {
+            return chunk;
+        }
+        self.meter.on_chunk(chunk)
     }
 
     /// Called when the upstream body ended normally.
-    pub fn finish(self) {}
+    pub fn finish(mut self) {
+        self.settle();
+    }
+
+    /// The usage this ticket would charge now (for tests and logs).
+    pub fn usage_so_far(&self) -> Option<Usage> {
+        let s = self.settlement.as_ref()?;
+        self.meter.usage(s.prompt_estimate)
+    }
+
+    /// Releases the reservation and charges the real (or, failing that, estimated) usage.
+    fn settle(&mut self) {
+        let Some(s) = self.settlement.take() else {
+            return;
+        };
+        self.meter.end();
+        let usage = self.meter.usage(s.prompt_estimate);
+        let charge = usage.map(Usage::total).unwrap_or(0);
+        let found = s.users.update_entry(&s.token, |e| {
+            if let Some(r) = e.reserved.get_mut(&s.family) {
+                *r = r.saturating_sub(s.reserved);
+                if *r == 0 {
+                    e.reserved.remove(&s.family);
+                }
+            }
+            if charge == 0 {
+                return ((), false);
+            }
+            let count = e.user.token_counts.entry(s.family.clone()).or_insert(0);
+            *count = count.saturating_add(charge);
+            ((), true)
+        });
+        if found.is_none() {
+            tracing::debug!(family = %s.family, "user deleted while its request ran; usage dropped");
+        }
+        tracing::debug!(
+            family = %s.family,
+            prompt = usage.map(|u| u.prompt),
+            completion = usage.map(|u| u.completion),
+            exact = self.meter.exact(),
+            "request settled"
+        );
+    }
+}
+
+impl Drop for Ticket {
+    /// A ticket dropped before `finish` is a response cut short (usually the client went
+    /// away): what was seen is still charged, estimated where the upstream did not report it.
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
+/// Why a request was refused for quota (numbers read under the entry lock).
+struct Refusal {
+    limit: u64,
+    used: u64,
+    reserved: u64,
 }
 
 impl Quotas {
-    pub fn from_config(_config: &Config, users: Arc<UserStore>) -> Result<Quotas, ConfigError> {
-        Ok(Quotas { users })
+    pub fn from_config(config: &Config, users: Arc<UserStore>) -> Result<Quotas, ConfigError> {
+        Quotas::with_clock(config, users, Arc::new(Local::now))
+    }
+
+    /// As [`Quotas::from_config`], with a time source tests can drive.
+    pub fn with_clock(
+        config: &Config,
+        users: Arc<UserStore>,
+        clock: Clock,
+    ) -> Result<Quotas, ConfigError> {
+        let schedule = Schedule::parse(&config.cli.quota_refresh_period)?;
+        let next = schedule.as_ref().and_then(|s| s.next_after(clock()));
+        Ok(Quotas {
+            users,
+            quotas: config.token_quotas.clone(),
+            schedule,
+            next_refresh: Mutex::new(next),
+            limiter: PromptLimiter::new(config.cli.text_model_rate_limit),
+            clock,
+        })
+    }
+
+    /// The `tokenLimits` a newly created user gets (`TOKEN_QUOTA_*`, as in the original).
+    pub fn initial_limits(&self) -> TokenCounts {
+        self.quotas.clone()
+    }
+
+    /// When quotas refresh next (`None`: never, `QUOTA_REFRESH_PERIOD` is empty).
+    pub fn next_refresh(&self) -> Option<DateTime<Local>> {
+        *self
+            .next_refresh
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Admits (or refuses) a generation request; may rewrite `body`.
     pub fn admit(
         &self,
-        _req: &AdmitRequest<'_>,
-        _body: &mut serde_json::Value,
+        req: &AdmitRequest<'_>,
+        body: &mut serde_json::Value,
     ) -> Result<Admitted, ProxyError> {
+        if !req.api.is_generation() {
+            return Ok(Admitted {
+                body_changed: false,
+                headers: HeaderMap::new(),
+                ticket: Ticket::passthrough(req.api),
+            });
+        }
+        let (token, kind) = match req.principal {
+            Principal::User { token, kind } => (Some(token.as_str()), Some(*kind)),
+            _ => (None, None),
+        };
+
+        // The prompt rate limit: special users and the admin are exempt, as in the original.
+        let mut headers = HeaderMap::new();
+        let exempt = matches!(req.principal, Principal::Admin) || kind == Some(UserType::Special);
+        if let (Some(limiter), false) = (&self.limiter, exempt) {
+            let key = match token {
+                Some(t) => RateKey::User(t.to_string()),
+                None => RateKey::Ip(req.ip),
+            };
+            let decision = limiter.check(&key);
+            if let Some(wait) = decision.retry_after {
+                return Err(ProxyError::too_many(
+                    "rate_limit_error",
+                    format!(
+                        "You are sending prompts too fast: the limit is {} per minute \
+                         (TEXT_MODEL_RATE_LIMIT). Retry in {wait} seconds.",
+                        limiter.limit()
+                    ),
+                    wait,
+                ));
+            }
+            headers = decision.headers;
+        }
+
+        // Without a user there is nobody to count tokens for.
+        let Some(token) = token else {
+            return Ok(Admitted {
+                body_changed: false,
+                headers,
+                ticket: Ticket::passthrough(req.api),
+            });
+        };
+
+        let facts = request_facts(req.api, body);
+        let family = family_for(req.api.provider(), &facts.model);
+        let requested = facts.requested();
+        let special = kind == Some(UserType::Special);
+        let outcome = self.users.update_entry(token, |e| {
+            let limit = e.user.token_limits.get(&family).copied().unwrap_or(0);
+            let used = e.user.token_counts.get(&family).copied().unwrap_or(0);
+            let reserved = e.reserved.get(&family).copied().unwrap_or(0);
+            let wanted = used.saturating_add(reserved).saturating_add(requested);
+            if !special && limit > 0 && wanted >= limit {
+                return (
+                    Err(Refusal {
+                        limit,
+                        used,
+                        reserved,
+                    }),
+                    false,
+                );
+            }
+            let r = e.reserved.entry(family.clone()).or_insert(0);
+            *r = r.saturating_add(requested);
+            e.user.prompt_count = e.user.prompt_count.saturating_add(1);
+            (Ok(()), true)
+        });
+        match outcome {
+            None => {
+                return Err(ProxyError::unauthorized(
+                    "Your user token no longer exists; ask the proxy operator for a new one.",
+                ))
+            }
+            Some(Err(r)) => return Err(self.quota_error(&family, requested, &r)),
+            Some(Ok(())) => {}
+        }
+
+        // Ask an OpenAI stream for its usage when the client did not, and hide that chunk.
+        let hide = facts.stream
+            && !facts.include_usage
+            && matches!(req.api, Api::OpenAiChat | Api::OpenAiCompletions);
+        if hide {
+            if let Some(obj) = body.as_object_mut() {
+                let opts = obj
+                    .entry("stream_options")
+                    .or_insert_with(|| serde_json::json!({}));
+                if !opts.is_object() {
+                    *opts = serde_json::json!({});
+                }
+                if let Some(o) = opts.as_object_mut() {
+                    o.insert("include_usage".into(), serde_json::Value::Bool(true));
+                }
+            }
+        }
         Ok(Admitted {
-            body_changed: false,
-            headers: HeaderMap::new(),
-            ticket: Ticket {},
+            body_changed: hide,
+            headers,
+            ticket: Ticket {
+                meter: Meter::new(req.api, hide),
+                settlement: Some(Settlement {
+                    users: self.users.clone(),
+                    token: token.to_string(),
+                    family,
+                    reserved: requested,
+                    prompt_estimate: facts.prompt_tokens,
+                }),
+            },
         })
+    }
+
+    fn quota_error(&self, family: &str, requested: u64, r: &Refusal) -> ProxyError {
+        let in_flight = if r.reserved > 0 {
+            format!(
+                " (plus {} reserved by your requests still running)",
+                r.reserved
+            )
+        } else {
+            String::new()
+        };
+        let refresh = match self.next_refresh() {
+            Some(t) => format!(
+                "Your quota refreshes at {}.",
+                t.format("%Y-%m-%d %H:%M:%S %:z")
+            ),
+            None => "Quotas do not refresh automatically here; ask the proxy operator to raise \
+                     your limit."
+                .to_string(),
+        };
+        ProxyError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            format!(
+                "You have used your token quota for the {family} model family: {} of {} tokens \
+                 used{in_flight}, and this request may need up to {requested} (its prompt plus \
+                 max_tokens). {refresh}",
+                r.used, r.limit
+            ),
+        )
+    }
+
+    /// Refreshes every non-temporary user now: for each family with a non-zero configured
+    /// quota, `tokenLimits[f] = tokenCounts[f] + quota` (families without one keep whatever
+    /// limit an admin set). Returns how many users were refreshed.
+    pub fn refresh_now(&self) -> usize {
+        let quotas: Vec<(&String, u64)> = self
+            .quotas
+            .iter()
+            .filter(|(_, q)| **q > 0)
+            .map(|(f, q)| (f, *q))
+            .collect();
+        if quotas.is_empty() {
+            return 0;
+        }
+        let n = self.users.update_all(|u| {
+            if u.kind == UserType::Temporary {
+                return false;
+            }
+            for (family, quota) in &quotas {
+                let used = u.token_counts.get(*family).copied().unwrap_or(0);
+                u.token_limits
+                    .insert((*family).clone(), used.saturating_add(*quota));
+            }
+            true
+        });
+        tracing::info!(refreshed = n, next = ?self.next_refresh(), "token quotas refreshed");
+        n
+    }
+
+    /// Refreshes if the scheduled tick is at or before `now`, then schedules the next tick
+    /// after `now` (ticks missed while the server slept are not replayed). Returns whether it
+    /// refreshed.
+    pub fn refresh_due(&self, now: DateTime<Local>) -> bool {
+        let Some(schedule) = &self.schedule else {
+            return false;
+        };
+        {
+            let mut next = self
+                .next_refresh
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match *next {
+                Some(t) if t <= now => *next = schedule.next_after(now),
+                _ => return false,
+            }
+        }
+        self.refresh_now();
+        true
+    }
+
+    /// Refreshes quotas on the `QUOTA_REFRESH_PERIOD` schedule and forgets idle rate-limit
+    /// keys, until `shutdown`.
+    pub async fn run_refresh(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        if let Some(s) = &self.schedule {
+            tracing::info!(period = %s.source, next = ?self.next_refresh(), "quota refresh scheduled");
+        }
+        loop {
+            let now = (self.clock)();
+            let wait = self
+                .next_refresh()
+                .and_then(|t| (t - now).to_std().ok())
+                .map_or(HOUSEKEEPING, |d| d.min(HOUSEKEEPING));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            self.refresh_due((self.clock)());
+            if let Some(l) = &self.limiter {
+                l.retain_recent();
+            }
+        }
     }
 }
 
-impl Quotas {
-    /// Refreshes quotas on the `QUOTA_REFRESH_PERIOD` schedule until `shutdown`.
-    pub async fn run_refresh(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        shutdown.cancelled().await;
-    }
-}
+#[cfg(test)]
+mod tests;

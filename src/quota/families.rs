@@ -1,0 +1,402 @@
+//! The model-family table: which quota bucket (`tokenCounts`/`tokenLimits` key) a model name
+//! belongs to. This is the only place that knows model names; `docs/quotas.md` documents it.
+//!
+//! The original proxy's family names and mapping are kept (`turbo`, `gpt4`, `gpt4-32k`,
+//! `gpt4-turbo`, `gpt4o`, `dall-e`, `claude`, `claude-opus`, `gemini-pro`, `mistral-*`,
+//! `aws-*`, `gcp-*`, `azure-*`), so exported users and `TOKEN_QUOTA_*` variables keep their
+//! meaning. Newer OpenAI models get families of their own so that a cheap model never eats a
+//! premium budget and a premium model never hides in a cheap one. Any model name, known or
+//! not, maps to some family: an unknown OpenAI-style model is `gpt4` and an unknown
+//! Anthropic-style model is `claude`, as in the original.
+
+use crate::upstream::api::Provider;
+
+/// The family of an unknown model sent to an OpenAI-style upstream (the original's default).
+pub const OPENAI_FALLBACK: &str = "gpt4";
+/// The family of an unknown model sent to an Anthropic-style upstream.
+pub const ANTHROPIC_FALLBACK: &str = "claude";
+
+/// Every family this table can produce, for documentation and tests. Azure families are
+/// `azure-` followed by an OpenAI family and are not repeated here.
+pub const FAMILIES: &[&str] = &[
+    "turbo",
+    "gpt4",
+    "gpt4-32k",
+    "gpt4-turbo",
+    "gpt4o",
+    "gpt41",
+    "gpt41-mini",
+    "gpt41-nano",
+    "gpt45",
+    "gpt5",
+    "gpt5-mini",
+    "gpt5-nano",
+    "gpt5-pro",
+    "o1",
+    "o1-mini",
+    "o1-pro",
+    "o3",
+    "o3-mini",
+    "o3-pro",
+    "o4-mini",
+    "dall-e",
+    "claude",
+    "claude-opus",
+    "gemini-pro",
+    "mistral-tiny",
+    "mistral-small",
+    "mistral-medium",
+    "mistral-large",
+    "aws-claude",
+    "aws-claude-opus",
+    "gcp-claude",
+    "gcp-claude-opus",
+];
+
+/// The family a request for `model` sent to `provider` is counted in.
+///
+/// The model name decides first (so a `claude-*` model behind an OpenAI-compatible upstream is
+/// still counted as Claude, and the original's Azure/AWS/GCP naming conventions are honoured);
+/// only a name that says nothing falls back to the provider's default family.
+pub fn family_for(provider: Provider, model: &str) -> String {
+    let m = model.trim().to_ascii_lowercase();
+    // The original's service conventions: Azure deployments carry "azure" in the model name,
+    // AWS Bedrock model ids start with "anthropic.", and GCP Vertex names are `claude-…@date`.
+    if m.contains("azure") {
+        let bare = m
+            .replace("azure-", "")
+            .replace("gpt-35-turbo", "gpt-3.5-turbo");
+        let inner = openai_family(&bare).unwrap_or(OPENAI_FALLBACK);
+        return format!("azure-{inner}");
+    }
+    if m.contains("anthropic.") {
+        return claude_variant(&m, "aws-claude", "aws-claude-opus").to_string();
+    }
+    if m.starts_with("claude-") && m.contains('@') {
+        return claude_variant(&m, "gcp-claude", "gcp-claude-opus").to_string();
+    }
+    if m.starts_with("claude") {
+        return claude_variant(&m, "claude", "claude-opus").to_string();
+    }
+    if m.starts_with("gemini") {
+        return "gemini-pro".to_string();
+    }
+    if let Some(f) = mistral_family(&m) {
+        return f.to_string();
+    }
+    if let Some(f) = openai_family(&m) {
+        return f.to_string();
+    }
+    match provider {
+        Provider::OpenAi => OPENAI_FALLBACK.to_string(),
+        Provider::Anthropic => ANTHROPIC_FALLBACK.to_string(),
+    }
+}
+
+/// Opus is the premium Claude tier; every other Claude (Sonnet, Haiku, Instant, 2.x) shares the
+/// base family, as in the original.
+fn claude_variant<'a>(m: &str, base: &'a str, opus: &'a str) -> &'a str {
+    if m.contains("opus") {
+        opus
+    } else {
+        base
+    }
+}
+
+/// True when `rest` (what follows a model prefix) is empty or a date/version suffix such as
+/// `-2024-08-06`, `-0613`, `-preview` or `-latest`, i.e. not another model's name.
+fn is_snapshot_suffix(rest: &str) -> bool {
+    if rest.is_empty() {
+        return true;
+    }
+    let Some(tail) = rest.strip_prefix('-') else {
+        return false;
+    };
+    tail.split('-').all(|part| {
+        part.chars().all(|c| c.is_ascii_digit()) || matches!(part, "preview" | "latest")
+    })
+}
+
+/// The OpenAI family of a lower-cased model name, or `None` when the name is not an OpenAI
+/// model this table knows.
+fn openai_family(m: &str) -> Option<&'static str> {
+    // Embeddings were `turbo` in the original (text-embedding-ada-002); the newer embedding
+    // models are priced alike and stay there.
+    if m.starts_with("text-embedding-") {
+        return Some("turbo");
+    }
+    if m.starts_with("dall-e") || m.starts_with("gpt-image") {
+        return Some("dall-e");
+    }
+    if m.starts_with("gpt-3.5-turbo") {
+        return Some("turbo");
+    }
+    // gpt-4o-mini replaced gpt-3.5-turbo at a similar price: counting it as `gpt4o` would let
+    // a cheap model drain a premium budget.
+    if m.starts_with("gpt-4o-mini") {
+        return Some("turbo");
+    }
+    if m.starts_with("gpt-4o") || m.starts_with("chatgpt-4o") {
+        return Some("gpt4o");
+    }
+    if let Some(rest) = m.strip_prefix("gpt-4.1") {
+        return Some(if rest.starts_with("-mini") {
+            "gpt41-mini"
+        } else if rest.starts_with("-nano") {
+            "gpt41-nano"
+        } else {
+            "gpt41"
+        });
+    }
+    if m.starts_with("gpt-4.5") {
+        return Some("gpt45");
+    }
+    if let Some(rest) = m.strip_prefix("gpt-5") {
+        // `gpt-5`, `gpt-5.1`, `gpt-5-2025-08-07`, `gpt-5-chat-latest`, `gpt-5-codex`, …
+        let rest = rest.trim_start_matches(|c: char| c == '.' || c.is_ascii_digit());
+        return Some(if rest.starts_with("-mini") {
+            "gpt5-mini"
+        } else if rest.starts_with("-nano") {
+            "gpt5-nano"
+        } else if rest.starts_with("-pro") {
+            "gpt5-pro"
+        } else {
+            "gpt5"
+        });
+    }
+    if let Some(rest) = m.strip_prefix("gpt-4-32k") {
+        return is_snapshot_suffix(rest).then_some("gpt4-32k");
+    }
+    if m.starts_with("gpt-4-turbo") || (m.starts_with("gpt-4") && m.contains("vision")) {
+        return Some("gpt4-turbo");
+    }
+    if let Some(rest) = m.strip_prefix("gpt-4-") {
+        if rest.starts_with("0125") || rest.starts_with("1106") {
+            return Some("gpt4-turbo");
+        }
+    }
+    if let Some(rest) = m.strip_prefix("gpt-4") {
+        if is_snapshot_suffix(rest) {
+            return Some("gpt4");
+        }
+    }
+    o_series_family(m)
+}
+
+/// The reasoning models: `o1`, `o1-mini`, `o1-pro`, `o3`, `o3-mini`, `o3-pro`, `o4-mini`.
+fn o_series_family(m: &str) -> Option<&'static str> {
+    for (prefix, base, mini, pro) in [
+        ("o1", "o1", "o1-mini", "o1-pro"),
+        ("o3", "o3", "o3-mini", "o3-pro"),
+        ("o4", "o4-mini", "o4-mini", "o4-mini"),
+    ] {
+        let Some(rest) = m.strip_prefix(prefix) else {
+            continue;
+        };
+        if rest.starts_with("-mini") {
+            return Some(mini);
+        }
+        if rest.starts_with("-pro") {
+            return Some(pro);
+        }
+        if is_snapshot_suffix(rest) {
+            return Some(base);
+        }
+    }
+    None
+}
+
+/// The original's Mistral mapping (`-latest`/`-NNNN` suffixes pruned; open models mapped to
+/// the tier of their size; any other Mistral model is `mistral-tiny`).
+fn mistral_family(m: &str) -> Option<&'static str> {
+    let is_mistral = [
+        "mistral",
+        "open-mistral",
+        "open-mixtral",
+        "codestral",
+        "ministral",
+    ]
+    .iter()
+    .any(|p| m.starts_with(p));
+    if !is_mistral {
+        return None;
+    }
+    let pruned = m
+        .strip_suffix("-latest")
+        .or_else(|| {
+            m.rsplit_once('-').and_then(|(head, tail)| {
+                (tail.len() == 4 && tail.chars().all(|c| c.is_ascii_digit())).then_some(head)
+            })
+        })
+        .unwrap_or(m);
+    Some(match pruned {
+        "mistral-small" => "mistral-small",
+        "mistral-medium" => "mistral-medium",
+        "mistral-large" => "mistral-large",
+        "open-mixtral-8x7b" => "mistral-small",
+        _ => "mistral-tiny",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oa(m: &str) -> String {
+        family_for(Provider::OpenAi, m)
+    }
+    fn an(m: &str) -> String {
+        family_for(Provider::Anthropic, m)
+    }
+
+    #[test]
+    fn original_openai_mapping_is_kept() {
+        for (model, family) in [
+            ("gpt-3.5-turbo", "turbo"),
+            ("gpt-3.5-turbo-0125", "turbo"),
+            ("gpt-3.5-turbo-instruct", "turbo"),
+            ("text-embedding-ada-002", "turbo"),
+            ("gpt-4", "gpt4"),
+            ("gpt-4-0613", "gpt4"),
+            ("gpt-4-32k", "gpt4-32k"),
+            ("gpt-4-32k-0613", "gpt4-32k"),
+            ("gpt-4-turbo", "gpt4-turbo"),
+            ("gpt-4-turbo-2024-04-09", "gpt4-turbo"),
+            ("gpt-4-turbo-preview", "gpt4-turbo"),
+            ("gpt-4-1106-preview", "gpt4-turbo"),
+            ("gpt-4-0125-preview", "gpt4-turbo"),
+            ("gpt-4-vision-preview", "gpt4-turbo"),
+            ("gpt-4-1106-vision-preview", "gpt4-turbo"),
+            ("gpt-4o", "gpt4o"),
+            ("gpt-4o-2024-08-06", "gpt4o"),
+            ("chatgpt-4o-latest", "gpt4o"),
+            ("dall-e-3", "dall-e"),
+            ("dall-e-2", "dall-e"),
+        ] {
+            assert_eq!(oa(model), family, "{model}");
+        }
+    }
+
+    #[test]
+    fn current_openai_models_get_their_own_families() {
+        for (model, family) in [
+            ("gpt-4o-mini", "turbo"),
+            ("gpt-4o-mini-2024-07-18", "turbo"),
+            ("gpt-4.1", "gpt41"),
+            ("gpt-4.1-2025-04-14", "gpt41"),
+            ("gpt-4.1-mini", "gpt41-mini"),
+            ("gpt-4.1-nano-2025-04-14", "gpt41-nano"),
+            ("gpt-4.5-preview", "gpt45"),
+            ("gpt-5", "gpt5"),
+            ("gpt-5-2025-08-07", "gpt5"),
+            ("gpt-5-chat-latest", "gpt5"),
+            ("gpt-5.1", "gpt5"),
+            ("gpt-5-mini", "gpt5-mini"),
+            ("gpt-5.1-mini", "gpt5-mini"),
+            ("gpt-5-nano", "gpt5-nano"),
+            ("gpt-5-pro", "gpt5-pro"),
+            ("o1", "o1"),
+            ("o1-2024-12-17", "o1"),
+            ("o1-preview", "o1"),
+            ("o1-mini", "o1-mini"),
+            ("o1-pro", "o1-pro"),
+            ("o3", "o3"),
+            ("o3-2025-04-16", "o3"),
+            ("o3-mini", "o3-mini"),
+            ("o3-pro", "o3-pro"),
+            ("o4-mini", "o4-mini"),
+            ("o4-mini-2025-04-16", "o4-mini"),
+            ("text-embedding-3-small", "turbo"),
+            ("text-embedding-3-large", "turbo"),
+            ("gpt-image-1", "dall-e"),
+            ("GPT-4O", "gpt4o"),
+        ] {
+            assert_eq!(oa(model), family, "{model}");
+        }
+    }
+
+    #[test]
+    fn claude_models_split_on_opus() {
+        for (model, family) in [
+            ("claude-3-opus-20240229", "claude-opus"),
+            ("claude-opus-4-20250514", "claude-opus"),
+            ("claude-opus-4-1", "claude-opus"),
+            ("claude-4-opus", "claude-opus"),
+            ("claude-3-5-sonnet-20241022", "claude"),
+            ("claude-3-7-sonnet-latest", "claude"),
+            ("claude-sonnet-4-20250514", "claude"),
+            ("claude-sonnet-4-5", "claude"),
+            ("claude-3-haiku-20240307", "claude"),
+            ("claude-3-5-haiku-latest", "claude"),
+            ("claude-haiku-4-5", "claude"),
+            ("claude-2.1", "claude"),
+            ("claude-instant-1.2", "claude"),
+        ] {
+            assert_eq!(an(model), family, "{model}");
+            // The name decides, whichever upstream style carries it.
+            assert_eq!(oa(model), family, "{model} via an OpenAI-style upstream");
+        }
+    }
+
+    #[test]
+    fn cloud_conventions_of_the_original() {
+        assert_eq!(oa("azure-gpt-35-turbo"), "azure-turbo");
+        assert_eq!(oa("azure-gpt-4"), "azure-gpt4");
+        assert_eq!(oa("azure-gpt-4o"), "azure-gpt4o");
+        assert_eq!(oa("azure-gpt-4-32k"), "azure-gpt4-32k");
+        assert_eq!(oa("azure-something-new"), "azure-gpt4");
+        assert_eq!(an("anthropic.claude-3-sonnet-20240229-v1:0"), "aws-claude");
+        assert_eq!(
+            an("anthropic.claude-3-opus-20240229-v1:0"),
+            "aws-claude-opus"
+        );
+        assert_eq!(an("claude-3-5-sonnet@20240620"), "gcp-claude");
+        assert_eq!(an("claude-3-opus@20240229"), "gcp-claude-opus");
+        assert_eq!(oa("gemini-1.5-pro"), "gemini-pro");
+        assert_eq!(oa("gemini-2.5-flash"), "gemini-pro");
+    }
+
+    #[test]
+    fn mistral_mapping_of_the_original() {
+        assert_eq!(oa("mistral-large-latest"), "mistral-large");
+        assert_eq!(oa("mistral-small-2402"), "mistral-small");
+        assert_eq!(oa("mistral-medium"), "mistral-medium");
+        assert_eq!(oa("mistral-tiny"), "mistral-tiny");
+        assert_eq!(oa("open-mistral-7b"), "mistral-tiny");
+        assert_eq!(oa("open-mixtral-8x7b"), "mistral-small");
+        assert_eq!(oa("codestral-latest"), "mistral-tiny");
+    }
+
+    #[test]
+    fn unknown_models_get_the_provider_fallback() {
+        assert_eq!(oa("some-new-model"), OPENAI_FALLBACK);
+        assert_eq!(oa(""), OPENAI_FALLBACK);
+        assert_eq!(oa("gpt-4x"), OPENAI_FALLBACK);
+        assert_eq!(oa("o5-ultra"), OPENAI_FALLBACK);
+        assert_eq!(an("mystery"), ANTHROPIC_FALLBACK);
+        assert_eq!(an(""), ANTHROPIC_FALLBACK);
+        // Odd input never panics.
+        for m in [
+            "-",
+            "@",
+            "azure",
+            "anthropic.",
+            "o1-",
+            "gpt-5.",
+            "mistral--",
+            "é",
+        ] {
+            let _ = oa(m);
+            let _ = an(m);
+        }
+    }
+
+    #[test]
+    fn every_family_is_a_valid_token_quota_suffix() {
+        // TOKEN_QUOTA_<FAMILY>: upper-cased, `-` → `_`; the config maps it back.
+        for f in FAMILIES {
+            let var = f.to_ascii_uppercase().replace('-', "_");
+            assert_eq!(var.to_ascii_lowercase().replace('_', "-"), *f);
+        }
+    }
+}

@@ -1,0 +1,679 @@
+//! Reading real usage out of upstream responses as they stream past: OpenAI JSON `usage`,
+//! OpenAI SSE usage chunks, Anthropic JSON `usage` and Anthropic SSE `message_start` /
+//! `message_delta` usage. Also removes the usage-only chunk the proxy asked for on a client's
+//! behalf, and keeps the generated text so that a response whose usage never arrives can be
+//! estimated. Knows nothing of users or the store.
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+
+use super::estimate::count_tokens;
+use crate::upstream::api::{Api, Provider};
+
+/// A non-streamed body is kept whole up to this size to read its `usage`; past it, only the
+/// tail is kept (`usage` is the last field of every provider's response).
+const JSON_BODY_CAP: usize = 16 * 1024 * 1024;
+const JSON_TAIL: usize = 64 * 1024;
+/// Generated text kept for a fallback estimate; beyond it, 4 bytes are counted per token.
+const TEXT_CAP: usize = 4 * 1024 * 1024;
+
+/// Token usage of one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl Usage {
+    pub fn total(self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// Observes one upstream response.
+#[derive(Debug)]
+pub struct Meter {
+    api: Api,
+    /// Remove the usage-only SSE chunk (the client did not ask for it).
+    hide_usage_chunk: bool,
+    /// `None` until the response started.
+    success: Option<bool>,
+    is_sse: bool,
+    /// SSE: bytes of a line that has not ended yet.
+    partial_line: BytesMut,
+    /// SSE: data lines of the current event that did not parse on their own.
+    event_data: String,
+    /// SSE: the current event is the hidden usage chunk; its remaining lines are dropped.
+    dropping_event: bool,
+    /// JSON: the body so far (or its tail once it outgrew [`JSON_BODY_CAP`]).
+    body: Vec<u8>,
+    body_truncated: bool,
+    reported_prompt: Option<u64>,
+    reported_completion: Option<u64>,
+    /// The completion count is the upstream's final word (not Anthropic's `message_start`
+    /// placeholder).
+    completion_final: bool,
+    text: String,
+    text_overflow_bytes: u64,
+}
+
+impl Meter {
+    pub fn new(api: Api, hide_usage_chunk: bool) -> Meter {
+        Meter {
+            api,
+            hide_usage_chunk,
+            success: None,
+            is_sse: false,
+            partial_line: BytesMut::new(),
+            event_data: String::new(),
+            dropping_event: false,
+            body: Vec::new(),
+            body_truncated: false,
+            reported_prompt: None,
+            reported_completion: None,
+            completion_final: false,
+            text: String::new(),
+            text_overflow_bytes: 0,
+        }
+    }
+
+    pub fn on_response_start(&mut self, success: bool, is_sse: bool) {
+        self.success = Some(success);
+        self.is_sse = is_sse;
+    }
+
+    /// True when the response started with a 2xx status.
+    pub fn succeeded(&self) -> bool {
+        self.success == Some(true)
+    }
+
+    /// Observes a body chunk and returns what the client gets. Error responses and responses
+    /// that need no rewriting pass through untouched (the same `Bytes`, no copy).
+    pub fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
+        if !self.succeeded() {
+            return chunk;
+        }
+        if !self.is_sse {
+            self.keep_body(&chunk);
+            return chunk;
+        }
+        if !self.hide_usage_chunk {
+            self.scan_sse(&chunk, None);
+            return chunk;
+        }
+        let mut out = BytesMut::with_capacity(chunk.len());
+        self.scan_sse(&chunk, Some(&mut out));
+        out.freeze()
+    }
+
+    /// Called when the body ended (normally or not): reads what is still buffered.
+    pub fn end(&mut self) {
+        if !self.succeeded() {
+            return;
+        }
+        if self.is_sse {
+            if !self.partial_line.is_empty() {
+                let line = std::mem::take(&mut self.partial_line);
+                self.sse_line(&line, None);
+            }
+            self.end_event();
+        } else {
+            self.read_json_body();
+        }
+    }
+
+    /// The usage to charge, with `prompt_estimate` standing in for a prompt count the upstream
+    /// never reported. `None` when nothing is charged (the upstream answered with an error or
+    /// never answered).
+    pub fn usage(&self, prompt_estimate: u64) -> Option<Usage> {
+        if !self.succeeded() {
+            return None;
+        }
+        let prompt = self.reported_prompt.unwrap_or(prompt_estimate);
+        let completion = if self.api == Api::OpenAiEmbeddings {
+            0
+        } else if self.completion_final {
+            self.reported_completion.unwrap_or(0)
+        } else {
+            let seen = count_tokens(&self.text).saturating_add(self.text_overflow_bytes / 4);
+            seen.max(self.reported_completion.unwrap_or(0))
+        };
+        Some(Usage { prompt, completion })
+    }
+
+    /// True when the upstream reported both counts (no estimate is involved).
+    pub fn exact(&self) -> bool {
+        self.reported_prompt.is_some()
+            && (self.completion_final || self.api == Api::OpenAiEmbeddings)
+    }
+
+    fn keep_body(&mut self, chunk: &[u8]) {
+        self.body.extend_from_slice(chunk);
+        if self.body.len() > JSON_BODY_CAP {
+            let cut = self.body.len() - JSON_TAIL;
+            self.body.drain(..cut);
+            self.body_truncated = true;
+        }
+    }
+
+    fn read_json_body(&mut self) {
+        let body = std::mem::take(&mut self.body);
+        if !self.body_truncated {
+            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+                self.observe_json(&v);
+                return;
+            }
+        }
+        // A body too large to keep whole: `usage` is near its end. A `"usage"` inside a string
+        // would be escaped (`\"usage\"`), so an unescaped key is the real one.
+        if let Some(v) = usage_from_tail(&body) {
+            self.observe_usage(&v, true);
+        }
+    }
+
+    /// Splits SSE bytes into lines; complete lines are handled (and, when `out` is given,
+    /// forwarded unless hidden) at once, a partial line waits for the rest.
+    fn scan_sse(&mut self, chunk: &[u8], mut out: Option<&mut BytesMut>) {
+        let mut rest = chunk;
+        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
+            let (line, tail) = rest.split_at(nl + 1);
+            rest = tail;
+            if self.partial_line.is_empty() {
+                self.sse_line(line, out.as_deref_mut());
+            } else {
+                self.partial_line.extend_from_slice(line);
+                let whole = std::mem::take(&mut self.partial_line);
+                self.sse_line(&whole, out.as_deref_mut());
+            }
+        }
+        self.partial_line.extend_from_slice(rest);
+    }
+
+    /// Handles one complete SSE line (with its line ending).
+    fn sse_line(&mut self, raw: &[u8], out: Option<&mut BytesMut>) {
+        let line = trim_eol(raw);
+        if line.is_empty() {
+            let hidden = self.dropping_event;
+            self.end_event();
+            if !hidden {
+                if let Some(out) = out {
+                    out.extend_from_slice(raw);
+                }
+            }
+            return;
+        }
+        if let Some(data) = line.strip_prefix(b"data:") {
+            let data = data.strip_prefix(b" ").unwrap_or(data);
+            let text = String::from_utf8_lossy(data);
+            if text.trim() == "[DONE]" {
+                // Nothing to read.
+            } else if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                if out.is_some() && is_usage_only_chunk(&v) {
+                    self.dropping_event = true;
+                }
+                self.observe_json(&v);
+            } else {
+                // A JSON payload split over several `data:` lines is joined at the event end.
+                if !self.event_data.is_empty() {
+                    self.event_data.push('\n');
+                }
+                self.event_data.push_str(&text);
+            }
+        }
+        if !self.dropping_event {
+            if let Some(out) = out {
+                out.extend_from_slice(raw);
+            }
+        }
+    }
+
+    fn end_event(&mut self) {
+        self.dropping_event = false;
+        if self.event_data.is_empty() {
+            return;
+        }
+        let data = std::mem::take(&mut self.event_data);
+        if let Ok(v) = serde_json::from_str::<Value>(&data) {
+            self.observe_json(&v);
+        }
+    }
+
+    /// Reads usage and generated text from one JSON object (a whole response or one SSE
+    /// event) of either provider.
+    fn observe_json(&mut self, v: &Value) {
+        match v.get("type").and_then(Value::as_str) {
+            // Anthropic stream events.
+            Some("message_start") => {
+                if let Some(u) = v.pointer("/message/usage") {
+                    self.observe_usage(u, false);
+                }
+                return;
+            }
+            Some("message_delta") => {
+                if let Some(u) = v.get("usage") {
+                    self.observe_usage(u, true);
+                }
+                return;
+            }
+            Some("content_block_start") => {
+                if let Some(b) = v.get("content_block") {
+                    self.observe_block(b);
+                }
+                return;
+            }
+            Some("content_block_delta") => {
+                if let Some(d) = v.get("delta") {
+                    self.observe_block(d);
+                }
+                return;
+            }
+            _ => {}
+        }
+        // Whole responses (both providers) and OpenAI stream chunks.
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            self.observe_usage(u, true);
+        }
+        if let Some(choices) = v.get("choices").and_then(Value::as_array) {
+            for c in choices {
+                for k in [
+                    "text",
+                    "/delta/content",
+                    "/delta/reasoning_content",
+                    "/delta/refusal",
+                ]
+                .iter()
+                .chain(&["/message/content", "/message/refusal"])
+                {
+                    let s = if k.starts_with('/') {
+                        c.pointer(k)
+                    } else {
+                        c.get(*k)
+                    };
+                    if let Some(s) = s.and_then(Value::as_str) {
+                        self.push_text(s);
+                    }
+                }
+                for calls in ["/delta/tool_calls", "/message/tool_calls"] {
+                    for call in c
+                        .pointer(calls)
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let Some(a) = call.pointer("/function/arguments").and_then(Value::as_str)
+                        {
+                            self.push_text(a);
+                        }
+                    }
+                }
+            }
+        }
+        if self.api.provider() == Provider::Anthropic {
+            if let Some(blocks) = v.get("content").and_then(Value::as_array) {
+                for b in blocks {
+                    self.observe_block(b);
+                }
+            }
+        }
+    }
+
+    /// An Anthropic content block or delta: text, thinking, or tool input.
+    fn observe_block(&mut self, b: &Value) {
+        for k in ["text", "thinking", "partial_json"] {
+            if let Some(s) = b.get(k).and_then(Value::as_str) {
+                self.push_text(s);
+            }
+        }
+        if let Some(input) = b
+            .get("input")
+            .filter(|i| i.as_object().is_some_and(|o| !o.is_empty()))
+        {
+            self.push_text(&input.to_string());
+        }
+    }
+
+    /// Reads a `usage` object of either provider. `final_completion` says the completion
+    /// count is final (everything but Anthropic's `message_start`).
+    fn observe_usage(&mut self, u: &Value, final_completion: bool) {
+        let n = |k: &str| u.get(k).and_then(Value::as_u64);
+        if let Some(p) = n("prompt_tokens") {
+            // OpenAI: prompt_tokens already includes cached tokens.
+            self.reported_prompt = Some(p);
+            let completion = n("completion_tokens")
+                .or_else(|| n("total_tokens").map(|t| t.saturating_sub(p)))
+                .unwrap_or(0);
+            self.reported_completion = Some(completion);
+            self.completion_final = true;
+            return;
+        }
+        // Anthropic: input_tokens excludes cache reads and writes, which are prompt tokens too.
+        let input = n("input_tokens");
+        let cache = n("cache_creation_input_tokens")
+            .unwrap_or(0)
+            .saturating_add(n("cache_read_input_tokens").unwrap_or(0));
+        if input.is_some() || cache > 0 {
+            let prompt = input.unwrap_or(0).saturating_add(cache);
+            // A message_delta repeats the counts cumulatively; never go below what was seen.
+            self.reported_prompt = Some(self.reported_prompt.unwrap_or(0).max(prompt));
+        }
+        if let Some(out) = n("output_tokens") {
+            self.reported_completion = Some(if final_completion {
+                out
+            } else {
+                self.reported_completion.unwrap_or(0).max(out)
+            });
+            if final_completion {
+                self.completion_final = true;
+            }
+        }
+    }
+
+    fn push_text(&mut self, s: &str) {
+        if self.text.len() + s.len() <= TEXT_CAP {
+            self.text.push_str(s);
+        } else {
+            self.text_overflow_bytes += s.len() as u64;
+        }
+    }
+}
+
+/// OpenAI's usage-only stream chunk: no choices, a usage object.
+fn is_usage_only_chunk(v: &Value) -> bool {
+    v.get("usage").is_some_and(Value::is_object)
+        && v.get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| c.is_empty())
+}
+
+fn trim_eol(raw: &[u8]) -> &[u8] {
+    let l = raw.strip_suffix(b"\n").unwrap_or(raw);
+    l.strip_suffix(b"\r").unwrap_or(l)
+}
+
+/// Finds the last unescaped `"usage":` key in `body` and parses the object after it.
+fn usage_from_tail(body: &[u8]) -> Option<Value> {
+    let key = b"\"usage\"";
+    let mut end = body.len();
+    while let Some(pos) = body[..end].windows(key.len()).rposition(|w| w == key) {
+        end = pos;
+        if pos > 0 && body[pos - 1] == b'\\' {
+            continue;
+        }
+        let after = &body[pos + key.len()..];
+        let colon = after.iter().position(|&b| !b.is_ascii_whitespace())?;
+        if after[colon] != b':' {
+            continue;
+        }
+        let mut values =
+            serde_json::Deserializer::from_slice(&after[colon + 1..]).into_iter::<Value>();
+        if let Some(Ok(v)) = values.next() {
+            if v.is_object() {
+                return Some(v);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sse(events: &[&str]) -> String {
+        events.iter().map(|e| format!("data: {e}\n\n")).collect()
+    }
+
+    /// Feeds `body` in chunks of `size` bytes and returns what the client got.
+    fn feed(m: &mut Meter, body: &str, size: usize) -> String {
+        let mut out = Vec::new();
+        for piece in body.as_bytes().chunks(size.max(1)) {
+            out.extend_from_slice(&m.on_chunk(Bytes::copy_from_slice(piece)));
+        }
+        m.end();
+        String::from_utf8(out).expect("utf8")
+    }
+
+    const OPENAI_CHUNK: &str = r#"{"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hello there"}}]}"#;
+    const OPENAI_DONE_CHUNK: &str =
+        r#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+    const OPENAI_USAGE_CHUNK: &str = r#"{"id":"c","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":7,"total_tokens":18}}"#;
+
+    #[test]
+    fn openai_json_usage() {
+        let mut m = Meter::new(Api::OpenAiChat, false);
+        m.on_response_start(true, false);
+        let body = r#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
+        assert_eq!(feed(&mut m, body, 7), body);
+        assert_eq!(
+            m.usage(999),
+            Some(Usage {
+                prompt: 12,
+                completion: 30
+            })
+        );
+        assert!(m.exact());
+    }
+
+    #[test]
+    fn openai_stream_with_client_requested_usage_is_untouched() {
+        let body = sse(&[
+            OPENAI_CHUNK,
+            OPENAI_DONE_CHUNK,
+            OPENAI_USAGE_CHUNK,
+            "[DONE]",
+        ]);
+        for size in [1, 3, 17, 10_000] {
+            let mut m = Meter::new(Api::OpenAiChat, false);
+            m.on_response_start(true, true);
+            assert_eq!(feed(&mut m, &body, size), body);
+            assert_eq!(
+                m.usage(0),
+                Some(Usage {
+                    prompt: 11,
+                    completion: 7
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn usage_chunk_is_hidden_from_a_client_that_did_not_ask() {
+        let body = sse(&[
+            OPENAI_CHUNK,
+            OPENAI_DONE_CHUNK,
+            OPENAI_USAGE_CHUNK,
+            "[DONE]",
+        ]);
+        let expected = sse(&[OPENAI_CHUNK, OPENAI_DONE_CHUNK, "[DONE]"]);
+        for size in [1, 2, 5, 64, 10_000] {
+            let mut m = Meter::new(Api::OpenAiChat, true);
+            m.on_response_start(true, true);
+            assert_eq!(feed(&mut m, &body, size), expected, "chunk size {size}");
+            assert_eq!(
+                m.usage(0),
+                Some(Usage {
+                    prompt: 11,
+                    completion: 7
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn complete_events_are_never_held_back() {
+        let mut m = Meter::new(Api::OpenAiChat, true);
+        m.on_response_start(true, true);
+        let first = format!("data: {OPENAI_CHUNK}\n\ndata: {{\"cho");
+        let got = m.on_chunk(Bytes::from(first));
+        assert_eq!(got, Bytes::from(format!("data: {OPENAI_CHUNK}\n\n")));
+        let got = m.on_chunk(Bytes::from_static(b"ices\":[]}\n\n"));
+        assert_eq!(got, Bytes::from_static(b"data: {\"choices\":[]}\n\n"));
+    }
+
+    #[test]
+    fn crlf_and_multiline_data_events() {
+        let body = "event: x\r\ndata: {\"choices\":[],\r\ndata: \"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\r\n\r\n";
+        let mut m = Meter::new(Api::OpenAiChat, true);
+        m.on_response_start(true, true);
+        // A multi-line payload is not recognised as the usage chunk line by line, so it is
+        // forwarded; its usage is still read.
+        assert_eq!(feed(&mut m, body, 5), body);
+        assert_eq!(
+            m.usage(0),
+            Some(Usage {
+                prompt: 3,
+                completion: 4
+            })
+        );
+    }
+
+    #[test]
+    fn stream_without_usage_is_estimated_from_text_seen() {
+        let mut m = Meter::new(Api::OpenAiChat, true);
+        m.on_response_start(true, true);
+        let chunk = r#"{"choices":[{"delta":{"content":"one two three four"}}]}"#;
+        let body = sse(&[chunk, chunk]);
+        feed(&mut m, &body, 9);
+        let u = m.usage(50).expect("charged");
+        assert_eq!(u.prompt, 50);
+        assert_eq!(u.completion, 2 * count_tokens("one two three four"));
+        assert!(!m.exact());
+    }
+
+    #[test]
+    fn error_responses_charge_nothing_and_pass_through() {
+        let mut m = Meter::new(Api::OpenAiChat, true);
+        m.on_response_start(false, false);
+        let body = r#"{"error":{"message":"bad"},"usage":{"prompt_tokens":5}}"#;
+        assert_eq!(feed(&mut m, body, 4), body);
+        assert_eq!(m.usage(10), None);
+        // Never answered at all: nothing charged either.
+        let m = Meter::new(Api::OpenAiChat, false);
+        assert_eq!(m.usage(10), None);
+    }
+
+    const ANTHROPIC_STREAM: &[&str] = &[
+        r#"{"type":"message_start","message":{"id":"m","content":[],"usage":{"input_tokens":20,"cache_creation_input_tokens":5,"cache_read_input_tokens":100,"output_tokens":1}}}"#,
+        r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+        r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello, how are you doing today?"}}"#,
+        r#"{"type":"content_block_stop","index":0}"#,
+        r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":15}}"#,
+        r#"{"type":"message_stop"}"#,
+    ];
+
+    fn anthropic_sse(events: &[&str]) -> String {
+        events
+            .iter()
+            .map(|e| {
+                let v: Value = serde_json::from_str(e).expect("json");
+                format!(
+                    "event: {}\ndata: {e}\n\n",
+                    v["type"].as_str().expect("type")
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn anthropic_stream_usage_counts_cache_tokens() {
+        let body = anthropic_sse(ANTHROPIC_STREAM);
+        for size in [1, 13, 10_000] {
+            let mut m = Meter::new(Api::AnthropicMessages, false);
+            m.on_response_start(true, true);
+            assert_eq!(feed(&mut m, &body, size), body);
+            assert_eq!(
+                m.usage(0),
+                Some(Usage {
+                    prompt: 125,
+                    completion: 15
+                })
+            );
+            assert!(m.exact());
+        }
+    }
+
+    #[test]
+    fn anthropic_stream_cut_after_message_start_keeps_exact_prompt() {
+        let body = anthropic_sse(&ANTHROPIC_STREAM[..3]);
+        let mut m = Meter::new(Api::AnthropicMessages, false);
+        m.on_response_start(true, true);
+        feed(&mut m, &body, 8);
+        let u = m.usage(999).expect("charged");
+        assert_eq!(u.prompt, 125);
+        assert_eq!(
+            u.completion,
+            count_tokens("Hello, how are you doing today?")
+        );
+    }
+
+    #[test]
+    fn anthropic_json_usage() {
+        let body = r#"{"id":"m","type":"message","content":[{"type":"text","text":"Hi"}],"usage":{"input_tokens":9,"output_tokens":4,"cache_read_input_tokens":1}}"#;
+        let mut m = Meter::new(Api::AnthropicMessages, false);
+        m.on_response_start(true, false);
+        feed(&mut m, body, 3);
+        assert_eq!(
+            m.usage(0),
+            Some(Usage {
+                prompt: 10,
+                completion: 4
+            })
+        );
+    }
+
+    #[test]
+    fn embeddings_count_prompt_tokens_only() {
+        let body =
+            r#"{"data":[{"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        let mut m = Meter::new(Api::OpenAiEmbeddings, false);
+        m.on_response_start(true, false);
+        feed(&mut m, body, 100);
+        assert_eq!(
+            m.usage(0),
+            Some(Usage {
+                prompt: 8,
+                completion: 0
+            })
+        );
+    }
+
+    #[test]
+    fn truncated_or_non_reporting_json_falls_back() {
+        let mut m = Meter::new(Api::OpenAiChat, false);
+        m.on_response_start(true, false);
+        feed(
+            &mut m,
+            r#"{"choices":[{"message":{"content":"a b c"}}]}"#,
+            100,
+        );
+        assert_eq!(
+            m.usage(7),
+            Some(Usage {
+                prompt: 7,
+                completion: count_tokens("a b c")
+            })
+        );
+        let mut m = Meter::new(Api::OpenAiChat, false);
+        m.on_response_start(true, false);
+        feed(&mut m, r#"{"choices":[{"message":{"content":"a b"#, 100);
+        assert_eq!(
+            m.usage(7),
+            Some(Usage {
+                prompt: 7,
+                completion: 0
+            })
+        );
+    }
+
+    #[test]
+    fn usage_is_found_in_the_tail_of_a_huge_body() {
+        let body = format!(
+            "{{\"data\":\"{}\\\"usage\\\": {{}}\",\"usage\":{{\"prompt_tokens\":3,\"total_tokens\":3}}}}",
+            "x".repeat(100)
+        );
+        let v = usage_from_tail(body.as_bytes()).expect("found");
+        assert_eq!(v["prompt_tokens"], 3);
+        assert!(usage_from_tail(b"{\"a\":1}").is_none());
+        assert!(usage_from_tail(b"\"usage\"").is_none());
+    }
+}
