@@ -28,7 +28,8 @@ impl Args {
     }
 
     pub fn req(&self, name: &str) -> Result<&str, String> {
-        self.str(name).ok_or_else(|| format!("--{name} is required"))
+        self.str(name)
+            .ok_or_else(|| format!("--{name} is required"))
     }
 
     pub fn get<T: FromStr>(&self, name: &str, default: T) -> Result<T, String> {

@@ -11,7 +11,10 @@ use crate::args::Args;
 const TARGETS: [(&str, &str); 3] = [
     ("direct", "upstream directly (no proxy)"),
     ("nginx", "nginx as a plain reverse proxy"),
-    ("gatekeeper", "llm-gatekeeper (user_token, quotas, accounting)"),
+    (
+        "gatekeeper",
+        "llm-gatekeeper (user_token, quotas, accounting)",
+    ),
 ];
 
 fn load(dir: &Path, name: &str) -> Value {
@@ -125,20 +128,13 @@ pub fn run(a: &Args) -> Result<(), String> {
         checks.push(Check {
             name: format!("Added P99 at {r:.0} req/s (llm-gatekeeper − direct)"),
             goal: "≤ 1 ms".into(),
-            measured: format!(
-                "{} (nginx: {})",
-                us_as_ms(d),
-                us_as_ms(dn)
-            ),
+            measured: format!("{} (nginx: {})", us_as_ms(d), us_as_ms(dn)),
             met: d.map(|x| x <= 1000.0),
         });
     }
     let sd = &streaming["direct"];
     let sg = &streaming["gatekeeper"];
-    let chunk_added = match (
-        num(sg, "chunk_delay.max_us"),
-        num(sd, "chunk_delay.p50_us"),
-    ) {
+    let chunk_added = match (num(sg, "chunk_delay.max_us"), num(sd, "chunk_delay.p50_us")) {
         (Some(g), Some(d)) => Some(g - d),
         _ => None,
     };
@@ -237,7 +233,8 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
     let _ = writeln!(
         w,
         "**Machine:** {} CPU(s) ({}), {}. **Tools:** nginx {}, wrk {}, {}; latency, streaming and flood \
-         load from this repository's `bench/loadgen`. Load average at start {} and at end {}{}.\n",
+         load from this repository's `bench/loadgen`. Load average at start {} and at end {} (a load well above 0 means other processes \
+         shared the CPUs and the numbers are pessimistic).\n",
         env.get("cpus").and_then(Value::as_u64).unwrap_or(0),
         s(env, "cpu_model"),
         s(env, "kernel"),
@@ -246,7 +243,6 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
         s(env, "rustc"),
         s(env, "loadavg_start"),
         s(&all["env_end"], "loadavg_end"),
-        " (a load well above 0 means other processes shared the CPUs and the numbers are pessimistic)"
     );
     let _ = writeln!(
         w,
@@ -405,8 +401,16 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
     let _ = writeln!(w, "| Users | {} |", num(st, "users").unwrap_or(0.0));
     let _ = writeln!(w, "| RSS, empty | {} |", kb_mb("rss_empty_kb"));
     let _ = writeln!(w, "| RSS, users loaded | {} |", kb_mb("rss_loaded_kb"));
-    let _ = writeln!(w, "| RSS, after 3 × GET /admin/users | {} |", kb_mb("rss_after_get_kb"));
-    let _ = writeln!(w, "| PUT /admin/users (all users, one request) | {} |", fmt_opt(num(st, "put_users_ms"), 1, " ms"));
+    let _ = writeln!(
+        w,
+        "| RSS, after 3 × GET /admin/users | {} |",
+        kb_mb("rss_after_get_kb")
+    );
+    let _ = writeln!(
+        w,
+        "| PUT /admin/users (all users, one request) | {} |",
+        fmt_opt(num(st, "put_users_ms"), 1, " ms")
+    );
     let _ = writeln!(
         w,
         "| GET /admin/users (best; runs: {} / {} / {}) | {} ({} bytes) |",
@@ -421,7 +425,11 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
         "| Startup from SQLite (exec → /health answers) | {} |",
         fmt_opt(num(st, "sqlite_startup_ms"), 1, " ms")
     );
-    let _ = writeln!(w, "| RSS after SQLite startup | {} |", kb_mb("sqlite_rss_kb"));
+    let _ = writeln!(
+        w,
+        "| RSS after SQLite startup | {} |",
+        kb_mb("sqlite_rss_kb")
+    );
     let _ = writeln!(
         w,
         "\nRSS is `VmRSS` from `/proc/<pid>/status`. The users are normal users with per-family limits; GET is \
@@ -450,7 +458,10 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
             })
             .unwrap_or_else(|| "n/a".into())
     };
-    let _ = writeln!(w, "| Run | Refused req/s | Statuses | Legitimate P50 / P99 |\n|---|---|---|---|");
+    let _ = writeln!(
+        w,
+        "| Run | Refused req/s | Statuses | Legitimate P50 / P99 |\n|---|---|---|---|"
+    );
     let _ = writeln!(
         w,
         "| flood alone | {} | {} | – |",

@@ -35,10 +35,7 @@ pub fn run_upstream(a: &Args) -> Result<(), String> {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .map_err(|e| format!("bind 127.0.0.1:{port}: {e}"))?;
-        eprintln!(
-            "sse-upstream listening on {:?}",
-            listener.local_addr().ok()
-        );
+        eprintln!("sse-upstream listening on {:?}", listener.local_addr().ok());
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
@@ -70,7 +67,11 @@ async fn handle(
             if seq > 0 {
                 tokio::time::sleep(gap).await;
             }
-            let finish = if seq + 1 == chunks { "\"stop\"" } else { "null" };
+            let finish = if seq + 1 == chunks {
+                "\"stop\""
+            } else {
+                "null"
+            };
             let data = format!(
                 "data: {{\"id\":\"{ID_PREFIX}{seq}-{ns}\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{seq} \"}},\"finish_reason\":{finish}}}]}}\n\n",
                 ns = unix_ns()
@@ -116,7 +117,10 @@ pub fn run_stream(a: &Args) -> Result<(), String> {
         let mut chunk_counts = Vec::new();
         let mut statuses = Vec::new();
         for k in 0..=streams {
-            sender.ready().await.map_err(|e| format!("connection: {e}"))?;
+            sender
+                .ready()
+                .await
+                .map_err(|e| format!("connection: {e}"))?;
             let t0 = Instant::now();
             let resp = sender
                 .send_request(load.request(k as u64))
@@ -132,7 +136,9 @@ pub fn run_stream(a: &Args) -> Result<(), String> {
                 let frame = frame.map_err(|e| format!("body: {e}"))?;
                 let now_ns = unix_ns();
                 let at = t0.elapsed();
-                let Ok(data) = frame.into_data() else { continue };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
                 buf.push_str(&String::from_utf8_lossy(&data));
                 while let Some(end) = buf.find("\n\n") {
                     let event: String = buf.drain(..end + 2).collect();
