@@ -35,6 +35,8 @@ pub struct AppState {
     pub upstreams: Arc<Upstreams>,
     pub quotas: Arc<Quotas>,
     pub lockout: Arc<Lockout>,
+    /// Admin web sessions, CSRF and the external session client (issue 7).
+    pub sessions: Arc<crate::admin::session::Sessions>,
     pub started_at: Instant,
 }
 
@@ -50,7 +52,9 @@ impl AppState {
             config.cli.brute_force_max_failed_attempts,
             std::time::Duration::from_secs(config.cli.brute_force_ttl_seconds),
         ));
+        let sessions = Arc::new(crate::admin::session::Sessions::from_config(&config)?);
         Ok(AppState {
+            sessions,
             config,
             users,
             persistence,

@@ -224,9 +224,26 @@ pub struct Config {
 impl Config {
     /// Parses the process's arguments and environment (after loading `.env`, which never
     /// overrides a variable that is already set).
+    ///
+    /// A variable set to the empty string counts as unset (so a `.env` copied from
+    /// `.env.example` works as is). Call this before starting any thread: it edits the
+    /// process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
         let _ = dotenvy::dotenv();
-        let cli = Cli::try_parse().map_err(|e| ConfigError(e.to_string()))?;
+        forget_empty_vars();
+        let cli = match Cli::try_parse() {
+            Ok(cli) => cli,
+            // `--help` and `--version` are not errors: print them and exit 0.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+                ) =>
+            {
+                e.exit()
+            }
+            Err(e) => return Err(ConfigError(describe_clap_error(&e))),
+        };
         Config::from_cli(cli, std::env::vars())
     }
 
@@ -240,7 +257,7 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let cli = Cli::try_parse_from(args).map_err(|e| ConfigError(e.to_string()))?;
+        let cli = Cli::try_parse_from(args).map_err(|e| ConfigError(describe_clap_error(&e)))?;
         Config::from_cli(cli, vars)
     }
 
@@ -319,6 +336,19 @@ impl Config {
             }
             _ => {}
         }
+        for (name, secs) in [
+            (
+                "UPSTREAM_CONNECT_TIMEOUT_SECS",
+                cli.upstream_connect_timeout_secs,
+            ),
+            ("UPSTREAM_TIMEOUT_SECS", cli.upstream_timeout_secs),
+        ] {
+            if secs == 0 {
+                return Err(ConfigError(format!(
+                    "{name} must be at least 1 (seconds); 0 would make every upstream request time out"
+                )));
+            }
+        }
         if cli.max_request_body_mb == 0 {
             return Err(ConfigError("MAX_REQUEST_BODY_MB must be at least 1".into()));
         }
@@ -355,6 +385,59 @@ impl Config {
     pub fn mode(&self) -> GatekeeperMode {
         self.cli.gatekeeper
     }
+}
+
+/// Removes our variables that are set to the empty string, so that clap uses their defaults.
+fn forget_empty_vars() {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    for arg in cmd.get_arguments() {
+        if let Some(name) = arg.get_env() {
+            if std::env::var_os(name).is_some_and(|v| v.is_empty()) {
+                // Safe here: called from `main` before the runtime starts any thread.
+                std::env::remove_var(name);
+            }
+        }
+    }
+}
+
+/// Turns clap's multi-line message into one line that names the environment variable, the
+/// rejected value and why (e.g. `PORT="abc" is invalid: invalid digit found in string`).
+fn describe_clap_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    use clap::CommandFactory;
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    if let (Some(arg), Some(value)) = (
+        context(ContextKind::InvalidArg),
+        context(ContextKind::InvalidValue),
+    ) {
+        // `arg` reads like "--port <PORT>": find that flag's environment variable.
+        let long = arg
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches('-');
+        let var = Cli::command()
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env().map(|v| v.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| arg.clone());
+        let mut msg = format!("{var}={value:?} is invalid");
+        if let Some(cause) = std::error::Error::source(e) {
+            msg.push_str(&format!(": {cause}"));
+        }
+        if let Some(ContextValue::Strings(valid)) = e.get(ContextKind::ValidValue) {
+            msg.push_str(&format!("; use one of: {}", valid.join(", ")));
+        }
+        msg.push_str(&format!(" (set by {var} or --{long})"));
+        return msg;
+    }
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.trim_start_matches("error: ").to_string()
 }
 
 /// Parses a comma-separated list of addresses or CIDR blocks. A bare address becomes a /32
@@ -394,6 +477,18 @@ mod tests {
         assert_eq!(c.mode(), GatekeeperMode::None);
         assert_eq!(c.proxy_endpoint_route, "/proxy");
         assert_eq!(c.cli.trusted_proxies, 1);
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable_on_one_line() {
+        let e = cfg(&["--port", "abc"]).expect_err("must fail");
+        assert!(e.0.starts_with("PORT=\"abc\" is invalid"), "{}", e.0);
+        assert!(!e.0.contains('\n'));
+        let e = cfg(&["--gatekeeper", "bogus"]).expect_err("must fail");
+        assert!(e.0.contains("GATEKEEPER=\"bogus\""), "{}", e.0);
+        assert!(e.0.contains("proxy_key"), "{}", e.0);
+        let e = cfg(&["--openai-base-url", "not a url"]).expect_err("must fail");
+        assert!(e.0.starts_with("OPENAI_BASE_URL="), "{}", e.0);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! `{"error":"…"}` as the original's admin API does. Internal causes go to the log, never to
 //! the client.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -19,6 +19,9 @@ pub struct ProxyError {
     pub message: String,
     /// Seconds for a `Retry-After` header.
     pub retry_after: Option<u64>,
+    /// Extra response headers (the rate-limit headers of a rate-limit refusal); boxed so that
+    /// `Result<_, ProxyError>` stays small.
+    pub headers: Option<Box<HeaderMap>>,
 }
 
 impl ProxyError {
@@ -28,6 +31,7 @@ impl ProxyError {
             kind,
             message: message.into(),
             retry_after: None,
+            headers: None,
         }
     }
     pub fn unauthorized(message: impl Into<String>) -> Self {
@@ -44,6 +48,10 @@ impl ProxyError {
             retry_after: Some(retry_after),
             ..Self::new(StatusCode::TOO_MANY_REQUESTS, kind, message)
         }
+    }
+    pub fn with_headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = Some(Box::new(headers));
+        self
     }
     pub fn with_retry_after(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs);
@@ -72,6 +80,11 @@ impl IntoResponse for ProxyError {
             "error": { "message": self.message, "type": self.kind, "code": self.kind },
         });
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(extra) = self.headers {
+            for (name, value) in extra.iter() {
+                resp.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));

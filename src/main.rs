@@ -8,16 +8,33 @@ use llm_gatekeeper::config::GatekeeperMode;
 use llm_gatekeeper::{AppState, Config};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Configuration is read before the runtime exists: it may edit the process environment,
+    // which is only sound while a single thread runs.
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
-            // clap's own messages (e.g. --help) already end with a newline.
-            eprintln!("llm-gatekeeper: configuration error: {}", e.0.trim_end());
+            eprintln!(
+                "llm-gatekeeper: configuration error: {}",
+                e.0.trim_end().trim_start_matches("error: ")
+            );
             return ExitCode::from(2);
         }
     };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("llm-gatekeeper: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
     let filter = EnvFilter::try_new(&config.cli.log_level).unwrap_or_else(|_| {
         eprintln!(
             "llm-gatekeeper: LOG_LEVEL={:?} is not a valid level; using info",
@@ -25,7 +42,12 @@ async fn main() -> ExitCode {
         );
         EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colours only on a terminal: log files and container logs get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .init();
 
     let addr = SocketAddr::new(config.cli.bind_address, config.cli.port);
     if config.mode() == GatekeeperMode::None && !addr.ip().is_loopback() {
@@ -49,7 +71,7 @@ async fn main() -> ExitCode {
         }
     };
     let local = listener.local_addr().unwrap_or(addr);
-    tracing::info!(%local, "llm-gatekeeper listening on http://{local}");
+    tracing::info!("llm-gatekeeper listening on http://{local}");
     match llm_gatekeeper::serve(state, listener, llm_gatekeeper::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

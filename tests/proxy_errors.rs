@@ -91,12 +91,19 @@ async fn proxy_key_mode_refuses_missing_and_wrong_keys_with_401_json() {
         .await
         .expect("req");
     json_error(alias, 401).await;
-    assert_eq!(fake.request_count(), 0, "a refused request reached the upstream");
+    assert_eq!(
+        fake.request_count(),
+        0,
+        "a refused request reached the upstream"
+    );
 
     // The right key, by either header, passes.
     for resp in [
         client.post(&url).bearer_auth(PROXY_KEY).json(&chat()),
-        client.post(&url).header("x-api-key", PROXY_KEY).json(&chat()),
+        client
+            .post(&url)
+            .header("x-api-key", PROXY_KEY)
+            .json(&chat()),
     ] {
         assert_eq!(resp.send().await.expect("req").status(), 200);
     }
@@ -178,7 +185,13 @@ async fn oversized_bodies_get_413_json_and_the_proxy_keeps_serving() {
     json_error(resp, 413).await;
     assert_eq!(fake.request_count(), 0);
     assert_eq!(
-        client.post(&url).json(&chat()).send().await.expect("req").status(),
+        client
+            .post(&url)
+            .json(&chat())
+            .send()
+            .await
+            .expect("req")
+            .status(),
         200
     );
 }
@@ -318,4 +331,34 @@ async fn client_disconnect_mid_stream_cancels_the_upstream_request() {
         .await
         .expect("req");
     assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn client_disconnect_before_the_upstream_answers_cancels_the_upstream_request() {
+    let fake = FakeUpstream::start().await;
+    let app = app_with(&fake.url, &[]).await;
+    fake.push(Reply::json(200, json!({})).delayed(Duration::from_secs(60)));
+    let url = format!("{}/v1/chat/completions", app.url);
+    let request = tokio::spawn(async move {
+        let _ = reqwest::Client::new().post(url).json(&chat()).send().await;
+    });
+    // Once the upstream has the request, the client goes away (its connection is dropped).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while fake.request_count() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    request.abort();
+    let _ = request.await;
+    // Only a guard against hanging: the assertion is that the upstream saw the cancellation.
+    while fake.abandoned_count() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upstream request was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -66,7 +66,10 @@ async fn openai_chat_non_streaming_forwards_original_bytes_with_operator_key() {
         .expect("request");
     assert_eq!(resp.status(), 200);
     let got: Value = resp.json().await.expect("json");
-    assert_eq!(got, openai_chat_json("gpt-4o-mini", "Hello from the fake upstream"));
+    assert_eq!(
+        got,
+        openai_chat_json("gpt-4o-mini", "Hello from the fake upstream")
+    );
 
     let seen = fake.last_request();
     assert_eq!(seen.method, "POST");
@@ -164,7 +167,10 @@ async fn anthropic_stream_is_relayed_chunk_by_chunk_with_client_version_and_beta
     assert!(resp.chunk().await.expect("end").is_none());
     let seen = fake.last_request();
     assert_eq!(seen.header("anthropic-version"), Some("2024-10-22"));
-    assert_eq!(seen.header("anthropic-beta"), Some("prompt-caching-2024-07-31"));
+    assert_eq!(
+        seen.header("anthropic-beta"),
+        Some("prompt-caching-2024-07-31")
+    );
 }
 
 #[tokio::test]
@@ -206,7 +212,10 @@ async fn client_credentials_and_private_headers_never_reach_the_upstream() {
         .expect("request");
     assert_eq!(resp.status(), 200);
     let seen = fake.last_request();
-    assert_eq!(seen.header("authorization"), Some("Bearer sk-operator-openai"));
+    assert_eq!(
+        seen.header("authorization"),
+        Some("Bearer sk-operator-openai")
+    );
     for (name, value) in &seen.headers {
         let v = value.to_str().unwrap_or("");
         assert!(
@@ -250,13 +259,29 @@ async fn aliases_reach_the_right_upstream_path_with_v1_added() {
     let app = proxy_for(&fake, &["--proxy-endpoint-route", "/compat/"]).await;
     let client = reqwest::Client::new();
     let cases = [
-        ("POST", "/compat/openai/chat/completions", "/v1/chat/completions"),
-        ("POST", "/compat/openai/v1/chat/completions", "/v1/chat/completions"),
+        (
+            "POST",
+            "/compat/openai/chat/completions",
+            "/v1/chat/completions",
+        ),
+        (
+            "POST",
+            "/compat/openai/v1/chat/completions",
+            "/v1/chat/completions",
+        ),
         ("POST", "/compat/openai/embeddings", "/v1/embeddings"),
         ("GET", "/compat/openai/models", "/v1/models"),
-        ("GET", "/compat/openai/v1/models/gpt-4o", "/v1/models/gpt-4o"),
+        (
+            "GET",
+            "/compat/openai/v1/models/gpt-4o",
+            "/v1/models/gpt-4o",
+        ),
         ("POST", "/compat/anthropic/messages", "/v1/messages"),
-        ("POST", "/compat/anthropic/v1/messages/count_tokens", "/v1/messages/count_tokens"),
+        (
+            "POST",
+            "/compat/anthropic/v1/messages/count_tokens",
+            "/v1/messages/count_tokens",
+        ),
     ];
     for (method, path, upstream_path) in cases {
         let rb = if method == "GET" {
@@ -285,7 +310,10 @@ async fn aliases_reach_the_right_upstream_path_with_v1_added() {
         .expect("request");
     assert_eq!(resp.status(), 404);
     let body: Value = resp.json().await.expect("json error");
-    assert!(body["error"]["message"].as_str().expect("message").contains("/compat/openai/v1/files"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .expect("message")
+        .contains("/compat/openai/v1/files"));
 }
 
 #[tokio::test]
@@ -335,4 +363,42 @@ async fn models_embeddings_and_count_tokens_with_query_strings() {
     let seen = fake.last_request();
     assert_eq!(seen.query.as_deref(), Some("beta=true"));
     assert_eq!(seen.header("x-api-key"), Some(ANTHROPIC_OP_KEY));
+}
+
+#[tokio::test]
+async fn unknown_paths_and_wrong_methods_get_json_errors() {
+    let fake = FakeUpstream::start().await;
+    let app = proxy_for(&fake, &[]).await;
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{}/v1/files", app.url))
+        .bearer_auth(PROXY_KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 404);
+    let body: Value = resp.json().await.expect("json");
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("/v1/files"), "{msg}");
+
+    let resp = client
+        .get(format!("{}/v1/chat/completions", app.url))
+        .bearer_auth(PROXY_KEY)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "POST");
+    let body: Value = resp.json().await.expect("json");
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("use POST"), "{msg}");
+
+    // Without the proxy key, an unknown path is refused like any other.
+    let resp = client
+        .post(format!("{}/v1/files", app.url))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 401);
+    assert_eq!(fake.request_count(), 0);
 }

@@ -24,6 +24,9 @@ async fn app(fake: &FakeUpstream, openai_keys: &str) -> common::TestApp {
             &fake.url,
             "--anthropic-base-url",
             &fake.url,
+            // These tests send more prompts than the default 4 per minute.
+            "--text-model-rate-limit",
+            "0",
         ],
         &[],
     )
@@ -73,7 +76,11 @@ async fn rate_limited_key_rests_and_the_request_is_retried_on_another() {
     let app = app(&fake, "k1,k2").await;
     fake.on_key("k1", Reply::rate_limited("30"));
     let resp = post_chat(&app).await;
-    assert_eq!(resp.status(), 200, "the client never sees the 429 of one key");
+    assert_eq!(
+        resp.status(),
+        200,
+        "the client never sees the 429 of one key"
+    );
     assert_eq!(creds(&fake), ["k1", "k2"]);
     // k1 rests: every following request goes to k2, without touching k1.
     for _ in 0..3 {
@@ -101,7 +108,10 @@ async fn when_every_key_is_rate_limited_the_client_gets_a_429() {
     let resp = post_chat(&app).await;
     assert_eq!(resp.status(), 429);
     let body: Value = resp.json().await.expect("json");
-    assert_eq!(body["error"]["message"], "Rate limit reached (fake upstream)");
+    assert_eq!(
+        body["error"]["message"],
+        "Rate limit reached (fake upstream)"
+    );
     // While it rests, the proxy answers itself, with Retry-After, without calling upstream.
     let resp = post_chat(&app).await;
     assert_eq!(resp.status(), 429);
@@ -113,7 +123,10 @@ async fn when_every_key_is_rate_limited_the_client_gets_a_429() {
     assert!((1..=120).contains(&retry), "retry-after {retry}");
     let body: Value = resp.json().await.expect("json");
     let msg = body["error"]["message"].as_str().expect("message");
-    assert!(msg.contains("OPENAI_KEY") && msg.contains("rate-limited"), "{msg}");
+    assert!(
+        msg.contains("OPENAI_KEY") && msg.contains("rate-limited"),
+        "{msg}"
+    );
     assert_eq!(fake.request_count(), 1);
 }
 
@@ -121,15 +134,18 @@ async fn when_every_key_is_rate_limited_the_client_gets_a_429() {
 async fn invalid_key_is_taken_out_of_rotation() {
     let fake = FakeUpstream::start().await;
     let app = app(&fake, "bad-key,good-key").await;
-    fake.on_key("bad-key", Reply::error(401, "Incorrect API key provided: bad-key"));
+    fake.on_key(
+        "bad-key",
+        Reply::error(401, "Incorrect API key provided: bad-key"),
+    );
     for _ in 0..3 {
         assert_eq!(post_chat(&app).await.status(), 200);
     }
-    assert_eq!(creds(&fake), ["bad-key", "good-key", "good-key", "good-key"]);
     assert_eq!(
-        app.state.upstreams.key_counts(Provider::OpenAi).invalid,
-        1
+        creds(&fake),
+        ["bad-key", "good-key", "good-key", "good-key"]
     );
+    assert_eq!(app.state.upstreams.key_counts(Provider::OpenAi).invalid, 1);
 
     // When the last key goes bad too, the client gets the proxy's own error, which names the
     // variable and never echoes the upstream's message (it may quote part of a key).
@@ -138,7 +154,10 @@ async fn invalid_key_is_taken_out_of_rotation() {
     assert_eq!(resp.status(), 503);
     let text = resp.text().await.expect("body");
     assert!(text.contains("OPENAI_KEY"), "{text}");
-    assert!(!text.contains("good-key") && !text.contains("bad-key"), "{text}");
+    assert!(
+        !text.contains("good-key") && !text.contains("bad-key"),
+        "{text}"
+    );
     assert_eq!(
         app.state.upstreams.key_counts(Provider::OpenAi),
         KeyCounts {

@@ -2,15 +2,17 @@
 //! extract arguments and call domain code in [`crate::users`].
 //!
 //! [`authorize`] is the one place that decides who is an administrator; it is called by the
-//! gatekeeper for every `/admin` route. Today it knows the bearer `ADMIN_KEY`
-//! ([`check_admin_key`]); cookie sessions and an external session validator plug in beside it.
+//! gatekeeper for every `/admin` route: the bearer `ADMIN_KEY` ([`check_admin_key`]), the
+//! admin UI's session cookie ([`session`]) and the external session service.
 
 pub mod api;
+pub mod session;
+pub mod ui;
 
 use std::net::IpAddr;
 
 use axum::http::{HeaderMap, Method};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::Router;
 
 use crate::app::AppState;
@@ -35,8 +37,12 @@ impl AdminIdentity {
     }
 }
 
-/// Decides whether a request to an `/admin` route comes from an administrator. A locked-out
-/// address is refused (429) before any credential is looked at, even a correct one.
+/// Decides whether a request to an `/admin` route comes from an administrator: the
+/// `ADMIN_KEY` as a Bearer credential ([`check_admin_key`]), a signed-in session cookie
+/// (`/admin/login`), or a session accepted by `ADMIN_SESSION_VALIDATE_URL`. A locked-out
+/// address is refused (429) before any credential is looked at, even a correct one. A browser
+/// without a session asking for an admin page is sent to the sign-in page; API clients get
+/// JSON.
 pub async fn authorize(
     state: &AppState,
     ip: IpAddr,
@@ -45,10 +51,48 @@ pub async fn authorize(
     headers: &HeaderMap,
 ) -> Result<AdminIdentity, Response> {
     if path == "/admin/login" {
+        // The sign-in form checks the key, the lockout and CSRF itself.
         return Ok(AdminIdentity::AdminKey);
     }
+    let page = ui::is_page(path);
     if let Some(secs) = state.lockout.locked_for(ip) {
+        if page {
+            return Err(Redirect::to("/admin/login").into_response());
+        }
         return Err(admin_lockout_error(secs).into_response());
+    }
+    if client_credential(headers).is_some() {
+        return check_admin_key(state, ip, headers).map_err(IntoResponse::into_response);
+    }
+    if let Some(s) = state.sessions.lookup(headers) {
+        return Ok(if s.who == AdminIdentity::AdminKey.who() {
+            AdminIdentity::AdminKey
+        } else {
+            AdminIdentity::Session(s.who)
+        });
+    }
+    match state.sessions.validate_external(headers).await {
+        session::External::Valid(user) => return Ok(AdminIdentity::Session(user)),
+        session::External::Rejected(why) => {
+            // Only an explicit session token counts as a guess: browsers send cookies unasked.
+            if headers.contains_key("x-session-token") {
+                state.lockout.record_failure(ip);
+            }
+            tracing::info!(%ip, reason = %why, "admin session refused by ADMIN_SESSION_VALIDATE_URL");
+        }
+        session::External::Unavailable(why) => {
+            tracing::warn!(%ip, reason = %why, "admin session refused: ADMIN_SESSION_VALIDATE_URL gave no usable answer");
+        }
+        session::External::NotConfigured | session::External::NoCredential => {}
+    }
+    if page {
+        return Err(Redirect::to("/admin/login").into_response());
+    }
+    if state.sessions.external_configured() {
+        return Err(AdminError::unauthorized(
+            "Admin authentication required: send 'Authorization: Bearer <ADMIN_KEY>' or a session accepted by ADMIN_SESSION_VALIDATE_URL (its cookie or 'X-Session-Token').",
+        )
+        .into_response());
     }
     check_admin_key(state, ip, headers).map_err(IntoResponse::into_response)
 }
@@ -88,5 +132,5 @@ pub fn check_admin_key(
 
 /// The `/admin` routes.
 pub fn routes() -> Router<AppState> {
-    Router::new().merge(api::routes())
+    Router::new().merge(api::routes()).merge(ui::routes())
 }

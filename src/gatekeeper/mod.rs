@@ -21,8 +21,10 @@ use crate::error::{AdminError, ProxyError};
 use crate::net::{in_list, ClientIp};
 use crate::users::UserType;
 
-/// Routes that need no credential. `/health` also bypasses the IP blacklist.
-pub const UNAUTHENTICATED_ROUTES: &[&str] = &["/health", "/", "/user", "/admin/login"];
+/// Routes that need no credential. `/health` also bypasses the IP blacklist. (`/admin/login`
+/// needs no credential either, but it stays in the admin zone so that `ADMIN_WHITELIST`
+/// covers it; [`crate::admin::authorize`] lets it through.)
+pub const UNAUTHENTICATED_ROUTES: &[&str] = &["/health", "/", "/user"];
 
 /// Who is making a proxied request, as decided by the gatekeeper.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -70,7 +70,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
         if u.is_expired(now) {
             return Look::Refused(expired_error());
         }
-        let known_ip = u.ip.iter().any(|i| *i == ip_s);
+        let known_ip = u.ip.contains(&ip_s);
         let fresh = u
             .last_used_at
             .is_some_and(|t| now.saturating_sub(t) < LAST_USED_RESOLUTION_MS);
@@ -112,7 +112,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
             return (Err(expired_error()), false);
         }
         let mut changed = false;
-        if !u.ip.iter().any(|i| *i == ip_s) {
+        if !u.ip.contains(&ip_s) {
             let limit = ip_limit(u.kind, u.max_ips, global_limit);
             if limit.is_some_and(|max| u.ip.len() >= max) {
                 if auto_ban {
@@ -158,6 +158,69 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::users::model::TokenCounts;
+    use crate::users::User;
+
+    async fn state(args: &[&str]) -> AppState {
+        let mut argv = vec![
+            "llm-gatekeeper",
+            "--gatekeeper",
+            "user_token",
+            "--admin-key",
+            "k",
+        ];
+        argv.extend_from_slice(args);
+        let config = Config::from_args(argv, Vec::<(String, String)>::new()).expect("config");
+        AppState::build(config).await.expect("state")
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[tokio::test]
+    async fn repeated_requests_do_not_mark_the_user_dirty() {
+        let st = state(&[]).await;
+        st.users.load(vec![User::new(
+            "t".into(),
+            UserType::Normal,
+            TokenCounts::new(),
+            0,
+        )]);
+        admit(&st, "t", ip("10.0.0.1")).expect("admitted");
+        assert_eq!(
+            st.users.pending(),
+            1,
+            "new address and first use are recorded"
+        );
+        let _ = st.users.take_batch();
+        admit(&st, "t", ip("10.0.0.1")).expect("admitted");
+        assert_eq!(
+            st.users.pending(),
+            0,
+            "same address within a second: nothing to write"
+        );
+        admit(&st, "t", ip("10.0.0.2")).expect("admitted");
+        assert_eq!(st.users.pending(), 1, "a new address is written at once");
+        let u = st.users.get("t").expect("user");
+        assert_eq!(u.ip, vec!["10.0.0.1".to_string(), "10.0.0.2".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn refusals_do_not_change_the_user() {
+        let st = state(&["--max-ips-per-user", "1"]).await;
+        let mut u = User::new("t".into(), UserType::Normal, TokenCounts::new(), 0);
+        u.ip = vec!["10.0.0.1".into()];
+        st.users.load(vec![u.clone()]);
+        let e = admit(&st, "t", ip("10.0.0.2")).expect_err("over the limit");
+        assert_eq!(e.status, axum::http::StatusCode::FORBIDDEN);
+        assert_eq!(e.message, IP_LIMIT_MESSAGE);
+        assert_eq!(st.users.pending(), 0);
+        assert_eq!(st.users.get("t"), Some(u));
+        let e = admit(&st, "nope", ip("10.0.0.2")).expect_err("unknown");
+        assert_eq!(e.status, axum::http::StatusCode::UNAUTHORIZED);
+    }
 
     #[test]
     fn special_users_and_zero_are_unlimited() {

@@ -10,9 +10,11 @@ use tiktoken_rs::CoreBPE;
 
 use crate::upstream::api::Api;
 
-/// Text longer than this is tokenized only in part and the count extrapolated: the estimate
-/// stays close while a multi-megabyte prompt cannot stall the request path.
-const EXACT_COUNT_BYTES: usize = 512 * 1024;
+/// Text longer than this is not tokenized whole: three samples of [`SAMPLE_BYTES`] (start,
+/// middle, end) are, and the count is extrapolated. The estimate stays close while a
+/// multi-megabyte prompt cannot hold up the request path (tokenizing runs on the async worker).
+const EXACT_COUNT_BYTES: usize = 128 * 1024;
+const SAMPLE_BYTES: usize = 32 * 1024;
 
 /// Tokens charged for one image part (OpenAI's low-detail price); images are not tokenized.
 const IMAGE_TOKENS: u64 = 85;
@@ -45,12 +47,26 @@ pub fn count_tokens(text: &str) -> u64 {
     if text.len() <= EXACT_COUNT_BYTES {
         return bpe.count_ordinary(text) as u64;
     }
-    let mut cut = EXACT_COUNT_BYTES;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
+    let len = text.len();
+    let mut sampled_bytes = 0u64;
+    let mut sampled_tokens = 0u64;
+    for start in [0, len / 2 - SAMPLE_BYTES / 2, len - SAMPLE_BYTES] {
+        let sample = char_slice(text, start, start + SAMPLE_BYTES);
+        sampled_bytes += sample.len() as u64;
+        sampled_tokens += bpe.count_ordinary(sample) as u64;
     }
-    let head = bpe.count_ordinary(&text[..cut]) as u64;
-    head.saturating_mul(text.len() as u64) / cut.max(1) as u64
+    sampled_tokens.saturating_mul(len as u64) / sampled_bytes.max(1)
+}
+
+/// `text[start..end]`, with both ends moved back to character boundaries.
+fn char_slice(text: &str, mut start: usize, mut end: usize) -> &str {
+    while !text.is_char_boundary(start) {
+        start -= 1;
+    }
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[start..end]
 }
 
 /// What admission needs to know about a generation request body.
@@ -244,6 +260,11 @@ mod tests {
             (250_000..=350_000).contains(&n),
             "extrapolated count {n} is close"
         );
+        // Multi-byte characters at the sample edges are fine.
+        let wide = "héllo wörld ünïcode ".repeat(20_000);
+        let exact = bpe().expect("tokenizer").count_ordinary(&wide) as u64;
+        let n = count_tokens(&wide);
+        assert!(n.abs_diff(exact) * 10 < exact, "{n} vs exact {exact}");
     }
 
     #[test]

@@ -186,9 +186,9 @@ fn openai_family(m: &str) -> Option<&'static str> {
 /// The reasoning models: `o1`, `o1-mini`, `o1-pro`, `o3`, `o3-mini`, `o3-pro`, `o4-mini`.
 fn o_series_family(m: &str) -> Option<&'static str> {
     for (prefix, base, mini, pro) in [
-        ("o1", "o1", "o1-mini", "o1-pro"),
-        ("o3", "o3", "o3-mini", "o3-pro"),
-        ("o4", "o4-mini", "o4-mini", "o4-mini"),
+        ("o1", Some("o1"), "o1-mini", Some("o1-pro")),
+        ("o3", Some("o3"), "o3-mini", Some("o3-pro")),
+        ("o4", None, "o4-mini", None),
     ] {
         let Some(rest) = m.strip_prefix(prefix) else {
             continue;
@@ -197,10 +197,10 @@ fn o_series_family(m: &str) -> Option<&'static str> {
             return Some(mini);
         }
         if rest.starts_with("-pro") {
-            return Some(pro);
+            return pro;
         }
         if is_snapshot_suffix(rest) {
-            return Some(base);
+            return base;
         }
     }
     None
@@ -373,6 +373,8 @@ mod tests {
         assert_eq!(oa(""), OPENAI_FALLBACK);
         assert_eq!(oa("gpt-4x"), OPENAI_FALLBACK);
         assert_eq!(oa("o5-ultra"), OPENAI_FALLBACK);
+        assert_eq!(oa("o4"), OPENAI_FALLBACK);
+        assert_eq!(oa("o1x"), OPENAI_FALLBACK);
         assert_eq!(an("mystery"), ANTHROPIC_FALLBACK);
         assert_eq!(an(""), ANTHROPIC_FALLBACK);
         // Odd input never panics.

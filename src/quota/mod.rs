@@ -115,7 +115,7 @@ impl Ticket {
 
     /// Called when the upstream body ended normally.
     pub fn finish(mut self) {
-        self.settle();
+        self.settle(false);
     }
 
     /// The usage this ticket would charge now (for tests and logs).
@@ -125,12 +125,22 @@ impl Ticket {
     }
 
     /// Releases the reservation and charges the real (or, failing that, estimated) usage.
-    fn settle(&mut self) {
+    /// `abandoned`: the ticket was dropped unfinished.
+    fn settle(&mut self, abandoned: bool) {
         let Some(s) = self.settlement.take() else {
             return;
         };
         self.meter.end();
-        let usage = self.meter.usage(s.prompt_estimate);
+        let usage = if abandoned && !self.meter.started() {
+            // The client went away while the upstream was working on the request (before it
+            // answered): the upstream got the prompt, so the prompt is charged.
+            Some(Usage {
+                prompt: s.prompt_estimate,
+                completion: 0,
+            })
+        } else {
+            self.meter.usage(s.prompt_estimate)
+        };
         let charge = usage.map(Usage::total).unwrap_or(0);
         let found = s.users.update_entry(&s.token, |e| {
             if let Some(r) = e.reserved.get_mut(&s.family) {
@@ -163,7 +173,7 @@ impl Drop for Ticket {
     /// A ticket dropped before `finish` is a response cut short (usually the client went
     /// away): what was seen is still charged, estimated where the upstream did not report it.
     fn drop(&mut self) {
-        self.settle();
+        self.settle(true);
     }
 }
 
@@ -246,7 +256,8 @@ impl Quotas {
                         limiter.limit()
                     ),
                     wait,
-                ));
+                )
+                .with_headers(decision.headers));
             }
             headers = decision.headers;
         }
@@ -263,8 +274,9 @@ impl Quotas {
         let facts = request_facts(req.api, body);
         let family = family_for(req.api.provider(), &facts.model);
         let requested = facts.requested();
-        let special = kind == Some(UserType::Special);
         let outcome = self.users.update_entry(token, |e| {
+            // The stored type decides (an admin may have changed it since authentication).
+            let special = e.user.kind == UserType::Special;
             let limit = e.user.token_limits.get(&family).copied().unwrap_or(0);
             let used = e.user.token_counts.get(&family).copied().unwrap_or(0);
             let reserved = e.reserved.get(&family).copied().unwrap_or(0);
@@ -290,7 +302,11 @@ impl Quotas {
                     "Your user token no longer exists; ask the proxy operator for a new one.",
                 ))
             }
-            Some(Err(r)) => return Err(self.quota_error(&family, requested, &r)),
+            Some(Err(r)) => {
+                return Err(self
+                    .quota_error(&family, requested, &r)
+                    .with_headers(headers))
+            }
             Some(Ok(())) => {}
         }
 
@@ -409,6 +425,11 @@ impl Quotas {
     /// Refreshes quotas on the `QUOTA_REFRESH_PERIOD` schedule and forgets idle rate-limit
     /// keys, until `shutdown`.
     pub async fn run_refresh(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        // Load the tokenizer now, off the request path, so the first prompt does not wait.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::task::spawn_blocking(|| estimate::count_tokens("warm up")) => {}
+        }
         if let Some(s) = &self.schedule {
             tracing::info!(period = %s.source, next = ?self.next_refresh(), "quota refresh scheduled");
         }

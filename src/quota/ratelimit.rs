@@ -20,12 +20,12 @@ pub enum RateKey {
     Ip(IpAddr),
 }
 
-type Limiter =
-    RateLimiter<RateKey, DashMapStateStore<RateKey>, DefaultClock, StateInformationMiddleware>;
+type Limiter<C> = RateLimiter<RateKey, DashMapStateStore<RateKey>, C, StateInformationMiddleware>;
 
-pub struct PromptLimiter {
-    limiter: Limiter,
-    clock: DefaultClock,
+/// The limiter over a clock (the real one in the server, a fake one in tests).
+pub struct PromptLimiter<C: Clock = DefaultClock> {
+    limiter: Limiter<C>,
+    clock: C,
     limit: u32,
     interval: Duration,
 }
@@ -45,9 +45,15 @@ pub const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 impl PromptLimiter {
     /// `None` when `per_minute` is 0 (the limit is disabled).
     pub fn new(per_minute: u32) -> Option<PromptLimiter> {
+        PromptLimiter::with_clock(per_minute, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> PromptLimiter<C> {
+    /// As [`PromptLimiter::new`], over `clock`.
+    pub fn with_clock(per_minute: u32, clock: C) -> Option<PromptLimiter<C>> {
         let limit = NonZeroU32::new(per_minute)?;
         let quota = Quota::per_minute(limit);
-        let clock = DefaultClock::default();
         Some(PromptLimiter {
             limiter: RateLimiter::dashmap_with_clock(quota, clock.clone())
                 .with_middleware::<StateInformationMiddleware>(),
@@ -117,6 +123,7 @@ fn ceil_secs(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use governor::clock::FakeRelativeClock;
 
     fn header(d: &RateDecision, name: &HeaderName) -> u64 {
         d.headers
@@ -129,6 +136,33 @@ mod tests {
     #[test]
     fn zero_disables() {
         assert!(PromptLimiter::new(0).is_none());
+    }
+
+    #[test]
+    fn refill_retry_after_reset_and_forgetting_on_a_driven_clock() {
+        let clock = FakeRelativeClock::default();
+        let l = PromptLimiter::with_clock(4, clock.clone()).expect("enabled");
+        let k = RateKey::User("u".into());
+        let first = l.check(&k);
+        // One prompt used; it is back after 15 s.
+        assert_eq!(header(&first, &RESET), 15);
+        for _ in 0..3 {
+            assert!(l.check(&k).retry_after.is_none());
+        }
+        let refused = l.check(&k);
+        assert_eq!(refused.retry_after, Some(15));
+        assert_eq!(header(&refused, &RESET), 60);
+        clock.advance(Duration::from_secs(15));
+        let d = l.check(&k);
+        assert!(d.retry_after.is_none(), "one prompt refilled after 15 s");
+        assert_eq!(header(&d, &REMAINING), 0);
+        assert_eq!(l.check(&k).retry_after, Some(15));
+        // Once its bucket is full again (plus one interval), the key is forgotten, so memory
+        // stays bounded by the callers of the last minute or so.
+        clock.advance(Duration::from_secs(80));
+        l.retain_recent();
+        assert!(l.is_empty());
+        assert_eq!(header(&l.check(&k), &REMAINING), 3);
     }
 
     #[test]

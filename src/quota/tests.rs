@@ -248,17 +248,37 @@ fn upstream_errors_charge_nothing_and_release_the_reservation() {
     t.finish();
     assert_eq!(counts(&users, "u", "gpt4o"), (0, 0));
 
-    // No response at all (upstream unreachable): nothing charged either.
+    // The forwarder's own error (upstream unreachable) is reported as a status: no charge.
+    let mut t = admit(
+        &q,
+        &user("u", UserType::Normal),
+        Api::OpenAiChat,
+        &mut chat(10),
+    )
+    .expect("admitted")
+    .ticket;
+    t.on_response_start(StatusCode::BAD_GATEWAY, false);
+    t.finish();
+    assert_eq!(counts(&users, "u", "gpt4o"), (0, 0));
+}
+
+#[test]
+fn client_gone_before_the_upstream_answered_pays_the_prompt() {
+    let (q, users) = quotas(NO_RATE, &[]);
+    add_user(&users, "u", UserType::Normal, &[]);
+    let body = chat(10);
+    let prompt = estimate::request_facts(Api::OpenAiChat, &body).prompt_tokens;
     drop(
         admit(
             &q,
             &user("u", UserType::Normal),
             Api::OpenAiChat,
-            &mut chat(10),
+            &mut body.clone(),
         )
         .expect("admitted"),
     );
-    assert_eq!(counts(&users, "u", "gpt4o"), (0, 0));
+    assert_eq!(counts(&users, "u", "gpt4o"), (prompt, 0));
+    assert!(prompt > 0);
 }
 
 #[test]
@@ -369,6 +389,11 @@ fn non_users_are_rate_limited_by_address_but_not_counted() {
     assert_eq!(err.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(err.kind, "rate_limit_error");
     assert!(err.retry_after.is_some_and(|s| s >= 1));
+    let extra = err.headers.as_deref().expect("rate-limit headers");
+    assert_eq!(
+        extra.get(ratelimit::REMAINING).map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
     // The admin is exempt; non-generation requests are not limited.
     assert!(admit(&q, &Principal::Admin, Api::OpenAiChat, &mut chat(1)).is_ok());
     assert!(admit(&q, &p, Api::OpenAiOther, &mut json!({})).is_ok());
@@ -483,6 +508,46 @@ async fn refresh_task_stops_on_shutdown() {
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(q.clone().run_refresh(stop.clone()));
     tokio::task::yield_now().await;
+    stop.cancel();
+    task.await.expect("task ends");
+}
+
+#[tokio::test]
+async fn background_task_refreshes_when_the_driven_clock_reaches_the_tick() {
+    let t0 = Local
+        .with_ymd_and_hms(2026, 5, 4, 23, 59, 0)
+        .single()
+        .expect("local time");
+    let now = Arc::new(AtomicI64::new(t0.timestamp()));
+    let clock_now = now.clone();
+    let clock: Clock = Arc::new(move || {
+        Local
+            .timestamp_opt(clock_now.load(Ordering::SeqCst), 0)
+            .single()
+            .expect("valid")
+    });
+    let users = UserStore::new();
+    let cfg = config(
+        &["--quota-refresh-period", "daily"],
+        &[("TOKEN_QUOTA_CLAUDE", "500")],
+    );
+    let q = Arc::new(Quotas::with_clock(&cfg, users.clone(), clock).expect("builds"));
+    add_user(&users, "n", UserType::Normal, &[("claude", 10)]);
+    let tick = q.next_refresh().expect("scheduled");
+    // The clock jumps to the tick: the task notices without waiting for real time to pass.
+    now.store(tick.timestamp(), Ordering::SeqCst);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(q.clone().run_refresh(stop.clone()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while users
+        .get("n")
+        .and_then(|u| u.token_limits.get("claude").copied())
+        != Some(500)
+    {
+        assert!(std::time::Instant::now() < deadline, "refresh did not run");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(q.next_refresh(), Some(tick + chrono::Duration::days(1)));
     stop.cancel();
     task.await.expect("task ends");
 }

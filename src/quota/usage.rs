@@ -4,7 +4,7 @@
 //! behalf, and keeps the generated text so that a response whose usage never arrives can be
 //! estimated. Knows nothing of users or the store.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use serde_json::Value;
 
 use super::estimate::count_tokens;
@@ -41,6 +41,10 @@ pub struct Meter {
     is_sse: bool,
     /// SSE: bytes of a line that has not ended yet.
     partial_line: BytesMut,
+    /// SSE: the data so far ended with a `\r` (a `\n` may follow, completing `\r\n`).
+    after_cr: bool,
+    /// SSE: whether the last complete line was forwarded to the client.
+    last_line_forwarded: bool,
     /// SSE: data lines of the current event that did not parse on their own.
     event_data: String,
     /// SSE: the current event is the hidden usage chunk; its remaining lines are dropped.
@@ -65,6 +69,8 @@ impl Meter {
             success: None,
             is_sse: false,
             partial_line: BytesMut::new(),
+            after_cr: false,
+            last_line_forwarded: true,
             event_data: String::new(),
             dropping_event: false,
             body: Vec::new(),
@@ -80,6 +86,11 @@ impl Meter {
     pub fn on_response_start(&mut self, success: bool, is_sse: bool) {
         self.success = Some(success);
         self.is_sse = is_sse;
+    }
+
+    /// True once the upstream answered (whatever the status).
+    pub fn started(&self) -> bool {
+        self.success.is_some()
     }
 
     /// True when the response started with a 2xx status.
@@ -106,7 +117,9 @@ impl Meter {
         out.freeze()
     }
 
-    /// Called when the body ended (normally or not): reads what is still buffered.
+    /// Called when the body ended (normally or not): reads what is still buffered. A final
+    /// line without a line ending can only be read here, not forwarded any more, when usage
+    /// chunks are being hidden; SSE servers end every line, so this never happens in practice.
     pub fn end(&mut self) {
         if !self.succeeded() {
             return;
@@ -171,26 +184,46 @@ impl Meter {
         }
     }
 
-    /// Splits SSE bytes into lines; complete lines are handled (and, when `out` is given,
-    /// forwarded unless hidden) at once, a partial line waits for the rest.
+    /// Splits SSE bytes into lines (ended by `\n`, `\r\n` or a lone `\r`, as the SSE format
+    /// allows); complete lines are handled (and, when `out` is given, forwarded unless hidden)
+    /// at once, a partial line waits for the rest. A `\r` at the very end of the data ends its
+    /// line at once; a `\n` that then starts the next chunk completes that `\r\n` and follows
+    /// the fate (forwarded or hidden) of its line.
     fn scan_sse(&mut self, chunk: &[u8], mut out: Option<&mut BytesMut>) {
-        let mut rest = chunk;
-        while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
-            let (line, tail) = rest.split_at(nl + 1);
-            rest = tail;
-            if self.partial_line.is_empty() {
-                self.sse_line(line, out.as_deref_mut());
-            } else {
-                self.partial_line.extend_from_slice(line);
-                let whole = std::mem::take(&mut self.partial_line);
-                self.sse_line(&whole, out.as_deref_mut());
+        let mut buf = std::mem::take(&mut self.partial_line);
+        buf.extend_from_slice(chunk);
+        let mut start = 0;
+        if self.after_cr {
+            if let Some(&first) = buf.first() {
+                self.after_cr = false;
+                if first == b'\n' {
+                    if let (true, Some(out)) = (self.last_line_forwarded, out.as_deref_mut()) {
+                        out.extend_from_slice(b"\n");
+                    }
+                    start = 1;
+                }
             }
         }
-        self.partial_line.extend_from_slice(rest);
+        while let Some(i) = buf[start..].iter().position(|&b| b == b'\n' || b == b'\r') {
+            let i = start + i;
+            let end = match (buf[i], buf.get(i + 1)) {
+                (b'\n', _) => i + 1,
+                (_, Some(b'\n')) => i + 2,
+                (_, Some(_)) => i + 1,
+                (_, None) => {
+                    self.after_cr = true;
+                    i + 1
+                }
+            };
+            self.last_line_forwarded = self.sse_line(&buf[start..end], out.as_deref_mut());
+            start = end;
+        }
+        buf.advance(start);
+        self.partial_line = buf;
     }
 
-    /// Handles one complete SSE line (with its line ending).
-    fn sse_line(&mut self, raw: &[u8], out: Option<&mut BytesMut>) {
+    /// Handles one complete SSE line (with its line ending); returns whether it was forwarded.
+    fn sse_line(&mut self, raw: &[u8], out: Option<&mut BytesMut>) -> bool {
         let line = trim_eol(raw);
         if line.is_empty() {
             let hidden = self.dropping_event;
@@ -200,7 +233,7 @@ impl Meter {
                     out.extend_from_slice(raw);
                 }
             }
-            return;
+            return !hidden;
         }
         if let Some(data) = line.strip_prefix(b"data:") {
             let data = data.strip_prefix(b" ").unwrap_or(data);
@@ -220,11 +253,13 @@ impl Meter {
                 self.event_data.push_str(&text);
             }
         }
-        if !self.dropping_event {
-            if let Some(out) = out {
-                out.extend_from_slice(raw);
-            }
+        if self.dropping_event {
+            return false;
         }
+        if let Some(out) = out {
+            out.extend_from_slice(raw);
+        }
+        true
     }
 
     fn end_event(&mut self) {
@@ -525,6 +560,29 @@ mod tests {
                 completion: 4
             })
         );
+    }
+
+    #[test]
+    fn every_sse_line_ending_is_understood() {
+        for eol in ["\n", "\r\n", "\r"] {
+            let body: String = [OPENAI_CHUNK, OPENAI_USAGE_CHUNK, "[DONE]"]
+                .iter()
+                .map(|e| format!("data: {e}{eol}{eol}"))
+                .collect();
+            let expected = format!("data: {OPENAI_CHUNK}{eol}{eol}data: [DONE]{eol}{eol}");
+            for size in [1, 2, 3, 7, 10_000] {
+                let mut m = Meter::new(Api::OpenAiChat, true);
+                m.on_response_start(true, true);
+                assert_eq!(feed(&mut m, &body, size), expected, "{eol:?} size {size}");
+                assert_eq!(
+                    m.usage(0),
+                    Some(Usage {
+                        prompt: 11,
+                        completion: 7
+                    })
+                );
+            }
+        }
     }
 
     #[test]

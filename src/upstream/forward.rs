@@ -154,13 +154,19 @@ pub async fn proxy(
             // Phase 5: relay.
             relay(resp, ticket, extra_headers)
         }
-        Err(e) => {
+        Err(Failure {
+            error: e,
+            key,
+            cause,
+        }) => {
             tracing::warn!(
                 method = %ctx.method,
                 path = %ctx.client_path,
                 status = e.status.as_u16(),
                 upstream_ms = started.elapsed().as_millis() as u64,
+                key = key.as_deref().unwrap_or("-"),
                 error = %e.message,
+                cause = cause.as_ref().map(|c| c as &dyn std::error::Error),
                 "proxy failed"
             );
             // The ticket learns that the request ended with our own error, so that quota
@@ -325,7 +331,7 @@ async fn send(
     url: &str,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<(reqwest::Response, ChosenKey), ProxyError> {
+) -> Result<(reqwest::Response, ChosenKey), Failure> {
     let auth_header = match upstream.provider {
         Provider::OpenAi => header::AUTHORIZATION,
         Provider::Anthropic => HeaderName::from_static("x-api-key"),
@@ -337,7 +343,11 @@ async fn send(
             Err(no) => {
                 return match last_429 {
                     Some(r) => Ok(r),
-                    None => Err(no_key_error(upstream, no)),
+                    None => Err(Failure {
+                        error: no_key_error(upstream, no),
+                        key: None,
+                        cause: None,
+                    }),
                 }
             }
         };
@@ -351,10 +361,16 @@ async fn send(
         if !body.is_empty() || ctx.method == Method::POST {
             rb = rb.body(body.clone());
         }
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| fail_to_proxy(state, upstream, &e))?;
+        let resp = match rb.send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Err(Failure {
+                    error: fail_to_proxy(state, upstream, &e),
+                    key: Some(key.fingerprint),
+                    cause: Some(e),
+                })
+            }
+        };
         match resp.status() {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 upstream
@@ -368,6 +384,14 @@ async fn send(
             _ => return Ok((resp, key)),
         }
     }
+}
+
+/// Why [`send`] produced no upstream response: the client's error, the key in use (by
+/// fingerprint) and the underlying cause, for the one log line of the request.
+struct Failure {
+    error: ProxyError,
+    key: Option<String>,
+    cause: Option<reqwest::Error>,
 }
 
 /// The client-facing error when no key can be used.
@@ -399,7 +423,6 @@ fn no_key_error(upstream: &ProviderUpstream, no: NoKey) -> ProxyError {
 /// (refused, unreachable, reset) 502. The cause goes to the log only.
 fn fail_to_proxy(state: &AppState, upstream: &ProviderUpstream, e: &reqwest::Error) -> ProxyError {
     let var = upstream.base_url_var;
-    tracing::warn!(error = %e, base_url_var = var, "upstream request failed");
     if e.is_timeout() {
         let (which, secs) = if e.is_connect() {
             (

@@ -173,15 +173,69 @@ fn is_model_id_path(path: &str) -> bool {
 pub fn routes(config: &Config) -> Router<AppState> {
     let prefix = &config.proxy_endpoint_route;
     Router::new()
-        .route("/v1/chat/completions", post(openai_chat))
-        .route("/v1/completions", post(openai_completions))
-        .route("/v1/embeddings", post(openai_embeddings))
-        .route("/v1/models", get(openai_other))
-        .route("/v1/models/{id}", get(openai_other))
-        .route("/v1/messages", post(anthropic_messages))
-        .route("/v1/messages/count_tokens", post(anthropic_other))
+        .route(
+            "/v1/chat/completions",
+            post(openai_chat).fallback(wrong_method),
+        )
+        .route(
+            "/v1/completions",
+            post(openai_completions).fallback(wrong_method),
+        )
+        .route(
+            "/v1/embeddings",
+            post(openai_embeddings).fallback(wrong_method),
+        )
+        .route("/v1/models", get(openai_other).fallback(wrong_method))
+        .route("/v1/models/{id}", get(openai_other).fallback(wrong_method))
+        .route(
+            "/v1/messages",
+            post(anthropic_messages).fallback(wrong_method),
+        )
+        .route(
+            "/v1/messages/count_tokens",
+            post(anthropic_other).fallback(wrong_method),
+        )
+        .route("/v1/{*rest}", any(unknown_route))
         .route(&format!("{prefix}/openai/{{*rest}}"), any(openai_alias))
-        .route(&format!("{prefix}/anthropic/{{*rest}}"), any(anthropic_alias))
+        .route(
+            &format!("{prefix}/anthropic/{{*rest}}"),
+            any(anthropic_alias),
+        )
+}
+
+/// Another method on a proxied path: a JSON error instead of axum's empty 405.
+async fn wrong_method(req: Request) -> Response {
+    let path = req.uri().path();
+    let allowed = if path == "/v1/models" || path.starts_with("/v1/models/") {
+        "GET"
+    } else {
+        "POST"
+    };
+    let mut resp = ProxyError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{} {path} is not supported; use {allowed}.", req.method()),
+    )
+    .into_response();
+    resp.headers_mut().insert(
+        axum::http::header::ALLOW,
+        axum::http::HeaderValue::from_static(allowed),
+    );
+    resp
+}
+
+/// A `/v1/...` path this proxy does not serve: a JSON 404 instead of an empty one.
+async fn unknown_route(req: Request) -> Response {
+    ProxyError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!(
+            "{} {} is not a route of this proxy; see the list of supported routes in docs/proxy.md",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+    .into_response()
 }
 
 async fn openai_chat(State(s): State<AppState>, req: Request) -> Response {

@@ -68,8 +68,12 @@ fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        // Some errors repeat their source in their own message; say it once.
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -82,6 +86,18 @@ fn snippet(body: &str) -> String {
         Some((i, _)) => format!("{}…", &t[..i]),
         None => t.to_string(),
     }
+}
+
+/// `https://`, or plain `http://` to a loopback address (local emulators and tests): where a
+/// bearer credential may be sent.
+fn is_safe_url(url: &Url) -> bool {
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    url.scheme() == "https" || (url.scheme() == "http" && loopback)
 }
 
 /// Encodes a token as an RTDB key: `%`, the characters RTDB forbids in keys (`. $ # [ ] /`)
@@ -188,8 +204,7 @@ impl FirebaseBackend {
                 (url, None)
             }
             None => {
-                let loopback = matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]" | "::1");
-                if db_url.scheme() != "https" && !(db_url.scheme() == "http" && loopback) {
+                if !is_safe_url(&db_url) {
                     return Err(BackendError::Config(format!(
                         "FIREBASE_RTDB_URL={db_url} must use https:// (plain http only to a loopback address); for an emulator set FIREBASE_DATABASE_EMULATOR_HOST"
                     )));
@@ -241,18 +256,20 @@ impl FirebaseBackend {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let url = self.shown_url();
+        // Messages name only the path: they reach the public `/health?verbose`, and the
+        // original treats the database URL as a secret. Startup errors add the URL.
+        let url = self.users_url.path().to_string();
         let resp = req.send().await.map_err(|e| {
             BackendError::Unavailable(format!(
                 "FIREBASE_RTDB_URL: {method} {url} failed: {}",
-                chain(&e)
+                chain(&e.without_url())
             ))
         })?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| {
             BackendError::Unavailable(format!(
                 "FIREBASE_RTDB_URL: {method} {url}: cannot read the response: {}",
-                chain(&e)
+                chain(&e.without_url())
             ))
         })?;
         if status.is_success() {
@@ -315,9 +332,26 @@ impl OAuth {
         let token_uri = fields
             .token_uri
             .ok_or_else(|| malformed("no token_uri".into()))?;
-        Url::parse(&token_uri).map_err(|e| malformed(format!("token_uri is not a URL ({e})")))?;
-        let account =
-            gcp_auth::CustomServiceAccount::from_json(&json).map_err(|e| malformed(chain(&e)))?;
+        let parsed = Url::parse(&token_uri)
+            .map_err(|e| malformed(format!("token_uri is not a URL ({e})")))?;
+        // The signed assertion is a credential: it may cross a network only encrypted.
+        if !is_safe_url(&parsed) {
+            return Err(malformed(format!(
+                "token_uri {token_uri} must use https:// (plain http only to a loopback address)"
+            )));
+        }
+        let account = gcp_auth::CustomServiceAccount::from_json(&json).map_err(|e| {
+            let why = chain(&e);
+            // gcp_auth also builds an HTTPS client here, which needs the system's CA
+            // certificates; that is not the key's fault.
+            if why.contains("root certificates") {
+                BackendError::Config(format!(
+                    "FIREBASE_KEY: cannot prepare HTTPS for the service account ({why}); install the system CA certificates (ca-certificates)"
+                ))
+            } else {
+                malformed(why)
+            }
+        })?;
         Ok(OAuth {
             account,
             client_email,
@@ -431,7 +465,18 @@ impl UserBackend for FirebaseBackend {
 
     fn load_all(&self) -> BoxFuture<'_, Result<Loaded, BackendError>> {
         Box::pin(async move {
-            let text = self.request(reqwest::Method::GET, None).await?;
+            let shown = self.shown_url();
+            let text = self
+                .request(reqwest::Method::GET, None)
+                .await
+                .map_err(|e| match e {
+                    BackendError::Config(m) => {
+                        BackendError::Config(format!("{m} (database {shown})"))
+                    }
+                    BackendError::Unavailable(m) => {
+                        BackendError::Unavailable(format!("{m} (database {shown})"))
+                    }
+                })?;
             let value: Value = serde_json::from_str(&text).map_err(|e| {
                 BackendError::Unavailable(format!(
                     "FIREBASE_RTDB_URL: {} did not return JSON ({e})",
@@ -529,6 +574,17 @@ mod tests {
     }
 
     #[test]
+    fn credentials_go_only_over_https_or_loopback() {
+        let ok = |u: &str| is_safe_url(&Url::parse(u).expect("url"));
+        assert!(ok("https://x-default-rtdb.firebaseio.com"));
+        assert!(ok("http://127.0.0.1:9000"));
+        assert!(ok("http://[::1]:9000"));
+        assert!(ok("http://localhost:9000"));
+        assert!(!ok("http://x-default-rtdb.firebaseio.com"));
+        assert!(!ok("http://10.0.0.1:9000"));
+    }
+
+    #[test]
     fn bad_nested_keys_are_found() {
         let v = serde_json::json!({"token":"a","meta":{"x.y":1}});
         assert!(bad_value(&v).is_some());
@@ -541,9 +597,8 @@ mod tests {
         let u = parse_record("abc", serde_json::json!({"promptCount": 2})).expect("parses");
         assert_eq!(u.token, "abc");
         assert_eq!(u.prompt_count, 2);
-        let (fp, _) = parse_record("abc", serde_json::json!({"promptCount": "x"}))
-            .err()
-            .expect("fails");
+        let (fp, _) =
+            parse_record("abc", serde_json::json!({"promptCount": "x"})).expect_err("fails");
         assert_eq!(fp, fingerprint("abc"));
     }
 }

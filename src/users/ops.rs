@@ -284,7 +284,12 @@ impl UserPatch {
                 ));
             }
             match key.as_str() {
-                "token" | "tokenCount" => {}
+                // The caller decides which token counts (the path wins in a single upsert),
+                // but a token of the wrong type is still a mistake worth reporting.
+                "token" => {
+                    as_string(f, val)?;
+                }
+                "tokenCount" => {}
                 "ip" => p.ip = Some(as_ips(f, val)?),
                 "type" => p.kind = Some(as_kind(f, val)?),
                 "promptCount" => p.prompt_count = Some(as_count(f, val)?),

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::backend::{BackendError, MemoryBackend, UserBackend};
 use super::firebase::FirebaseBackend;
 use super::sqlite::SqliteBackend;
+use super::store::Batch;
 use super::{now_ms, UserStore};
 use crate::config::{Config, ConfigError, StoreKind};
 
@@ -37,7 +38,7 @@ pub struct PersistStatus {
     /// Changes in the batch being written right now.
     pub in_flight: usize,
     pub flush_interval_secs: u64,
-    /// When a flush last succeeded (epoch ms): every change made before it is stored.
+    /// When the last successful flush began (epoch ms): every change made before it is stored.
     pub last_flush_ok_ms: Option<i64>,
     /// The most recent flush error, kept after recovery for diagnosis.
     pub last_error: Option<String>,
@@ -79,7 +80,7 @@ impl Persistence {
             let hint = match &e {
                 BackendError::Config(_) => "fix the variable named above",
                 BackendError::Unavailable(_) => {
-                    "check that the database is reachable and the variable named above is right"
+                    "check that the address named above is reachable and the variable is right"
                 }
             };
             ConfigError(format!(
@@ -144,7 +145,13 @@ impl Persistence {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.users.flush_requested(), if retry.is_none() => {}
             }
-            match self.flush_once().await {
+            // A slow write (a hanging database) must not delay shutdown beyond the final
+            // flush's bound: it is abandoned, its batch handed back and written again below.
+            let result = tokio::select! {
+                r = self.flush_once() => r,
+                _ = shutdown.cancelled() => break,
+            };
+            match result {
                 Ok(_) => retry = None,
                 Err(_) => {
                     let next = retry.map_or(FIRST_RETRY, |d| (d * 2).min(MAX_RETRY));
@@ -157,21 +164,34 @@ impl Persistence {
 
     /// Writes every pending change once. On failure the batch is pending again.
     pub async fn flush_once(&self) -> Result<usize, BackendError> {
+        // Every change made before the batch is taken is in it (or already stored), so this
+        // is the moment a successful flush vouches for.
+        let started = now_ms();
         let batch = self.users.take_batch();
         let n = batch.changed.len() + batch.deleted.len();
         if n == 0 {
             // Nothing pending and nothing in flight: everything is stored as of now.
             let mut s = self.status_mut();
             s.consecutive_failures = 0;
-            s.last_flush_ok_ms = Some(now_ms());
+            s.last_flush_ok_ms = Some(started);
             return Ok(0);
         }
+        // If this future is dropped mid-write (shutdown cut a slow write short), the guard
+        // hands the batch back so that the final flush writes it again.
+        let mut guard = InFlight {
+            persistence: self,
+            batch: Some(batch),
+        };
         self.status_mut().in_flight = n;
-        let result = self.backend.write(&batch.changed, &batch.deleted).await;
-        let mut s = self.status_mut();
-        s.in_flight = 0;
+        let result = match &guard.batch {
+            Some(b) => self.backend.write(&b.changed, &b.deleted).await,
+            None => Ok(()),
+        };
         match result {
             Ok(()) => {
+                guard.batch = None;
+                drop(guard);
+                let mut s = self.status_mut();
                 if s.consecutive_failures > 0 {
                     tracing::info!(
                         failures = s.consecutive_failures,
@@ -180,13 +200,12 @@ impl Persistence {
                     );
                 }
                 s.consecutive_failures = 0;
-                s.last_flush_ok_ms = Some(now_ms());
+                s.last_flush_ok_ms = Some(started);
                 tracing::debug!(changes = n, store = self.backend.name(), "flushed users");
                 Ok(n)
             }
             Err(e) => {
-                drop(s);
-                self.users.restore_batch(batch);
+                drop(guard);
                 let mut s = self.status_mut();
                 s.consecutive_failures += 1;
                 s.last_error = Some(e.to_string());
@@ -204,6 +223,10 @@ impl Persistence {
 
     /// The last flush at shutdown: retried until everything is written or the time is up.
     async fn final_flush(&self) {
+        if self.backend.name() == "memory" {
+            // Nothing outlives the process with the memory store; say nothing reassuring.
+            return;
+        }
         let deadline = tokio::time::Instant::now() + FINAL_FLUSH_TIMEOUT;
         loop {
             if self.users.pending() == 0 {
@@ -222,12 +245,28 @@ impl Persistence {
                 Err(_) => break,
             }
         }
-        let lost = self.users.pending() + self.status_mut().in_flight;
+        let lost = self.users.pending();
         tracing::error!(
             lost,
             timeout_secs = FINAL_FLUSH_TIMEOUT.as_secs(),
             "shutdown: the final flush did not complete in time; these user changes were not stored"
         );
+    }
+}
+
+/// A batch being written: unless it was stored (`batch` taken), dropping this hands the
+/// batch back to the store, whether the write failed or was abandoned.
+struct InFlight<'a> {
+    persistence: &'a Persistence,
+    batch: Option<Batch>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.persistence.status_mut().in_flight = 0;
+        if let Some(batch) = self.batch.take() {
+            self.persistence.users.restore_batch(batch);
+        }
     }
 }
 
@@ -243,6 +282,7 @@ mod tests {
     #[derive(Default)]
     struct Flaky {
         fail: AtomicBool,
+        hang: AtomicBool,
         written: Mutex<Vec<User>>,
     }
 
@@ -259,6 +299,9 @@ mod tests {
             _deleted: &'a [String],
         ) -> BoxFuture<'a, Result<(), BackendError>> {
             Box::pin(async move {
+                if self.hang.load(Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
                 if self.fail.load(Ordering::SeqCst) {
                     return Err(BackendError::Unavailable("down".into()));
                 }
@@ -301,5 +344,24 @@ mod tests {
         assert_eq!(p.status().pending, 0);
         assert!(p.status().last_flush_ok_ms.is_some());
         assert_eq!(backend.written.lock().expect("lock").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_write_hands_its_batch_back() {
+        let backend = Arc::new(Flaky::default());
+        let p = persistence(backend.clone());
+        p.users.upsert(User::new(
+            "a".into(),
+            UserType::Normal,
+            Default::default(),
+            0,
+        ));
+        backend.hang.store(true, Ordering::SeqCst);
+        let cut = tokio::time::timeout(Duration::from_millis(50), p.flush_once()).await;
+        assert!(cut.is_err(), "the write hangs");
+        let s = p.status();
+        assert_eq!((s.pending, s.in_flight), (1, 0));
+        backend.hang.store(false, Ordering::SeqCst);
+        assert_eq!(p.flush_once().await.expect("flushes"), 1);
     }
 }

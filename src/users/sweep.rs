@@ -26,8 +26,7 @@ pub struct SweepReport {
 /// One pass at `now_ms`: disables expired temporary users, then deletes temporary users
 /// disabled more than `purge_after` ago.
 pub fn sweep_once(users: &UserStore, now_ms: i64, purge_after: Duration) -> SweepReport {
-    let mut report = SweepReport::default();
-    report.disabled = users.update_all(|u| {
+    let disabled = users.update_all(|u| {
         if u.is_expired(now_ms) && !u.is_disabled() {
             u.disabled_at = Some(now_ms);
             u.disabled_reason = Some(EXPIRED_REASON.to_string());
@@ -36,6 +35,10 @@ pub fn sweep_once(users: &UserStore, now_ms: i64, purge_after: Duration) -> Swee
             false
         }
     });
+    let mut report = SweepReport {
+        disabled,
+        purged: 0,
+    };
     let purge_ms = i64::try_from(purge_after.as_millis()).unwrap_or(i64::MAX);
     let mut doomed = Vec::new();
     users.for_each(|u| {

@@ -5,13 +5,18 @@
 #![allow(dead_code)]
 
 pub mod admin;
+pub mod binary;
+pub mod quota;
 pub mod upstream;
+pub mod web;
 
 use std::net::SocketAddr;
 
 use llm_gatekeeper::{AppState, Config};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+pub mod persist;
 
 pub struct TestApp {
     pub addr: SocketAddr,

@@ -269,25 +269,21 @@ fn gated_body(gate: GateBody) -> Body {
         ended: false,
     };
     let stream = futures::stream::unfold((rx, flag), move |(mut rx, mut flag)| async move {
-        loop {
-            let msg = match heartbeat {
-                Some(every) => match tokio::time::timeout(every, rx.recv()).await {
-                    Ok(m) => m,
-                    Err(_) => {
-                        return Some((
-                            Ok::<Bytes, std::io::Error>(Bytes::from_static(b": ping\n\n")),
-                            (rx, flag),
-                        ))
-                    }
-                },
-                None => rx.recv().await,
-            };
-            match msg {
-                Some(GateMsg::Chunk(b)) => return Some((Ok(b), (rx, flag))),
-                Some(GateMsg::End) | None => {
-                    flag.disarm();
-                    return None;
+        let msg = match heartbeat {
+            Some(every) => match tokio::time::timeout(every, rx.recv()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    let ping = Bytes::from_static(b": ping\n\n");
+                    return Some((Ok::<Bytes, std::io::Error>(ping), (rx, flag)));
                 }
+            },
+            None => rx.recv().await,
+        };
+        match msg {
+            Some(GateMsg::Chunk(b)) => Some((Ok(b), (rx, flag))),
+            Some(GateMsg::End) | None => {
+                flag.disarm();
+                None
             }
         }
     });
@@ -296,6 +292,9 @@ fn gated_body(gate: GateBody) -> Body {
 
 #[derive(Default)]
 struct Inner {
+    /// Requests whose handler was dropped before the response head was ready (the client
+    /// closed the connection while the fake upstream was "thinking", see [`Reply::delayed`]).
+    abandoned: std::sync::atomic::AtomicUsize,
     requests: Mutex<Vec<Recorded>>,
     queue: Mutex<VecDeque<Reply>>,
     by_key: Mutex<HashMap<String, Reply>>,
@@ -378,6 +377,14 @@ impl FakeUpstream {
             .expect("the fake upstream received a request")
     }
 
+    /// How many requests were abandoned by their client before the fake upstream answered
+    /// (observable with [`Reply::delayed`]).
+    pub fn abandoned_count(&self) -> usize {
+        self.inner
+            .abandoned
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The credentials of every request so far, in order.
     pub fn credentials(&self) -> Vec<Option<String>> {
         self.requests().iter().map(Recorded::credential).collect()
@@ -403,7 +410,9 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     let reply = scripted.unwrap_or_else(|| default_reply(&rec));
     inner.requests.lock().expect("lock").push(rec);
     if let Some(d) = reply.delay {
+        let guard = Abandoned(Some(inner.clone()));
         tokio::time::sleep(d).await;
+        guard.disarm();
     }
     let body = match reply.body {
         ReplyBody::Full(b) => Body::from(b),
@@ -426,6 +435,25 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
     resp
 }
 
+/// Counts a handler dropped while it was still waiting (its client went away).
+struct Abandoned(Option<Arc<Inner>>);
+
+impl Abandoned {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.take() {
+            inner
+                .abandoned
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
 /// The answer when nothing is scripted: a plausible response for the path, echoing the
 /// request's `model`, as SSE when the body asks for `"stream": true`.
 pub fn default_reply(req: &Recorded) -> Reply {
@@ -441,9 +469,10 @@ pub fn default_reply(req: &Recorded) -> Reply {
             &["Hello", " from", " the fake upstream"],
             include_usage,
         )),
-        ("POST", "/v1/chat/completions") => {
-            Reply::json(200, openai_chat_json(&model, "Hello from the fake upstream"))
-        }
+        ("POST", "/v1/chat/completions") => Reply::json(
+            200,
+            openai_chat_json(&model, "Hello from the fake upstream"),
+        ),
         ("POST", "/v1/completions") => Reply::json(
             200,
             json!({

@@ -1,0 +1,210 @@
+//! The service info page at `/`: what a client needs to connect (endpoint base URLs, how to
+//! authenticate, providers and how many keys work, model families and default quotas, the
+//! rate limit, uptime), as HTML for people and JSON for programs. Never shows a key.
+
+use axum::http::{header, HeaderMap};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::app::AppState;
+use crate::config::GatekeeperMode;
+use crate::upstream::api::Provider;
+
+/// One endpoint family and how to use it.
+#[derive(Serialize)]
+pub struct Endpoint {
+    pub name: &'static str,
+    pub url: String,
+    pub usage: &'static str,
+}
+
+/// One provider: how many keys are configured and how many currently work.
+#[derive(Serialize)]
+pub struct ProviderInfo {
+    pub name: &'static str,
+    pub keys: usize,
+    pub working: usize,
+}
+
+/// The public base URL of this proxy as the client sees it: the `Host` header, and the
+/// scheme from `X-Forwarded-Proto` when a trusted reverse proxy is in front.
+pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+        })
+        .unwrap_or("localhost");
+    let proto = if state.config.cli.trusted_proxies > 0 {
+        headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .filter(|p| matches!(*p, "http" | "https"))
+            .unwrap_or("http")
+    } else {
+        "http"
+    };
+    format!("{proto}://{host}")
+}
+
+/// How a client authenticates in the configured mode.
+pub fn auth_description(mode: GatekeeperMode) -> &'static str {
+    match mode {
+        GatekeeperMode::None => "Open: no key is needed.",
+        GatekeeperMode::ProxyKey => {
+            "Shared password: send the proxy key as 'Authorization: Bearer <key>' (or 'x-api-key: <key>' for Anthropic clients)."
+        }
+        GatekeeperMode::UserToken => {
+            "Personal token: send your user token as 'Authorization: Bearer <token>' (or 'x-api-key: <token>' for Anthropic clients)."
+        }
+    }
+}
+
+fn mode_name(mode: GatekeeperMode) -> &'static str {
+    match mode {
+        GatekeeperMode::None => "none",
+        GatekeeperMode::ProxyKey => "proxy_key",
+        GatekeeperMode::UserToken => "user_token",
+    }
+}
+
+/// Providers with their key counts as the forwarder sees them right now (keys resting after a
+/// 429 or rejected by the upstream do not count as working).
+pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
+    [
+        ("openai", Provider::OpenAi),
+        ("anthropic", Provider::Anthropic),
+    ]
+    .into_iter()
+    .map(|(name, p)| {
+        let c = state.upstreams.key_counts(p);
+        ProviderInfo {
+            name,
+            keys: c.total,
+            working: c.working,
+        }
+    })
+    .collect()
+}
+
+/// Describes `QUOTA_REFRESH_PERIOD` and when quotas next refresh (epoch milliseconds).
+pub fn refresh_description(state: &AppState) -> (String, Option<i64>) {
+    let period = state.config.cli.quota_refresh_period.trim();
+    let what = match period.to_ascii_lowercase().as_str() {
+        "" => {
+            return (
+                "never: only the administrator resets quotas".to_string(),
+                None,
+            )
+        }
+        "hourly" => "every hour".to_string(),
+        "daily" => "every day at midnight (server time)".to_string(),
+        _ => format!("on the schedule '{period}' (server time)"),
+    };
+    match state.quotas.next_refresh().map(|t| t.timestamp_millis()) {
+        Some(ms) => (
+            format!("{what}; next at {}", super::templates::format_ms(ms)),
+            Some(ms),
+        ),
+        None => (what, None),
+    }
+}
+
+/// The whole page as one JSON value (the HTML page renders the same data).
+pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
+    let base = base_url(state, headers);
+    let route = &state.config.proxy_endpoint_route;
+    let endpoints = vec![
+        Endpoint {
+            name: "OpenAI-compatible",
+            url: format!("{base}/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions, /completions, /embeddings; GET /models)",
+        },
+        Endpoint {
+            name: "OpenAI-compatible (alias)",
+            url: format!("{base}{route}/openai/v1"),
+            usage: "the same, under the compatibility prefix",
+        },
+        Endpoint {
+            name: "Anthropic",
+            url: base.clone(),
+            usage: "base URL for Anthropic SDKs (POST /v1/messages)",
+        },
+        Endpoint {
+            name: "Anthropic (alias)",
+            url: format!("{base}{route}/anthropic"),
+            usage: "the same, under the compatibility prefix",
+        },
+    ];
+    // Every known family, with its default quota (0: unlimited), plus any family that only
+    // appears in a `TOKEN_QUOTA_*` variable.
+    let quotas = &state.config.token_quotas;
+    let mut names: Vec<&str> = crate::quota::families::FAMILIES.to_vec();
+    names.extend(
+        quotas
+            .keys()
+            .map(String::as_str)
+            .filter(|f| !crate::quota::families::FAMILIES.contains(f)),
+    );
+    let families: Vec<Value> = names
+        .into_iter()
+        .map(|f| json!({ "family": f, "quota": quotas.get(f).copied().unwrap_or(0) }))
+        .collect();
+    let uptime = state.started_at.elapsed().as_secs();
+    let (refresh, next) = refresh_description(state);
+    json!({
+        "uptime": uptime,
+        "uptimeHuman": super::templates::human_duration(uptime),
+        "gatekeeper": mode_name(state.config.mode()),
+        "auth": auth_description(state.config.mode()),
+        "endpoints": endpoints,
+        "providers": providers(state),
+        "modelFamilies": families,
+        "rateLimit": { "promptsPerMinute": state.config.cli.text_model_rate_limit },
+        "quotaRefresh": {
+            "period": state.config.cli.quota_refresh_period,
+            "description": refresh,
+            "nextAt": next,
+        },
+    })
+}
+
+/// True when the client prefers JSON (`Accept: application/json` before any HTML type).
+pub fn wants_json(headers: &HeaderMap) -> bool {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let json = accept.find("application/json");
+    let html = accept.find("text/html");
+    match (json, html) {
+        (Some(j), Some(h)) => j < h,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_negotiation() {
+        let mut h = HeaderMap::new();
+        assert!(!wants_json(&h));
+        h.insert(header::ACCEPT, "application/json".parse().expect("hv"));
+        assert!(wants_json(&h));
+        h.insert(
+            header::ACCEPT,
+            "text/html,application/xhtml+xml,application/json;q=0.9"
+                .parse()
+                .expect("hv"),
+        );
+        assert!(!wants_json(&h));
+    }
+}

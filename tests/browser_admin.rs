@@ -1,0 +1,397 @@
+//! End-to-end in headless Chromium (Debian's `chromium` + `chromium-driver`, driven through
+//! WebDriver with fantoccini): an operator signs in, creates, edits, disables and re-enables a
+//! user, imports and exports users and signs out; a user looks up their quota at `/user`. A
+//! PNG screenshot of every page is saved in `test-artifacts/`.
+//!
+//! Without `/usr/bin/chromium` or `chromedriver` the test is skipped with a note, unless the
+//! environment variable `CI` is set, in which case it fails.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::web::ADMIN_KEY;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+
+fn chromedriver() -> Option<PathBuf> {
+    ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// Kills chromedriver (and with it Chromium) when the test ends, even on panic.
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn start_driver(path: &Path) -> (Driver, String) {
+    let port = free_port();
+    let child = Command::new(path)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let driver = Driver(child);
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    for _ in 0..100 {
+        if let Ok(r) = http.get(format!("{url}/status")).send().await {
+            if r.status().is_success() {
+                return (driver, url);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("chromedriver did not start on port {port}");
+}
+
+async fn connect(driver_url: &str, profile: &Path, downloads: &Path) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--disable-dev-shm-usage", "--window-size=1280,900",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+            "prefs": {
+                "download.default_directory": downloads.display().to_string(),
+                "download.prompt_for_download": false,
+            },
+        }),
+    );
+    ClientBuilder::rustls()
+        .expect("TLS connector")
+        .capabilities(caps)
+        .connect(driver_url)
+        .await
+        .expect("a Chromium session")
+}
+
+fn artifacts() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("test-artifacts");
+    std::fs::create_dir_all(&dir).expect("create test-artifacts/");
+    dir
+}
+
+async fn shot(c: &Client, name: &str) {
+    let png = c.screenshot().await.expect("screenshot");
+    std::fs::write(artifacts().join(format!("{name}.png")), png).expect("write screenshot");
+}
+
+async fn body_text(c: &Client) -> String {
+    c.find(Locator::Css("body"))
+        .await
+        .expect("body")
+        .text()
+        .await
+        .expect("text")
+}
+
+async fn fill(c: &Client, css: &str, value: &str) {
+    let e = c.find(Locator::Css(css)).await.expect(css);
+    e.clear().await.expect("clear");
+    e.send_keys(value).await.expect("type");
+}
+
+/// Waits (at most 10 s) for an element of the next page.
+async fn wait(c: &Client, css: &str) -> Result<(), String> {
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(css))
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("waiting for {css}: {e}"))
+}
+
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .expect("click");
+}
+
+#[tokio::test]
+async fn operator_and_user_journeys_in_chromium() {
+    let Some(driver_path) = chromedriver().filter(|_| Path::new(CHROMIUM).exists()) else {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "CI is set but Chromium is missing: apt-get install -y chromium chromium-driver"
+            );
+        }
+        eprintln!("note: skipping the browser test: install Chromium with `apt-get install -y chromium chromium-driver`");
+        return;
+    };
+    let app = common::spawn(
+        &[
+            "--gatekeeper",
+            "user_token",
+            "--admin-key",
+            ADMIN_KEY,
+            "--openai-key",
+            "sk-test-not-real",
+            "--quota-refresh-period",
+            "daily",
+        ],
+        &[
+            ("TOKEN_QUOTA_TURBO", "100000"),
+            ("TOKEN_QUOTA_CLAUDE", "50000"),
+        ],
+    )
+    .await;
+    // `localhost` is a secure context for Chromium, so the `Secure` session cookie is kept.
+    let base = app.url.replace("127.0.0.1", "localhost");
+    let (_driver, driver_url) = start_driver(&driver_path).await;
+    let profile = tempfile::tempdir().expect("profile dir");
+    let downloads = tempfile::tempdir().expect("download dir");
+    let c = connect(&driver_url, profile.path(), downloads.path()).await;
+
+    let result = journey(&c, &app, &base, downloads.path()).await;
+    let _ = c.close().await;
+    result.expect("the browser journey succeeds");
+}
+
+async fn journey(
+    c: &Client,
+    app: &common::TestApp,
+    base: &str,
+    downloads: &Path,
+) -> Result<(), String> {
+    // The info page.
+    c.goto(&format!("{base}/"))
+        .await
+        .map_err(|e| e.to_string())?;
+    assert!(body_text(c).await.contains("Service info"));
+    shot(c, "01-info").await;
+
+    // A browser without a session lands on the sign-in page.
+    c.goto(&format!("{base}/admin"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let url = c.current_url().await.map_err(|e| e.to_string())?;
+    assert_eq!(url.path(), "/admin/login");
+    shot(c, "02-login").await;
+    fill(c, "input[name=key]", "not-the-key").await;
+    click(c, "button[type=submit]").await;
+    let text = body_text(c).await;
+    assert!(text.contains("Wrong admin key"));
+    assert!(!c
+        .source()
+        .await
+        .map_err(|e| e.to_string())?
+        .contains("not-the-key"));
+    shot(c, "03-login-wrong-key").await;
+    fill(c, "input[name=key]", ADMIN_KEY).await;
+    click(c, "button[type=submit]").await;
+    wait(c, "table").await?;
+    assert!(body_text(c).await.contains("Users"));
+    shot(c, "04-users-empty").await;
+
+    // Create a user.
+    click(c, "main a[href='/admin/manage/users/new']").await;
+    wait(c, "select[name=type]").await?;
+    fill(c, "input[name=nickname]", "browser-user").await;
+    fill(c, "input[name='limit.turbo']", "2000").await;
+    shot(c, "05-new-user").await;
+    click(
+        c,
+        "form[action='/admin/manage/users/new'] button[type=submit]",
+    )
+    .await;
+    wait(c, "input[name=reason]").await?;
+    assert!(body_text(c).await.contains("User created."));
+    let url = c.current_url().await.map_err(|e| e.to_string())?;
+    let token = url
+        .path()
+        .trim_start_matches("/admin/manage/users/")
+        .to_string();
+    let user = app
+        .state
+        .users
+        .get(&token)
+        .ok_or("the created user exists")?;
+    assert_eq!(user.nickname.as_deref(), Some("browser-user"));
+    assert_eq!(user.token_limits.get("turbo"), Some(&2000));
+    shot(c, "06-user-created").await;
+
+    // Edit it.
+    fill(c, "input[name=nickname]", "renamed-user").await;
+    fill(c, "textarea[name=adminNote]", "created by the browser test").await;
+    c.find(Locator::Css("select#type"))
+        .await
+        .map_err(|e| e.to_string())?
+        .select_by_value("special")
+        .await
+        .map_err(|e| e.to_string())?;
+    click(c, "form.card > .actions button[type=submit]").await;
+    wait(c, "input[name=reason]").await?;
+    assert!(body_text(c).await.contains("Changes saved."));
+    let user = app.state.users.get(&token).ok_or("user")?;
+    assert_eq!(user.nickname.as_deref(), Some("renamed-user"));
+    assert_eq!(user.kind, llm_gatekeeper::users::UserType::Special);
+    shot(c, "07-user-edited").await;
+
+    // Disable with a reason, then re-enable.
+    fill(c, "input[name=reason]", "testing the disable button").await;
+    click(c, "button.danger").await;
+    wait(c, "form[action$='/enable']").await?;
+    assert!(body_text(c).await.contains("testing the disable button"));
+    assert!(app.state.users.get(&token).ok_or("user")?.is_disabled());
+    shot(c, "08-user-disabled").await;
+    click(c, "form[action$='/enable'] button").await;
+    wait(c, "input[name=reason]").await?;
+    assert!(body_text(c).await.contains("User re-enabled."));
+    assert!(!app.state.users.get(&token).ok_or("user")?.is_disabled());
+
+    // Import: preview, then apply.
+    let file = tempfile::Builder::new()
+        .suffix(".json")
+        .tempfile()
+        .map_err(|e| e.to_string())?;
+    std::fs::write(
+        file.path(),
+        br#"{"users":[{"token":"imported-1","nickname":"imp one","type":"normal"},{"token":"imported-2","promptCount":3}]}"#,
+    )
+    .map_err(|e| e.to_string())?;
+    c.goto(&format!("{base}/admin/manage/import"))
+        .await
+        .map_err(|e| e.to_string())?;
+    c.find(Locator::Css("input[type=file]"))
+        .await
+        .map_err(|e| e.to_string())?
+        .send_keys(&file.path().display().to_string())
+        .await
+        .map_err(|e| e.to_string())?;
+    shot(c, "09-import").await;
+    click(c, "form[enctype='multipart/form-data'] button").await;
+    wait(c, "form[action='/admin/manage/import/apply']").await?;
+    let text = body_text(c).await;
+    assert!(
+        text.contains("New users\n2") || text.contains("New users 2"),
+        "{text}"
+    );
+    assert!(
+        !app.state.users.contains("imported-1"),
+        "a preview changes nothing"
+    );
+    shot(c, "10-import-preview").await;
+    click(c, "form[action='/admin/manage/import/apply'] button").await;
+    wait(c, ".msg.ok").await?;
+    assert!(body_text(c).await.contains("Imported 2 users (2 new)."));
+    assert!(app.state.users.contains("imported-1"));
+    shot(c, "11-import-applied").await;
+
+    // Export: the download holds every user.
+    click(c, "a[href='/admin/manage/export']").await;
+    let mut exported = None;
+    for _ in 0..100 {
+        if let Ok(rd) = std::fs::read_dir(downloads) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with("users-") && name.ends_with(".json") {
+                    exported = std::fs::read_to_string(e.path()).ok();
+                }
+            }
+        }
+        if exported.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exported = exported.ok_or("the export was downloaded")?;
+    let v: serde_json::Value = serde_json::from_str(&exported).map_err(|e| e.to_string())?;
+    assert_eq!(v["users"].as_array().map(Vec::len), Some(3));
+
+    // The users list and the anti-abuse page.
+    c.goto(&format!("{base}/admin/manage/users"))
+        .await
+        .map_err(|e| e.to_string())?;
+    assert!(body_text(c).await.contains("renamed-user"));
+    shot(c, "12-users").await;
+    c.goto(&format!("{base}/admin/manage/abuse"))
+        .await
+        .map_err(|e| e.to_string())?;
+    assert!(body_text(c).await.contains("Locked-out addresses"));
+    shot(c, "13-anti-abuse").await;
+
+    // Sign out: the pages are closed again.
+    click(c, "header form button").await;
+    wait(c, "input[name=key]").await?;
+    assert!(body_text(c).await.contains("You are signed out."));
+    shot(c, "14-signed-out").await;
+    c.goto(&format!("{base}/admin/manage/users"))
+        .await
+        .map_err(|e| e.to_string())?;
+    assert_eq!(
+        c.current_url().await.map_err(|e| e.to_string())?.path(),
+        "/admin/login"
+    );
+
+    // A user looks up their quota, on a phone-sized screen.
+    app.state.users.update(&token, |u| {
+        u.ip = vec!["10.1.2.3".into()];
+        u.token_counts.insert("turbo".into(), 1234);
+        u.prompt_count = 5;
+    });
+    c.set_window_size(390, 844)
+        .await
+        .map_err(|e| e.to_string())?;
+    c.goto(&format!("{base}/user"))
+        .await
+        .map_err(|e| e.to_string())?;
+    shot(c, "15-user-lookup").await;
+    fill(c, "input[name=token]", &token).await;
+    click(c, "button[type=submit]").await;
+    wait(c, "input[name=nickname]").await?;
+    let text = body_text(c).await;
+    assert!(text.contains("renamed-user"), "{text}");
+    assert!(text.contains("10.1.xxx.xxx"));
+    assert!(!text.contains("10.1.2.3"));
+    assert!(
+        !c.current_url()
+            .await
+            .map_err(|e| e.to_string())?
+            .as_str()
+            .contains(&token),
+        "the token is never in the URL"
+    );
+    shot(c, "16-user-quota").await;
+    fill(c, "input[name=nickname]", "my own name").await;
+    click(c, "form[action='/user/nickname'] button").await;
+    wait(c, ".msg.ok").await?;
+    assert_eq!(
+        app.state
+            .users
+            .get(&token)
+            .ok_or("user")?
+            .nickname
+            .as_deref(),
+        Some("my own name")
+    );
+    shot(c, "17-user-nickname-saved").await;
+    Ok(())
+}
