@@ -155,14 +155,30 @@ pub fn run(a: &Args) -> Result<(), String> {
         met: ttfb_added.map(|x| x <= 1000.0),
     });
     let users = num(&store, "users").unwrap_or(0.0);
-    let rss_mb = num(&store, "rss_after_get_kb")
-        .zip(num(&store, "rss_loaded_kb"))
-        .map(|(a, b)| a.max(b) / 1024.0);
+    // Strict: the largest of the readings (after the bulk PUT, after the GETs, after a restart
+    // from SQLite) must meet the target; all of them are shown.
+    let readings: Vec<(&str, f64)> = [
+        ("after bulk PUT", "rss_loaded_kb"),
+        ("after GETs", "rss_after_get_kb"),
+        ("after SQLite startup", "sqlite_rss_kb"),
+    ]
+    .into_iter()
+    .filter_map(|(label, key)| num(&store, key).map(|kb| (label, kb / 1024.0)))
+    .collect();
+    let rss_max = readings.iter().map(|(_, mb)| *mb).reduce(f64::max);
     checks.push(Check {
-        name: format!("RSS with {users:.0} users (max of after load / after GET)"),
+        name: format!("RSS with {users:.0} users (largest reading)"),
         goal: "≤ 64 MB".into(),
-        measured: fmt_opt(rss_mb, 1, " MB"),
-        met: rss_mb.map(|m| m <= 64.0),
+        measured: if readings.is_empty() {
+            "n/a".into()
+        } else {
+            readings
+                .iter()
+                .map(|(label, mb)| format!("{mb:.1} MB {label}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+        met: rss_max.map(|m| m <= 64.0),
     });
     let get_ms = num(&store, "get_users_ms");
     checks.push(Check {
