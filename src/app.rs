@@ -142,6 +142,13 @@ pub async fn serve(
     let grace = state.config.shutdown_grace();
     let stop_accepting = CancellationToken::new();
     let app = router(state);
+    // Nagle's algorithm would hold back small writes (an SSE event, a short JSON answer) for
+    // up to ~40 ms waiting for the client's delayed ACK: every chunk must leave at once.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY on a client connection");
+        }
+    });
     let server = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

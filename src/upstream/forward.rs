@@ -468,8 +468,10 @@ fn relay(resp: reqwest::Response, mut ticket: Option<Ticket>, extra: HeaderMap) 
         let n = name.as_str();
         if DROPPED_RESPONSE_HEADERS.contains(&n)
             || DROPPED_RESPONSE_PREFIXES.iter().any(|p| n.starts_with(p))
-            // The ticket may remove a chunk, so the length is only known without one.
-            || (ticket.is_some() && name == header::CONTENT_LENGTH)
+            // A ticket may remove an SSE event, so a stream's length is only known without
+            // one. Other bodies pass through the ticket unchanged and keep their length, which
+            // lets the server send headers and body in one write instead of chunking them.
+            || (ticket.is_some() && is_sse && name == header::CONTENT_LENGTH)
         {
             continue;
         }
