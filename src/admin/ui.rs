@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use axum::body::Bytes;
-use axum::extract::{Multipart, Path, RawQuery, State};
+use axum::extract::{FromRequest, Multipart, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -175,12 +175,9 @@ async fn logout(
     State(state): State<AppState>,
     Extension(id): Extension<AdminIdentity>,
     headers: HeaderMap,
-    body: Bytes,
+    // Only its CSRF check matters: signing out takes no fields.
+    CheckedForm(_): CheckedForm,
 ) -> Response {
-    let form = FormData::parse(&body);
-    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
-        return r;
-    }
     if let Some(s) = state.sessions.lookup(&headers) {
         state.sessions.destroy(&s.id);
     }
@@ -189,6 +186,34 @@ async fn logout(
         Redirect::to("/admin/login?signed_out=1").into_response(),
         [state.sessions.clear_cookie()],
     )
+}
+
+/// A submitted admin form whose CSRF token has been checked for the signed-in admin; a
+/// handler that takes it cannot forget the check. The rejection is the refusal page.
+struct CheckedForm(FormData);
+
+impl FromRequest<AppState> for CheckedForm {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let who = req
+            .extensions()
+            .get::<AdminIdentity>()
+            .map(|id| id.who().to_string());
+        let headers = req.headers().clone();
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let form = FormData::parse(&body);
+        // Admin pages always run behind `authorize`; without an identity nothing is accepted.
+        let Some(who) = who else {
+            return Err(crate::web::form::csrf_refusal());
+        };
+        match check_csrf(state, &headers, &who, &form) {
+            Some(refusal) => Err(refusal),
+            None => Ok(CheckedForm(form)),
+        }
+    }
 }
 
 // ----- users list -----
@@ -496,13 +521,8 @@ async fn abuse(
 async fn unlock(
     State(state): State<AppState>,
     Extension(id): Extension<AdminIdentity>,
-    headers: HeaderMap,
-    body: Bytes,
+    CheckedForm(form): CheckedForm,
 ) -> Response {
-    let form = FormData::parse(&body);
-    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
-        return r;
-    }
     match form.text("ip").and_then(|ip| ip.parse::<IpAddr>().ok()) {
         Some(ip) => {
             state.lockout.unlock(ip);
@@ -677,12 +697,8 @@ async fn create(
     State(state): State<AppState>,
     Extension(id): Extension<AdminIdentity>,
     headers: HeaderMap,
-    body: Bytes,
+    CheckedForm(form): CheckedForm,
 ) -> Response {
-    let form = FormData::parse(&body);
-    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
-        return r;
-    }
     let parsed = match parse_user_form(&form, now_ms(), true) {
         Ok(p) => p,
         Err(msg) => {
@@ -729,12 +745,8 @@ async fn edit(
     Extension(id): Extension<AdminIdentity>,
     Path(token): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    CheckedForm(form): CheckedForm,
 ) -> Response {
-    let form = FormData::parse(&body);
-    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
-        return r;
-    }
     if !state.users.contains(&token) {
         return not_found(&state, &headers, &id);
     }
@@ -788,12 +800,8 @@ async fn user_action(
     Extension(id): Extension<AdminIdentity>,
     Path((token, action)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    CheckedForm(form): CheckedForm,
 ) -> Response {
-    let form = FormData::parse(&body);
-    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
-        return r;
-    }
     let ops = ops(&state);
     let reason: Option<String> = form
         .text("reason")
@@ -970,12 +978,8 @@ async fn import_apply(
     State(state): State<AppState>,
     Extension(id): Extension<AdminIdentity>,
     headers: HeaderMap,
-    body: Bytes,
+    CheckedForm(form): CheckedForm,
 ) -> Response {
-    let form = FormData::parse(&body);
-    if let Some(r) = check_csrf(&state, &headers, id.who(), &form) {
-        return r;
-    }
     let (binding, _) = state.sessions.csrf_binding(&headers, id.who());
     let Some(body) = form
         .text("id")
