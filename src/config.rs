@@ -385,6 +385,21 @@ impl Config {
     pub fn mode(&self) -> GatekeeperMode {
         self.cli.gatekeeper
     }
+    /// `ADMIN_KEY`, when it is set to something (an empty value configures no key).
+    pub fn admin_key(&self) -> Option<&str> {
+        non_empty(&self.cli.admin_key)
+    }
+    /// `PROXY_KEY`, when it is set to something.
+    pub fn proxy_key(&self) -> Option<&str> {
+        non_empty(&self.cli.proxy_key)
+    }
+}
+
+fn non_empty(secret: &Option<Secret>) -> Option<&str> {
+    secret
+        .as_ref()
+        .map(Secret::expose)
+        .filter(|k| !k.is_empty())
 }
 
 /// Removes our variables that are set to the empty string, so that clap uses their defaults.

@@ -105,19 +105,13 @@ pub fn check_admin_key(
     ip: IpAddr,
     headers: &HeaderMap,
 ) -> Result<AdminIdentity, AdminError> {
-    let Some(expected) = state
-        .config
-        .cli
-        .admin_key
-        .as_ref()
-        .filter(|k| !k.expose().is_empty())
-    else {
+    let Some(expected) = state.config.admin_key() else {
         return Err(AdminError::unauthorized(
             "The admin API is disabled: set ADMIN_KEY on the server to enable it.",
         ));
     };
     match client_credential(headers) {
-        Some(c) if secret_eq(c, expected.expose()) => Ok(AdminIdentity::AdminKey),
+        Some(c) if secret_eq(c, expected) => Ok(AdminIdentity::AdminKey),
         Some(_) => {
             state.lockout.record_failure(ip);
             Err(AdminError::unauthorized(

@@ -91,7 +91,7 @@ fn login_page(state: &AppState, headers: &HeaderMap, status: StatusCode, extra: 
     let (binding, cookie) = state.sessions.csrf_binding(headers, ANONYMOUS);
     let mut ctx = json!({
         "csrf": state.sessions.csrf_token(&binding),
-        "key_configured": state.config.cli.admin_key.as_ref().is_some_and(|k| !k.expose().is_empty()),
+        "key_configured": state.config.admin_key().is_some(),
         "external": state.sessions.external_configured(),
     });
     if let (Some(ctx), Value::Object(extra)) = (ctx.as_object_mut(), extra) {
@@ -135,13 +135,7 @@ async fn login(
             json!({ "locked_for": secs }),
         );
     }
-    let Some(expected) = state
-        .config
-        .cli
-        .admin_key
-        .as_ref()
-        .filter(|k| !k.expose().is_empty())
-    else {
+    let Some(expected) = state.config.admin_key() else {
         return login_page(
             &state,
             &headers,
@@ -150,7 +144,7 @@ async fn login(
         );
     };
     let presented = form.get("key").unwrap_or("");
-    if presented.is_empty() || !secret_eq(presented, expected.expose()) {
+    if presented.is_empty() || !secret_eq(presented, expected) {
         state.lockout.record_failure(ip);
         tracing::warn!(%ip, "admin sign-in with a wrong key");
         return login_page(
@@ -777,19 +771,13 @@ async fn edit(
     .into_response()
 }
 
-/// For one user, what a scheduled refresh does for every user (see
-/// [`crate::quota::Quotas::refresh_now`]): each family with a configured quota gets
-/// `limit = used + quota`.
+/// For one user, what a scheduled refresh does for every user
+/// ([`crate::quota::Quotas::refresh_limits`]).
 fn refresh_user_quota(state: &AppState, token: &str) -> Result<User, OpsError> {
-    let quotas = &state.config.token_quotas;
     state
         .users
         .update(token, |u| {
-            for (family, quota) in quotas.iter().filter(|(_, q)| **q > 0) {
-                let used = u.token_counts.get(family).copied().unwrap_or(0);
-                u.token_limits
-                    .insert(family.clone(), used.saturating_add(*quota));
-            }
+            state.quotas.refresh_limits(u);
             u.clone()
         })
         .ok_or(OpsError::NotFound)

@@ -161,8 +161,8 @@ fn admit_client(
     if let Some(secs) = state.lockout.locked_for(ip) {
         return Err(lockout_error(secs));
     }
-    if let (Some(c), Some(admin)) = (credential, state.config.cli.admin_key.as_ref()) {
-        if !admin.expose().is_empty() && secret_eq(c, admin.expose()) {
+    if let (Some(c), Some(admin)) = (credential, state.config.admin_key()) {
+        if secret_eq(c, admin) {
             return Ok(Principal::Admin);
         }
     }
@@ -170,13 +170,7 @@ fn admit_client(
         // A credential that is not the admin key is simply ignored when nobody needs one.
         GatekeeperMode::None => Ok(Principal::Anonymous),
         GatekeeperMode::ProxyKey => {
-            let expected = state
-                .config
-                .cli
-                .proxy_key
-                .as_ref()
-                .map(|k| k.expose())
-                .unwrap_or_default();
+            let expected = state.config.proxy_key().unwrap_or_default();
             match credential {
                 Some(c) if secret_eq(c, expected) => Ok(Principal::ProxyKey),
                 Some(_) => {

@@ -377,28 +377,28 @@ impl Quotas {
     /// quota, `tokenLimits[f] = tokenCounts[f] + quota` (families without one keep whatever
     /// limit an admin set). Returns how many users were refreshed.
     pub fn refresh_now(&self) -> usize {
-        let quotas: Vec<(&String, u64)> = self
-            .quotas
-            .iter()
-            .filter(|(_, q)| **q > 0)
-            .map(|(f, q)| (f, *q))
-            .collect();
-        if quotas.is_empty() {
+        if !self.quotas.values().any(|q| *q > 0) {
             return 0;
         }
         let n = self.users.update_all(|u| {
             if u.kind == UserType::Temporary {
                 return false;
             }
-            for (family, quota) in &quotas {
-                let used = u.token_counts.get(*family).copied().unwrap_or(0);
-                u.token_limits
-                    .insert((*family).clone(), used.saturating_add(*quota));
-            }
+            self.refresh_limits(u);
             true
         });
         tracing::info!(refreshed = n, next = ?self.next_refresh(), "token quotas refreshed");
         n
+    }
+
+    /// The refresh rule for one user: each family with a configured quota gets
+    /// `limit = used + quota`; other families are left alone.
+    pub fn refresh_limits(&self, u: &mut crate::users::User) {
+        for (family, quota) in self.quotas.iter().filter(|(_, q)| **q > 0) {
+            let used = u.token_counts.get(family).copied().unwrap_or(0);
+            u.token_limits
+                .insert(family.clone(), used.saturating_add(*quota));
+        }
     }
 
     /// Refreshes if the scheduled tick is at or before `now`, then schedules the next tick
