@@ -303,7 +303,7 @@ async fn openai_disconnect_before_usage_charges_an_estimate() {
     fake.push(reply);
     let c = reqwest::Client::new();
     let body = chat("gpt-4o", Some(true), None);
-    let prompt_estimate = request_facts(Api::OpenAiChat, &body).prompt_tokens;
+    let prompt_estimate = request_facts(Api::OpenAiChat, &body).prompt_tokens();
     let mut r = post(&c, &app, "/v1/chat/completions", "u", &body).await;
     gate.send(sse_event(
         json!({"choices": [{"index": 0, "delta": {"content": "alpha beta gamma"}}]}),
@@ -323,7 +323,8 @@ async fn parallel_burst_admits_only_what_fits_and_counts_exactly() {
     let fake = FakeUpstream::start().await;
     let app = proxy(&fake, NO_RATE, &[]).await;
     let body = chat("gpt-4o", Some(true), Some(true));
-    let requested = request_facts(Api::OpenAiChat, &body).requested();
+    let facts = request_facts(Api::OpenAiChat, &body);
+    let requested = facts.requested(facts.prompt_tokens());
     add_user(&app, "u", UserType::Normal, &[("gpt4o", 3 * requested + 1)]);
     // Every admitted request hangs on a gate until the whole burst has been decided.
     let gates: Vec<_> = (0..50)
@@ -516,7 +517,7 @@ async fn client_gone_before_the_upstream_answered_pays_the_prompt() {
         .delayed(Duration::from_secs(60)),
     );
     let body = chat("gpt-4o", None, None);
-    let prompt_estimate = request_facts(Api::OpenAiChat, &body).prompt_tokens;
+    let prompt_estimate = request_facts(Api::OpenAiChat, &body).prompt_tokens();
     let url = format!("{}/v1/chat/completions", app.url);
     let task = tokio::spawn(async move {
         let _ = reqwest::Client::new()

@@ -1,7 +1,13 @@
-//! Token estimates: what a request asks for before it is forwarded (prompt tokens counted with
-//! a tokenizer, plus its `max_tokens`), and the fallback count of text seen in a response when
-//! the upstream never reported usage. Estimates are only used for admission and for responses
-//! whose real usage is unknown; accounting otherwise uses the upstream's own numbers.
+//! Token estimates: what a request asks for before it is forwarded (prompt tokens plus its
+//! `max_tokens`), and the fallback count of text seen in a response when the upstream never
+//! reported usage. Estimates are only used for admission and for responses whose real usage is
+//! unknown; accounting otherwise uses the upstream's own numbers.
+//!
+//! Two prompt estimates exist. [`RequestFacts::prompt_bound`] is free: the prompt's length in
+//! bytes, a true upper bound of its token count (every token of a byte-level BPE covers at least
+//! one byte). [`RequestFacts::prompt_tokens`] runs the tokenizer. Admission reserves the bound
+//! while a user is far from the limit and tokenizes only near it, so a busy gateway whose users
+//! have room never tokenizes a prompt, and never loads the tokenizer's ≈45 MB vocabulary.
 
 use std::sync::OnceLock;
 
@@ -22,18 +28,49 @@ const IMAGE_TOKENS: u64 = 85;
 /// Per-message overhead of chat formats (role and separators), as OpenAI documents it.
 const MESSAGE_OVERHEAD: u64 = 4;
 
-/// The tokenizer, loaded once. `o200k_base` is the vocabulary of current OpenAI models; for
-/// Claude it is a close enough estimate (Anthropic publishes no local tokenizer).
+/// Text up to this size is tokenized on the async worker once the tokenizer is loaded (a few
+/// microseconds); larger text, and the first use (loading takes a few hundred milliseconds),
+/// go to the blocking pool in [`count_tokens_async`].
+const INLINE_COUNT_BYTES: usize = 16 * 1024;
+
+static BPE: OnceLock<Option<CoreBPE>> = OnceLock::new();
+
+/// The tokenizer, loaded on first use. `o200k_base` is the vocabulary of current OpenAI models;
+/// for Claude it is a close enough estimate (Anthropic publishes no local tokenizer).
 fn bpe() -> Option<&'static CoreBPE> {
-    static BPE: OnceLock<Option<CoreBPE>> = OnceLock::new();
-    BPE.get_or_init(|| match tiktoken_rs::o200k_base() {
-        Ok(b) => Some(b),
-        Err(e) => {
-            tracing::error!(error = %e, "tokenizer failed to load; estimating 4 bytes per token");
-            None
+    BPE.get_or_init(|| {
+        let b = tiktoken_rs::o200k_base();
+        match b {
+            Ok(b) => {
+                tracing::info!("tokenizer loaded (a user came near a token quota, or a response had no usage)");
+                Some(b)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "tokenizer failed to load; estimating 4 bytes per token");
+                None
+            }
         }
     })
     .as_ref()
+}
+
+/// Whether the tokenizer has been loaded (for tests and the benchmark's memory notes).
+pub fn tokenizer_loaded() -> bool {
+    BPE.get().is_some()
+}
+
+/// [`count_tokens`] without holding up an async worker: text that is large, or a first count
+/// that has to load the tokenizer, is counted on the blocking pool.
+pub async fn count_tokens_async(text: String) -> u64 {
+    if tokenizer_loaded() && text.len() <= INLINE_COUNT_BYTES {
+        return count_tokens(&text);
+    }
+    let bound = text.len() as u64;
+    match tokio::task::spawn_blocking(move || count_tokens(&text)).await {
+        Ok(n) => n,
+        // The runtime is shutting down: the upper bound is a safe answer.
+        Err(_) => bound,
+    }
 }
 
 /// Estimated tokens of `text`.
@@ -74,8 +111,10 @@ fn char_slice(text: &str, mut start: usize, mut end: usize) -> &str {
 pub struct RequestFacts {
     /// The `model` field ("" when absent).
     pub model: String,
-    /// Estimated prompt tokens.
-    pub prompt_tokens: u64,
+    /// The prompt's text (messages, system prompt, tools), as the tokenizer would count it.
+    pub prompt_text: String,
+    /// Prompt tokens that are not text: images, pre-tokenized input, per-message overhead.
+    pub prompt_fixed: u64,
     /// The most completion tokens the request may produce: `max_completion_tokens` or
     /// `max_tokens` (0 when absent), times `n` choices.
     pub max_completion: u64,
@@ -86,9 +125,19 @@ pub struct RequestFacts {
 }
 
 impl RequestFacts {
-    /// Tokens reserved at admission.
-    pub fn requested(&self) -> u64 {
-        self.prompt_tokens.saturating_add(self.max_completion)
+    /// An upper bound of the prompt's tokens, without tokenizing: its length in bytes.
+    pub fn prompt_bound(&self) -> u64 {
+        (self.prompt_text.len() as u64).saturating_add(self.prompt_fixed)
+    }
+
+    /// The prompt's tokens, counted with the tokenizer (loads it on first use).
+    pub fn prompt_tokens(&self) -> u64 {
+        count_tokens(&self.prompt_text).saturating_add(self.prompt_fixed)
+    }
+
+    /// Tokens a request may use at most, with the prompt counted as `prompt`.
+    pub fn requested(&self, prompt: u64) -> u64 {
+        prompt.saturating_add(self.max_completion)
     }
 }
 
@@ -122,7 +171,8 @@ pub fn request_facts(api: Api, body: &Value) -> RequestFacts {
     collect_prompt(api, body, &mut text, &mut fixed);
     RequestFacts {
         model,
-        prompt_tokens: count_tokens(&text).saturating_add(fixed),
+        prompt_text: text,
+        prompt_fixed: fixed,
         max_completion: max_tokens.saturating_mul(n),
         stream,
         include_usage,
@@ -283,9 +333,11 @@ mod tests {
         assert_eq!(f.model, "gpt-4o");
         assert_eq!(f.max_completion, 200);
         assert!(f.stream && !f.include_usage);
-        assert!(f.prompt_tokens > IMAGE_TOKENS + 2 * MESSAGE_OVERHEAD);
-        assert!(f.prompt_tokens < IMAGE_TOKENS + 40);
-        assert_eq!(f.requested(), f.prompt_tokens + 200);
+        let tokens = f.prompt_tokens();
+        assert!(tokens > IMAGE_TOKENS + 2 * MESSAGE_OVERHEAD);
+        assert!(tokens < IMAGE_TOKENS + 40);
+        assert!(f.prompt_bound() >= tokens, "the bound bounds the count");
+        assert_eq!(f.requested(tokens), tokens + 200);
     }
 
     #[test]
@@ -308,19 +360,35 @@ mod tests {
                 {"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":"result text"}]}]});
         let f = request_facts(Api::AnthropicMessages, &b);
         assert_eq!(f.max_completion, 50);
-        assert!(f.prompt_tokens >= 3 * MESSAGE_OVERHEAD + 6);
+        assert!(f.prompt_tokens() >= 3 * MESSAGE_OVERHEAD + 6);
+        assert!(f.prompt_bound() >= f.prompt_tokens());
 
         let b = json!({"model":"text-embedding-3-small","input":["one two","three"]});
         let f = request_facts(Api::OpenAiEmbeddings, &b);
         assert_eq!(f.max_completion, 0);
-        assert!(f.prompt_tokens >= 3);
+        assert!(f.prompt_tokens() >= 3);
         let b = json!({"model":"text-embedding-3-small","input":[[1,2,3],[4,5]]});
-        assert_eq!(request_facts(Api::OpenAiEmbeddings, &b).prompt_tokens, 5);
+        assert_eq!(request_facts(Api::OpenAiEmbeddings, &b).prompt_tokens(), 5);
+        assert_eq!(request_facts(Api::OpenAiEmbeddings, &b).prompt_bound(), 5);
 
         let b = json!({"model":"gpt-3.5-turbo-instruct","prompt":"Say hi","max_tokens":5});
         let f = request_facts(Api::OpenAiCompletions, &b);
         assert_eq!(f.max_completion, 5);
-        assert!(f.prompt_tokens >= 2);
+        assert!(f.prompt_tokens() >= 2);
+    }
+
+    #[test]
+    fn the_byte_bound_is_never_below_the_token_count() {
+        for text in [
+            "hello world",
+            "  spaces   and\ttabs\n\n",
+            "héllo wörld ünïcode 日本語のテキスト 🎉🎉🎉",
+            "a",
+            "1234567890 0987654321",
+            "{\"type\":\"function\",\"name\":\"f\"}",
+        ] {
+            assert!(count_tokens(text) <= text.len() as u64, "{text}");
+        }
     }
 
     #[test]

@@ -87,8 +87,34 @@ struct Settlement {
     token: String,
     family: String,
     reserved: u64,
-    prompt_estimate: u64,
+    prompt: PromptEstimate,
 }
+
+/// The prompt's estimated tokens, charged only when the upstream does not report them, and so
+/// counted only then.
+enum PromptEstimate {
+    Counted(u64),
+    Uncounted { text: String, fixed: u64 },
+}
+
+impl PromptEstimate {
+    fn tokens(&mut self) -> u64 {
+        if let PromptEstimate::Uncounted { text, fixed } = self {
+            let n = estimate::count_tokens(text).saturating_add(*fixed);
+            *self = PromptEstimate::Counted(n);
+        }
+        match self {
+            PromptEstimate::Counted(n) => *n,
+            PromptEstimate::Uncounted { .. } => 0,
+        }
+    }
+}
+
+/// How much room a user must have left, in multiples of a request's upper bound, for admission
+/// to reserve that bound instead of tokenizing the prompt. Near the limit every prompt is
+/// tokenized, so the last requests that fit are admitted on their real size; the bounds that
+/// requests admitted earlier still hold can only make admission stricter, never looser.
+const BOUND_HEADROOM: u64 = 8;
 
 impl Ticket {
     /// A ticket that observes nothing and charges nobody.
@@ -119,15 +145,17 @@ impl Ticket {
     }
 
     /// The usage this ticket would charge now (for tests and logs).
-    pub fn usage_so_far(&self) -> Option<Usage> {
-        let s = self.settlement.as_ref()?;
-        self.meter.usage(s.prompt_estimate)
+    pub fn usage_so_far(&mut self) -> Option<Usage> {
+        let needs = self.meter.needs_prompt_estimate();
+        let s = self.settlement.as_mut()?;
+        let prompt = if needs { s.prompt.tokens() } else { 0 };
+        self.meter.usage(prompt)
     }
 
     /// Releases the reservation and charges the real (or, failing that, estimated) usage.
     /// `abandoned`: the ticket was dropped unfinished.
     fn settle(&mut self, abandoned: bool) {
-        let Some(s) = self.settlement.take() else {
+        let Some(mut s) = self.settlement.take() else {
             return;
         };
         self.meter.end();
@@ -135,11 +163,16 @@ impl Ticket {
             // The client went away while the upstream was working on the request (before it
             // answered): the upstream got the prompt, so the prompt is charged.
             Some(Usage {
-                prompt: s.prompt_estimate,
+                prompt: s.prompt.tokens(),
                 completion: 0,
             })
         } else {
-            self.meter.usage(s.prompt_estimate)
+            let prompt = if self.meter.needs_prompt_estimate() {
+                s.prompt.tokens()
+            } else {
+                0
+            };
+            self.meter.usage(prompt)
         };
         let charge = usage.map(Usage::total).unwrap_or(0);
         let found = s.users.update_entry(&s.token, |e| {
@@ -184,6 +217,14 @@ struct Refusal {
     reserved: u64,
 }
 
+/// The outcome of one reservation attempt under the entry lock.
+enum Reservation {
+    Reserved,
+    /// Not enough room for the upper bound: count the prompt and try again.
+    NeedsCount,
+    Refused(Refusal),
+}
+
 impl Quotas {
     pub fn from_config(config: &Config, users: Arc<UserStore>) -> Result<Quotas, ConfigError> {
         Quotas::with_clock(config, users, Arc::new(Local::now))
@@ -221,7 +262,7 @@ impl Quotas {
     }
 
     /// Admits (or refuses) a generation request; may rewrite `body`.
-    pub fn admit(
+    pub async fn admit(
         &self,
         req: &AdmitRequest<'_>,
         body: &mut serde_json::Value,
@@ -271,43 +312,41 @@ impl Quotas {
             });
         };
 
-        let facts = request_facts(req.api, body);
+        let mut facts = request_facts(req.api, body);
         let family = family_for(req.api.provider(), &facts.model);
-        let requested = facts.requested();
-        let outcome = self.users.update_entry(token, |e| {
-            // The stored type decides (an admin may have changed it since authentication).
-            let special = e.user.kind == UserType::Special;
-            let limit = e.user.token_limits.get(&family).copied().unwrap_or(0);
-            let used = e.user.token_counts.get(&family).copied().unwrap_or(0);
-            let reserved = e.reserved.get(&family).copied().unwrap_or(0);
-            let wanted = used.saturating_add(reserved).saturating_add(requested);
-            if !special && limit > 0 && wanted >= limit {
-                return (
-                    Err(Refusal {
-                        limit,
-                        used,
-                        reserved,
-                    }),
-                    false,
-                );
+        // First try: reserve the prompt's upper bound when the user has plenty of room, without
+        // tokenizing; otherwise count the prompt and decide on its real size.
+        let bound = facts.requested(facts.prompt_bound());
+        let (requested, prompt, outcome) = match self.reserve(token, &family, bound, true) {
+            Some(Reservation::NeedsCount) => {
+                let text = std::mem::take(&mut facts.prompt_text);
+                let tokens = estimate::count_tokens_async(text)
+                    .await
+                    .saturating_add(facts.prompt_fixed);
+                let requested = facts.requested(tokens);
+                let outcome = self.reserve(token, &family, requested, false);
+                (requested, PromptEstimate::Counted(tokens), outcome)
             }
-            let r = e.reserved.entry(family.clone()).or_insert(0);
-            *r = r.saturating_add(requested);
-            e.user.prompt_count = e.user.prompt_count.saturating_add(1);
-            (Ok(()), true)
-        });
+            outcome => {
+                let prompt = PromptEstimate::Uncounted {
+                    text: std::mem::take(&mut facts.prompt_text),
+                    fixed: facts.prompt_fixed,
+                };
+                (bound, prompt, outcome)
+            }
+        };
         match outcome {
             None => {
                 return Err(ProxyError::unauthorized(
                     "Your user token no longer exists; ask the proxy operator for a new one.",
                 ))
             }
-            Some(Err(r)) => {
+            Some(Reservation::Refused(r)) => {
                 return Err(self
                     .quota_error(&family, requested, &r)
                     .with_headers(headers))
             }
-            Some(Ok(())) => {}
+            Some(Reservation::Reserved | Reservation::NeedsCount) => {}
         }
 
         // Ask an OpenAI stream for its usage when the client did not, and hide that chunk.
@@ -337,9 +376,57 @@ impl Quotas {
                     token: token.to_string(),
                     family,
                     reserved: requested,
-                    prompt_estimate: facts.prompt_tokens,
+                    prompt,
                 }),
             },
+        })
+    }
+
+    /// Checks and reserves `requested` tokens of `family` for a user in one step under its
+    /// entry lock, and counts the prompt. With `is_bound` (the prompt's upper bound) it reserves
+    /// only with [`BOUND_HEADROOM`] to spare, and otherwise answers `NeedsCount`. `None`: the
+    /// user is gone.
+    fn reserve(
+        &self,
+        token: &str,
+        family: &str,
+        requested: u64,
+        is_bound: bool,
+    ) -> Option<Reservation> {
+        self.users.update_entry(token, |e| {
+            // The stored type decides (an admin may have changed it since authentication).
+            let special = e.user.kind == UserType::Special;
+            let limit = e.user.token_limits.get(family).copied().unwrap_or(0);
+            let used = e.user.token_counts.get(family).copied().unwrap_or(0);
+            let reserved = e.reserved.get(family).copied().unwrap_or(0);
+            if !special && limit > 0 {
+                let need = if is_bound {
+                    requested.saturating_mul(BOUND_HEADROOM)
+                } else {
+                    requested
+                };
+                if used.saturating_add(reserved).saturating_add(need) >= limit {
+                    if is_bound {
+                        return (Reservation::NeedsCount, false);
+                    }
+                    return (
+                        Reservation::Refused(Refusal {
+                            limit,
+                            used,
+                            reserved,
+                        }),
+                        false,
+                    );
+                }
+            }
+            match e.reserved.get_mut(family) {
+                Some(r) => *r = r.saturating_add(requested),
+                None => {
+                    e.reserved.insert(family.to_string(), requested);
+                }
+            }
+            e.user.prompt_count = e.user.prompt_count.saturating_add(1);
+            (Reservation::Reserved, true)
         })
     }
 
@@ -425,11 +512,6 @@ impl Quotas {
     /// Refreshes quotas on the `QUOTA_REFRESH_PERIOD` schedule and forgets idle rate-limit
     /// keys, until `shutdown`.
     pub async fn run_refresh(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        // Load the tokenizer now, off the request path, so the first prompt does not wait.
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::task::spawn_blocking(|| estimate::count_tokens("warm up")) => {}
-        }
         if let Some(s) = &self.schedule {
             tracing::info!(period = %s.source, next = ?self.next_refresh(), "quota refresh scheduled");
         }

@@ -46,14 +46,19 @@ fn admit(
     api: Api,
     body: &mut serde_json::Value,
 ) -> Result<Admitted, ProxyError> {
-    q.admit(
+    // Admission is async only to count large prompts on the blocking pool; a small runtime
+    // per call lets the tests below run it from plain threads.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    rt.block_on(q.admit(
         &AdmitRequest {
             principal: p,
             ip: ip(),
             api,
         },
         body,
-    )
+    ))
 }
 
 fn chat(max_tokens: u64) -> serde_json::Value {
@@ -110,7 +115,8 @@ fn parallel_admissions_never_overrun_the_budget() {
     // Each request reserves its prompt estimate + 100; a budget of 350 fits 3.
     let (q, users) = quotas(NO_RATE, &[]);
     let q = Arc::new(q);
-    let requested = estimate::request_facts(Api::OpenAiChat, &chat(100)).requested();
+    let facts = estimate::request_facts(Api::OpenAiChat, &chat(100));
+    let requested = facts.requested(facts.prompt_tokens());
     add_user(
         &users,
         "u",
@@ -267,7 +273,7 @@ fn client_gone_before_the_upstream_answered_pays_the_prompt() {
     let (q, users) = quotas(NO_RATE, &[]);
     add_user(&users, "u", UserType::Normal, &[]);
     let body = chat(10);
-    let prompt = estimate::request_facts(Api::OpenAiChat, &body).prompt_tokens;
+    let prompt = estimate::request_facts(Api::OpenAiChat, &body).prompt_tokens();
     drop(
         admit(
             &q,
@@ -332,7 +338,7 @@ fn client_disconnect_mid_stream_is_still_charged() {
     add_user(&users, "u", UserType::Normal, &[]);
     let mut body = chat(500);
     body["stream"] = json!(true);
-    let prompt_estimate = estimate::request_facts(Api::OpenAiChat, &body).prompt_tokens;
+    let prompt_estimate = estimate::request_facts(Api::OpenAiChat, &body).prompt_tokens();
     let mut t = admit(&q, &user("u", UserType::Normal), Api::OpenAiChat, &mut body)
         .expect("ok")
         .ticket;
@@ -550,4 +556,43 @@ async fn background_task_refreshes_when_the_driven_clock_reaches_the_tick() {
     assert_eq!(q.next_refresh(), Some(tick + chrono::Duration::days(1)));
     stop.cancel();
     task.await.expect("task ends");
+}
+
+#[test]
+fn far_from_the_limit_the_bound_is_reserved_and_near_it_the_counted_prompt() {
+    let (q, users) = quotas(NO_RATE, &[]);
+    let body = chat(100);
+    let facts = estimate::request_facts(Api::OpenAiChat, &body);
+    let bound = facts.requested(facts.prompt_bound());
+    let exact = facts.requested(facts.prompt_tokens());
+    assert!(
+        bound > exact,
+        "the test needs a prompt whose bytes exceed its tokens"
+    );
+
+    // Plenty of room: the upper bound is reserved, nothing is tokenized.
+    add_user(&users, "far", UserType::Normal, &[("gpt4o", 1_000_000)]);
+    let far = admit(
+        &q,
+        &user("far", UserType::Normal),
+        Api::OpenAiChat,
+        &mut chat(100),
+    )
+    .expect("admitted");
+    assert_eq!(counts(&users, "far", "gpt4o"), (0, bound));
+    drop(far);
+
+    // Room for two requests only: the prompt is counted, and exactly two fit.
+    add_user(
+        &users,
+        "near",
+        UserType::Normal,
+        &[("gpt4o", 2 * exact + 1)],
+    );
+    let p = user("near", UserType::Normal);
+    let a = admit(&q, &p, Api::OpenAiChat, &mut chat(100)).expect("first fits");
+    assert_eq!(counts(&users, "near", "gpt4o"), (0, exact));
+    let b = admit(&q, &p, Api::OpenAiChat, &mut chat(100)).expect("second fits");
+    assert!(admit(&q, &p, Api::OpenAiChat, &mut chat(100)).is_err());
+    drop((a, b));
 }

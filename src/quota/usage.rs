@@ -154,6 +154,12 @@ impl Meter {
         Some(Usage { prompt, completion })
     }
 
+    /// True when [`Meter::usage`] would use its prompt estimate (the upstream answered but did
+    /// not report the prompt's tokens), so that the caller counts the prompt only then.
+    pub fn needs_prompt_estimate(&self) -> bool {
+        self.succeeded() && self.reported_prompt.is_none()
+    }
+
     /// True when the upstream reported both counts (no estimate is involved).
     pub fn exact(&self) -> bool {
         self.reported_prompt.is_some()

@@ -14,6 +14,8 @@
 //! Every failure becomes a [`ProxyError`] in [`fail_to_proxy`], the one place that decides how
 //! upstream failures look to clients (502 unreachable, 504 timeout, ...).
 
+use std::error::Error as StdError;
+use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -21,11 +23,13 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::Stream;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body::{Frame, SizeHint};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming as UpstreamBody;
+use tokio::time::Sleep;
 
 use crate::app::AppState;
 use crate::error::ProxyError;
@@ -128,7 +132,7 @@ pub async fn proxy(
         return log_refusal(&ctx, no_key_error(upstream, NoKey::NoneConfigured));
     }
     // Phase 2: admission.
-    let (body, admitted) = match admit(&state, &ctx, body) {
+    let (body, admitted) = match admit(&state, &ctx, body).await {
         Ok(v) => v,
         Err(e) => return log_refusal(&ctx, e),
     };
@@ -140,7 +144,8 @@ pub async fn proxy(
     let headers = upstream_headers(&ctx, upstream.provider);
     let url = upstream.url(&ctx.upstream_path, ctx.query.as_deref());
     let started = Instant::now();
-    match send(&state, upstream, &ctx, &url, headers, body).await {
+    let deadline = tokio::time::Instant::from_std(started) + state.upstreams.timeout;
+    match send(&state, upstream, &ctx, &url, headers, body, deadline).await {
         Ok((resp, key)) => {
             let latency = started.elapsed();
             tracing::info!(
@@ -152,7 +157,7 @@ pub async fn proxy(
                 "proxied"
             );
             // Phase 5: relay.
-            relay(resp, ticket, extra_headers)
+            relay(resp, ticket, extra_headers, deadline)
         }
         Err(Failure {
             error: e,
@@ -166,7 +171,7 @@ pub async fn proxy(
                 upstream_ms = started.elapsed().as_millis() as u64,
                 key = key.as_deref().unwrap_or("-"),
                 error = %e.message,
-                cause = cause.as_ref().map(|c| c as &dyn std::error::Error),
+                cause = cause.as_deref().map(|c| c as &dyn StdError),
                 "proxy failed"
             );
             // The ticket learns that the request ended with our own error, so that quota
@@ -261,7 +266,7 @@ async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, P
 
 /// Phase 2: quota admission for generation requests. Returns the bytes to send: the
 /// client's original bytes unless admission changed the body.
-fn admit(
+async fn admit(
     state: &AppState,
     ctx: &Ctx,
     incoming: Incoming,
@@ -270,14 +275,17 @@ fn admit(
     let Some(mut json) = json else {
         return Ok((bytes, None));
     };
-    let admitted = state.quotas.admit(
-        &AdmitRequest {
-            principal: &ctx.principal,
-            ip: ctx.ip,
-            api: ctx.api,
-        },
-        &mut json,
-    )?;
+    let admitted = state
+        .quotas
+        .admit(
+            &AdmitRequest {
+                principal: &ctx.principal,
+                ip: ctx.ip,
+                api: ctx.api,
+            },
+            &mut json,
+        )
+        .await?;
     let bytes = if admitted.body_changed {
         serde_json::to_vec(&json).map(Bytes::from).map_err(|_| {
             ProxyError::new(
@@ -329,14 +337,23 @@ async fn send(
     upstream: &ProviderUpstream,
     ctx: &Ctx,
     url: &str,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     body: Bytes,
-) -> Result<(reqwest::Response, ChosenKey), Failure> {
+    deadline: tokio::time::Instant,
+) -> Result<(hyper::Response<UpstreamBody>, ChosenKey), Failure> {
+    let uri = Uri::try_from(url).map_err(|e| Failure {
+        error: ProxyError::bad_request(
+            "The request path or query cannot be sent upstream; check the URL you call.",
+        ),
+        key: None,
+        cause: Some(Box::new(e)),
+    })?;
     let auth_header = match upstream.provider {
         Provider::OpenAi => header::AUTHORIZATION,
         Provider::Anthropic => HeaderName::from_static("x-api-key"),
     };
-    let mut last_429: Option<(reqwest::Response, ChosenKey)> = None;
+    headers.insert(header::USER_AGENT, state.upstreams.user_agent.clone());
+    let mut last_429: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
     loop {
         let key = match upstream.keys.pick() {
             Ok(k) => k,
@@ -351,23 +368,36 @@ async fn send(
                 }
             }
         };
-        let mut headers = headers.clone();
-        headers.insert(auth_header.clone(), key.header.clone());
-        let mut rb = state
-            .upstreams
-            .client()
-            .request(ctx.method.clone(), url)
-            .headers(headers);
-        if !body.is_empty() || ctx.method == Method::POST {
-            rb = rb.body(body.clone());
-        }
-        let resp = match rb.send().await {
-            Ok(resp) => resp,
-            Err(e) => {
+        let mut req = hyper::Request::new(Full::new(body.clone()));
+        *req.method_mut() = ctx.method.clone();
+        *req.uri_mut() = uri.clone();
+        let h = req.headers_mut();
+        h.clone_from(&headers);
+        h.insert(auth_header.clone(), key.header.clone());
+        let sent = tokio::time::timeout_at(deadline, state.upstreams.client().request(req)).await;
+        let resp = match sent {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                let kind = if e.is_connect() {
+                    if has_timed_out(&e) {
+                        SendError::ConnectTimeout
+                    } else {
+                        SendError::Connect
+                    }
+                } else {
+                    SendError::Other
+                };
                 return Err(Failure {
-                    error: fail_to_proxy(state, upstream, &e),
+                    error: fail_to_proxy(state, upstream, kind),
                     key: Some(key.fingerprint),
-                    cause: Some(e),
+                    cause: Some(Box::new(e)),
+                });
+            }
+            Err(_elapsed) => {
+                return Err(Failure {
+                    error: fail_to_proxy(state, upstream, SendError::Timeout),
+                    key: Some(key.fingerprint),
+                    cause: None,
                 })
             }
         };
@@ -386,12 +416,41 @@ async fn send(
     }
 }
 
+/// True when an error's cause chain holds an I/O timeout (the connector's connect timeout).
+fn has_timed_out(e: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
 /// Why [`send`] produced no upstream response: the client's error, the key in use (by
 /// fingerprint) and the underlying cause, for the one log line of the request.
 struct Failure {
     error: ProxyError,
     key: Option<String>,
-    cause: Option<reqwest::Error>,
+    cause: Option<BoxError>,
+}
+
+/// How an upstream call failed before a response arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SendError {
+    /// No connection within `UPSTREAM_CONNECT_TIMEOUT_SECS`.
+    ConnectTimeout,
+    /// No response within `UPSTREAM_TIMEOUT_SECS`.
+    Timeout,
+    /// The connection could not be made (refused, unreachable, TLS, DNS).
+    Connect,
+    /// The connection failed after it was made (reset, closed early).
+    Other,
 }
 
 /// The client-facing error when no key can be used.
@@ -421,39 +480,41 @@ fn no_key_error(upstream: &ProviderUpstream, no: NoKey) -> ProxyError {
 
 /// Decides how a failed upstream call looks to the client: timeouts 504, everything else
 /// (refused, unreachable, reset) 502. The cause goes to the log only.
-fn fail_to_proxy(state: &AppState, upstream: &ProviderUpstream, e: &reqwest::Error) -> ProxyError {
+fn fail_to_proxy(state: &AppState, upstream: &ProviderUpstream, e: SendError) -> ProxyError {
     let var = upstream.base_url_var;
-    if e.is_timeout() {
-        let (which, secs) = if e.is_connect() {
-            (
-                "UPSTREAM_CONNECT_TIMEOUT_SECS",
-                state.upstreams.connect_timeout_secs,
-            )
-        } else {
-            ("UPSTREAM_TIMEOUT_SECS", state.upstreams.timeout_secs)
-        };
+    let timeout = |which: &str, secs: u64| {
         ProxyError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_error",
             format!("The upstream did not answer in time ({which}={secs} s); try again later."),
         )
-    } else if e.is_connect() {
-        ProxyError::new(
+    };
+    match e {
+        SendError::ConnectTimeout => timeout(
+            "UPSTREAM_CONNECT_TIMEOUT_SECS",
+            state.upstreams.connect_timeout_secs,
+        ),
+        SendError::Timeout => timeout("UPSTREAM_TIMEOUT_SECS", state.upstreams.timeout_secs),
+        SendError::Connect => ProxyError::new(
             StatusCode::BAD_GATEWAY,
             "upstream_error",
             format!("The upstream is unreachable (cannot connect to {var}); try again later."),
-        )
-    } else {
-        ProxyError::new(
+        ),
+        SendError::Other => ProxyError::new(
             StatusCode::BAD_GATEWAY,
             "upstream_error",
             "The upstream connection failed before it answered; try again later.",
-        )
+        ),
     }
 }
 
 /// Phase 5: relays status, headers and the body, chunk by chunk, through the ticket.
-fn relay(resp: reqwest::Response, mut ticket: Option<Ticket>, extra: HeaderMap) -> Response {
+fn relay(
+    resp: hyper::Response<UpstreamBody>,
+    mut ticket: Option<Ticket>,
+    extra: HeaderMap,
+    deadline: tokio::time::Instant,
+) -> Response {
     let status = resp.status();
     let is_sse = resp
         .headers()
@@ -482,11 +543,13 @@ fn relay(resp: reqwest::Response, mut ticket: Option<Ticket>, extra: HeaderMap) 
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     }
     extend_headers(&mut headers, extra);
-    let stream = Relay {
-        upstream: Box::pin(resp.bytes_stream()),
+    let body = Relay {
+        upstream: resp.into_body(),
         ticket,
+        deadline,
+        timer: None,
     };
-    let mut out = Response::new(Body::from_stream(stream));
+    let mut out = Response::new(Body::new(body));
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     out
@@ -510,25 +573,56 @@ fn extend_headers(headers: &mut HeaderMap, extra: HeaderMap) {
     }
 }
 
-type UpstreamStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
-
 /// The response body: the upstream's chunks as they arrive, each passed through the ticket.
 /// Dropping it (the client went away) drops the upstream response, which closes that
 /// connection and so cancels the upstream request, and drops the ticket unfinished.
 struct Relay {
-    upstream: UpstreamStream,
+    upstream: UpstreamBody,
     ticket: Option<Ticket>,
+    /// The end of `UPSTREAM_TIMEOUT_SECS`: a body still streaming then is cut off.
+    deadline: tokio::time::Instant,
+    /// Armed the first time the upstream has nothing ready, so that a body that arrives with
+    /// its headers (most non-streaming answers) never creates a timer.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
-impl Stream for Relay {
-    type Item = reqwest::Result<Bytes>;
+impl Relay {
+    /// Ends the body with an error: the client sees the connection end abruptly (not a clean
+    /// end), so that it knows the answer is incomplete; the ticket is dropped unfinished.
+    fn fail(&mut self, e: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        tracing::warn!(error = %e, "upstream body failed mid-stream");
+        self.ticket = None;
+        Poll::Ready(Some(Err(e)))
+    }
+}
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+impl http_body::Body for Relay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
-            return match this.upstream.as_mut().poll_next(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Some(Ok(chunk))) => {
+            return match Pin::new(&mut this.upstream).poll_frame(cx) {
+                Poll::Pending => {
+                    let deadline = this.deadline;
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return this
+                            .fail("the upstream response exceeded UPSTREAM_TIMEOUT_SECS".into());
+                    }
+                    Poll::Pending
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(chunk) = frame.into_data() else {
+                        // Trailers: HTTP/1.1 chat APIs send none, and we relay none.
+                        continue;
+                    };
                     let chunk = match this.ticket.as_mut() {
                         Some(t) => t.on_chunk(chunk),
                         None => chunk,
@@ -536,15 +630,9 @@ impl Stream for Relay {
                     if chunk.is_empty() {
                         continue;
                     }
-                    Poll::Ready(Some(Ok(chunk)))
+                    Poll::Ready(Some(Ok(Frame::data(chunk))))
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    // The client sees the connection end abruptly (not a clean end), so that it
-                    // knows the answer is incomplete; the ticket is dropped unfinished.
-                    tracing::warn!(error = %e, "upstream body failed mid-stream");
-                    this.ticket = None;
-                    Poll::Ready(Some(Err(e)))
-                }
+                Poll::Ready(Some(Err(e))) => this.fail(Box::new(e)),
                 Poll::Ready(None) => {
                     if let Some(t) = this.ticket.take() {
                         t.finish();
@@ -552,6 +640,21 @@ impl Stream for Relay {
                     Poll::Ready(None)
                 }
             };
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // With a ticket the body must be polled to its end, where the ticket settles.
+        self.ticket.is_none() && self.upstream.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // A ticket may shorten an SSE body (it hides the usage event it asked for), so only a
+        // body without one keeps the upstream's exact length.
+        if self.ticket.is_none() {
+            self.upstream.size_hint()
+        } else {
+            SizeHint::default()
         }
     }
 }
