@@ -26,9 +26,22 @@ use crate::upstream::Upstreams;
 use crate::users::persist::Persistence;
 use crate::users::UserStore;
 
-/// Everything a handler may need, cheap to clone (a handful of `Arc`s).
+/// Everything a handler may need: one `Arc`, so that the several clones each request makes
+/// (extractors, middleware) cost one reference count, not one per component.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// The components behind [`AppState`]; each is also an `Arc` of its own, for background tasks
+/// that need just one of them.
+pub struct AppParts {
     pub config: Arc<Config>,
     pub users: Arc<UserStore>,
     pub persistence: Arc<Persistence>,
@@ -53,7 +66,7 @@ impl AppState {
             std::time::Duration::from_secs(config.cli.brute_force_ttl_seconds),
         ));
         let sessions = Arc::new(crate::admin::session::Sessions::from_config(&config)?);
-        Ok(AppState {
+        Ok(AppState(Arc::new(AppParts {
             sessions,
             config,
             users,
@@ -62,22 +75,23 @@ impl AppState {
             quotas,
             lockout,
             started_at: Instant::now(),
-        })
+        })))
     }
 }
 
 /// The router with every layer. Layers, outermost first:
-/// 1. `SetSensitiveRequestHeaders` marks `authorization`, `x-api-key`, `cookie` and
-///    `x-session-token` sensitive, so the trace layer (2) prints them redacted.
-/// 2. `TraceLayer` logs each request and response.
-/// 3. `net::client_ip_layer` decides the client address once and inserts
-///    [`crate::net::ClientIp`] (read by the gatekeeper, quotas and handlers).
-/// 4. `gatekeeper::guard`, default-deny: inserts [`crate::gatekeeper::Principal`] (proxied
-///    routes) or [`crate::admin::AdminIdentity`] (admin routes), or refuses.
-/// 5. The routes: proxied (`upstream`), admin (`admin`), public pages (`web`), `/health`.
+/// 1. Only when `LOG_LEVEL` enables debug logging: `SetSensitiveRequestHeaders` marks
+///    `authorization`, `x-api-key`, `cookie` and `x-session-token` sensitive, so that
+///    `TraceLayer` logs each request and response with those redacted. At other levels the pair
+///    is left out of the request path entirely (the forwarder logs every request itself).
+/// 2. `gatekeeper::guard`, default-deny: decides the client address once and inserts
+///    [`crate::net::ClientIp`] (read by the quotas and handlers), then inserts
+///    [`crate::gatekeeper::Principal`] (proxied routes) or [`crate::admin::AdminIdentity`]
+///    (admin routes), or refuses.
+/// 3. The routes: proxied (`upstream`), admin (`admin`), public pages (`web`), `/health`.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_body_bytes();
-    Router::new()
+    let router = Router::new()
         .route("/health", get(health))
         .merge(crate::upstream::routes(&state.config))
         .merge(crate::admin::routes())
@@ -86,19 +100,20 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::gatekeeper::guard,
-        ))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            crate::net::client_ip_layer,
-        ))
-        .layer(TraceLayer::new_for_http())
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-            header::COOKIE,
-            header::HeaderName::from_static("x-api-key"),
-            header::HeaderName::from_static("x-session-token"),
-        ]))
-        .with_state(state)
+        ));
+    let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {
+        router
+            .layer(TraceLayer::new_for_http())
+            .layer(SetSensitiveRequestHeadersLayer::new([
+                header::AUTHORIZATION,
+                header::COOKIE,
+                header::HeaderName::from_static("x-api-key"),
+                header::HeaderName::from_static("x-session-token"),
+            ]))
+    } else {
+        router
+    };
+    router.with_state(state)
 }
 
 #[derive(Deserialize)]

@@ -4,15 +4,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{ConnectInfo, Request, State};
 use axum::http::HeaderMap;
-use axum::middleware::Next;
-use axum::response::Response;
 use ipnet::IpNet;
 
-use crate::app::AppState;
-
-/// The client's address as decided once per request by [`client_ip_layer`]; read it from the
+/// The client's address as decided once per request by [`crate::gatekeeper::guard`]; read it from the
 /// request extensions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientIp(pub IpAddr);
@@ -84,18 +79,6 @@ pub fn mask(ip: &str) -> String {
         }
         Err(_) => "xxx".to_string(),
     }
-}
-
-/// Middleware that decides the client address once and stores it as [`ClientIp`].
-pub async fn client_ip_layer(
-    State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let ip = client_ip(peer.ip(), req.headers(), state.config.cli.trusted_proxies);
-    req.extensions_mut().insert(ClientIp(ip));
-    next.run(req).await
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@
 pub mod lockout;
 pub mod user_token;
 
-use axum::extract::{Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -18,7 +20,7 @@ use subtle::ConstantTimeEq;
 use crate::app::AppState;
 use crate::config::GatekeeperMode;
 use crate::error::{AdminError, ProxyError};
-use crate::net::{in_list, ClientIp};
+use crate::net::{client_ip, in_list, ClientIp};
 use crate::users::UserType;
 
 /// Routes that need no credential. `/health` also bypasses the IP blacklist. (`/admin/login`
@@ -99,13 +101,17 @@ fn zone(path: &str) -> Zone {
     }
 }
 
-/// The default-deny middleware over the whole router.
-pub async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let ip = req
-        .extensions()
-        .get::<ClientIp>()
-        .map(|c| c.0)
-        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+/// The default-deny middleware over the whole router. It first decides the client address
+/// (the socket peer, or `TRUSTED_PROXIES` hops back in `X-Forwarded-For`) and stores it as
+/// [`ClientIp`] for everything after it.
+pub async fn guard(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let ip = client_ip(peer.ip(), req.headers(), state.config.cli.trusted_proxies);
+    req.extensions_mut().insert(ClientIp(ip));
     let zone = zone(req.uri().path());
     if matches!(zone, Zone::Health) {
         return next.run(req).await;

@@ -178,6 +178,17 @@ impl Meter {
     fn read_json_body(&mut self) {
         let body = std::mem::take(&mut self.body);
         if !self.body_truncated {
+            // Fast path: read only the top-level `usage` (serde skips everything else without
+            // building it). When it holds both counts nothing else in the body matters.
+            if let Ok(UsageOnly { usage: Some(u) }) = serde_json::from_slice::<UsageOnly>(&body) {
+                if u.is_object() {
+                    self.observe_usage(&u, true);
+                    if self.reported_prompt.is_some() && self.completion_final {
+                        return;
+                    }
+                }
+            }
+            // Otherwise the whole body: the text seen stands in for a missing count.
             if let Ok(v) = serde_json::from_slice::<Value>(&body) {
                 self.observe_json(&v);
                 return;
@@ -416,6 +427,13 @@ impl Meter {
             self.text_overflow_bytes += s.len() as u64;
         }
     }
+}
+
+/// A whole JSON response, of which only `usage` is read.
+#[derive(serde::Deserialize)]
+struct UsageOnly {
+    #[serde(default)]
+    usage: Option<Value>,
 }
 
 /// OpenAI's usage-only stream chunk: no choices, a usage object.
