@@ -14,9 +14,10 @@ use crate::error::ProxyError;
 use crate::gatekeeper::Principal;
 use crate::users::{fingerprint, now_ms, UserType};
 
-/// `lastUsedAt` is rewritten at most once per this many milliseconds per user, so a busy user
-/// does not take a write lock and a persistence write on every request.
-pub const LAST_USED_RESOLUTION_MS: i64 = 1_000;
+/// `lastUsedAt` is rewritten at most once per this many milliseconds per user (it is "last used"
+/// to the minute), so a busy user does not take a write lock and a persistence write on every
+/// request: with many active users a one-second resolution meant a write on nearly every one.
+pub const LAST_USED_RESOLUTION_MS: i64 = 60_000;
 
 /// The reason recorded when `MAX_IPS_AUTO_BAN` disables a user.
 pub const IP_LIMIT_BAN_REASON: &str = "IP address limit exceeded.";
