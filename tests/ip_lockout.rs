@@ -47,9 +47,12 @@ async fn wrong_admin_keys_lock_out_one_address_while_another_still_works() {
     assert!((1..=600).contains(&retry), "{retry}");
     let body: serde_json::Value = resp.json().await.expect("JSON");
     assert!(body["error"].is_string());
-    // ...on proxied routes too, even with a valid user token.
+    // ...on proxied routes too, even with a valid user token, and only after the tarpit's pause
+    // (a guessing tool that waits for its answers is slowed down).
+    let started = std::time::Instant::now();
     let (status, _) = proxied(&attacker, &app, &token).await;
     assert_eq!(status, 429);
+    assert!(started.elapsed() >= llm_gatekeeper::gatekeeper::lockout::TARPIT);
 
     // Another address is unaffected.
     assert_eq!(admin_list(&admin, &app.url, ADMIN_KEY).await.status(), 200);

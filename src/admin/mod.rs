@@ -56,6 +56,7 @@ pub async fn authorize(
     }
     let page = ui::is_page(path);
     if let Some(secs) = state.lockout.locked_for(ip) {
+        tokio::time::sleep(crate::gatekeeper::lockout::TARPIT).await;
         if page {
             return Err(Redirect::to("/admin/login").into_response());
         }

@@ -18,6 +18,12 @@ use serde::Serialize;
 /// stays below ~10 MB, whatever an attacker does.
 pub const MAX_TRACKED_ADDRESSES: usize = 100_000;
 
+/// How long a locked-out address waits for its refusal (a tarpit). A guessing client that waits
+/// for each answer — as brute-force tools and load generators do — is slowed from thousands of
+/// guesses per second to a few per connection, and so stops eating the CPU that other users'
+/// requests need; waiting costs the proxy one timer. A person who mistyped a key does not notice.
+pub const TARPIT: Duration = Duration::from_millis(250);
+
 /// How often (at most) a failure triggers a sweep of expired entries.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 

@@ -148,7 +148,13 @@ pub async fn guard(
                 req.extensions_mut().insert(principal);
                 next.run(req).await
             }
-            Err(e) => e.into_response(),
+            Err(e) => {
+                // Here only the lockout refuses with 429 (quota and rate limits come later).
+                if e.status == StatusCode::TOO_MANY_REQUESTS {
+                    tokio::time::sleep(lockout::TARPIT).await;
+                }
+                e.into_response()
+            }
         },
     }
 }
