@@ -1,9 +1,9 @@
 //! The user record, in the JSON shape the original `oai-reverse-proxy` exports (camelCase,
 //! epoch-millisecond timestamps), so exported users import unchanged.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
+
+pub use super::counts::TokenCounts;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -26,9 +26,6 @@ impl UserType {
         }
     }
 }
-
-/// Token counts or limits by model family (any family name is accepted and kept).
-pub type TokenCounts = BTreeMap<String, u64>;
 
 /// One user, as stored, exported and imported.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,7 +59,8 @@ pub struct User {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_note: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub meta: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Boxed: rarely present, and a map takes 72 bytes even when empty.
+    pub meta: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl User {

@@ -363,7 +363,7 @@ impl UserPatch {
             u.admin_note = v.clone();
         }
         if let Some(v) = &self.meta {
-            u.meta = v.clone();
+            u.meta = v.clone().map(Box::new);
         }
     }
 }
@@ -630,7 +630,12 @@ pub fn parse_bulk(body: &Value) -> Result<Vec<BulkRecord>, OpsError> {
 
 impl UserOps<'_> {
     fn fresh(&self, token: &str, kind: UserType, now: i64) -> User {
-        User::new(token.to_string(), kind, self.default_limits.clone(), now)
+        User::new(
+            token.to_string(),
+            kind,
+            self.default_limits.iter().collect(),
+            now,
+        )
     }
 
     /// Creates a user with a new UUIDv4 token; its limits are the configured default quotas

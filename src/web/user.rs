@@ -23,7 +23,7 @@ const PUBLIC: &str = "anon";
 
 /// What the page shows about a user: never the token, addresses masked.
 pub fn view(u: &User, now: i64) -> Value {
-    let families: BTreeSet<&String> = u.token_counts.keys().chain(u.token_limits.keys()).collect();
+    let families: BTreeSet<&str> = u.token_counts.keys().chain(u.token_limits.keys()).collect();
     let families: Vec<Value> = families
         .into_iter()
         .map(|f| {
@@ -216,8 +216,8 @@ mod tests {
             0,
         );
         u.ip = vec!["10.20.30.40".into()];
-        u.token_counts.insert("claude".into(), 70);
-        u.token_limits.insert("claude".into(), 100);
+        u.token_counts.insert("claude", 70);
+        u.token_limits.insert("claude", 100);
         let v = view(&u, 0);
         assert_eq!(v["ips"][0], "10.20.xxx.xxx");
         assert_eq!(v["families"][0]["left"], 30);

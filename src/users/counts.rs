@@ -1,0 +1,410 @@
+//! Token counts and limits by model family (`tokenCounts`, `tokenLimits`, reservations): a
+//! compact map with the API of the `BTreeMap<String, u64>` it replaces and the same JSON (an
+//! object whose keys are in byte order).
+//!
+//! Why not a `BTreeMap<String, u64>`: with 100 000 users it was the largest part of the store.
+//! A B-tree leaf is allocated for room for 11 entries (≈ 370 bytes) plus one `String` per
+//! family, ≈ 550 bytes for the five limits a user typically has. Here a user's map is one
+//! [`ThinVec`] (one pointer in the user, nothing allocated while empty) of 16-byte pairs, and
+//! every family name is interned once for the whole process ([`Family`]).
+
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::{LazyLock, RwLock};
+
+use serde::de::{DeserializeSeed, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use thin_vec::ThinVec;
+
+/// An interned model-family name: one pointer, compared by address.
+///
+/// Names are interned for the life of the process and never freed. That is bounded: the
+/// request path only produces names from the fixed family table (`quota::families`), and any
+/// other name comes from an administrator (an import, an edit) or from the store itself.
+#[derive(Clone, Copy)]
+pub struct Family(&'static Name);
+
+/// The interned text. A sized wrapper, so that [`Family`] is a thin pointer.
+struct Name(Box<str>);
+
+/// The interner's key: hashes and compares as the text, so it can be looked up by `&str`.
+#[derive(Clone, Copy)]
+struct Interned(&'static Name);
+
+impl Hash for Interned {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0 .0.hash(state)
+    }
+}
+impl PartialEq for Interned {
+    fn eq(&self, other: &Interned) -> bool {
+        self.0 .0 == other.0 .0
+    }
+}
+impl Eq for Interned {}
+impl Borrow<str> for Interned {
+    fn borrow(&self) -> &str {
+        &self.0 .0
+    }
+}
+
+static NAMES: LazyLock<RwLock<HashSet<Interned>>> = LazyLock::new(Default::default);
+
+impl Family {
+    /// The family named `name`, interning the name on first use.
+    pub fn intern(name: &str) -> Family {
+        // The set only ever grows and holds plain data: a panic elsewhere cannot leave it
+        // inconsistent, so a poisoned lock is still usable.
+        if let Some(i) = NAMES.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return Family(i.0);
+        }
+        let mut names = NAMES.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = names.get(name) {
+            return Family(i.0);
+        }
+        let leaked: &'static Name = Box::leak(Box::new(Name(name.into())));
+        names.insert(Interned(leaked));
+        Family(leaked)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        &self.0 .0
+    }
+}
+
+impl PartialEq for Family {
+    fn eq(&self, other: &Family) -> bool {
+        // Interned: one name, one address.
+        std::ptr::eq(self.0, other.0)
+    }
+}
+impl Eq for Family {}
+
+impl fmt::Debug for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Token counts (or limits) by model family, kept sorted by family name in byte order (the
+/// order of the `BTreeMap<String, u64>` this replaces, and so of the JSON keys).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct TokenCounts(ThinVec<(Family, u64)>);
+
+impl TokenCounts {
+    pub fn new() -> TokenCounts {
+        TokenCounts(ThinVec::new())
+    }
+
+    fn position(&self, family: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(f, _)| f.as_str().cmp(family))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains_key(&self, family: &str) -> bool {
+        self.position(family).is_ok()
+    }
+
+    pub fn get(&self, family: &str) -> Option<&u64> {
+        self.position(family).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn get_mut(&mut self, family: &str) -> Option<&mut u64> {
+        self.position(family).ok().map(|i| &mut self.0[i].1)
+    }
+
+    /// Sets the count of `family`, returning the previous one.
+    pub fn insert(&mut self, family: impl AsRef<str>, n: u64) -> Option<u64> {
+        let family = family.as_ref();
+        match self.position(family) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, n)),
+            Err(i) => {
+                self.0.insert(i, (Family::intern(family), n));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, family: &str) -> Option<u64> {
+        self.position(family).ok().map(|i| self.0.remove(i).1)
+    }
+
+    /// The count of `family`, to change in place or to insert (as `BTreeMap::entry`).
+    pub fn entry(&mut self, family: impl AsRef<str>) -> CountEntry<'_> {
+        let family = family.as_ref();
+        let slot = match self.position(family) {
+            Ok(i) => Slot::Occupied(i),
+            Err(i) => Slot::Vacant(i, Family::intern(family)),
+        };
+        CountEntry { counts: self, slot }
+    }
+
+    /// The count of `family`, inserting `default` first when absent.
+    pub fn get_or_insert(&mut self, family: &str, default: u64) -> &mut u64 {
+        self.entry(family).or_insert(default)
+    }
+
+    /// Families and counts, in family-name order.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter(self.0.iter())
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> + '_ {
+        self.0.iter().map(|(f, _)| f.as_str())
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &u64> + '_ {
+        self.0.iter().map(|(_, n)| n)
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut u64> + '_ {
+        self.0.iter_mut().map(|(_, n)| n)
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear()
+    }
+
+    /// Puts pairs collected in any order into name order; of repeated names the last wins,
+    /// as with repeated keys inserted into a map (and in a JSON object).
+    fn from_unsorted(mut pairs: ThinVec<(Family, u64)>) -> TokenCounts {
+        // A stable sort keeps repeated names in their original order, so the last is last.
+        pairs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let mut out: ThinVec<(Family, u64)> = ThinVec::with_capacity(pairs.len());
+        for (f, n) in pairs {
+            match out.last_mut() {
+                Some(last) if last.0 == f => last.1 = n,
+                _ => out.push((f, n)),
+            }
+        }
+        TokenCounts(out)
+    }
+}
+
+/// An entry of [`TokenCounts`], as returned by [`TokenCounts::entry`].
+pub struct CountEntry<'a> {
+    counts: &'a mut TokenCounts,
+    slot: Slot,
+}
+
+enum Slot {
+    Occupied(usize),
+    /// Where the family goes, in name order.
+    Vacant(usize, Family),
+}
+
+impl<'a> CountEntry<'a> {
+    pub fn or_insert(self, default: u64) -> &'a mut u64 {
+        let i = match self.slot {
+            Slot::Occupied(i) => i,
+            Slot::Vacant(i, family) => {
+                self.counts.0.insert(i, (family, default));
+                i
+            }
+        };
+        &mut self.counts.0[i].1
+    }
+
+    pub fn or_default(self) -> &'a mut u64 {
+        self.or_insert(0)
+    }
+}
+
+impl fmt::Debug for TokenCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+/// The families and counts of a [`TokenCounts`], in name order.
+pub struct Iter<'a>(std::slice::Iter<'a, (Family, u64)>);
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a str, &'a u64);
+    fn next(&mut self) -> Option<(&'a str, &'a u64)> {
+        self.0.next().map(|(f, n)| (f.as_str(), n))
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl<'a> IntoIterator for &'a TokenCounts {
+    type Item = (&'a str, &'a u64);
+    type IntoIter = Iter<'a>;
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
+}
+
+impl<K: AsRef<str>> FromIterator<(K, u64)> for TokenCounts {
+    fn from_iter<I: IntoIterator<Item = (K, u64)>>(iter: I) -> TokenCounts {
+        TokenCounts::from_unsorted(
+            iter.into_iter()
+                .map(|(k, n)| (Family::intern(k.as_ref()), n))
+                .collect(),
+        )
+    }
+}
+
+impl<'a, K: AsRef<str>> FromIterator<(K, &'a u64)> for TokenCounts {
+    fn from_iter<I: IntoIterator<Item = (K, &'a u64)>>(iter: I) -> TokenCounts {
+        iter.into_iter().map(|(k, n)| (k, *n)).collect()
+    }
+}
+
+impl Serialize for TokenCounts {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (f, n) in self.0.iter() {
+            map.serialize_entry(f.as_str(), n)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenCounts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TokenCounts, D::Error> {
+        d.deserialize_map(CountsVisitor)
+    }
+}
+
+struct CountsVisitor;
+
+impl<'de> Visitor<'de> for CountsVisitor {
+    type Value = TokenCounts;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of model family to token count")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TokenCounts, A::Error> {
+        let mut pairs = ThinVec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+        while let Some(family) = map.next_key_seed(FamilySeed)? {
+            pairs.push((family, map.next_value::<u64>()?));
+        }
+        // Stored records are usually in order already; sorting them is then one pass.
+        Ok(TokenCounts::from_unsorted(pairs))
+    }
+}
+
+/// Interns a family name straight from the input, without an intermediate `String`.
+struct FamilySeed;
+
+impl<'de> DeserializeSeed<'de> for FamilySeed {
+    type Value = Family;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Family, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FamilySeed {
+    type Value = Family;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a model family name")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Family, E> {
+        Ok(Family::intern(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn is_small() {
+        assert_eq!(std::mem::size_of::<Family>(), 8);
+        assert_eq!(std::mem::size_of::<TokenCounts>(), 8);
+    }
+
+    #[test]
+    fn interning_gives_one_family_per_name() {
+        let a = Family::intern("claude");
+        let b = Family::intern(&String::from("claude"));
+        assert_eq!(a, b);
+        assert_ne!(a, Family::intern("claude-opus"));
+        assert_eq!(a.as_str(), "claude");
+    }
+
+    #[test]
+    fn behaves_like_a_btreemap() {
+        let mut c = TokenCounts::new();
+        let mut m = BTreeMap::new();
+        for (f, n) in [
+            ("turbo", 1),
+            ("gpt4", 2),
+            ("claude", 3),
+            ("gpt4", 4),
+            ("a", 0),
+        ] {
+            assert_eq!(c.insert(f, n), m.insert(f.to_string(), n));
+        }
+        *c.entry("zz-new").or_insert(7) += 1;
+        *m.entry("zz-new".to_string()).or_insert(7) += 1;
+        *c.entry("turbo").or_insert(100) += 1;
+        *m.entry("turbo".to_string()).or_insert(100) += 1;
+        assert_eq!(c.remove("a"), m.remove("a"));
+        assert_eq!(c.remove("missing"), m.remove("missing"));
+        let mine: Vec<(String, u64)> = c.iter().map(|(f, n)| (f.to_string(), *n)).collect();
+        let theirs: Vec<(String, u64)> = m.iter().map(|(f, n)| (f.clone(), *n)).collect();
+        assert_eq!(mine, theirs);
+        assert_eq!(c.get("gpt4"), Some(&4));
+        assert_eq!(c.get("nope"), None);
+        assert_eq!(c.len(), 4);
+        c.values_mut().for_each(|n| *n = 0);
+        assert!(c.values().all(|n| *n == 0));
+    }
+
+    #[test]
+    fn json_round_trips_unknown_families_in_key_order() {
+        let json = r#"{"turbo":5,"my-own-family":1,"gpt4":0,"Ünïcode \"x\"":9007199254740991}"#;
+        let c: TokenCounts = serde_json::from_str(json).expect("parses");
+        assert_eq!(c.get("my-own-family"), Some(&1));
+        assert_eq!(c.get("Ünïcode \"x\""), Some(&9_007_199_254_740_991));
+        let as_map: BTreeMap<String, u64> = serde_json::from_str(json).expect("parses");
+        // Same output as the BTreeMap it replaces, byte for byte.
+        assert_eq!(
+            serde_json::to_string(&c).expect("serialises"),
+            serde_json::to_string(&as_map).expect("serialises")
+        );
+        let back: TokenCounts =
+            serde_json::from_str(&serde_json::to_string(&c).expect("serialises")).expect("parses");
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn repeated_keys_keep_the_last_as_a_map_does() {
+        let c: TokenCounts = serde_json::from_str(r#"{"b":1,"a":2,"b":3}"#).expect("parses");
+        assert_eq!(serde_json::to_string(&c).expect("ser"), r#"{"a":2,"b":3}"#);
+        let c: TokenCounts = [("x", 1), ("x", 2)].into_iter().collect();
+        assert_eq!(c.get("x"), Some(&2));
+    }
+
+    #[test]
+    fn refuses_what_a_map_of_u64_refuses() {
+        for bad in [r#"{"a":-1}"#, r#"{"a":1.5}"#, r#"{"a":"1"}"#, "[]", "null"] {
+            assert!(serde_json::from_str::<TokenCounts>(bad).is_err(), "{bad}");
+            assert!(
+                serde_json::from_str::<BTreeMap<String, u64>>(bad).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}
