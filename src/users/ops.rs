@@ -16,7 +16,10 @@
 
 use std::collections::BTreeMap;
 
+use std::fmt::Display;
+
 use serde_json::{Map, Value};
+use smallvec::SmallVec;
 
 use super::model::TokenCounts;
 use super::{now_ms, User, UserStore, UserType};
@@ -42,12 +45,23 @@ pub enum OpsError {
     NotFound,
 }
 
-fn invalid(field: &str, problem: impl std::fmt::Display) -> OpsError {
+/// A field name, `prefix` then `name`, formatted only when an error shows it.
+#[derive(Clone, Copy)]
+struct FieldName<'a>(&'a str, &'a str);
+
+impl Display for FieldName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)?;
+        f.write_str(self.1)
+    }
+}
+
+fn invalid(field: impl Display, problem: impl Display) -> OpsError {
     OpsError::Invalid(format!("{field}: {problem}"))
 }
 
 /// Checks that a token can be used as a credential: 1–256 visible ASCII characters.
-pub fn validate_token(field: &str, token: &str) -> Result<(), OpsError> {
+pub fn validate_token(field: impl Display + Copy, token: &str) -> Result<(), OpsError> {
     if token.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }
@@ -80,7 +94,7 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// A non-negative integer ≤ [`MAX_INT`]; `5.0` is accepted as 5.
-fn as_count(field: &str, v: &Value) -> Result<u64, OpsError> {
+fn as_count(field: impl Display + Copy, v: &Value) -> Result<u64, OpsError> {
     let problem = || {
         invalid(
             field,
@@ -113,7 +127,7 @@ fn as_count(field: &str, v: &Value) -> Result<u64, OpsError> {
 }
 
 /// An epoch-millisecond time.
-fn as_time(field: &str, v: &Value) -> Result<i64, OpsError> {
+fn as_time(field: impl Display + Copy, v: &Value) -> Result<i64, OpsError> {
     as_count(field, v)
         .map_err(|_| {
             invalid(
@@ -131,7 +145,7 @@ fn as_time(field: &str, v: &Value) -> Result<i64, OpsError> {
         .map(|n| n as i64)
 }
 
-fn as_string(field: &str, v: &Value) -> Result<String, OpsError> {
+fn as_string(field: impl Display + Copy, v: &Value) -> Result<String, OpsError> {
     match v {
         Value::String(s) => Ok(s.clone()),
         other => Err(invalid(
@@ -141,7 +155,7 @@ fn as_string(field: &str, v: &Value) -> Result<String, OpsError> {
     }
 }
 
-fn as_kind(field: &str, v: &Value) -> Result<UserType, OpsError> {
+fn as_kind(field: impl Display + Copy, v: &Value) -> Result<UserType, OpsError> {
     match v.as_str() {
         Some("normal") => Ok(UserType::Normal),
         Some("special") => Ok(UserType::Special),
@@ -160,7 +174,7 @@ fn as_kind(field: &str, v: &Value) -> Result<UserType, OpsError> {
     }
 }
 
-fn as_counts(field: &str, v: &Value) -> Result<TokenCounts, OpsError> {
+fn as_counts(field: impl Display + Copy, v: &Value) -> Result<TokenCounts, OpsError> {
     let Value::Object(map) = v else {
         return Err(invalid(
             field,
@@ -172,12 +186,12 @@ fn as_counts(field: &str, v: &Value) -> Result<TokenCounts, OpsError> {
     };
     let mut out = TokenCounts::new();
     for (family, n) in map {
-        out.insert(family.clone(), as_count(&format!("{field}.{family}"), n)?);
+        out.insert(family, as_count(format_args!("{field}.{family}"), n)?);
     }
     Ok(out)
 }
 
-fn as_ips(field: &str, v: &Value) -> Result<Vec<String>, OpsError> {
+fn as_ips(field: impl Display + Copy, v: &Value) -> Result<Vec<String>, OpsError> {
     let Value::Array(items) = v else {
         return Err(invalid(
             field,
@@ -186,7 +200,7 @@ fn as_ips(field: &str, v: &Value) -> Result<Vec<String>, OpsError> {
     };
     let mut out: Vec<String> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let s = as_string(&format!("{field}[{i}]"), item)?;
+        let s = as_string(format_args!("{field}[{i}]"), item)?;
         // Duplicates would count twice toward the address limit.
         if !out.contains(&s) {
             out.push(s);
@@ -196,7 +210,7 @@ fn as_ips(field: &str, v: &Value) -> Result<Vec<String>, OpsError> {
 }
 
 /// `maxIps`: a whole number ≥ 0; the original coerced numeric strings, so "5" is accepted too.
-fn as_max_ips(field: &str, v: &Value) -> Result<u32, OpsError> {
+fn as_max_ips(field: impl Display + Copy, v: &Value) -> Result<u32, OpsError> {
     let n = match v {
         Value::String(s) => s
             .bytes()
@@ -214,7 +228,7 @@ fn as_max_ips(field: &str, v: &Value) -> Result<u32, OpsError> {
     u32::try_from(n).map_err(|_| invalid(field, format!("must be at most {}", u32::MAX)))
 }
 
-fn as_object(field: &str, v: &Value) -> Result<Map<String, Value>, OpsError> {
+fn as_object(field: impl Display + Copy, v: &Value) -> Result<Map<String, Value>, OpsError> {
     match v {
         Value::Object(m) => Ok(m.clone()),
         other => Err(invalid(
@@ -275,8 +289,8 @@ impl UserPatch {
         };
         let mut p = UserPatch::default();
         for (key, val) in map {
-            let f = format!("{prefix}{key}");
-            let f = f.as_str();
+            // Only an error shows the name, so it is not formatted unless needed.
+            let f = FieldName(prefix, key);
             if val.is_null() && REQUIRED.contains(&key.as_str()) {
                 return Err(invalid(
                     f,
@@ -315,7 +329,7 @@ impl UserPatch {
                 "adminNote" => p.admin_note = Some(nullable(val, |v| as_string(f, v))?),
                 "maxIps" => p.max_ips = Some(nullable(val, |v| as_max_ips(f, v))?),
                 "meta" => p.meta = Some(nullable(val, |v| as_object(f, v))?),
-                _ => p.ignored.push(f.to_string()),
+                _ => p.ignored.push(format!("{prefix}{key}")),
             }
         }
         Ok(p)
@@ -323,11 +337,16 @@ impl UserPatch {
 
     /// Applies the update to `u`. Cannot fail: everything was checked by [`UserPatch::parse`].
     pub fn apply(&self, u: &mut User) {
-        if let Some(v) = &self.ip {
-            u.ip = v.clone();
+        self.clone().apply_owned(u)
+    }
+
+    /// [`UserPatch::apply`], moving the new values into the user instead of copying them.
+    pub fn apply_owned(self, u: &mut User) {
+        if let Some(v) = self.ip {
+            u.ip = v;
         }
-        if let Some(v) = &self.nickname {
-            u.nickname = v.clone();
+        if let Some(v) = self.nickname {
+            u.nickname = v;
         }
         if let Some(v) = self.kind {
             u.kind = v;
@@ -335,11 +354,11 @@ impl UserPatch {
         if let Some(v) = self.prompt_count {
             u.prompt_count = v;
         }
-        if let Some(v) = &self.token_counts {
-            u.token_counts = v.clone();
+        if let Some(v) = self.token_counts {
+            u.token_counts = v;
         }
-        if let Some(v) = &self.token_limits {
-            u.token_limits = v.clone();
+        if let Some(v) = self.token_limits {
+            u.token_limits = v;
         }
         if let Some(v) = self.created_at {
             u.created_at = v;
@@ -350,8 +369,8 @@ impl UserPatch {
         if let Some(v) = self.disabled_at {
             u.disabled_at = v;
         }
-        if let Some(v) = &self.disabled_reason {
-            u.disabled_reason = v.clone();
+        if let Some(v) = self.disabled_reason {
+            u.disabled_reason = v;
         }
         if let Some(v) = self.expires_at {
             u.expires_at = v;
@@ -359,11 +378,11 @@ impl UserPatch {
         if let Some(v) = self.max_ips {
             u.max_ips = v;
         }
-        if let Some(v) = &self.admin_note {
-            u.admin_note = v.clone();
+        if let Some(v) = self.admin_note {
+            u.admin_note = v;
         }
-        if let Some(v) = &self.meta {
-            u.meta = v.clone().map(Box::new);
+        if let Some(v) = self.meta {
+            u.meta = v.map(Box::new);
         }
     }
 }
@@ -524,22 +543,61 @@ fn key(u: &User, f: SortField) -> Option<Key<'_>> {
     }
 }
 
+/// A sort key copied out of a user, so that sorting does not hold the store's locks.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum OwnedKey {
+    Num(i128),
+    Str(Box<str>),
+}
+
+/// One user's place in a sorted listing: its keys and its token.
+pub struct SortRow {
+    keys: SmallVec<[Option<OwnedKey>; 2]>,
+    /// The token's first 16 bytes, big-endian and zero-padded: it orders as the token does
+    /// wherever it differs, and saves a pointer chase per comparison of equal keys.
+    prefix: u128,
+    pub token: Box<str>,
+}
+
+impl SortRow {
+    pub fn new(u: &User, fields: &[SortField]) -> SortRow {
+        let keys = fields
+            .iter()
+            .map(|f| {
+                key(u, *f).map(|k| match k {
+                    Key::Num(n) => OwnedKey::Num(n),
+                    Key::Str(s) => OwnedKey::Str(s.into()),
+                })
+            })
+            .collect();
+        let mut prefix = [0u8; 16];
+        let n = u.token.len().min(16);
+        prefix[..n].copy_from_slice(&u.token.as_bytes()[..n]);
+        SortRow {
+            keys,
+            prefix: u128::from_be_bytes(prefix),
+            token: u.token.as_str().into(),
+        }
+    }
+}
+
 /// Sorts descending by each field in turn, missing values last (as the original), then by
 /// token so the order is stable between calls.
-pub fn sort_users(users: &mut [User], fields: &[SortField]) {
-    users.sort_by(|a, b| {
-        for f in fields {
-            let ord = match (key(a, *f), key(b, *f)) {
+pub fn sort_rows(rows: &mut [SortRow]) {
+    // Tokens are unique, so no two rows are equal and an unstable sort is deterministic.
+    rows.sort_unstable_by(|a, b| {
+        for (x, y) in a.keys.iter().zip(&b.keys) {
+            let ord = match (x, y) {
                 (None, None) => std::cmp::Ordering::Equal,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
                 (Some(_), None) => std::cmp::Ordering::Less,
-                (Some(x), Some(y)) => y.cmp(&x),
+                (Some(x), Some(y)) => y.cmp(x),
             };
             if ord.is_ne() {
                 return ord;
             }
         }
-        a.token.cmp(&b.token)
+        a.prefix.cmp(&b.prefix).then_with(|| a.token.cmp(&b.token))
     });
 }
 
@@ -577,39 +635,62 @@ pub fn parse_bulk(body: &Value) -> Result<Vec<BulkRecord>, OpsError> {
         }
     };
     if users.len() > MAX_BULK_USERS {
-        return Err(invalid(
-            "users",
-            format!(
-                "at most {MAX_BULK_USERS} users per request; split the import into several requests"
-            ),
-        ));
+        return Err(too_many_users());
     }
-    let mut out = Vec::with_capacity(users.len());
+    parse_records(users.len(), users.iter().map(Ok))
+}
+
+/// Validates `{"users":[…]}` given as the bytes of a request body, as [`parse_bulk`] does but
+/// without building a JSON tree of the whole body (for 100 000 users that tree is several
+/// times the size of the body): each record is parsed on its own, validated and dropped.
+/// `Err(None)` when the body is not of that shape (or not JSON): parse it whole with
+/// [`parse_bulk`], whose errors say what is wrong.
+pub fn parse_bulk_bytes(body: &[u8]) -> Result<Vec<BulkRecord>, Option<OpsError>> {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        users: &'a serde_json::value::RawValue,
+    }
+    let Ok(body) = serde_json::from_slice::<Body>(body) else {
+        return Err(None);
+    };
+    let Ok(users) = serde_json::from_str::<Vec<&serde_json::value::RawValue>>(body.users.get())
+    else {
+        return Err(None);
+    };
+    if users.len() > MAX_BULK_USERS {
+        return Err(Some(too_many_users()));
+    }
+    parse_records(
+        users.len(),
+        users
+            .iter()
+            .map(|raw| serde_json::from_str::<Value>(raw.get())),
+    )
+    .map_err(Some)
+}
+
+fn too_many_users() -> OpsError {
+    invalid(
+        "users",
+        format!(
+            "at most {MAX_BULK_USERS} users per request; split the import into several requests"
+        ),
+    )
+}
+
+/// Validates the records of a bulk upsert; errors of up to five records are reported together.
+fn parse_records<V: std::borrow::Borrow<Value>>(
+    n: usize,
+    records: impl Iterator<Item = serde_json::Result<V>>,
+) -> Result<Vec<BulkRecord>, OpsError> {
+    let mut out = Vec::with_capacity(n);
     let mut errors = Vec::new();
-    for (i, rec) in users.iter().enumerate() {
+    for (i, rec) in records.enumerate() {
         let prefix = format!("users[{i}].");
-        let parsed = (|| {
-            let field = format!("{prefix}token");
-            let token = match rec.get("token") {
-                Some(Value::String(t)) => {
-                    validate_token(&field, t)?;
-                    t.clone()
-                }
-                Some(other) => {
-                    return Err(invalid(
-                        &field,
-                        format!("must be a string, got {}", type_name(other)),
-                    ))
-                }
-                None if rec.is_object() => {
-                    return Err(invalid(&field, "is required in a bulk upsert"))
-                }
-                // Not an object at all: `UserPatch::parse` says so.
-                None => String::new(),
-            };
-            let patch = UserPatch::parse(rec, &prefix)?;
-            Ok(BulkRecord { token, patch })
-        })();
+        let parsed = rec
+            .map_err(|e| invalid(format_args!("users[{i}]"), e))
+            .and_then(|rec| parse_record(rec.borrow(), &prefix));
         match parsed {
             Ok(r) => out.push(r),
             Err(OpsError::Invalid(m)) => errors.push(m),
@@ -626,6 +707,27 @@ pub fn parse_bulk(body: &Value) -> Result<Vec<BulkRecord>, OpsError> {
         )));
     }
     Ok(out)
+}
+
+fn parse_record(rec: &Value, prefix: &str) -> Result<BulkRecord, OpsError> {
+    let field = FieldName(prefix, "token");
+    let token = match rec.get("token") {
+        Some(Value::String(t)) => {
+            validate_token(field, t)?;
+            t.clone()
+        }
+        Some(other) => {
+            return Err(invalid(
+                field,
+                format!("must be a string, got {}", type_name(other)),
+            ))
+        }
+        None if rec.is_object() => return Err(invalid(field, "is required in a bulk upsert")),
+        // Not an object at all: `UserPatch::parse` says so.
+        None => String::new(),
+    };
+    let patch = UserPatch::parse(rec, prefix)?;
+    Ok(BulkRecord { token, patch })
 }
 
 impl UserOps<'_> {
@@ -666,17 +768,33 @@ impl UserOps<'_> {
         ))
     }
 
-    /// Applies every record of a validated bulk upsert, in order.
-    pub fn upsert_bulk(&self, records: &[BulkRecord]) -> Result<Vec<User>, OpsError> {
+    /// Applies every record of a validated bulk upsert, in order, and shows each user as
+    /// stored to `each` (under the user's lock, so without copying it). Returns how many
+    /// records were applied.
+    pub fn upsert_bulk(
+        &self,
+        records: Vec<BulkRecord>,
+        mut each: impl FnMut(&User),
+    ) -> Result<usize, OpsError> {
         // Tokens were validated by `parse_bulk`; re-checking here keeps this function safe to
         // call with hand-built records, before anything is changed.
         for (i, r) in records.iter().enumerate() {
-            validate_token(&format!("users[{i}].token"), &r.token)?;
+            validate_token(format_args!("users[{i}].token"), &r.token)?;
         }
-        records
-            .iter()
-            .map(|r| self.upsert(&r.token, &r.patch))
-            .collect()
+        let n = records.len();
+        let now = now_ms();
+        for BulkRecord { token, patch } in records {
+            self.users.upsert_with(
+                &token,
+                || self.fresh(&token, UserType::Normal, now),
+                |u| {
+                    // The record's values move into the user: no copy of them is made.
+                    patch.apply_owned(u);
+                    each(u);
+                },
+            );
+        }
+        Ok(n)
     }
 
     /// Disables a user (it stays in the store). An already disabled user keeps its original
@@ -728,11 +846,13 @@ impl UserOps<'_> {
             .ok_or(OpsError::NotFound)
     }
 
-    /// Every user, sorted.
-    pub fn list(&self, sort: &[SortField]) -> Vec<User> {
-        let mut users = self.users.list();
-        sort_users(&mut users, sort);
-        users
+    /// The tokens of every user, in the order of `sort` (see [`sort_rows`]). The store is
+    /// only read-locked one shard at a time while the sort keys are copied out.
+    pub fn sorted_tokens(&self, sort: &[SortField]) -> Vec<Box<str>> {
+        let mut rows = Vec::with_capacity(self.users.len());
+        self.users.for_each(|u| rows.push(SortRow::new(u, sort)));
+        sort_rows(&mut rows);
+        rows.into_iter().map(|r| r.token).collect()
     }
 
     /// One user.
@@ -857,17 +977,67 @@ mod tests {
             u.last_used_at = last;
             u
         };
-        let mut v = vec![
+        let (store, limits) = ops_fixture();
+        let ops = UserOps {
+            users: &store,
+            default_limits: &limits,
+        };
+        store.load(vec![
             mk("a", 1, None),
             mk("b", 5, Some(1)),
             mk("c", 1, Some(9)),
             mk("d", 5, Some(3)),
-        ];
-        sort_users(&mut v, DEFAULT_SORT);
-        let order: Vec<&str> = v.iter().map(|u| u.token.as_str()).collect();
-        assert_eq!(order, vec!["d", "b", "c", "a"]);
+            mk("e", 1, Some(9)),
+        ]);
+        let order = |sort: &[SortField]| -> Vec<String> {
+            ops.sorted_tokens(sort)
+                .iter()
+                .map(|t| t.to_string())
+                .collect()
+        };
+        assert_eq!(order(DEFAULT_SORT), vec!["d", "b", "c", "e", "a"]);
+        // Ties (all keys equal) are broken by token, ascending.
+        assert_eq!(
+            order(&[SortField::CreatedAt]),
+            vec!["a", "b", "c", "d", "e"]
+        );
+        assert_eq!(order(&[SortField::Token]), vec!["e", "d", "c", "b", "a"]);
         assert!(parse_sort("bogus").is_err());
         assert_eq!(parse_sort("").expect("default"), DEFAULT_SORT.to_vec());
+    }
+
+    #[test]
+    fn tie_break_orders_tokens_bytewise_beyond_the_prefix() {
+        let (store, limits) = ops_fixture();
+        let ops = UserOps {
+            users: &store,
+            default_limits: &limits,
+        };
+        let mut tokens = vec![
+            "0123456789abcdef-b",
+            "0123456789abcdef",
+            "0123456789abcdef-a",
+            "0123456789abcde",
+            "0123456789abcdeg",
+            "~",
+            "A",
+            "a",
+        ];
+        for t in &tokens {
+            store.load_one(User::new(
+                t.to_string(),
+                UserType::Normal,
+                TokenCounts::new(),
+                0,
+            ));
+        }
+        tokens.sort();
+        let got: Vec<String> = ops
+            .sorted_tokens(DEFAULT_SORT)
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        assert_eq!(got, tokens);
     }
 
     #[test]
