@@ -156,7 +156,34 @@ impl UserListJson {
     fn finish(mut self) -> Response {
         self.buf
             .extend_from_slice(format!("],\"count\":{}}}", self.count).as_bytes());
-        ([(header::CONTENT_TYPE, "application/json")], self.buf).into_response()
+        let body = if self.buf.len() >= LARGE_BODY {
+            Bytes::from_owner(TrimOnDrop(self.buf))
+        } else {
+            Bytes::from(self.buf)
+        };
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+}
+
+/// From this size on, a response's buffer is returned to the system once it has been sent.
+const LARGE_BODY: usize = 1 << 20;
+
+/// A response body that, once sent and dropped, hands freed memory back to the system (with
+/// [`crate::app::return_freed_memory`]). Trimming in the handler would come too early: the
+/// largest allocation of a listing is its answer, freed only after the handler returned, and
+/// glibc keeps a freed block of that size in the heap rather than unmapping it.
+struct TrimOnDrop(Vec<u8>);
+
+impl AsRef<[u8]> for TrimOnDrop {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for TrimOnDrop {
+    fn drop(&mut self) {
+        self.0 = Vec::new();
+        crate::app::return_freed_memory();
     }
 }
 
@@ -218,9 +245,8 @@ async fn list_users(
             .map_err(not_serialised)?;
     }
     drop(tokens);
-    let resp = out.finish();
-    crate::app::return_freed_memory();
-    Ok(resp)
+    // Memory is handed back once the answer has been sent (see `TrimOnDrop`).
+    Ok(out.finish())
 }
 
 /// `GET /admin/users/{token}` → the user, or 404.
@@ -306,10 +332,9 @@ async fn upsert_users(
     if let Some(e) = failed {
         return Err(not_serialised(e));
     }
-    let resp = out.finish();
-    // A large import parses into more memory than the users it creates; give it back.
-    crate::app::return_freed_memory();
-    Ok(resp)
+    // A large import parses into more memory than the users it creates: it is handed back
+    // once the answer (as large as the request) has been sent (see `TrimOnDrop`).
+    Ok(out.finish())
 }
 
 /// `DELETE /admin/users/{token}[?disabledReason=…]` → disables (does not delete) the user.

@@ -17,6 +17,7 @@ use std::sync::{LazyLock, RwLock};
 use serde::de::{DeserializeSeed, MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use smallvec::SmallVec;
 use thin_vec::ThinVec;
 
 /// An interned model-family name: one pointer, compared by address.
@@ -180,13 +181,21 @@ impl TokenCounts {
         self.0.clear()
     }
 
+    /// Room for `n` families, allocated once: the map is then exactly as large as it needs.
+    pub fn with_capacity(n: usize) -> TokenCounts {
+        TokenCounts(ThinVec::with_capacity(n))
+    }
+
     /// Puts pairs collected in any order into name order; of repeated names the last wins,
-    /// as with repeated keys inserted into a map (and in a JSON object).
-    fn from_unsorted(mut pairs: ThinVec<(Family, u64)>) -> TokenCounts {
+    /// as with repeated keys inserted into a map (and in a JSON object). The result is
+    /// allocated once, at its final size: a map that grew would leave the smaller allocations
+    /// it outgrew behind as holes between the users of a bulk load.
+    fn from_unsorted(pairs: &mut [(Family, u64)]) -> TokenCounts {
         // A stable sort keeps repeated names in their original order, so the last is last.
         pairs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-        let mut out: ThinVec<(Family, u64)> = ThinVec::with_capacity(pairs.len());
-        for (f, n) in pairs {
+        let unique = pairs.len() - pairs.windows(2).filter(|w| w[0].0 == w[1].0).count();
+        let mut out: ThinVec<(Family, u64)> = ThinVec::with_capacity(unique);
+        for &(f, n) in pairs.iter() {
             match out.last_mut() {
                 Some(last) if last.0 == f => last.1 = n,
                 _ => out.push((f, n)),
@@ -195,6 +204,9 @@ impl TokenCounts {
         TokenCounts(out)
     }
 }
+
+/// Pairs being collected, on the stack while there are few.
+type Pairs = SmallVec<[(Family, u64); 16]>;
 
 /// An entry of [`TokenCounts`], as returned by [`TokenCounts::entry`].
 pub struct CountEntry<'a> {
@@ -254,11 +266,11 @@ impl<'a> IntoIterator for &'a TokenCounts {
 
 impl<K: AsRef<str>> FromIterator<(K, u64)> for TokenCounts {
     fn from_iter<I: IntoIterator<Item = (K, u64)>>(iter: I) -> TokenCounts {
-        TokenCounts::from_unsorted(
-            iter.into_iter()
-                .map(|(k, n)| (Family::intern(k.as_ref()), n))
-                .collect(),
-        )
+        let mut pairs: Pairs = iter
+            .into_iter()
+            .map(|(k, n)| (Family::intern(k.as_ref()), n))
+            .collect();
+        TokenCounts::from_unsorted(&mut pairs)
     }
 }
 
@@ -294,12 +306,12 @@ impl<'de> Visitor<'de> for CountsVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TokenCounts, A::Error> {
-        let mut pairs = ThinVec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+        let mut pairs = Pairs::new();
         while let Some(family) = map.next_key_seed(FamilySeed)? {
             pairs.push((family, map.next_value::<u64>()?));
         }
         // Stored records are usually in order already; sorting them is then one pass.
-        Ok(TokenCounts::from_unsorted(pairs))
+        Ok(TokenCounts::from_unsorted(&mut pairs))
     }
 }
 
@@ -332,6 +344,15 @@ mod tests {
     fn is_small() {
         assert_eq!(std::mem::size_of::<Family>(), 8);
         assert_eq!(std::mem::size_of::<TokenCounts>(), 8);
+    }
+
+    #[test]
+    fn parsed_maps_are_allocated_at_their_final_size() {
+        let c: TokenCounts =
+            serde_json::from_str(r#"{"e":1,"d":1,"c":1,"b":1,"a":1,"b":2}"#).expect("parses");
+        assert_eq!((c.len(), c.0.capacity()), (5, 5));
+        let c: TokenCounts = [("x", 1), ("y", 2)].into_iter().collect();
+        assert_eq!(c.0.capacity(), 2);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 
-use std::fmt::Display;
+use std::fmt::{Display, Write as _};
 
 use serde_json::{Map, Value};
 use smallvec::SmallVec;
@@ -184,7 +184,7 @@ fn as_counts(field: impl Display + Copy, v: &Value) -> Result<TokenCounts, OpsEr
             ),
         ));
     };
-    let mut out = TokenCounts::new();
+    let mut out = TokenCounts::with_capacity(map.len());
     for (family, n) in map {
         out.insert(family, as_count(format_args!("{field}.{family}"), n)?);
     }
@@ -686,8 +686,12 @@ fn parse_records<V: std::borrow::Borrow<Value>>(
 ) -> Result<Vec<BulkRecord>, OpsError> {
     let mut out = Vec::with_capacity(n);
     let mut errors = Vec::new();
+    // One buffer for every record's prefix: allocations that outlive a record (its values,
+    // which become the user's) should not have a freed one between each pair of them.
+    let mut prefix = String::new();
     for (i, rec) in records.enumerate() {
-        let prefix = format!("users[{i}].");
+        prefix.clear();
+        let _ = write!(prefix, "users[{i}].");
         let parsed = rec
             .map_err(|e| invalid(format_args!("users[{i}]"), e))
             .and_then(|rec| parse_record(rec.borrow(), &prefix));
@@ -783,12 +787,22 @@ impl UserOps<'_> {
         }
         let n = records.len();
         let now = now_ms();
-        for BulkRecord { token, patch } in records {
-            self.users.upsert_with(
-                &token,
-                || self.fresh(&token, UserType::Normal, now),
+        for BulkRecord { token, mut patch } in records {
+            // The record's values (its token too) move into the user: nothing is copied, and no
+            // default limits are made only to be replaced.
+            let limits = std::cell::Cell::new(patch.token_limits.take());
+            self.users.upsert_owned(
+                token,
+                |token| {
+                    let limits = limits
+                        .take()
+                        .unwrap_or_else(|| self.default_limits.iter().collect());
+                    User::new(token, UserType::Normal, limits, now)
+                },
                 |u| {
-                    // The record's values move into the user: no copy of them is made.
+                    if let Some(l) = limits.take() {
+                        u.token_limits = l;
+                    }
                     patch.apply_owned(u);
                     each(u);
                 },

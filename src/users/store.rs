@@ -290,6 +290,31 @@ impl UserStore {
         })
     }
 
+    /// [`UserStore::upsert_with`] for a token the caller owns: a new user is given it
+    /// (`create` receives it) instead of a copy.
+    pub fn upsert_owned<R>(
+        &self,
+        token: String,
+        create: impl FnOnce(String) -> User,
+        f: impl FnOnce(&mut User) -> R,
+    ) -> R {
+        self.deleted().remove(&token);
+        let hash = self.hash(&token);
+        let mut shard = Self::write(self.shard(hash));
+        let Shard { table, dirty } = &mut *shard;
+        let e = match table.entry(
+            hash,
+            |e| e.user.token == token,
+            |e| self.hasher.hash_one(e.user.token.as_str()),
+        ) {
+            TableEntry::Occupied(o) => o.into_mut(),
+            TableEntry::Vacant(v) => v.insert(Entry::new(create(token))).into_mut(),
+        };
+        let r = f(&mut e.user);
+        mark(e, dirty, &self.dirty);
+        r
+    }
+
     /// Deletes a user for good (the purge of expired temporary users).
     pub fn remove(&self, token: &str) -> Option<User> {
         let hash = self.hash(token);
