@@ -4,15 +4,18 @@
 //!
 //! Why not a `BTreeMap<String, u64>`: with 100 000 users it was the largest part of the store.
 //! A B-tree leaf is allocated for room for 11 entries (≈ 370 bytes) plus one `String` per
-//! family, ≈ 550 bytes for the five limits a user typically has. Here a user's map is one
-//! [`ThinVec`] (one pointer in the user, nothing allocated while empty) of 16-byte pairs, and
-//! every family name is interned once for the whole process ([`Family`]).
+//! family, ≈ 550 bytes for the five limits a user typically has. Here a map ([`Counts`]) is
+//! one [`ThinVec`] of 16-byte pairs, every family name is interned once for the whole process
+//! ([`Family`]), and a user holds its maps through [`TokenCounts`], one pointer that is null
+//! while the map is empty and is shared, copy-on-write, between users with equal maps (most
+//! users have the same limits).
 
 use std::borrow::Borrow;
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::{LazyLock, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 
 use serde::de::{DeserializeSeed, MapAccess, Visitor};
 use serde::ser::SerializeMap;
@@ -95,14 +98,15 @@ impl fmt::Display for Family {
     }
 }
 
-/// Token counts (or limits) by model family, kept sorted by family name in byte order (the
-/// order of the `BTreeMap<String, u64>` this replaces, and so of the JSON keys).
+/// A map of model family to count, kept sorted by family name in byte order (the order of
+/// the `BTreeMap<String, u64>` this replaces, and so of the JSON keys). Users hold it through
+/// [`TokenCounts`].
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct TokenCounts(ThinVec<(Family, u64)>);
+pub struct Counts(ThinVec<(Family, u64)>);
 
-impl TokenCounts {
-    pub fn new() -> TokenCounts {
-        TokenCounts(ThinVec::new())
+impl Counts {
+    pub fn new() -> Counts {
+        Counts(ThinVec::new())
     }
 
     fn position(&self, family: &str) -> Result<usize, usize> {
@@ -182,15 +186,15 @@ impl TokenCounts {
     }
 
     /// Room for `n` families, allocated once: the map is then exactly as large as it needs.
-    pub fn with_capacity(n: usize) -> TokenCounts {
-        TokenCounts(ThinVec::with_capacity(n))
+    pub fn with_capacity(n: usize) -> Counts {
+        Counts(ThinVec::with_capacity(n))
     }
 
     /// Puts pairs collected in any order into name order; of repeated names the last wins,
     /// as with repeated keys inserted into a map (and in a JSON object). The result is
     /// allocated once, at its final size: a map that grew would leave the smaller allocations
     /// it outgrew behind as holes between the users of a bulk load.
-    fn from_unsorted(pairs: &mut [(Family, u64)]) -> TokenCounts {
+    fn from_unsorted(pairs: &mut [(Family, u64)]) -> Counts {
         // A stable sort keeps repeated names in their original order, so the last is last.
         pairs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
         let unique = pairs.len() - pairs.windows(2).filter(|w| w[0].0 == w[1].0).count();
@@ -201,16 +205,16 @@ impl TokenCounts {
                 _ => out.push((f, n)),
             }
         }
-        TokenCounts(out)
+        Counts(out)
     }
 }
 
 /// Pairs being collected, on the stack while there are few.
 type Pairs = SmallVec<[(Family, u64); 16]>;
 
-/// An entry of [`TokenCounts`], as returned by [`TokenCounts::entry`].
+/// An entry of [`Counts`], as returned by [`Counts::entry`].
 pub struct CountEntry<'a> {
-    counts: &'a mut TokenCounts,
+    counts: &'a mut Counts,
     slot: Slot,
 }
 
@@ -237,13 +241,13 @@ impl<'a> CountEntry<'a> {
     }
 }
 
-impl fmt::Debug for TokenCounts {
+impl fmt::Debug for Counts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map().entries(self.iter()).finish()
     }
 }
 
-/// The families and counts of a [`TokenCounts`], in name order.
+/// The families and counts of a [`Counts`], in name order.
 pub struct Iter<'a>(std::slice::Iter<'a, (Family, u64)>);
 
 impl<'a> Iterator for Iter<'a> {
@@ -256,7 +260,7 @@ impl<'a> Iterator for Iter<'a> {
     }
 }
 
-impl<'a> IntoIterator for &'a TokenCounts {
+impl<'a> IntoIterator for &'a Counts {
     type Item = (&'a str, &'a u64);
     type IntoIter = Iter<'a>;
     fn into_iter(self) -> Iter<'a> {
@@ -264,23 +268,23 @@ impl<'a> IntoIterator for &'a TokenCounts {
     }
 }
 
-impl<K: AsRef<str>> FromIterator<(K, u64)> for TokenCounts {
-    fn from_iter<I: IntoIterator<Item = (K, u64)>>(iter: I) -> TokenCounts {
+impl<K: AsRef<str>> FromIterator<(K, u64)> for Counts {
+    fn from_iter<I: IntoIterator<Item = (K, u64)>>(iter: I) -> Counts {
         let mut pairs: Pairs = iter
             .into_iter()
             .map(|(k, n)| (Family::intern(k.as_ref()), n))
             .collect();
-        TokenCounts::from_unsorted(&mut pairs)
+        Counts::from_unsorted(&mut pairs)
     }
 }
 
-impl<'a, K: AsRef<str>> FromIterator<(K, &'a u64)> for TokenCounts {
-    fn from_iter<I: IntoIterator<Item = (K, &'a u64)>>(iter: I) -> TokenCounts {
+impl<'a, K: AsRef<str>> FromIterator<(K, &'a u64)> for Counts {
+    fn from_iter<I: IntoIterator<Item = (K, &'a u64)>>(iter: I) -> Counts {
         iter.into_iter().map(|(k, n)| (k, *n)).collect()
     }
 }
 
-impl Serialize for TokenCounts {
+impl Serialize for Counts {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.0.len()))?;
         for (f, n) in self.0.iter() {
@@ -290,8 +294,8 @@ impl Serialize for TokenCounts {
     }
 }
 
-impl<'de> Deserialize<'de> for TokenCounts {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TokenCounts, D::Error> {
+impl<'de> Deserialize<'de> for Counts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Counts, D::Error> {
         d.deserialize_map(CountsVisitor)
     }
 }
@@ -299,19 +303,19 @@ impl<'de> Deserialize<'de> for TokenCounts {
 struct CountsVisitor;
 
 impl<'de> Visitor<'de> for CountsVisitor {
-    type Value = TokenCounts;
+    type Value = Counts;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object of model family to token count")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TokenCounts, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Counts, A::Error> {
         let mut pairs = Pairs::new();
         while let Some(family) = map.next_key_seed(FamilySeed)? {
             pairs.push((family, map.next_value::<u64>()?));
         }
         // Stored records are usually in order already; sorting them is then one pass.
-        Ok(TokenCounts::from_unsorted(&mut pairs))
+        Ok(Counts::from_unsorted(&mut pairs))
     }
 }
 
@@ -335,6 +339,112 @@ impl<'de> Visitor<'de> for FamilySeed {
     }
 }
 
+/// What a user holds: a [`Counts`] shared copy-on-write between equal maps, or nothing while
+/// the map is empty. Reads go through `Deref`; changes through `DerefMut` copy a shared map
+/// first. Maps built from input (JSON, imports, the configured quotas) are shared with the
+/// last equal map built on the same thread, which makes the users of a bulk import or of a
+/// load from the store share their limits.
+#[derive(Clone, Default)]
+pub struct TokenCounts(Option<Arc<Counts>>);
+
+static EMPTY: LazyLock<Counts> = LazyLock::new(Counts::new);
+
+thread_local! {
+    /// The map most recently built on this thread, to share with the next equal one.
+    static LAST: RefCell<Option<Arc<Counts>>> = const { RefCell::new(None) };
+}
+
+impl TokenCounts {
+    pub fn new() -> TokenCounts {
+        TokenCounts(None)
+    }
+
+    /// Sets the count of `family`, returning the previous one. Setting a count to the value
+    /// it has does not copy a shared map (a quota refresh that changes nothing stays cheap).
+    pub fn insert(&mut self, family: impl AsRef<str>, n: u64) -> Option<u64> {
+        let family = family.as_ref();
+        match self.get(family) {
+            Some(&old) if old == n => Some(old),
+            _ => (**self).insert(family, n),
+        }
+    }
+}
+
+impl From<Counts> for TokenCounts {
+    fn from(counts: Counts) -> TokenCounts {
+        if counts.is_empty() {
+            return TokenCounts(None);
+        }
+        LAST.with(|last| {
+            let mut last = last.borrow_mut();
+            if let Some(shared) = last.as_ref().filter(|l| ***l == counts) {
+                return TokenCounts(Some(Arc::clone(shared)));
+            }
+            let shared = Arc::new(counts);
+            *last = Some(Arc::clone(&shared));
+            TokenCounts(Some(shared))
+        })
+    }
+}
+
+impl std::ops::Deref for TokenCounts {
+    type Target = Counts;
+    fn deref(&self) -> &Counts {
+        self.0.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl std::ops::DerefMut for TokenCounts {
+    fn deref_mut(&mut self) -> &mut Counts {
+        Arc::make_mut(self.0.get_or_insert_with(Default::default))
+    }
+}
+
+impl PartialEq for TokenCounts {
+    fn eq(&self, other: &TokenCounts) -> bool {
+        **self == **other
+    }
+}
+impl Eq for TokenCounts {}
+
+impl fmt::Debug for TokenCounts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl<'a> IntoIterator for &'a TokenCounts {
+    type Item = (&'a str, &'a u64);
+    type IntoIter = Iter<'a>;
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
+}
+
+impl<K: AsRef<str>> FromIterator<(K, u64)> for TokenCounts {
+    fn from_iter<I: IntoIterator<Item = (K, u64)>>(iter: I) -> TokenCounts {
+        Counts::from_iter(iter).into()
+    }
+}
+
+impl<'a, K: AsRef<str>> FromIterator<(K, &'a u64)> for TokenCounts {
+    fn from_iter<I: IntoIterator<Item = (K, &'a u64)>>(iter: I) -> TokenCounts {
+        Counts::from_iter(iter).into()
+    }
+}
+
+impl Serialize for TokenCounts {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenCounts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TokenCounts, D::Error> {
+        Counts::deserialize(d).map(TokenCounts::from)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,11 +458,43 @@ mod tests {
 
     #[test]
     fn parsed_maps_are_allocated_at_their_final_size() {
-        let c: TokenCounts =
+        let c: Counts =
             serde_json::from_str(r#"{"e":1,"d":1,"c":1,"b":1,"a":1,"b":2}"#).expect("parses");
         assert_eq!((c.len(), c.0.capacity()), (5, 5));
-        let c: TokenCounts = [("x", 1), ("y", 2)].into_iter().collect();
+        let c: Counts = [("x", 1), ("y", 2)].into_iter().collect();
         assert_eq!(c.0.capacity(), 2);
+    }
+
+    #[test]
+    fn equal_maps_are_shared_until_changed() {
+        let json = r#"{"turbo":1000,"claude":2000}"#;
+        let a: TokenCounts = serde_json::from_str(json).expect("parses");
+        let b: TokenCounts = serde_json::from_str(json).expect("parses");
+        let (Some(pa), Some(pb)) = (&a.0, &b.0) else {
+            panic!("non-empty maps are allocated");
+        };
+        assert!(Arc::ptr_eq(pa, pb), "equal maps share one allocation");
+        let mut c = b.clone();
+        c.insert("turbo", 1000);
+        assert!(
+            Arc::ptr_eq(pa, c.0.as_ref().expect("set")),
+            "an unchanged value copies nothing"
+        );
+        *c.entry("claude").or_insert(0) += 1;
+        assert_eq!(
+            (a.get("claude"), c.get("claude")),
+            (Some(&2000), Some(&2001))
+        );
+        c.insert("gpt4", 5);
+        assert_eq!(a.len(), 2);
+        assert_eq!(c.len(), 3);
+        let empty: TokenCounts = serde_json::from_str("{}").expect("parses");
+        assert!(empty.0.is_none(), "an empty map allocates nothing");
+        let mut d = TokenCounts::new();
+        assert_eq!(d.get("x"), None);
+        *d.entry("x").or_default() += 2;
+        assert_eq!(d.get("x"), Some(&2));
+        assert_eq!(serde_json::to_string(&d).expect("ser"), r#"{"x":2}"#);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::fmt::{Display, Write as _};
 use serde_json::{Map, Value};
 use smallvec::SmallVec;
 
+use super::counts::Counts;
 use super::model::TokenCounts;
 use super::{now_ms, User, UserStore, UserType};
 
@@ -184,11 +185,11 @@ fn as_counts(field: impl Display + Copy, v: &Value) -> Result<TokenCounts, OpsEr
             ),
         ));
     };
-    let mut out = TokenCounts::with_capacity(map.len());
+    let mut out = Counts::with_capacity(map.len());
     for (family, n) in map {
         out.insert(family, as_count(format_args!("{field}.{family}"), n)?);
     }
-    Ok(out)
+    Ok(out.into())
 }
 
 fn as_ips(field: impl Display + Copy, v: &Value) -> Result<Vec<String>, OpsError> {
