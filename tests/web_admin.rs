@@ -325,7 +325,7 @@ async fn user_lifecycle_through_the_forms() {
 
     // Clear IPs and reset usage.
     app.state.users.update(&token, |u| {
-        u.ip = vec!["1.2.3.4".into()];
+        u.ip = ["1.2.3.4".to_string()].into();
         u.token_counts.insert("claude", 40);
     });
     assert_eq!(
@@ -384,7 +384,7 @@ async fn users_list_filters_sorts_and_pages() {
                 Default::default(),
                 i,
             );
-            u.nickname = Some(format!("nick{i}"));
+            u.nickname = Some(format!("nick{i}").into());
             u
         })
         .collect();

@@ -344,10 +344,10 @@ impl UserPatch {
     /// [`UserPatch::apply`], moving the new values into the user instead of copying them.
     pub fn apply_owned(self, u: &mut User) {
         if let Some(v) = self.ip {
-            u.ip = v;
+            u.ip = v.into();
         }
         if let Some(v) = self.nickname {
-            u.nickname = v;
+            u.nickname = v.map(String::into_boxed_str);
         }
         if let Some(v) = self.kind {
             u.kind = v;
@@ -371,7 +371,7 @@ impl UserPatch {
             u.disabled_at = v;
         }
         if let Some(v) = self.disabled_reason {
-            u.disabled_reason = v;
+            u.disabled_reason = v.map(String::into_boxed_str);
         }
         if let Some(v) = self.expires_at {
             u.expires_at = v;
@@ -380,7 +380,7 @@ impl UserPatch {
             u.max_ips = v;
         }
         if let Some(v) = self.admin_note {
-            u.admin_note = v;
+            u.admin_note = v.map(String::into_boxed_str);
         }
         if let Some(v) = self.meta {
             u.meta = v.map(Box::new);
@@ -820,9 +820,9 @@ impl UserOps<'_> {
             .update(token, |u| {
                 if u.disabled_at.is_none() {
                     u.disabled_at = Some(now);
-                    u.disabled_reason = reason.map(str::to_string);
+                    u.disabled_reason = reason.map(Box::from);
                 } else if let Some(r) = reason {
-                    u.disabled_reason = Some(r.to_string());
+                    u.disabled_reason = Some(r.into());
                 }
                 u.clone()
             })

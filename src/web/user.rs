@@ -178,7 +178,7 @@ pub fn change_nickname(
         Err(msg) => return page(StatusCode::BAD_REQUEST, &user, json!({ "error": msg })),
     };
     let updated = state.users.update(&token, |u| {
-        u.nickname = nickname.clone();
+        u.nickname = nickname.as_deref().map(Box::from);
         u.clone()
     });
     state.users.request_flush();
@@ -215,7 +215,7 @@ mod tests {
             Default::default(),
             0,
         );
-        u.ip = vec!["10.20.30.40".into()];
+        u.ip = ["10.20.30.40".to_string()].into();
         u.token_counts.insert("claude", 70);
         u.token_limits.insert("claude", 100);
         let v = view(&u, 0);
