@@ -57,9 +57,30 @@ impl Borrow<str> for Interned {
 
 static NAMES: LazyLock<RwLock<HashSet<Interned>>> = LazyLock::new(Default::default);
 
+thread_local! {
+    /// The families this thread interned last, newest first.
+    static RECENT: RefCell<[Option<Family>; 8]> = const { RefCell::new([None; 8]) };
+}
+
 impl Family {
     /// The family named `name`, interning the name on first use.
     pub fn intern(name: &str) -> Family {
+        // A few names make up nearly every lookup (the families of one import, or of the
+        // requests on this thread): a short list of recent ones spares the shared set's lock
+        // and hash.
+        RECENT.with(|recent| {
+            let mut recent = recent.borrow_mut();
+            if let Some(f) = recent.iter().flatten().find(|f| f.as_str() == name) {
+                return *f;
+            }
+            let f = Family::intern_shared(name);
+            recent.rotate_right(1);
+            recent[0] = Some(f);
+            f
+        })
+    }
+
+    fn intern_shared(name: &str) -> Family {
         // The set only ever grows and holds plain data: a panic elsewhere cannot leave it
         // inconsistent, so a poisoned lock is still usable.
         if let Some(i) = NAMES.read().unwrap_or_else(|p| p.into_inner()).get(name) {

@@ -177,6 +177,14 @@ impl UserStore {
 
     /// Puts users read from the backend at startup in place, without marking them dirty.
     pub fn load(&self, users: Vec<User>) {
+        // Tables sized once for what is coming, rather than rehashed as they fill (shards
+        // are filled evenly by the hash; a little room is left for the unevenness).
+        let per_shard = users.len() / SHARDS + users.len() / SHARDS / 8;
+        for s in self.shards.iter() {
+            Self::write(&s.0)
+                .table
+                .reserve(per_shard, |e| self.hasher.hash_one(e.user.token.as_str()));
+        }
         for user in users {
             self.load_one(user);
         }
