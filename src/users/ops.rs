@@ -960,6 +960,86 @@ mod tests {
     }
 
     #[test]
+    fn bulk_from_bytes_matches_bulk_from_a_tree() {
+        let body = json!({"other": 1, "users": [
+            {"token": "a", "nickname": "n", "tokenLimits": {"turbo": 5, "mine": 1}, "x": true},
+            {"token": "b", "ip": ["1.1.1.1", "1.1.1.1"], "meta": {"k": [1]}}
+        ]});
+        let bytes = serde_json::to_vec(&body).expect("ser");
+        let from_bytes = parse_bulk_bytes(&bytes).expect("valid");
+        let from_tree = parse_bulk(&body).expect("valid");
+        assert_eq!(from_bytes.len(), 2);
+        for (x, y) in from_bytes.iter().zip(&from_tree) {
+            assert_eq!((&x.token, &x.patch), (&y.token, &y.patch));
+        }
+        assert_eq!(from_bytes[0].patch.ignored, vec!["users[0].x".to_string()]);
+
+        let bad = json!({"users": [{"token": "a"}, {"token": "b", "promptCount": "x"}, {"nickname": "n"}]});
+        let e_bytes = parse_bulk_bytes(&serde_json::to_vec(&bad).expect("ser"))
+            .err()
+            .flatten()
+            .expect("refused");
+        assert_eq!(e_bytes, parse_bulk(&bad).expect_err("refused"));
+
+        // Other shapes are left to `parse_bulk`, which says what is wrong.
+        for other in [
+            &b"[]"[..],
+            b"{}",
+            b"{\"users\": {}}",
+            b"{\"users\": [1,]}",
+            b"nope",
+        ] {
+            assert!(matches!(parse_bulk_bytes(other), Err(None)), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn bulk_upsert_moves_records_into_users() {
+        let (store, limits) = ops_fixture();
+        let ops = UserOps {
+            users: &store,
+            default_limits: &limits,
+        };
+        ops.upsert(
+            "old",
+            &UserPatch::parse(&json!({"nickname": "keep"}), "").expect("valid"),
+        )
+        .expect("creates");
+        let body = json!({"users": [
+            {"token": "new", "tokenLimits": {"claude": 9}},
+            {"token": "old", "promptCount": 4},
+            {"token": "plain"}
+        ]});
+        let records = parse_bulk(&body).expect("valid");
+        let mut seen = Vec::new();
+        let n = ops
+            .upsert_bulk(records, |u| seen.push(u.token.clone()))
+            .expect("applies");
+        assert_eq!(n, 3);
+        assert_eq!(seen, vec!["new", "old", "plain"]);
+        let new = store.get("new").expect("created");
+        assert_eq!(new.token_limits.get("claude"), Some(&9));
+        assert_eq!(
+            new.token_limits.get("turbo"),
+            None,
+            "the record's limits replace the defaults"
+        );
+        assert_eq!(
+            store
+                .get("plain")
+                .expect("created")
+                .token_limits
+                .get("turbo"),
+            Some(&1000)
+        );
+        let old = store.get("old").expect("kept");
+        assert_eq!(
+            (old.nickname.as_deref(), old.prompt_count),
+            (Some("keep"), 4)
+        );
+    }
+
+    #[test]
     fn create_temporary_needs_expiry_and_limits() {
         assert!(CreateRequest::parse(&json!({})).is_ok());
         assert!(CreateRequest::parse(&json!({"type": "special"})).is_ok());

@@ -469,6 +469,82 @@ mod tests {
     }
 
     #[test]
+    fn many_users_spread_over_shards_and_track_dirt() {
+        let s = UserStore::new();
+        s.load((0..1000).map(|i| user(&format!("user-{i}"))).collect());
+        assert_eq!((s.len(), s.pending()), (1000, 0));
+        let mut seen = 0;
+        s.for_each(|_| seen += 1);
+        assert_eq!(seen, 1000);
+        let used = s
+            .shards
+            .iter()
+            .filter(|sh| UserStore::read(&sh.0).table.len() > 0)
+            .count();
+        assert!(used > SHARDS / 2, "users land in many shards ({used})");
+        for i in (0..1000).step_by(10) {
+            s.update(&format!("user-{i}"), |u| u.prompt_count = 7);
+        }
+        // Changing a dirty user again does not count twice.
+        s.update("user-0", |u| u.prompt_count = 8);
+        assert_eq!(s.pending(), 100);
+        let batch = s.take_batch();
+        assert_eq!(batch.changed.len(), 100);
+        assert!(batch.changed.iter().all(|u| u.prompt_count >= 7));
+        assert_eq!(s.pending(), 0);
+        assert_eq!(s.update_all(|u| u.prompt_count == 7), 99);
+        assert_eq!(s.discard_pending(), 99);
+        assert_eq!(s.pending(), 0);
+        assert!(s.take_batch().is_empty());
+    }
+
+    #[test]
+    fn upsert_owned_creates_with_the_given_token_and_cancels_a_deletion() {
+        let s = UserStore::new();
+        s.load(vec![user("a")]);
+        s.remove("a");
+        assert_eq!(s.pending(), 1);
+        let created = s.upsert_owned(
+            "a".to_string(),
+            |t| User::new(t, UserType::Special, TokenCounts::new(), 5),
+            |u| u.created_at,
+        );
+        assert_eq!(created, 5);
+        let again = s.upsert_owned("a".to_string(), |_| user("never"), |u| u.kind);
+        assert_eq!(
+            again,
+            UserType::Special,
+            "an existing user is changed, not replaced"
+        );
+        let batch = s.take_batch();
+        assert_eq!(batch.changed.len(), 1);
+        assert!(batch.deleted.is_empty(), "the user exists again");
+        assert!(s.get("never").is_none());
+    }
+
+    #[test]
+    fn reservations_survive_a_replacement() {
+        let s = UserStore::new();
+        s.upsert(user("a"));
+        s.update_entry("a", |e| {
+            e.reserved.insert("turbo", 5);
+            ((), false)
+        });
+        let mut u = user("a");
+        u.prompt_count = 3;
+        s.upsert(u);
+        let (reserved, count) = s
+            .update_entry("a", |e| {
+                (
+                    (e.reserved.get("turbo").copied(), e.user.prompt_count),
+                    false,
+                )
+            })
+            .expect("exists");
+        assert_eq!((reserved, count), (Some(5), 3));
+    }
+
+    #[test]
     fn removed_user_is_deleted_in_batch() {
         let s = UserStore::new();
         s.load(vec![user("a")]);
