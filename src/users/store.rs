@@ -479,7 +479,7 @@ mod tests {
         let used = s
             .shards
             .iter()
-            .filter(|sh| UserStore::read(&sh.0).table.len() > 0)
+            .filter(|sh| !UserStore::read(&sh.0).table.is_empty())
             .count();
         assert!(used > SHARDS / 2, "users land in many shards ({used})");
         for i in (0..1000).step_by(10) {
