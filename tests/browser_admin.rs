@@ -353,8 +353,8 @@ async fn journey(
 
     // A user looks up their quota, on a phone-sized screen.
     app.state.users.update(&token, |u| {
-        u.ip = vec!["10.1.2.3".into()];
-        u.token_counts.insert("turbo".into(), 1234);
+        u.ip = vec!["10.1.2.3".to_string()].into();
+        u.token_counts.insert("turbo", 1234);
         u.prompt_count = 5;
     });
     c.set_window_size(390, 844)

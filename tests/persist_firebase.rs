@@ -122,7 +122,7 @@ async fn new_user_and_usage_appear_within_the_flush_interval() {
 
     app.state.users.update("new-user", |u| {
         u.prompt_count = 5;
-        u.token_counts.insert("claude".into(), 1234);
+        u.token_counts.insert("claude", 1234);
     });
     db_has(&fb, "users/new-user/promptCount", json!(5)).await;
     assert_eq!(
@@ -395,7 +395,7 @@ async fn a_restart_reloads_everything() {
     let app = spawn_args(&fb.args(1)).await;
     let mut special = user("keep-special", 3);
     special.kind = UserType::Special;
-    special.token_counts.insert("gpt4".into(), 99);
+    special.token_counts.insert("gpt4", 99);
     app.state.users.upsert(special.clone());
     let mut disabled = user("keep-disabled", 1);
     disabled.disabled_at = Some(1_700_000_000_500);

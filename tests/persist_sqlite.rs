@@ -66,7 +66,7 @@ async fn usage_is_stored_within_the_interval_and_a_restart_reloads_everything() 
     app.state.users.upsert(user("purged", 0));
     app.state.users.update("special", |u| {
         u.prompt_count = 12;
-        u.token_counts.insert("claude".into(), 3456);
+        u.token_counts.insert("claude", 3456);
     });
     eventually(15, "usage in the file", || async {
         (stored_prompts(&path, "special") == 12).then_some(())

@@ -38,7 +38,7 @@ async fn user_at_limit_is_refused_until_the_refresh_tick() {
     .await;
     add_user(&app, "u", UserType::Normal, &[("turbo", 100)]);
     app.state.users.update("u", |u| {
-        u.token_counts.insert("turbo".into(), 95);
+        u.token_counts.insert("turbo", 95);
     });
     let c = reqwest::Client::new();
     let r = post(&c, &app, "/v1/chat/completions", "u", &chat()).await;

@@ -325,8 +325,8 @@ async fn user_lifecycle_through_the_forms() {
 
     // Clear IPs and reset usage.
     app.state.users.update(&token, |u| {
-        u.ip = vec!["1.2.3.4".into()];
-        u.token_counts.insert("claude".into(), 40);
+        u.ip = ["1.2.3.4".to_string()].into();
+        u.token_counts.insert("claude", 40);
     });
     assert_eq!(
         b.post_form(&format!("{action}/clear-ips"), &[("_csrf", &csrf)])
@@ -346,7 +346,7 @@ async fn user_lifecycle_through_the_forms() {
     // Refresh quota: each family with a default quota (TOKEN_QUOTA_TURBO=1000) allows that many
     // more tokens than used so far.
     app.state.users.update(&token, |u| {
-        u.token_counts.insert("turbo".into(), 300);
+        u.token_counts.insert("turbo", 300);
     });
     assert_eq!(
         b.post_form(&format!("{action}/refresh-quota"), &[("_csrf", &csrf)])
@@ -384,7 +384,7 @@ async fn users_list_filters_sorts_and_pages() {
                 Default::default(),
                 i,
             );
-            u.nickname = Some(format!("nick{i}"));
+            u.nickname = Some(format!("nick{i}").into());
             u
         })
         .collect();

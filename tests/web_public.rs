@@ -91,9 +91,9 @@ fn user_with_usage(token: &str) -> User {
     );
     u.nickname = Some("alice".into());
     u.prompt_count = 12;
-    u.ip = vec!["10.20.30.40".into(), "192.168.1.77".into()];
-    u.token_counts.insert("turbo".into(), 250);
-    u.token_limits.insert("turbo".into(), 1000);
+    u.ip = vec!["10.20.30.40".to_string(), "192.168.1.77".to_string()].into();
+    u.token_counts.insert("turbo", 250);
+    u.token_limits.insert("turbo", 1000);
     u
 }
 

@@ -16,8 +16,10 @@ use serde_json::{json, Map, Value};
 use super::AdminIdentity;
 use crate::app::AppState;
 use crate::error::AdminError;
-use crate::users::fingerprint;
-use crate::users::ops::{parse_bulk, parse_sort, CreateRequest, OpsError, UserOps, UserPatch};
+use crate::users::ops::{
+    parse_bulk, parse_bulk_bytes, parse_sort, CreateRequest, OpsError, UserOps, UserPatch,
+};
+use crate::users::{fingerprint, User};
 
 /// The `/admin/users` routes.
 pub fn routes() -> Router<AppState> {
@@ -73,6 +75,27 @@ pub struct AdminJson(pub Value);
 impl<S: Send + Sync> FromRequest<S> for AdminJson {
     type Rejection = AdminError;
     async fn from_request(req: Request, state: &S) -> Result<Self, AdminError> {
+        let AdminBody(bytes) = AdminBody::from_request(req, state).await?;
+        let Some(bytes) = bytes else {
+            return Ok(AdminJson(Value::Object(Map::new())));
+        };
+        serde_json::from_slice(&bytes)
+            .map(AdminJson)
+            .map_err(not_json)
+    }
+}
+
+fn not_json(e: serde_json::Error) -> AdminError {
+    AdminError::bad_request(format!("The request body is not valid JSON: {e}"))
+}
+
+/// The bytes of a request body sent as JSON (checked as [`AdminJson`] checks it, but not
+/// parsed); `None` when it is empty or blank.
+pub struct AdminBody(pub Option<Bytes>);
+
+impl<S: Send + Sync> FromRequest<S> for AdminBody {
+    type Rejection = AdminError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, AdminError> {
         let content_type = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -89,7 +112,7 @@ impl<S: Send + Sync> FromRequest<S> for AdminJson {
             }
         })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(AdminJson(Value::Object(Map::new())));
+            return Ok(AdminBody(None));
         }
         let is_json = content_type.as_deref().is_some_and(|ct| {
             let essence = ct.split(';').next().unwrap_or("").trim();
@@ -101,11 +124,79 @@ impl<S: Send + Sync> FromRequest<S> for AdminJson {
                 content_type.as_deref().map_or("no Content-Type".to_string(), |c| format!("{c:?}"))
             )));
         }
-        serde_json::from_slice(&bytes).map(AdminJson).map_err(|e| {
-            AdminError::bad_request(format!("The request body is not valid JSON: {e}"))
-        })
+        Ok(AdminBody(Some(bytes)))
     }
 }
+
+/// `{"<name>":[user,…],"count":n}`, written user by user into one buffer: no copy of the
+/// users and no JSON tree, which for 100 000 users cost more time than the JSON itself.
+struct UserListJson {
+    buf: Vec<u8>,
+    count: usize,
+}
+
+impl UserListJson {
+    fn new(name: &str, capacity: usize) -> UserListJson {
+        let mut buf = Vec::with_capacity(capacity);
+        buf.extend_from_slice(b"{\"");
+        buf.extend_from_slice(name.as_bytes());
+        buf.extend_from_slice(b"\":[");
+        UserListJson { buf, count: 0 }
+    }
+
+    fn push(&mut self, u: &User) -> Result<(), serde_json::Error> {
+        if self.count > 0 {
+            self.buf.push(b',');
+        }
+        serde_json::to_writer(&mut self.buf, u)?;
+        self.count += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Response {
+        self.buf
+            .extend_from_slice(format!("],\"count\":{}}}", self.count).as_bytes());
+        let body = if self.buf.len() >= LARGE_BODY {
+            Bytes::from_owner(TrimOnDrop(self.buf))
+        } else {
+            Bytes::from(self.buf)
+        };
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+}
+
+/// From this size on, a response's buffer is returned to the system once it has been sent.
+const LARGE_BODY: usize = 1 << 20;
+
+/// A response body that, once sent and dropped, hands freed memory back to the system (with
+/// [`crate::app::return_freed_memory`]). Trimming in the handler would come too early: the
+/// largest allocation of a listing is its answer, freed only after the handler returned, and
+/// glibc keeps a freed block of that size in the heap rather than unmapping it.
+struct TrimOnDrop(Vec<u8>);
+
+impl AsRef<[u8]> for TrimOnDrop {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for TrimOnDrop {
+    fn drop(&mut self) {
+        self.0 = Vec::new();
+        crate::app::return_freed_memory();
+    }
+}
+
+fn not_serialised(e: serde_json::Error) -> AdminError {
+    tracing::error!(error = %e, "serialising users failed");
+    AdminError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "The users could not be serialised; the server log has the details.",
+    )
+}
+
+/// Roughly the JSON size of one user, to size a listing's buffer in one go.
+const USER_JSON_BYTES: usize = 320;
 
 /// The `{token}` path segment, refused with a JSON 400 when it cannot be decoded.
 fn path_token(p: Result<Path<String>, PathRejection>) -> Result<String, AdminError> {
@@ -143,29 +234,19 @@ async fn list_users(
     RawQuery(q): RawQuery,
 ) -> Result<Response, AdminError> {
     let sort = parse_sort(&query_values(&q, "sort").join(","))?;
-    let users = ops(&state).list(&sort);
-    // Serialised straight from the users: a `json!` tree of 100 000 users would cost more
-    // than the copy of the users itself.
-    let resp = Json(UserList {
-        count: users.len(),
-        users: &users,
-    })
-    .into_response();
-    drop(users);
-    crate::app::return_freed_memory();
-    Ok(resp)
-}
-
-#[derive(serde::Serialize)]
-struct UserList<'a> {
-    users: &'a [crate::users::User],
-    count: usize,
-}
-
-#[derive(serde::Serialize)]
-struct Upserted<'a> {
-    upserted_users: &'a [crate::users::User],
-    count: usize,
+    let tokens = ops(&state).sorted_tokens(&sort);
+    let mut out = UserListJson::new("users", tokens.len() * USER_JSON_BYTES);
+    for token in &tokens {
+        // A user deleted since the tokens were taken is left out (and not counted).
+        state
+            .users
+            .with_user(token, |u| out.push(u))
+            .transpose()
+            .map_err(not_serialised)?;
+    }
+    drop(tokens);
+    // Memory is handed back once the answer has been sent (see `TrimOnDrop`).
+    Ok(out.finish())
 }
 
 /// `GET /admin/users/{token}` → the user, or 404.
@@ -212,35 +293,48 @@ async fn upsert_user(
     Ok(Json(user).into_response())
 }
 
-/// `PUT /admin/users` with `{"users":[…]}` → all-or-nothing bulk upsert.
+/// `PUT /admin/users` with `{"users":[…]}` → all-or-nothing bulk upsert, answered with
+/// `{"upserted_users":[…],"count":n}`.
 async fn upsert_users(
     State(state): State<AppState>,
     Admin(who): Admin,
-    AdminJson(body): AdminJson,
+    AdminBody(body): AdminBody,
 ) -> Result<Response, AdminError> {
-    let records = parse_bulk(&body)?;
-    let users = ops(&state).upsert_bulk(&records)?;
-    state.users.request_flush();
+    let body_len = body.as_ref().map_or(0, Bytes::len);
+    let records = match body.as_deref().map(parse_bulk_bytes) {
+        Some(Ok(records)) => records,
+        Some(Err(Some(e))) => return Err(e.into()),
+        // Not `{"users":[…]}` (or not JSON): parsed whole, to say what is wrong.
+        Some(Err(None)) => {
+            let v: Value =
+                serde_json::from_slice(body.as_deref().unwrap_or(b"{}")).map_err(not_json)?;
+            parse_bulk(&v)?
+        }
+        None => parse_bulk(&Value::Object(Map::new()))?,
+    };
+    drop(body);
     let ignored: Vec<String> = records
         .iter()
         .flat_map(|r| r.patch.ignored.iter().cloned())
         .take(20)
         .collect();
+    // The answer is about as large as the request.
+    let mut out = UserListJson::new("upserted_users", body_len + 64);
+    let mut failed = None;
+    let count = ops(&state).upsert_bulk(records, |u| {
+        if let Err(e) = out.push(u) {
+            failed.get_or_insert(e);
+        }
+    })?;
+    state.users.request_flush();
     log_ignored(who.who(), &ignored);
-    tracing::info!(
-        admin = who.who(),
-        count = users.len(),
-        "admin bulk-upserted users"
-    );
-    let resp = Json(Upserted {
-        count: users.len(),
-        upserted_users: &users,
-    })
-    .into_response();
-    // A large import parses into far more memory than the users it creates; give it back.
-    drop((users, records, body));
-    crate::app::return_freed_memory();
-    Ok(resp)
+    tracing::info!(admin = who.who(), count, "admin bulk-upserted users");
+    if let Some(e) = failed {
+        return Err(not_serialised(e));
+    }
+    // A large import parses into more memory than the users it creates: it is handed back
+    // once the answer (as large as the request) has been sent (see `TrimOnDrop`).
+    Ok(out.finish())
 }
 
 /// `DELETE /admin/users/{token}[?disabledReason=…]` → disables (does not delete) the user.

@@ -988,9 +988,7 @@ async fn import_apply(
             .iter()
             .filter(|r| !state.users.contains(&r.token))
             .count();
-        ops(&state)
-            .upsert_bulk(&records)
-            .map(|users| (users.len(), new))
+        ops(&state).upsert_bulk(records, |_| {}).map(|n| (n, new))
     });
     match result {
         Ok((n, new)) => {

@@ -119,7 +119,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
                 if auto_ban {
                     u.ip.push(ip_s.clone());
                     u.disabled_at = Some(now);
-                    u.disabled_reason = Some(IP_LIMIT_BAN_REASON.to_string());
+                    u.disabled_reason = Some(IP_LIMIT_BAN_REASON.into());
                     tracing::warn!(
                         user = %fingerprint(token),
                         %ip,
@@ -212,7 +212,7 @@ mod tests {
     async fn refusals_do_not_change_the_user() {
         let st = state(&["--max-ips-per-user", "1"]).await;
         let mut u = User::new("t".into(), UserType::Normal, TokenCounts::new(), 0);
-        u.ip = vec!["10.0.0.1".into()];
+        u.ip = ["10.0.0.1".to_string()].into();
         st.users.load(vec![u.clone()]);
         let e = admit(&st, "t", ip("10.0.0.2")).expect_err("over the limit");
         assert_eq!(e.status, axum::http::StatusCode::FORBIDDEN);

@@ -250,7 +250,7 @@ impl Quotas {
 
     /// The `tokenLimits` a newly created user gets (`TOKEN_QUOTA_*`, as in the original).
     pub fn initial_limits(&self) -> TokenCounts {
-        self.quotas.clone()
+        self.quotas.iter().collect()
     }
 
     /// When quotas refresh next (`None`: never, `QUOTA_REFRESH_PERIOD` is empty).

@@ -167,7 +167,7 @@ fn refusal_says_family_limit_usage_and_refresh() {
     );
     add_user(&users, "u", UserType::Normal, &[("claude-opus", 1000)]);
     users.update("u", |u| {
-        u.token_counts.insert("claude-opus".into(), 990);
+        u.token_counts.insert("claude-opus", 990);
     });
     let mut body = json!({"model": "claude-opus-4-1", "max_tokens": 50,
         "messages": [{"role": "user", "content": "hi"}]});
@@ -470,7 +470,7 @@ fn refresh_on_a_driven_clock() {
     add_user(&users, "t", UserType::Temporary, &[("gpt4o", 1000)]);
     for t in ["n", "t"] {
         users.update(t, |u| {
-            u.token_counts.insert("gpt4o".into(), 900);
+            u.token_counts.insert("gpt4o", 900);
         });
     }
 

@@ -29,6 +29,11 @@ pub struct Loaded {
 pub trait UserBackend: Send + Sync + 'static {
     /// Short name for logs and the status endpoint (`memory`, `sqlite`, `firebase_rtdb`).
     fn name(&self) -> &'static str;
+    /// Whether written users outlive the process. When not, pending changes are discarded
+    /// instead of being copied into batches that are written nowhere.
+    fn is_durable(&self) -> bool {
+        true
+    }
     /// Reads every stored user.
     fn load_all(&self) -> BoxFuture<'_, Result<Loaded, BackendError>>;
     /// Writes `changed` users (full records) and deletes `deleted` tokens.
@@ -45,6 +50,9 @@ pub struct MemoryBackend;
 impl UserBackend for MemoryBackend {
     fn name(&self) -> &'static str {
         "memory"
+    }
+    fn is_durable(&self) -> bool {
+        false
     }
     fn load_all(&self) -> BoxFuture<'_, Result<Loaded, BackendError>> {
         Box::pin(async { Ok(Loaded::default()) })

@@ -2,6 +2,7 @@
 //! backends behind the [`backend::UserBackend`] trait. Knows nothing of HTTP.
 
 pub mod backend;
+pub mod counts;
 pub mod firebase;
 pub mod model;
 pub mod ops;

@@ -1,9 +1,10 @@
 //! The user record, in the JSON shape the original `oai-reverse-proxy` exports (camelCase,
 //! epoch-millisecond timestamps), so exported users import unchanged.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
+use thin_vec::ThinVec;
+
+pub use super::counts::TokenCounts;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -27,18 +28,16 @@ impl UserType {
     }
 }
 
-/// Token counts or limits by model family (any family name is accepted and kept).
-pub type TokenCounts = BTreeMap<String, u64>;
-
 /// One user, as stored, exported and imported.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct User {
     pub token: String,
+    /// A `ThinVec` (one pointer) rather than a `Vec` (three): most users have few addresses.
     #[serde(default)]
-    pub ip: Vec<String>,
+    pub ip: ThinVec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nickname: Option<String>,
+    pub nickname: Option<Box<str>>,
     #[serde(rename = "type", default)]
     pub kind: UserType,
     #[serde(default)]
@@ -54,15 +53,16 @@ pub struct User {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disabled_reason: Option<String>,
+    pub disabled_reason: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ips: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub admin_note: Option<String>,
+    pub admin_note: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub meta: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Boxed: rarely present, and a map takes 72 bytes even when empty.
+    pub meta: Option<Box<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl User {
@@ -70,7 +70,7 @@ impl User {
     pub fn new(token: String, kind: UserType, token_limits: TokenCounts, now_ms: i64) -> User {
         User {
             token,
-            ip: Vec::new(),
+            ip: ThinVec::new(),
             nickname: None,
             kind,
             prompt_count: 0,

@@ -16,8 +16,12 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Map, Value};
+use std::fmt::{Display, Write as _};
 
+use serde_json::{Map, Value};
+use smallvec::SmallVec;
+
+use super::counts::Counts;
 use super::model::TokenCounts;
 use super::{now_ms, User, UserStore, UserType};
 
@@ -42,12 +46,23 @@ pub enum OpsError {
     NotFound,
 }
 
-fn invalid(field: &str, problem: impl std::fmt::Display) -> OpsError {
+/// A field name, `prefix` then `name`, formatted only when an error shows it.
+#[derive(Clone, Copy)]
+struct FieldName<'a>(&'a str, &'a str);
+
+impl Display for FieldName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)?;
+        f.write_str(self.1)
+    }
+}
+
+fn invalid(field: impl Display, problem: impl Display) -> OpsError {
     OpsError::Invalid(format!("{field}: {problem}"))
 }
 
 /// Checks that a token can be used as a credential: 1–256 visible ASCII characters.
-pub fn validate_token(field: &str, token: &str) -> Result<(), OpsError> {
+pub fn validate_token(field: impl Display + Copy, token: &str) -> Result<(), OpsError> {
     if token.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }
@@ -80,7 +95,7 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// A non-negative integer ≤ [`MAX_INT`]; `5.0` is accepted as 5.
-fn as_count(field: &str, v: &Value) -> Result<u64, OpsError> {
+fn as_count(field: impl Display + Copy, v: &Value) -> Result<u64, OpsError> {
     let problem = || {
         invalid(
             field,
@@ -113,7 +128,7 @@ fn as_count(field: &str, v: &Value) -> Result<u64, OpsError> {
 }
 
 /// An epoch-millisecond time.
-fn as_time(field: &str, v: &Value) -> Result<i64, OpsError> {
+fn as_time(field: impl Display + Copy, v: &Value) -> Result<i64, OpsError> {
     as_count(field, v)
         .map_err(|_| {
             invalid(
@@ -131,7 +146,7 @@ fn as_time(field: &str, v: &Value) -> Result<i64, OpsError> {
         .map(|n| n as i64)
 }
 
-fn as_string(field: &str, v: &Value) -> Result<String, OpsError> {
+fn as_string(field: impl Display + Copy, v: &Value) -> Result<String, OpsError> {
     match v {
         Value::String(s) => Ok(s.clone()),
         other => Err(invalid(
@@ -141,7 +156,7 @@ fn as_string(field: &str, v: &Value) -> Result<String, OpsError> {
     }
 }
 
-fn as_kind(field: &str, v: &Value) -> Result<UserType, OpsError> {
+fn as_kind(field: impl Display + Copy, v: &Value) -> Result<UserType, OpsError> {
     match v.as_str() {
         Some("normal") => Ok(UserType::Normal),
         Some("special") => Ok(UserType::Special),
@@ -160,7 +175,7 @@ fn as_kind(field: &str, v: &Value) -> Result<UserType, OpsError> {
     }
 }
 
-fn as_counts(field: &str, v: &Value) -> Result<TokenCounts, OpsError> {
+fn as_counts(field: impl Display + Copy, v: &Value) -> Result<TokenCounts, OpsError> {
     let Value::Object(map) = v else {
         return Err(invalid(
             field,
@@ -170,14 +185,14 @@ fn as_counts(field: &str, v: &Value) -> Result<TokenCounts, OpsError> {
             ),
         ));
     };
-    let mut out = TokenCounts::new();
+    let mut out = Counts::with_capacity(map.len());
     for (family, n) in map {
-        out.insert(family.clone(), as_count(&format!("{field}.{family}"), n)?);
+        out.insert(family, as_count(format_args!("{field}.{family}"), n)?);
     }
-    Ok(out)
+    Ok(out.into())
 }
 
-fn as_ips(field: &str, v: &Value) -> Result<Vec<String>, OpsError> {
+fn as_ips(field: impl Display + Copy, v: &Value) -> Result<Vec<String>, OpsError> {
     let Value::Array(items) = v else {
         return Err(invalid(
             field,
@@ -186,7 +201,7 @@ fn as_ips(field: &str, v: &Value) -> Result<Vec<String>, OpsError> {
     };
     let mut out: Vec<String> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let s = as_string(&format!("{field}[{i}]"), item)?;
+        let s = as_string(format_args!("{field}[{i}]"), item)?;
         // Duplicates would count twice toward the address limit.
         if !out.contains(&s) {
             out.push(s);
@@ -196,7 +211,7 @@ fn as_ips(field: &str, v: &Value) -> Result<Vec<String>, OpsError> {
 }
 
 /// `maxIps`: a whole number ≥ 0; the original coerced numeric strings, so "5" is accepted too.
-fn as_max_ips(field: &str, v: &Value) -> Result<u32, OpsError> {
+fn as_max_ips(field: impl Display + Copy, v: &Value) -> Result<u32, OpsError> {
     let n = match v {
         Value::String(s) => s
             .bytes()
@@ -214,7 +229,7 @@ fn as_max_ips(field: &str, v: &Value) -> Result<u32, OpsError> {
     u32::try_from(n).map_err(|_| invalid(field, format!("must be at most {}", u32::MAX)))
 }
 
-fn as_object(field: &str, v: &Value) -> Result<Map<String, Value>, OpsError> {
+fn as_object(field: impl Display + Copy, v: &Value) -> Result<Map<String, Value>, OpsError> {
     match v {
         Value::Object(m) => Ok(m.clone()),
         other => Err(invalid(
@@ -275,8 +290,8 @@ impl UserPatch {
         };
         let mut p = UserPatch::default();
         for (key, val) in map {
-            let f = format!("{prefix}{key}");
-            let f = f.as_str();
+            // Only an error shows the name, so it is not formatted unless needed.
+            let f = FieldName(prefix, key);
             if val.is_null() && REQUIRED.contains(&key.as_str()) {
                 return Err(invalid(
                     f,
@@ -315,7 +330,7 @@ impl UserPatch {
                 "adminNote" => p.admin_note = Some(nullable(val, |v| as_string(f, v))?),
                 "maxIps" => p.max_ips = Some(nullable(val, |v| as_max_ips(f, v))?),
                 "meta" => p.meta = Some(nullable(val, |v| as_object(f, v))?),
-                _ => p.ignored.push(f.to_string()),
+                _ => p.ignored.push(format!("{prefix}{key}")),
             }
         }
         Ok(p)
@@ -323,11 +338,16 @@ impl UserPatch {
 
     /// Applies the update to `u`. Cannot fail: everything was checked by [`UserPatch::parse`].
     pub fn apply(&self, u: &mut User) {
-        if let Some(v) = &self.ip {
-            u.ip = v.clone();
+        self.clone().apply_owned(u)
+    }
+
+    /// [`UserPatch::apply`], moving the new values into the user instead of copying them.
+    pub fn apply_owned(self, u: &mut User) {
+        if let Some(v) = self.ip {
+            u.ip = v.into();
         }
-        if let Some(v) = &self.nickname {
-            u.nickname = v.clone();
+        if let Some(v) = self.nickname {
+            u.nickname = v.map(String::into_boxed_str);
         }
         if let Some(v) = self.kind {
             u.kind = v;
@@ -335,11 +355,11 @@ impl UserPatch {
         if let Some(v) = self.prompt_count {
             u.prompt_count = v;
         }
-        if let Some(v) = &self.token_counts {
-            u.token_counts = v.clone();
+        if let Some(v) = self.token_counts {
+            u.token_counts = v;
         }
-        if let Some(v) = &self.token_limits {
-            u.token_limits = v.clone();
+        if let Some(v) = self.token_limits {
+            u.token_limits = v;
         }
         if let Some(v) = self.created_at {
             u.created_at = v;
@@ -350,8 +370,8 @@ impl UserPatch {
         if let Some(v) = self.disabled_at {
             u.disabled_at = v;
         }
-        if let Some(v) = &self.disabled_reason {
-            u.disabled_reason = v.clone();
+        if let Some(v) = self.disabled_reason {
+            u.disabled_reason = v.map(String::into_boxed_str);
         }
         if let Some(v) = self.expires_at {
             u.expires_at = v;
@@ -359,11 +379,11 @@ impl UserPatch {
         if let Some(v) = self.max_ips {
             u.max_ips = v;
         }
-        if let Some(v) = &self.admin_note {
-            u.admin_note = v.clone();
+        if let Some(v) = self.admin_note {
+            u.admin_note = v.map(String::into_boxed_str);
         }
-        if let Some(v) = &self.meta {
-            u.meta = v.clone();
+        if let Some(v) = self.meta {
+            u.meta = v.map(Box::new);
         }
     }
 }
@@ -524,22 +544,61 @@ fn key(u: &User, f: SortField) -> Option<Key<'_>> {
     }
 }
 
+/// A sort key copied out of a user, so that sorting does not hold the store's locks.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum OwnedKey {
+    Num(i128),
+    Str(Box<str>),
+}
+
+/// One user's place in a sorted listing: its keys and its token.
+pub struct SortRow {
+    keys: SmallVec<[Option<OwnedKey>; 2]>,
+    /// The token's first 16 bytes, big-endian and zero-padded: it orders as the token does
+    /// wherever it differs, and saves a pointer chase per comparison of equal keys.
+    prefix: u128,
+    pub token: Box<str>,
+}
+
+impl SortRow {
+    pub fn new(u: &User, fields: &[SortField]) -> SortRow {
+        let keys = fields
+            .iter()
+            .map(|f| {
+                key(u, *f).map(|k| match k {
+                    Key::Num(n) => OwnedKey::Num(n),
+                    Key::Str(s) => OwnedKey::Str(s.into()),
+                })
+            })
+            .collect();
+        let mut prefix = [0u8; 16];
+        let n = u.token.len().min(16);
+        prefix[..n].copy_from_slice(&u.token.as_bytes()[..n]);
+        SortRow {
+            keys,
+            prefix: u128::from_be_bytes(prefix),
+            token: u.token.as_str().into(),
+        }
+    }
+}
+
 /// Sorts descending by each field in turn, missing values last (as the original), then by
 /// token so the order is stable between calls.
-pub fn sort_users(users: &mut [User], fields: &[SortField]) {
-    users.sort_by(|a, b| {
-        for f in fields {
-            let ord = match (key(a, *f), key(b, *f)) {
+pub fn sort_rows(rows: &mut [SortRow]) {
+    // Tokens are unique, so no two rows are equal and an unstable sort is deterministic.
+    rows.sort_unstable_by(|a, b| {
+        for (x, y) in a.keys.iter().zip(&b.keys) {
+            let ord = match (x, y) {
                 (None, None) => std::cmp::Ordering::Equal,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
                 (Some(_), None) => std::cmp::Ordering::Less,
-                (Some(x), Some(y)) => y.cmp(&x),
+                (Some(x), Some(y)) => y.cmp(x),
             };
             if ord.is_ne() {
                 return ord;
             }
         }
-        a.token.cmp(&b.token)
+        a.prefix.cmp(&b.prefix).then_with(|| a.token.cmp(&b.token))
     });
 }
 
@@ -577,39 +636,66 @@ pub fn parse_bulk(body: &Value) -> Result<Vec<BulkRecord>, OpsError> {
         }
     };
     if users.len() > MAX_BULK_USERS {
-        return Err(invalid(
-            "users",
-            format!(
-                "at most {MAX_BULK_USERS} users per request; split the import into several requests"
-            ),
-        ));
+        return Err(too_many_users());
     }
-    let mut out = Vec::with_capacity(users.len());
+    parse_records(users.len(), users.iter().map(Ok))
+}
+
+/// Validates `{"users":[…]}` given as the bytes of a request body, as [`parse_bulk`] does but
+/// without building a JSON tree of the whole body (for 100 000 users that tree is several
+/// times the size of the body): each record is parsed on its own, validated and dropped.
+/// `Err(None)` when the body is not of that shape (or not JSON): parse it whole with
+/// [`parse_bulk`], whose errors say what is wrong.
+pub fn parse_bulk_bytes(body: &[u8]) -> Result<Vec<BulkRecord>, Option<OpsError>> {
+    #[derive(serde::Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        users: &'a serde_json::value::RawValue,
+    }
+    let Ok(body) = serde_json::from_slice::<Body>(body) else {
+        return Err(None);
+    };
+    let Ok(users) = serde_json::from_str::<Vec<&serde_json::value::RawValue>>(body.users.get())
+    else {
+        return Err(None);
+    };
+    if users.len() > MAX_BULK_USERS {
+        return Err(Some(too_many_users()));
+    }
+    parse_records(
+        users.len(),
+        users
+            .iter()
+            .map(|raw| serde_json::from_str::<Value>(raw.get())),
+    )
+    .map_err(Some)
+}
+
+fn too_many_users() -> OpsError {
+    invalid(
+        "users",
+        format!(
+            "at most {MAX_BULK_USERS} users per request; split the import into several requests"
+        ),
+    )
+}
+
+/// Validates the records of a bulk upsert; errors of up to five records are reported together.
+fn parse_records<V: std::borrow::Borrow<Value>>(
+    n: usize,
+    records: impl Iterator<Item = serde_json::Result<V>>,
+) -> Result<Vec<BulkRecord>, OpsError> {
+    let mut out = Vec::with_capacity(n);
     let mut errors = Vec::new();
-    for (i, rec) in users.iter().enumerate() {
-        let prefix = format!("users[{i}].");
-        let parsed = (|| {
-            let field = format!("{prefix}token");
-            let token = match rec.get("token") {
-                Some(Value::String(t)) => {
-                    validate_token(&field, t)?;
-                    t.clone()
-                }
-                Some(other) => {
-                    return Err(invalid(
-                        &field,
-                        format!("must be a string, got {}", type_name(other)),
-                    ))
-                }
-                None if rec.is_object() => {
-                    return Err(invalid(&field, "is required in a bulk upsert"))
-                }
-                // Not an object at all: `UserPatch::parse` says so.
-                None => String::new(),
-            };
-            let patch = UserPatch::parse(rec, &prefix)?;
-            Ok(BulkRecord { token, patch })
-        })();
+    // One buffer for every record's prefix: allocations that outlive a record (its values,
+    // which become the user's) should not have a freed one between each pair of them.
+    let mut prefix = String::new();
+    for (i, rec) in records.enumerate() {
+        prefix.clear();
+        let _ = write!(prefix, "users[{i}].");
+        let parsed = rec
+            .map_err(|e| invalid(format_args!("users[{i}]"), e))
+            .and_then(|rec| parse_record(rec.borrow(), &prefix));
         match parsed {
             Ok(r) => out.push(r),
             Err(OpsError::Invalid(m)) => errors.push(m),
@@ -628,9 +714,35 @@ pub fn parse_bulk(body: &Value) -> Result<Vec<BulkRecord>, OpsError> {
     Ok(out)
 }
 
+fn parse_record(rec: &Value, prefix: &str) -> Result<BulkRecord, OpsError> {
+    let field = FieldName(prefix, "token");
+    let token = match rec.get("token") {
+        Some(Value::String(t)) => {
+            validate_token(field, t)?;
+            t.clone()
+        }
+        Some(other) => {
+            return Err(invalid(
+                field,
+                format!("must be a string, got {}", type_name(other)),
+            ))
+        }
+        None if rec.is_object() => return Err(invalid(field, "is required in a bulk upsert")),
+        // Not an object at all: `UserPatch::parse` says so.
+        None => String::new(),
+    };
+    let patch = UserPatch::parse(rec, prefix)?;
+    Ok(BulkRecord { token, patch })
+}
+
 impl UserOps<'_> {
     fn fresh(&self, token: &str, kind: UserType, now: i64) -> User {
-        User::new(token.to_string(), kind, self.default_limits.clone(), now)
+        User::new(
+            token.to_string(),
+            kind,
+            self.default_limits.iter().collect(),
+            now,
+        )
     }
 
     /// Creates a user with a new UUIDv4 token; its limits are the configured default quotas
@@ -661,17 +773,43 @@ impl UserOps<'_> {
         ))
     }
 
-    /// Applies every record of a validated bulk upsert, in order.
-    pub fn upsert_bulk(&self, records: &[BulkRecord]) -> Result<Vec<User>, OpsError> {
+    /// Applies every record of a validated bulk upsert, in order, and shows each user as
+    /// stored to `each` (under the user's lock, so without copying it). Returns how many
+    /// records were applied.
+    pub fn upsert_bulk(
+        &self,
+        records: Vec<BulkRecord>,
+        mut each: impl FnMut(&User),
+    ) -> Result<usize, OpsError> {
         // Tokens were validated by `parse_bulk`; re-checking here keeps this function safe to
         // call with hand-built records, before anything is changed.
         for (i, r) in records.iter().enumerate() {
-            validate_token(&format!("users[{i}].token"), &r.token)?;
+            validate_token(format_args!("users[{i}].token"), &r.token)?;
         }
-        records
-            .iter()
-            .map(|r| self.upsert(&r.token, &r.patch))
-            .collect()
+        let n = records.len();
+        let now = now_ms();
+        for BulkRecord { token, mut patch } in records {
+            // The record's values (its token too) move into the user: nothing is copied, and no
+            // default limits are made only to be replaced.
+            let limits = std::cell::Cell::new(patch.token_limits.take());
+            self.users.upsert_owned(
+                token,
+                |token| {
+                    let limits = limits
+                        .take()
+                        .unwrap_or_else(|| self.default_limits.iter().collect());
+                    User::new(token, UserType::Normal, limits, now)
+                },
+                |u| {
+                    if let Some(l) = limits.take() {
+                        u.token_limits = l;
+                    }
+                    patch.apply_owned(u);
+                    each(u);
+                },
+            );
+        }
+        Ok(n)
     }
 
     /// Disables a user (it stays in the store). An already disabled user keeps its original
@@ -682,9 +820,9 @@ impl UserOps<'_> {
             .update(token, |u| {
                 if u.disabled_at.is_none() {
                     u.disabled_at = Some(now);
-                    u.disabled_reason = reason.map(str::to_string);
+                    u.disabled_reason = reason.map(Box::from);
                 } else if let Some(r) = reason {
-                    u.disabled_reason = Some(r.to_string());
+                    u.disabled_reason = Some(r.into());
                 }
                 u.clone()
             })
@@ -723,11 +861,13 @@ impl UserOps<'_> {
             .ok_or(OpsError::NotFound)
     }
 
-    /// Every user, sorted.
-    pub fn list(&self, sort: &[SortField]) -> Vec<User> {
-        let mut users = self.users.list();
-        sort_users(&mut users, sort);
-        users
+    /// The tokens of every user, in the order of `sort` (see [`sort_rows`]). The store is
+    /// only read-locked one shard at a time while the sort keys are copied out.
+    pub fn sorted_tokens(&self, sort: &[SortField]) -> Vec<Box<str>> {
+        let mut rows = Vec::with_capacity(self.users.len());
+        self.users.for_each(|u| rows.push(SortRow::new(u, sort)));
+        sort_rows(&mut rows);
+        rows.into_iter().map(|r| r.token).collect()
     }
 
     /// One user.
@@ -820,6 +960,86 @@ mod tests {
     }
 
     #[test]
+    fn bulk_from_bytes_matches_bulk_from_a_tree() {
+        let body = json!({"other": 1, "users": [
+            {"token": "a", "nickname": "n", "tokenLimits": {"turbo": 5, "mine": 1}, "x": true},
+            {"token": "b", "ip": ["1.1.1.1", "1.1.1.1"], "meta": {"k": [1]}}
+        ]});
+        let bytes = serde_json::to_vec(&body).expect("ser");
+        let from_bytes = parse_bulk_bytes(&bytes).expect("valid");
+        let from_tree = parse_bulk(&body).expect("valid");
+        assert_eq!(from_bytes.len(), 2);
+        for (x, y) in from_bytes.iter().zip(&from_tree) {
+            assert_eq!((&x.token, &x.patch), (&y.token, &y.patch));
+        }
+        assert_eq!(from_bytes[0].patch.ignored, vec!["users[0].x".to_string()]);
+
+        let bad = json!({"users": [{"token": "a"}, {"token": "b", "promptCount": "x"}, {"nickname": "n"}]});
+        let e_bytes = parse_bulk_bytes(&serde_json::to_vec(&bad).expect("ser"))
+            .err()
+            .flatten()
+            .expect("refused");
+        assert_eq!(e_bytes, parse_bulk(&bad).expect_err("refused"));
+
+        // Other shapes are left to `parse_bulk`, which says what is wrong.
+        for other in [
+            &b"[]"[..],
+            b"{}",
+            b"{\"users\": {}}",
+            b"{\"users\": [1,]}",
+            b"nope",
+        ] {
+            assert!(matches!(parse_bulk_bytes(other), Err(None)), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn bulk_upsert_moves_records_into_users() {
+        let (store, limits) = ops_fixture();
+        let ops = UserOps {
+            users: &store,
+            default_limits: &limits,
+        };
+        ops.upsert(
+            "old",
+            &UserPatch::parse(&json!({"nickname": "keep"}), "").expect("valid"),
+        )
+        .expect("creates");
+        let body = json!({"users": [
+            {"token": "new", "tokenLimits": {"claude": 9}},
+            {"token": "old", "promptCount": 4},
+            {"token": "plain"}
+        ]});
+        let records = parse_bulk(&body).expect("valid");
+        let mut seen = Vec::new();
+        let n = ops
+            .upsert_bulk(records, |u| seen.push(u.token.clone()))
+            .expect("applies");
+        assert_eq!(n, 3);
+        assert_eq!(seen, vec!["new", "old", "plain"]);
+        let new = store.get("new").expect("created");
+        assert_eq!(new.token_limits.get("claude"), Some(&9));
+        assert_eq!(
+            new.token_limits.get("turbo"),
+            None,
+            "the record's limits replace the defaults"
+        );
+        assert_eq!(
+            store
+                .get("plain")
+                .expect("created")
+                .token_limits
+                .get("turbo"),
+            Some(&1000)
+        );
+        let old = store.get("old").expect("kept");
+        assert_eq!(
+            (old.nickname.as_deref(), old.prompt_count),
+            (Some("keep"), 4)
+        );
+    }
+
+    #[test]
     fn create_temporary_needs_expiry_and_limits() {
         assert!(CreateRequest::parse(&json!({})).is_ok());
         assert!(CreateRequest::parse(&json!({"type": "special"})).is_ok());
@@ -852,17 +1072,67 @@ mod tests {
             u.last_used_at = last;
             u
         };
-        let mut v = vec![
+        let (store, limits) = ops_fixture();
+        let ops = UserOps {
+            users: &store,
+            default_limits: &limits,
+        };
+        store.load(vec![
             mk("a", 1, None),
             mk("b", 5, Some(1)),
             mk("c", 1, Some(9)),
             mk("d", 5, Some(3)),
-        ];
-        sort_users(&mut v, DEFAULT_SORT);
-        let order: Vec<&str> = v.iter().map(|u| u.token.as_str()).collect();
-        assert_eq!(order, vec!["d", "b", "c", "a"]);
+            mk("e", 1, Some(9)),
+        ]);
+        let order = |sort: &[SortField]| -> Vec<String> {
+            ops.sorted_tokens(sort)
+                .iter()
+                .map(|t| t.to_string())
+                .collect()
+        };
+        assert_eq!(order(DEFAULT_SORT), vec!["d", "b", "c", "e", "a"]);
+        // Ties (all keys equal) are broken by token, ascending.
+        assert_eq!(
+            order(&[SortField::CreatedAt]),
+            vec!["a", "b", "c", "d", "e"]
+        );
+        assert_eq!(order(&[SortField::Token]), vec!["e", "d", "c", "b", "a"]);
         assert!(parse_sort("bogus").is_err());
         assert_eq!(parse_sort("").expect("default"), DEFAULT_SORT.to_vec());
+    }
+
+    #[test]
+    fn tie_break_orders_tokens_bytewise_beyond_the_prefix() {
+        let (store, limits) = ops_fixture();
+        let ops = UserOps {
+            users: &store,
+            default_limits: &limits,
+        };
+        let mut tokens = vec![
+            "0123456789abcdef-b",
+            "0123456789abcdef",
+            "0123456789abcdef-a",
+            "0123456789abcde",
+            "0123456789abcdeg",
+            "~",
+            "A",
+            "a",
+        ];
+        for t in &tokens {
+            store.load_one(User::new(
+                t.to_string(),
+                UserType::Normal,
+                TokenCounts::new(),
+                0,
+            ));
+        }
+        tokens.sort();
+        let got: Vec<String> = ops
+            .sorted_tokens(DEFAULT_SORT)
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        assert_eq!(got, tokens);
     }
 
     #[test]

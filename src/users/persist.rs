@@ -25,6 +25,8 @@ pub const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// Retries never wait longer than this.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// After a flush of at least this many changes, freed memory is handed back to the system.
+const LARGE_FLUSH: usize = 10_000;
 /// At most this many unparseable records are listed on the status endpoint.
 const MAX_SKIPPED_SHOWN: usize = 20;
 
@@ -167,6 +169,13 @@ impl Persistence {
         // Every change made before the batch is taken is in it (or already stored), so this
         // is the moment a successful flush vouches for.
         let started = now_ms();
+        if !self.backend.is_durable() {
+            let n = self.users.discard_pending();
+            let mut s = self.status_mut();
+            s.consecutive_failures = 0;
+            s.last_flush_ok_ms = Some(started);
+            return Ok(n);
+        }
         let batch = self.users.take_batch();
         let n = batch.changed.len() + batch.deleted.len();
         if n == 0 {
@@ -201,6 +210,12 @@ impl Persistence {
                 }
                 s.consecutive_failures = 0;
                 s.last_flush_ok_ms = Some(started);
+                drop(s);
+                if n >= LARGE_FLUSH {
+                    // The batch's copies and their serialised form are gone; give the memory
+                    // back rather than keep the high-water mark of a bulk import.
+                    crate::app::return_freed_memory();
+                }
                 tracing::debug!(changes = n, store = self.backend.name(), "flushed users");
                 Ok(n)
             }
@@ -223,7 +238,7 @@ impl Persistence {
 
     /// The last flush at shutdown: retried until everything is written or the time is up.
     async fn final_flush(&self) {
-        if self.backend.name() == "memory" {
+        if !self.backend.is_durable() {
             // Nothing outlives the process with the memory store; say nothing reassuring.
             return;
         }

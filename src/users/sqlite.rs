@@ -115,19 +115,19 @@ impl UserBackend for SqliteBackend {
             let mut stmt = conn
                 .prepare("SELECT token, record FROM users")
                 .map_err(err)?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-                .map_err(err)?;
+            let mut rows = stmt.query([]).map_err(err)?;
             let mut loaded = Loaded::default();
-            for row in rows {
-                let (token, record) = row.map_err(err)?;
-                match serde_json::from_str::<User>(&record) {
+            // Each row is read in place (no copy of its text) and parsed straight into a user.
+            while let Some(row) = rows.next().map_err(err)? {
+                let token = row.get_ref(0).and_then(|v| Ok(v.as_str()?)).map_err(err)?;
+                let record = row.get_ref(1).and_then(|v| Ok(v.as_str()?)).map_err(err)?;
+                match serde_json::from_str::<User>(record) {
                     Ok(user) if user.token == token => loaded.users.push(user),
                     Ok(_) => loaded.skipped.push((
-                        fingerprint(&token),
+                        fingerprint(token),
                         "the record's token field differs from its key".into(),
                     )),
-                    Err(e) => loaded.skipped.push((fingerprint(&token), e.to_string())),
+                    Err(e) => loaded.skipped.push((fingerprint(token), e.to_string())),
                 }
             }
             Ok(loaded)

@@ -1,10 +1,20 @@
-//! The in-memory user store that every request reads. Reads take a shard read lock of a
-//! `DashMap` (no global lock); every change marks the user dirty so that the persistence
-//! task can flush it. The store itself never does I/O.
+//! The in-memory user store that every request reads. Users live in shards, each behind its
+//! own read-write lock (no global lock); every change marks the user dirty so that the
+//! persistence task can flush it. The store itself never does I/O.
+//!
+//! Why not a `DashMap<String, Entry>` (what this was): a map keeps its key apart from its value,
+//! so every token was stored twice, and its table holds whole entries, so the empty slots of a
+//! table sized for growth cost a whole entry each. Here a shard is a [`HashTable`] of boxed
+//! entries found by their own token: a slot is one pointer, the token is kept once. Dirty
+//! tracking is a flag in the entry plus per-shard counts, so a bulk import allocates nothing
+//! besides the users themselves.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use dashmap::{DashMap, DashSet};
+use hashbrown::hash_table::{Entry as TableEntry, HashTable};
 use tokio::sync::Notify;
 
 use super::model::{TokenCounts, User};
@@ -15,14 +25,55 @@ pub struct Entry {
     pub user: User,
     /// Tokens reserved by admitted requests that have not finished yet, by model family.
     pub reserved: TokenCounts,
+    /// Changed since it was last taken for a flush.
+    dirty: bool,
 }
 
+impl Entry {
+    fn new(user: User) -> Box<Entry> {
+        Box::new(Entry {
+            user,
+            reserved: TokenCounts::new(),
+            dirty: false,
+        })
+    }
+}
+
+/// Enough shards that writers of different users rarely meet; a power of two.
+const SHARDS: usize = 64;
+
 #[derive(Default)]
+struct Shard {
+    table: HashTable<Box<Entry>>,
+    /// How many entries of this shard are dirty (a flush skips clean shards).
+    dirty: usize,
+}
+
+/// A shard on a cache line of its own, so that locking one does not slow its neighbours.
+#[derive(Default)]
+#[repr(align(64))]
+struct Padded(RwLock<Shard>);
+
 pub struct UserStore {
-    users: DashMap<String, Entry>,
-    dirty: DashSet<String>,
-    deleted: DashSet<String>,
+    shards: Box<[Padded]>,
+    /// SipHash with a random key: tokens come from clients, so the hash must not be guessable.
+    hasher: RandomState,
+    /// Dirty entries in all shards.
+    dirty: AtomicUsize,
+    deleted: Mutex<HashSet<String>>,
     flush_requested: Notify,
+}
+
+impl Default for UserStore {
+    fn default() -> UserStore {
+        UserStore {
+            shards: (0..SHARDS).map(|_| Padded::default()).collect(),
+            hasher: RandomState::new(),
+            dirty: AtomicUsize::new(0),
+            deleted: Mutex::new(HashSet::new()),
+            flush_requested: Notify::new(),
+        }
+    }
 }
 
 /// A batch taken for flushing: write `changed` and delete `deleted`; on failure hand it back
@@ -39,53 +90,173 @@ impl Batch {
     }
 }
 
+/// Marks `e` dirty, keeping the shard's and the store's counts.
+fn mark(e: &mut Entry, shard_dirty: &mut usize, total: &AtomicUsize) {
+    if !e.dirty {
+        e.dirty = true;
+        *shard_dirty += 1;
+        total.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Clears `e`'s dirty mark, keeping the counts; returns whether it was dirty.
+fn unmark(e: &mut Entry, shard_dirty: &mut usize, total: &AtomicUsize) -> bool {
+    if e.dirty {
+        e.dirty = false;
+        *shard_dirty -= 1;
+        total.fetch_sub(1, Ordering::Relaxed);
+        true
+    } else {
+        false
+    }
+}
+
 impl UserStore {
     pub fn new() -> Arc<UserStore> {
         Arc::new(UserStore::default())
     }
 
+    fn hash(&self, token: &str) -> u64 {
+        self.hasher.hash_one(token)
+    }
+
+    /// The shard of a hash: bits that neither the table's bucket index (low bits) nor its
+    /// control byte (top 7 bits) uses, so a shard's entries still spread over its table.
+    fn shard(&self, hash: u64) -> &RwLock<Shard> {
+        &self.shards[((hash >> 51) as usize) & (SHARDS - 1)].0
+    }
+
+    // A closure that panicked under a lock may have left one user half changed, but never the
+    // table itself; as with the `DashMap` before, the store goes on serving (no poisoning).
+    fn read(lock: &RwLock<Shard>) -> RwLockReadGuard<'_, Shard> {
+        lock.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(lock: &RwLock<Shard>) -> RwLockWriteGuard<'_, Shard> {
+        lock.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn deleted(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.deleted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the entry of `token` under its shard's write lock.
+    fn with_entry_mut<R>(
+        &self,
+        token: &str,
+        f: impl FnOnce(&mut Entry, &mut usize) -> R,
+    ) -> Option<R> {
+        let hash = self.hash(token);
+        let mut shard = Self::write(self.shard(hash));
+        let Shard { table, dirty } = &mut *shard;
+        table
+            .find_mut(hash, |e| e.user.token == token)
+            .map(|e| f(e, dirty))
+    }
+
+    /// Runs `f` on the entry of `token`, first creating it with `create` when absent.
+    fn with_entry_or_insert<R>(
+        &self,
+        token: &str,
+        create: impl FnOnce() -> User,
+        f: impl FnOnce(&mut Entry, &mut usize) -> R,
+    ) -> R {
+        let hash = self.hash(token);
+        let mut shard = Self::write(self.shard(hash));
+        let Shard { table, dirty } = &mut *shard;
+        let entry = match table.entry(
+            hash,
+            |e| e.user.token == token,
+            |e| self.hasher.hash_one(e.user.token.as_str()),
+        ) {
+            TableEntry::Occupied(o) => o.into_mut(),
+            TableEntry::Vacant(v) => v.insert(Entry::new(create())).into_mut(),
+        };
+        f(entry, dirty)
+    }
+
     /// Puts users read from the backend at startup in place, without marking them dirty.
     pub fn load(&self, users: Vec<User>) {
+        // Tables sized once for what is coming, rather than rehashed as they fill (shards
+        // are filled evenly by the hash; a little room is left for the unevenness).
+        let per_shard = users.len() / SHARDS + users.len() / SHARDS / 8;
+        for s in self.shards.iter() {
+            Self::write(&s.0)
+                .table
+                .reserve(per_shard, |e| self.hasher.hash_one(e.user.token.as_str()));
+        }
         for user in users {
-            self.users.insert(
-                user.token.clone(),
-                Entry {
-                    user,
-                    reserved: TokenCounts::new(),
-                },
-            );
+            self.load_one(user);
+        }
+    }
+
+    /// Puts one user read from the backend in place, without marking it dirty.
+    pub fn load_one(&self, user: User) {
+        self.put(user, false);
+    }
+
+    /// Inserts or replaces a user (reservations in flight are kept), marking it dirty or not.
+    fn put(&self, user: User, dirty: bool) {
+        let hash = self.hash(&user.token);
+        let mut shard = Self::write(self.shard(hash));
+        let Shard {
+            table,
+            dirty: shard_dirty,
+        } = &mut *shard;
+        let e = match table.entry(
+            hash,
+            |e| e.user.token == user.token,
+            |e| self.hasher.hash_one(e.user.token.as_str()),
+        ) {
+            TableEntry::Occupied(o) => {
+                let e = o.into_mut();
+                e.user = user;
+                e
+            }
+            TableEntry::Vacant(v) => v.insert(Entry::new(user)).into_mut(),
+        };
+        if dirty {
+            mark(e, shard_dirty, &self.dirty);
         }
     }
 
     pub fn len(&self) -> usize {
-        self.users.len()
+        self.shards
+            .iter()
+            .map(|s| Self::read(&s.0).table.len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.users.is_empty()
+        self.len() == 0
     }
 
     pub fn contains(&self, token: &str) -> bool {
-        self.users.contains_key(token)
+        self.with_user(token, |_| ()).is_some()
     }
 
     /// A copy of one user.
     pub fn get(&self, token: &str) -> Option<User> {
-        self.users.get(token).map(|e| e.user.clone())
+        self.with_user(token, User::clone)
     }
 
     /// Reads one user without copying it.
     pub fn with_user<R>(&self, token: &str, f: impl FnOnce(&User) -> R) -> Option<R> {
-        self.users.get(token).map(|e| f(&e.user))
+        let hash = self.hash(token);
+        let shard = Self::read(self.shard(hash));
+        shard
+            .table
+            .find(hash, |e| e.user.token == token)
+            .map(|e| f(&e.user))
     }
 
     /// Changes one user in place and marks it dirty. `None` if there is no such user.
     pub fn update<R>(&self, token: &str, f: impl FnOnce(&mut User) -> R) -> Option<R> {
-        let r = self.users.get_mut(token).map(|mut e| f(&mut e.user));
-        if r.is_some() {
-            self.dirty.insert(token.to_string());
-        }
-        r
+        self.with_entry_mut(token, |e, dirty| {
+            let r = f(&mut e.user);
+            mark(e, dirty, &self.dirty);
+            r
+        })
     }
 
     /// Changes one entry (user and reservations) atomically with respect to every other change
@@ -95,29 +266,23 @@ impl UserStore {
         token: &str,
         f: impl FnOnce(&mut Entry) -> (R, bool),
     ) -> Option<R> {
-        let (r, changed) = self.users.get_mut(token).map(|mut e| f(&mut e))?;
-        if changed {
-            self.dirty.insert(token.to_string());
-        }
-        Some(r)
+        self.with_entry_mut(token, |e, dirty| {
+            let (r, changed) = f(e);
+            if changed {
+                mark(e, dirty, &self.dirty);
+            }
+            r
+        })
     }
 
     /// Inserts or replaces a user (reservations in flight are kept) and marks it dirty.
     pub fn upsert(&self, user: User) {
-        let token = user.token.clone();
-        self.deleted.remove(&token);
-        self.users
-            .entry(token.clone())
-            .and_modify(|e| e.user = user.clone())
-            .or_insert_with(|| Entry {
-                user,
-                reserved: TokenCounts::new(),
-            });
-        self.dirty.insert(token);
+        self.deleted().remove(&user.token);
+        self.put(user, true);
     }
 
     /// Changes the user `token` in place, first creating it with `create` when absent, and
-    /// marks it dirty. The check and the change happen under the entry's lock, so two
+    /// marks it dirty. The check and the change happen under the shard's lock, so two
     /// concurrent upserts of a new token cannot overwrite each other.
     pub fn upsert_with<R>(
         &self,
@@ -125,50 +290,88 @@ impl UserStore {
         create: impl FnOnce() -> User,
         f: impl FnOnce(&mut User) -> R,
     ) -> R {
-        self.deleted.remove(token);
-        let r = {
-            let mut e = self
-                .users
-                .entry(token.to_string())
-                .or_insert_with(|| Entry {
-                    user: create(),
-                    reserved: TokenCounts::new(),
-                });
-            f(&mut e.user)
+        self.deleted().remove(token);
+        self.with_entry_or_insert(token, create, |e, dirty| {
+            let r = f(&mut e.user);
+            mark(e, dirty, &self.dirty);
+            r
+        })
+    }
+
+    /// [`UserStore::upsert_with`] for a token the caller owns: a new user is given it
+    /// (`create` receives it) instead of a copy.
+    pub fn upsert_owned<R>(
+        &self,
+        token: String,
+        create: impl FnOnce(String) -> User,
+        f: impl FnOnce(&mut User) -> R,
+    ) -> R {
+        self.deleted().remove(&token);
+        let hash = self.hash(&token);
+        let mut shard = Self::write(self.shard(hash));
+        let Shard { table, dirty } = &mut *shard;
+        let e = match table.entry(
+            hash,
+            |e| e.user.token == token,
+            |e| self.hasher.hash_one(e.user.token.as_str()),
+        ) {
+            TableEntry::Occupied(o) => o.into_mut(),
+            TableEntry::Vacant(v) => v.insert(Entry::new(create(token))).into_mut(),
         };
-        self.dirty.insert(token.to_string());
+        let r = f(&mut e.user);
+        mark(e, dirty, &self.dirty);
         r
     }
 
     /// Deletes a user for good (the purge of expired temporary users).
     pub fn remove(&self, token: &str) -> Option<User> {
-        let removed = self.users.remove(token).map(|(_, e)| e.user);
+        let hash = self.hash(token);
+        let removed = {
+            let mut shard = Self::write(self.shard(hash));
+            let Shard { table, dirty } = &mut *shard;
+            match table.find_entry(hash, |e| e.user.token == token) {
+                Ok(o) => {
+                    let (mut e, _) = o.remove();
+                    unmark(&mut e, dirty, &self.dirty);
+                    Some(e.user)
+                }
+                Err(_) => None,
+            }
+        };
         if removed.is_some() {
-            self.dirty.remove(token);
-            self.deleted.insert(token.to_string());
+            self.deleted().insert(token.to_string());
         }
         removed
     }
 
     /// Copies of every user, in no particular order.
     pub fn list(&self) -> Vec<User> {
-        self.users.iter().map(|e| e.user.clone()).collect()
+        let mut out = Vec::with_capacity(self.len());
+        self.for_each(|u| out.push(u.clone()));
+        out
     }
 
-    /// Visits every user without copying (for sweeps and paging).
+    /// Visits every user without copying (for sweeps, paging and listing). Each shard is
+    /// read-locked while it is visited: `f` must be quick and must not change the store.
     pub fn for_each(&self, mut f: impl FnMut(&User)) {
-        for e in self.users.iter() {
-            f(&e.user);
+        for s in self.shards.iter() {
+            for e in Self::read(&s.0).table.iter() {
+                f(&e.user);
+            }
         }
     }
 
     /// Applies `f` to every user, marking dirty those for which it returns true.
     pub fn update_all(&self, mut f: impl FnMut(&mut User) -> bool) -> usize {
         let mut n = 0;
-        for mut e in self.users.iter_mut() {
-            if f(&mut e.user) {
-                self.dirty.insert(e.key().clone());
-                n += 1;
+        for s in self.shards.iter() {
+            let mut shard = Self::write(&s.0);
+            let Shard { table, dirty } = &mut *shard;
+            for e in table.iter_mut() {
+                if f(&mut e.user) {
+                    mark(e, dirty, &self.dirty);
+                    n += 1;
+                }
             }
         }
         n
@@ -176,40 +379,56 @@ impl UserStore {
 
     /// How many changes wait to be flushed.
     pub fn pending(&self) -> usize {
-        self.dirty.len() + self.deleted.len()
+        self.dirty.load(Ordering::Relaxed) + self.deleted().len()
+    }
+
+    /// Visits every dirty entry, unmarking it, under its shard's write lock.
+    fn drain_dirty(&self, mut f: impl FnMut(&User)) {
+        for s in self.shards.iter() {
+            if Self::read(&s.0).dirty == 0 {
+                continue;
+            }
+            let mut shard = Self::write(&s.0);
+            let Shard { table, dirty } = &mut *shard;
+            for e in table.iter_mut() {
+                if unmark(e, dirty, &self.dirty) {
+                    f(&e.user);
+                }
+                if *dirty == 0 {
+                    break;
+                }
+            }
+        }
     }
 
     /// Takes every pending change. A user is unmarked *before* it is read, so a change made
     /// while the batch is being written marks it again and is flushed next time.
     pub fn take_batch(&self) -> Batch {
         let mut batch = Batch::default();
-        let tokens: Vec<String> = self.dirty.iter().map(|t| t.key().clone()).collect();
-        for token in tokens {
-            self.dirty.remove(&token);
-            if let Some(e) = self.users.get(&token) {
-                batch.changed.push(e.user.clone());
-            }
-        }
-        let deleted: Vec<String> = self.deleted.iter().map(|t| t.key().clone()).collect();
-        for token in deleted {
-            self.deleted.remove(&token);
-            if !self.users.contains_key(&token) {
-                batch.deleted.push(token);
-            }
-        }
+        self.drain_dirty(|u| batch.changed.push(u.clone()));
+        let deleted = std::mem::take(&mut *self.deleted());
+        batch.deleted = deleted.into_iter().filter(|t| !self.contains(t)).collect();
         batch
+    }
+
+    /// Forgets every pending change (for a store that keeps nothing); returns how many.
+    pub fn discard_pending(&self) -> usize {
+        let mut n = 0;
+        self.drain_dirty(|_| n += 1);
+        let mut deleted = self.deleted();
+        n += deleted.len();
+        *deleted = HashSet::new();
+        n
     }
 
     /// Hands back a batch whose write failed: its users are pending again.
     pub fn restore_batch(&self, batch: Batch) {
         for user in batch.changed {
-            if self.users.contains_key(&user.token) {
-                self.dirty.insert(user.token);
-            }
+            self.with_entry_mut(&user.token, |e, dirty| mark(e, dirty, &self.dirty));
         }
         for token in batch.deleted {
-            if !self.users.contains_key(&token) {
-                self.deleted.insert(token);
+            if !self.contains(&token) {
+                self.deleted().insert(token);
             }
         }
     }
@@ -247,6 +466,82 @@ mod tests {
         let again = s.take_batch();
         assert_eq!(again.changed.len(), 1);
         assert_eq!(again.changed[0].prompt_count, 1);
+    }
+
+    #[test]
+    fn many_users_spread_over_shards_and_track_dirt() {
+        let s = UserStore::new();
+        s.load((0..1000).map(|i| user(&format!("user-{i}"))).collect());
+        assert_eq!((s.len(), s.pending()), (1000, 0));
+        let mut seen = 0;
+        s.for_each(|_| seen += 1);
+        assert_eq!(seen, 1000);
+        let used = s
+            .shards
+            .iter()
+            .filter(|sh| !UserStore::read(&sh.0).table.is_empty())
+            .count();
+        assert!(used > SHARDS / 2, "users land in many shards ({used})");
+        for i in (0..1000).step_by(10) {
+            s.update(&format!("user-{i}"), |u| u.prompt_count = 7);
+        }
+        // Changing a dirty user again does not count twice.
+        s.update("user-0", |u| u.prompt_count = 8);
+        assert_eq!(s.pending(), 100);
+        let batch = s.take_batch();
+        assert_eq!(batch.changed.len(), 100);
+        assert!(batch.changed.iter().all(|u| u.prompt_count >= 7));
+        assert_eq!(s.pending(), 0);
+        assert_eq!(s.update_all(|u| u.prompt_count == 7), 99);
+        assert_eq!(s.discard_pending(), 99);
+        assert_eq!(s.pending(), 0);
+        assert!(s.take_batch().is_empty());
+    }
+
+    #[test]
+    fn upsert_owned_creates_with_the_given_token_and_cancels_a_deletion() {
+        let s = UserStore::new();
+        s.load(vec![user("a")]);
+        s.remove("a");
+        assert_eq!(s.pending(), 1);
+        let created = s.upsert_owned(
+            "a".to_string(),
+            |t| User::new(t, UserType::Special, TokenCounts::new(), 5),
+            |u| u.created_at,
+        );
+        assert_eq!(created, 5);
+        let again = s.upsert_owned("a".to_string(), |_| user("never"), |u| u.kind);
+        assert_eq!(
+            again,
+            UserType::Special,
+            "an existing user is changed, not replaced"
+        );
+        let batch = s.take_batch();
+        assert_eq!(batch.changed.len(), 1);
+        assert!(batch.deleted.is_empty(), "the user exists again");
+        assert!(s.get("never").is_none());
+    }
+
+    #[test]
+    fn reservations_survive_a_replacement() {
+        let s = UserStore::new();
+        s.upsert(user("a"));
+        s.update_entry("a", |e| {
+            e.reserved.insert("turbo", 5);
+            ((), false)
+        });
+        let mut u = user("a");
+        u.prompt_count = 3;
+        s.upsert(u);
+        let (reserved, count) = s
+            .update_entry("a", |e| {
+                (
+                    (e.reserved.get("turbo").copied(), e.user.prompt_count),
+                    false,
+                )
+            })
+            .expect("exists");
+        assert_eq!((reserved, count), (Some(5), 3));
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub fn sweep_once(users: &UserStore, now_ms: i64, purge_after: Duration) -> Swee
     let disabled = users.update_all(|u| {
         if u.is_expired(now_ms) && !u.is_disabled() {
             u.disabled_at = Some(now_ms);
-            u.disabled_reason = Some(EXPIRED_REASON.to_string());
+            u.disabled_reason = Some(EXPIRED_REASON.into());
             true
         } else {
             false

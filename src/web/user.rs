@@ -23,7 +23,7 @@ const PUBLIC: &str = "anon";
 
 /// What the page shows about a user: never the token, addresses masked.
 pub fn view(u: &User, now: i64) -> Value {
-    let families: BTreeSet<&String> = u.token_counts.keys().chain(u.token_limits.keys()).collect();
+    let families: BTreeSet<&str> = u.token_counts.keys().chain(u.token_limits.keys()).collect();
     let families: Vec<Value> = families
         .into_iter()
         .map(|f| {
@@ -178,7 +178,7 @@ pub fn change_nickname(
         Err(msg) => return page(StatusCode::BAD_REQUEST, &user, json!({ "error": msg })),
     };
     let updated = state.users.update(&token, |u| {
-        u.nickname = nickname.clone();
+        u.nickname = nickname.as_deref().map(Box::from);
         u.clone()
     });
     state.users.request_flush();
@@ -215,9 +215,9 @@ mod tests {
             Default::default(),
             0,
         );
-        u.ip = vec!["10.20.30.40".into()];
-        u.token_counts.insert("claude".into(), 70);
-        u.token_limits.insert("claude".into(), 100);
+        u.ip = ["10.20.30.40".to_string()].into();
+        u.token_counts.insert("claude", 70);
+        u.token_limits.insert("claude", 100);
         let v = view(&u, 0);
         assert_eq!(v["ips"][0], "10.20.xxx.xxx");
         assert_eq!(v["families"][0]["left"], 30);

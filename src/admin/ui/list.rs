@@ -183,7 +183,7 @@ mod tests {
                 u.prompt_count = (i % 7) as u64;
                 if i % 10 == 0 {
                     u.kind = UserType::Special;
-                    u.nickname = Some(format!("Special {i}"));
+                    u.nickname = Some(format!("Special {i}").into());
                 }
                 if i % 25 == 0 {
                     u.disabled_at = Some(1);
