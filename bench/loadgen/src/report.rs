@@ -527,8 +527,9 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
         w,
         "One address (127.0.0.2, then 127.0.0.3) sends requests with a wrong token as fast as the proxy \
          answers (`loadgen max`, 32 connections); the brute-force lockout locks it after \
-         `BRUTE_FORCE_MAX_FAILED_ATTEMPTS` failures, after which every request is refused with 429. \
-         Meanwhile legitimate users from 127.0.0.1 send {} req/s (`loadgen rate`).\n",
+         `BRUTE_FORCE_MAX_FAILED_ATTEMPTS` failures, after which every request is refused with 429 after \
+         the lockout's 250 ms tarpit pause (so the refused rate is about 32 connections × 4 per second: the \
+         flood is slowed, which is the point). Meanwhile legitimate users from 127.0.0.1 send {} req/s (`loadgen rate`).\n",
         fmt_opt(num(&f["params"], "legit_rate"), 0, "")
     );
     let status = |v: &Value| {
