@@ -422,7 +422,7 @@ impl Quotas {
             match e.reserved.get_mut(family) {
                 Some(r) => *r = r.saturating_add(requested),
                 None => {
-                    e.reserved.insert(family.to_string(), requested);
+                    e.reserved.insert(family, requested);
                 }
             }
             e.user.prompt_count = e.user.prompt_count.saturating_add(1);
