@@ -53,9 +53,24 @@ fn best_round(dir: &Path, t: &str) -> Value {
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map(|(i, _)| i)
         .unwrap_or(0);
+    // CPU the system under test spent per request in each round (`tput_{t}_r{i}.cpu.json`).
+    let mut cpu: Vec<f64> = (1..=rounds.len())
+        .filter_map(|i| {
+            let c = load(dir, &format!("tput_{t}_r{i}.cpu.json"));
+            let ticks = num(&c, "cpu_ticks")?;
+            let clk = num(&c, "clk_tck")?;
+            let reqs = num(&rounds[i - 1], "requests")?;
+            (ticks > 0.0 && reqs > 0.0).then(|| ticks * 1e6 / clk / reqs)
+        })
+        .collect();
     let mut v = rounds[best].clone();
     if let Some(o) = v.as_object_mut() {
         o.insert("rounds_rps".into(), json!(rps));
+        o.insert("rounds_cpu_us_per_req".into(), json!(cpu));
+        cpu.sort_by(f64::total_cmp);
+        if let Some(m) = cpu.get(cpu.len() / 2) {
+            o.insert("cpu_us_per_req".into(), json!(m));
+        }
     }
     v
 }
@@ -375,10 +390,10 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
         env.get("users").and_then(Value::as_u64).unwrap_or(0)
     );
     let mut header = format!(
-        "| Target | Max req/s (wrk, {} conns) | wrk P50 / P99 at max |",
+        "| Target | Max req/s (wrk, {} conns) | CPU per request | wrk P50 / P99 at max |",
         env.get("connections").and_then(Value::as_u64).unwrap_or(0)
     );
-    let mut sep = "|---|---|---|".to_string();
+    let mut sep = "|---|---|---|---|".to_string();
     for r in rates {
         let _ = write!(header, " P50 / P99 at {r:.0} req/s |");
         sep.push_str("---|");
@@ -400,12 +415,16 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
             })
             .unwrap_or_default();
         let mut row = format!(
-            "| {label} | {}{rounds}{} | {} / {} |",
+            "| {label} | {}{rounds}{} | {} | {} / {} |",
             fmt_opt(num(tp, "rps"), 0, ""),
             if non2xx > 0.0 {
                 format!(" ({non2xx:.0} non-2xx!)")
             } else {
                 String::new()
+            },
+            match num(tp, "cpu_us_per_req") {
+                Some(c) => format!("{c:.1} µs"),
+                None => "–".to_string(),
             },
             us_as_ms(num(tp, "latency_us.p50")),
             us_as_ms(num(tp, "latency_us.p99"))
@@ -437,6 +456,17 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
             );
         }
         let _ = writeln!(w, "{row}");
+    }
+    let cpu = |t: &str| num(&all["throughput"][t], "cpu_us_per_req");
+    if let (Some(g), Some(n)) = (cpu("gatekeeper"), cpu("nginx")) {
+        let _ = writeln!(
+            w,
+            "\nCPU per request (user + system time of the proxy's processes during each maximum-throughput \
+             round, divided by the requests served; median of the rounds): llm-gatekeeper {g:.1} µs, nginx \
+             {n:.1} µs, ratio {:.2}. Unlike throughput, this does not depend on how much CPU the virtual \
+             machine's neighbours take; the kernel's share (loopback TCP) is included for both.",
+            g / n
+        );
     }
     let _ = writeln!(
         w,
