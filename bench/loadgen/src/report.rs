@@ -165,6 +165,7 @@ pub fn run(a: &Args) -> Result<(), String> {
     }
     let streaming = json!({
         "direct": load(dir, "stream_direct.json"),
+        "nginx": load(dir, "stream_nginx.json"),
         "gatekeeper": load(dir, "stream_gatekeeper.json"),
     });
     let store = load(dir, "store.json");
@@ -304,6 +305,11 @@ pub fn run(a: &Args) -> Result<(), String> {
             "ttfb_p50_us": ttfb_added,
             "p50_chunk_delay_us": diff(sg, sd, "chunk_delay.p50_us"),
             "p99_chunk_delay_us": diff(sg, sd, "chunk_delay.p99_us"),
+            "nginx_p50_chunk_delay_us": diff(&streaming["nginx"], sd, "chunk_delay.p50_us"),
+            "nginx_p99_chunk_delay_us": diff(&streaming["nginx"], sd, "chunk_delay.p99_us"),
+            "nginx_max_chunk_delay_us": num(&streaming["nginx"], "chunk_delay.max_us")
+                .zip(num(sd, "chunk_delay.p50_us"))
+                .map(|(m, p)| m - p),
             "direct_worst_minus_median_us": num(sd, "chunk_delay.max_us").zip(num(sd, "chunk_delay.p50_us")).map(|(m, p)| m - p),
         },
         "store": store,
@@ -521,7 +527,12 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
         w,
         "| Path | TTFB P50 / max | Total P50 | Chunk relay delay P50 / P99 / max |\n|---|---|---|---|"
     );
-    for (label, v) in [("direct", sd), ("llm-gatekeeper", sg)] {
+    let sn = &all["streaming"]["nginx"];
+    for (label, v) in [
+        ("direct", sd),
+        ("nginx (proxy_buffering off)", sn),
+        ("llm-gatekeeper", sg),
+    ] {
         let _ = writeln!(
             w,
             "| {label} | {} / {} | {} | {} / {} / {} |",
@@ -549,6 +560,17 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
         us_as_ms(num(all, "streaming_added.p99_chunk_delay_us")),
         us_as_ms(num(all, "streaming_added.direct_worst_minus_median_us"))
     );
+    if num(sn, "chunk_delay.p50_us").is_some() {
+        let _ = writeln!(
+            w,
+            "nginx as a streaming proxy on the same CPU adds P50 {}, P99 {}, and its worst chunk came {} \
+             after the direct median: the same measure as llm-gatekeeper's **{}** above.\n",
+            us_as_ms(num(all, "streaming_added.nginx_p50_chunk_delay_us")),
+            us_as_ms(num(all, "streaming_added.nginx_p99_chunk_delay_us")),
+            us_as_ms(num(all, "streaming_added.nginx_max_chunk_delay_us")),
+            us_as_ms(num(all, "streaming_added.max_chunk_delay_us")),
+        );
+    }
 
     // ----- 3
     let st = &all["store"];
