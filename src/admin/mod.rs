@@ -55,8 +55,7 @@ pub async fn authorize(
         return Ok(AdminIdentity::AdminKey);
     }
     let page = ui::is_page(path);
-    if let Some(secs) = state.lockout.locked_for(ip) {
-        tokio::time::sleep(crate::gatekeeper::lockout::TARPIT).await;
+    if let Some(secs) = state.lockout.refusal(ip).await {
         if page {
             return Err(Redirect::to("/admin/login").into_response());
         }

@@ -127,7 +127,7 @@ async fn login(
     if let Some(r) = check_csrf(&state, &headers, ANONYMOUS, &form) {
         return r;
     }
-    if let Some(secs) = state.lockout.locked_for(ip) {
+    if let Some(secs) = state.lockout.refusal(ip).await {
         return login_page(
             &state,
             &headers,

@@ -107,6 +107,15 @@ impl Lockout {
         self.locked_for_at(ip, Instant::now())
     }
 
+    /// [`Lockout::locked_for`] for a refusal about to be sent: when the address is locked out,
+    /// it answers only after the [`TARPIT`] pause. Every place that refuses a locked-out address
+    /// asks this, so that none of them answers a guessing client at full speed.
+    pub async fn refusal(&self, ip: IpAddr) -> Option<u64> {
+        let secs = self.locked_for(ip)?;
+        tokio::time::sleep(TARPIT).await;
+        Some(secs)
+    }
+
     /// [`Lockout::locked_for`] at a given instant (for tests).
     pub fn locked_for_at(&self, ip: IpAddr, now: Instant) -> Option<u64> {
         if !self.enabled() {

@@ -143,24 +143,18 @@ pub async fn guard(
                 Err(resp) => resp,
             }
         }
-        Zone::Proxy => match admit_client(&state, ip, req.headers()) {
+        Zone::Proxy => match admit_client(&state, ip, req.headers()).await {
             Ok(principal) => {
                 req.extensions_mut().insert(principal);
                 next.run(req).await
             }
-            Err(e) => {
-                // Here only the lockout refuses with 429 (quota and rate limits come later).
-                if e.status == StatusCode::TOO_MANY_REQUESTS {
-                    tokio::time::sleep(lockout::TARPIT).await;
-                }
-                e.into_response()
-            }
+            Err(e) => e.into_response(),
         },
     }
 }
 
 /// Decides whether a proxied request may pass, counting failures toward the lockout.
-fn admit_client(
+async fn admit_client(
     state: &AppState,
     ip: std::net::IpAddr,
     headers: &HeaderMap,
@@ -170,7 +164,7 @@ fn admit_client(
     if mode == GatekeeperMode::None && credential.is_none() {
         return Ok(Principal::Anonymous);
     }
-    if let Some(secs) = state.lockout.locked_for(ip) {
+    if let Some(secs) = state.lockout.refusal(ip).await {
         return Err(lockout_error(secs));
     }
     if let (Some(c), Some(admin)) = (credential, state.config.admin_key()) {

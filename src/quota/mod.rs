@@ -99,13 +99,13 @@ enum PromptEstimate {
 
 impl PromptEstimate {
     fn tokens(&mut self) -> u64 {
-        if let PromptEstimate::Uncounted { text, fixed } = self {
-            let n = estimate::count_tokens(text).saturating_add(*fixed);
-            *self = PromptEstimate::Counted(n);
-        }
         match self {
             PromptEstimate::Counted(n) => *n,
-            PromptEstimate::Uncounted { .. } => 0,
+            PromptEstimate::Uncounted { text, fixed } => {
+                let n = estimate::count_tokens(text).saturating_add(*fixed);
+                *self = PromptEstimate::Counted(n);
+                n
+            }
         }
     }
 }

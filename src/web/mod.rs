@@ -53,7 +53,7 @@ async fn user_lookup(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    user::lookup(&state, &headers, ip, &FormData::parse(&body))
+    user::lookup(&state, &headers, ip, &FormData::parse(&body)).await
 }
 
 async fn user_nickname(
@@ -62,5 +62,5 @@ async fn user_nickname(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    user::change_nickname(&state, &headers, ip, &FormData::parse(&body))
+    user::change_nickname(&state, &headers, ip, &FormData::parse(&body)).await
 }

@@ -87,13 +87,13 @@ pub fn form_page(state: &AppState, headers: &HeaderMap) -> Response {
 
 /// Finds the user for a submitted token, or the page explaining why not (lockout, unknown
 /// token — which counts as a failed attempt).
-fn find(
+async fn find(
     state: &AppState,
     headers: &HeaderMap,
     ip: IpAddr,
     form: &FormData,
 ) -> Result<(String, User), Box<Response>> {
-    if let Some(secs) = state.lockout.locked_for(ip) {
+    if let Some(secs) = state.lockout.refusal(ip).await {
         return Err(Box::new(render(
             state,
             headers,
@@ -122,11 +122,16 @@ fn find(
 }
 
 /// `POST /user`: shows the user whose token was submitted.
-pub fn lookup(state: &AppState, headers: &HeaderMap, ip: IpAddr, form: &FormData) -> Response {
+pub async fn lookup(
+    state: &AppState,
+    headers: &HeaderMap,
+    ip: IpAddr,
+    form: &FormData,
+) -> Response {
     if let Some(r) = check_csrf(state, headers, PUBLIC, form) {
         return r;
     }
-    match find(state, headers, ip, form) {
+    match find(state, headers, ip, form).await {
         Ok((token, u)) => render(
             state,
             headers,
@@ -138,7 +143,7 @@ pub fn lookup(state: &AppState, headers: &HeaderMap, ip: IpAddr, form: &FormData
 }
 
 /// `POST /user/nickname`: changes the nickname of the user whose token was submitted.
-pub fn change_nickname(
+pub async fn change_nickname(
     state: &AppState,
     headers: &HeaderMap,
     ip: IpAddr,
@@ -147,7 +152,7 @@ pub fn change_nickname(
     if let Some(r) = check_csrf(state, headers, PUBLIC, form) {
         return r;
     }
-    let (token, user) = match find(state, headers, ip, form) {
+    let (token, user) = match find(state, headers, ip, form).await {
         Ok(found) => found,
         Err(r) => return *r,
     };

@@ -24,35 +24,55 @@ fn load(dir: &Path, name: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// The best of the interleaved maximum-throughput rounds of a target (`tput_{t}_r{i}.json`),
-/// with every round's rate under `rounds_rps`; a single `tput_{t}.json` when there are none.
-/// Best, not median: on a shared machine noise only ever slows a run down.
-fn best_round(dir: &Path, t: &str) -> Value {
+/// The rounds of one measurement (`{stem}_r1.json`, `{stem}_r2.json`, ...), or the single
+/// `{stem}.json` of a run without rounds.
+fn load_rounds(dir: &Path, stem: &str) -> Vec<Value> {
     let rounds: Vec<Value> = (1..)
-        .map(|i| dir.join(format!("tput_{t}_r{i}.json")))
-        .take_while(|p| p.exists())
-        .map(|p| {
-            load(
-                dir,
-                &p.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            )
-        })
+        .map(|i| format!("{stem}_r{i}.json"))
+        .take_while(|n| dir.join(n).exists())
+        .map(|n| load(dir, &n))
         .collect();
     if rounds.is_empty() {
-        return load(dir, &format!("tput_{t}.json"));
+        vec![load(dir, &format!("{stem}.json"))]
+    } else {
+        rounds
     }
-    let rps: Vec<f64> = rounds
+}
+
+/// The best round by the figure at `path` (the highest, or with `lowest` the lowest), with every
+/// round's figure under `list_key`. Best, not median: on a shared machine noise only ever slows a
+/// run down.
+fn best_of(rounds: &[Value], path: &str, lowest: bool, list_key: &str) -> Value {
+    let worst = if lowest { f64::INFINITY } else { 0.0 };
+    let figures: Vec<f64> = rounds
         .iter()
-        .map(|r| num(r, "rps").unwrap_or(0.0))
+        .map(|r| num(r, path).unwrap_or(worst))
         .collect();
-    let best = rps
+    let best = figures
         .iter()
         .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
+        .max_by(|a, b| {
+            let o = a.1.total_cmp(b.1);
+            if lowest {
+                o.reverse()
+            } else {
+                o
+            }
+        })
         .map(|(i, _)| i)
         .unwrap_or(0);
+    let mut v = rounds.get(best).cloned().unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.insert(list_key.into(), json!(figures));
+    }
+    v
+}
+
+/// The interleaved maximum-throughput round of a target with the highest rate
+/// (`tput_{t}_r{i}.json`), with the median CPU per request of the rounds.
+fn best_round(dir: &Path, t: &str) -> Value {
+    let rounds = load_rounds(dir, &format!("tput_{t}"));
+    let mut v = best_of(&rounds, "rps", false, "rounds_rps");
     // CPU the system under test spent per request in each round (`tput_{t}_r{i}.cpu.json`).
     let mut cpu: Vec<f64> = (1..=rounds.len())
         .filter_map(|i| {
@@ -63,9 +83,7 @@ fn best_round(dir: &Path, t: &str) -> Value {
             (ticks > 0.0 && reqs > 0.0).then(|| ticks * 1e6 / clk / reqs)
         })
         .collect();
-    let mut v = rounds[best].clone();
     if let Some(o) = v.as_object_mut() {
-        o.insert("rounds_rps".into(), json!(rps));
         o.insert("rounds_cpu_us_per_req".into(), json!(cpu));
         cpu.sort_by(f64::total_cmp);
         if let Some(m) = cpu.get(cpu.len() / 2) {
@@ -75,33 +93,14 @@ fn best_round(dir: &Path, t: &str) -> Value {
     v
 }
 
-/// The fixed-rate latency round of a target with the lowest P99 (`lat_{t}_{rate}_r{i}.json`),
-/// with every round's P99 under `rounds_p99_us`; a single `lat_{t}_{rate}.json` when there are
-/// none. Lowest, for the same reason as [`best_round`].
+/// The fixed-rate latency round of a target with the lowest P99 (`lat_{t}_{rate}_r{i}.json`).
 fn best_latency_round(dir: &Path, t: &str, rate: f64) -> Value {
-    let rounds: Vec<Value> = (1..)
-        .map(|i| format!("lat_{t}_{rate}_r{i}.json"))
-        .take_while(|n| dir.join(n).exists())
-        .map(|n| load(dir, &n))
-        .collect();
-    if rounds.is_empty() {
-        return load(dir, &format!("lat_{t}_{rate}.json"));
-    }
-    let p99: Vec<f64> = rounds
-        .iter()
-        .map(|r| num(r, "latency.p99_us").unwrap_or(f64::INFINITY))
-        .collect();
-    let best = p99
-        .iter()
-        .enumerate()
-        .min_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
-        .unwrap_or(0);
-    let mut v = rounds[best].clone();
-    if let Some(o) = v.as_object_mut() {
-        o.insert("rounds_p99_us".into(), json!(p99));
-    }
-    v
+    best_of(
+        &load_rounds(dir, &format!("lat_{t}_{rate}")),
+        "latency.p99_us",
+        true,
+        "rounds_p99_us",
+    )
 }
 
 /// `a[path] − b[path]`, when both are there.
