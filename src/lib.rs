@@ -6,6 +6,7 @@ pub mod app;
 pub mod config;
 pub mod error;
 pub mod gatekeeper;
+pub mod google_oauth;
 pub mod net;
 pub mod providers;
 pub mod quota;

@@ -2,3 +2,4 @@
 //! of issue 14 fills this in; the cloud providers of issue 15 live here.)
 
 pub mod aws;
+pub mod gcp;

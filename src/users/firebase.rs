@@ -2,12 +2,12 @@
 //! REST API with our own `reqwest` client: loads `/{ref}.json` at startup and writes each batch
 //! as multi-path `PATCH`es of whole user records (deleted users as `null`).
 //!
-//! Authentication is the service account's OAuth2 JWT-bearer grant: `gcp_auth` parses the key
-//! and signs the RS256 assertion, and we exchange it at the key's own `token_uri` with the same
-//! `reqwest` client, so that timeouts apply and a rejection reaches the operator with its HTTP
-//! status and body. With `FIREBASE_DATABASE_EMULATOR_HOST` there is no OAuth at all.
+//! Authentication is the service account's OAuth2 JWT-bearer grant at the key's own
+//! `token_uri`, through [`crate::google_oauth`] (shared with the Vertex AI provider) with the
+//! same `reqwest` client, so that timeouts apply and a rejection reaches the operator with its
+//! HTTP status and body. With `FIREBASE_DATABASE_EMULATOR_HOST` there is no OAuth at all.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use futures::future::BoxFuture;
@@ -18,15 +18,13 @@ use url::Url;
 use super::backend::{BackendError, Loaded, UserBackend};
 use super::{fingerprint, User};
 use crate::config::Config;
+use crate::google_oauth::{chain, is_safe_url, snippet, ServiceAccount, TokenError};
 
 /// How many users one `PATCH` carries; larger batches are split (each chunk is idempotent).
 const CHUNK: usize = 500;
 /// OAuth scopes the Realtime Database REST API accepts for a service account.
 const SCOPES: &str =
     "https://www.googleapis.com/auth/firebase.database https://www.googleapis.com/auth/userinfo.email";
-const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-/// An access token is renewed this long before it expires.
-const RENEW_BEFORE: Duration = Duration::from_secs(300);
 /// RTDB rejects keys longer than this many bytes.
 const MAX_KEY_BYTES: usize = 768;
 
@@ -34,70 +32,13 @@ pub struct FirebaseBackend {
     client: reqwest::Client,
     /// `…/{ref}.json`, with `?ns=` for the emulator.
     users_url: Url,
-    auth: Option<OAuth>,
-}
-
-/// The service account and its cached access token.
-struct OAuth {
-    account: gcp_auth::CustomServiceAccount,
-    client_email: String,
-    token_uri: String,
-    cached: tokio::sync::Mutex<Option<(String, Instant)>>,
+    auth: Option<ServiceAccount>,
 }
 
 #[derive(Deserialize)]
 struct KeyFile {
     client_email: Option<String>,
     token_uri: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct TokenResponse {
-    access_token: String,
-    #[serde(default = "default_expiry")]
-    expires_in: u64,
-}
-
-fn default_expiry() -> u64 {
-    3600
-}
-
-/// A message for an error with its whole cause chain (reqwest hides "connection refused" in a
-/// source).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        // Some errors repeat their source in their own message; say it once.
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = c.source();
-    }
-    s
-}
-
-/// At most 300 characters of a response body, for error messages.
-fn snippet(body: &str) -> String {
-    let t = body.trim();
-    match t.char_indices().nth(300) {
-        Some((i, _)) => format!("{}…", &t[..i]),
-        None => t.to_string(),
-    }
-}
-
-/// `https://`, or plain `http://` to a loopback address (local emulators and tests): where a
-/// bearer credential may be sent.
-fn is_safe_url(url: &Url) -> bool {
-    let loopback = match url.host() {
-        Some(url::Host::Domain(d)) => d == "localhost",
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => false,
-    };
-    url.scheme() == "https" || (url.scheme() == "http" && loopback)
 }
 
 /// Encodes a token as an RTDB key: `%`, the characters RTDB forbids in keys (`. $ # [ ] /`)
@@ -212,7 +153,7 @@ impl FirebaseBackend {
                 let mut url = db_url.clone();
                 url.set_query(None);
                 url.set_fragment(None);
-                (url, Some(OAuth::from_config(config)?))
+                (url, Some(service_account(config)?))
             }
         };
         {
@@ -251,7 +192,10 @@ impl FirebaseBackend {
     ) -> Result<String, BackendError> {
         let mut req = self.client.request(method.clone(), self.users_url.clone());
         if let Some(auth) = &self.auth {
-            req = req.bearer_auth(auth.token(&self.client).await?);
+            req = req.bearer_auth(auth.token(&self.client).await.map_err(|e| match e {
+                TokenError::Rejected(m) => BackendError::Config(m),
+                TokenError::Unavailable(m) => BackendError::Unavailable(m),
+            })?);
         }
         if let Some(body) = body {
             req = req.json(body);
@@ -278,7 +222,7 @@ impl FirebaseBackend {
         if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
             // A rejected token is renewed on the next call rather than reused until it expires.
             if let Some(auth) = &self.auth {
-                *auth.cached.lock().await = None;
+                auth.forget().await;
             }
             return Err(BackendError::Config(format!(
                 "FIREBASE_KEY: the database refused the service account's access token ({method} {url}: HTTP {status}: {}); check that FIREBASE_KEY belongs to the project of FIREBASE_RTDB_URL",
@@ -292,153 +236,65 @@ impl FirebaseBackend {
     }
 }
 
-impl OAuth {
-    fn from_config(config: &Config) -> Result<OAuth, BackendError> {
-        let Some(key) = &config.cli.firebase_key else {
-            return Err(BackendError::Config(
-                "GATEKEEPER_STORE=firebase_rtdb needs FIREBASE_KEY: the service-account JSON from Firebase (Project settings → Service accounts → Generate new private key), base64-encoded (`base64 -w0 key.json`)".into(),
-            ));
-        };
-        let raw = key.expose().trim();
-        // The original wants base64; a pasted JSON document is accepted too.
-        let json = if raw.starts_with('{') {
-            raw.to_string()
-        } else {
-            let cleaned: String = raw.chars().filter(|c| !c.is_whitespace()).collect();
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(&cleaned)
-                .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(&cleaned))
-                .map_err(|e| {
-                    BackendError::Config(format!(
-                        "FIREBASE_KEY is not valid base64 ({e}); set it to the output of `base64 -w0 key.json`"
-                    ))
-                })?;
-            String::from_utf8(bytes).map_err(|_| {
-                BackendError::Config(
-                    "FIREBASE_KEY does not decode to text; set it to the base64 of the service-account JSON file".into(),
-                )
-            })?
-        };
-        let malformed = |why: String| {
-            BackendError::Config(format!(
-                "FIREBASE_KEY is not a usable service-account key: {why}; download a new key in Firebase (Project settings → Service accounts)"
-            ))
-        };
-        let fields: KeyFile =
-            serde_json::from_str(&json).map_err(|e| malformed(format!("not JSON ({e})")))?;
-        let client_email = fields
-            .client_email
-            .ok_or_else(|| malformed("no client_email".into()))?;
-        let token_uri = fields
-            .token_uri
-            .ok_or_else(|| malformed("no token_uri".into()))?;
-        let parsed = Url::parse(&token_uri)
-            .map_err(|e| malformed(format!("token_uri is not a URL ({e})")))?;
-        // The signed assertion is a credential: it may cross a network only encrypted.
-        if !is_safe_url(&parsed) {
-            return Err(malformed(format!(
-                "token_uri {token_uri} must use https:// (plain http only to a loopback address)"
-            )));
-        }
-        let account = gcp_auth::CustomServiceAccount::from_json(&json).map_err(|e| {
-            let why = chain(&e);
-            // gcp_auth also builds an HTTPS client here, which needs the system's CA
-            // certificates; that is not the key's fault.
-            if why.contains("root certificates") {
-                BackendError::Config(format!(
-                    "FIREBASE_KEY: cannot prepare HTTPS for the service account ({why}); install the system CA certificates (ca-certificates)"
-                ))
-            } else {
-                malformed(why)
-            }
-        })?;
-        Ok(OAuth {
-            account,
-            client_email,
-            token_uri,
-            cached: tokio::sync::Mutex::new(None),
-        })
-    }
-
-    /// A valid access token: the cached one, or a new one from the token endpoint. The lock is
-    /// held during renewal so that concurrent callers wait for one exchange.
-    async fn token(&self, client: &reqwest::Client) -> Result<String, BackendError> {
-        let mut cached = self.cached.lock().await;
-        if let Some((token, expires)) = cached.as_ref() {
-            if Instant::now() + RENEW_BEFORE < *expires {
-                return Ok(token.clone());
-            }
-        }
-        let (token, lifetime) = self.exchange(client).await?;
-        *cached = Some((token.clone(), Instant::now() + lifetime));
-        Ok(token)
-    }
-
-    /// The JWT-bearer grant: an RS256 assertion signed with the key, posted to `token_uri`.
-    async fn exchange(&self, client: &reqwest::Client) -> Result<(String, Duration), BackendError> {
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let iat = chrono::Utc::now().timestamp();
-        let claims = serde_json::json!({
-            "iss": self.client_email,
-            "scope": SCOPES,
-            "aud": self.token_uri,
-            "iat": iat,
-            "exp": iat + 3600,
-        });
-        let mut jwt = b64.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
-        jwt.push('.');
-        jwt.push_str(&b64.encode(claims.to_string()));
-        let signature = self.account.signer().sign(jwt.as_bytes()).map_err(|e| {
-            BackendError::Config(format!(
-                "FIREBASE_KEY: cannot sign with the key: {}",
-                chain(&e)
-            ))
-        })?;
-        jwt.push('.');
-        jwt.push_str(&b64.encode(signature));
-
-        let form = url::form_urlencoded::Serializer::new(String::new())
-            .append_pair("grant_type", GRANT_TYPE)
-            .append_pair("assertion", &jwt)
-            .finish();
-        let uri = &self.token_uri;
-        let resp = client
-            .post(uri)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(form)
-            .send()
-            .await
+/// The service account of `FIREBASE_KEY` (base64 of the key's JSON, or the JSON itself).
+fn service_account(config: &Config) -> Result<ServiceAccount, BackendError> {
+    let Some(key) = &config.cli.firebase_key else {
+        return Err(BackendError::Config(
+            "GATEKEEPER_STORE=firebase_rtdb needs FIREBASE_KEY: the service-account JSON from Firebase (Project settings → Service accounts → Generate new private key), base64-encoded (`base64 -w0 key.json`)".into(),
+        ));
+    };
+    let raw = key.expose().trim();
+    // The original wants base64; a pasted JSON document is accepted too.
+    let json = if raw.starts_with('{') {
+        raw.to_string()
+    } else {
+        let cleaned: String = raw.chars().filter(|c| !c.is_whitespace()).collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(&cleaned)
+            .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(&cleaned))
             .map_err(|e| {
-                BackendError::Unavailable(format!(
-                    "FIREBASE_KEY: cannot reach the token endpoint {uri} (the key's token_uri): {}",
-                    chain(&e)
+                BackendError::Config(format!(
+                    "FIREBASE_KEY is not valid base64 ({e}); set it to the output of `base64 -w0 key.json`"
                 ))
             })?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        if status.is_client_error() {
-            return Err(BackendError::Config(format!(
-                "FIREBASE_KEY: the token endpoint {uri} rejected the service account {} (HTTP {status}: {}); check that the key is current and not revoked",
-                self.client_email,
-                snippet(&text)
-            )));
-        }
-        if !status.is_success() {
-            return Err(BackendError::Unavailable(format!(
-                "FIREBASE_KEY: the token endpoint {uri} failed (HTTP {status}: {})",
-                snippet(&text)
-            )));
-        }
-        let parsed: TokenResponse = serde_json::from_str(&text).map_err(|e| {
-            BackendError::Unavailable(format!(
-                "FIREBASE_KEY: the token endpoint {uri} answered without an access_token ({e})"
+        String::from_utf8(bytes).map_err(|_| {
+            BackendError::Config(
+                "FIREBASE_KEY does not decode to text; set it to the base64 of the service-account JSON file".into(),
+            )
+        })?
+    };
+    let malformed = |why: String| {
+        BackendError::Config(format!(
+            "FIREBASE_KEY is not a usable service-account key: {why}; download a new key in Firebase (Project settings → Service accounts)"
+        ))
+    };
+    let fields: KeyFile =
+        serde_json::from_str(&json).map_err(|e| malformed(format!("not JSON ({e})")))?;
+    let client_email = fields
+        .client_email
+        .ok_or_else(|| malformed("no client_email".into()))?;
+    let token_uri = fields
+        .token_uri
+        .ok_or_else(|| malformed("no token_uri".into()))?;
+    ServiceAccount::new(
+        &json,
+        client_email,
+        token_uri,
+        "the key's token_uri",
+        SCOPES,
+        "FIREBASE_KEY".into(),
+    )
+    .map_err(|why| {
+        // gcp_auth also builds an HTTPS client here, which needs the system's CA
+        // certificates; that is not the key's fault.
+        if why.contains("root certificates") {
+            BackendError::Config(format!(
+                "FIREBASE_KEY: cannot prepare HTTPS for the service account ({why}); install the system CA certificates (ca-certificates)"
             ))
-        })?;
-        Ok((parsed.access_token, Duration::from_secs(parsed.expires_in)))
-    }
+        } else {
+            malformed(why)
+        }
+    })
 }
 
 /// Parses one stored record; the key is the (encoded) token.
