@@ -9,8 +9,8 @@ pub mod gatekeeper;
 pub mod google_oauth;
 pub mod net;
 pub mod providers;
+pub mod proxy;
 pub mod quota;
-pub mod upstream;
 pub mod users;
 pub mod web;
 
