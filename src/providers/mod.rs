@@ -56,6 +56,7 @@ pub mod families;
 pub mod gcp;
 pub mod meter;
 pub mod openai;
+pub mod translate;
 
 use axum::http::{HeaderMap, HeaderValue, Method};
 use bytes::Bytes;
