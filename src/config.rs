@@ -108,6 +108,33 @@ pub struct Cli {
         default_value = "https://api.anthropic.com"
     )]
     pub anthropic_base_url: Url,
+    /// AWS Bedrock credentials: comma-separated accessKeyId:secretAccessKey:region.
+    #[arg(long, env = "AWS_CREDENTIALS", hide_env_values = true)]
+    pub aws_credentials: Option<Secret>,
+    /// Base URL of the Bedrock runtime; {region} is replaced by each credential's region.
+    #[arg(
+        long,
+        env = "AWS_BEDROCK_BASE_URL",
+        default_value = crate::providers::aws::DEFAULT_BASE_URL
+    )]
+    pub aws_bedrock_base_url: String,
+    /// GCP Vertex AI credentials: comma-separated projectId:clientEmail:region:privateKey.
+    #[arg(long, env = "GCP_CREDENTIALS", hide_env_values = true)]
+    pub gcp_credentials: Option<Secret>,
+    /// Base URL of Vertex AI; {region} is replaced by each credential's region.
+    #[arg(
+        long,
+        env = "GCP_VERTEX_BASE_URL",
+        default_value = crate::providers::gcp::DEFAULT_BASE_URL
+    )]
+    pub gcp_vertex_base_url: String,
+    /// The OAuth token endpoint for GCP service accounts.
+    #[arg(
+        long,
+        env = "GCP_TOKEN_URL",
+        default_value = crate::providers::gcp::DEFAULT_TOKEN_URL
+    )]
+    pub gcp_token_url: String,
     /// Prefix of the compatibility routes ({route}/openai/..., {route}/anthropic/...).
     #[arg(long, env = "PROXY_ENDPOINT_ROUTE", default_value = "/proxy")]
     pub proxy_endpoint_route: String,
@@ -213,6 +240,10 @@ pub struct Config {
     pub cli: Cli,
     pub openai_keys: Vec<Secret>,
     pub anthropic_keys: Vec<Secret>,
+    /// `AWS_CREDENTIALS`, parsed.
+    pub aws_credentials: Vec<crate::providers::aws::AwsCredential>,
+    /// `GCP_CREDENTIALS`, parsed.
+    pub gcp_credentials: Vec<crate::providers::gcp::GcpCredential>,
     pub ip_blacklist: Vec<IpNet>,
     pub admin_whitelist: Vec<IpNet>,
     /// `TOKEN_QUOTA_<FAMILY>` values keyed by family name (lower-case, `_` → `-`).
@@ -319,6 +350,43 @@ impl Config {
             }
         }
 
+        let aws_credentials = match &cli.aws_credentials {
+            Some(raw) => {
+                crate::providers::aws::parse_credentials(raw.expose()).map_err(ConfigError)?
+            }
+            None => Vec::new(),
+        };
+        let gcp_credentials = match &cli.gcp_credentials {
+            Some(raw) => {
+                crate::providers::gcp::parse_credentials(raw.expose()).map_err(ConfigError)?
+            }
+            None => Vec::new(),
+        };
+        for (name, template, example) in [
+            (
+                "AWS_BEDROCK_BASE_URL",
+                &cli.aws_bedrock_base_url,
+                crate::providers::aws::DEFAULT_BASE_URL,
+            ),
+            (
+                "GCP_VERTEX_BASE_URL",
+                &cli.gcp_vertex_base_url,
+                crate::providers::gcp::DEFAULT_BASE_URL,
+            ),
+            (
+                "GCP_TOKEN_URL",
+                &cli.gcp_token_url,
+                crate::providers::gcp::DEFAULT_TOKEN_URL,
+            ),
+        ] {
+            let url = Url::parse(&template.replace("{region}", "us-east-1"));
+            if !url.is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
+                return Err(ConfigError(format!(
+                    "{name}={template} must be an http:// or https:// URL with a host ({{region}} is replaced by the credential's region), e.g. {example}"
+                )));
+            }
+        }
+
         match cli.gatekeeper {
             GatekeeperMode::ProxyKey
                 if cli.proxy_key.as_ref().is_none_or(|k| k.expose().is_empty()) =>
@@ -361,6 +429,8 @@ impl Config {
         Ok(Config {
             openai_keys,
             anthropic_keys,
+            aws_credentials,
+            gcp_credentials,
             ip_blacklist,
             admin_whitelist,
             token_quotas,

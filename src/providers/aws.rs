@@ -15,6 +15,7 @@ use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
 use serde_json::{json, Map, Value};
 
+use super::{AuthError, StreamTransform, UpstreamRequest};
 use crate::config::Secret;
 
 /// The variable holding the credentials, for messages.
@@ -450,35 +451,34 @@ pub fn sse_error(error_type: &str, message: &str) -> Bytes {
     Bytes::from(format!("event: error\ndata: {data}\n\n"))
 }
 
-/// What one decoded event-stream frame became.
+/// One decoded event-stream frame.
 #[derive(Debug, PartialEq)]
-pub enum StreamItem {
-    /// An Anthropic SSE event (`event: …\ndata: …\n\n`), ready to relay.
-    Event(Bytes),
-    /// An exception frame, already turned into an SSE `error` event; the stream ends after it.
-    /// `error_type` is AWS's name (`throttlingException`, …).
-    Exception { error_type: String, sse: Bytes },
+pub enum Frame {
+    /// A `chunk` event: the JSON its base64 `bytes` carried.
+    Chunk(Value),
+    /// An exception (or error) frame, or a frame that could not be read; the stream ends
+    /// after it. `error_type` is AWS's name (`throttlingException`, …).
+    Exception { error_type: String, message: String },
 }
 
-/// Turns Bedrock's `application/vnd.amazon.eventstream` response body into Anthropic SSE,
-/// frame by frame as bytes arrive. Frames are decoded (prelude, headers, CRCs) by AWS's
-/// `aws-smithy-eventstream`; each `chunk` event's payload is `{"bytes": base64}` of one
-/// Anthropic stream event.
+/// Decodes Bedrock's `application/vnd.amazon.eventstream` response body frame by frame as
+/// bytes arrive. Frames (prelude, headers, payload, CRCs) are read by AWS's own
+/// `aws-smithy-eventstream`.
 #[derive(Default)]
-pub struct EventStreamToSse {
+pub struct EventStreamDecoder {
     decoder: MessageFrameDecoder,
     buf: BytesMut,
     failed: bool,
 }
 
-impl EventStreamToSse {
-    pub fn new() -> EventStreamToSse {
-        EventStreamToSse::default()
+impl EventStreamDecoder {
+    pub fn new() -> EventStreamDecoder {
+        EventStreamDecoder::default()
     }
 
-    /// Feeds response bytes; returns every complete frame's translation. After a corrupt
-    /// frame the stream ends with one `error` event and further input is ignored.
-    pub fn push(&mut self, data: &[u8]) -> Vec<StreamItem> {
+    /// Feeds response bytes; returns every frame completed by them. After a corrupt frame
+    /// the stream ends with one exception and further input is ignored.
+    pub fn push(&mut self, data: &[u8]) -> Vec<Frame> {
         let mut out = Vec::new();
         if self.failed {
             return out;
@@ -486,17 +486,14 @@ impl EventStreamToSse {
         self.buf.extend_from_slice(data);
         loop {
             match self.decoder.decode_frame(&mut self.buf) {
-                Ok(DecodedFrame::Complete(msg)) => out.push(translate_frame(&msg)),
+                Ok(DecodedFrame::Complete(msg)) => out.push(read_frame(&msg)),
                 Ok(DecodedFrame::Incomplete) => break,
                 Err(e) => {
                     self.failed = true;
                     self.buf.clear();
-                    out.push(StreamItem::Exception {
+                    out.push(Frame::Exception {
                         error_type: "corruptFrame".into(),
-                        sse: sse_error(
-                            "api_error",
-                            &format!("the AWS Bedrock event stream was corrupt: {e}"),
-                        ),
+                        message: format!("the event stream was corrupt: {e}"),
                     });
                     break;
                 }
@@ -511,6 +508,62 @@ impl EventStreamToSse {
     }
 }
 
+/// What one frame of a Claude stream became.
+#[derive(Debug, PartialEq)]
+pub enum StreamItem {
+    /// An Anthropic SSE event (`event: …\ndata: …\n\n`), ready to relay.
+    Event(Bytes),
+    /// An exception frame, already turned into an SSE `error` event; the stream ends after it.
+    /// `error_type` is AWS's name (`throttlingException`, …).
+    Exception { error_type: String, sse: Bytes },
+}
+
+/// Turns a Claude event stream into Anthropic SSE: each `chunk` carries one Anthropic stream
+/// event; an exception becomes an SSE `error` event (not a cut connection).
+#[derive(Default)]
+pub struct EventStreamToSse {
+    frames: EventStreamDecoder,
+}
+
+impl EventStreamToSse {
+    pub fn new() -> EventStreamToSse {
+        EventStreamToSse::default()
+    }
+
+    /// Feeds response bytes; returns every complete frame's translation.
+    pub fn push(&mut self, data: &[u8]) -> Vec<StreamItem> {
+        self.frames
+            .push(data)
+            .into_iter()
+            .map(|f| match f {
+                Frame::Chunk(event) => {
+                    let name = event
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("message")
+                        .to_string();
+                    StreamItem::Event(Bytes::from(format!("event: {name}\ndata: {event}\n\n")))
+                }
+                Frame::Exception {
+                    error_type,
+                    message,
+                } => StreamItem::Exception {
+                    sse: sse_error(
+                        anthropic_error_type(&error_type),
+                        &format!("AWS Bedrock: {error_type}: {message}"),
+                    ),
+                    error_type,
+                },
+            })
+            .collect()
+    }
+
+    /// True when bytes of an incomplete frame are left over (a cut stream).
+    pub fn has_partial_frame(&self) -> bool {
+        self.frames.has_partial_frame()
+    }
+}
+
 fn header_str<'a>(msg: &'a Message, name: &str) -> Option<&'a str> {
     msg.headers()
         .iter()
@@ -521,8 +574,12 @@ fn header_str<'a>(msg: &'a Message, name: &str) -> Option<&'a str> {
         })
 }
 
-/// One frame → an SSE event, or an exception → an SSE `error` event.
-fn translate_frame(msg: &Message) -> StreamItem {
+/// Reads one frame: a `chunk` event's JSON, or an exception.
+fn read_frame(msg: &Message) -> Frame {
+    let exception = |error_type: &str, message: &str| Frame::Exception {
+        error_type: error_type.to_string(),
+        message: message.to_string(),
+    };
     let message_type = header_str(msg, ":message-type").unwrap_or("event");
     match message_type {
         "event" => {
@@ -534,14 +591,7 @@ fn translate_frame(msg: &Message) -> StreamItem {
                 );
             }
             match chunk_json(msg.payload()) {
-                Some(event) => {
-                    let name = event
-                        .get("type")
-                        .and_then(Value::as_str)
-                        .unwrap_or("message")
-                        .to_string();
-                    StreamItem::Event(Bytes::from(format!("event: {name}\ndata: {event}\n\n")))
-                }
+                Some(event) => Frame::Chunk(event),
                 None => exception(
                     "invalidChunk",
                     "an AWS Bedrock stream chunk was not base64 JSON",
@@ -567,16 +617,6 @@ fn translate_frame(msg: &Message) -> StreamItem {
             let message = header_str(msg, ":error-message").unwrap_or("AWS Bedrock stream error");
             exception(code, message)
         }
-    }
-}
-
-fn exception(error_type: &str, message: &str) -> StreamItem {
-    StreamItem::Exception {
-        error_type: error_type.to_string(),
-        sse: sse_error(
-            anthropic_error_type(error_type),
-            &format!("AWS Bedrock: {error_type}: {message}"),
-        ),
     }
 }
 
@@ -649,6 +689,439 @@ pub fn error_from_response(error_type_header: Option<&str>, body: &[u8]) -> (Str
         .map(str::to_string)
         .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(300).collect());
     (ty, message)
+}
+
+// ---- The upstream: authorizing requests and decoding responses ----
+
+/// The Bedrock upstream as the forwarder uses it: the credentials (in key-pool order) and
+/// the base URL template (`AWS_BEDROCK_BASE_URL`).
+pub struct Bedrock {
+    base_template: String,
+    creds: Vec<AwsCredential>,
+}
+
+/// Request body fields Bedrock's Mistral chat API accepts (it refuses unknown keys).
+const MISTRAL_FIELDS: &[&str] = &[
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "tools",
+    "tool_choice",
+    "response_format",
+];
+
+impl Bedrock {
+    pub fn new(base_template: &str, creds: Vec<AwsCredential>) -> Bedrock {
+        Bedrock {
+            base_template: base_template.to_string(),
+            creds,
+        }
+    }
+
+    /// The credentials as key-pool entries (`accessKeyId:secretAccessKey:region`), in order.
+    pub fn pool_entries(&self) -> Vec<Secret> {
+        self.creds
+            .iter()
+            .map(|c| {
+                Secret::new(format!(
+                    "{}:{}:{}",
+                    c.access_key_id,
+                    c.secret_access_key(),
+                    c.region
+                ))
+            })
+            .collect()
+    }
+
+    /// Turns the forwarder's request (the client's body, model and `stream` inside) into
+    /// Bedrock's: the URL from the model id and the credential's region, the body Bedrock
+    /// wants, the headers it reads, and the SigV4 signature over all of it.
+    pub fn authorize(
+        &self,
+        req: &mut UpstreamRequest,
+        index: usize,
+        mistral: bool,
+    ) -> Result<(), AuthError> {
+        let cred = self
+            .creds
+            .get(index)
+            .ok_or_else(|| AuthError(format!("{VAR}: no credential at position {index}")))?;
+        let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&req.body) else {
+            return Err(AuthError("the request body is not a JSON object".into()));
+        };
+        let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+        let id = if mistral {
+            mistral_model_id(model)
+        } else {
+            claude_model_id(model)
+        }
+        .map_err(AuthError)?;
+        let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+        let beta = req
+            .headers
+            .get("anthropic-beta")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = if mistral {
+            let kept: Map<String, Value> = body
+                .into_iter()
+                .filter(|(k, _)| MISTRAL_FIELDS.contains(&k.as_str()))
+                .collect();
+            serde_json::to_vec(&Value::Object(kept)).unwrap_or_default()
+        } else {
+            claude_body(body, beta.as_deref())
+        };
+        req.url = invoke_url(&base_url(&self.base_template, &cred.region), &id, stream);
+        req.body = Bytes::from(bytes);
+        let h = &mut req.headers;
+        for name in ["anthropic-beta", "anthropic-version", "accept"] {
+            h.remove(name);
+        }
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        if stream {
+            h.insert(
+                "x-amzn-bedrock-accept",
+                http::HeaderValue::from_static("application/json"),
+            );
+            h.insert(
+                http::header::ACCEPT,
+                http::HeaderValue::from_static("application/vnd.amazon.eventstream"),
+            );
+        } else {
+            h.insert(
+                http::header::ACCEPT,
+                http::HeaderValue::from_static("application/json"),
+            );
+        }
+        let mut signed = http::Request::builder()
+            .method(req.method.clone())
+            .uri(req.url.as_str())
+            .body(())
+            .map_err(|e| AuthError(format!("cannot build the Bedrock request: {e}")))?;
+        *signed.headers_mut() = std::mem::take(&mut req.headers);
+        let result = sign_request(cred, &mut signed, &req.body, SystemTime::now());
+        req.headers = std::mem::take(signed.headers_mut());
+        result.map_err(AuthError)
+    }
+}
+
+/// The decoder of a Bedrock response for the forwarder: event streams become SSE (Anthropic
+/// events for Claude, OpenAI chunks for Mistral), error answers become the client's error
+/// shape, and Mistral's whole answers become OpenAI chat completions with their usage.
+pub fn response_decoder(
+    mistral: bool,
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+) -> Option<Box<dyn StreamTransform>> {
+    let content_type = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !status.is_success() {
+        let error_type = headers
+            .get("x-amzn-errortype")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        return Some(Box::new(ErrorAnswer {
+            buf: Vec::new(),
+            error_type,
+            openai: mistral,
+        }));
+    }
+    let header_count = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let created = chrono::Utc::now().timestamp().max(0) as u64;
+    let id = format!("chatcmpl-aws-{}", uuid::Uuid::new_v4().simple());
+    match (
+        content_type.starts_with("application/vnd.amazon.eventstream"),
+        mistral,
+    ) {
+        (true, false) => Some(Box::new(ClaudeStream {
+            inner: EventStreamToSse::new(),
+            ended_with_error: false,
+        })),
+        (true, true) => Some(Box::new(MistralStream {
+            frames: EventStreamDecoder::new(),
+            id,
+            created,
+            done: false,
+        })),
+        (false, true) => Some(Box::new(MistralAnswer {
+            buf: Vec::new(),
+            id,
+            created,
+            usage: (
+                header_count("x-amzn-bedrock-input-token-count"),
+                header_count("x-amzn-bedrock-output-token-count"),
+            ),
+        })),
+        (false, false) => None,
+    }
+}
+
+/// Bedrock Claude event stream → Anthropic SSE.
+struct ClaudeStream {
+    inner: EventStreamToSse,
+    ended_with_error: bool,
+}
+
+impl StreamTransform for ClaudeStream {
+    fn chunk(&mut self, chunk: Bytes) -> Bytes {
+        let mut out = BytesMut::new();
+        for item in self.inner.push(&chunk) {
+            match item {
+                StreamItem::Event(b) => out.extend_from_slice(&b),
+                StreamItem::Exception { error_type, sse } => {
+                    tracing::warn!(error_type = %error_type, "AWS Bedrock stream exception");
+                    self.ended_with_error = true;
+                    out.extend_from_slice(&sse);
+                }
+            }
+        }
+        out.freeze()
+    }
+
+    fn end(&mut self) -> Bytes {
+        if self.inner.has_partial_frame() && !self.ended_with_error {
+            return sse_error(
+                "api_error",
+                "AWS Bedrock: the stream ended in the middle of an event",
+            );
+        }
+        Bytes::new()
+    }
+
+    fn content_type(&self) -> Option<http::HeaderValue> {
+        Some(http::HeaderValue::from_static("text/event-stream"))
+    }
+}
+
+/// A Bedrock error answer (`{"message": …}` with `x-amzn-ErrorType`) in the client's shape:
+/// Anthropic's error object, or OpenAI's for the Mistral route.
+struct ErrorAnswer {
+    buf: Vec<u8>,
+    error_type: Option<String>,
+    openai: bool,
+}
+
+impl StreamTransform for ErrorAnswer {
+    fn chunk(&mut self, chunk: Bytes) -> Bytes {
+        if self.buf.len() < 64 * 1024 {
+            self.buf.extend_from_slice(&chunk);
+        }
+        Bytes::new()
+    }
+
+    fn end(&mut self) -> Bytes {
+        let (ty, message) = error_from_response(self.error_type.as_deref(), &self.buf);
+        let message = format!("AWS Bedrock: {ty}: {message}");
+        let kind = anthropic_error_type(&ty);
+        let body = if self.openai {
+            json!({"error": {"message": message, "type": kind, "code": ty}})
+        } else {
+            json!({"type": "error", "error": {"type": kind, "message": message}})
+        };
+        Bytes::from(body.to_string())
+    }
+
+    fn content_type(&self) -> Option<http::HeaderValue> {
+        Some(http::HeaderValue::from_static("application/json"))
+    }
+}
+
+/// Mistral's `stop_reason` as an OpenAI `finish_reason`.
+fn mistral_finish(reason: Option<&str>) -> Value {
+    match reason {
+        None => Value::Null,
+        Some("length" | "model_length") => json!("length"),
+        Some("tool_calls") => json!("tool_calls"),
+        Some(_) => json!("stop"),
+    }
+}
+
+/// A whole Bedrock Mistral answer → an OpenAI chat completion, with the usage Bedrock
+/// reports in its `x-amzn-bedrock-*-token-count` headers.
+struct MistralAnswer {
+    buf: Vec<u8>,
+    id: String,
+    created: u64,
+    usage: (Option<u64>, Option<u64>),
+}
+
+impl StreamTransform for MistralAnswer {
+    fn chunk(&mut self, chunk: Bytes) -> Bytes {
+        self.buf.extend_from_slice(&chunk);
+        Bytes::new()
+    }
+
+    fn end(&mut self) -> Bytes {
+        let v: Value = serde_json::from_slice(&self.buf).unwrap_or(Value::Null);
+        let choices: Vec<Value> = v
+            .get("choices")
+            .and_then(Value::as_array)
+            .map(|cs| {
+                cs.iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let mut message = c.get("message").cloned().unwrap_or(json!({}));
+                        if let Value::Object(m) = &mut message {
+                            m.entry("role").or_insert(json!("assistant"));
+                        }
+                        json!({
+                            "index": c.get("index").cloned().unwrap_or(json!(i)),
+                            "message": message,
+                            "finish_reason": mistral_finish(c.get("stop_reason").and_then(Value::as_str)),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = json!({
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": "aws-mistral",
+            "choices": choices,
+        });
+        if let (Some(p), Some(c)) = self.usage {
+            out["usage"] =
+                json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
+        }
+        Bytes::from(out.to_string())
+    }
+
+    fn content_type(&self) -> Option<http::HeaderValue> {
+        Some(http::HeaderValue::from_static("application/json"))
+    }
+}
+
+/// A Bedrock Mistral event stream → OpenAI `chat.completion.chunk` SSE; the usage of the
+/// final chunk's `amazon-bedrock-invocationMetrics` goes into a last usage chunk.
+struct MistralStream {
+    frames: EventStreamDecoder,
+    id: String,
+    created: u64,
+    done: bool,
+}
+
+impl MistralStream {
+    fn sse(&self, choices: Value, usage: Option<Value>) -> String {
+        let mut chunk = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": "aws-mistral",
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            chunk["usage"] = u;
+        }
+        format!("data: {chunk}\n\n")
+    }
+}
+
+impl StreamTransform for MistralStream {
+    fn chunk(&mut self, chunk: Bytes) -> Bytes {
+        let mut out = String::new();
+        for frame in self.frames.push(&chunk) {
+            if self.done {
+                break;
+            }
+            match frame {
+                Frame::Chunk(v) => {
+                    let choices: Vec<Value> = v
+                        .get("choices")
+                        .and_then(Value::as_array)
+                        .map(|cs| {
+                            cs.iter()
+                                .enumerate()
+                                .map(|(i, c)| {
+                                    let msg = c.get("message").or_else(|| c.get("delta"));
+                                    let content = msg
+                                        .and_then(|m| m.get("content"))
+                                        .cloned()
+                                        .unwrap_or(json!(""));
+                                    json!({
+                                        "index": c.get("index").cloned().unwrap_or(json!(i)),
+                                        "delta": {"role": "assistant", "content": content},
+                                        "finish_reason": mistral_finish(c.get("stop_reason").and_then(Value::as_str)),
+                                    })
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    out.push_str(&self.sse(Value::Array(choices), None));
+                    if let Some(m) = v.get("amazon-bedrock-invocationMetrics") {
+                        let p = m.get("inputTokenCount").and_then(Value::as_u64);
+                        let c = m.get("outputTokenCount").and_then(Value::as_u64);
+                        if let (Some(p), Some(c)) = (p, c) {
+                            let usage = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
+                            out.push_str(&self.sse(json!([]), Some(usage)));
+                        }
+                        out.push_str("data: [DONE]\n\n");
+                        self.done = true;
+                    }
+                }
+                Frame::Exception {
+                    error_type,
+                    message,
+                } => {
+                    let e = json!({"error": {"message": format!("AWS Bedrock: {error_type}: {message}"),
+                        "type": anthropic_error_type(&error_type), "code": error_type}});
+                    out.push_str(&format!("data: {e}\n\n"));
+                    self.done = true;
+                }
+            }
+        }
+        Bytes::from(out)
+    }
+
+    fn content_type(&self) -> Option<http::HeaderValue> {
+        Some(http::HeaderValue::from_static("text/event-stream"))
+    }
+}
+
+/// The model list of `GET {PROXY_ENDPOINT_ROUTE}/aws/v1/models` (OpenAI's shape), the
+/// original's list; `vendor` (`anthropic`, `mistral`) narrows it.
+pub fn models(vendor: Option<&str>) -> Value {
+    const IDS: &[&str] = &[
+        "anthropic.claude-v2",
+        "anthropic.claude-v2:1",
+        "anthropic.claude-3-haiku-20240307-v1:0",
+        "anthropic.claude-3-5-haiku-20241022-v1:0",
+        "anthropic.claude-3-sonnet-20240229-v1:0",
+        "anthropic.claude-3-5-sonnet-20240620-v1:0",
+        "anthropic.claude-3-5-sonnet-20241022-v2:0",
+        "anthropic.claude-3-7-sonnet-20250219-v1:0",
+        "anthropic.claude-3-opus-20240229-v1:0",
+        "anthropic.claude-sonnet-4-20250514-v1:0",
+        "anthropic.claude-opus-4-20250514-v1:0",
+        "mistral.mistral-7b-instruct-v0:2",
+        "mistral.mixtral-8x7b-instruct-v0:1",
+        "mistral.mistral-large-2402-v1:0",
+        "mistral.mistral-large-2407-v1:0",
+        "mistral.mistral-small-2402-v1:0",
+    ];
+    let data: Vec<Value> = IDS
+        .iter()
+        .filter_map(|id| {
+            let owner = id.split('.').next().unwrap_or("");
+            (vendor.is_none() || vendor == Some(owner)).then(|| {
+                json!({"id": id, "object": "model", "created": 0, "owned_by": owner,
+                    "permission": [], "root": owner, "parent": null})
+            })
+        })
+        .collect();
+    json!({"object": "list", "data": data})
 }
 
 #[cfg(test)]

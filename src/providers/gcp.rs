@@ -242,6 +242,147 @@ pub fn claude_body(mut body: Map<String, Value>) -> Vec<u8> {
     serde_json::to_vec(&Value::Object(body)).unwrap_or_default()
 }
 
+// ---- The upstream: tokens and requests ----
+
+/// Why a Vertex request could not be authorized.
+#[derive(Debug)]
+pub enum VertexAuthError {
+    /// The token endpoint refused the credential's key: take it out of rotation.
+    KeyRejected(String),
+    /// Anything else (token endpoint unreachable, bad body): this request fails.
+    Other(String),
+}
+
+/// The Vertex upstream as the forwarder uses it: each credential with its service account
+/// (and cached access token), the base URL template and the token endpoint's client.
+pub struct Vertex {
+    base_template: String,
+    creds: Vec<(GcpCredential, ServiceAccount)>,
+    client: reqwest::Client,
+}
+
+impl Vertex {
+    /// Prepares one service account per credential; errors name the variable and the
+    /// credential's fingerprint.
+    pub fn new(
+        base_template: &str,
+        token_url: &str,
+        creds: Vec<GcpCredential>,
+    ) -> Result<Vertex, String> {
+        let mut out = Vec::with_capacity(creds.len());
+        for c in creds {
+            let account = c.service_account(token_url).map_err(|why| {
+                format!(
+                    "{VAR}: the credential {} (project {}) is not usable: {why}; GCP_TOKEN_URL={token_url}",
+                    c.fingerprint, c.project_id
+                )
+            })?;
+            out.push((c, account));
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client for GCP_TOKEN_URL: {e}"))?;
+        Ok(Vertex {
+            base_template: base_template.to_string(),
+            creds: out,
+            client,
+        })
+    }
+
+    /// The credentials as key-pool entries (the whole entry), in order.
+    pub fn pool_entries(&self) -> Vec<crate::config::Secret> {
+        self.creds
+            .iter()
+            .map(|(c, _)| {
+                crate::config::Secret::new(format!(
+                    "{}:{}:{}:{}",
+                    c.project_id,
+                    c.client_email,
+                    c.region,
+                    c.private_key_pem()
+                ))
+            })
+            .collect()
+    }
+
+    /// Forgets the access token of a credential (Vertex refused it), so the next request
+    /// fetches a new one.
+    pub async fn forget_token(&self, index: usize) {
+        if let Some((_, account)) = self.creds.get(index) {
+            account.forget().await;
+        }
+    }
+
+    /// Turns the forwarder's request into Vertex's: the `rawPredict`/`streamRawPredict` URL of
+    /// the model, the body without `model` plus `anthropic_version`, and the credential's
+    /// access token (fetched, or cached until shortly before it expires).
+    pub async fn authorize(
+        &self,
+        req: &mut super::UpstreamRequest,
+        index: usize,
+    ) -> Result<(), VertexAuthError> {
+        let Some((cred, account)) = self.creds.get(index) else {
+            return Err(VertexAuthError::Other(format!(
+                "{VAR}: no credential at position {index}"
+            )));
+        };
+        let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&req.body) else {
+            return Err(VertexAuthError::Other(
+                "the request body is not a JSON object".into(),
+            ));
+        };
+        let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+        let model = vertex_model(model).map_err(VertexAuthError::Other)?;
+        let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+        let token = account.token(&self.client).await.map_err(|e| match e {
+            crate::google_oauth::TokenError::Rejected(m) => VertexAuthError::KeyRejected(m),
+            crate::google_oauth::TokenError::Unavailable(m) => VertexAuthError::Other(m),
+        })?;
+        req.url = predict_url(&self.base_template, cred, &model, stream);
+        req.body = bytes::Bytes::from(claude_body(body));
+        let bearer = http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            VertexAuthError::Other("the token endpoint issued an unusable access token".into())
+        })?;
+        let h = &mut req.headers;
+        h.remove("anthropic-version");
+        h.insert(http::header::AUTHORIZATION, {
+            let mut b = bearer;
+            b.set_sensitive(true);
+            b
+        });
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        Ok(())
+    }
+}
+
+/// The model list of `GET {PROXY_ENDPOINT_ROUTE}/gcp/claude/v1/models` (OpenAI's shape).
+pub fn models() -> Value {
+    const IDS: &[&str] = &[
+        "claude-3-haiku@20240307",
+        "claude-3-5-haiku@20241022",
+        "claude-3-sonnet@20240229",
+        "claude-3-5-sonnet@20240620",
+        "claude-3-5-sonnet-v2@20241022",
+        "claude-3-7-sonnet@20250219",
+        "claude-3-opus@20240229",
+        "claude-sonnet-4@20250514",
+        "claude-opus-4@20250514",
+    ];
+    let data: Vec<Value> = IDS
+        .iter()
+        .map(|id| {
+            json!({"id": id, "object": "model", "created": 0, "owned_by": "anthropic",
+                "permission": [], "root": "claude", "parent": null})
+        })
+        .collect();
+    json!({"object": "list", "data": data})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,6 +52,7 @@
 
 pub mod anthropic;
 pub mod aws;
+pub mod claude_openai;
 pub mod families;
 pub mod gcp;
 pub mod meter;
@@ -69,6 +70,12 @@ pub use meter::Meter;
 pub enum Provider {
     OpenAi,
     Anthropic,
+    /// Claude on AWS Bedrock (`AWS_CREDENTIALS`, SigV4), Anthropic Messages in.
+    Aws,
+    /// Mistral on AWS Bedrock, OpenAI chat in.
+    AwsMistral,
+    /// Claude on GCP Vertex AI (`GCP_CREDENTIALS`, service-account tokens).
+    Gcp,
 }
 
 /// The kind of endpoint a proxied request targets, by wire format. The same format may be
@@ -284,6 +291,14 @@ impl Provider {
             Api::AnthropicMessages | Api::AnthropicOther => anthropic::request_facts(api, body)?,
             _ => openai::request_facts(api, body)?,
         };
+        // The clouds know only some model names: refuse the others before admission.
+        match self {
+            Provider::Aws => aws::claude_model_id(&facts.model).map(drop),
+            Provider::AwsMistral => aws::mistral_model_id(&facts.model).map(drop),
+            Provider::Gcp => gcp::vertex_model(&facts.model).map(drop),
+            Provider::OpenAi | Provider::Anthropic => Ok(()),
+        }
+        .map_err(|e| BadRequest(format!("{e}.")))?;
         facts.family = self.family(&facts.model);
         Ok(facts)
     }
@@ -302,7 +317,8 @@ impl Provider {
     pub fn ask_stream_usage(self, api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
         match self {
             Provider::OpenAi => openai::ask_stream_usage(api, body, facts),
-            Provider::Anthropic => false,
+            // Bedrock's and Vertex's streams always carry their usage.
+            Provider::Anthropic | Provider::Aws | Provider::AwsMistral | Provider::Gcp => false,
         }
     }
 
@@ -311,6 +327,15 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::family(model),
             Provider::Anthropic => anthropic::family(model),
+            Provider::Aws => {
+                aws::family(&aws::claude_model_id(model).unwrap_or_else(|_| model.to_string()))
+                    .to_string()
+            }
+            Provider::AwsMistral => {
+                aws::family(&aws::mistral_model_id(model).unwrap_or_else(|_| model.to_string()))
+                    .to_string()
+            }
+            Provider::Gcp => gcp::family(model).to_string(),
         }
     }
 
@@ -337,16 +362,29 @@ impl Provider {
         "usage"
     }
 
-    /// A decoder of this provider's stream framing into SSE, when it does not stream SSE.
-    pub fn stream_decoder(self, _api: Api) -> Option<Box<dyn StreamTransform>> {
-        None
+    /// A decoder of this provider's response into what the meter and the client read, from
+    /// the response's status and headers: Bedrock's binary event streams become SSE, its error
+    /// answers the client's error shape.
+    pub fn stream_decoder(
+        self,
+        _api: Api,
+        status: axum::http::StatusCode,
+        headers: &HeaderMap,
+    ) -> Option<Box<dyn StreamTransform>> {
+        match self {
+            Provider::Aws => aws::response_decoder(false, status, headers),
+            Provider::AwsMistral => aws::response_decoder(true, status, headers),
+            Provider::OpenAi | Provider::Anthropic | Provider::Gcp => None,
+        }
     }
 
     /// Client request headers forwarded to this provider, besides `content-type` and `accept`.
     pub fn forwarded_headers(self) -> &'static [&'static str] {
         match self {
             Provider::OpenAi => openai::FORWARDED_HEADERS,
-            Provider::Anthropic => anthropic::FORWARDED_HEADERS,
+            // Bedrock takes `anthropic-beta` in the body; Vertex as a header.
+            Provider::Anthropic | Provider::Aws | Provider::Gcp => anthropic::FORWARDED_HEADERS,
+            Provider::AwsMistral => &[],
         }
     }
 
@@ -362,6 +400,9 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::key_credential(key),
             Provider::Anthropic => key.to_string(),
+            // Cloud credentials are not sent as a header: the request is signed, or carries an
+            // access token, in `crate::proxy::ProviderUpstream::authorize`.
+            Provider::Aws | Provider::AwsMistral | Provider::Gcp => String::new(),
         }
     }
 
@@ -379,6 +420,11 @@ impl Provider {
         let name = match self {
             Provider::OpenAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,
+            Provider::Aws | Provider::AwsMistral | Provider::Gcp => {
+                return Err(AuthError(
+                    "cloud requests are authorized by their upstream's state".into(),
+                ))
+            }
         };
         req.headers.insert(name, key.credential.clone());
         Ok(())

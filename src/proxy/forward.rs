@@ -46,7 +46,7 @@ use crate::providers::{
     Api, KeyUse, Meter, Provider, StreamTransform, Translation, UpstreamRequest,
 };
 use crate::proxy::keys::{rest_duration, ChosenKey, NoKey};
-use crate::proxy::ProviderUpstream;
+use crate::proxy::{AuthFailure, ProviderUpstream};
 use crate::quota::{AdmitRequest, Ticket};
 
 /// Client request headers forwarded to every upstream (each provider adds a few of its own,
@@ -194,7 +194,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
             );
             // Phase 5: relay.
             let transforms = Transforms {
-                decode: provider.stream_decoder(api),
+                decode: provider.stream_decoder(api, resp.status(), resp.headers()),
                 translate: match &ctx.translation {
                     Some(t) if resp.status().is_success() => Some(t.response(stream)),
                     _ => None,
@@ -407,11 +407,17 @@ async fn send(
     Uri::try_from(url).map_err(bad_url)?;
     headers.insert(header::USER_AGENT, state.upstreams.user_agent.clone());
     let mut last_429: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
+    // Cloud credentials that cannot serve this request's model (Bedrock's
+    // AccessDeniedException), and the last such answer, relayed when no other key can.
+    let mut skip: Vec<usize> = Vec::new();
+    let mut last_denied: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
+    // Keys whose cached access token Vertex refused once (renewed, then tried again).
+    let mut renewed: Vec<usize> = Vec::new();
     loop {
-        let key = match upstream.keys.pick() {
+        let key = match upstream.keys.pick_except(&skip) {
             Ok(k) => k,
             Err(no) => {
-                return match last_429 {
+                return match last_429.or(last_denied) {
                     Some(r) => Ok(r),
                     None => Err(Failure {
                         error: no_key_error(upstream, no),
@@ -431,7 +437,15 @@ async fn send(
             index: key.index,
             credential: &key.header,
         };
-        if let Err(e) = upstream.provider.authorize(&mut out, &key_use).await {
+        if let Err(e) = upstream.authorize(&mut out, &key_use).await {
+            let e = match e {
+                AuthFailure::BadKey(m) => {
+                    tracing::error!(key = %key.fingerprint, error = %m, "credential refused");
+                    upstream.keys.mark_invalid(key.index, 401);
+                    continue;
+                }
+                AuthFailure::Other(m) => m,
+            };
             return Err(Failure {
                 error: ProxyError::new(
                     StatusCode::BAD_GATEWAY,
@@ -439,7 +453,7 @@ async fn send(
                     "The proxy could not obtain credentials for the upstream; try again later.",
                 ),
                 key: Some(key.fingerprint),
-                cause: Some(e.0.into()),
+                cause: Some(e.into()),
             });
         }
         let uri = Uri::try_from(out.url.as_str()).map_err(bad_url)?;
@@ -474,7 +488,26 @@ async fn send(
                 })
             }
         };
+        let aws_error = resp
+            .headers()
+            .get("x-amzn-errortype")
+            .and_then(|v| v.to_str().ok())
+            .map(crate::providers::aws::classify_error);
         match resp.status() {
+            StatusCode::FORBIDDEN
+                if aws_error == Some(crate::providers::aws::ErrorKind::ModelDenied) =>
+            {
+                // This credential lacks the model; another may have it.
+                tracing::warn!(key = %key.fingerprint, "AWS Bedrock: this credential has no access to the model; trying another");
+                skip.push(key.index);
+                last_denied = Some((resp, key));
+            }
+            StatusCode::UNAUTHORIZED
+                if !renewed.contains(&key.index) && upstream.forget_token(key.index).await =>
+            {
+                // An access token expired or revoked early: fetch a new one and try again.
+                renewed.push(key.index);
+            }
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 upstream
                     .keys

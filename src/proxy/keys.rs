@@ -127,6 +127,13 @@ impl KeyPool {
 
     /// Chooses the next usable key in round-robin order, skipping invalid and resting keys.
     pub fn pick(&self) -> Result<ChosenKey, NoKey> {
+        self.pick_except(&[])
+    }
+
+    /// Like [`KeyPool::pick`], skipping the keys at `skip` (keys that cannot serve this one
+    /// request, e.g. a cloud credential without access to the model); when only skipped keys
+    /// are usable, answers [`NoKey::AllInvalid`].
+    pub fn pick_except(&self, skip: &[usize]) -> Result<ChosenKey, NoKey> {
         let n = self.keys.len();
         if n == 0 {
             return Err(NoKey::NoneConfigured);
@@ -137,7 +144,7 @@ impl KeyPool {
         for off in 0..n {
             let index = (start.wrapping_add(off)) % n;
             let key = &self.keys[index];
-            if key.invalid.load(Ordering::Relaxed) {
+            if key.invalid.load(Ordering::Relaxed) || skip.contains(&index) {
                 continue;
             }
             let until = key.rest_until_ms.load(Ordering::Relaxed);

@@ -27,7 +27,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::app::AppState;
 use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
-use crate::providers::{Api, BaseUrl, Provider};
+use std::sync::Arc;
+
+use crate::providers::{aws, gcp, Api, BaseUrl, KeyUse, Provider, UpstreamRequest};
 use keys::{KeyCounts, KeyPool};
 
 /// One provider: where it lives and which keys it is called with.
@@ -37,6 +39,23 @@ pub struct ProviderUpstream {
     pub keys: KeyPool,
     /// The variable that configures the base URL, for messages.
     pub base_url_var: &'static str,
+    /// The state of a cloud provider that signs requests or fetches tokens per credential.
+    cloud: Option<Cloud>,
+}
+
+/// Per-credential state of the cloud providers, in key-pool order.
+#[derive(Clone)]
+enum Cloud {
+    Aws(Arc<aws::Bedrock>),
+    Gcp(Arc<gcp::Vertex>),
+}
+
+/// Why a request could not be authorized with a key.
+pub enum AuthFailure {
+    /// The key itself was refused (a GCP key the token endpoint rejects): out of rotation.
+    BadKey(String),
+    /// Anything else: this request fails with 502.
+    Other(String),
 }
 
 impl ProviderUpstream {
@@ -51,6 +70,7 @@ impl ProviderUpstream {
             base: BaseUrl::new(base),
             keys,
             base_url_var,
+            cloud: None,
         }
     }
 
@@ -58,6 +78,59 @@ impl ProviderUpstream {
     pub fn url(&self, path: &str, query: Option<&str>) -> String {
         self.provider.upstream_url(&self.base, path, query)
     }
+
+    /// Puts the operator's credential on the final request: the provider's header, or for
+    /// the clouds the SigV4 signature (Bedrock) or the credential's access token (Vertex).
+    pub async fn authorize(
+        &self,
+        req: &mut UpstreamRequest,
+        key: &KeyUse<'_>,
+    ) -> Result<(), AuthFailure> {
+        match &self.cloud {
+            None => self
+                .provider
+                .authorize(req, key)
+                .await
+                .map_err(|e| AuthFailure::Other(e.0)),
+            Some(Cloud::Aws(b)) => b
+                .authorize(req, key.index, self.provider == Provider::AwsMistral)
+                .map_err(|e| AuthFailure::Other(e.0)),
+            Some(Cloud::Gcp(v)) => v.authorize(req, key.index).await.map_err(|e| match e {
+                gcp::VertexAuthError::KeyRejected(m) => AuthFailure::BadKey(m),
+                gcp::VertexAuthError::Other(m) => AuthFailure::Other(m),
+            }),
+        }
+    }
+
+    /// Vertex refused a credential's access token: forget it, so that a retry fetches a new
+    /// one. True when there was a token to forget (the retry may succeed).
+    pub async fn forget_token(&self, index: usize) -> bool {
+        match &self.cloud {
+            Some(Cloud::Gcp(v)) => {
+                v.forget_token(index).await;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A cloud upstream's [`ProviderUpstream`]: its key pool holds the parsed credentials, its
+/// base URL (with `{region}` filled in for display) only serves messages.
+fn cloud_upstream(
+    provider: Provider,
+    template: &str,
+    var: &'static str,
+    base_url_var: &'static str,
+    entries: &[crate::config::Secret],
+    cloud: Cloud,
+) -> Result<ProviderUpstream, ConfigError> {
+    let shown = url::Url::parse(&template.replace("{region}", "region"))
+        .map_err(|e| ConfigError(format!("{base_url_var}={template} is not a URL ({e})")))?;
+    let keys = KeyPool::with_credential(var, entries, |k| provider.key_credential(k))?;
+    let mut up = ProviderUpstream::new(provider, &shown, base_url_var, keys);
+    up.cloud = Some(cloud);
+    Ok(up)
 }
 
 /// The HTTP client for upstream calls: hyper's pooled client over rustls (HTTP/1.1, `http`
@@ -73,6 +146,9 @@ pub struct Upstreams {
     client: HttpClient,
     openai: ProviderUpstream,
     anthropic: ProviderUpstream,
+    aws: ProviderUpstream,
+    aws_mistral: ProviderUpstream,
+    gcp: ProviderUpstream,
     connect_timeout_secs: u64,
     timeout_secs: u64,
     /// The whole-request deadline (`UPSTREAM_TIMEOUT_SECS`), streamed bodies included.
@@ -104,7 +180,49 @@ impl Upstreams {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
             .build(https);
+        let cli = &config.cli;
+        let bedrock = Arc::new(aws::Bedrock::new(
+            &cli.aws_bedrock_base_url,
+            config.aws_credentials.clone(),
+        ));
+        let aws_entries = bedrock.pool_entries();
+        let vertex = Arc::new(
+            gcp::Vertex::new(
+                &cli.gcp_vertex_base_url,
+                &cli.gcp_token_url,
+                config.gcp_credentials.clone(),
+            )
+            .map_err(ConfigError)?,
+        );
+        let gcp_entries = vertex.pool_entries();
+        let aws_up = cloud_upstream(
+            Provider::Aws,
+            &cli.aws_bedrock_base_url,
+            aws::VAR,
+            "AWS_BEDROCK_BASE_URL",
+            &aws_entries,
+            Cloud::Aws(bedrock.clone()),
+        )?;
+        let aws_mistral = cloud_upstream(
+            Provider::AwsMistral,
+            &cli.aws_bedrock_base_url,
+            aws::VAR,
+            "AWS_BEDROCK_BASE_URL",
+            &aws_entries,
+            Cloud::Aws(bedrock),
+        )?;
+        let gcp_up = cloud_upstream(
+            Provider::Gcp,
+            &cli.gcp_vertex_base_url,
+            gcp::VAR,
+            "GCP_VERTEX_BASE_URL",
+            &gcp_entries,
+            Cloud::Gcp(vertex),
+        )?;
         Ok(Upstreams {
+            aws: aws_up,
+            aws_mistral,
+            gcp: gcp_up,
             client,
             timeout: config.upstream_timeout(),
             user_agent: HeaderValue::from_static(concat!(
@@ -137,6 +255,9 @@ impl Upstreams {
         match provider {
             Provider::OpenAi => &self.openai,
             Provider::Anthropic => &self.anthropic,
+            Provider::Aws => &self.aws,
+            Provider::AwsMistral => &self.aws_mistral,
+            Provider::Gcp => &self.gcp,
         }
     }
 
@@ -171,6 +292,8 @@ pub fn classify(provider: Provider, method: &Method, path: &str) -> Option<Api> 
             p if is_get && is_model_id_path(p) => Some(Api::AnthropicOther),
             _ => None,
         },
+        // The clouds have routes of their own (`cloud_routes`), not the generic aliases.
+        Provider::Aws | Provider::AwsMistral | Provider::Gcp => None,
     }
 }
 
@@ -214,12 +337,123 @@ pub fn routes(config: &Config) -> Router<AppState> {
             &format!("{prefix}/anthropic/{{*rest}}"),
             any(anthropic_alias),
         )
+        .merge(cloud_routes(prefix))
+}
+
+/// The routes of the clouds, as the original names them (`/v1` may be left out):
+/// `{prefix}/aws/claude/v1/messages` (Anthropic Messages) and `/v1/chat/completions` (OpenAI
+/// chat, translated) to Claude on Bedrock, `{prefix}/aws/mistral/v1/chat/completions` to
+/// Mistral on Bedrock, `{prefix}/gcp/claude/...` to Claude on Vertex AI, and the model lists.
+fn cloud_routes(prefix: &str) -> Router<AppState> {
+    let mut r = Router::new();
+    for v1 in ["/v1", ""] {
+        r = r
+            .route(
+                &format!("{prefix}/aws/claude{v1}/messages"),
+                post(aws_claude_messages).fallback(wrong_method),
+            )
+            .route(
+                &format!("{prefix}/aws/claude{v1}/chat/completions"),
+                post(aws_claude_chat).fallback(wrong_method),
+            )
+            .route(
+                &format!("{prefix}/aws/mistral{v1}/chat/completions"),
+                post(aws_mistral_chat).fallback(wrong_method),
+            )
+            .route(
+                &format!("{prefix}/aws{v1}/models"),
+                get(aws_models).fallback(wrong_method),
+            )
+            .route(
+                &format!("{prefix}/aws/{{vendor}}{v1}/models"),
+                get(aws_vendor_models).fallback(wrong_method),
+            )
+            .route(
+                &format!("{prefix}/gcp/claude{v1}/messages"),
+                post(gcp_claude_messages).fallback(wrong_method),
+            )
+            .route(
+                &format!("{prefix}/gcp/claude{v1}/chat/completions"),
+                post(gcp_claude_chat).fallback(wrong_method),
+            )
+            .route(
+                &format!("{prefix}/gcp/claude{v1}/models"),
+                get(gcp_models).fallback(wrong_method),
+            );
+    }
+    r
+}
+
+/// One request to a cloud provider; `translated` for OpenAI chat clients of Claude.
+async fn cloud(
+    state: AppState,
+    provider: Provider,
+    api: Api,
+    translated: bool,
+    req: Request,
+) -> Response {
+    let translation: Option<Arc<dyn crate::providers::Translation>> = if translated {
+        Some(Arc::new(
+            crate::providers::claude_openai::OpenAiToClaude::new(),
+        ))
+    } else {
+        None
+    };
+    let route = forward::Route {
+        provider,
+        api,
+        upstream_path: Some(req.uri().path().to_string()),
+        translation,
+    };
+    forward::forward(state, route, req).await
+}
+
+async fn aws_claude_messages(State(s): State<AppState>, req: Request) -> Response {
+    cloud(s, Provider::Aws, Api::AnthropicMessages, false, req).await
+}
+async fn aws_claude_chat(State(s): State<AppState>, req: Request) -> Response {
+    cloud(s, Provider::Aws, Api::AnthropicMessages, true, req).await
+}
+async fn aws_mistral_chat(State(s): State<AppState>, req: Request) -> Response {
+    cloud(s, Provider::AwsMistral, Api::OpenAiChat, false, req).await
+}
+async fn gcp_claude_messages(State(s): State<AppState>, req: Request) -> Response {
+    cloud(s, Provider::Gcp, Api::AnthropicMessages, false, req).await
+}
+async fn gcp_claude_chat(State(s): State<AppState>, req: Request) -> Response {
+    cloud(s, Provider::Gcp, Api::AnthropicMessages, true, req).await
+}
+async fn aws_models(State(s): State<AppState>) -> Response {
+    if s.upstreams.provider(Provider::Aws).keys.is_empty() {
+        return axum::Json(serde_json::json!({"object": "list", "data": []})).into_response();
+    }
+    axum::Json(aws::models(None)).into_response()
+}
+async fn aws_vendor_models(
+    State(s): State<AppState>,
+    axum::extract::Path(vendor): axum::extract::Path<String>,
+) -> Response {
+    if s.upstreams.provider(Provider::Aws).keys.is_empty() {
+        return axum::Json(serde_json::json!({"object": "list", "data": []})).into_response();
+    }
+    let vendor = if vendor == "claude" {
+        "anthropic"
+    } else {
+        vendor.as_str()
+    };
+    axum::Json(aws::models(Some(vendor))).into_response()
+}
+async fn gcp_models(State(s): State<AppState>) -> Response {
+    if s.upstreams.provider(Provider::Gcp).keys.is_empty() {
+        return axum::Json(serde_json::json!({"object": "list", "data": []})).into_response();
+    }
+    axum::Json(gcp::models()).into_response()
 }
 
 /// Another method on a proxied path: a JSON error instead of axum's empty 405.
 async fn wrong_method(req: Request) -> Response {
     let path = req.uri().path();
-    let allowed = if path == "/v1/models" || path.starts_with("/v1/models/") {
+    let allowed = if path.ends_with("/models") || path.starts_with("/v1/models/") {
         "GET"
     } else {
         "POST"
