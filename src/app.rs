@@ -155,6 +155,14 @@ pub async fn serve(
     tasks.close();
 
     let grace = state.config.shutdown_grace();
+    tracing::info!(
+        trusted_proxies = state.config.trusted_proxies(),
+        "client addresses: {}",
+        match state.config.trusted_proxies() {
+            0 => "the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)".to_string(),
+            n => format!("entry {n} from the right of X-Forwarded-For (TRUSTED_PROXIES={n})"),
+        }
+    );
     let stop_accepting = CancellationToken::new();
     let app = router(state);
     // Nagle's algorithm would hold back small writes (an SSE event, a short JSON answer) for

@@ -505,7 +505,7 @@ async fn abuse(
             "locked": locked,
             "maxFailures": c.cli.brute_force_max_failed_attempts,
             "ttl": c.cli.brute_force_ttl_seconds,
-            "trustedProxies": c.cli.trusted_proxies,
+            "trustedProxies": c.trusted_proxies(),
             "maxIps": c.cli.max_ips_per_user,
             "autoBan": c.cli.max_ips_auto_ban,
         }),

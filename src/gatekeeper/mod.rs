@@ -110,12 +110,27 @@ pub async fn guard(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let ip = client_ip(peer.ip(), req.headers(), state.config.cli.trusted_proxies);
-    req.extensions_mut().insert(ClientIp(ip));
     let zone = zone(req.uri().path());
     if matches!(zone, Zone::Health) {
+        // `/health` answers whoever asks, whatever their headers say.
         return next.run(req).await;
     }
+    let trusted = state.config.trusted_proxies();
+    let ip = match client_ip(peer.ip(), req.headers(), trusted) {
+        Ok(ip) => ip,
+        Err(bad) => {
+            let msg = format!(
+                "X-Forwarded-For entry {:?} is not an IP address. This server trusts the last {trusted} entr{} of X-Forwarded-For (TRUSTED_PROXIES={trusted}); they must be addresses written by your reverse proxies.",
+                bad.entry,
+                if trusted == 1 { "y" } else { "ies" }
+            );
+            return match zone {
+                Zone::Admin => AdminError::bad_request(msg).into_response(),
+                _ => ProxyError::bad_request(msg).into_response(),
+            };
+        }
+    };
+    req.extensions_mut().insert(ClientIp(ip));
     if in_list(&state.config.ip_blacklist, ip) {
         let msg = "Forbidden: your address is blocked by this proxy (IP_BLACKLIST)";
         return match zone {
