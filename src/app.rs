@@ -19,8 +19,8 @@ use tokio_util::task::TaskTracker;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::lockout::Lockout;
 use crate::config::{Config, ConfigError};
-use crate::gatekeeper::lockout::Lockout;
 use crate::quota::Quotas;
 use crate::upstream::Upstreams;
 use crate::users::persist::Persistence;
@@ -49,7 +49,7 @@ pub struct AppParts {
     pub quotas: Arc<Quotas>,
     pub lockout: Arc<Lockout>,
     /// Admin web sessions, CSRF and the external session client (issue 7).
-    pub sessions: Arc<crate::admin::session::Sessions>,
+    pub sessions: Arc<crate::auth::session::Sessions>,
     pub started_at: Instant,
 }
 
@@ -65,7 +65,7 @@ impl AppState {
             config.cli.brute_force_max_failed_attempts,
             std::time::Duration::from_secs(config.cli.brute_force_ttl_seconds),
         ));
-        let sessions = Arc::new(crate::admin::session::Sessions::from_config(&config)?);
+        let sessions = Arc::new(crate::auth::session::Sessions::from_config(&config)?);
         Ok(AppState(Arc::new(AppParts {
             sessions,
             config,
@@ -84,10 +84,11 @@ impl AppState {
 ///    `authorization`, `x-api-key`, `cookie` and `x-session-token` sensitive, so that
 ///    `TraceLayer` logs each request and response with those redacted. At other levels the pair
 ///    is left out of the request path entirely (the forwarder logs every request itself).
-/// 2. `gatekeeper::guard`, default-deny: decides the client address once and inserts
-///    [`crate::net::ClientIp`] (read by the quotas and handlers), then inserts
-///    [`crate::gatekeeper::Principal`] (proxied routes) or [`crate::admin::AdminIdentity`]
-///    (admin routes), or refuses.
+/// 2. `auth::guard`, default-deny, by the route table `auth::ROUTES` (it runs inside the
+///    router, after the route is matched, so it sees `MatchedPath`): decides the client address
+///    once and inserts [`crate::auth::ClientIp`] (read by the quotas and handlers), then
+///    inserts [`crate::auth::Principal`] (proxied routes), [`crate::auth::AdminIdentity`]
+///    (admin routes) or [`crate::auth::LockedOut`] (credential forms), or refuses.
 /// 3. The routes: proxied (`upstream`), admin (`admin`), public pages (`web`), `/health`.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_body_bytes();
@@ -99,7 +100,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::gatekeeper::guard,
+            crate::auth::guard,
         ));
     let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {
         router

@@ -5,8 +5,8 @@
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
-use crate::admin::session::CSRF_FIELD;
 use crate::app::AppState;
+use crate::auth::session::CSRF_FIELD;
 
 /// The fields of a submitted form, in order.
 #[derive(Debug, Default, Clone)]

@@ -16,8 +16,9 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 
 use crate::app::AppState;
-use crate::net::ClientIp;
+use crate::auth::{ClientIp, LockedOut};
 use form::FormData;
+use user::FormClient;
 
 /// The public page routes.
 pub fn routes() -> Router<AppState> {
@@ -50,17 +51,27 @@ async fn user_form(State(state): State<AppState>, headers: HeaderMap) -> Respons
 async fn user_lookup(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
+    locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    user::lookup(&state, &headers, ip, &FormData::parse(&body)).await
+    let client = FormClient {
+        ip,
+        locked: locked.map(|Extension(l)| l),
+    };
+    user::lookup(&state, &headers, client, &FormData::parse(&body)).await
 }
 
 async fn user_nickname(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
+    locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    user::change_nickname(&state, &headers, ip, &FormData::parse(&body)).await
+    let client = FormClient {
+        ip,
+        locked: locked.map(|Extension(l)| l),
+    };
+    user::change_nickname(&state, &headers, client, &FormData::parse(&body)).await
 }
