@@ -22,18 +22,20 @@ pub fn secret_eq(presented: &str, expected: &str) -> bool {
     presented.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
-/// The client credential: `Authorization: Bearer …`, else `x-api-key` (Anthropic clients).
+/// The client credential: `Authorization: Bearer …` (the scheme in any case; a bare value
+/// without a scheme is taken as is), else `x-api-key` (Anthropic clients). An `Authorization`
+/// header without a value (`Bearer `) does not hide an `x-api-key`.
 pub fn client_credential(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     {
         let v = v.trim();
-        let token = v
-            .strip_prefix("Bearer ")
-            .or_else(|| v.strip_prefix("bearer "))
-            .unwrap_or(v)
-            .trim();
+        let token = match v.split_once(|c: char| c.is_ascii_whitespace()) {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+            None if v.eq_ignore_ascii_case("bearer") => "",
+            _ => v,
+        };
         if !token.is_empty() {
             return Some(token);
         }
@@ -96,19 +98,30 @@ pub async fn admit_admin(
     ip: IpAddr,
     path: &str,
     headers: &HeaderMap,
-) -> Result<AdminIdentity, Response> {
+) -> Result<(AdminIdentity, AdminVia), Response> {
     if client_credential(headers).is_some() {
-        return check_admin_key(state, ip, headers).map_err(IntoResponse::into_response);
+        return check_admin_key(state, ip, headers)
+            .map(|id| (id, AdminVia::Header))
+            .map_err(IntoResponse::into_response);
     }
     if let Some(s) = state.sessions.lookup(headers) {
-        return Ok(if s.who == AdminIdentity::AdminKey.who() {
+        let id = if s.who == AdminIdentity::AdminKey.who() {
             AdminIdentity::AdminKey
         } else {
             AdminIdentity::Session(s.who)
-        });
+        };
+        return Ok((id, AdminVia::Cookie));
     }
     match state.sessions.validate_external(headers).await {
-        External::Valid(user) => return Ok(AdminIdentity::Session(user)),
+        External::Valid(user) => {
+            // The service was asked with the cookie only when no session token was sent.
+            let via = if headers.contains_key("x-session-token") {
+                AdminVia::Header
+            } else {
+                AdminVia::Cookie
+            };
+            return Ok((AdminIdentity::Session(user), via));
+        }
         External::Rejected(why) => {
             // Only an explicit session token counts as a guess: browsers send cookies unasked.
             if headers.contains_key("x-session-token") {
@@ -130,7 +143,20 @@ pub async fn admit_admin(
         )
         .into_response());
     }
-    check_admin_key(state, ip, headers).map_err(IntoResponse::into_response)
+    check_admin_key(state, ip, headers)
+        .map(|id| (id, AdminVia::Header))
+        .map_err(IntoResponse::into_response)
+}
+
+/// How an administrator was recognised. A browser sends cookies to every site's requests on
+/// its own, so a state change authenticated by a cookie alone must also prove it comes from
+/// our pages (a CSRF token); a credential in a header cannot be sent by another site's form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminVia {
+    /// `Authorization`/`x-api-key` or `X-Session-Token`.
+    Header,
+    /// Our session cookie, or the session service's cookie.
+    Cookie,
 }
 
 /// The bearer check: `Authorization: Bearer <ADMIN_KEY>` (or `x-api-key`), compared in constant
@@ -218,6 +244,22 @@ mod tests {
         assert_eq!(client_credential(&h), Some("k2"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k1"));
         assert_eq!(client_credential(&h), Some("k1"));
+    }
+
+    #[test]
+    fn empty_bearer_does_not_hide_x_api_key_and_scheme_case_does_not_matter() {
+        let with = |auth: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-api-key", HeaderValue::from_static("k2"));
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(auth));
+            h
+        };
+        for empty in ["Bearer ", "Bearer", "bearer   ", "BEARER"] {
+            assert_eq!(client_credential(&with(empty)), Some("k2"), "{empty:?}");
+        }
+        for k1 in ["BEARER k1", "bearer k1", "BeArEr  k1 ", "Bearer\tk1", "k1"] {
+            assert_eq!(client_credential(&with(k1)), Some("k1"), "{k1:?}");
+        }
     }
 
     #[test]

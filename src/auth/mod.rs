@@ -79,6 +79,9 @@ impl AdminIdentity {
     }
 }
 
+/// The header that carries the CSRF token on a cookie-authenticated admin API change.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
 /// Inserted on a credential form's `POST` ([`Access::CredentialForm`], [`Access::AdminSignIn`])
 /// when the address is locked out: the handler shows the refusal (with these seconds to wait)
 /// instead of checking the credential.
@@ -167,7 +170,23 @@ pub async fn guard(
             // Copies, because a `&Request` (its body is not `Sync`) cannot be held across an await.
             let (path, headers) = (req.uri().path().to_string(), req.headers().clone());
             match credentials::admit_admin(&state, ip, &path, &headers).await {
-                Ok(identity) => {
+                Ok((identity, via)) => {
+                    if via == credentials::AdminVia::Cookie
+                        && !req.method().is_safe()
+                        && !routes::is_admin_page(&path)
+                        && !state.sessions.verify_csrf(
+                            &headers,
+                            identity.who(),
+                            headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()),
+                        )
+                    {
+                        // The admin pages' forms check their own token (`CheckedForm`); the
+                        // JSON API takes it in a header.
+                        return AdminError::forbidden(format!(
+                            "A change through the admin API signed in by cookie needs the CSRF token of the admin pages in the '{CSRF_HEADER}' header; scripts should send 'Authorization: Bearer <ADMIN_KEY>' instead."
+                        ))
+                        .into_response();
+                    }
                     req.extensions_mut().insert(identity);
                     next.run(req).await
                 }
