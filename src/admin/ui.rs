@@ -11,7 +11,7 @@ mod list;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -25,7 +25,7 @@ use crate::auth::credentials::{sign_in_with_key, SignIn};
 use crate::auth::{ClientIp, LockedOut};
 use crate::users::ops::{parse_bulk, CreateRequest, OpsError, UserOps, UserPatch};
 use crate::users::{fingerprint, now_ms, User, UserType};
-use crate::web::form::{check_csrf, FormData};
+use crate::web::form::{check_csrf, read_form, FormData};
 use crate::web::templates::{html, message, pathseg, with_cookies};
 
 /// Who fills in the sign-in form (there is no identity yet), for the CSRF binding.
@@ -116,9 +116,12 @@ async fn login(
     Extension(ClientIp(ip)): Extension<ClientIp>,
     locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    let form = FormData::parse(&body);
+    let form = match read_form(body).await {
+        Ok(form) => form,
+        Err(refusal) => return refusal,
+    };
     if let Some(r) = check_csrf(&state, &headers, ANONYMOUS, &form) {
         return r;
     }
@@ -180,10 +183,7 @@ impl FromRequest<AppState> for CheckedForm {
             .get::<AdminIdentity>()
             .map(|id| id.who().to_string());
         let headers = req.headers().clone();
-        let body = Bytes::from_request(req, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        let form = FormData::parse(&body);
+        let form = read_form(req.into_body()).await?;
         // Admin pages always run behind `auth::guard`; without an identity nothing is accepted.
         let Some(who) = who else {
             return Err(crate::web::form::csrf_refusal());

@@ -8,7 +8,7 @@ pub mod info;
 pub mod templates;
 pub mod user;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use axum::{Extension, Json, Router};
 
 use crate::app::AppState;
 use crate::auth::{ClientIp, LockedOut};
-use form::FormData;
+use form::read_form;
 use user::FormClient;
 
 /// The public page routes.
@@ -53,13 +53,16 @@ async fn user_lookup(
     Extension(ClientIp(ip)): Extension<ClientIp>,
     locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let client = FormClient {
         ip,
         locked: locked.map(|Extension(l)| l),
     };
-    user::lookup(&state, &headers, client, &FormData::parse(&body)).await
+    match read_form(body).await {
+        Ok(form) => user::lookup(&state, &headers, client, &form).await,
+        Err(refusal) => refusal,
+    }
 }
 
 async fn user_nickname(
@@ -67,11 +70,14 @@ async fn user_nickname(
     Extension(ClientIp(ip)): Extension<ClientIp>,
     locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let client = FormClient {
         ip,
         locked: locked.map(|Extension(l)| l),
     };
-    user::change_nickname(&state, &headers, client, &FormData::parse(&body)).await
+    match read_form(body).await {
+        Ok(form) => user::change_nickname(&state, &headers, client, &form).await,
+        Err(refusal) => refusal,
+    }
 }
