@@ -82,7 +82,8 @@ impl AppState {
 /// The router with every layer. Layers, outermost first:
 /// 1. Only when `LOG_LEVEL` enables debug logging: `SetSensitiveRequestHeaders` marks
 ///    `authorization`, `x-api-key`, `cookie` and `x-session-token` sensitive, so that
-///    `TraceLayer` logs each request and response with those redacted. At other levels the pair
+///    `TraceLayer` logs each request and response with those redacted; its span names the
+///    route template (`request_span`), never the path or query, which may carry a token. At other levels the pair
 ///    is left out of the request path entirely (the forwarder logs every request itself).
 /// 2. `auth::guard`, default-deny, by the route table `auth::ROUTES` (it runs inside the
 ///    router, after the route is matched, so it sees `MatchedPath`): decides the client address
@@ -104,7 +105,7 @@ pub fn router(state: AppState) -> Router {
         ));
     let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {
         router
-            .layer(TraceLayer::new_for_http())
+            .layer(TraceLayer::new_for_http().make_span_with(request_span))
             .layer(SetSensitiveRequestHeadersLayer::new([
                 header::AUTHORIZATION,
                 header::COOKIE,
@@ -115,6 +116,17 @@ pub fn router(state: AppState) -> Router {
         router
     };
     router.with_state(state)
+}
+
+/// The span of one request in the debug trace: its method and route *template*
+/// (`/admin/users/{token}`), never the path or query it was called with, which may carry a
+/// user token, a key or anything else a client put there.
+fn request_span(req: &axum::extract::Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("(no route)", |m| m.as_str());
+    tracing::debug_span!("request", method = %req.method(), route, version = ?req.version())
 }
 
 #[derive(Deserialize)]
