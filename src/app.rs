@@ -83,8 +83,9 @@ impl AppState {
 /// 1. Only when `LOG_LEVEL` enables debug logging: `SetSensitiveRequestHeaders` marks
 ///    `authorization`, `x-api-key`, `cookie` and `x-session-token` sensitive, so that
 ///    `TraceLayer` logs each request and response with those redacted; its span names the
-///    route template (`request_span`), never the path or query, which may carry a token. At other levels the pair
-///    is left out of the request path entirely (the forwarder logs every request itself).
+///    route template (`request_span`), never the path or query, which may carry a token. At
+///    other levels the pair is left out of the request path entirely (the forwarder logs every
+///    request itself).
 /// 2. `auth::guard`, default-deny, by the route table `auth::ROUTES` (it runs inside the
 ///    router, after the route is matched, so it sees `MatchedPath`): decides the client address
 ///    once and inserts [`crate::auth::ClientIp`] (read by the quotas and handlers), then
