@@ -410,6 +410,27 @@ async fn claude_on_vertex_with_cached_service_account_tokens() {
         .ends_with("/claude-3-5-sonnet-v2@20241022:rawPredict"));
     assert_eq!(reqs[0].json()["anthropic_version"], "vertex-2023-10-16");
     assert!(reqs[0].json().get("model").is_none());
+    // The service info page lists both clouds and their base URLs, never a secret.
+    let info = reqwest::Client::new()
+        .get(format!("{}/", app.url))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .expect("info")
+        .text()
+        .await
+        .expect("body");
+    let v: Value = serde_json::from_str(&info).expect("json");
+    let names: Vec<&str> = v["providers"]
+        .as_array()
+        .expect("providers")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["openai", "anthropic", "aws", "gcp"]);
+    assert!(info.contains("/proxy/aws/claude") && info.contains("/proxy/gcp/claude"));
+    assert!(!info.contains(SK1) && !info.contains("PRIVATE KEY"));
+
     // One token for the three requests: cached.
     assert_eq!(vertex.state.grants.load(Ordering::SeqCst), 1);
     for r in &reqs {
@@ -447,4 +468,31 @@ async fn a_gcp_key_the_token_endpoint_refuses_gives_a_clear_error() {
     assert!(body.contains("GCP_CREDENTIALS"), "{body}");
     assert!(vertex.requests().is_empty());
     eventually("nothing charged", || used(&app, USER, "gcp-claude") == 0).await;
+}
+
+#[test]
+fn malformed_cloud_credentials_stop_startup_naming_the_variable_not_the_secret() {
+    let err = |args: &[&str]| {
+        let mut argv = vec!["llm-gatekeeper"];
+        argv.extend_from_slice(args);
+        match llm_gatekeeper::Config::from_args(argv, Vec::<(String, String)>::new()) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(e) => e.0,
+        }
+    };
+    let e = err(&[
+        "--aws-credentials",
+        "AKIA1:s3cr3t-one:us-east-1,AKIA2:s3cr3t-two",
+    ]);
+    assert!(e.contains("AWS_CREDENTIALS: entry 2 of 2"), "{e}");
+    assert!(!e.contains("s3cr3t"), "{e}");
+    let e = err(&[
+        "--gcp-credentials",
+        "proj:sa@proj.iam.gserviceaccount.com:us-east5",
+    ]);
+    assert!(e.contains("GCP_CREDENTIALS: entry 1 of 1"), "{e}");
+    let e = err(&["--aws-bedrock-base-url", "bedrock.local"]);
+    assert!(e.contains("AWS_BEDROCK_BASE_URL"), "{e}");
+    let e = err(&["--gcp-token-url", "ftp://x/token"]);
+    assert!(e.contains("GCP_TOKEN_URL"), "{e}");
 }

@@ -47,6 +47,10 @@ pub const FAMILIES: &[&str] = &[
     "mistral-large",
     "aws-claude",
     "aws-claude-opus",
+    "aws-mistral-tiny",
+    "aws-mistral-small",
+    "aws-mistral-medium",
+    "aws-mistral-large",
     "gcp-claude",
     "gcp-claude-opus",
 ];

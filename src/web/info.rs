@@ -79,8 +79,15 @@ pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
     [
         ("openai", Provider::OpenAi),
         ("anthropic", Provider::Anthropic),
+        ("aws", Provider::Aws),
+        ("gcp", Provider::Gcp),
     ]
     .into_iter()
+    // The clouds are listed only when configured (the original shows them the same way).
+    .filter(|(_, p)| {
+        matches!(p, Provider::OpenAi | Provider::Anthropic)
+            || !state.upstreams.provider(*p).keys.is_empty()
+    })
     .map(|(name, p)| {
         let c = state.upstreams.key_counts(p);
         ProviderInfo {
@@ -141,6 +148,26 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             usage: "the same, under the compatibility prefix",
         },
     ];
+    let mut endpoints = endpoints;
+    if !state.upstreams.provider(Provider::Aws).keys.is_empty() {
+        endpoints.push(Endpoint {
+            name: "AWS Bedrock Claude",
+            url: format!("{base}{route}/aws/claude"),
+            usage: "base URL for Anthropic SDKs; add /v1 for OpenAI SDKs",
+        });
+        endpoints.push(Endpoint {
+            name: "AWS Bedrock Mistral",
+            url: format!("{base}{route}/aws/mistral/v1"),
+            usage: "base URL for OpenAI SDKs",
+        });
+    }
+    if !state.upstreams.provider(Provider::Gcp).keys.is_empty() {
+        endpoints.push(Endpoint {
+            name: "GCP Vertex AI Claude",
+            url: format!("{base}{route}/gcp/claude"),
+            usage: "base URL for Anthropic SDKs; add /v1 for OpenAI SDKs",
+        });
+    }
     // Every known family, with its default quota (0: unlimited), plus any family that only
     // appears in a `TOKEN_QUOTA_*` variable.
     let quotas = &state.config.token_quotas;
