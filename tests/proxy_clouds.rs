@@ -238,6 +238,14 @@ async fn openai_clients_and_mistral_on_bedrock() {
         "/model/mistral.mistral-large-2407-v1%3A0/invoke"
     );
     assert!(mistral.json().get("model").is_none());
+    // An output cap in the newer field reaches Bedrock's Mistral as the `max_tokens` it knows.
+    let mut capped = chat("mistral-large-latest", false);
+    capped["max_completion_tokens"] = json!(42);
+    let (status, body) = post(&app, "/proxy/aws/mistral/v1/chat/completions", &capped).await;
+    assert_eq!(status, 200, "{body}");
+    let sent = bedrock.requests().last().expect("request").json();
+    assert_eq!(sent["max_tokens"], 42, "{sent}");
+    assert!(sent.get("max_completion_tokens").is_none());
 
     // The model list.
     let list: Value = reqwest::Client::new()

@@ -765,6 +765,12 @@ impl Bedrock {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let bytes = if mistral {
+            let mut body = body;
+            // Bedrock's Mistral knows only `max_tokens`; a client's newer field must not be
+            // dropped (it is the output cap quotas rely on).
+            if let Some(cap) = body.remove("max_completion_tokens") {
+                body.entry("max_tokens").or_insert(cap);
+            }
             let kept: Map<String, Value> = body
                 .into_iter()
                 .filter(|(k, _)| MISTRAL_FIELDS.contains(&k.as_str()))

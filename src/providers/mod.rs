@@ -307,6 +307,8 @@ impl Provider {
     pub fn set_output_cap(self, api: Api, body: &mut Value, cap: u64) {
         match api {
             Api::AnthropicMessages => anthropic::set_output_cap(body, cap),
+            // Bedrock's Mistral knows only `max_tokens`.
+            Api::OpenAiChat if self == Provider::AwsMistral => openai::set_max_tokens(body, cap),
             Api::OpenAiChat | Api::OpenAiCompletions => openai::set_output_cap(api, body, cap),
             _ => {}
         }
