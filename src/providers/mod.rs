@@ -53,6 +53,7 @@
 pub mod anthropic;
 pub mod families;
 pub mod meter;
+pub mod mistral;
 pub mod openai;
 
 use axum::http::{HeaderMap, HeaderValue, Method};
@@ -66,6 +67,8 @@ pub use meter::Meter;
 pub enum Provider {
     OpenAi,
     Anthropic,
+    /// Mistral AI (OpenAI chat format).
+    MistralAi,
 }
 
 /// The kind of endpoint a proxied request targets, by wire format. The same format may be
@@ -277,8 +280,11 @@ pub struct AuthError(pub String);
 impl Provider {
     /// The request facts of a body of `api` sent to this provider.
     pub fn request_facts(self, api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
-        let mut facts = match api {
-            Api::AnthropicMessages | Api::AnthropicOther => anthropic::request_facts(api, body)?,
+        let mut facts = match (self, api) {
+            (_, Api::AnthropicMessages | Api::AnthropicOther) => {
+                anthropic::request_facts(api, body)?
+            }
+            (Provider::MistralAi, _) => mistral::request_facts(api, body)?,
             _ => openai::request_facts(api, body)?,
         };
         facts.family = self.family(&facts.model);
@@ -287,9 +293,10 @@ impl Provider {
 
     /// Sets the provider's own output-cap field of a generation request to `cap`.
     pub fn set_output_cap(self, api: Api, body: &mut Value, cap: u64) {
-        match api {
-            Api::AnthropicMessages => anthropic::set_output_cap(body, cap),
-            Api::OpenAiChat | Api::OpenAiCompletions => openai::set_output_cap(api, body, cap),
+        match (self, api) {
+            (_, Api::AnthropicMessages) => anthropic::set_output_cap(body, cap),
+            (Provider::MistralAi, Api::OpenAiChat) => mistral::set_output_cap(body, cap),
+            (_, Api::OpenAiChat | Api::OpenAiCompletions) => openai::set_output_cap(api, body, cap),
             _ => {}
         }
     }
@@ -299,7 +306,9 @@ impl Provider {
     pub fn ask_stream_usage(self, api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
         match self {
             Provider::OpenAi => openai::ask_stream_usage(api, body, facts),
-            Provider::Anthropic => false,
+            // Anthropic and Mistral streams always carry usage (Mistral refuses
+            // `stream_options` with 422).
+            Provider::Anthropic | Provider::MistralAi => false,
         }
     }
 
@@ -308,6 +317,7 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::family(model),
             Provider::Anthropic => anthropic::family(model),
+            Provider::MistralAi => mistral::family(model),
         }
     }
 
@@ -344,6 +354,7 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::FORWARDED_HEADERS,
             Provider::Anthropic => anthropic::FORWARDED_HEADERS,
+            Provider::MistralAi => &[],
         }
     }
 
@@ -357,7 +368,7 @@ impl Provider {
     /// The credential value of an operator key as its header carries it.
     pub fn key_credential(self, key: &str) -> String {
         match self {
-            Provider::OpenAi => openai::key_credential(key),
+            Provider::OpenAi | Provider::MistralAi => openai::key_credential(key),
             Provider::Anthropic => key.to_string(),
         }
     }
@@ -374,7 +385,7 @@ impl Provider {
         key: &KeyUse<'_>,
     ) -> Result<(), AuthError> {
         let name = match self {
-            Provider::OpenAi => openai::AUTH_HEADER,
+            Provider::OpenAi | Provider::MistralAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,
         };
         req.headers.insert(name, key.credential.clone());

@@ -79,6 +79,7 @@ pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
     [
         ("openai", Provider::OpenAi),
         ("anthropic", Provider::Anthropic),
+        ("mistral-ai", Provider::MistralAi),
     ]
     .into_iter()
     .map(|(name, p)| {
@@ -139,6 +140,11 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             name: "Anthropic (alias)",
             url: format!("{base}{route}/anthropic"),
             usage: "the same, under the compatibility prefix",
+        },
+        Endpoint {
+            name: "Mistral AI",
+            url: format!("{base}{route}/mistral-ai"),
+            usage: "server_url for the mistralai SDK (POST /v1/chat/completions; GET /v1/models)",
         },
     ];
     // Every known family, with its default quota (0: unlimited), plus any family that only
