@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 use crate::app::AppState;
 use crate::error::ProxyError;
-use crate::gatekeeper::Principal;
+use crate::auth::Principal;
 use crate::net::ClientIp;
 use crate::providers::{
     Api, KeyUse, Meter, Provider, StreamTransform, Translation, UpstreamRequest,

@@ -30,7 +30,7 @@ use chrono::{DateTime, Local};
 
 use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
-use crate::gatekeeper::Principal;
+use crate::auth::Principal;
 use crate::providers::{Meter, RequestFacts, Usage};
 use crate::users::model::TokenCounts;
 use crate::users::{UserStore, UserType};
