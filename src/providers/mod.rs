@@ -51,6 +51,7 @@
 //!    end-to-end tests through the proxy with that client, plain and streaming.
 
 pub mod anthropic;
+pub mod azure;
 pub mod families;
 pub mod meter;
 pub mod mistral;
@@ -69,6 +70,8 @@ pub enum Provider {
     Anthropic,
     /// Mistral AI (OpenAI chat format).
     MistralAi,
+    /// Azure OpenAI (OpenAI chat and images, one deployment per credential).
+    Azure,
 }
 
 /// The kind of endpoint a proxied request targets, by wire format. The same format may be
@@ -199,6 +202,9 @@ const TEXT_CAP: usize = 4 * 1024 * 1024;
 /// What a response said so far: reported usage (merged over events) and generated text.
 #[derive(Debug, Default)]
 pub struct Seen {
+    /// The model the response names (the first non-empty `model`), for providers whose
+    /// response decides the family ([`Provider::family_from_response`]).
+    pub model: Option<String>,
     pub prompt: Option<u64>,
     pub completion: Option<u64>,
     pub completion_final: bool,
@@ -222,6 +228,13 @@ impl Seen {
             if u.completion_final {
                 self.completion_final = true;
             }
+        }
+    }
+
+    /// Notes the model a response names (the first non-empty one wins).
+    pub fn model(&mut self, m: &str) {
+        if self.model.is_none() && !m.is_empty() {
+            self.model = Some(m.to_string());
         }
     }
 
@@ -285,6 +298,7 @@ impl Provider {
                 anthropic::request_facts(api, body)?
             }
             (Provider::MistralAi, _) => mistral::request_facts(api, body)?,
+            // Azure speaks OpenAI's format.
             _ => openai::request_facts(api, body)?,
         };
         facts.family = self.family(&facts.model);
@@ -305,7 +319,8 @@ impl Provider {
     /// the proxy asked on the client's behalf (the usage-only event is then hidden).
     pub fn ask_stream_usage(self, api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
         match self {
-            Provider::OpenAi => openai::ask_stream_usage(api, body, facts),
+            // Azure reports a stream's usage only when asked, as OpenAI.
+            Provider::OpenAi | Provider::Azure => openai::ask_stream_usage(api, body, facts),
             // Anthropic and Mistral streams always carry usage (Mistral refuses
             // `stream_options` with 422).
             Provider::Anthropic | Provider::MistralAi => false,
@@ -318,7 +333,14 @@ impl Provider {
             Provider::OpenAi => openai::family(model),
             Provider::Anthropic => anthropic::family(model),
             Provider::MistralAi => mistral::family(model),
+            Provider::Azure => azure::family(model),
         }
+    }
+
+    /// Whether the response's model decides the family usage is counted in (Azure: the
+    /// deployment decides the model, whatever the request's `model` says).
+    pub fn family_from_response(self) -> bool {
+        self == Provider::Azure
     }
 
     /// Reads one whole JSON response or one stream event; true for a usage-only event.
@@ -354,7 +376,7 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::FORWARDED_HEADERS,
             Provider::Anthropic => anthropic::FORWARDED_HEADERS,
-            Provider::MistralAi => &[],
+            Provider::MistralAi | Provider::Azure => &[],
         }
     }
 
@@ -369,13 +391,23 @@ impl Provider {
     pub fn key_credential(self, key: &str) -> String {
         match self {
             Provider::OpenAi | Provider::MistralAi => openai::key_credential(key),
-            Provider::Anthropic => key.to_string(),
+            Provider::Anthropic | Provider::Azure => key.to_string(),
         }
     }
 
-    /// The upstream URL for a client path (`/v1/...`) and query string, from the base URL.
-    pub fn upstream_url(self, base: &BaseUrl, path: &str, query: Option<&str>) -> String {
-        base.join(path, query)
+    /// The upstream URL for a client path (`/v1/...`) and query string, sent with the key at
+    /// `key_index` of the pool (Azure: each key is a deployment of its own).
+    pub fn upstream_url(
+        self,
+        endpoint: &Endpoint,
+        path: &str,
+        query: Option<&str>,
+        key_index: usize,
+    ) -> String {
+        match endpoint {
+            Endpoint::Base(base) => base.join(path, query),
+            Endpoint::Azure(d) => d.url(key_index, path),
+        }
     }
 
     /// Puts the operator's credential on the final request.
@@ -387,10 +419,20 @@ impl Provider {
         let name = match self {
             Provider::OpenAi | Provider::MistralAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,
+            Provider::Azure => azure::AUTH_HEADER,
         };
         req.headers.insert(name, key.credential.clone());
         Ok(())
     }
+}
+
+/// Where a provider's requests go.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// One base URL for every key.
+    Base(BaseUrl),
+    /// Azure: a resource and deployment per key.
+    Azure(azure::Deployments),
 }
 
 /// A provider's base URL, normalised once at startup.

@@ -210,6 +210,9 @@ impl OpenAiUsage {
 /// Reads usage and generated text from a whole response or one stream chunk; true for the
 /// usage-only chunk (no choices) that `stream_options.include_usage` adds.
 pub fn observe(v: &Value, seen: &mut Seen) -> bool {
+    if let Some(m) = v.get("model").and_then(Value::as_str) {
+        seen.model(m);
+    }
     let usage = v.get("usage").and_then(OpenAiUsage::from_json);
     if let Some(u) = usage {
         seen.usage(u.into_usage());

@@ -39,8 +39,8 @@ use tokio::time::Sleep;
 use std::sync::Arc;
 
 use crate::app::AppState;
-use crate::error::ProxyError;
 use crate::auth::Principal;
+use crate::error::ProxyError;
 use crate::net::ClientIp;
 use crate::providers::{
     Api, KeyUse, Meter, Provider, StreamTransform, Translation, UpstreamRequest,
@@ -190,10 +190,9 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
     };
     // Phases 3 and 4: build the upstream request and send it.
     let headers = upstream_headers(&ctx);
-    let url = upstream.url(&ctx.upstream_path, ctx.query.as_deref());
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started) + state.upstreams.timeout;
-    match send(&state, upstream, &ctx, &url, headers, body, deadline).await {
+    match send(&state, upstream, &ctx, headers, body, deadline).await {
         Ok((resp, key)) => {
             let latency = started.elapsed();
             tracing::info!(
@@ -410,7 +409,6 @@ async fn send(
     state: &AppState,
     upstream: &ProviderUpstream,
     ctx: &Ctx,
-    url: &str,
     mut headers: HeaderMap,
     body: Bytes,
     deadline: tokio::time::Instant,
@@ -422,7 +420,6 @@ async fn send(
         key: None,
         cause: Some(Box::new(e)),
     };
-    Uri::try_from(url).map_err(bad_url)?;
     headers.insert(header::USER_AGENT, state.upstreams.user_agent.clone());
     let mut last_429: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
     loop {
@@ -439,9 +436,10 @@ async fn send(
                 }
             }
         };
+        let url = upstream.url(&ctx.upstream_path, ctx.query.as_deref(), key.index);
         let mut out = UpstreamRequest {
             method: ctx.method.clone(),
-            url: url.to_string(),
+            url,
             headers: headers.clone(),
             body: body.clone(),
         };

@@ -80,6 +80,7 @@ pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
         ("openai", Provider::OpenAi),
         ("anthropic", Provider::Anthropic),
         ("mistral-ai", Provider::MistralAi),
+        ("azure", Provider::Azure),
     ]
     .into_iter()
     .map(|(name, p)| {
@@ -140,6 +141,11 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             name: "Anthropic (alias)",
             url: format!("{base}{route}/anthropic"),
             usage: "the same, under the compatibility prefix",
+        },
+        Endpoint {
+            name: "Azure OpenAI",
+            url: format!("{base}{route}/azure/openai/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions, /images/generations; GET /models); the operator's deployments decide the model",
         },
         Endpoint {
             name: "Mistral AI",
