@@ -172,6 +172,12 @@ fn azure_deployments() -> Vec<AzureDeployment> {
             model: "gpt-4o-2024-08-06",
         },
         AzureDeployment {
+            resource: "contoso",
+            deployment: "dalle3",
+            key: "azure-key-one",
+            model: "dall-e-3",
+        },
+        AzureDeployment {
             resource: "northwind",
             deployment: "gpt4o-prod",
             key: "azure-key-two",
@@ -196,6 +202,7 @@ async fn azure_openai_sdk_directly_and_through_the_proxy() {
             ("URL", &format!("{}/contoso", fake.url)),
             ("API_KEY", "azure-key-one"),
             ("DEPLOYMENT", "gpt4o-prod"),
+            ("IMAGE_DEPLOYMENT", "dalle3"),
             ("API_VERSION", AZURE_VERSION),
         ],
     )
@@ -239,7 +246,8 @@ async fn azure_openai_sdk_directly_and_through_the_proxy() {
     }
     let direct_requests = fake.request_count();
 
-    let credentials = "contoso:gpt4o-prod:azure-key-one,northwind:gpt4o-prod:azure-key-two";
+    let credentials =
+        "contoso:gpt4o-prod:azure-key-one,contoso:dalle3:azure-key-one,northwind:gpt4o-prod:azure-key-two";
     let base = format!("{}/{{resource}}", fake.url);
     let app = proxy(
         &fake,
@@ -270,6 +278,7 @@ async fn azure_openai_sdk_directly_and_through_the_proxy() {
             ("URL", &format!("{}/proxy/azure/openai/v1", app.url)),
             ("API_KEY", "azure-user"),
             ("DEPLOYMENT", "gpt4o-prod"),
+            ("IMAGE_DEPLOYMENT", "dalle3"),
         ],
     )
     .await;
@@ -280,10 +289,26 @@ async fn azure_openai_sdk_directly_and_through_the_proxy() {
     .await;
     // Three answers, the one streamed without usage included: the proxy asked for it.
     assert_eq!(used(&app, "azure-user", "azure-gpt4o"), 3 * per_answer);
-    let upstream = &fake.requests()[direct_requests..];
+    // One DALL-E 3 image, 1024x1024 standard: US$0.04 = 4 000 tokens.
+    eventually("image settled", || {
+        reserved(&app, "azure-user", "azure-dall-e") == 0
+    })
+    .await;
+    assert_eq!(used(&app, "azure-user", "azure-dall-e"), 4_000);
+    let upstream: Vec<_> = fake.requests()[direct_requests..]
+        .iter()
+        .filter(|r| r.path.ends_with("/chat/completions"))
+        .cloned()
+        .collect();
     assert_eq!(upstream.len(), 3);
+    let image = fake.last_request();
+    assert_eq!(
+        image.path,
+        "/contoso/openai/deployments/dalle3/images/generations"
+    );
+    assert_eq!(image.header("api-key"), Some("azure-key-one"));
     let mut resources = std::collections::BTreeSet::new();
-    for r in upstream {
+    for r in &upstream {
         assert!(r.header("authorization").is_none());
         let key = r.header("api-key").expect("api-key");
         assert!(key == "azure-key-one" || key == "azure-key-two", "{key}");
@@ -307,5 +332,6 @@ async fn azure_openai_sdk_directly_and_through_the_proxy() {
         .json()
         .await
         .expect("json");
-    assert_eq!(models["data"][0]["id"], "gpt4o-prod");
+    assert_eq!(models["data"][0]["id"], "dalle3");
+    assert_eq!(models["data"][1]["id"], "gpt4o-prod");
 }

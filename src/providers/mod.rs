@@ -53,6 +53,7 @@
 pub mod anthropic;
 pub mod azure;
 pub mod families;
+pub mod images;
 pub mod meter;
 pub mod mistral;
 pub mod openai;
@@ -84,6 +85,8 @@ pub enum Api {
     OpenAiCompletions,
     /// `POST /v1/embeddings`
     OpenAiEmbeddings,
+    /// `POST /v1/images/generations` (counted by its price, [`images`]).
+    OpenAiImages,
     /// `GET /v1/models` and anything else on an OpenAI-style upstream that is not a generation.
     OpenAiOther,
     /// `POST /v1/messages`
@@ -96,9 +99,11 @@ impl Api {
     /// The provider this API is served by on the main routes.
     pub fn provider(self) -> Provider {
         match self {
-            Api::OpenAiChat | Api::OpenAiCompletions | Api::OpenAiEmbeddings | Api::OpenAiOther => {
-                Provider::OpenAi
-            }
+            Api::OpenAiChat
+            | Api::OpenAiCompletions
+            | Api::OpenAiEmbeddings
+            | Api::OpenAiImages
+            | Api::OpenAiOther => Provider::OpenAi,
             Api::AnthropicMessages | Api::AnthropicOther => Provider::Anthropic,
         }
     }
@@ -110,13 +115,15 @@ impl Api {
             Api::OpenAiChat
                 | Api::OpenAiCompletions
                 | Api::OpenAiEmbeddings
+                | Api::OpenAiImages
                 | Api::AnthropicMessages
         )
     }
 
-    /// Whether the API produces output tokens (embeddings count their input only).
+    /// Whether the API produces output tokens (embeddings count their input only, images
+    /// their price).
     pub fn has_output(self) -> bool {
-        self != Api::OpenAiEmbeddings
+        !matches!(self, Api::OpenAiEmbeddings | Api::OpenAiImages)
     }
 }
 
@@ -301,7 +308,16 @@ impl Provider {
             // Azure speaks OpenAI's format.
             _ => openai::request_facts(api, body)?,
         };
-        facts.family = self.family(&facts.model);
+        facts.family = if api == Api::OpenAiImages {
+            // The images endpoint serves only image models, whatever `model` names (on Azure,
+            // a deployment).
+            match self {
+                Provider::Azure => "azure-dall-e".to_string(),
+                _ => "dall-e".to_string(),
+            }
+        } else {
+            self.family(&facts.model)
+        };
         Ok(facts)
     }
 

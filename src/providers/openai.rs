@@ -34,6 +34,19 @@ const REPLY_PRIMING: u64 = 3;
 
 /// Reads the facts admission needs from a request body of an OpenAI-format API.
 pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
+    if api == Api::OpenAiImages {
+        // An image is counted by its price, not its prompt (as the original).
+        return Ok(RequestFacts {
+            model: body
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or(super::images::DEFAULT_MODEL)
+                .to_string(),
+            prompt_fixed: super::images::cost_tokens(body)?,
+            choices: 1,
+            ..RequestFacts::default()
+        });
+    }
     let mut facts = RequestFacts {
         model: body
             .get("model")

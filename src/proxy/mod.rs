@@ -62,6 +62,23 @@ impl ProviderUpstream {
             .upstream_url(&self.endpoint, path, query, key_index)
     }
 
+    /// The keys a request for `model` may use: on Azure, the credentials of the deployment the
+    /// client names as `model` when one has that name (each deployment serves one model);
+    /// otherwise every key.
+    pub fn eligible_keys(&self, model: Option<&str>) -> Option<Vec<usize>> {
+        let (Endpoint::Azure(d), Some(model)) = (&self.endpoint, model) else {
+            return None;
+        };
+        let matching: Vec<usize> = d
+            .deployments
+            .iter()
+            .enumerate()
+            .filter(|(_, dep)| dep.deployment == model)
+            .map(|(i, _)| i)
+            .collect();
+        (!matching.is_empty()).then_some(matching)
+    }
+
     /// Azure's deployments (for the model list), if this is Azure.
     pub fn azure_deployments(&self) -> Option<&azure::Deployments> {
         match &self.endpoint {
@@ -195,12 +212,14 @@ pub fn classify(provider: Provider, method: &Method, path: &str) -> Option<Api> 
             "/v1/chat/completions" if is_post => Some(Api::OpenAiChat),
             "/v1/completions" if is_post => Some(Api::OpenAiCompletions),
             "/v1/embeddings" if is_post => Some(Api::OpenAiEmbeddings),
+            "/v1/images/generations" if is_post => Some(Api::OpenAiImages),
             "/v1/models" if is_get => Some(Api::OpenAiOther),
             p if is_get && is_model_id_path(p) => Some(Api::OpenAiOther),
             _ => None,
         },
         Provider::Azure => match path {
             "/v1/chat/completions" if is_post => Some(Api::OpenAiChat),
+            "/v1/images/generations" if is_post => Some(Api::OpenAiImages),
             _ => None,
         },
         Provider::MistralAi => match path {
@@ -242,6 +261,10 @@ pub fn routes(config: &Config) -> Router<AppState> {
             "/v1/embeddings",
             post(openai_embeddings).fallback(wrong_method),
         )
+        .route(
+            "/v1/images/generations",
+            post(openai_images).fallback(wrong_method),
+        )
         .route("/v1/models", get(openai_other).fallback(wrong_method))
         .route("/v1/models/{id}", get(openai_other).fallback(wrong_method))
         .route(
@@ -264,6 +287,14 @@ pub fn routes(config: &Config) -> Router<AppState> {
         .route(
             &format!("{prefix}/azure/openai/v1/chat/completions"),
             post(azure_chat).fallback(wrong_method),
+        )
+        .route(
+            &format!("{prefix}/azure/openai/v1/images/generations"),
+            post(azure_images).fallback(wrong_method),
+        )
+        .route(
+            &format!("{prefix}/openai-image/v1/images/generations"),
+            post(openai_images).fallback(wrong_method),
         )
         .route(
             &format!("{prefix}/azure/openai/v1/models"),
@@ -335,6 +366,18 @@ async fn mistral_ai_chat(State(s): State<AppState>, req: Request) -> Response {
 }
 async fn mistral_ai_models(State(s): State<AppState>, req: Request) -> Response {
     let route = Route::to(Provider::MistralAi, Api::OpenAiOther, "/v1/models");
+    forward::forward(s, route, req).await
+}
+async fn openai_images(State(s): State<AppState>, req: Request) -> Response {
+    let route = Route::to(
+        Provider::OpenAi,
+        Api::OpenAiImages,
+        "/v1/images/generations",
+    );
+    forward::forward(s, route, req).await
+}
+async fn azure_images(State(s): State<AppState>, req: Request) -> Response {
+    let route = Route::to(Provider::Azure, Api::OpenAiImages, "/v1/images/generations");
     forward::forward(s, route, req).await
 }
 async fn azure_chat(State(s): State<AppState>, req: Request) -> Response {

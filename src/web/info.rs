@@ -143,6 +143,11 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             usage: "the same, under the compatibility prefix",
         },
         Endpoint {
+            name: "OpenAI images",
+            url: format!("{base}{route}/openai-image/v1"),
+            usage: "base URL for OpenAI SDKs (POST /images/generations; also at /v1/images/generations), counted in dall-e by price",
+        },
+        Endpoint {
             name: "Azure OpenAI",
             url: format!("{base}{route}/azure/openai/v1"),
             usage: "base URL for OpenAI SDKs (POST /chat/completions, /images/generations; GET /models); the operator's deployments decide the model",

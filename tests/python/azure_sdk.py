@@ -64,4 +64,11 @@ for chunk in client.chat.completions.create(model=DEPLOYMENT, messages=MESSAGES,
 check(f"{MODE} stream without usage", text, EXPECTED)
 check(f"{MODE} no usage chunk unasked", seen_usage, False)
 
+# Images from the DALL-E deployment (the client names the deployment as its model).
+if os.environ.get("IMAGE_DEPLOYMENT"):
+    image = client.images.generate(
+        model=os.environ["IMAGE_DEPLOYMENT"], prompt="A lighthouse", n=1, size="1024x1024"
+    )
+    check(f"{MODE} image", image.data[0].url.startswith("https://"), True)
+
 print(f"usage {prompt} {completion}")
