@@ -435,7 +435,10 @@ async fn claude_on_vertex_with_cached_service_account_tokens() {
         .iter()
         .filter_map(|p| p["name"].as_str())
         .collect();
-    assert_eq!(names, ["openai", "anthropic", "aws", "gcp"]);
+    assert!(
+        names.contains(&"aws") && names.contains(&"gcp"),
+        "{names:?}"
+    );
     assert!(info.contains("/proxy/aws/claude") && info.contains("/proxy/gcp/claude"));
     assert!(!info.contains(SK1) && !info.contains("PRIVATE KEY"));
 

@@ -52,10 +52,13 @@
 
 pub mod anthropic;
 pub mod aws;
+pub mod azure;
 pub mod claude_openai;
 pub mod families;
 pub mod gcp;
+pub mod images;
 pub mod meter;
+pub mod mistral;
 pub mod openai;
 pub mod translate;
 
@@ -70,6 +73,10 @@ pub use meter::Meter;
 pub enum Provider {
     OpenAi,
     Anthropic,
+    /// Mistral AI (OpenAI chat format).
+    MistralAi,
+    /// Azure OpenAI (OpenAI chat and images, one deployment per credential).
+    Azure,
     /// Claude on AWS Bedrock (`AWS_CREDENTIALS`, SigV4), Anthropic Messages in.
     Aws,
     /// Mistral on AWS Bedrock, OpenAI chat in.
@@ -88,6 +95,8 @@ pub enum Api {
     OpenAiCompletions,
     /// `POST /v1/embeddings`
     OpenAiEmbeddings,
+    /// `POST /v1/images/generations` (counted by its price, [`images`]).
+    OpenAiImages,
     /// `GET /v1/models` and anything else on an OpenAI-style upstream that is not a generation.
     OpenAiOther,
     /// `POST /v1/messages`
@@ -100,9 +109,11 @@ impl Api {
     /// The provider this API is served by on the main routes.
     pub fn provider(self) -> Provider {
         match self {
-            Api::OpenAiChat | Api::OpenAiCompletions | Api::OpenAiEmbeddings | Api::OpenAiOther => {
-                Provider::OpenAi
-            }
+            Api::OpenAiChat
+            | Api::OpenAiCompletions
+            | Api::OpenAiEmbeddings
+            | Api::OpenAiImages
+            | Api::OpenAiOther => Provider::OpenAi,
             Api::AnthropicMessages | Api::AnthropicOther => Provider::Anthropic,
         }
     }
@@ -114,13 +125,15 @@ impl Api {
             Api::OpenAiChat
                 | Api::OpenAiCompletions
                 | Api::OpenAiEmbeddings
+                | Api::OpenAiImages
                 | Api::AnthropicMessages
         )
     }
 
-    /// Whether the API produces output tokens (embeddings count their input only).
+    /// Whether the API produces output tokens (embeddings count their input only, images
+    /// their price).
     pub fn has_output(self) -> bool {
-        self != Api::OpenAiEmbeddings
+        !matches!(self, Api::OpenAiEmbeddings | Api::OpenAiImages)
     }
 }
 
@@ -206,6 +219,9 @@ const TEXT_CAP: usize = 4 * 1024 * 1024;
 /// What a response said so far: reported usage (merged over events) and generated text.
 #[derive(Debug, Default)]
 pub struct Seen {
+    /// The model the response names (the first non-empty `model`), for providers whose
+    /// response decides the family ([`Provider::family_from_response`]).
+    pub model: Option<String>,
     pub prompt: Option<u64>,
     pub completion: Option<u64>,
     pub completion_final: bool,
@@ -229,6 +245,13 @@ impl Seen {
             if u.completion_final {
                 self.completion_final = true;
             }
+        }
+    }
+
+    /// Notes the model a response names (the first non-empty one wins).
+    pub fn model(&mut self, m: &str) {
+        if self.model.is_none() && !m.is_empty() {
+            self.model = Some(m.to_string());
         }
     }
 
@@ -287,8 +310,12 @@ pub struct AuthError(pub String);
 impl Provider {
     /// The request facts of a body of `api` sent to this provider.
     pub fn request_facts(self, api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
-        let mut facts = match api {
-            Api::AnthropicMessages | Api::AnthropicOther => anthropic::request_facts(api, body)?,
+        let mut facts = match (self, api) {
+            (_, Api::AnthropicMessages | Api::AnthropicOther) => {
+                anthropic::request_facts(api, body)?
+            }
+            (Provider::MistralAi, _) => mistral::request_facts(api, body)?,
+            // Azure speaks OpenAI's format.
             _ => openai::request_facts(api, body)?,
         };
         // The clouds know only some model names: refuse the others before admission.
@@ -296,20 +323,30 @@ impl Provider {
             Provider::Aws => aws::claude_model_id(&facts.model).map(drop),
             Provider::AwsMistral => aws::mistral_model_id(&facts.model).map(drop),
             Provider::Gcp => gcp::vertex_model(&facts.model).map(drop),
-            Provider::OpenAi | Provider::Anthropic => Ok(()),
+            _ => Ok(()),
         }
         .map_err(|e| BadRequest(format!("{e}.")))?;
-        facts.family = self.family(&facts.model);
+        facts.family = if api == Api::OpenAiImages {
+            // The images endpoint serves only image models, whatever `model` names (on Azure,
+            // a deployment).
+            match self {
+                Provider::Azure => "azure-dall-e".to_string(),
+                _ => "dall-e".to_string(),
+            }
+        } else {
+            self.family(&facts.model)
+        };
         Ok(facts)
     }
 
     /// Sets the provider's own output-cap field of a generation request to `cap`.
     pub fn set_output_cap(self, api: Api, body: &mut Value, cap: u64) {
-        match api {
-            Api::AnthropicMessages => anthropic::set_output_cap(body, cap),
+        match (self, api) {
+            (_, Api::AnthropicMessages) => anthropic::set_output_cap(body, cap),
+            (Provider::MistralAi, Api::OpenAiChat) => mistral::set_output_cap(body, cap),
             // Bedrock's Mistral knows only `max_tokens`.
-            Api::OpenAiChat if self == Provider::AwsMistral => openai::set_max_tokens(body, cap),
-            Api::OpenAiChat | Api::OpenAiCompletions => openai::set_output_cap(api, body, cap),
+            (Provider::AwsMistral, Api::OpenAiChat) => openai::set_max_tokens(body, cap),
+            (_, Api::OpenAiChat | Api::OpenAiCompletions) => openai::set_output_cap(api, body, cap),
             _ => {}
         }
     }
@@ -318,9 +355,15 @@ impl Provider {
     /// the proxy asked on the client's behalf (the usage-only event is then hidden).
     pub fn ask_stream_usage(self, api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
         match self {
-            Provider::OpenAi => openai::ask_stream_usage(api, body, facts),
-            // Bedrock's and Vertex's streams always carry their usage.
-            Provider::Anthropic | Provider::Aws | Provider::AwsMistral | Provider::Gcp => false,
+            // Azure reports a stream's usage only when asked, as OpenAI.
+            Provider::OpenAi | Provider::Azure => openai::ask_stream_usage(api, body, facts),
+            // Anthropic and Mistral streams always carry usage (Mistral refuses
+            // `stream_options` with 422), and so do Bedrock's and Vertex's.
+            Provider::Anthropic
+            | Provider::MistralAi
+            | Provider::Aws
+            | Provider::AwsMistral
+            | Provider::Gcp => false,
         }
     }
 
@@ -329,6 +372,8 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::family(model),
             Provider::Anthropic => anthropic::family(model),
+            Provider::MistralAi => mistral::family(model),
+            Provider::Azure => azure::family(model),
             Provider::Aws => {
                 aws::family(&aws::claude_model_id(model).unwrap_or_else(|_| model.to_string()))
                     .to_string()
@@ -339,6 +384,12 @@ impl Provider {
             }
             Provider::Gcp => gcp::family(model).to_string(),
         }
+    }
+
+    /// Whether the response's model decides the family usage is counted in (Azure: the
+    /// deployment decides the model, whatever the request's `model` says).
+    pub fn family_from_response(self) -> bool {
+        self == Provider::Azure
     }
 
     /// Reads one whole JSON response or one stream event; true for a usage-only event.
@@ -376,7 +427,7 @@ impl Provider {
         match self {
             Provider::Aws => aws::response_decoder(false, status, headers),
             Provider::AwsMistral => aws::response_decoder(true, status, headers),
-            Provider::OpenAi | Provider::Anthropic | Provider::Gcp => None,
+            _ => None,
         }
     }
 
@@ -386,7 +437,7 @@ impl Provider {
             Provider::OpenAi => openai::FORWARDED_HEADERS,
             // Bedrock takes `anthropic-beta` in the body; Vertex as a header.
             Provider::Anthropic | Provider::Aws | Provider::Gcp => anthropic::FORWARDED_HEADERS,
-            Provider::AwsMistral => &[],
+            Provider::MistralAi | Provider::Azure | Provider::AwsMistral => &[],
         }
     }
 
@@ -400,17 +451,27 @@ impl Provider {
     /// The credential value of an operator key as its header carries it.
     pub fn key_credential(self, key: &str) -> String {
         match self {
-            Provider::OpenAi => openai::key_credential(key),
-            Provider::Anthropic => key.to_string(),
+            Provider::OpenAi | Provider::MistralAi => openai::key_credential(key),
+            Provider::Anthropic | Provider::Azure => key.to_string(),
             // Cloud credentials are not sent as a header: the request is signed, or carries an
             // access token, in `crate::proxy::ProviderUpstream::authorize`.
             Provider::Aws | Provider::AwsMistral | Provider::Gcp => String::new(),
         }
     }
 
-    /// The upstream URL for a client path (`/v1/...`) and query string, from the base URL.
-    pub fn upstream_url(self, base: &BaseUrl, path: &str, query: Option<&str>) -> String {
-        base.join(path, query)
+    /// The upstream URL for a client path (`/v1/...`) and query string, sent with the key at
+    /// `key_index` of the pool (Azure: each key is a deployment of its own).
+    pub fn upstream_url(
+        self,
+        endpoint: &Endpoint,
+        path: &str,
+        query: Option<&str>,
+        key_index: usize,
+    ) -> String {
+        match endpoint {
+            Endpoint::Base(base) => base.join(path, query),
+            Endpoint::Azure(d) => d.url(key_index, path),
+        }
     }
 
     /// Puts the operator's credential on the final request.
@@ -420,8 +481,9 @@ impl Provider {
         key: &KeyUse<'_>,
     ) -> Result<(), AuthError> {
         let name = match self {
-            Provider::OpenAi => openai::AUTH_HEADER,
+            Provider::OpenAi | Provider::MistralAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,
+            Provider::Azure => azure::AUTH_HEADER,
             Provider::Aws | Provider::AwsMistral | Provider::Gcp => {
                 return Err(AuthError(
                     "cloud requests are authorized by their upstream's state".into(),
@@ -431,6 +493,15 @@ impl Provider {
         req.headers.insert(name, key.credential.clone());
         Ok(())
     }
+}
+
+/// Where a provider's requests go.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// One base URL for every key.
+    Base(BaseUrl),
+    /// Azure: a resource and deployment per key.
+    Azure(azure::Deployments),
 }
 
 /// A provider's base URL, normalised once at startup.

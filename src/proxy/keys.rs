@@ -127,13 +127,19 @@ impl KeyPool {
 
     /// Chooses the next usable key in round-robin order, skipping invalid and resting keys.
     pub fn pick(&self) -> Result<ChosenKey, NoKey> {
-        self.pick_except(&[])
+        self.pick_where(|_| true)
     }
 
     /// Like [`KeyPool::pick`], skipping the keys at `skip` (keys that cannot serve this one
     /// request, e.g. a cloud credential without access to the model); when only skipped keys
     /// are usable, answers [`NoKey::AllInvalid`].
     pub fn pick_except(&self, skip: &[usize]) -> Result<ChosenKey, NoKey> {
+        self.pick_where(|i| !skip.contains(&i))
+    }
+
+    /// As [`KeyPool::pick`], among the keys whose index `eligible` accepts (Azure: the
+    /// credentials of the deployment the client named).
+    pub fn pick_where(&self, eligible: impl Fn(usize) -> bool) -> Result<ChosenKey, NoKey> {
         let n = self.keys.len();
         if n == 0 {
             return Err(NoKey::NoneConfigured);
@@ -144,7 +150,10 @@ impl KeyPool {
         for off in 0..n {
             let index = (start.wrapping_add(off)) % n;
             let key = &self.keys[index];
-            if key.invalid.load(Ordering::Relaxed) || skip.contains(&index) {
+            if !eligible(index) {
+                continue;
+            }
+            if key.invalid.load(Ordering::Relaxed) {
                 continue;
             }
             let until = key.rest_until_ms.load(Ordering::Relaxed);

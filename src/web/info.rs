@@ -81,12 +81,13 @@ pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
         ("anthropic", Provider::Anthropic),
         ("aws", Provider::Aws),
         ("gcp", Provider::Gcp),
+        ("mistral-ai", Provider::MistralAi),
+        ("azure", Provider::Azure),
     ]
     .into_iter()
     // The clouds are listed only when configured (the original shows them the same way).
     .filter(|(_, p)| {
-        matches!(p, Provider::OpenAi | Provider::Anthropic)
-            || !state.upstreams.provider(*p).keys.is_empty()
+        !matches!(p, Provider::Aws | Provider::Gcp) || !state.upstreams.provider(*p).keys.is_empty()
     })
     .map(|(name, p)| {
         let c = state.upstreams.key_counts(p);
@@ -146,6 +147,21 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             name: "Anthropic (alias)",
             url: format!("{base}{route}/anthropic"),
             usage: "the same, under the compatibility prefix",
+        },
+        Endpoint {
+            name: "OpenAI images",
+            url: format!("{base}{route}/openai-image/v1"),
+            usage: "base URL for OpenAI SDKs (POST /images/generations; also at /v1/images/generations), counted in dall-e by price",
+        },
+        Endpoint {
+            name: "Azure OpenAI",
+            url: format!("{base}{route}/azure/openai/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions, /images/generations; GET /models); the operator's deployments decide the model",
+        },
+        Endpoint {
+            name: "Mistral AI",
+            url: format!("{base}{route}/mistral-ai"),
+            usage: "server_url for the mistralai SDK (POST /v1/chat/completions; GET /v1/models)",
         },
     ];
     let mut endpoints = endpoints;
