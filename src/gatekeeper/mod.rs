@@ -56,7 +56,9 @@ pub fn secret_eq(presented: &str, expected: &str) -> bool {
     presented.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
-/// The client credential: `Authorization: Bearer …`, else `x-api-key` (Anthropic clients).
+/// The client credential: `Authorization: Bearer …`, else `x-api-key` (Anthropic clients),
+/// else `x-goog-api-key` (Google's SDKs; a `?key=` has been moved there by
+/// [`move_query_key`]).
 pub fn client_credential(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
@@ -72,11 +74,52 @@ pub fn client_credential(headers: &HeaderMap) -> Option<&str> {
             return Some(token);
         }
     }
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+    ["x-api-key", GOOGLE_KEY_HEADER]
+        .into_iter()
+        .find_map(|name| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+        })
+}
+
+/// The header Google's SDKs send their key in.
+const GOOGLE_KEY_HEADER: &str = crate::providers::google_ai::KEY_HEADER;
+
+/// Google's REST examples pass the key as `?key=` on proxied routes: this moves it out of the
+/// URL into the `x-goog-api-key` header (unless one was sent) before anything else sees the
+/// request, so that it is never logged with the URL nor forwarded, and is read like any
+/// other credential header. Runs outside the trace layer (see `app::router`).
+pub async fn move_query_key(mut req: Request) -> Request {
+    let Some(query) = req.uri().query() else {
+        return req;
+    };
+    if !matches!(zone(req.uri().path()), Zone::Proxy)
+        || !url::form_urlencoded::parse(query.as_bytes())
+            .any(|(k, _)| k == crate::providers::google_ai::KEY_QUERY)
+    {
+        return req;
+    }
+    let (key, rest) = crate::providers::google_ai::take_query_key(query);
+    let path_and_query = match rest {
+        Some(rest) => format!("{}?{rest}", req.uri().path()),
+        None => req.uri().path().to_owned(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    match axum::http::Uri::from_parts(parts) {
+        Ok(uri) => *req.uri_mut() = uri,
+        // Cannot happen (the path came from a valid URI); refuse to keep the key in the URL.
+        Err(_) => *req.uri_mut() = axum::http::Uri::from_static("/"),
+    }
+    if let Some(key) = key.and_then(|k| axum::http::HeaderValue::from_str(&k).ok()) {
+        if !req.headers().contains_key(GOOGLE_KEY_HEADER) {
+            req.headers_mut().insert(GOOGLE_KEY_HEADER, key);
+        }
+    }
+    req
 }
 
 enum Zone {
@@ -235,6 +278,41 @@ mod tests {
         assert_eq!(client_credential(&h), Some("k2"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k1"));
         assert_eq!(client_credential(&h), Some("k1"));
+    }
+
+    #[test]
+    fn reads_google_key_header_last() {
+        let mut h = HeaderMap::new();
+        h.insert("x-goog-api-key", HeaderValue::from_static("g"));
+        assert_eq!(client_credential(&h), Some("g"));
+        h.insert("x-api-key", HeaderValue::from_static("k2"));
+        assert_eq!(client_credential(&h), Some("k2"));
+    }
+
+    #[tokio::test]
+    async fn query_key_moves_to_a_header() {
+        let req = Request::builder()
+            .uri("/proxy/google-ai/v1beta/models/g:streamGenerateContent?alt=sse&key=sec%2Bret")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let req = move_query_key(req).await;
+        assert_eq!(
+            req.uri(),
+            "/proxy/google-ai/v1beta/models/g:streamGenerateContent?alt=sse"
+        );
+        assert_eq!(req.headers()["x-goog-api-key"], "sec+ret");
+        let req = Request::builder()
+            .uri("/v1/models?key=k")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let req = move_query_key(req).await;
+        assert_eq!(req.uri(), "/v1/models");
+        // Public and admin routes are left alone.
+        let req = Request::builder()
+            .uri("/user/lookup?key=k")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(move_query_key(req).await.uri(), "/user/lookup?key=k");
     }
 
     #[test]
