@@ -8,8 +8,8 @@ pub mod error;
 pub mod gatekeeper;
 pub mod net;
 pub mod providers;
+pub mod proxy;
 pub mod quota;
-pub mod upstream;
 pub mod users;
 pub mod web;
 

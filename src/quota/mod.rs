@@ -1,8 +1,11 @@
-//! Quotas and accounting: model families, per-user token quotas with atomic reservations,
-//! exact usage read from upstream responses, quota refresh, and the prompt rate limit.
+//! Quotas and accounting: per-user token quotas with atomic reservations, settling to the
+//! usage the provider layer read from upstream responses, quota refresh, and the prompt rate
+//! limit. Works only on provider-neutral facts ([`RequestFacts`], [`Meter`], [`Usage`]): it
+//! never parses a provider's JSON.
 //!
-//! The forwarder calls [`Quotas::admit`] for every generation request before forwarding it, and
-//! feeds the response through the returned [`Ticket`]; dropping a ticket without
+//! The forwarder reads a request's facts through its provider, calls [`Quotas::admit`] for
+//! every generation request before forwarding it, and feeds the response through the returned
+//! [`Ticket`] (which holds the provider's [`Meter`]); dropping a ticket without
 //! [`Ticket::finish`] (client disconnected) still charges what was seen, estimated where the
 //! upstream did not report it. Knows nothing of HTTP beyond status codes and header maps.
 //!
@@ -13,10 +16,8 @@
 //! response ends, the reservation is released and the real usage added to `tokenCounts[f]`.
 
 pub mod estimate;
-pub mod families;
 pub mod ratelimit;
 pub mod refresh;
-pub mod usage;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -30,15 +31,12 @@ use chrono::{DateTime, Local};
 use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
 use crate::gatekeeper::Principal;
-use crate::upstream::api::Api;
+use crate::providers::{Meter, RequestFacts, Usage};
 use crate::users::model::TokenCounts;
 use crate::users::{UserStore, UserType};
 
-use self::estimate::request_facts;
-use self::families::family_for;
 use self::ratelimit::{PromptLimiter, RateKey};
 use self::refresh::Schedule;
-use self::usage::{Meter, Usage};
 
 /// The time source for quota refresh; tests drive it.
 pub type Clock = Arc<dyn Fn() -> DateTime<Local> + Send + Sync>;
@@ -57,18 +55,17 @@ pub struct Quotas {
     clock: Clock,
 }
 
-/// What the forwarder knows about a generation request when it asks for admission.
+/// What the forwarder knows about a request when it asks for admission.
 pub struct AdmitRequest<'a> {
     pub principal: &'a Principal,
     pub ip: IpAddr,
-    pub api: Api,
+    /// A generation request (counted, rate-limited); other requests pass without a ticket
+    /// that charges anyone.
+    pub generation: bool,
 }
 
 /// An admitted request.
 pub struct Admitted {
-    /// True when `admit` changed the body (e.g. asked the upstream for stream usage); the
-    /// forwarder re-serialises it only then.
-    pub body_changed: bool,
     /// Headers to add to the client's response (rate-limit headers).
     pub headers: HeaderMap,
     pub ticket: Ticket,
@@ -76,7 +73,9 @@ pub struct Admitted {
 
 /// Observes one response and settles the request's reservation when it ends.
 pub struct Ticket {
-    meter: Meter,
+    /// The provider's meter, set by the forwarder ([`Ticket::observe_with`]) for tickets that
+    /// charge a user.
+    meter: Option<Meter>,
     /// `None` for requests with no user to charge, and once settled.
     settlement: Option<Settlement>,
 }
@@ -118,25 +117,39 @@ const BOUND_HEADROOM: u64 = 8;
 
 impl Ticket {
     /// A ticket that observes nothing and charges nobody.
-    fn passthrough(api: Api) -> Ticket {
+    fn passthrough() -> Ticket {
         Ticket {
-            meter: Meter::new(api, false),
+            meter: None,
             settlement: None,
+        }
+    }
+
+    /// Whether this ticket charges a user (and so needs a meter).
+    pub fn charges(&self) -> bool {
+        self.settlement.is_some()
+    }
+
+    /// Gives the ticket the provider's meter for the response.
+    pub fn observe_with(&mut self, meter: Meter) {
+        if self.settlement.is_some() {
+            self.meter = Some(meter);
         }
     }
 
     /// Called once with the upstream's status and whether the body is an SSE stream.
     pub fn on_response_start(&mut self, status: StatusCode, is_sse: bool) {
-        self.meter.on_response_start(status.is_success(), is_sse);
+        if let Some(m) = self.meter.as_mut() {
+            m.on_response_start(status.is_success(), is_sse);
+        }
     }
 
     /// Called with every body chunk as it arrives; returns what the client should get
     /// (usually the chunk itself; a usage-only chunk the client did not ask for is removed).
     pub fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
-        if self.settlement.is_none() {
-            return chunk;
+        match (&self.settlement, self.meter.as_mut()) {
+            (Some(_), Some(m)) => m.on_chunk(chunk),
+            _ => chunk,
         }
-        self.meter.on_chunk(chunk)
     }
 
     /// Called when the upstream body ended normally.
@@ -146,10 +159,11 @@ impl Ticket {
 
     /// The usage this ticket would charge now (for tests and logs).
     pub fn usage_so_far(&mut self) -> Option<Usage> {
-        let needs = self.meter.needs_prompt_estimate();
+        let meter = self.meter.as_ref()?;
+        let needs = meter.needs_prompt_estimate();
         let s = self.settlement.as_mut()?;
         let prompt = if needs { s.prompt.tokens() } else { 0 };
-        self.meter.usage(prompt)
+        meter.usage(prompt, estimate::count_tokens)
     }
 
     /// Releases the reservation and charges the real (or, failing that, estimated) usage.
@@ -158,8 +172,16 @@ impl Ticket {
         let Some(mut s) = self.settlement.take() else {
             return;
         };
-        self.meter.end();
-        let usage = if abandoned && !self.meter.started() {
+        let Some(meter) = self.meter.as_mut() else {
+            // Admitted but never sent (the forwarder gave no meter): release the reservation.
+            s.users.update_entry(&s.token, |e| {
+                release(e, &s.family, s.reserved);
+                ((), false)
+            });
+            return;
+        };
+        meter.end();
+        let usage = if abandoned && !meter.started() {
             // The client went away while the upstream was working on the request (before it
             // answered): the upstream got the prompt, so the prompt is charged.
             Some(Usage {
@@ -167,21 +189,16 @@ impl Ticket {
                 completion: 0,
             })
         } else {
-            let prompt = if self.meter.needs_prompt_estimate() {
+            let prompt = if meter.needs_prompt_estimate() {
                 s.prompt.tokens()
             } else {
                 0
             };
-            self.meter.usage(prompt)
+            meter.usage(prompt, estimate::count_tokens)
         };
         let charge = usage.map(Usage::total).unwrap_or(0);
         let found = s.users.update_entry(&s.token, |e| {
-            if let Some(r) = e.reserved.get_mut(&s.family) {
-                *r = r.saturating_sub(s.reserved);
-                if *r == 0 {
-                    e.reserved.remove(&s.family);
-                }
-            }
+            release(e, &s.family, s.reserved);
             if charge == 0 {
                 return ((), false);
             }
@@ -196,9 +213,19 @@ impl Ticket {
             family = %s.family,
             prompt = usage.map(|u| u.prompt),
             completion = usage.map(|u| u.completion),
-            exact = self.meter.exact(),
+            exact = meter.exact(),
             "request settled"
         );
+    }
+}
+
+/// Releases `reserved` tokens of `family` held by a user's running request.
+fn release(e: &mut crate::users::store::Entry, family: &str, reserved: u64) {
+    if let Some(r) = e.reserved.get_mut(family) {
+        *r = r.saturating_sub(reserved);
+        if *r == 0 {
+            e.reserved.remove(family);
+        }
     }
 }
 
@@ -261,19 +288,19 @@ impl Quotas {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Admits (or refuses) a generation request; may rewrite `body`.
+    /// Admits (or refuses) a request from the facts its provider read (`facts` is `None` for
+    /// requests that are not generations). The prompt text is taken out of `facts`.
     pub async fn admit(
         &self,
         req: &AdmitRequest<'_>,
-        body: &mut serde_json::Value,
+        facts: Option<&mut RequestFacts>,
     ) -> Result<Admitted, ProxyError> {
-        if !req.api.is_generation() {
+        let Some(facts) = facts.filter(|_| req.generation) else {
             return Ok(Admitted {
-                body_changed: false,
                 headers: HeaderMap::new(),
-                ticket: Ticket::passthrough(req.api),
+                ticket: Ticket::passthrough(),
             });
-        }
+        };
         let (token, kind) = match req.principal {
             Principal::User { token, kind } => (Some(token.as_str()), Some(*kind)),
             _ => (None, None),
@@ -306,14 +333,12 @@ impl Quotas {
         // Without a user there is nobody to count tokens for.
         let Some(token) = token else {
             return Ok(Admitted {
-                body_changed: false,
                 headers,
-                ticket: Ticket::passthrough(req.api),
+                ticket: Ticket::passthrough(),
             });
         };
 
-        let mut facts = request_facts(req.api, body);
-        let family = family_for(req.api.provider(), &facts.model);
+        let family = facts.family.clone();
         // First try: reserve the prompt's upper bound when the user has plenty of room, without
         // tokenizing; otherwise count the prompt and decide on its real size.
         let bound = facts.requested(facts.prompt_bound());
@@ -349,28 +374,10 @@ impl Quotas {
             Some(Reservation::Reserved | Reservation::NeedsCount) => {}
         }
 
-        // Ask an OpenAI stream for its usage when the client did not, and hide that chunk.
-        let hide = facts.stream
-            && !facts.include_usage
-            && matches!(req.api, Api::OpenAiChat | Api::OpenAiCompletions);
-        if hide {
-            if let Some(obj) = body.as_object_mut() {
-                let opts = obj
-                    .entry("stream_options")
-                    .or_insert_with(|| serde_json::json!({}));
-                if !opts.is_object() {
-                    *opts = serde_json::json!({});
-                }
-                if let Some(o) = opts.as_object_mut() {
-                    o.insert("include_usage".into(), serde_json::Value::Bool(true));
-                }
-            }
-        }
         Ok(Admitted {
-            body_changed: hide,
             headers,
             ticket: Ticket {
-                meter: Meter::new(req.api, hide),
+                meter: None,
                 settlement: Some(Settlement {
                     users: self.users.clone(),
                     token: token.to_string(),

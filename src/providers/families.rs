@@ -9,8 +9,6 @@
 //! not, maps to some family: an unknown OpenAI-style model is `gpt4` and an unknown
 //! Anthropic-style model is `claude`, as in the original.
 
-use crate::upstream::api::Provider;
-
 /// The family of an unknown model sent to an OpenAI-style upstream (the original's default).
 pub const OPENAI_FALLBACK: &str = "gpt4";
 /// The family of an unknown model sent to an Anthropic-style upstream.
@@ -53,12 +51,13 @@ pub const FAMILIES: &[&str] = &[
     "gcp-claude-opus",
 ];
 
-/// The family a request for `model` sent to `provider` is counted in.
+/// The family a request for `model` is counted in, when its name says it.
 ///
 /// The model name decides first (so a `claude-*` model behind an OpenAI-compatible upstream is
 /// still counted as Claude, and the original's Azure/AWS/GCP naming conventions are honoured);
-/// only a name that says nothing falls back to the provider's default family.
-pub fn family_for(provider: Provider, model: &str) -> String {
+/// only a name that says nothing (`None`) falls back to the provider's default family, which
+/// each provider module applies.
+pub fn family_for(model: &str) -> Option<String> {
     let m = model.trim().to_ascii_lowercase();
     // The original's service conventions: Azure deployments carry "azure" in the model name,
     // AWS Bedrock model ids start with "anthropic.", and GCP Vertex names are `claude-…@date`.
@@ -67,30 +66,23 @@ pub fn family_for(provider: Provider, model: &str) -> String {
             .replace("azure-", "")
             .replace("gpt-35-turbo", "gpt-3.5-turbo");
         let inner = openai_family(&bare).unwrap_or(OPENAI_FALLBACK);
-        return format!("azure-{inner}");
+        return Some(format!("azure-{inner}"));
     }
     if m.contains("anthropic.") {
-        return claude_variant(&m, "aws-claude", "aws-claude-opus").to_string();
+        return Some(claude_variant(&m, "aws-claude", "aws-claude-opus").to_string());
     }
     if m.starts_with("claude-") && m.contains('@') {
-        return claude_variant(&m, "gcp-claude", "gcp-claude-opus").to_string();
+        return Some(claude_variant(&m, "gcp-claude", "gcp-claude-opus").to_string());
     }
     if m.starts_with("claude") {
-        return claude_variant(&m, "claude", "claude-opus").to_string();
+        return Some(claude_variant(&m, "claude", "claude-opus").to_string());
     }
     if m.starts_with("gemini") {
-        return "gemini-pro".to_string();
+        return Some("gemini-pro".to_string());
     }
-    if let Some(f) = mistral_family(&m) {
-        return f.to_string();
-    }
-    if let Some(f) = openai_family(&m) {
-        return f.to_string();
-    }
-    match provider {
-        Provider::OpenAi => OPENAI_FALLBACK.to_string(),
-        Provider::Anthropic => ANTHROPIC_FALLBACK.to_string(),
-    }
+    mistral_family(&m)
+        .or_else(|| openai_family(&m))
+        .map(str::to_string)
 }
 
 /// Opus is the premium Claude tier; every other Claude (Sonnet, Haiku, Instant, 2.x) shares the
@@ -243,10 +235,10 @@ mod tests {
     use super::*;
 
     fn oa(m: &str) -> String {
-        family_for(Provider::OpenAi, m)
+        crate::providers::openai::family(m)
     }
     fn an(m: &str) -> String {
-        family_for(Provider::Anthropic, m)
+        crate::providers::anthropic::family(m)
     }
 
     #[test]
