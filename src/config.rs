@@ -108,6 +108,16 @@ pub struct Cli {
         default_value = "https://api.anthropic.com"
     )]
     pub anthropic_base_url: Url,
+    /// Comma-separated Google AI (Gemini API) keys.
+    #[arg(long, env = "GOOGLE_AI_KEY", hide_env_values = true)]
+    pub google_ai_key: Option<Secret>,
+    /// Base URL of the Google AI (Gemini API) upstream.
+    #[arg(
+        long,
+        env = "GOOGLE_AI_BASE_URL",
+        default_value = "https://generativelanguage.googleapis.com"
+    )]
+    pub google_ai_base_url: Url,
     /// Prefix of the compatibility routes ({route}/openai/..., {route}/anthropic/...).
     #[arg(long, env = "PROXY_ENDPOINT_ROUTE", default_value = "/proxy")]
     pub proxy_endpoint_route: String,
@@ -213,6 +223,7 @@ pub struct Config {
     pub cli: Cli,
     pub openai_keys: Vec<Secret>,
     pub anthropic_keys: Vec<Secret>,
+    pub google_ai_keys: Vec<Secret>,
     pub ip_blacklist: Vec<IpNet>,
     pub admin_whitelist: Vec<IpNet>,
     /// `TOKEN_QUOTA_<FAMILY>` values keyed by family name (lower-case, `_` → `-`).
@@ -279,6 +290,7 @@ impl Config {
         };
         let openai_keys = split_keys(&cli.openai_key);
         let anthropic_keys = split_keys(&cli.anthropic_key);
+        let google_ai_keys = split_keys(&cli.google_ai_key);
         let ip_blacklist = parse_cidr_list("IP_BLACKLIST", &cli.ip_blacklist)?;
         let admin_whitelist = parse_cidr_list("ADMIN_WHITELIST", &cli.admin_whitelist)?;
 
@@ -311,6 +323,7 @@ impl Config {
         for (name, url) in [
             ("OPENAI_BASE_URL", &cli.openai_base_url),
             ("ANTHROPIC_BASE_URL", &cli.anthropic_base_url),
+            ("GOOGLE_AI_BASE_URL", &cli.google_ai_base_url),
         ] {
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
                 return Err(ConfigError(format!(
@@ -361,6 +374,7 @@ impl Config {
         Ok(Config {
             openai_keys,
             anthropic_keys,
+            google_ai_keys,
             ip_blacklist,
             admin_whitelist,
             token_quotas,

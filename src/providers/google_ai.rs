@@ -7,13 +7,18 @@
 //! (served in both Gemini's and OpenAI's shape) and the model → family map. Knows nothing of
 //! users, quotas or HTTP plumbing.
 
+use axum::http::HeaderName;
 use serde_json::{json, Map, Value};
 
+use super::families::{family_for, GEMINI_FALLBACK};
 use super::translate::gemini::UsageMetadata;
+use super::{uint_field, Api, BadRequest, ReportedUsage, RequestFacts, Seen, MESSAGE_OVERHEAD};
 
 /// The header Google AI reads the API key from (the operator's key upstream, and one of the
 /// places a client may send its proxy credential).
 pub const KEY_HEADER: &str = "x-goog-api-key";
+/// [`KEY_HEADER`] as the header that carries the operator's key (the bare key).
+pub const AUTH_HEADER: HeaderName = HeaderName::from_static(KEY_HEADER);
 /// The query parameter Google's REST examples put the key in: read as a client credential,
 /// and always removed before the request goes upstream.
 pub const KEY_QUERY: &str = "key";
@@ -152,50 +157,34 @@ pub fn take_query_key(query: &str) -> (Option<String>, Option<String>) {
     (key, any.then(|| rest.finish()))
 }
 
-/// The model family quotas count a model in, as the original: `ultra` and `flash` by name,
-/// every other Gemini model `gemini-pro`.
-pub fn family(model: &str) -> &'static str {
-    if model.contains("ultra") {
-        "gemini-ultra"
-    } else if model.contains("flash") {
-        "gemini-flash"
-    } else {
-        "gemini-pro"
-    }
+/// The quota family of a model sent to Google AI (see [`super::families`]: `gemini-flash`,
+/// `gemini-pro`, `gemini-ultra` as the original; any other model `gemini-pro`).
+pub fn family(model: &str) -> String {
+    family_for(model).unwrap_or_else(|| GEMINI_FALLBACK.to_string())
 }
 
-/// Every family this provider counts in.
-pub const FAMILIES: [&str; 3] = ["gemini-flash", "gemini-pro", "gemini-ultra"];
-
-/// What admission needs to know about a `generateContent` request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RequestFacts {
-    /// The prompt's text (system instruction, contents, tools).
-    pub prompt_text: String,
-    /// Prompt tokens that are not text (inline images and files) plus per-message overhead.
-    pub prompt_fixed: u64,
-    /// `generationConfig.maxOutputTokens`, if given.
-    pub output_cap: Option<u64>,
-    /// `generationConfig.candidateCount` (1 when absent).
-    pub candidates: u64,
-}
-
-/// Reads the facts admission needs from a `generateContent` body.
-pub fn request_facts(body: &Value) -> RequestFacts {
-    let config = generation_config(body);
-    let output_cap = config
-        .and_then(|c| c.get("maxOutputTokens"))
-        .and_then(Value::as_u64);
-    let candidates = config
-        .and_then(|c| c.get("candidateCount"))
-        .and_then(Value::as_u64)
-        .unwrap_or(1)
-        .clamp(1, 8);
+/// Reads the facts admission needs from a Google AI request body. The model is in the path,
+/// not the body: the route supplies it. The stream flag is the method
+/// ([`Api::GoogleAiStream`]).
+pub fn request_facts_for(api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
     let mut facts = RequestFacts {
-        output_cap,
-        candidates,
+        stream: api == Api::GoogleAiStream,
+        choices: 1,
         ..RequestFacts::default()
     };
+    if !matches!(api, Api::GoogleAiGenerate | Api::GoogleAiStream) {
+        return Ok(facts);
+    }
+    let config = generation_config(body);
+    if let Some(c) = config {
+        facts.max_output = uint_field(c, "maxOutputTokens")
+            .map_err(|e| BadRequest(format!("generationConfig.{}", e.0)))?;
+        facts.choices = uint_field(c, "candidateCount")
+            .map_err(|e| BadRequest(format!("generationConfig.{}", e.0)))?
+            .unwrap_or(1)
+            .clamp(1, 8);
+    }
+    facts.capped_output = true;
     for k in ["systemInstruction", "system_instruction"] {
         if let Some(c) = body.get(k) {
             collect_content(c, &mut facts);
@@ -207,13 +196,14 @@ pub fn request_facts(body: &Value) -> RequestFacts {
         .into_iter()
         .flatten()
     {
-        facts.prompt_fixed += 4;
+        facts.prompt_fixed += MESSAGE_OVERHEAD;
         collect_content(c, &mut facts);
     }
     if let Some(tools) = body.get("tools") {
+        facts.has_tools = true;
         push(&mut facts.prompt_text, &tools.to_string());
     }
-    facts
+    Ok(facts)
 }
 
 /// `generationConfig` (SDKs that write snake case send `generation_config`, which Google also
@@ -237,6 +227,7 @@ fn collect_content(content: &Value, facts: &mut RequestFacts) {
         for k in ["inlineData", "inline_data", "fileData", "file_data"] {
             if p.get(k).is_some() {
                 facts.prompt_fixed += MEDIA_TOKENS;
+                facts.has_images = true;
             }
         }
         for k in [
@@ -283,14 +274,46 @@ pub fn set_output_cap(body: &mut Value, cap: u64) -> bool {
     }
 }
 
+impl UsageMetadata {
+    /// Reads a `usageMetadata` object.
+    pub fn from_json(v: &Value) -> Option<UsageMetadata> {
+        v.is_object()
+            .then(|| serde_json::from_value(v.clone()).ok())
+            .flatten()
+    }
+
+    /// Every report is a running total that the next one replaces, so each is final as far
+    /// as it goes: a stream cut short is charged what it reported last.
+    pub fn into_usage(self) -> ReportedUsage {
+        ReportedUsage {
+            prompt: Some(self.prompt()),
+            completion: Some(self.completion()),
+            completion_final: true,
+        }
+    }
+}
+
+/// A `usageMetadata` object (the meter's fast path reads only that field).
+pub fn usage_from_json(u: &Value) -> Option<ReportedUsage> {
+    Some(UsageMetadata::from_json(u)?.into_usage())
+}
+
+/// Reads one whole answer, one stream event, or a non-SSE stream (a JSON array of answers)
+/// into `seen`. Never a usage-only event to hide.
+pub fn observe(v: &Value, seen: &mut Seen) -> bool {
+    if let Some(u) = usage(v) {
+        seen.usage(u.into_usage());
+    }
+    generated_text(v, |t| seen.text(t));
+    false
+}
+
 /// Usage in a whole answer, one stream event, or a non-SSE stream (a JSON array of answers,
 /// whose last `usageMetadata` is the total).
 pub fn usage(v: &Value) -> Option<UsageMetadata> {
     match v {
         Value::Array(items) => items.iter().rev().find_map(usage),
-        _ => v
-            .get("usageMetadata")
-            .and_then(|u| serde_json::from_value(u.clone()).ok()),
+        _ => v.get("usageMetadata").and_then(UsageMetadata::from_json),
     }
 }
 
@@ -425,6 +448,17 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_cap_is_refused() {
+        let body = json!({"contents": [], "generationConfig": {"maxOutputTokens": "100"}});
+        let e = request_facts_for(Api::GoogleAiGenerate, &body).unwrap_err();
+        assert!(
+            e.0.starts_with("generationConfig.`maxOutputTokens`"),
+            "{}",
+            e.0
+        );
+    }
+
+    #[test]
     fn facts_and_output_cap() {
         let mut body = json!({
             "systemInstruction": {"parts": [{"text": "Be brief."}]},
@@ -434,16 +468,19 @@ mod tests {
             ],
             "generationConfig": {"maxOutputTokens": 500, "candidateCount": 2}
         });
-        let facts = request_facts(&body);
+        let facts = request_facts_for(Api::GoogleAiStream, &body).unwrap();
         assert_eq!(facts.prompt_text, "Be brief.\nHi\nHello");
         assert_eq!(facts.prompt_fixed, 4 + 4 + MEDIA_TOKENS);
-        assert_eq!(facts.output_cap, Some(500));
-        assert_eq!(facts.candidates, 2);
+        assert_eq!(facts.max_output, Some(500));
+        assert_eq!(facts.choices, 2);
+        assert!(facts.stream && facts.has_images && facts.capped_output);
         assert!(!set_output_cap(&mut body, 800));
         assert!(set_output_cap(&mut body, 100));
         assert_eq!(body["generationConfig"]["maxOutputTokens"], 100);
         let mut bare = json!({"contents": []});
-        assert_eq!(request_facts(&bare).output_cap, None);
+        let facts = request_facts_for(Api::GoogleAiGenerate, &bare).unwrap();
+        assert_eq!(facts.max_output, None);
+        assert!(!facts.stream);
         assert!(set_output_cap(&mut bare, 64));
         assert_eq!(bare["generationConfig"]["maxOutputTokens"], 64);
     }

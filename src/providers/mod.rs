@@ -68,6 +68,8 @@ pub use meter::Meter;
 pub enum Provider {
     OpenAi,
     Anthropic,
+    /// Google AI, the Gemini API ([`google_ai`]).
+    GoogleAi,
 }
 
 /// The kind of endpoint a proxied request targets, by wire format. The same format may be
@@ -86,6 +88,13 @@ pub enum Api {
     AnthropicMessages,
     /// `POST /v1/messages/count_tokens` and anything else on the Anthropic upstream.
     AnthropicOther,
+    /// `POST /{v1,v1beta}/models/{model}:generateContent` (Google AI).
+    GoogleAiGenerate,
+    /// `POST /{v1,v1beta}/models/{model}:streamGenerateContent` (Google AI; the stream flag is
+    /// the method, not a body field).
+    GoogleAiStream,
+    /// `GET /{v1,v1beta}/models` (Google AI).
+    GoogleAiOther,
 }
 
 impl Api {
@@ -96,6 +105,7 @@ impl Api {
                 Provider::OpenAi
             }
             Api::AnthropicMessages | Api::AnthropicOther => Provider::Anthropic,
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => Provider::GoogleAi,
         }
     }
 
@@ -107,6 +117,8 @@ impl Api {
                 | Api::OpenAiCompletions
                 | Api::OpenAiEmbeddings
                 | Api::AnthropicMessages
+                | Api::GoogleAiGenerate
+                | Api::GoogleAiStream
         )
     }
 
@@ -255,7 +267,23 @@ pub trait Translation: Send + Sync {
     /// The rewrite of the upstream's response (JSON or SSE, `stream` says which the client
     /// asked for) into the client's format.
     fn response(&self, stream: bool) -> Box<dyn StreamTransform>;
+    /// The model, when the upstream takes it in the path rather than the body (Gemini):
+    /// asked after [`Translation::request`], for the request facts (family, quota).
+    fn model(&self) -> Option<String> {
+        None
+    }
+    /// The upstream path (with its query, which then replaces the client's), when it depends
+    /// on the client's request (Gemini: the model and the stream method); asked after
+    /// [`Translation::request`].
+    fn upstream_path(&self) -> Option<String> {
+        None
+    }
 }
+
+/// The model of a request whose path names it (Gemini's `models/{model}:generateContent`),
+/// inserted in the request extensions by its route for the request facts.
+#[derive(Debug, Clone)]
+pub struct PathModel(pub String);
 
 /// The upstream request as it will be sent, for [`Provider::authorize`] to sign or complete.
 pub struct UpstreamRequest {
@@ -281,6 +309,9 @@ impl Provider {
     pub fn request_facts(self, api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
         let mut facts = match api {
             Api::AnthropicMessages | Api::AnthropicOther => anthropic::request_facts(api, body)?,
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => {
+                google_ai::request_facts_for(api, body)?
+            }
             _ => openai::request_facts(api, body)?,
         };
         facts.family = self.family(&facts.model);
@@ -292,6 +323,9 @@ impl Provider {
         match api {
             Api::AnthropicMessages => anthropic::set_output_cap(body, cap),
             Api::OpenAiChat | Api::OpenAiCompletions => openai::set_output_cap(api, body, cap),
+            Api::GoogleAiGenerate | Api::GoogleAiStream => {
+                google_ai::set_output_cap(body, cap);
+            }
             _ => {}
         }
     }
@@ -301,7 +335,8 @@ impl Provider {
     pub fn ask_stream_usage(self, api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
         match self {
             Provider::OpenAi => openai::ask_stream_usage(api, body, facts),
-            Provider::Anthropic => false,
+            // Gemini streams carry usageMetadata without being asked.
+            Provider::Anthropic | Provider::GoogleAi => false,
         }
     }
 
@@ -310,6 +345,7 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::family(model),
             Provider::Anthropic => anthropic::family(model),
+            Provider::GoogleAi => google_ai::family(model),
         }
     }
 
@@ -317,6 +353,9 @@ impl Provider {
     pub fn observe(self, api: Api, v: &Value, seen: &mut Seen) -> bool {
         match api {
             Api::AnthropicMessages | Api::AnthropicOther => anthropic::observe(v, seen),
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => {
+                google_ai::observe(v, seen)
+            }
             _ => openai::observe(v, seen),
         }
     }
@@ -327,13 +366,19 @@ impl Provider {
             Api::AnthropicMessages | Api::AnthropicOther => {
                 Some(anthropic::AnthropicUsage::from_json(usage)?.into_usage(true))
             }
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => {
+                google_ai::usage_from_json(usage)
+            }
             _ => Some(openai::OpenAiUsage::from_json(usage)?.into_usage()),
         }
     }
 
     /// The top-level field of a JSON response that holds its usage.
     pub fn usage_key(self) -> &'static str {
-        "usage"
+        match self {
+            Provider::GoogleAi => "usageMetadata",
+            _ => "usage",
+        }
     }
 
     /// A decoder of this provider's stream framing into SSE, when it does not stream SSE.
@@ -346,6 +391,7 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::FORWARDED_HEADERS,
             Provider::Anthropic => anthropic::FORWARDED_HEADERS,
+            Provider::GoogleAi => &[],
         }
     }
 
@@ -360,7 +406,7 @@ impl Provider {
     pub fn key_credential(self, key: &str) -> String {
         match self {
             Provider::OpenAi => openai::key_credential(key),
-            Provider::Anthropic => key.to_string(),
+            Provider::Anthropic | Provider::GoogleAi => key.to_string(),
         }
     }
 
@@ -378,6 +424,7 @@ impl Provider {
         let name = match self {
             Provider::OpenAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,
+            Provider::GoogleAi => google_ai::AUTH_HEADER,
         };
         req.headers.insert(name, key.credential.clone());
         Ok(())
