@@ -19,8 +19,8 @@ use tokio_util::task::TaskTracker;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::lockout::Lockout;
 use crate::config::{Config, ConfigError};
-use crate::gatekeeper::lockout::Lockout;
 use crate::proxy::Upstreams;
 use crate::quota::Quotas;
 use crate::users::persist::Persistence;
@@ -49,7 +49,7 @@ pub struct AppParts {
     pub quotas: Arc<Quotas>,
     pub lockout: Arc<Lockout>,
     /// Admin web sessions, CSRF and the external session client (issue 7).
-    pub sessions: Arc<crate::admin::session::Sessions>,
+    pub sessions: Arc<crate::auth::session::Sessions>,
     pub started_at: Instant,
 }
 
@@ -65,7 +65,7 @@ impl AppState {
             config.cli.brute_force_max_failed_attempts,
             std::time::Duration::from_secs(config.cli.brute_force_ttl_seconds),
         ));
-        let sessions = Arc::new(crate::admin::session::Sessions::from_config(&config)?);
+        let sessions = Arc::new(crate::auth::session::Sessions::from_config(&config)?);
         Ok(AppState(Arc::new(AppParts {
             sessions,
             config,
@@ -80,17 +80,20 @@ impl AppState {
 }
 
 /// The router with every layer. Layers, outermost first:
-/// 0. `gatekeeper::move_query_key`: on proxied routes, a client key sent as `?key=` (Google's
-///    REST style) moves into the `x-goog-api-key` header, so that no URL logged or forwarded
+/// 0. `auth::credentials::move_query_key`: on proxied routes, a client key sent as `?key=`
+///    (Google's REST style) moves into the `x-goog-api-key` header, so that no URL forwarded
 ///    holds it.
 /// 1. Only when `LOG_LEVEL` enables debug logging: `SetSensitiveRequestHeaders` marks
 ///    `authorization`, `x-api-key`, `x-goog-api-key`, `cookie` and `x-session-token` sensitive, so that
-///    `TraceLayer` logs each request and response with those redacted. At other levels the pair
-///    is left out of the request path entirely (the forwarder logs every request itself).
-/// 2. `gatekeeper::guard`, default-deny: decides the client address once and inserts
-///    [`crate::net::ClientIp`] (read by the quotas and handlers), then inserts
-///    [`crate::gatekeeper::Principal`] (proxied routes) or [`crate::admin::AdminIdentity`]
-///    (admin routes), or refuses.
+///    `TraceLayer` logs each request and response with those redacted; its span names the
+///    route template (`request_span`), never the path or query, which may carry a token. At
+///    other levels the pair is left out of the request path entirely (the forwarder logs every
+///    request itself).
+/// 2. `auth::guard`, default-deny, by the route table `auth::ROUTES` (it runs inside the
+///    router, after the route is matched, so it sees `MatchedPath`): decides the client address
+///    once and inserts [`crate::auth::ClientIp`] (read by the quotas and handlers), then
+///    inserts [`crate::auth::Principal`] (proxied routes), [`crate::auth::AdminIdentity`]
+///    (admin routes) or [`crate::auth::LockedOut`] (credential forms), or refuses.
 /// 3. The routes: proxied (`upstream`), admin (`admin`), public pages (`web`), `/health`.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_body_bytes();
@@ -102,11 +105,11 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::gatekeeper::guard,
+            crate::auth::guard,
         ));
     let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {
         router
-            .layer(TraceLayer::new_for_http())
+            .layer(TraceLayer::new_for_http().make_span_with(request_span))
             .layer(SetSensitiveRequestHeadersLayer::new([
                 header::AUTHORIZATION,
                 header::COOKIE,
@@ -117,10 +120,23 @@ pub fn router(state: AppState) -> Router {
     } else {
         router
     };
-    // Outermost: a client key sent as `?key=` leaves the URL before anything logs it.
+    // Outermost: a client key sent as `?key=` leaves the URL before anything else sees it.
     router
-        .layer(middleware::map_request(crate::gatekeeper::move_query_key))
+        .layer(middleware::map_request(
+            crate::auth::credentials::move_query_key,
+        ))
         .with_state(state)
+}
+
+/// The span of one request in the debug trace: its method and route *template*
+/// (`/admin/users/{token}`), never the path or query it was called with, which may carry a
+/// user token, a key or anything else a client put there.
+fn request_span(req: &axum::extract::Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("(no route)", |m| m.as_str());
+    tracing::debug_span!("request", method = %req.method(), route, version = ?req.version())
 }
 
 #[derive(Deserialize)]
@@ -162,6 +178,14 @@ pub async fn serve(
     tasks.close();
 
     let grace = state.config.shutdown_grace();
+    tracing::info!(
+        trusted_proxies = state.config.trusted_proxies(),
+        "client addresses: {}",
+        match state.config.trusted_proxies() {
+            0 => "the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)".to_string(),
+            n => format!("entry {n} from the right of X-Forwarded-For (TRUSTED_PROXIES={n})"),
+        }
+    );
     let stop_accepting = CancellationToken::new();
     let app = router(state);
     // Nagle's algorithm would hold back small writes (an SSE event, a short JSON answer) for

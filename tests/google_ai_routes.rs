@@ -164,3 +164,26 @@ async fn bad_requests_say_what_to_send() {
     assert!(fake.requests().is_empty(), "{:?}", fake.requests());
     assert_eq!(used(&app, "tok-bad", "gemini-pro"), 0);
 }
+
+#[tokio::test]
+async fn a_user_near_the_limit_gets_the_cap_in_generation_config() {
+    let fake = FakeGoogleAi::start(&["AIza-operator"]).await;
+    let app = app(&fake).await;
+    add_user(&app, "tok-cap", UserType::Normal, &[("gemini-flash", 200)]);
+    let resp = reqwest::Client::new()
+        .post(format!(
+            "{}/proxy/google-ai/v1beta/models/gemini-2.5-flash:generateContent",
+            app.url
+        ))
+        .header("x-goog-api-key", "tok-cap")
+        .body(BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cap = fake.last_request().json()["generationConfig"]["maxOutputTokens"]
+        .as_u64()
+        .expect("the proxy set maxOutputTokens");
+    assert!(cap > 0 && cap < 200, "{cap}");
+    assert_eq!(used(&app, "tok-cap", "gemini-flash"), TOTAL_TOKENS);
+}

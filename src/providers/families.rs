@@ -62,7 +62,7 @@ pub const FAMILIES: &[&str] = &[
 /// only a name that says nothing (`None`) falls back to the provider's default family, which
 /// each provider module applies.
 pub fn family_for(model: &str) -> Option<String> {
-    let m = model.trim().to_ascii_lowercase();
+    let m = bare_model(model);
     // The original's service conventions: Azure deployments carry "azure" in the model name,
     // AWS Bedrock model ids start with "anthropic.", and GCP Vertex names are `claude-…@date`.
     if m.contains("azure") {
@@ -95,6 +95,47 @@ pub fn family_for(model: &str) -> Option<String> {
     mistral_family(&m)
         .or_else(|| openai_family(&m))
         .map(str::to_string)
+}
+
+/// The lower-cased model name without a vendor prefix: OpenRouter-style clients send
+/// `openai/gpt-4o` or `anthropic/claude-3.5-sonnet`, which must count in the same family as
+/// the bare name (else a prefix would escape the user's quota). Everything up to the last `/`
+/// is dropped (a Vertex or Bedrock resource path keeps its model name at the end too).
+fn bare_model(model: &str) -> String {
+    let m = model.trim().to_ascii_lowercase();
+    match m.rsplit_once('/') {
+        Some((_, name)) if !name.is_empty() => name.to_string(),
+        _ => m,
+    }
+}
+
+/// The most output tokens a response of `model` can hold per choice, an upper bound of what
+/// each model family documents (a response without `max_tokens` is reserved at this much;
+/// when a user has less left, the proxy sets the output cap instead). Unknown models get a
+/// generous bound.
+pub fn max_output_tokens(model: &str) -> u64 {
+    let family = family_for(model).unwrap_or_default();
+    let family = family
+        .strip_prefix("azure-")
+        .or_else(|| family.strip_prefix("aws-"))
+        .or_else(|| family.strip_prefix("gcp-"))
+        .unwrap_or(&family);
+    match family {
+        "turbo" | "gpt4o" | "gpt45" => 16_384,
+        "gpt4" => 8_192,
+        "gpt4-32k" => 32_768,
+        "gpt4-turbo" => 4_096,
+        "gpt41" | "gpt41-mini" | "gpt41-nano" => 32_768,
+        "o1-mini" => 65_536,
+        "o1" | "o1-pro" | "o3" | "o3-mini" | "o3-pro" | "o4-mini" => 100_000,
+        "gpt5" | "gpt5-mini" | "gpt5-nano" | "gpt5-pro" => 128_000,
+        // Claude 3.7 Sonnet streams up to 128k with its beta header; others stay below.
+        "claude" | "claude-opus" => 128_000,
+        "gemini-pro" | "gemini-flash" | "gemini-ultra" => 65_536,
+        // Mistral documents no output limit below its context window.
+        f if f.starts_with("mistral-") => 128_000,
+        _ => 128_000,
+    }
 }
 
 /// Opus is the premium Claude tier; every other Claude (Sonnet, Haiku, Instant, 2.x) shares the
@@ -405,5 +446,30 @@ mod tests {
             let var = f.to_ascii_uppercase().replace('-', "_");
             assert_eq!(var.to_ascii_lowercase().replace('_', "-"), *f);
         }
+    }
+
+    #[test]
+    fn vendor_prefixes_count_as_the_bare_name() {
+        for (prefixed, bare) in [
+            ("openai/gpt-4o", "gpt-4o"),
+            ("OpenAI/GPT-4o-mini", "gpt-4o-mini"),
+            ("anthropic/claude-3-opus", "claude-3-opus"),
+            ("anthropic/claude-sonnet-4-5", "claude-sonnet-4-5"),
+            ("mistralai/mistral-large-latest", "mistral-large-latest"),
+            ("openai/o3-mini", "o3-mini"),
+        ] {
+            assert_eq!(oa(prefixed), oa(bare), "{prefixed}");
+            assert_eq!(an(prefixed), an(bare), "{prefixed}");
+        }
+        assert_eq!(oa("openai/gpt-4o"), "gpt4o");
+        assert_eq!(oa("anthropic/claude-3-opus"), "claude-opus");
+    }
+
+    #[test]
+    fn max_output_bounds() {
+        assert_eq!(max_output_tokens("gpt-4o"), 16_384);
+        assert_eq!(max_output_tokens("openai/gpt-4o-mini"), 16_384);
+        assert_eq!(max_output_tokens("o3"), 100_000);
+        assert_eq!(max_output_tokens("something-else"), 128_000);
     }
 }

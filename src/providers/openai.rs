@@ -29,6 +29,9 @@ pub fn family(model: &str) -> String {
     family_for(model).unwrap_or_else(|| OPENAI_FALLBACK.to_string())
 }
 
+/// Prompt tokens every chat request is charged for the reply's priming, as OpenAI documents.
+const REPLY_PRIMING: u64 = 3;
+
 /// Reads the facts admission needs from a request body of an OpenAI-format API.
 pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
     let mut facts = RequestFacts {
@@ -64,6 +67,8 @@ pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest>
     }
     match api {
         Api::OpenAiChat => {
+            // Every reply is primed with a few tokens (`<|start|>assistant<|message|>`).
+            facts.prompt_fixed += REPLY_PRIMING;
             for m in body
                 .get("messages")
                 .and_then(Value::as_array)

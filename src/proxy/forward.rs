@@ -39,8 +39,8 @@ use tokio::time::Sleep;
 use std::sync::Arc;
 
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::error::ProxyError;
-use crate::gatekeeper::Principal;
 use crate::net::ClientIp;
 use crate::providers::{
     Api, KeyUse, Meter, PathModel, Provider, StreamTransform, Translation, UpstreamRequest,
@@ -356,6 +356,12 @@ async fn admit(
             Some(&mut facts),
         )
         .await?;
+    if let Some(cap) = admitted.output_cap {
+        // The user has less left than the request could produce: the provider's own output
+        // cap field says so, and the upstream stops there.
+        ctx.provider.set_output_cap(ctx.api, &mut json, cap);
+        changed = true;
+    }
     if admitted.ticket.charges() {
         // Streams that report usage only on request are asked to; the usage-only event is
         // then hidden from the client, who did not ask for it.

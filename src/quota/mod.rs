@@ -28,9 +28,9 @@ use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use chrono::{DateTime, Local};
 
+use crate::auth::Principal;
 use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
-use crate::gatekeeper::Principal;
 use crate::providers::{Meter, RequestFacts, Usage};
 use crate::users::model::TokenCounts;
 use crate::users::{UserStore, UserType};
@@ -69,6 +69,9 @@ pub struct Admitted {
     /// Headers to add to the client's response (rate-limit headers).
     pub headers: HeaderMap,
     pub ticket: Ticket,
+    /// The output cap (per choice) the forwarder must write into the provider's own field:
+    /// set when the client gave none, or a larger one than the user has left after the prompt.
+    pub output_cap: Option<u64>,
 }
 
 /// Observes one response and settles the request's reservation when it ends.
@@ -114,6 +117,10 @@ impl PromptEstimate {
 /// tokenized, so the last requests that fit are admitted on their real size; the bounds that
 /// requests admitted earlier still hold can only make admission stricter, never looser.
 const BOUND_HEADROOM: u64 = 8;
+
+/// The fewest output tokens worth sending a request for: when a user has less than this left
+/// after the prompt, the request is refused (429) rather than capped to a useless answer.
+pub const MIN_OUTPUT_TOKENS: u64 = 16;
 
 impl Ticket {
     /// A ticket that observes nothing and charges nobody.
@@ -242,11 +249,46 @@ struct Refusal {
     limit: u64,
     used: u64,
     reserved: u64,
+    /// The output cap the request would have had (too small to be useful), when the proxy
+    /// tried to cap it.
+    capped: Option<u64>,
+}
+
+/// What one reservation attempt asks for.
+#[derive(Clone, Copy)]
+struct Want {
+    /// The prompt's tokens (its bound or its count).
+    prompt: u64,
+    /// The client's output cap per choice, if any.
+    max_output: Option<u64>,
+    choices: u64,
+    /// The request produces output whose cap the proxy may set.
+    capped_output: bool,
+    /// The most a response of this model can produce per choice (`families::max_output_tokens`).
+    model_max: u64,
+    /// `prompt` is the free upper bound, not a count (see [`BOUND_HEADROOM`]).
+    is_bound: bool,
+}
+
+impl Want {
+    /// The most output the request can produce as sent.
+    fn natural_output(&self) -> u64 {
+        if !self.capped_output {
+            return 0;
+        }
+        self.max_output
+            .unwrap_or(self.model_max)
+            .saturating_mul(self.choices.max(1))
+    }
 }
 
 /// The outcome of one reservation attempt under the entry lock.
 enum Reservation {
-    Reserved,
+    /// Reserved `requested` tokens; `cap` is the output cap per choice to set, if any.
+    Reserved {
+        requested: u64,
+        cap: Option<u64>,
+    },
     /// Not enough room for the upper bound: count the prompt and try again.
     NeedsCount,
     Refused(Refusal),
@@ -299,6 +341,7 @@ impl Quotas {
             return Ok(Admitted {
                 headers: HeaderMap::new(),
                 ticket: Ticket::passthrough(),
+                output_cap: None,
             });
         };
         let (token, kind) = match req.principal {
@@ -335,47 +378,69 @@ impl Quotas {
             return Ok(Admitted {
                 headers,
                 ticket: Ticket::passthrough(),
+                output_cap: None,
             });
         };
 
         let family = facts.family.clone();
-        // First try: reserve the prompt's upper bound when the user has plenty of room, without
-        // tokenizing; otherwise count the prompt and decide on its real size.
-        let bound = facts.requested(facts.prompt_bound());
-        let (requested, prompt, outcome) = match self.reserve(token, &family, bound, true) {
+        let want = Want {
+            prompt: facts.prompt_bound(),
+            max_output: facts.max_output,
+            choices: facts.choices,
+            capped_output: facts.capped_output,
+            model_max: crate::providers::families::max_output_tokens(&facts.model),
+            is_bound: true,
+        };
+        // First try: reserve with the prompt's upper bound when the user has plenty of room,
+        // without tokenizing; otherwise count the prompt and decide on its real size.
+        let (prompt, outcome) = match self.reserve(token, &family, want) {
             Some(Reservation::NeedsCount) => {
                 let text = std::mem::take(&mut facts.prompt_text);
                 let tokens = estimate::count_tokens_async(text)
                     .await
                     .saturating_add(facts.prompt_fixed);
-                let requested = facts.requested(tokens);
-                let outcome = self.reserve(token, &family, requested, false);
-                (requested, PromptEstimate::Counted(tokens), outcome)
+                let outcome = self.reserve(
+                    token,
+                    &family,
+                    Want {
+                        prompt: tokens,
+                        is_bound: false,
+                        ..want
+                    },
+                );
+                (PromptEstimate::Counted(tokens), outcome)
             }
             outcome => {
                 let prompt = PromptEstimate::Uncounted {
                     text: std::mem::take(&mut facts.prompt_text),
                     fixed: facts.prompt_fixed,
                 };
-                (bound, prompt, outcome)
+                (prompt, outcome)
             }
         };
-        match outcome {
+        let (requested, output_cap) = match outcome {
             None => {
                 return Err(ProxyError::unauthorized(
                     "Your user token no longer exists; ask the proxy operator for a new one.",
                 ))
             }
             Some(Reservation::Refused(r)) => {
-                return Err(self
-                    .quota_error(&family, requested, &r)
-                    .with_headers(headers))
+                return Err(self.quota_error(&family, &r).with_headers(headers))
             }
-            Some(Reservation::Reserved | Reservation::NeedsCount) => {}
-        }
+            Some(Reservation::Reserved { requested, cap }) => (requested, cap),
+            // A counted prompt never needs counting again.
+            Some(Reservation::NeedsCount) => {
+                return Err(ProxyError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "The proxy could not decide on your quota; try again.",
+                ))
+            }
+        };
 
         Ok(Admitted {
             headers,
+            output_cap,
             ticket: Ticket {
                 meter: None,
                 settlement: Some(Settlement {
@@ -389,43 +454,58 @@ impl Quotas {
         })
     }
 
-    /// Checks and reserves `requested` tokens of `family` for a user in one step under its
-    /// entry lock, and counts the prompt. With `is_bound` (the prompt's upper bound) it reserves
-    /// only with [`BOUND_HEADROOM`] to spare, and otherwise answers `NeedsCount`. `None`: the
-    /// user is gone.
-    fn reserve(
-        &self,
-        token: &str,
-        family: &str,
-        requested: u64,
-        is_bound: bool,
-    ) -> Option<Reservation> {
+    /// Checks and reserves a request's tokens of `family` for a user in one step under its
+    /// entry lock, and counts the prompt. A request is admitted only while
+    /// `used + reserved + requested < limit`; when its output as sent (the client's cap, or
+    /// the model's most without one) does not fit, its output is capped to what the user has
+    /// left after the prompt, and refused when that is under [`MIN_OUTPUT_TOKENS`]. With
+    /// `want.is_bound` (the prompt's upper bound) it reserves only with [`BOUND_HEADROOM`] to
+    /// spare, and otherwise answers `NeedsCount`. `None`: the user is gone.
+    fn reserve(&self, token: &str, family: &str, want: Want) -> Option<Reservation> {
         self.users.update_entry(token, |e| {
             // The stored type decides (an admin may have changed it since authentication).
             let special = e.user.kind == UserType::Special;
             let limit = e.user.token_limits.get(family).copied().unwrap_or(0);
             let used = e.user.token_counts.get(family).copied().unwrap_or(0);
             let reserved = e.reserved.get(family).copied().unwrap_or(0);
-            if !special && limit > 0 {
-                let need = if is_bound {
-                    requested.saturating_mul(BOUND_HEADROOM)
-                } else {
-                    requested
+            let mut cap = None;
+            let requested = if special || limit == 0 {
+                // No limit to hold: reserve what the client asked for, as sent.
+                want.prompt
+                    .saturating_add(want.max_output.unwrap_or(0).saturating_mul(want.choices))
+            } else {
+                let natural = want.prompt.saturating_add(want.natural_output());
+                // Tokens the request may use: `used + reserved + requested < limit`.
+                let room = limit
+                    .saturating_sub(used.saturating_add(reserved))
+                    .saturating_sub(1);
+                let refuse = |capped| {
+                    Reservation::Refused(Refusal {
+                        limit,
+                        used,
+                        reserved,
+                        capped,
+                    })
                 };
-                if used.saturating_add(reserved).saturating_add(need) >= limit {
-                    if is_bound {
+                if want.is_bound {
+                    if natural.saturating_mul(BOUND_HEADROOM) > room {
                         return (Reservation::NeedsCount, false);
                     }
-                    return (
-                        Reservation::Refused(Refusal {
-                            limit,
-                            used,
-                            reserved,
-                        }),
-                        false,
-                    );
+                    natural
+                } else if natural <= room {
+                    natural
+                } else if !want.capped_output || want.prompt >= room {
+                    return (refuse(None), false);
+                } else {
+                    let per_choice = (room - want.prompt) / want.choices.max(1);
+                    if per_choice < MIN_OUTPUT_TOKENS {
+                        return (refuse(Some(per_choice)), false);
+                    }
+                    cap = Some(per_choice);
+                    want.prompt
+                        .saturating_add(per_choice.saturating_mul(want.choices.max(1)))
                 }
-            }
+            };
             match e.reserved.get_mut(family) {
                 Some(r) => *r = r.saturating_add(requested),
                 None => {
@@ -433,11 +513,11 @@ impl Quotas {
                 }
             }
             e.user.prompt_count = e.user.prompt_count.saturating_add(1);
-            (Reservation::Reserved, true)
+            (Reservation::Reserved { requested, cap }, true)
         })
     }
 
-    fn quota_error(&self, family: &str, requested: u64, r: &Refusal) -> ProxyError {
+    fn quota_error(&self, family: &str, r: &Refusal) -> ProxyError {
         let in_flight = if r.reserved > 0 {
             format!(
                 " (plus {} reserved by your requests still running)",
@@ -445,6 +525,19 @@ impl Quotas {
             )
         } else {
             String::new()
+        };
+        let left = r
+            .limit
+            .saturating_sub(r.used.saturating_add(r.reserved))
+            .saturating_sub(1);
+        let why = match r.capped {
+            Some(n) => format!(
+                "after this prompt only {n} tokens would be left for the answer, fewer than the \
+                 {MIN_OUTPUT_TOKENS} this proxy sends a request for"
+            ),
+            None => "this request does not fit: its prompt plus its output cap (max_tokens) \
+                     is more than that"
+                .to_string(),
         };
         let refresh = match self.next_refresh() {
             Some(t) => format!(
@@ -460,8 +553,8 @@ impl Quotas {
             "insufficient_quota",
             format!(
                 "You have used your token quota for the {family} model family: {} of {} tokens \
-                 used{in_flight}, and this request may need up to {requested} (its prompt plus \
-                 max_tokens). {refresh}",
+                 used{in_flight}, {left} tokens left; {why}. Send a shorter prompt or a smaller \
+                 max_tokens, or wait. {refresh}",
                 r.used, r.limit
             ),
         )

@@ -66,6 +66,9 @@ fn admit(
         },
         Some(&mut facts),
     ))?;
+    if let Some(cap) = a.output_cap {
+        provider.set_output_cap(api, body, cap);
+    }
     if a.ticket.charges() {
         let hide = provider.ask_stream_usage(api, body, &facts);
         a.ticket.observe_with(Meter::new(provider, api, hide));

@@ -38,7 +38,7 @@ pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
         })
         .unwrap_or("localhost");
-    let proto = if state.config.cli.trusted_proxies > 0 {
+    let proto = if state.config.trusted_proxies() > 0 {
         headers
             .get("x-forwarded-proto")
             .and_then(|v| v.to_str().ok())
