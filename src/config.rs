@@ -118,6 +118,16 @@ pub struct Cli {
         default_value = "https://generativelanguage.googleapis.com"
     )]
     pub google_ai_base_url: Url,
+    /// Comma-separated Mistral AI upstream keys.
+    #[arg(long, env = "MISTRAL_AI_KEY", hide_env_values = true)]
+    pub mistral_ai_key: Option<Secret>,
+    /// Base URL of Mistral AI.
+    #[arg(
+        long,
+        env = "MISTRAL_AI_BASE_URL",
+        default_value = "https://api.mistral.ai"
+    )]
+    pub mistral_ai_base_url: Url,
     /// Prefix of the compatibility routes ({route}/openai/..., {route}/anthropic/...).
     #[arg(long, env = "PROXY_ENDPOINT_ROUTE", default_value = "/proxy")]
     pub proxy_endpoint_route: String,
@@ -229,6 +239,7 @@ pub struct Config {
     pub openai_keys: Vec<Secret>,
     pub anthropic_keys: Vec<Secret>,
     pub google_ai_keys: Vec<Secret>,
+    pub mistral_ai_keys: Vec<Secret>,
     pub ip_blacklist: Vec<IpNet>,
     pub admin_whitelist: Vec<IpNet>,
     /// `TOKEN_QUOTA_<FAMILY>` values keyed by family name (lower-case, `_` → `-`).
@@ -296,6 +307,7 @@ impl Config {
         let openai_keys = split_keys(&cli.openai_key);
         let anthropic_keys = split_keys(&cli.anthropic_key);
         let google_ai_keys = split_keys(&cli.google_ai_key);
+        let mistral_ai_keys = split_keys(&cli.mistral_ai_key);
         let ip_blacklist = parse_cidr_list("IP_BLACKLIST", &cli.ip_blacklist)?;
         let admin_whitelist = parse_cidr_list("ADMIN_WHITELIST", &cli.admin_whitelist)?;
 
@@ -329,6 +341,7 @@ impl Config {
             ("OPENAI_BASE_URL", &cli.openai_base_url),
             ("ANTHROPIC_BASE_URL", &cli.anthropic_base_url),
             ("GOOGLE_AI_BASE_URL", &cli.google_ai_base_url),
+            ("MISTRAL_AI_BASE_URL", &cli.mistral_ai_base_url),
         ] {
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
                 return Err(ConfigError(format!(
@@ -380,6 +393,7 @@ impl Config {
             openai_keys,
             anthropic_keys,
             google_ai_keys,
+            mistral_ai_keys,
             ip_blacklist,
             admin_whitelist,
             token_quotas,

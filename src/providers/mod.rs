@@ -54,6 +54,7 @@ pub mod anthropic;
 pub mod families;
 pub mod google_ai;
 pub mod meter;
+pub mod mistral;
 pub mod openai;
 pub mod translate;
 
@@ -70,6 +71,8 @@ pub enum Provider {
     Anthropic,
     /// Google AI, the Gemini API ([`google_ai`]).
     GoogleAi,
+    /// Mistral AI (OpenAI chat format).
+    MistralAi,
 }
 
 /// The kind of endpoint a proxied request targets, by wire format. The same format may be
@@ -307,11 +310,14 @@ pub struct AuthError(pub String);
 impl Provider {
     /// The request facts of a body of `api` sent to this provider.
     pub fn request_facts(self, api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
-        let mut facts = match api {
-            Api::AnthropicMessages | Api::AnthropicOther => anthropic::request_facts(api, body)?,
-            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => {
+        let mut facts = match (self, api) {
+            (_, Api::AnthropicMessages | Api::AnthropicOther) => {
+                anthropic::request_facts(api, body)?
+            }
+            (_, Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther) => {
                 google_ai::request_facts_for(api, body)?
             }
+            (Provider::MistralAi, _) => mistral::request_facts(api, body)?,
             _ => openai::request_facts(api, body)?,
         };
         facts.family = self.family(&facts.model);
@@ -320,12 +326,13 @@ impl Provider {
 
     /// Sets the provider's own output-cap field of a generation request to `cap`.
     pub fn set_output_cap(self, api: Api, body: &mut Value, cap: u64) {
-        match api {
-            Api::AnthropicMessages => anthropic::set_output_cap(body, cap),
-            Api::OpenAiChat | Api::OpenAiCompletions => openai::set_output_cap(api, body, cap),
-            Api::GoogleAiGenerate | Api::GoogleAiStream => {
+        match (self, api) {
+            (_, Api::AnthropicMessages) => anthropic::set_output_cap(body, cap),
+            (_, Api::GoogleAiGenerate | Api::GoogleAiStream) => {
                 google_ai::set_output_cap(body, cap);
             }
+            (Provider::MistralAi, Api::OpenAiChat) => mistral::set_output_cap(body, cap),
+            (_, Api::OpenAiChat | Api::OpenAiCompletions) => openai::set_output_cap(api, body, cap),
             _ => {}
         }
     }
@@ -335,8 +342,9 @@ impl Provider {
     pub fn ask_stream_usage(self, api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
         match self {
             Provider::OpenAi => openai::ask_stream_usage(api, body, facts),
-            // Gemini streams carry usageMetadata without being asked.
-            Provider::Anthropic | Provider::GoogleAi => false,
+            // Anthropic, Gemini and Mistral streams always carry usage (Mistral refuses
+            // `stream_options` with 422).
+            Provider::Anthropic | Provider::GoogleAi | Provider::MistralAi => false,
         }
     }
 
@@ -346,6 +354,7 @@ impl Provider {
             Provider::OpenAi => openai::family(model),
             Provider::Anthropic => anthropic::family(model),
             Provider::GoogleAi => google_ai::family(model),
+            Provider::MistralAi => mistral::family(model),
         }
     }
 
@@ -392,6 +401,7 @@ impl Provider {
             Provider::OpenAi => openai::FORWARDED_HEADERS,
             Provider::Anthropic => anthropic::FORWARDED_HEADERS,
             Provider::GoogleAi => &[],
+            Provider::MistralAi => &[],
         }
     }
 
@@ -405,7 +415,7 @@ impl Provider {
     /// The credential value of an operator key as its header carries it.
     pub fn key_credential(self, key: &str) -> String {
         match self {
-            Provider::OpenAi => openai::key_credential(key),
+            Provider::OpenAi | Provider::MistralAi => openai::key_credential(key),
             Provider::Anthropic | Provider::GoogleAi => key.to_string(),
         }
     }
@@ -422,7 +432,7 @@ impl Provider {
         key: &KeyUse<'_>,
     ) -> Result<(), AuthError> {
         let name = match self {
-            Provider::OpenAi => openai::AUTH_HEADER,
+            Provider::OpenAi | Provider::MistralAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,
             Provider::GoogleAi => google_ai::AUTH_HEADER,
         };

@@ -91,6 +91,18 @@ pub struct Route {
     pub translation: Option<Arc<dyn Translation>>,
 }
 
+impl Route {
+    /// A route to `provider`'s `api` at `upstream_path`, in the client's own format.
+    pub fn to(provider: Provider, api: Api, upstream_path: &str) -> Route {
+        Route {
+            provider,
+            api,
+            upstream_path: Some(upstream_path.to_string()),
+            translation: None,
+        }
+    }
+}
+
 /// Everything the phases share about one request.
 struct Ctx {
     provider: Provider,

@@ -29,6 +29,7 @@ use crate::app::AppState;
 use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
 use crate::providers::{Api, BaseUrl, Provider};
+use forward::Route;
 use keys::{KeyCounts, KeyPool};
 
 /// One provider: where it lives and which keys it is called with.
@@ -75,6 +76,7 @@ pub struct Upstreams {
     openai: ProviderUpstream,
     anthropic: ProviderUpstream,
     google_ai: ProviderUpstream,
+    mistral_ai: ProviderUpstream,
     connect_timeout_secs: u64,
     timeout_secs: u64,
     /// The whole-request deadline (`UPSTREAM_TIMEOUT_SECS`), streamed bodies included.
@@ -137,6 +139,14 @@ impl Upstreams {
                     Provider::GoogleAi.key_credential(k)
                 })?,
             ),
+            mistral_ai: ProviderUpstream::new(
+                Provider::MistralAi,
+                &config.cli.mistral_ai_base_url,
+                "MISTRAL_AI_BASE_URL",
+                KeyPool::with_credential("MISTRAL_AI_KEY", &config.mistral_ai_keys, |k| {
+                    Provider::MistralAi.key_credential(k)
+                })?,
+            ),
             connect_timeout_secs: config.cli.upstream_connect_timeout_secs,
             timeout_secs: config.cli.upstream_timeout_secs,
         })
@@ -148,6 +158,7 @@ impl Upstreams {
             Provider::OpenAi => &self.openai,
             Provider::Anthropic => &self.anthropic,
             Provider::GoogleAi => &self.google_ai,
+            Provider::MistralAi => &self.mistral_ai,
         }
     }
 
@@ -173,6 +184,11 @@ pub fn classify(provider: Provider, method: &Method, path: &str) -> Option<Api> 
             "/v1/embeddings" if is_post => Some(Api::OpenAiEmbeddings),
             "/v1/models" if is_get => Some(Api::OpenAiOther),
             p if is_get && is_model_id_path(p) => Some(Api::OpenAiOther),
+            _ => None,
+        },
+        Provider::MistralAi => match path {
+            "/v1/chat/completions" if is_post => Some(Api::OpenAiChat),
+            "/v1/models" if is_get => Some(Api::OpenAiOther),
             _ => None,
         },
         Provider::Anthropic => match path {
@@ -222,6 +238,14 @@ pub fn routes(config: &Config) -> Router<AppState> {
             post(anthropic_other).fallback(wrong_method),
         )
         .route("/v1/{*rest}", any(unknown_route))
+        .route(
+            &format!("{prefix}/mistral-ai/v1/chat/completions"),
+            post(mistral_ai_chat).fallback(wrong_method),
+        )
+        .route(
+            &format!("{prefix}/mistral-ai/v1/models"),
+            get(mistral_ai_models).fallback(wrong_method),
+        )
         .route(&format!("{prefix}/openai/{{*rest}}"), any(openai_alias))
         .route(
             &format!("{prefix}/anthropic/{{*rest}}"),
@@ -282,6 +306,14 @@ async fn anthropic_messages(State(s): State<AppState>, req: Request) -> Response
 }
 async fn anthropic_other(State(s): State<AppState>, req: Request) -> Response {
     forward::proxy(s, Api::AnthropicOther, None, req).await
+}
+async fn mistral_ai_chat(State(s): State<AppState>, req: Request) -> Response {
+    let route = Route::to(Provider::MistralAi, Api::OpenAiChat, "/v1/chat/completions");
+    forward::forward(s, route, req).await
+}
+async fn mistral_ai_models(State(s): State<AppState>, req: Request) -> Response {
+    let route = Route::to(Provider::MistralAi, Api::OpenAiOther, "/v1/models");
+    forward::forward(s, route, req).await
 }
 async fn openai_alias(State(s): State<AppState>, req: Request) -> Response {
     alias(s, Provider::OpenAi, "/openai", req).await

@@ -80,6 +80,7 @@ pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
         ("openai", Provider::OpenAi),
         ("anthropic", Provider::Anthropic),
         ("google-ai", Provider::GoogleAi),
+        ("mistral-ai", Provider::MistralAi),
     ]
     .into_iter()
     .map(|(name, p)| {
@@ -155,6 +156,11 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             name: "Gemini for OpenAI clients",
             url: format!("{base}{route}/google-ai/v1"),
             usage: "base URL for OpenAI SDKs (POST /chat/completions, GET /models), translated to Gemini",
+        },
+        Endpoint {
+            name: "Mistral AI",
+            url: format!("{base}{route}/mistral-ai"),
+            usage: "server_url for the mistralai SDK (POST /v1/chat/completions; GET /v1/models)",
         },
     ];
     // Every known family, with its default quota (0: unlimited), plus any family that only
