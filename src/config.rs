@@ -379,6 +379,11 @@ impl Config {
         usize::try_from(self.cli.max_request_body_mb.saturating_mul(1024 * 1024))
             .unwrap_or(usize::MAX)
     }
+    /// The effective `TRUSTED_PROXIES` (read it here, not from `cli`: the default may depend
+    /// on other settings).
+    pub fn trusted_proxies(&self) -> usize {
+        self.cli.trusted_proxies
+    }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.cli.shutdown_grace_secs)
     }
