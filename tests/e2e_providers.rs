@@ -11,7 +11,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::providers::fake_mistral;
+use common::providers::{
+    fake_azure, fake_mistral, AzureDeployment, AZURE_PROMPT_TOKENS, AZURE_TEXTS,
+};
 use common::quota::{add_user, eventually, proxy, reserved, used};
 use llm_gatekeeper::users::UserType;
 
@@ -157,4 +159,179 @@ async fn mistral_sdk_directly_and_through_the_proxy() {
             assert!(body.get("stream_options").is_none(), "{body}");
         }
     }
+}
+
+const AZURE_VERSION: &str = "2024-10-21";
+
+fn azure_deployments() -> Vec<AzureDeployment> {
+    vec![
+        AzureDeployment {
+            resource: "contoso",
+            deployment: "gpt4o-prod",
+            key: "azure-key-one",
+            model: "gpt-4o-2024-08-06",
+        },
+        AzureDeployment {
+            resource: "contoso",
+            deployment: "dalle3",
+            key: "azure-key-one",
+            model: "dall-e-3",
+        },
+        AzureDeployment {
+            resource: "northwind",
+            deployment: "gpt4o-prod",
+            key: "azure-key-two",
+            model: "gpt-4o-2024-08-06",
+        },
+    ]
+}
+
+#[tokio::test]
+async fn azure_openai_sdk_directly_and_through_the_proxy() {
+    let Some(python) = python_with("openai") else {
+        return;
+    };
+    let fake = fake_azure(azure_deployments(), AZURE_VERSION).await;
+
+    // The fake speaks Azure's protocol: AzureOpenAI works against it directly ...
+    let direct = run_script(
+        &python,
+        "azure_sdk.py",
+        &[
+            ("MODE", "direct"),
+            ("URL", &format!("{}/contoso", fake.url)),
+            ("API_KEY", "azure-key-one"),
+            ("DEPLOYMENT", "gpt4o-prod"),
+            ("IMAGE_DEPLOYMENT", "dalle3"),
+            ("API_VERSION", AZURE_VERSION),
+        ],
+    )
+    .await;
+    let per_answer = AZURE_PROMPT_TOKENS + AZURE_TEXTS.len() as u64;
+    assert_eq!(reported_usage(&direct), 2 * per_answer);
+    let first = &fake.requests()[0];
+    assert_eq!(
+        first.path,
+        "/contoso/openai/deployments/gpt4o-prod/chat/completions"
+    );
+    assert_eq!(first.query.as_deref(), Some("api-version=2024-10-21"));
+    // ... and refuses what Azure refuses: another key, another version, another deployment.
+    let c = reqwest::Client::new();
+    for (path, key) in [
+        (
+            "/contoso/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21",
+            "azure-key-two",
+        ),
+        (
+            "/contoso/openai/deployments/gpt4o-prod/chat/completions?api-version=2023-01-01",
+            "azure-key-one",
+        ),
+        (
+            "/contoso/openai/deployments/other/chat/completions?api-version=2024-10-21",
+            "azure-key-one",
+        ),
+    ] {
+        let r = c
+            .post(format!("{}{path}", fake.url))
+            .header("api-key", key)
+            .json(&serde_json::json!({"messages": []}))
+            .send()
+            .await
+            .expect("fake answers");
+        assert!(
+            r.status() == 401 || r.status() == 404,
+            "{path}: {}",
+            r.status()
+        );
+    }
+    let direct_requests = fake.request_count();
+
+    let credentials =
+        "contoso:gpt4o-prod:azure-key-one,contoso:dalle3:azure-key-one,northwind:gpt4o-prod:azure-key-two";
+    let base = format!("{}/{{resource}}", fake.url);
+    let app = proxy(
+        &fake,
+        &[
+            NO_RATE,
+            &[
+                "--azure-credentials",
+                credentials,
+                "--azure-base-url",
+                &base,
+            ],
+        ]
+        .concat(),
+        &[],
+    )
+    .await;
+    add_user(
+        &app,
+        "azure-user",
+        UserType::Normal,
+        &[("azure-gpt4o", 100_000)],
+    );
+    let through = run_script(
+        &python,
+        "azure_sdk.py",
+        &[
+            ("MODE", "proxy"),
+            ("URL", &format!("{}/proxy/azure/openai/v1", app.url)),
+            ("API_KEY", "azure-user"),
+            ("DEPLOYMENT", "gpt4o-prod"),
+            ("IMAGE_DEPLOYMENT", "dalle3"),
+        ],
+    )
+    .await;
+    assert_eq!(reported_usage(&through), 2 * per_answer);
+    eventually("settled", || {
+        reserved(&app, "azure-user", "azure-gpt4o") == 0
+    })
+    .await;
+    // Three answers, the one streamed without usage included: the proxy asked for it.
+    assert_eq!(used(&app, "azure-user", "azure-gpt4o"), 3 * per_answer);
+    // One DALL-E 3 image, 1024x1024 standard: US$0.04 = 4 000 tokens.
+    eventually("image settled", || {
+        reserved(&app, "azure-user", "azure-dall-e") == 0
+    })
+    .await;
+    assert_eq!(used(&app, "azure-user", "azure-dall-e"), 4_000);
+    let upstream: Vec<_> = fake.requests()[direct_requests..]
+        .iter()
+        .filter(|r| r.path.ends_with("/chat/completions"))
+        .cloned()
+        .collect();
+    assert_eq!(upstream.len(), 3);
+    let image = fake.last_request();
+    assert_eq!(
+        image.path,
+        "/contoso/openai/deployments/dalle3/images/generations"
+    );
+    assert_eq!(image.header("api-key"), Some("azure-key-one"));
+    let mut resources = std::collections::BTreeSet::new();
+    for r in &upstream {
+        assert!(r.header("authorization").is_none());
+        let key = r.header("api-key").expect("api-key");
+        assert!(key == "azure-key-one" || key == "azure-key-two", "{key}");
+        assert_eq!(r.query.as_deref(), Some("api-version=2024-10-21"));
+        assert_eq!(
+            r.json()["stream_options"]["include_usage"].as_bool(),
+            r.json()["stream"].as_bool().map(|_| true),
+            "streams are asked for usage"
+        );
+        resources.insert(r.path.split('/').nth(1).expect("resource").to_string());
+    }
+    assert_eq!(resources.len(), 2, "both credentials are used in turn");
+
+    // The model list names the deployments.
+    let models: serde_json::Value = c
+        .get(format!("{}/proxy/azure/openai/v1/models", app.url))
+        .bearer_auth("azure-user")
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["data"][0]["id"], "dalle3");
+    assert_eq!(models["data"][1]["id"], "gpt4o-prod");
 }

@@ -51,8 +51,10 @@
 //!    end-to-end tests through the proxy with that client, plain and streaming.
 
 pub mod anthropic;
+pub mod azure;
 pub mod families;
 pub mod google_ai;
+pub mod images;
 pub mod meter;
 pub mod mistral;
 pub mod openai;
@@ -73,6 +75,8 @@ pub enum Provider {
     GoogleAi,
     /// Mistral AI (OpenAI chat format).
     MistralAi,
+    /// Azure OpenAI (OpenAI chat and images, one deployment per credential).
+    Azure,
 }
 
 /// The kind of endpoint a proxied request targets, by wire format. The same format may be
@@ -85,6 +89,8 @@ pub enum Api {
     OpenAiCompletions,
     /// `POST /v1/embeddings`
     OpenAiEmbeddings,
+    /// `POST /v1/images/generations` (counted by its price, [`images`]).
+    OpenAiImages,
     /// `GET /v1/models` and anything else on an OpenAI-style upstream that is not a generation.
     OpenAiOther,
     /// `POST /v1/messages`
@@ -104,9 +110,11 @@ impl Api {
     /// The provider this API is served by on the main routes.
     pub fn provider(self) -> Provider {
         match self {
-            Api::OpenAiChat | Api::OpenAiCompletions | Api::OpenAiEmbeddings | Api::OpenAiOther => {
-                Provider::OpenAi
-            }
+            Api::OpenAiChat
+            | Api::OpenAiCompletions
+            | Api::OpenAiEmbeddings
+            | Api::OpenAiImages
+            | Api::OpenAiOther => Provider::OpenAi,
             Api::AnthropicMessages | Api::AnthropicOther => Provider::Anthropic,
             Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => Provider::GoogleAi,
         }
@@ -119,15 +127,17 @@ impl Api {
             Api::OpenAiChat
                 | Api::OpenAiCompletions
                 | Api::OpenAiEmbeddings
+                | Api::OpenAiImages
                 | Api::AnthropicMessages
                 | Api::GoogleAiGenerate
                 | Api::GoogleAiStream
         )
     }
 
-    /// Whether the API produces output tokens (embeddings count their input only).
+    /// Whether the API produces output tokens (embeddings count their input only, images
+    /// their price).
     pub fn has_output(self) -> bool {
-        self != Api::OpenAiEmbeddings
+        !matches!(self, Api::OpenAiEmbeddings | Api::OpenAiImages)
     }
 }
 
@@ -213,6 +223,9 @@ const TEXT_CAP: usize = 4 * 1024 * 1024;
 /// What a response said so far: reported usage (merged over events) and generated text.
 #[derive(Debug, Default)]
 pub struct Seen {
+    /// The model the response names (the first non-empty `model`), for providers whose
+    /// response decides the family ([`Provider::family_from_response`]).
+    pub model: Option<String>,
     pub prompt: Option<u64>,
     pub completion: Option<u64>,
     pub completion_final: bool,
@@ -236,6 +249,13 @@ impl Seen {
             if u.completion_final {
                 self.completion_final = true;
             }
+        }
+    }
+
+    /// Notes the model a response names (the first non-empty one wins).
+    pub fn model(&mut self, m: &str) {
+        if self.model.is_none() && !m.is_empty() {
+            self.model = Some(m.to_string());
         }
     }
 
@@ -318,9 +338,19 @@ impl Provider {
                 google_ai::request_facts_for(api, body)?
             }
             (Provider::MistralAi, _) => mistral::request_facts(api, body)?,
+            // Azure speaks OpenAI's format.
             _ => openai::request_facts(api, body)?,
         };
-        facts.family = self.family(&facts.model);
+        facts.family = if api == Api::OpenAiImages {
+            // The images endpoint serves only image models, whatever `model` names (on Azure,
+            // a deployment).
+            match self {
+                Provider::Azure => "azure-dall-e".to_string(),
+                _ => "dall-e".to_string(),
+            }
+        } else {
+            self.family(&facts.model)
+        };
         Ok(facts)
     }
 
@@ -341,7 +371,8 @@ impl Provider {
     /// the proxy asked on the client's behalf (the usage-only event is then hidden).
     pub fn ask_stream_usage(self, api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
         match self {
-            Provider::OpenAi => openai::ask_stream_usage(api, body, facts),
+            // Azure reports a stream's usage only when asked, as OpenAI.
+            Provider::OpenAi | Provider::Azure => openai::ask_stream_usage(api, body, facts),
             // Anthropic, Gemini and Mistral streams always carry usage (Mistral refuses
             // `stream_options` with 422).
             Provider::Anthropic | Provider::GoogleAi | Provider::MistralAi => false,
@@ -355,7 +386,14 @@ impl Provider {
             Provider::Anthropic => anthropic::family(model),
             Provider::GoogleAi => google_ai::family(model),
             Provider::MistralAi => mistral::family(model),
+            Provider::Azure => azure::family(model),
         }
+    }
+
+    /// Whether the response's model decides the family usage is counted in (Azure: the
+    /// deployment decides the model, whatever the request's `model` says).
+    pub fn family_from_response(self) -> bool {
+        self == Provider::Azure
     }
 
     /// Reads one whole JSON response or one stream event; true for a usage-only event.
@@ -400,8 +438,7 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::FORWARDED_HEADERS,
             Provider::Anthropic => anthropic::FORWARDED_HEADERS,
-            Provider::GoogleAi => &[],
-            Provider::MistralAi => &[],
+            Provider::GoogleAi | Provider::MistralAi | Provider::Azure => &[],
         }
     }
 
@@ -416,13 +453,23 @@ impl Provider {
     pub fn key_credential(self, key: &str) -> String {
         match self {
             Provider::OpenAi | Provider::MistralAi => openai::key_credential(key),
-            Provider::Anthropic | Provider::GoogleAi => key.to_string(),
+            Provider::Anthropic | Provider::GoogleAi | Provider::Azure => key.to_string(),
         }
     }
 
-    /// The upstream URL for a client path (`/v1/...`) and query string, from the base URL.
-    pub fn upstream_url(self, base: &BaseUrl, path: &str, query: Option<&str>) -> String {
-        base.join(path, query)
+    /// The upstream URL for a client path (`/v1/...`) and query string, sent with the key at
+    /// `key_index` of the pool (Azure: each key is a deployment of its own).
+    pub fn upstream_url(
+        self,
+        endpoint: &Endpoint,
+        path: &str,
+        query: Option<&str>,
+        key_index: usize,
+    ) -> String {
+        match endpoint {
+            Endpoint::Base(base) => base.join(path, query),
+            Endpoint::Azure(d) => d.url(key_index, path),
+        }
     }
 
     /// Puts the operator's credential on the final request.
@@ -435,10 +482,20 @@ impl Provider {
             Provider::OpenAi | Provider::MistralAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,
             Provider::GoogleAi => google_ai::AUTH_HEADER,
+            Provider::Azure => azure::AUTH_HEADER,
         };
         req.headers.insert(name, key.credential.clone());
         Ok(())
     }
+}
+
+/// Where a provider's requests go.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// One base URL for every key.
+    Base(BaseUrl),
+    /// Azure: a resource and deployment per key.
+    Azure(azure::Deployments),
 }
 
 /// A provider's base URL, normalised once at startup.

@@ -81,6 +81,7 @@ pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
         ("anthropic", Provider::Anthropic),
         ("google-ai", Provider::GoogleAi),
         ("mistral-ai", Provider::MistralAi),
+        ("azure", Provider::Azure),
     ]
     .into_iter()
     .map(|(name, p)| {
@@ -156,6 +157,16 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             name: "Gemini for OpenAI clients",
             url: format!("{base}{route}/google-ai/v1"),
             usage: "base URL for OpenAI SDKs (POST /chat/completions, GET /models), translated to Gemini",
+        },
+        Endpoint {
+            name: "OpenAI images",
+            url: format!("{base}{route}/openai-image/v1"),
+            usage: "base URL for OpenAI SDKs (POST /images/generations; also at /v1/images/generations), counted in dall-e by price",
+        },
+        Endpoint {
+            name: "Azure OpenAI",
+            url: format!("{base}{route}/azure/openai/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions, /images/generations; GET /models); the operator's deployments decide the model",
         },
         Endpoint {
             name: "Mistral AI",

@@ -534,6 +534,13 @@ pub fn default_reply(req: &Recorded) -> Reply {
                 "usage": {"prompt_tokens": 4, "total_tokens": 4}
             }),
         ),
+        ("POST", "/v1/images/generations") => {
+            let n = body["n"].as_u64().unwrap_or(1);
+            let data: Vec<Value> = (0..n)
+                .map(|i| json!({"url": format!("https://fake.example/img{i}.png"), "revised_prompt": "A picture"}))
+                .collect();
+            Reply::json(200, json!({"created": 1700000000, "data": data}))
+        }
         ("GET", "/v1/models") => Reply::json(
             200,
             json!({"object": "list", "data": [
