@@ -56,6 +56,7 @@ pub mod azure;
 pub mod claude_openai;
 pub mod families;
 pub mod gcp;
+pub mod google_ai;
 pub mod images;
 pub mod meter;
 pub mod mistral;
@@ -73,6 +74,8 @@ pub use meter::Meter;
 pub enum Provider {
     OpenAi,
     Anthropic,
+    /// Google AI, the Gemini API ([`google_ai`]).
+    GoogleAi,
     /// Mistral AI (OpenAI chat format).
     MistralAi,
     /// Azure OpenAI (OpenAI chat and images, one deployment per credential).
@@ -103,6 +106,13 @@ pub enum Api {
     AnthropicMessages,
     /// `POST /v1/messages/count_tokens` and anything else on the Anthropic upstream.
     AnthropicOther,
+    /// `POST /{v1,v1beta}/models/{model}:generateContent` (Google AI).
+    GoogleAiGenerate,
+    /// `POST /{v1,v1beta}/models/{model}:streamGenerateContent` (Google AI; the stream flag is
+    /// the method, not a body field).
+    GoogleAiStream,
+    /// `GET /{v1,v1beta}/models` (Google AI).
+    GoogleAiOther,
 }
 
 impl Api {
@@ -115,6 +125,7 @@ impl Api {
             | Api::OpenAiImages
             | Api::OpenAiOther => Provider::OpenAi,
             Api::AnthropicMessages | Api::AnthropicOther => Provider::Anthropic,
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => Provider::GoogleAi,
         }
     }
 
@@ -127,6 +138,8 @@ impl Api {
                 | Api::OpenAiEmbeddings
                 | Api::OpenAiImages
                 | Api::AnthropicMessages
+                | Api::GoogleAiGenerate
+                | Api::GoogleAiStream
         )
     }
 
@@ -286,7 +299,23 @@ pub trait Translation: Send + Sync {
     /// The rewrite of the upstream's response (JSON or SSE, `stream` says which the client
     /// asked for) into the client's format.
     fn response(&self, stream: bool) -> Box<dyn StreamTransform>;
+    /// The model, when the upstream takes it in the path rather than the body (Gemini):
+    /// asked after [`Translation::request`], for the request facts (family, quota).
+    fn model(&self) -> Option<String> {
+        None
+    }
+    /// The upstream path (with its query, which then replaces the client's), when it depends
+    /// on the client's request (Gemini: the model and the stream method); asked after
+    /// [`Translation::request`].
+    fn upstream_path(&self) -> Option<String> {
+        None
+    }
 }
+
+/// The model of a request whose path names it (Gemini's `models/{model}:generateContent`),
+/// inserted in the request extensions by its route for the request facts.
+#[derive(Debug, Clone)]
+pub struct PathModel(pub String);
 
 /// The upstream request as it will be sent, for [`Provider::authorize`] to sign or complete.
 pub struct UpstreamRequest {
@@ -313,6 +342,9 @@ impl Provider {
         let mut facts = match (self, api) {
             (_, Api::AnthropicMessages | Api::AnthropicOther) => {
                 anthropic::request_facts(api, body)?
+            }
+            (_, Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther) => {
+                google_ai::request_facts_for(api, body)?
             }
             (Provider::MistralAi, _) => mistral::request_facts(api, body)?,
             // Azure speaks OpenAI's format.
@@ -343,6 +375,9 @@ impl Provider {
     pub fn set_output_cap(self, api: Api, body: &mut Value, cap: u64) {
         match (self, api) {
             (_, Api::AnthropicMessages) => anthropic::set_output_cap(body, cap),
+            (_, Api::GoogleAiGenerate | Api::GoogleAiStream) => {
+                google_ai::set_output_cap(body, cap);
+            }
             (Provider::MistralAi, Api::OpenAiChat) => mistral::set_output_cap(body, cap),
             // Bedrock's Mistral knows only `max_tokens`.
             (Provider::AwsMistral, Api::OpenAiChat) => openai::set_max_tokens(body, cap),
@@ -357,9 +392,10 @@ impl Provider {
         match self {
             // Azure reports a stream's usage only when asked, as OpenAI.
             Provider::OpenAi | Provider::Azure => openai::ask_stream_usage(api, body, facts),
-            // Anthropic and Mistral streams always carry usage (Mistral refuses
+            // Anthropic, Gemini and Mistral streams always carry usage (Mistral refuses
             // `stream_options` with 422), and so do Bedrock's and Vertex's.
             Provider::Anthropic
+            | Provider::GoogleAi
             | Provider::MistralAi
             | Provider::Aws
             | Provider::AwsMistral
@@ -372,6 +408,7 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::family(model),
             Provider::Anthropic => anthropic::family(model),
+            Provider::GoogleAi => google_ai::family(model),
             Provider::MistralAi => mistral::family(model),
             Provider::Azure => azure::family(model),
             Provider::Aws => {
@@ -396,6 +433,9 @@ impl Provider {
     pub fn observe(self, api: Api, v: &Value, seen: &mut Seen) -> bool {
         match api {
             Api::AnthropicMessages | Api::AnthropicOther => anthropic::observe(v, seen),
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => {
+                google_ai::observe(v, seen)
+            }
             _ => openai::observe(v, seen),
         }
     }
@@ -406,13 +446,19 @@ impl Provider {
             Api::AnthropicMessages | Api::AnthropicOther => {
                 Some(anthropic::AnthropicUsage::from_json(usage)?.into_usage(true))
             }
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => {
+                google_ai::usage_from_json(usage)
+            }
             _ => Some(openai::OpenAiUsage::from_json(usage)?.into_usage()),
         }
     }
 
     /// The top-level field of a JSON response that holds its usage.
     pub fn usage_key(self) -> &'static str {
-        "usage"
+        match self {
+            Provider::GoogleAi => "usageMetadata",
+            _ => "usage",
+        }
     }
 
     /// A decoder of this provider's response into what the meter and the client read, from
@@ -437,7 +483,9 @@ impl Provider {
             Provider::OpenAi => openai::FORWARDED_HEADERS,
             // Bedrock takes `anthropic-beta` in the body; Vertex as a header.
             Provider::Anthropic | Provider::Aws | Provider::Gcp => anthropic::FORWARDED_HEADERS,
-            Provider::MistralAi | Provider::Azure | Provider::AwsMistral => &[],
+            Provider::GoogleAi | Provider::MistralAi | Provider::Azure | Provider::AwsMistral => {
+                &[]
+            }
         }
     }
 
@@ -452,7 +500,7 @@ impl Provider {
     pub fn key_credential(self, key: &str) -> String {
         match self {
             Provider::OpenAi | Provider::MistralAi => openai::key_credential(key),
-            Provider::Anthropic | Provider::Azure => key.to_string(),
+            Provider::Anthropic | Provider::GoogleAi | Provider::Azure => key.to_string(),
             // Cloud credentials are not sent as a header: the request is signed, or carries an
             // access token, in `crate::proxy::ProviderUpstream::authorize`.
             Provider::Aws | Provider::AwsMistral | Provider::Gcp => String::new(),
@@ -483,6 +531,7 @@ impl Provider {
         let name = match self {
             Provider::OpenAi | Provider::MistralAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,
+            Provider::GoogleAi => google_ai::AUTH_HEADER,
             Provider::Azure => azure::AUTH_HEADER,
             Provider::Aws | Provider::AwsMistral | Provider::Gcp => {
                 return Err(AuthError(

@@ -81,6 +81,7 @@ pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
         ("anthropic", Provider::Anthropic),
         ("aws", Provider::Aws),
         ("gcp", Provider::Gcp),
+        ("google-ai", Provider::GoogleAi),
         ("mistral-ai", Provider::MistralAi),
         ("azure", Provider::Azure),
     ]
@@ -147,6 +148,21 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             name: "Anthropic (alias)",
             url: format!("{base}{route}/anthropic"),
             usage: "the same, under the compatibility prefix",
+        },
+        Endpoint {
+            name: "Claude for OpenAI clients",
+            url: format!("{base}{route}/anthropic/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions), translated to Claude",
+        },
+        Endpoint {
+            name: "Google AI (Gemini)",
+            url: format!("{base}{route}/google-ai"),
+            usage: "base URL for Google's google-genai SDKs (v1beta and v1: models/{model}:generateContent, :streamGenerateContent, models); key in x-goog-api-key",
+        },
+        Endpoint {
+            name: "Gemini for OpenAI clients",
+            url: format!("{base}{route}/google-ai/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions, GET /models), translated to Gemini",
         },
         Endpoint {
             name: "OpenAI images",

@@ -7,6 +7,7 @@
 //! What does not translate is refused with a [`TranslateError`] that names the field, so a
 //! client learns what to change rather than getting a silently different request.
 
+pub mod adapter;
 pub mod anthropic;
 pub mod gemini;
 pub mod openai;
