@@ -11,8 +11,9 @@ pub mod gatekeeper {
     pub use crate::auth::*;
 }
 pub mod net;
+pub mod providers;
+pub mod proxy;
 pub mod quota;
-pub mod upstream;
 pub mod users;
 pub mod web;
 
