@@ -39,8 +39,8 @@ use tokio::time::Sleep;
 use std::sync::Arc;
 
 use crate::app::AppState;
-use crate::error::ProxyError;
 use crate::auth::Principal;
+use crate::error::ProxyError;
 use crate::net::ClientIp;
 use crate::providers::{
     Api, KeyUse, Meter, Provider, StreamTransform, Translation, UpstreamRequest,
