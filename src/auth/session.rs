@@ -106,17 +106,13 @@ struct Stashed {
 const MAX_STASHED: usize = 8;
 
 impl Sessions {
-    /// Builds from `SIGNING_KEY` (or a random key, with a warning), `USE_INSECURE_COOKIES` and
+    /// Builds from `SIGNING_KEY` (or a random key), `USE_INSECURE_COOKIES` and
     /// `ADMIN_SESSION_VALIDATE_URL`.
     pub fn from_config(config: &Config) -> Result<Sessions, ConfigError> {
         let key: Vec<u8> = match config.cli.signing_key.as_ref() {
             Some(k) if !k.expose().is_empty() => k.expose().as_bytes().to_vec(),
-            _ => {
-                tracing::warn!(
-                    "SIGNING_KEY is not set: admin session cookies are signed with a random key generated at start, so every admin is signed out when the server restarts. Set SIGNING_KEY to a long random secret to keep sessions across restarts."
-                );
-                rand::random::<[u8; 32]>().to_vec()
-            }
+            // The warning about it is part of the startup summary (`app::startup_summary`).
+            _ => rand::random::<[u8; 32]>().to_vec(),
         };
         let mac = HmacSha256::new_from_slice(&key)
             .map_err(|e| ConfigError(format!("SIGNING_KEY cannot be used as a key: {e}")))?;
