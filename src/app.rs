@@ -3,6 +3,7 @@
 //! future resolves (tests pass port 0 and their own shutdown).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -169,14 +170,6 @@ pub async fn serve(
     tasks.close();
 
     let grace = state.config.shutdown_grace();
-    tracing::info!(
-        trusted_proxies = state.config.trusted_proxies(),
-        "client addresses: {}",
-        match state.config.trusted_proxies() {
-            0 => "the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)".to_string(),
-            n => format!("entry {n} from the right of X-Forwarded-For (TRUSTED_PROXIES={n})"),
-        }
-    );
     let limits = crate::server::Limits::from_config(&state.config);
     let app = router(state);
     let stop_accepting = CancellationToken::new();
