@@ -149,9 +149,10 @@ async fn health(State(state): State<AppState>, Query(q): Query<HealthQuery>) -> 
     .into_response()
 }
 
-/// Serves on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
-/// requests (streams included) finish within `SHUTDOWN_GRACE_SECS`, stops the background
-/// tasks and flushes pending user changes.
+/// Serves on `listener` (through [`crate::server::run`], with its client timers and
+/// connection caps) until `shutdown` resolves; then stops accepting, lets in-flight requests
+/// (streams included) finish within `SHUTDOWN_GRACE_SECS`, stops the background tasks and
+/// flushes pending user changes.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
@@ -169,51 +170,25 @@ pub async fn serve(
     tasks.close();
 
     let grace = state.config.shutdown_grace();
-    tracing::info!(
-        trusted_proxies = state.config.trusted_proxies(),
-        "client addresses: {}",
-        match state.config.trusted_proxies() {
-            0 => "the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)".to_string(),
-            n => format!("entry {n} from the right of X-Forwarded-For (TRUSTED_PROXIES={n})"),
-        }
-    );
-    let stop_accepting = CancellationToken::new();
+    let limits = crate::server::Limits::from_config(&state.config);
     let app = router(state);
-    // Nagle's algorithm would hold back small writes (an SSE event, a short JSON answer) for
-    // up to ~40 ms waiting for the client's delayed ACK: every chunk must leave at once.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY on a client connection");
-        }
-    });
-    let server = axum::serve(
+    let stop_accepting = CancellationToken::new();
+    let server = tokio::spawn(crate::server::run(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-    let mut server = tokio::spawn(async move { server.await });
-
-    tokio::select! {
-        res = &mut server => {
-            background.cancel();
-            tasks.wait().await;
-            return res.map_err(std::io::Error::other)?;
-        }
-        _ = shutdown => {}
-    }
+        app,
+        limits,
+        stop_accepting.clone(),
+        grace,
+    ));
+    shutdown.await;
     tracing::info!(
         grace_secs = grace.as_secs(),
         "shutting down: no new connections, waiting for in-flight requests"
     );
     stop_accepting.cancel();
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(res) => res.map_err(std::io::Error::other)??,
-        Err(_) => {
-            tracing::warn!(
-                "in-flight requests did not finish within SHUTDOWN_GRACE_SECS; closing them"
-            );
-            server.abort();
-        }
+    // `server::run` closes what is left after the grace period itself.
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "the accept loop ended abnormally");
     }
     background.cancel();
     tasks.wait().await;

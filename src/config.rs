@@ -134,6 +134,20 @@ pub struct Cli {
     /// Seconds in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Seconds a client has to send a request's head (method, path, headers); also how long an
+    /// idle keep-alive connection is kept waiting for its next request.
+    #[arg(long, env = "CLIENT_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub client_header_timeout_secs: u64,
+    /// Seconds a request body may pause between two reads before the request is dropped.
+    #[arg(long, env = "CLIENT_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub client_body_timeout_secs: u64,
+    /// Concurrent connections per client address (socket peer; 0 = no limit; not applied when
+    /// TRUSTED_PROXIES > 0, where the front proxy holds many clients' connections).
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
+    pub max_connections_per_ip: usize,
+    /// Concurrent client connections in all (0 = derived from the process's open-file limit).
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
 
     // ----- users (issue 4) -----
     /// Where users are kept: memory | firebase_rtdb | sqlite.
@@ -351,6 +365,16 @@ impl Config {
             if secs == 0 {
                 return Err(ConfigError(format!(
                     "{name} must be at least 1 (seconds); 0 would make every upstream request time out"
+                )));
+            }
+        }
+        for (name, secs) in [
+            ("CLIENT_HEADER_TIMEOUT_SECS", cli.client_header_timeout_secs),
+            ("CLIENT_BODY_TIMEOUT_SECS", cli.client_body_timeout_secs),
+        ] {
+            if secs == 0 {
+                return Err(ConfigError(format!(
+                    "{name} must be at least 1 (seconds); without it a slow client could hold a connection forever"
                 )));
             }
         }

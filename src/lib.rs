@@ -14,6 +14,7 @@ pub mod net;
 pub mod providers;
 pub mod proxy;
 pub mod quota;
+pub mod server;
 pub mod users;
 pub mod web;
 
