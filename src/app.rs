@@ -19,10 +19,10 @@ use tokio_util::task::TaskTracker;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::lockout::Lockout;
 use crate::config::{Config, ConfigError};
-use crate::gatekeeper::lockout::Lockout;
+use crate::proxy::Upstreams;
 use crate::quota::Quotas;
-use crate::upstream::Upstreams;
 use crate::users::persist::Persistence;
 use crate::users::UserStore;
 
@@ -49,7 +49,7 @@ pub struct AppParts {
     pub quotas: Arc<Quotas>,
     pub lockout: Arc<Lockout>,
     /// Admin web sessions, CSRF and the external session client (issue 7).
-    pub sessions: Arc<crate::admin::session::Sessions>,
+    pub sessions: Arc<crate::auth::session::Sessions>,
     pub started_at: Instant,
 }
 
@@ -65,7 +65,7 @@ impl AppState {
             config.cli.brute_force_max_failed_attempts,
             std::time::Duration::from_secs(config.cli.brute_force_ttl_seconds),
         ));
-        let sessions = Arc::new(crate::admin::session::Sessions::from_config(&config)?);
+        let sessions = Arc::new(crate::auth::session::Sessions::from_config(&config)?);
         Ok(AppState(Arc::new(AppParts {
             sessions,
             config,
@@ -82,28 +82,31 @@ impl AppState {
 /// The router with every layer. Layers, outermost first:
 /// 1. Only when `LOG_LEVEL` enables debug logging: `SetSensitiveRequestHeaders` marks
 ///    `authorization`, `x-api-key`, `cookie` and `x-session-token` sensitive, so that
-///    `TraceLayer` logs each request and response with those redacted. At other levels the pair
-///    is left out of the request path entirely (the forwarder logs every request itself).
-/// 2. `gatekeeper::guard`, default-deny: decides the client address once and inserts
-///    [`crate::net::ClientIp`] (read by the quotas and handlers), then inserts
-///    [`crate::gatekeeper::Principal`] (proxied routes) or [`crate::admin::AdminIdentity`]
-///    (admin routes), or refuses.
+///    `TraceLayer` logs each request and response with those redacted; its span names the
+///    route template (`request_span`), never the path or query, which may carry a token. At
+///    other levels the pair is left out of the request path entirely (the forwarder logs every
+///    request itself).
+/// 2. `auth::guard`, default-deny, by the route table `auth::ROUTES` (it runs inside the
+///    router, after the route is matched, so it sees `MatchedPath`): decides the client address
+///    once and inserts [`crate::auth::ClientIp`] (read by the quotas and handlers), then
+///    inserts [`crate::auth::Principal`] (proxied routes), [`crate::auth::AdminIdentity`]
+///    (admin routes) or [`crate::auth::LockedOut`] (credential forms), or refuses.
 /// 3. The routes: proxied (`upstream`), admin (`admin`), public pages (`web`), `/health`.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_body_bytes();
     let router = Router::new()
         .route("/health", get(health))
-        .merge(crate::upstream::routes(&state.config))
+        .merge(crate::proxy::routes(&state.config))
         .merge(crate::admin::routes())
         .merge(crate::web::routes())
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::gatekeeper::guard,
+            crate::auth::guard,
         ));
     let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {
         router
-            .layer(TraceLayer::new_for_http())
+            .layer(TraceLayer::new_for_http().make_span_with(request_span))
             .layer(SetSensitiveRequestHeadersLayer::new([
                 header::AUTHORIZATION,
                 header::COOKIE,
@@ -114,6 +117,17 @@ pub fn router(state: AppState) -> Router {
         router
     };
     router.with_state(state)
+}
+
+/// The span of one request in the debug trace: its method and route *template*
+/// (`/admin/users/{token}`), never the path or query it was called with, which may carry a
+/// user token, a key or anything else a client put there.
+fn request_span(req: &axum::extract::Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("(no route)", |m| m.as_str());
+    tracing::debug_span!("request", method = %req.method(), route, version = ?req.version())
 }
 
 #[derive(Deserialize)]
@@ -329,8 +343,8 @@ pub fn startup_summary(config: &Config) -> Vec<(StartupLevel, String)> {
     lines.push((
         Info,
         match config.trusted_proxies() {
-            0 => "TRUSTED_PROXIES=0: the client address is the TCP peer; X-Forwarded-For is ignored".to_string(),
-            n => format!("TRUSTED_PROXIES={n}: the client address is read from X-Forwarded-For, trusting {n} proxy hop{} in front of this server (the header can be forged if fewer proxies are really there)", if n == 1 { "" } else { "s" }),
+            0 => "client addresses: the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)".to_string(),
+            n => format!("client addresses: entry {n} from the right of X-Forwarded-For (TRUSTED_PROXIES={n}); right only if exactly {n} proxies of yours sit in front of this server"),
         },
     ));
 

@@ -8,7 +8,7 @@ pub mod info;
 pub mod templates;
 pub mod user;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,8 +16,9 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 
 use crate::app::AppState;
-use crate::net::ClientIp;
-use form::FormData;
+use crate::auth::{ClientIp, LockedOut};
+use form::read_form;
+use user::FormClient;
 
 /// The public page routes.
 pub fn routes() -> Router<AppState> {
@@ -50,17 +51,33 @@ async fn user_form(State(state): State<AppState>, headers: HeaderMap) -> Respons
 async fn user_lookup(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
+    locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    user::lookup(&state, &headers, ip, &FormData::parse(&body)).await
+    let client = FormClient {
+        ip,
+        locked: locked.map(|Extension(l)| l),
+    };
+    match read_form(body).await {
+        Ok(form) => user::lookup(&state, &headers, client, &form).await,
+        Err(refusal) => refusal,
+    }
 }
 
 async fn user_nickname(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
+    locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    user::change_nickname(&state, &headers, ip, &FormData::parse(&body)).await
+    let client = FormClient {
+        ip,
+        locked: locked.map(|Extension(l)| l),
+    };
+    match read_form(body).await {
+        Ok(form) => user::change_nickname(&state, &headers, client, &form).await,
+        Err(refusal) => refusal,
+    }
 }
