@@ -326,8 +326,8 @@ pub fn startup_summary(config: &Config) -> Vec<(StartupLevel, String)> {
     lines.push((
         Info,
         match config.trusted_proxies() {
-            0 => "TRUSTED_PROXIES=0: the client address is the TCP peer; X-Forwarded-For is ignored".to_string(),
-            n => format!("TRUSTED_PROXIES={n}: the client address is read from X-Forwarded-For, trusting {n} proxy hop{} in front of this server (the header can be forged if fewer proxies are really there)", if n == 1 { "" } else { "s" }),
+            0 => "client addresses: the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)".to_string(),
+            n => format!("client addresses: entry {n} from the right of X-Forwarded-For (TRUSTED_PROXIES={n}); right only if exactly {n} proxies of yours sit in front of this server"),
         },
     ));
 
