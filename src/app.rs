@@ -80,8 +80,11 @@ impl AppState {
 }
 
 /// The router with every layer. Layers, outermost first:
+/// 0. `auth::credentials::move_query_key`: on proxied routes, a client key sent as `?key=`
+///    (Google's REST style) moves into the `x-goog-api-key` header, so that no URL forwarded
+///    holds it.
 /// 1. Only when `LOG_LEVEL` enables debug logging: `SetSensitiveRequestHeaders` marks
-///    `authorization`, `x-api-key`, `cookie` and `x-session-token` sensitive, so that
+///    `authorization`, `x-api-key`, `x-goog-api-key`, `cookie` and `x-session-token` sensitive, so that
 ///    `TraceLayer` logs each request and response with those redacted; its span names the
 ///    route template (`request_span`), never the path or query, which may carry a token. At
 ///    other levels the pair is left out of the request path entirely (the forwarder logs every
@@ -112,11 +115,17 @@ pub fn router(state: AppState) -> Router {
                 header::COOKIE,
                 header::HeaderName::from_static("x-api-key"),
                 header::HeaderName::from_static("x-session-token"),
+                header::HeaderName::from_static("x-goog-api-key"),
             ]))
     } else {
         router
     };
-    router.with_state(state)
+    // Outermost: a client key sent as `?key=` leaves the URL before anything else sees it.
+    router
+        .layer(middleware::map_request(
+            crate::auth::credentials::move_query_key,
+        ))
+        .with_state(state)
 }
 
 /// The span of one request in the debug trace: its method and route *template*

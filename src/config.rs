@@ -108,6 +108,16 @@ pub struct Cli {
         default_value = "https://api.anthropic.com"
     )]
     pub anthropic_base_url: Url,
+    /// Comma-separated Google AI (Gemini API) keys.
+    #[arg(long, env = "GOOGLE_AI_KEY", hide_env_values = true)]
+    pub google_ai_key: Option<Secret>,
+    /// Base URL of the Google AI (Gemini API) upstream.
+    #[arg(
+        long,
+        env = "GOOGLE_AI_BASE_URL",
+        default_value = "https://generativelanguage.googleapis.com"
+    )]
+    pub google_ai_base_url: Url,
     /// Comma-separated Mistral AI upstream keys.
     #[arg(long, env = "MISTRAL_AI_KEY", hide_env_values = true)]
     pub mistral_ai_key: Option<Secret>,
@@ -259,6 +269,7 @@ pub struct Config {
     pub cli: Cli,
     pub openai_keys: Vec<Secret>,
     pub anthropic_keys: Vec<Secret>,
+    pub google_ai_keys: Vec<Secret>,
     pub mistral_ai_keys: Vec<Secret>,
     /// `AZURE_CREDENTIALS`: the deployment of each key, and the keys, in the same order.
     pub azure_deployments: Vec<crate::providers::azure::Deployment>,
@@ -329,6 +340,7 @@ impl Config {
         };
         let openai_keys = split_keys(&cli.openai_key);
         let anthropic_keys = split_keys(&cli.anthropic_key);
+        let google_ai_keys = split_keys(&cli.google_ai_key);
         let mistral_ai_keys = split_keys(&cli.mistral_ai_key);
         let azure_entries = split_keys(&cli.azure_credentials);
         let (azure_deployments, azure_keys) = crate::providers::azure::parse_credentials(
@@ -384,6 +396,7 @@ impl Config {
         for (name, url) in [
             ("OPENAI_BASE_URL", &cli.openai_base_url),
             ("ANTHROPIC_BASE_URL", &cli.anthropic_base_url),
+            ("GOOGLE_AI_BASE_URL", &cli.google_ai_base_url),
             ("MISTRAL_AI_BASE_URL", &cli.mistral_ai_base_url),
         ] {
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
@@ -445,6 +458,7 @@ impl Config {
         Ok(Config {
             openai_keys,
             anthropic_keys,
+            google_ai_keys,
             mistral_ai_keys,
             azure_deployments,
             azure_keys,

@@ -43,7 +43,7 @@ use crate::auth::Principal;
 use crate::error::ProxyError;
 use crate::net::ClientIp;
 use crate::providers::{
-    Api, KeyUse, Meter, Provider, StreamTransform, Translation, UpstreamRequest,
+    Api, KeyUse, Meter, PathModel, Provider, StreamTransform, Translation, UpstreamRequest,
 };
 use crate::proxy::keys::{rest_duration, ChosenKey, NoKey};
 use crate::proxy::ProviderUpstream;
@@ -117,6 +117,8 @@ struct Ctx {
     headers: HeaderMap,
     principal: Principal,
     ip: IpAddr,
+    /// The model named by the path ([`PathModel`], Gemini), for the request facts.
+    path_model: Option<String>,
 }
 
 /// Handles one proxied request of `api` to its usual provider. `upstream_path` is set by the
@@ -156,6 +158,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         .map(|c| c.0)
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let client_path = parts.uri.path().to_string();
+    let path_model = parts.extensions.get::<PathModel>().map(|m| m.0.clone());
     let ctx = Ctx {
         provider,
         api,
@@ -167,6 +170,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         headers: parts.headers,
         principal,
         ip,
+        path_model,
     };
     let upstream = state.upstreams.provider(provider);
 
@@ -352,6 +356,15 @@ async fn admit(
         .provider
         .request_facts(ctx.api, &json)
         .map_err(|e| ProxyError::bad_request(e.0))?;
+    // The model of an upstream that takes it in the path (Gemini) is not in the body.
+    let path_model = ctx
+        .path_model
+        .clone()
+        .or_else(|| ctx.translation.as_ref().and_then(|t| t.model()));
+    if let Some(model) = path_model {
+        facts.family = ctx.provider.family(&model);
+        facts.model = model;
+    }
     let mut admitted = state
         .quotas
         .admit(
@@ -454,7 +467,11 @@ async fn send(
                 }
             }
         };
-        let url = upstream.url(&ctx.upstream_path, ctx.query.as_deref(), key.index);
+        // A translation may choose the upstream path (and query) from the client's request.
+        let url = match ctx.translation.as_ref().and_then(|t| t.upstream_path()) {
+            Some(path) => upstream.url(&path, None, key.index),
+            None => upstream.url(&ctx.upstream_path, ctx.query.as_deref(), key.index),
+        };
         let mut out = UpstreamRequest {
             method: ctx.method.clone(),
             url,
@@ -867,6 +884,7 @@ mod tests {
             headers: h,
             principal: Principal::Anonymous,
             ip: IpAddr::from([127, 0, 0, 1]),
+            path_model: None,
         }
     }
 

@@ -79,6 +79,7 @@ pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
     [
         ("openai", Provider::OpenAi),
         ("anthropic", Provider::Anthropic),
+        ("google-ai", Provider::GoogleAi),
         ("mistral-ai", Provider::MistralAi),
         ("azure", Provider::Azure),
     ]
@@ -151,6 +152,21 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             name: "Azure OpenAI",
             url: format!("{base}{route}/azure/openai/v1"),
             usage: "base URL for OpenAI SDKs (POST /chat/completions, /images/generations; GET /models); the operator's deployments decide the model",
+        },
+        Endpoint {
+            name: "Claude for OpenAI clients",
+            url: format!("{base}{route}/anthropic/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions), translated to Claude",
+        },
+        Endpoint {
+            name: "Google AI (Gemini)",
+            url: format!("{base}{route}/google-ai"),
+            usage: "base URL for Google's google-genai SDKs (v1beta and v1: models/{model}:generateContent, :streamGenerateContent, models); key in x-goog-api-key",
+        },
+        Endpoint {
+            name: "Gemini for OpenAI clients",
+            url: format!("{base}{route}/google-ai/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions, GET /models), translated to Gemini",
         },
         Endpoint {
             name: "Mistral AI",
