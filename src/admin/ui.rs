@@ -352,6 +352,10 @@ fn user_view(state: &AppState, u: &User, now: i64) -> Value {
         m.insert("ips".into(), json!(u.ip));
         m.insert("maxIps".into(), json!(u.max_ips));
         m.insert("adminNote".into(), json!(u.admin_note));
+        m.insert(
+            "allowedFamilies".into(),
+            json!(u.allowed_families.as_ref().map(|l| l.join(", "))),
+        );
         m.insert("disabledAt".into(), json!(u.disabled_at));
         m.insert("disabledReason".into(), json!(u.disabled_reason));
         m.insert("expiresAt".into(), json!(u.expires_at));
@@ -643,7 +647,7 @@ fn parse_user_form(form: &FormData, now: i64, creating: bool) -> Result<UserForm
         ))?),
         None => Value::Null,
     };
-    let body = json!({
+    let mut body = json!({
         "type": kind.as_str(),
         "nickname": form.text("nickname"),
         "adminNote": form.text("adminNote"),
@@ -651,6 +655,16 @@ fn parse_user_form(form: &FormData, now: i64, creating: bool) -> Result<UserForm
         "expiresAt": expires_at,
         "tokenLimits": limits,
     });
+    // Only the edit page has the field; the new-user form leaves the list absent.
+    if form.get("allowedFamilies").is_some() {
+        let list: Option<Vec<String>> = form.text("allowedFamilies").map(|v| {
+            v.split(',')
+                .map(|f| f.trim().to_ascii_lowercase())
+                .filter(|f| !f.is_empty())
+                .collect()
+        });
+        body["allowedFamilies"] = json!(list);
+    }
     let patch = UserPatch::parse(&body, "").map_err(|e| e.to_string())?;
     Ok(UserForm {
         kind,
@@ -1093,6 +1107,16 @@ mod tests {
         assert_eq!(limits.get("claude"), Some(&5));
         assert!(!limits.contains_key("gpt4"));
         assert_eq!(f.patch.max_ips, Some(Some(3)));
+        assert_eq!(f.patch.allowed_families, None);
+        let f = parse_user_form(&form(&[("allowedFamilies", "Turbo, claude,")]), 0, true)
+            .expect("valid");
+        assert_eq!(
+            f.patch.allowed_families,
+            Some(Some(vec!["turbo".to_string(), "claude".to_string()]))
+        );
+        let f = parse_user_form(&form(&[("allowedFamilies", " ")]), 0, true).expect("valid");
+        assert_eq!(f.patch.allowed_families, Some(None));
+        assert!(parse_user_form(&form(&[("allowedFamilies", "gpt 4")]), 0, true).is_err());
         let e = parse_user_form(&form(&[("limit.turbo", "-1")]), 0, true)
             .err()
             .expect("error");
