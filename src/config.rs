@@ -219,6 +219,8 @@ pub struct Config {
     pub token_quotas: BTreeMap<String, u64>,
     /// The normalised compatibility prefix: starts with `/`, no trailing `/`.
     pub proxy_endpoint_route: String,
+    /// Operator policy (`ALLOWED_MODEL_FAMILIES`, `MAX_*_TOKENS_*`, `REJECT_PHRASES`, …).
+    pub policy: crate::policy::Settings,
 }
 
 impl Config {
@@ -282,6 +284,8 @@ impl Config {
         let ip_blacklist = parse_cidr_list("IP_BLACKLIST", &cli.ip_blacklist)?;
         let admin_whitelist = parse_cidr_list("ADMIN_WHITELIST", &cli.admin_whitelist)?;
 
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        let policy = crate::policy::Settings::from_vars(&vars)?;
         let mut token_quotas = BTreeMap::new();
         for (name, value) in vars {
             if let Some(family) = name.strip_prefix("TOKEN_QUOTA_") {
@@ -365,6 +369,7 @@ impl Config {
             admin_whitelist,
             token_quotas,
             proxy_endpoint_route: route,
+            policy,
             cli,
         })
     }

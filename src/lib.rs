@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod gatekeeper;
 pub mod net;
+pub mod policy;
 pub mod quota;
 pub mod upstream;
 pub mod users;
