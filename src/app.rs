@@ -48,6 +48,8 @@ pub struct AppParts {
     pub upstreams: Arc<Upstreams>,
     pub quotas: Arc<Quotas>,
     pub lockout: Arc<Lockout>,
+    /// Operator policy over proxied requests (issue 17).
+    pub policy: Arc<crate::policy::Policy>,
     /// Admin web sessions, CSRF and the external session client (issue 7).
     pub sessions: Arc<crate::admin::session::Sessions>,
     pub started_at: Instant,
@@ -66,7 +68,9 @@ impl AppState {
             std::time::Duration::from_secs(config.cli.brute_force_ttl_seconds),
         ));
         let sessions = Arc::new(crate::admin::session::Sessions::from_config(&config)?);
+        let policy = Arc::new(crate::policy::Policy::new(&config.policy));
         Ok(AppState(Arc::new(AppParts {
+            policy,
             sessions,
             config,
             users,

@@ -73,6 +73,8 @@ pub struct Policy {
     allow_openai_tools: bool,
     pub phrases: RejectPhrases,
     pub origins: BlockedOrigins,
+    /// Recent rejections per address, for the slow-down of `REJECT_PHRASES`.
+    pub rejections: Rejections,
 }
 
 impl Policy {
@@ -85,6 +87,7 @@ impl Policy {
             allow_openai_tools: s.allow_openai_tools,
             phrases: s.reject_phrases.clone(),
             origins: s.blocked_origins.clone(),
+            rejections: Rejections::default(),
         }
     }
 

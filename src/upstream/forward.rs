@@ -122,6 +122,10 @@ pub async fn proxy(
     };
     let upstream = state.upstreams.provider(api.provider());
 
+    // Phase 0: a blocked Origin/Referer is refused before the body is read.
+    if let Some(resp) = check_origin(&state, &ctx) {
+        return resp;
+    }
     // Phase 1: read and validate.
     let body = match read_request(&ctx, body, state.config.max_request_body_bytes()).await {
         Ok(b) => b,
@@ -275,6 +279,7 @@ async fn admit(
     let Some(mut json) = json else {
         return Ok((bytes, None));
     };
+    let policy_changed = apply_policy(state, ctx, &mut json).await?;
     let admitted = state
         .quotas
         .admit(
@@ -286,7 +291,7 @@ async fn admit(
             &mut json,
         )
         .await?;
-    let bytes = if admitted.body_changed {
+    let bytes = if admitted.body_changed || policy_changed {
         serde_json::to_vec(&json).map(Bytes::from).map_err(|_| {
             ProxyError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -298,6 +303,137 @@ async fn admit(
         bytes
     };
     Ok((bytes, Some(admitted)))
+}
+
+/// Phase 0: `BLOCKED_ORIGINS`. A browser (it accepts HTML and sends no JSON) gets a page that
+/// redirects to `BLOCK_REDIRECT`; an API client gets the JSON error, as the original.
+fn check_origin(state: &AppState, ctx: &Ctx) -> Option<Response> {
+    let h = |name| ctx.headers.get(name).and_then(|v| v.to_str().ok());
+    let block = state
+        .policy
+        .origins
+        .check(h(header::ORIGIN), h(header::REFERER))?;
+    tracing::info!(
+        method = %ctx.method,
+        path = %ctx.client_path,
+        origin = h(header::ORIGIN).unwrap_or("-"),
+        referer = h(header::REFERER).unwrap_or("-"),
+        "refused: blocked origin"
+    );
+    let json_body = h(header::CONTENT_TYPE).is_some_and(|v| v.contains("application/json"));
+    let wants_html = h(header::ACCEPT).is_some_and(|v| v.contains("text/html"));
+    if wants_html && !json_body {
+        return Some(crate::web::templates::blocked_page(
+            StatusCode::FORBIDDEN,
+            block.message,
+            block.redirect,
+        ));
+    }
+    Some(ProxyError::new(StatusCode::FORBIDDEN, "blocked_origin", block.message).into_response())
+}
+
+/// Phase 2a: the operator's policy over a generation request (families, images, tools,
+/// context and output caps, rejected phrases). Returns whether the body changed (output cap).
+async fn apply_policy(
+    state: &AppState,
+    ctx: &Ctx,
+    json: &mut serde_json::Value,
+) -> Result<bool, ProxyError> {
+    use crate::policy::{Caller, Refusal, RequestFacts};
+    use crate::upstream::policy_facts as pf;
+
+    let policy = &state.policy;
+    let provider = ctx.api.provider();
+    let service = pf::service_name(provider);
+    let facts = crate::quota::estimate::request_facts(ctx.api, json);
+    let family = crate::quota::families::family_for(provider, &facts.model);
+    let refuse = |r: Refusal| match r {
+        Refusal::Forbidden { kind, message } => {
+            ProxyError::new(StatusCode::FORBIDDEN, kind, message)
+        }
+        Refusal::BadRequest { kind, message } => {
+            ProxyError::new(StatusCode::BAD_REQUEST, kind, message)
+        }
+    };
+    let special = matches!(ctx.principal, Principal::Admin)
+        || matches!(
+            ctx.principal,
+            Principal::User {
+                kind: crate::users::UserType::Special,
+                ..
+            }
+        );
+    let req = RequestFacts {
+        service,
+        model: &facts.model,
+        family: &family,
+        has_images: pf::has_images(ctx.api, json),
+        has_tools: pf::has_tools(json),
+        openai_tools_api: matches!(ctx.api, Api::OpenAiChat),
+    };
+    let shape = match &ctx.principal {
+        Principal::User { token, .. } => state
+            .quotas
+            .with_allowed_families(token, |own| {
+                policy.check_request(
+                    &req,
+                    Caller {
+                        special,
+                        allowed_families: own,
+                    },
+                )
+            })
+            .unwrap_or(Ok(())),
+        _ => policy.check_request(
+            &req,
+            Caller {
+                special,
+                allowed_families: None,
+            },
+        ),
+    };
+    shape.map_err(refuse)?;
+
+    if let Some(phrase) = policy.phrases.find(&facts.prompt_text) {
+        let delay = policy.rejections.record(ctx.ip, std::time::Instant::now());
+        tracing::warn!(
+            phrase,
+            delay_ms = delay.as_millis() as u64,
+            "prompt contains a rejected phrase"
+        );
+        // Held, bounded: repeated rejections from one address are slowed down.
+        tokio::time::sleep(delay).await;
+        return Err(ProxyError::bad_request(policy.phrases.message.clone()));
+    }
+
+    let mut changed = false;
+    let mut output = facts.max_completion;
+    if let Some(cap) = policy.output_cap(service) {
+        if pf::clamp_output(ctx.api, json, cap) {
+            changed = true;
+            output = crate::quota::estimate::request_facts(ctx.api, json).max_completion;
+        }
+    }
+    let caller = Caller {
+        special,
+        allowed_families: None,
+    };
+    if matches!(ctx.api, Api::OpenAiEmbeddings) {
+        return Ok(changed);
+    }
+    if let Some(max) = policy.context_cap(service, caller) {
+        // The byte length bounds the token count from above: only a prompt that might not
+        // fit is tokenized.
+        if facts.prompt_bound().saturating_add(output) > max {
+            let prompt = crate::quota::estimate::count_tokens_async(facts.prompt_text.clone())
+                .await
+                .saturating_add(facts.prompt_fixed);
+            policy
+                .check_context(service, caller, prompt, output)
+                .map_err(refuse)?;
+        }
+    }
+    Ok(changed)
 }
 
 /// Phase 3: the upstream request headers, from an allowlist of the client's headers. The

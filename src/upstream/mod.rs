@@ -9,6 +9,7 @@
 pub mod api;
 pub mod forward;
 pub mod keys;
+pub mod policy_facts;
 
 use std::time::Duration;
 
