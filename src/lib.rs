@@ -8,6 +8,7 @@ pub mod error;
 pub mod gatekeeper;
 pub mod net;
 pub mod policy;
+pub mod pow;
 pub mod quota;
 pub mod upstream;
 pub mod users;
