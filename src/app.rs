@@ -50,6 +50,8 @@ pub struct AppParts {
     pub lockout: Arc<Lockout>,
     /// Operator policy over proxied requests (issue 17).
     pub policy: Arc<crate::policy::Policy>,
+    /// Proof-of-work challenges, when `CAPTCHA_MODE=proof_of_work` (issue 17).
+    pub pow: Option<Arc<crate::pow::Pow>>,
     /// Admin web sessions, CSRF and the external session client (issue 7).
     pub sessions: Arc<crate::admin::session::Sessions>,
     pub started_at: Instant,
@@ -69,8 +71,10 @@ impl AppState {
         ));
         let sessions = Arc::new(crate::admin::session::Sessions::from_config(&config)?);
         let policy = Arc::new(crate::policy::Policy::new(&config.policy));
+        let pow = crate::pow::from_config(&config)?.map(Arc::new);
         Ok(AppState(Arc::new(AppParts {
             policy,
+            pow,
             sessions,
             config,
             users,

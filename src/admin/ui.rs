@@ -62,6 +62,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/manage/export", get(export))
         .route("/admin/manage/abuse", get(abuse))
         .route("/admin/manage/abuse/unlock", post(unlock))
+        .route("/admin/manage/abuse/difficulty", post(set_difficulty))
 }
 
 async fn home() -> Redirect {
@@ -512,8 +513,47 @@ async fn abuse(
             "trustedProxies": c.cli.trusted_proxies,
             "maxIps": c.cli.max_ips_per_user,
             "autoBan": c.cli.max_ips_auto_ban,
+            "pow": state.pow.as_ref().map(|p| json!({
+                "difficulty": p.difficulty().label(),
+                "work": p.difficulty().work_factor(),
+            })),
         }),
     )
+}
+
+/// Changes `POW_DIFFICULTY_LEVEL` until the next restart; outstanding challenges stop working.
+async fn set_difficulty(
+    State(state): State<AppState>,
+    Extension(id): Extension<AdminIdentity>,
+    CheckedForm(form): CheckedForm,
+) -> Response {
+    let back = Some("/admin/manage/abuse");
+    let Some(pow) = &state.pow else {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "Proof of work is off",
+            "CAPTCHA_MODE is not proof_of_work, so there is no difficulty to change.",
+            back,
+        );
+    };
+    let chosen = match form.text("difficulty") {
+        Some("custom") => form.text("custom").unwrap_or(""),
+        Some(v) => v,
+        None => "",
+    };
+    match crate::pow::Difficulty::parse(chosen) {
+        Some(d) => {
+            pow.set_difficulty(d);
+            tracing::info!(admin = id.who(), difficulty = %d.label(), "admin changed the proof-of-work difficulty");
+            Redirect::to("/admin/manage/abuse").into_response()
+        }
+        None => message(
+            StatusCode::BAD_REQUEST,
+            "Not a difficulty",
+            &format!("{chosen:?} is not a difficulty: choose low, medium, high, extreme, or enter a positive whole number of hashes."),
+            back,
+        ),
+    }
 }
 
 async fn unlock(

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use crate::config::ConfigError;
+use crate::config::{CaptchaMode, Config, ConfigError};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -159,6 +159,28 @@ pub enum PowError {
     WrongSolution,
     #[error("The challenge is malformed. Request a new challenge.")]
     Malformed,
+}
+
+/// The challenge service when `CAPTCHA_MODE=proof_of_work`, else `None`.
+pub fn from_config(config: &Config) -> Result<Option<Pow>, ConfigError> {
+    let c = &config.cli;
+    if c.captcha_mode != CaptchaMode::ProofOfWork {
+        return Ok(None);
+    }
+    let difficulty = Difficulty::parse(&c.pow_difficulty_level).ok_or_else(|| {
+        ConfigError(format!(
+            "POW_DIFFICULTY_LEVEL={:?} is invalid: use low, medium, high, extreme or a positive whole number",
+            c.pow_difficulty_level
+        ))
+    })?;
+    let params = HashParams {
+        time_cost: c.argon2_time_cost,
+        memory_kb: c.argon2_memory_kb,
+        parallelism: c.argon2_parallelism,
+        hash_len: c.argon2_hash_length,
+    };
+    let key = c.signing_key.as_ref().map(|k| k.expose());
+    Pow::new(key, difficulty, params, c.pow_challenge_timeout).map(Some)
 }
 
 /// The challenge service: difficulty (changeable at run time), signing, single use.

@@ -52,6 +52,19 @@ pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     format!("{proto}://{host}")
 }
 
+/// The name on the public pages: `SERVER_TITLE`, or the product's name.
+pub fn server_title(state: &AppState) -> String {
+    state
+        .config
+        .cli
+        .server_title
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .unwrap_or("llm-gatekeeper")
+        .to_string()
+}
+
 /// How a client authenticates in the configured mode.
 pub fn auth_description(mode: GatekeeperMode) -> &'static str {
     match mode {

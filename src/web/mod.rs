@@ -3,6 +3,7 @@
 //! form helpers the admin pages use. Handlers are thin: they read the request and call the
 //! page functions of [`info`] and [`user`].
 
+pub mod captcha;
 pub mod form;
 pub mod info;
 pub mod templates;
@@ -25,6 +26,7 @@ pub fn routes() -> Router<AppState> {
         .route("/", get(index))
         .route("/user", get(user_form).post(user_lookup))
         .route("/user/nickname", post(user_nickname))
+        .merge(captcha::routes())
 }
 
 /// `GET /`: the service info page, a bare 200 with `STATIC_SERVICE_INFO=true`.

@@ -42,6 +42,7 @@ const TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/admin_abuse.html"),
     ),
     ("blocked.html", include_str!("../../templates/blocked.html")),
+    ("captcha.html", include_str!("../../templates/captcha.html")),
 ];
 
 /// The content security policy of every page: no scripts at all, inline styles only, forms
