@@ -21,8 +21,8 @@ use tower_http::trace::TraceLayer;
 
 use crate::config::{Config, ConfigError};
 use crate::gatekeeper::lockout::Lockout;
+use crate::proxy::Upstreams;
 use crate::quota::Quotas;
-use crate::upstream::Upstreams;
 use crate::users::persist::Persistence;
 use crate::users::UserStore;
 
@@ -101,7 +101,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_body_bytes();
     let router = Router::new()
         .route("/health", get(health))
-        .merge(crate::upstream::routes(&state.config))
+        .merge(crate::proxy::routes(&state.config))
         .merge(crate::admin::routes())
         .merge(crate::web::routes())
         .layer(DefaultBodyLimit::max(body_limit))

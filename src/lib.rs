@@ -9,8 +9,9 @@ pub mod gatekeeper;
 pub mod net;
 pub mod policy;
 pub mod pow;
+pub mod providers;
+pub mod proxy;
 pub mod quota;
-pub mod upstream;
 pub mod users;
 pub mod web;
 

@@ -5,8 +5,8 @@
 mod common;
 
 use common::upstream::{FakeUpstream, Reply};
-use llm_gatekeeper::upstream::api::Provider;
-use llm_gatekeeper::upstream::keys::KeyCounts;
+use llm_gatekeeper::providers::Provider;
+use llm_gatekeeper::proxy::keys::KeyCounts;
 use serde_json::{json, Value};
 
 fn chat() -> Value {

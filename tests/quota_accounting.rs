@@ -10,8 +10,9 @@ use std::time::Duration;
 use common::quota::{add_user, eventually, post, proxy, reserved, used};
 use common::upstream::{anthropic_event, anthropic_text_delta, FakeUpstream, Reply};
 use futures::FutureExt;
-use llm_gatekeeper::quota::estimate::{count_tokens, request_facts};
-use llm_gatekeeper::upstream::api::Api;
+use llm_gatekeeper::providers::Api;
+use llm_gatekeeper::providers::RequestFacts;
+use llm_gatekeeper::quota::estimate::{count_tokens, prompt_tokens};
 use llm_gatekeeper::users::UserType;
 use serde_json::{json, Value};
 
@@ -303,7 +304,7 @@ async fn openai_disconnect_before_usage_charges_an_estimate() {
     fake.push(reply);
     let c = reqwest::Client::new();
     let body = chat("gpt-4o", Some(true), None);
-    let prompt_estimate = request_facts(Api::OpenAiChat, &body).prompt_tokens();
+    let prompt_estimate = prompt_tokens(&request_facts(Api::OpenAiChat, &body));
     let mut r = post(&c, &app, "/v1/chat/completions", "u", &body).await;
     gate.send(sse_event(
         json!({"choices": [{"index": 0, "delta": {"content": "alpha beta gamma"}}]}),
@@ -324,7 +325,7 @@ async fn parallel_burst_admits_only_what_fits_and_counts_exactly() {
     let app = proxy(&fake, NO_RATE, &[]).await;
     let body = chat("gpt-4o", Some(true), Some(true));
     let facts = request_facts(Api::OpenAiChat, &body);
-    let requested = facts.requested(facts.prompt_tokens());
+    let requested = facts.requested(prompt_tokens(&facts));
     add_user(&app, "u", UserType::Normal, &[("gpt4o", 3 * requested + 1)]);
     // Every admitted request hangs on a gate until the whole burst has been decided.
     let gates: Vec<_> = (0..50)
@@ -517,7 +518,7 @@ async fn client_gone_before_the_upstream_answered_pays_the_prompt() {
         .delayed(Duration::from_secs(60)),
     );
     let body = chat("gpt-4o", None, None);
-    let prompt_estimate = request_facts(Api::OpenAiChat, &body).prompt_tokens();
+    let prompt_estimate = prompt_tokens(&request_facts(Api::OpenAiChat, &body));
     let url = format!("{}/v1/chat/completions", app.url);
     let task = tokio::spawn(async move {
         let _ = reqwest::Client::new()
@@ -534,4 +535,9 @@ async fn client_gone_before_the_upstream_answered_pays_the_prompt() {
     })
     .await;
     assert_eq!(reserved(&app, "u", "gpt4o"), 0);
+}
+
+/// The facts the proxy reads from a request body of `api`.
+fn request_facts(api: Api, body: &serde_json::Value) -> RequestFacts {
+    api.provider().request_facts(api, body).expect("facts")
 }

@@ -1,8 +1,11 @@
-//! Quotas and accounting: model families, per-user token quotas with atomic reservations,
-//! exact usage read from upstream responses, quota refresh, and the prompt rate limit.
+//! Quotas and accounting: per-user token quotas with atomic reservations, settling to the
+//! usage the provider layer read from upstream responses, quota refresh, and the prompt rate
+//! limit. Works only on provider-neutral facts ([`RequestFacts`], [`Meter`], [`Usage`]): it
+//! never parses a provider's JSON.
 //!
-//! The forwarder calls [`Quotas::admit`] for every generation request before forwarding it, and
-//! feeds the response through the returned [`Ticket`]; dropping a ticket without
+//! The forwarder reads a request's facts through its provider, calls [`Quotas::admit`] for
+//! every generation request before forwarding it, and feeds the response through the returned
+//! [`Ticket`] (which holds the provider's [`Meter`]); dropping a ticket without
 //! [`Ticket::finish`] (client disconnected) still charges what was seen, estimated where the
 //! upstream did not report it. Knows nothing of HTTP beyond status codes and header maps.
 //!
@@ -13,10 +16,8 @@
 //! response ends, the reservation is released and the real usage added to `tokenCounts[f]`.
 
 pub mod estimate;
-pub mod families;
 pub mod ratelimit;
 pub mod refresh;
-pub mod usage;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -30,15 +31,12 @@ use chrono::{DateTime, Local};
 use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
 use crate::gatekeeper::Principal;
-use crate::upstream::api::Api;
+use crate::providers::{Meter, RequestFacts, Usage};
 use crate::users::model::TokenCounts;
 use crate::users::{UserStore, UserType};
 
-use self::estimate::request_facts;
-use self::families::family_for;
 use self::ratelimit::{PromptLimiter, RateKey};
 use self::refresh::Schedule;
-use self::usage::{Meter, Usage};
 
 /// The time source for quota refresh; tests drive it.
 pub type Clock = Arc<dyn Fn() -> DateTime<Local> + Send + Sync>;
@@ -57,26 +55,30 @@ pub struct Quotas {
     clock: Clock,
 }
 
-/// What the forwarder knows about a generation request when it asks for admission.
+/// What the forwarder knows about a request when it asks for admission.
 pub struct AdmitRequest<'a> {
     pub principal: &'a Principal,
     pub ip: IpAddr,
-    pub api: Api,
+    /// A generation request (counted, rate-limited); other requests pass without a ticket
+    /// that charges anyone.
+    pub generation: bool,
 }
 
 /// An admitted request.
 pub struct Admitted {
-    /// True when `admit` changed the body (e.g. asked the upstream for stream usage); the
-    /// forwarder re-serialises it only then.
-    pub body_changed: bool,
     /// Headers to add to the client's response (rate-limit headers).
     pub headers: HeaderMap,
     pub ticket: Ticket,
+    /// The output cap (per choice) the forwarder must write into the provider's own field:
+    /// set when the client gave none, or a larger one than the user has left after the prompt.
+    pub output_cap: Option<u64>,
 }
 
 /// Observes one response and settles the request's reservation when it ends.
 pub struct Ticket {
-    meter: Meter,
+    /// The provider's meter, set by the forwarder ([`Ticket::observe_with`]) for tickets that
+    /// charge a user.
+    meter: Option<Meter>,
     /// `None` for requests with no user to charge, and once settled.
     settlement: Option<Settlement>,
 }
@@ -116,27 +118,45 @@ impl PromptEstimate {
 /// requests admitted earlier still hold can only make admission stricter, never looser.
 const BOUND_HEADROOM: u64 = 8;
 
+/// The fewest output tokens worth sending a request for: when a user has less than this left
+/// after the prompt, the request is refused (429) rather than capped to a useless answer.
+pub const MIN_OUTPUT_TOKENS: u64 = 16;
+
 impl Ticket {
     /// A ticket that observes nothing and charges nobody.
-    fn passthrough(api: Api) -> Ticket {
+    fn passthrough() -> Ticket {
         Ticket {
-            meter: Meter::new(api, false),
+            meter: None,
             settlement: None,
+        }
+    }
+
+    /// Whether this ticket charges a user (and so needs a meter).
+    pub fn charges(&self) -> bool {
+        self.settlement.is_some()
+    }
+
+    /// Gives the ticket the provider's meter for the response.
+    pub fn observe_with(&mut self, meter: Meter) {
+        if self.settlement.is_some() {
+            self.meter = Some(meter);
         }
     }
 
     /// Called once with the upstream's status and whether the body is an SSE stream.
     pub fn on_response_start(&mut self, status: StatusCode, is_sse: bool) {
-        self.meter.on_response_start(status.is_success(), is_sse);
+        if let Some(m) = self.meter.as_mut() {
+            m.on_response_start(status.is_success(), is_sse);
+        }
     }
 
     /// Called with every body chunk as it arrives; returns what the client should get
     /// (usually the chunk itself; a usage-only chunk the client did not ask for is removed).
     pub fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
-        if self.settlement.is_none() {
-            return chunk;
+        match (&self.settlement, self.meter.as_mut()) {
+            (Some(_), Some(m)) => m.on_chunk(chunk),
+            _ => chunk,
         }
-        self.meter.on_chunk(chunk)
     }
 
     /// Called when the upstream body ended normally.
@@ -146,10 +166,11 @@ impl Ticket {
 
     /// The usage this ticket would charge now (for tests and logs).
     pub fn usage_so_far(&mut self) -> Option<Usage> {
-        let needs = self.meter.needs_prompt_estimate();
+        let meter = self.meter.as_ref()?;
+        let needs = meter.needs_prompt_estimate();
         let s = self.settlement.as_mut()?;
         let prompt = if needs { s.prompt.tokens() } else { 0 };
-        self.meter.usage(prompt)
+        meter.usage(prompt, estimate::count_tokens)
     }
 
     /// Releases the reservation and charges the real (or, failing that, estimated) usage.
@@ -158,8 +179,16 @@ impl Ticket {
         let Some(mut s) = self.settlement.take() else {
             return;
         };
-        self.meter.end();
-        let usage = if abandoned && !self.meter.started() {
+        let Some(meter) = self.meter.as_mut() else {
+            // Admitted but never sent (the forwarder gave no meter): release the reservation.
+            s.users.update_entry(&s.token, |e| {
+                release(e, &s.family, s.reserved);
+                ((), false)
+            });
+            return;
+        };
+        meter.end();
+        let usage = if abandoned && !meter.started() {
             // The client went away while the upstream was working on the request (before it
             // answered): the upstream got the prompt, so the prompt is charged.
             Some(Usage {
@@ -167,21 +196,16 @@ impl Ticket {
                 completion: 0,
             })
         } else {
-            let prompt = if self.meter.needs_prompt_estimate() {
+            let prompt = if meter.needs_prompt_estimate() {
                 s.prompt.tokens()
             } else {
                 0
             };
-            self.meter.usage(prompt)
+            meter.usage(prompt, estimate::count_tokens)
         };
         let charge = usage.map(Usage::total).unwrap_or(0);
         let found = s.users.update_entry(&s.token, |e| {
-            if let Some(r) = e.reserved.get_mut(&s.family) {
-                *r = r.saturating_sub(s.reserved);
-                if *r == 0 {
-                    e.reserved.remove(&s.family);
-                }
-            }
+            release(e, &s.family, s.reserved);
             if charge == 0 {
                 return ((), false);
             }
@@ -196,9 +220,19 @@ impl Ticket {
             family = %s.family,
             prompt = usage.map(|u| u.prompt),
             completion = usage.map(|u| u.completion),
-            exact = self.meter.exact(),
+            exact = meter.exact(),
             "request settled"
         );
+    }
+}
+
+/// Releases `reserved` tokens of `family` held by a user's running request.
+fn release(e: &mut crate::users::store::Entry, family: &str, reserved: u64) {
+    if let Some(r) = e.reserved.get_mut(family) {
+        *r = r.saturating_sub(reserved);
+        if *r == 0 {
+            e.reserved.remove(family);
+        }
     }
 }
 
@@ -215,11 +249,46 @@ struct Refusal {
     limit: u64,
     used: u64,
     reserved: u64,
+    /// The output cap the request would have had (too small to be useful), when the proxy
+    /// tried to cap it.
+    capped: Option<u64>,
+}
+
+/// What one reservation attempt asks for.
+#[derive(Clone, Copy)]
+struct Want {
+    /// The prompt's tokens (its bound or its count).
+    prompt: u64,
+    /// The client's output cap per choice, if any.
+    max_output: Option<u64>,
+    choices: u64,
+    /// The request produces output whose cap the proxy may set.
+    capped_output: bool,
+    /// The most a response of this model can produce per choice (`families::max_output_tokens`).
+    model_max: u64,
+    /// `prompt` is the free upper bound, not a count (see [`BOUND_HEADROOM`]).
+    is_bound: bool,
+}
+
+impl Want {
+    /// The most output the request can produce as sent.
+    fn natural_output(&self) -> u64 {
+        if !self.capped_output {
+            return 0;
+        }
+        self.max_output
+            .unwrap_or(self.model_max)
+            .saturating_mul(self.choices.max(1))
+    }
 }
 
 /// The outcome of one reservation attempt under the entry lock.
 enum Reservation {
-    Reserved,
+    /// Reserved `requested` tokens; `cap` is the output cap per choice to set, if any.
+    Reserved {
+        requested: u64,
+        cap: Option<u64>,
+    },
     /// Not enough room for the upper bound: count the prompt and try again.
     NeedsCount,
     Refused(Refusal),
@@ -273,19 +342,20 @@ impl Quotas {
             .with_user(token, |u| f(u.allowed_families.as_deref()))
     }
 
-    /// Admits (or refuses) a generation request; may rewrite `body`.
+    /// Admits (or refuses) a request from the facts its provider read (`facts` is `None` for
+    /// requests that are not generations). The prompt text is taken out of `facts`.
     pub async fn admit(
         &self,
         req: &AdmitRequest<'_>,
-        body: &mut serde_json::Value,
+        facts: Option<&mut RequestFacts>,
     ) -> Result<Admitted, ProxyError> {
-        if !req.api.is_generation() {
+        let Some(facts) = facts.filter(|_| req.generation) else {
             return Ok(Admitted {
-                body_changed: false,
                 headers: HeaderMap::new(),
-                ticket: Ticket::passthrough(req.api),
+                ticket: Ticket::passthrough(),
+                output_cap: None,
             });
-        }
+        };
         let (token, kind) = match req.principal {
             Principal::User { token, kind } => (Some(token.as_str()), Some(*kind)),
             _ => (None, None),
@@ -318,71 +388,73 @@ impl Quotas {
         // Without a user there is nobody to count tokens for.
         let Some(token) = token else {
             return Ok(Admitted {
-                body_changed: false,
                 headers,
-                ticket: Ticket::passthrough(req.api),
+                ticket: Ticket::passthrough(),
+                output_cap: None,
             });
         };
 
-        let mut facts = request_facts(req.api, body);
-        let family = family_for(req.api.provider(), &facts.model);
-        // First try: reserve the prompt's upper bound when the user has plenty of room, without
-        // tokenizing; otherwise count the prompt and decide on its real size.
-        let bound = facts.requested(facts.prompt_bound());
-        let (requested, prompt, outcome) = match self.reserve(token, &family, bound, true) {
+        let family = facts.family.clone();
+        let want = Want {
+            prompt: facts.prompt_bound(),
+            max_output: facts.max_output,
+            choices: facts.choices,
+            capped_output: facts.capped_output,
+            model_max: crate::providers::families::max_output_tokens(&facts.model),
+            is_bound: true,
+        };
+        // First try: reserve with the prompt's upper bound when the user has plenty of room,
+        // without tokenizing; otherwise count the prompt and decide on its real size.
+        let (prompt, outcome) = match self.reserve(token, &family, want) {
             Some(Reservation::NeedsCount) => {
                 let text = std::mem::take(&mut facts.prompt_text);
                 let tokens = estimate::count_tokens_async(text)
                     .await
                     .saturating_add(facts.prompt_fixed);
-                let requested = facts.requested(tokens);
-                let outcome = self.reserve(token, &family, requested, false);
-                (requested, PromptEstimate::Counted(tokens), outcome)
+                let outcome = self.reserve(
+                    token,
+                    &family,
+                    Want {
+                        prompt: tokens,
+                        is_bound: false,
+                        ..want
+                    },
+                );
+                (PromptEstimate::Counted(tokens), outcome)
             }
             outcome => {
                 let prompt = PromptEstimate::Uncounted {
                     text: std::mem::take(&mut facts.prompt_text),
                     fixed: facts.prompt_fixed,
                 };
-                (bound, prompt, outcome)
+                (prompt, outcome)
             }
         };
-        match outcome {
+        let (requested, output_cap) = match outcome {
             None => {
                 return Err(ProxyError::unauthorized(
                     "Your user token no longer exists; ask the proxy operator for a new one.",
                 ))
             }
             Some(Reservation::Refused(r)) => {
-                return Err(self
-                    .quota_error(&family, requested, &r)
-                    .with_headers(headers))
+                return Err(self.quota_error(&family, &r).with_headers(headers))
             }
-            Some(Reservation::Reserved | Reservation::NeedsCount) => {}
-        }
+            Some(Reservation::Reserved { requested, cap }) => (requested, cap),
+            // A counted prompt never needs counting again.
+            Some(Reservation::NeedsCount) => {
+                return Err(ProxyError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "The proxy could not decide on your quota; try again.",
+                ))
+            }
+        };
 
-        // Ask an OpenAI stream for its usage when the client did not, and hide that chunk.
-        let hide = facts.stream
-            && !facts.include_usage
-            && matches!(req.api, Api::OpenAiChat | Api::OpenAiCompletions);
-        if hide {
-            if let Some(obj) = body.as_object_mut() {
-                let opts = obj
-                    .entry("stream_options")
-                    .or_insert_with(|| serde_json::json!({}));
-                if !opts.is_object() {
-                    *opts = serde_json::json!({});
-                }
-                if let Some(o) = opts.as_object_mut() {
-                    o.insert("include_usage".into(), serde_json::Value::Bool(true));
-                }
-            }
-        }
         Ok(Admitted {
-            body_changed: hide,
             headers,
+            output_cap,
             ticket: Ticket {
-                meter: Meter::new(req.api, hide),
+                meter: None,
                 settlement: Some(Settlement {
                     users: self.users.clone(),
                     token: token.to_string(),
@@ -394,43 +466,58 @@ impl Quotas {
         })
     }
 
-    /// Checks and reserves `requested` tokens of `family` for a user in one step under its
-    /// entry lock, and counts the prompt. With `is_bound` (the prompt's upper bound) it reserves
-    /// only with [`BOUND_HEADROOM`] to spare, and otherwise answers `NeedsCount`. `None`: the
-    /// user is gone.
-    fn reserve(
-        &self,
-        token: &str,
-        family: &str,
-        requested: u64,
-        is_bound: bool,
-    ) -> Option<Reservation> {
+    /// Checks and reserves a request's tokens of `family` for a user in one step under its
+    /// entry lock, and counts the prompt. A request is admitted only while
+    /// `used + reserved + requested < limit`; when its output as sent (the client's cap, or
+    /// the model's most without one) does not fit, its output is capped to what the user has
+    /// left after the prompt, and refused when that is under [`MIN_OUTPUT_TOKENS`]. With
+    /// `want.is_bound` (the prompt's upper bound) it reserves only with [`BOUND_HEADROOM`] to
+    /// spare, and otherwise answers `NeedsCount`. `None`: the user is gone.
+    fn reserve(&self, token: &str, family: &str, want: Want) -> Option<Reservation> {
         self.users.update_entry(token, |e| {
             // The stored type decides (an admin may have changed it since authentication).
             let special = e.user.kind == UserType::Special;
             let limit = e.user.token_limits.get(family).copied().unwrap_or(0);
             let used = e.user.token_counts.get(family).copied().unwrap_or(0);
             let reserved = e.reserved.get(family).copied().unwrap_or(0);
-            if !special && limit > 0 {
-                let need = if is_bound {
-                    requested.saturating_mul(BOUND_HEADROOM)
-                } else {
-                    requested
+            let mut cap = None;
+            let requested = if special || limit == 0 {
+                // No limit to hold: reserve what the client asked for, as sent.
+                want.prompt
+                    .saturating_add(want.max_output.unwrap_or(0).saturating_mul(want.choices))
+            } else {
+                let natural = want.prompt.saturating_add(want.natural_output());
+                // Tokens the request may use: `used + reserved + requested < limit`.
+                let room = limit
+                    .saturating_sub(used.saturating_add(reserved))
+                    .saturating_sub(1);
+                let refuse = |capped| {
+                    Reservation::Refused(Refusal {
+                        limit,
+                        used,
+                        reserved,
+                        capped,
+                    })
                 };
-                if used.saturating_add(reserved).saturating_add(need) >= limit {
-                    if is_bound {
+                if want.is_bound {
+                    if natural.saturating_mul(BOUND_HEADROOM) > room {
                         return (Reservation::NeedsCount, false);
                     }
-                    return (
-                        Reservation::Refused(Refusal {
-                            limit,
-                            used,
-                            reserved,
-                        }),
-                        false,
-                    );
+                    natural
+                } else if natural <= room {
+                    natural
+                } else if !want.capped_output || want.prompt >= room {
+                    return (refuse(None), false);
+                } else {
+                    let per_choice = (room - want.prompt) / want.choices.max(1);
+                    if per_choice < MIN_OUTPUT_TOKENS {
+                        return (refuse(Some(per_choice)), false);
+                    }
+                    cap = Some(per_choice);
+                    want.prompt
+                        .saturating_add(per_choice.saturating_mul(want.choices.max(1)))
                 }
-            }
+            };
             match e.reserved.get_mut(family) {
                 Some(r) => *r = r.saturating_add(requested),
                 None => {
@@ -438,11 +525,11 @@ impl Quotas {
                 }
             }
             e.user.prompt_count = e.user.prompt_count.saturating_add(1);
-            (Reservation::Reserved, true)
+            (Reservation::Reserved { requested, cap }, true)
         })
     }
 
-    fn quota_error(&self, family: &str, requested: u64, r: &Refusal) -> ProxyError {
+    fn quota_error(&self, family: &str, r: &Refusal) -> ProxyError {
         let in_flight = if r.reserved > 0 {
             format!(
                 " (plus {} reserved by your requests still running)",
@@ -450,6 +537,19 @@ impl Quotas {
             )
         } else {
             String::new()
+        };
+        let left = r
+            .limit
+            .saturating_sub(r.used.saturating_add(r.reserved))
+            .saturating_sub(1);
+        let why = match r.capped {
+            Some(n) => format!(
+                "after this prompt only {n} tokens would be left for the answer, fewer than the \
+                 {MIN_OUTPUT_TOKENS} this proxy sends a request for"
+            ),
+            None => "this request does not fit: its prompt plus its output cap (max_tokens) \
+                     is more than that"
+                .to_string(),
         };
         let refresh = match self.next_refresh() {
             Some(t) => format!(
@@ -465,8 +565,8 @@ impl Quotas {
             "insufficient_quota",
             format!(
                 "You have used your token quota for the {family} model family: {} of {} tokens \
-                 used{in_flight}, and this request may need up to {requested} (its prompt plus \
-                 max_tokens). {refresh}",
+                 used{in_flight}, {left} tokens left; {why}. Send a shorter prompt or a smaller \
+                 max_tokens, or wait. {refresh}",
                 r.used, r.limit
             ),
         )

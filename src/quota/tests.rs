@@ -6,6 +6,7 @@ use chrono::TimeZone;
 use serde_json::json;
 
 use super::*;
+use crate::providers::Api;
 use crate::users::User;
 
 fn config(args: &[&str], vars: &[(&str, &str)]) -> Config {
@@ -40,6 +41,8 @@ fn ip() -> IpAddr {
     "127.0.0.1".parse().expect("ip")
 }
 
+/// Admission as the forwarder runs it: facts through the provider, admission, then the
+/// provider's stream-usage request and meter.
 fn admit(
     q: &Quotas,
     p: &Principal,
@@ -51,14 +54,34 @@ fn admit(
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    rt.block_on(q.admit(
+    let provider = api.provider();
+    let mut facts = provider
+        .request_facts(api, body)
+        .map_err(|e| ProxyError::bad_request(e.0))?;
+    let mut a = rt.block_on(q.admit(
         &AdmitRequest {
             principal: p,
             ip: ip(),
-            api,
+            generation: api.is_generation(),
         },
-        body,
-    ))
+        Some(&mut facts),
+    ))?;
+    if let Some(cap) = a.output_cap {
+        provider.set_output_cap(api, body, cap);
+    }
+    if a.ticket.charges() {
+        let hide = provider.ask_stream_usage(api, body, &facts);
+        a.ticket.observe_with(Meter::new(provider, api, hide));
+    }
+    Ok(a)
+}
+
+/// The facts of an OpenAI chat body.
+fn facts(body: &serde_json::Value) -> RequestFacts {
+    Api::OpenAiChat
+        .provider()
+        .request_facts(Api::OpenAiChat, body)
+        .expect("facts")
 }
 
 fn chat(max_tokens: u64) -> serde_json::Value {
@@ -96,7 +119,6 @@ fn admission_reserves_and_settlement_charges_real_usage() {
     add_user(&users, "u", UserType::Normal, &[("gpt4o", 10_000)]);
     let mut body = chat(100);
     let a = admit(&q, &user("u", UserType::Normal), Api::OpenAiChat, &mut body).expect("admitted");
-    assert!(!a.body_changed);
     let (used, reserved) = counts(&users, "u", "gpt4o");
     assert_eq!(used, 0);
     assert!(
@@ -115,8 +137,8 @@ fn parallel_admissions_never_overrun_the_budget() {
     // Each request reserves its prompt estimate + 100; a budget of 350 fits 3.
     let (q, users) = quotas(NO_RATE, &[]);
     let q = Arc::new(q);
-    let facts = estimate::request_facts(Api::OpenAiChat, &chat(100));
-    let requested = facts.requested(facts.prompt_tokens());
+    let facts = facts(&chat(100));
+    let requested = facts.requested(estimate::prompt_tokens(&facts));
     add_user(
         &users,
         "u",
@@ -273,7 +295,7 @@ fn client_gone_before_the_upstream_answered_pays_the_prompt() {
     let (q, users) = quotas(NO_RATE, &[]);
     add_user(&users, "u", UserType::Normal, &[]);
     let body = chat(10);
-    let prompt = estimate::request_facts(Api::OpenAiChat, &body).prompt_tokens();
+    let prompt = estimate::prompt_tokens(&facts(&body));
     drop(
         admit(
             &q,
@@ -295,7 +317,6 @@ fn stream_without_include_usage_asks_for_it_and_hides_the_chunk() {
     body["stream"] = json!(true);
     body["stream_options"] = json!({"other": 1});
     let a = admit(&q, &user("u", UserType::Normal), Api::OpenAiChat, &mut body).expect("ok");
-    assert!(a.body_changed);
     assert_eq!(
         body["stream_options"],
         json!({"other": 1, "include_usage": true})
@@ -323,7 +344,6 @@ fn stream_without_include_usage_asks_for_it_and_hides_the_chunk() {
     body["stream_options"] = json!({"include_usage": true});
     let before = body.clone();
     let a = admit(&q, &user("u", UserType::Normal), Api::OpenAiChat, &mut body).expect("ok");
-    assert!(!a.body_changed);
     assert_eq!(body, before);
     let mut t = a.ticket;
     t.on_response_start(StatusCode::OK, true);
@@ -338,7 +358,7 @@ fn client_disconnect_mid_stream_is_still_charged() {
     add_user(&users, "u", UserType::Normal, &[]);
     let mut body = chat(500);
     body["stream"] = json!(true);
-    let prompt_estimate = estimate::request_facts(Api::OpenAiChat, &body).prompt_tokens();
+    let prompt_estimate = estimate::prompt_tokens(&facts(&body));
     let mut t = admit(&q, &user("u", UserType::Normal), Api::OpenAiChat, &mut body)
         .expect("ok")
         .ticket;
@@ -382,7 +402,6 @@ fn non_users_are_rate_limited_by_address_but_not_counted() {
     body["stream"] = json!(true);
     let before = body.clone();
     let a = admit(&q, &p, Api::OpenAiChat, &mut body).expect("first");
-    assert!(!a.body_changed);
     assert_eq!(body, before);
     assert_eq!(
         a.headers.get(ratelimit::REMAINING).map(|v| v.as_bytes()),
@@ -562,9 +581,9 @@ async fn background_task_refreshes_when_the_driven_clock_reaches_the_tick() {
 fn far_from_the_limit_the_bound_is_reserved_and_near_it_the_counted_prompt() {
     let (q, users) = quotas(NO_RATE, &[]);
     let body = chat(100);
-    let facts = estimate::request_facts(Api::OpenAiChat, &body);
+    let facts = facts(&body);
     let bound = facts.requested(facts.prompt_bound());
-    let exact = facts.requested(facts.prompt_tokens());
+    let exact = facts.requested(estimate::prompt_tokens(&facts));
     assert!(
         bound > exact,
         "the test needs a prompt whose bytes exceed its tokens"

@@ -26,7 +26,7 @@ use thin_vec::ThinVec;
 /// An interned model-family name: one pointer, compared by address.
 ///
 /// Names are interned for the life of the process and never freed. That is bounded: the
-/// request path only produces names from the fixed family table (`quota::families`), and any
+/// request path only produces names from the fixed family table (`providers::families`), and any
 /// other name comes from an administrator (an import, an edit) or from the store itself.
 #[derive(Clone, Copy)]
 pub struct Family(&'static Name);

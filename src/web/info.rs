@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::app::AppState;
 use crate::config::GatekeeperMode;
-use crate::upstream::api::Provider;
+use crate::providers::Provider;
 
 /// One endpoint family and how to use it.
 #[derive(Serialize)]
@@ -157,12 +157,12 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
     // Every known family, with its default quota (0: unlimited), plus any family that only
     // appears in a `TOKEN_QUOTA_*` variable.
     let quotas = &state.config.token_quotas;
-    let mut names: Vec<&str> = crate::quota::families::FAMILIES.to_vec();
+    let mut names: Vec<&str> = crate::providers::families::FAMILIES.to_vec();
     names.extend(
         quotas
             .keys()
             .map(String::as_str)
-            .filter(|f| !crate::quota::families::FAMILIES.contains(f)),
+            .filter(|f| !crate::providers::families::FAMILIES.contains(f)),
     );
     let families: Vec<Value> = names
         .into_iter()

@@ -9,8 +9,6 @@
 //! not, maps to some family: an unknown OpenAI-style model is `gpt4` and an unknown
 //! Anthropic-style model is `claude`, as in the original.
 
-use crate::upstream::api::Provider;
-
 /// The family of an unknown model sent to an OpenAI-style upstream (the original's default).
 pub const OPENAI_FALLBACK: &str = "gpt4";
 /// The family of an unknown model sent to an Anthropic-style upstream.
@@ -53,13 +51,14 @@ pub const FAMILIES: &[&str] = &[
     "gcp-claude-opus",
 ];
 
-/// The family a request for `model` sent to `provider` is counted in.
+/// The family a request for `model` is counted in, when its name says it.
 ///
 /// The model name decides first (so a `claude-*` model behind an OpenAI-compatible upstream is
 /// still counted as Claude, and the original's Azure/AWS/GCP naming conventions are honoured);
-/// only a name that says nothing falls back to the provider's default family.
-pub fn family_for(provider: Provider, model: &str) -> String {
-    let m = model.trim().to_ascii_lowercase();
+/// only a name that says nothing (`None`) falls back to the provider's default family, which
+/// each provider module applies.
+pub fn family_for(model: &str) -> Option<String> {
+    let m = bare_model(model);
     // The original's service conventions: Azure deployments carry "azure" in the model name,
     // AWS Bedrock model ids start with "anthropic.", and GCP Vertex names are `claude-…@date`.
     if m.contains("azure") {
@@ -67,29 +66,63 @@ pub fn family_for(provider: Provider, model: &str) -> String {
             .replace("azure-", "")
             .replace("gpt-35-turbo", "gpt-3.5-turbo");
         let inner = openai_family(&bare).unwrap_or(OPENAI_FALLBACK);
-        return format!("azure-{inner}");
+        return Some(format!("azure-{inner}"));
     }
     if m.contains("anthropic.") {
-        return claude_variant(&m, "aws-claude", "aws-claude-opus").to_string();
+        return Some(claude_variant(&m, "aws-claude", "aws-claude-opus").to_string());
     }
     if m.starts_with("claude-") && m.contains('@') {
-        return claude_variant(&m, "gcp-claude", "gcp-claude-opus").to_string();
+        return Some(claude_variant(&m, "gcp-claude", "gcp-claude-opus").to_string());
     }
     if m.starts_with("claude") {
-        return claude_variant(&m, "claude", "claude-opus").to_string();
+        return Some(claude_variant(&m, "claude", "claude-opus").to_string());
     }
     if m.starts_with("gemini") {
-        return "gemini-pro".to_string();
+        return Some("gemini-pro".to_string());
     }
-    if let Some(f) = mistral_family(&m) {
-        return f.to_string();
+    mistral_family(&m)
+        .or_else(|| openai_family(&m))
+        .map(str::to_string)
+}
+
+/// The lower-cased model name without a vendor prefix: OpenRouter-style clients send
+/// `openai/gpt-4o` or `anthropic/claude-3.5-sonnet`, which must count in the same family as
+/// the bare name (else a prefix would escape the user's quota). Everything up to the last `/`
+/// is dropped (a Vertex or Bedrock resource path keeps its model name at the end too).
+fn bare_model(model: &str) -> String {
+    let m = model.trim().to_ascii_lowercase();
+    match m.rsplit_once('/') {
+        Some((_, name)) if !name.is_empty() => name.to_string(),
+        _ => m,
     }
-    if let Some(f) = openai_family(&m) {
-        return f.to_string();
-    }
-    match provider {
-        Provider::OpenAi => OPENAI_FALLBACK.to_string(),
-        Provider::Anthropic => ANTHROPIC_FALLBACK.to_string(),
+}
+
+/// The most output tokens a response of `model` can hold per choice, an upper bound of what
+/// each model family documents (a response without `max_tokens` is reserved at this much;
+/// when a user has less left, the proxy sets the output cap instead). Unknown models get a
+/// generous bound.
+pub fn max_output_tokens(model: &str) -> u64 {
+    let family = family_for(model).unwrap_or_default();
+    let family = family
+        .strip_prefix("azure-")
+        .or_else(|| family.strip_prefix("aws-"))
+        .or_else(|| family.strip_prefix("gcp-"))
+        .unwrap_or(&family);
+    match family {
+        "turbo" | "gpt4o" | "gpt45" => 16_384,
+        "gpt4" => 8_192,
+        "gpt4-32k" => 32_768,
+        "gpt4-turbo" => 4_096,
+        "gpt41" | "gpt41-mini" | "gpt41-nano" => 32_768,
+        "o1-mini" => 65_536,
+        "o1" | "o1-pro" | "o3" | "o3-mini" | "o3-pro" | "o4-mini" => 100_000,
+        "gpt5" | "gpt5-mini" | "gpt5-nano" | "gpt5-pro" => 128_000,
+        // Claude 3.7 Sonnet streams up to 128k with its beta header; others stay below.
+        "claude" | "claude-opus" => 128_000,
+        "gemini-pro" | "gemini-flash" | "gemini-ultra" => 65_536,
+        // Mistral documents no output limit below its context window.
+        f if f.starts_with("mistral-") => 128_000,
+        _ => 128_000,
     }
 }
 
@@ -243,10 +276,10 @@ mod tests {
     use super::*;
 
     fn oa(m: &str) -> String {
-        family_for(Provider::OpenAi, m)
+        crate::providers::openai::family(m)
     }
     fn an(m: &str) -> String {
-        family_for(Provider::Anthropic, m)
+        crate::providers::anthropic::family(m)
     }
 
     #[test]
@@ -400,5 +433,30 @@ mod tests {
             let var = f.to_ascii_uppercase().replace('-', "_");
             assert_eq!(var.to_ascii_lowercase().replace('_', "-"), *f);
         }
+    }
+
+    #[test]
+    fn vendor_prefixes_count_as_the_bare_name() {
+        for (prefixed, bare) in [
+            ("openai/gpt-4o", "gpt-4o"),
+            ("OpenAI/GPT-4o-mini", "gpt-4o-mini"),
+            ("anthropic/claude-3-opus", "claude-3-opus"),
+            ("anthropic/claude-sonnet-4-5", "claude-sonnet-4-5"),
+            ("mistralai/mistral-large-latest", "mistral-large-latest"),
+            ("openai/o3-mini", "o3-mini"),
+        ] {
+            assert_eq!(oa(prefixed), oa(bare), "{prefixed}");
+            assert_eq!(an(prefixed), an(bare), "{prefixed}");
+        }
+        assert_eq!(oa("openai/gpt-4o"), "gpt4o");
+        assert_eq!(oa("anthropic/claude-3-opus"), "claude-opus");
+    }
+
+    #[test]
+    fn max_output_bounds() {
+        assert_eq!(max_output_tokens("gpt-4o"), 16_384);
+        assert_eq!(max_output_tokens("openai/gpt-4o-mini"), 16_384);
+        assert_eq!(max_output_tokens("o3"), 100_000);
+        assert_eq!(max_output_tokens("something-else"), 128_000);
     }
 }

@@ -1,15 +1,14 @@
-//! Upstreams: the providers, their key pools, and the streaming forwarder that relays a
-//! client's request to OpenAI- or Anthropic-style APIs. Never reads the user store directly:
-//! admission and accounting go through [`crate::quota`].
+//! The proxy: routes, the key pools, and the streaming forwarder that relays a client's
+//! request to a provider (relay, key rotation, error rescue). Everything about a provider's
+//! wire format is asked of [`crate::providers`]; admission and accounting go through
+//! [`crate::quota`]. Never reads the user store directly.
 //!
 //! [`Upstreams`] is built once at startup: one shared HTTP client (connection pool, timeouts)
 //! and one [`keys::KeyPool`] per provider. [`routes`] maps client paths to an [`Api`]; the
 //! request itself is handled phase by phase in [`forward`].
 
-pub mod api;
 pub mod forward;
 pub mod keys;
-pub mod policy_facts;
 
 use std::time::Duration;
 
@@ -28,18 +27,13 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::app::AppState;
 use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
-use api::{Api, Provider};
+use crate::providers::{Api, BaseUrl, Provider};
 use keys::{KeyCounts, KeyPool};
 
 /// One provider: where it lives and which keys it is called with.
 pub struct ProviderUpstream {
     pub provider: Provider,
-    /// The base URL without a trailing `/` (`https://api.openai.com`).
-    base: String,
-    /// True when the base URL already ends in `/v1` (as OpenAI-compatible servers are often
-    /// written, e.g. `https://openrouter.ai/api/v1`), so that the client's `/v1` is not
-    /// doubled.
-    base_has_v1: bool,
+    base: BaseUrl,
     pub keys: KeyPool,
     /// The variable that configures the base URL, for messages.
     pub base_url_var: &'static str,
@@ -52,18 +46,9 @@ impl ProviderUpstream {
         base_url_var: &'static str,
         keys: KeyPool,
     ) -> ProviderUpstream {
-        let mut base = base.as_str().trim_end_matches('/').to_string();
-        // A query or fragment on a base URL has no meaning here; dropping it keeps URL
-        // building a plain concatenation.
-        if let Some(i) = base.find(['?', '#']) {
-            base.truncate(i);
-            base = base.trim_end_matches('/').to_string();
-        }
-        let base_has_v1 = base.ends_with("/v1");
         ProviderUpstream {
             provider,
-            base,
-            base_has_v1,
+            base: BaseUrl::new(base),
             keys,
             base_url_var,
         }
@@ -71,19 +56,7 @@ impl ProviderUpstream {
 
     /// The full upstream URL for a client path (`/v1/...`) and query string.
     pub fn url(&self, path: &str, query: Option<&str>) -> String {
-        let path = if self.base_has_v1 {
-            path.strip_prefix("/v1").unwrap_or(path)
-        } else {
-            path
-        };
-        let mut url = String::with_capacity(self.base.len() + path.len() + 64);
-        url.push_str(&self.base);
-        url.push_str(path);
-        if let Some(q) = query.filter(|q| !q.is_empty()) {
-            url.push('?');
-            url.push_str(q);
-        }
-        url
+        self.provider.upstream_url(&self.base, path, query)
     }
 }
 
@@ -142,13 +115,17 @@ impl Upstreams {
                 Provider::OpenAi,
                 &config.cli.openai_base_url,
                 "OPENAI_BASE_URL",
-                KeyPool::new("OPENAI_KEY", &config.openai_keys, true)?,
+                KeyPool::with_credential("OPENAI_KEY", &config.openai_keys, |k| {
+                    Provider::OpenAi.key_credential(k)
+                })?,
             ),
             anthropic: ProviderUpstream::new(
                 Provider::Anthropic,
                 &config.cli.anthropic_base_url,
                 "ANTHROPIC_BASE_URL",
-                KeyPool::new("ANTHROPIC_KEY", &config.anthropic_keys, false)?,
+                KeyPool::with_credential("ANTHROPIC_KEY", &config.anthropic_keys, |k| {
+                    Provider::Anthropic.key_credential(k)
+                })?,
             ),
             connect_timeout_secs: config.cli.upstream_connect_timeout_secs,
             timeout_secs: config.cli.upstream_timeout_secs,
@@ -328,32 +305,6 @@ async fn alias(state: AppState, provider: Provider, segment: &str, req: Request)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pu(base: &str) -> ProviderUpstream {
-        let url: url::Url = base.parse().expect("url");
-        ProviderUpstream::new(
-            Provider::OpenAi,
-            &url,
-            "OPENAI_BASE_URL",
-            KeyPool::new("OPENAI_KEY", &[], true).expect("pool"),
-        )
-    }
-
-    #[test]
-    fn urls_join_without_doubling_v1() {
-        assert_eq!(
-            pu("https://api.openai.com").url("/v1/models", None),
-            "https://api.openai.com/v1/models"
-        );
-        assert_eq!(
-            pu("https://openrouter.ai/api/v1/").url("/v1/chat/completions", Some("a=1")),
-            "https://openrouter.ai/api/v1/chat/completions?a=1"
-        );
-        assert_eq!(
-            pu("http://127.0.0.1:8080/base").url("/v1/embeddings", Some("")),
-            "http://127.0.0.1:8080/base/v1/embeddings"
-        );
-    }
 
     #[test]
     fn classify_routes() {

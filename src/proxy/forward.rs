@@ -1,15 +1,23 @@
 //! The forwarder: one proxied request, top to bottom, as named phases over a per-request
 //! context (in the manner of Pingora):
 //!
+//! 0. [`check_origin`]: `BLOCKED_ORIGINS` refuses before the body is read.
 //! 1. [`read_request`]: read the body within `MAX_REQUEST_BODY_MB` (413) and check that JSON
 //!    routes carry a JSON object (400).
-//! 2. [`admit`]: for generation APIs, ask [`crate::quota::Quotas::admit`]; it may refuse or
-//!    change the body (re-serialised only then; otherwise the client's bytes go up untouched).
+//! 2. [`admit`]: for generation APIs, translate the body when the route says so, read the
+//!    request facts through the provider, apply the operator's policy ([`apply_policy`]:
+//!    families, images, tools, rejected phrases, output and context caps), ask
+//!    [`crate::quota::Quotas::admit`] (it may refuse),
+//!    and let the provider ask for stream usage; the body is re-serialised only when changed
+//!    (otherwise the client's bytes go up untouched).
 //! 3. [`upstream_headers`]: build the upstream request headers from an allowlist.
-//! 4. [`send`]: pick a key and send; 401/403 takes the key out, 429 rests it, and the request
-//!    is retried on the next free key.
-//! 5. [`relay`]: stream the upstream response back chunk by chunk through the quota
-//!    [`Ticket`]; dropping the body (client gone) drops the upstream request too.
+//! 4. [`send`]: pick a key, let the provider authorize the final request (header, signature
+//!    or token) and send; 401/403 takes the key out, 429 rests it, and the request is retried
+//!    on the next free key.
+//! 5. [`relay`]: stream the upstream response back chunk by chunk — through the provider's
+//!    stream decoder (if its stream is not SSE), the quota [`Ticket`] and its meter, and the
+//!    route's translation back to the client's format; dropping the body (client gone) drops
+//!    the upstream request too.
 //!
 //! Every failure becomes a [`ProxyError`] in [`fail_to_proxy`], the one place that decides how
 //! upstream failures look to clients (502 unreachable, 504 timeout, ...).
@@ -31,28 +39,26 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming as UpstreamBody;
 use tokio::time::Sleep;
 
+use std::sync::Arc;
+
 use crate::app::AppState;
 use crate::error::ProxyError;
 use crate::gatekeeper::Principal;
 use crate::net::ClientIp;
+use crate::providers::{
+    Api, KeyUse, Meter, Provider, StreamTransform, Translation, UpstreamRequest,
+};
+use crate::proxy::keys::{rest_duration, ChosenKey, NoKey};
+use crate::proxy::ProviderUpstream;
 use crate::quota::{AdmitRequest, Ticket};
-use crate::upstream::api::{Api, Provider};
-use crate::upstream::keys::{rest_duration, ChosenKey, NoKey};
-use crate::upstream::ProviderUpstream;
 
-/// The `anthropic-version` sent when the client sends none.
-pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
-
-/// Client request headers forwarded to every upstream. Everything else is dropped: above all
-/// the client's `authorization`, `x-api-key` and `cookie`, hop-by-hop headers, `host` and
-/// `content-length` (recomputed by the client library), but also `accept-encoding` (so that
-/// usage accounting can read the response) and `openai-organization`/`openai-project` (the
-/// operator's key decides those).
+/// Client request headers forwarded to every upstream (each provider adds a few of its own,
+/// [`Provider::forwarded_headers`]). Everything else is dropped: above all the client's
+/// `authorization`, `x-api-key` and `cookie`, hop-by-hop headers, `host` and `content-length`
+/// (recomputed by the client library), but also `accept-encoding` (so that usage accounting
+/// can read the response) and `openai-organization`/`openai-project` (the operator's key
+/// decides those).
 const FORWARDED_HEADERS: &[&str] = &["content-type", "accept"];
-/// Extra headers forwarded to the OpenAI upstream.
-const FORWARDED_OPENAI: &[&str] = &["openai-beta"];
-/// Extra headers forwarded to the Anthropic upstream (`anthropic-version` is always set).
-const FORWARDED_ANTHROPIC: &[&str] = &["anthropic-beta", "anthropic-version"];
 
 /// Upstream response headers not relayed to the client: hop-by-hop headers, cookies and
 /// transport hints that belong to the upstream's host, and headers that describe the
@@ -76,9 +82,23 @@ const DROPPED_RESPONSE_HEADERS: &[&str] = &[
 /// Prefixes of dropped response headers (the operator's key's rate-limit state).
 const DROPPED_RESPONSE_PREFIXES: &[&str] = &["x-ratelimit-", "anthropic-ratelimit-"];
 
+/// What a route tells the forwarder: where the request goes and in which format.
+pub struct Route {
+    /// The provider that serves the request.
+    pub provider: Provider,
+    /// The upstream API (its wire format; after translation, when the route translates).
+    pub api: Api,
+    /// The normalised upstream path (`/v1/...`); the client's path when `None`.
+    pub upstream_path: Option<String>,
+    /// The client speaks another format than the upstream.
+    pub translation: Option<Arc<dyn Translation>>,
+}
+
 /// Everything the phases share about one request.
 struct Ctx {
+    provider: Provider,
     api: Api,
+    translation: Option<Arc<dyn Translation>>,
     method: Method,
     /// The client's path, for the log line.
     client_path: String,
@@ -90,14 +110,31 @@ struct Ctx {
     ip: IpAddr,
 }
 
-/// Handles one proxied request. `upstream_path` is set by the alias routes (normalised
-/// `/v1/...`); otherwise the client's path is used as is.
+/// Handles one proxied request of `api` to its usual provider. `upstream_path` is set by the
+/// alias routes (normalised `/v1/...`); otherwise the client's path is used as is.
 pub async fn proxy(
     state: AppState,
     api: Api,
     upstream_path: Option<String>,
     req: Request,
 ) -> Response {
+    let route = Route {
+        provider: api.provider(),
+        api,
+        upstream_path,
+        translation: None,
+    };
+    forward(state, route, req).await
+}
+
+/// Handles one proxied request along a [`Route`].
+pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
+    let Route {
+        provider,
+        api,
+        upstream_path,
+        translation,
+    } = route;
     let (parts, body) = req.into_parts();
     let Some(principal) = parts.extensions.get::<Principal>().cloned() else {
         // The gatekeeper inserts a principal on every proxied route; without one, deny.
@@ -111,7 +148,9 @@ pub async fn proxy(
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let client_path = parts.uri.path().to_string();
     let ctx = Ctx {
+        provider,
         api,
+        translation,
         upstream_path: upstream_path.unwrap_or_else(|| client_path.clone()),
         client_path,
         query: parts.uri.query().map(str::to_string),
@@ -120,7 +159,7 @@ pub async fn proxy(
         principal,
         ip,
     };
-    let upstream = state.upstreams.provider(api.provider());
+    let upstream = state.upstreams.provider(provider);
 
     // Phase 0: a blocked Origin/Referer is refused before the body is read.
     if let Some(resp) = check_origin(&state, &ctx) {
@@ -136,7 +175,7 @@ pub async fn proxy(
         return log_refusal(&ctx, no_key_error(upstream, NoKey::NoneConfigured));
     }
     // Phase 2: admission.
-    let (body, admitted) = match admit(&state, &ctx, body).await {
+    let (body, admitted, stream) = match admit(&state, &ctx, body).await {
         Ok(v) => v,
         Err(e) => return log_refusal(&ctx, e),
     };
@@ -145,7 +184,7 @@ pub async fn proxy(
         None => (None, HeaderMap::new()),
     };
     // Phases 3 and 4: build the upstream request and send it.
-    let headers = upstream_headers(&ctx, upstream.provider);
+    let headers = upstream_headers(&ctx);
     let url = upstream.url(&ctx.upstream_path, ctx.query.as_deref());
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started) + state.upstreams.timeout;
@@ -161,7 +200,14 @@ pub async fn proxy(
                 "proxied"
             );
             // Phase 5: relay.
-            relay(resp, ticket, extra_headers, deadline)
+            let transforms = Transforms {
+                decode: provider.stream_decoder(api),
+                translate: match &ctx.translation {
+                    Some(t) if resp.status().is_success() => Some(t.response(stream)),
+                    _ => None,
+                },
+            };
+            relay(resp, ticket, extra_headers, deadline, transforms)
         }
         Err(Failure {
             error: e,
@@ -268,30 +314,56 @@ async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, P
     }
 }
 
-/// Phase 2: quota admission for generation requests. Returns the bytes to send: the
-/// client's original bytes unless admission changed the body.
+/// Phase 2: admission for generation requests. Returns the bytes to send (the client's
+/// original bytes unless the body was changed), the admission, and whether the client asked
+/// for a stream.
 async fn admit(
     state: &AppState,
     ctx: &Ctx,
     incoming: Incoming,
-) -> Result<(Bytes, Option<crate::quota::Admitted>), ProxyError> {
+) -> Result<(Bytes, Option<crate::quota::Admitted>, bool), ProxyError> {
     let Incoming { bytes, json } = incoming;
     let Some(mut json) = json else {
-        return Ok((bytes, None));
+        return Ok((bytes, None, false));
     };
-    let policy_changed = apply_policy(state, ctx, &mut json).await?;
-    let admitted = state
+    let mut changed = false;
+    if let Some(t) = &ctx.translation {
+        json = t.request(json).map_err(|e| ProxyError::bad_request(e.0))?;
+        changed = true;
+    }
+    let mut facts = ctx
+        .provider
+        .request_facts(ctx.api, &json)
+        .map_err(|e| ProxyError::bad_request(e.0))?;
+    // Phase 2a: the operator's policy, before quotas (which take the prompt text).
+    changed |= apply_policy(state, ctx, &mut json, &mut facts).await?;
+    let mut admitted = state
         .quotas
         .admit(
             &AdmitRequest {
                 principal: &ctx.principal,
                 ip: ctx.ip,
-                api: ctx.api,
+                generation: ctx.api.is_generation(),
             },
-            &mut json,
+            Some(&mut facts),
         )
         .await?;
-    let bytes = if admitted.body_changed || policy_changed {
+    if let Some(cap) = admitted.output_cap {
+        // The user has less left than the request could produce: the provider's own output
+        // cap field says so, and the upstream stops there.
+        ctx.provider.set_output_cap(ctx.api, &mut json, cap);
+        changed = true;
+    }
+    if admitted.ticket.charges() {
+        // Streams that report usage only on request are asked to; the usage-only event is
+        // then hidden from the client, who did not ask for it.
+        let hide = ctx.provider.ask_stream_usage(ctx.api, &mut json, &facts);
+        changed |= hide;
+        admitted
+            .ticket
+            .observe_with(Meter::new(ctx.provider, ctx.api, hide));
+    }
+    let bytes = if changed {
         serde_json::to_vec(&json).map(Bytes::from).map_err(|_| {
             ProxyError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -302,7 +374,7 @@ async fn admit(
     } else {
         bytes
     };
-    Ok((bytes, Some(admitted)))
+    Ok((bytes, Some(admitted), facts.stream))
 }
 
 /// Phase 0: `BLOCKED_ORIGINS`. A browser (it accepts HTML and sends no JSON) gets a page that
@@ -333,20 +405,18 @@ fn check_origin(state: &AppState, ctx: &Ctx) -> Option<Response> {
 }
 
 /// Phase 2a: the operator's policy over a generation request (families, images, tools,
-/// context and output caps, rejected phrases). Returns whether the body changed (output cap).
+/// rejected phrases, output and context caps), over the facts the provider read. Returns
+/// whether the body changed (the output cap was set on the provider's field).
 async fn apply_policy(
     state: &AppState,
     ctx: &Ctx,
     json: &mut serde_json::Value,
+    facts: &mut crate::providers::RequestFacts,
 ) -> Result<bool, ProxyError> {
-    use crate::policy::{Caller, Refusal, RequestFacts};
-    use crate::upstream::policy_facts as pf;
+    use crate::policy::{Caller, Refusal, RequestFacts as PolicyFacts};
 
     let policy = &state.policy;
-    let provider = ctx.api.provider();
-    let service = pf::service_name(provider);
-    let facts = crate::quota::estimate::request_facts(ctx.api, json);
-    let family = crate::quota::families::family_for(provider, &facts.model);
+    let service = ctx.provider.service_name();
     let refuse = |r: Refusal| match r {
         Refusal::Forbidden { kind, message } => {
             ProxyError::new(StatusCode::FORBIDDEN, kind, message)
@@ -363,12 +433,12 @@ async fn apply_policy(
                 ..
             }
         );
-    let req = RequestFacts {
+    let req = PolicyFacts {
         service,
         model: &facts.model,
-        family: &family,
-        has_images: pf::has_images(ctx.api, json),
-        has_tools: pf::has_tools(json),
+        family: &facts.family,
+        has_images: facts.has_images,
+        has_tools: facts.has_tools,
         openai_tools_api: matches!(ctx.api, Api::OpenAiChat),
     };
     let shape = match &ctx.principal {
@@ -407,23 +477,25 @@ async fn apply_policy(
     }
 
     let mut changed = false;
-    let mut output = facts.max_completion;
-    if let Some(cap) = policy.output_cap(service) {
-        if pf::clamp_output(ctx.api, json, cap) {
+    if let (Some(cap), true) = (policy.output_cap(service), facts.capped_output) {
+        // Lowered when above the cap, set when absent (leaving it out must not escape it).
+        if facts.max_output.is_none_or(|n| n > cap) {
+            ctx.provider.set_output_cap(ctx.api, json, cap);
+            facts.max_output = Some(cap);
             changed = true;
-            output = crate::quota::estimate::request_facts(ctx.api, json).max_completion;
         }
+    }
+    if !ctx.api.has_output() {
+        return Ok(changed);
     }
     let caller = Caller {
         special,
         allowed_families: None,
     };
-    if matches!(ctx.api, Api::OpenAiEmbeddings) {
-        return Ok(changed);
-    }
     if let Some(max) = policy.context_cap(service, caller) {
         // The byte length bounds the token count from above: only a prompt that might not
         // fit is tokenized.
+        let output = facts.max_completion();
         if facts.prompt_bound().saturating_add(output) > max {
             let prompt = crate::quota::estimate::count_tokens_async(facts.prompt_text.clone())
                 .await
@@ -438,13 +510,12 @@ async fn apply_policy(
 
 /// Phase 3: the upstream request headers, from an allowlist of the client's headers. The
 /// credential is added per attempt in [`send`].
-fn upstream_headers(ctx: &Ctx, provider: Provider) -> HeaderMap {
+fn upstream_headers(ctx: &Ctx) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(6);
-    let extra = match provider {
-        Provider::OpenAi => FORWARDED_OPENAI,
-        Provider::Anthropic => FORWARDED_ANTHROPIC,
-    };
-    for name in FORWARDED_HEADERS.iter().chain(extra) {
+    for name in FORWARDED_HEADERS
+        .iter()
+        .chain(ctx.provider.forwarded_headers())
+    {
         for v in ctx.headers.get_all(*name) {
             out.append(HeaderName::from_static(name), v.clone());
         }
@@ -456,12 +527,7 @@ fn upstream_headers(ctx: &Ctx, provider: Provider) -> HeaderMap {
             HeaderValue::from_static("application/json"),
         );
     }
-    if provider == Provider::Anthropic && !out.contains_key("anthropic-version") {
-        out.insert(
-            "anthropic-version",
-            HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
-        );
-    }
+    ctx.provider.default_headers(&mut out);
     out
 }
 
@@ -477,17 +543,14 @@ async fn send(
     body: Bytes,
     deadline: tokio::time::Instant,
 ) -> Result<(hyper::Response<UpstreamBody>, ChosenKey), Failure> {
-    let uri = Uri::try_from(url).map_err(|e| Failure {
+    let bad_url = |e: axum::http::uri::InvalidUri| Failure {
         error: ProxyError::bad_request(
             "The request path or query cannot be sent upstream; check the URL you call.",
         ),
         key: None,
         cause: Some(Box::new(e)),
-    })?;
-    let auth_header = match upstream.provider {
-        Provider::OpenAi => header::AUTHORIZATION,
-        Provider::Anthropic => HeaderName::from_static("x-api-key"),
     };
+    Uri::try_from(url).map_err(bad_url)?;
     headers.insert(header::USER_AGENT, state.upstreams.user_agent.clone());
     let mut last_429: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
     loop {
@@ -504,12 +567,32 @@ async fn send(
                 }
             }
         };
-        let mut req = hyper::Request::new(Full::new(body.clone()));
-        *req.method_mut() = ctx.method.clone();
-        *req.uri_mut() = uri.clone();
-        let h = req.headers_mut();
-        h.clone_from(&headers);
-        h.insert(auth_header.clone(), key.header.clone());
+        let mut out = UpstreamRequest {
+            method: ctx.method.clone(),
+            url: url.to_string(),
+            headers: headers.clone(),
+            body: body.clone(),
+        };
+        let key_use = KeyUse {
+            index: key.index,
+            credential: &key.header,
+        };
+        if let Err(e) = upstream.provider.authorize(&mut out, &key_use).await {
+            return Err(Failure {
+                error: ProxyError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_error",
+                    "The proxy could not obtain credentials for the upstream; try again later.",
+                ),
+                key: Some(key.fingerprint),
+                cause: Some(e.0.into()),
+            });
+        }
+        let uri = Uri::try_from(out.url.as_str()).map_err(bad_url)?;
+        let mut req = hyper::Request::new(Full::new(out.body));
+        *req.method_mut() = out.method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = out.headers;
         let sent = tokio::time::timeout_at(deadline, state.upstreams.client().request(req)).await;
         let resp = match sent {
             Ok(Ok(resp)) => resp,
@@ -644,19 +727,35 @@ fn fail_to_proxy(state: &AppState, upstream: &ProviderUpstream, e: SendError) ->
     }
 }
 
+/// The rewrites a response body passes through besides the ticket.
+struct Transforms {
+    /// The provider's decoder of a stream that is not SSE (before the ticket).
+    decode: Option<Box<dyn StreamTransform>>,
+    /// The route's translation back to the client's format (after the ticket; 2xx only).
+    translate: Option<Box<dyn StreamTransform>>,
+}
+
 /// Phase 5: relays status, headers and the body, chunk by chunk, through the ticket.
 fn relay(
     resp: hyper::Response<UpstreamBody>,
     mut ticket: Option<Ticket>,
     extra: HeaderMap,
     deadline: tokio::time::Instant,
+    transforms: Transforms,
 ) -> Response {
     let status = resp.status();
-    let is_sse = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
+    let decoded_type = transforms.decode.as_ref().and_then(|d| d.content_type());
+    let is_sse = decoded_type
+        .as_ref()
+        .or_else(|| resp.headers().get(header::CONTENT_TYPE))
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
+    let client_type = transforms
+        .translate
+        .as_ref()
+        .and_then(|t| t.content_type())
+        .or(decoded_type);
+    let rewritten = transforms.decode.is_some() || transforms.translate.is_some();
     if let Some(t) = ticket.as_mut() {
         t.on_response_start(status, is_sse);
     }
@@ -669,10 +768,14 @@ fn relay(
             // one. Other bodies pass through the ticket unchanged and keep their length, which
             // lets the server send headers and body in one write instead of chunking them.
             || (ticket.is_some() && is_sse && name == header::CONTENT_LENGTH)
+            || (rewritten && name == header::CONTENT_LENGTH)
         {
             continue;
         }
         headers.append(name.clone(), value.clone());
+    }
+    if let Some(t) = client_type {
+        headers.insert(header::CONTENT_TYPE, t);
     }
     if is_sse {
         // Tells a buffering reverse proxy in front of us (nginx) to pass events through.
@@ -682,6 +785,8 @@ fn relay(
     let body = Relay {
         upstream: resp.into_body(),
         ticket,
+        transforms,
+        ended: false,
         deadline,
         timer: None,
     };
@@ -715,6 +820,9 @@ fn extend_headers(headers: &mut HeaderMap, extra: HeaderMap) {
 struct Relay {
     upstream: UpstreamBody,
     ticket: Option<Ticket>,
+    transforms: Transforms,
+    /// The upstream body ended (what the transforms still held has been sent).
+    ended: bool,
     /// The end of `UPSTREAM_TIMEOUT_SECS`: a body still streaming then is cut off.
     deadline: tokio::time::Instant,
     /// Armed the first time the upstream has nothing ready, so that a body that arrives with
@@ -730,6 +838,49 @@ impl Relay {
         self.ticket = None;
         Poll::Ready(Some(Err(e)))
     }
+
+    /// One upstream chunk through the decoder, the ticket and the translation.
+    fn pass(&mut self, mut chunk: Bytes) -> Bytes {
+        if let Some(d) = self.transforms.decode.as_mut() {
+            chunk = d.chunk(chunk);
+        }
+        if let Some(t) = self.ticket.as_mut() {
+            chunk = t.on_chunk(chunk);
+        }
+        if let Some(t) = self.transforms.translate.as_mut() {
+            chunk = t.chunk(chunk);
+        }
+        chunk
+    }
+
+    /// The end of the upstream body: flushes the transforms, settles the ticket, and returns
+    /// what is left for the client.
+    fn finish(&mut self) -> Bytes {
+        self.ended = true;
+        let mut rest = match self.transforms.decode.as_mut() {
+            Some(d) => d.end(),
+            None => Bytes::new(),
+        };
+        if let Some(t) = self.ticket.as_mut() {
+            if !rest.is_empty() {
+                rest = t.on_chunk(rest);
+            }
+        }
+        if let Some(t) = self.ticket.take() {
+            t.finish();
+        }
+        if let Some(t) = self.transforms.translate.as_mut() {
+            let mut out = if rest.is_empty() { rest } else { t.chunk(rest) };
+            let tail = t.end();
+            if !tail.is_empty() {
+                let mut joined = bytes::BytesMut::from(&out[..]);
+                joined.extend_from_slice(&tail);
+                out = joined.freeze();
+            }
+            rest = out;
+        }
+        rest
+    }
 }
 
 impl http_body::Body for Relay {
@@ -741,6 +892,9 @@ impl http_body::Body for Relay {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
         loop {
             return match Pin::new(&mut this.upstream).poll_frame(cx) {
                 Poll::Pending => {
@@ -759,10 +913,7 @@ impl http_body::Body for Relay {
                         // Trailers: HTTP/1.1 chat APIs send none, and we relay none.
                         continue;
                     };
-                    let chunk = match this.ticket.as_mut() {
-                        Some(t) => t.on_chunk(chunk),
-                        None => chunk,
-                    };
+                    let chunk = this.pass(chunk);
                     if chunk.is_empty() {
                         continue;
                     }
@@ -770,24 +921,34 @@ impl http_body::Body for Relay {
                 }
                 Poll::Ready(Some(Err(e))) => this.fail(Box::new(e)),
                 Poll::Ready(None) => {
-                    if let Some(t) = this.ticket.take() {
-                        t.finish();
+                    let rest = this.finish();
+                    if rest.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Frame::data(rest))))
                     }
-                    Poll::Ready(None)
                 }
             };
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        // With a ticket the body must be polled to its end, where the ticket settles.
-        self.ticket.is_none() && self.upstream.is_end_stream()
+        // With a ticket or a transform the body must be polled to its end, where the ticket
+        // settles and the transforms flush.
+        self.ended
+            || (self.ticket.is_none()
+                && self.transforms.decode.is_none()
+                && self.transforms.translate.is_none()
+                && self.upstream.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        // A ticket may shorten an SSE body (it hides the usage event it asked for), so only a
-        // body without one keeps the upstream's exact length.
-        if self.ticket.is_none() {
+        // A ticket may shorten an SSE body (it hides the usage event it asked for) and a
+        // transform rewrites it, so only a body without either keeps the upstream's length.
+        if self.ticket.is_none()
+            && self.transforms.decode.is_none()
+            && self.transforms.translate.is_none()
+        {
             self.upstream.size_hint()
         } else {
             SizeHint::default()
@@ -808,7 +969,9 @@ mod tests {
             );
         }
         Ctx {
+            provider: Provider::OpenAi,
             api: Api::OpenAiChat,
+            translation: None,
             method: Method::POST,
             client_path: "/v1/chat/completions".into(),
             upstream_path: "/v1/chat/completions".into(),
@@ -834,10 +997,13 @@ mod tests {
             ("anthropic-beta", "tools-2024"),
             ("accept", "text/event-stream"),
         ]);
-        let o = upstream_headers(&c, Provider::OpenAi);
+        let o = upstream_headers(&c);
         let names: Vec<&str> = o.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["accept", "openai-beta", "content-type"]);
-        let a = upstream_headers(&c, Provider::Anthropic);
+        let a = upstream_headers(&Ctx {
+            provider: Provider::Anthropic,
+            ..c
+        });
         assert_eq!(a.get("anthropic-version").expect("set"), "2023-06-01");
         assert_eq!(a.get("anthropic-beta").expect("set"), "tools-2024");
         assert!(a.get("openai-beta").is_none());
@@ -846,7 +1012,10 @@ mod tests {
     #[test]
     fn client_anthropic_version_wins() {
         let c = ctx(&[("anthropic-version", "2024-01-01")]);
-        let a = upstream_headers(&c, Provider::Anthropic);
+        let a = upstream_headers(&Ctx {
+            provider: Provider::Anthropic,
+            ..c
+        });
         assert_eq!(a.get("anthropic-version").expect("set"), "2024-01-01");
     }
 }

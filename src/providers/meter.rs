@@ -1,38 +1,25 @@
-//! Reading real usage out of upstream responses as they stream past: OpenAI JSON `usage`,
-//! OpenAI SSE usage chunks, Anthropic JSON `usage` and Anthropic SSE `message_start` /
-//! `message_delta` usage. Also removes the usage-only chunk the proxy asked for on a client's
-//! behalf, and keeps the generated text so that a response whose usage never arrives can be
-//! estimated. Knows nothing of users or the store.
+//! The meter: reads a response's usage as it streams past, for any provider. It owns the
+//! generic framing (SSE lines and events, a whole JSON body or its tail) and hands each JSON
+//! object to the provider's `observe`, which knows the provider's usage fields. Removes the
+//! usage-only event the proxy asked for on a client's behalf, and keeps the generated text so
+//! that a response whose usage never arrives can be estimated. Streams that are not SSE are
+//! decoded into SSE before they reach the meter ([`super::Provider::stream_decoder`]). Knows
+//! nothing of users or the store, and nothing of any provider's JSON fields.
 
 use bytes::{Buf, Bytes, BytesMut};
 use serde_json::Value;
 
-use super::estimate::count_tokens;
-use crate::upstream::api::{Api, Provider};
+use super::{Api, Provider, Seen, Usage};
 
 /// A non-streamed body is kept whole up to this size to read its `usage`; past it, only the
 /// tail is kept (`usage` is the last field of every provider's response).
 const JSON_BODY_CAP: usize = 16 * 1024 * 1024;
 const JSON_TAIL: usize = 64 * 1024;
-/// Generated text kept for a fallback estimate; beyond it, 4 bytes are counted per token.
-const TEXT_CAP: usize = 4 * 1024 * 1024;
-
-/// Token usage of one response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Usage {
-    pub prompt: u64,
-    pub completion: u64,
-}
-
-impl Usage {
-    pub fn total(self) -> u64 {
-        self.prompt.saturating_add(self.completion)
-    }
-}
 
 /// Observes one upstream response.
 #[derive(Debug)]
 pub struct Meter {
+    provider: Provider,
     api: Api,
     /// Remove the usage-only SSE chunk (the client did not ask for it).
     hide_usage_chunk: bool,
@@ -52,18 +39,16 @@ pub struct Meter {
     /// JSON: the body so far (or its tail once it outgrew [`JSON_BODY_CAP`]).
     body: Vec<u8>,
     body_truncated: bool,
-    reported_prompt: Option<u64>,
-    reported_completion: Option<u64>,
-    /// The completion count is the upstream's final word (not Anthropic's `message_start`
-    /// placeholder).
-    completion_final: bool,
-    text: String,
-    text_overflow_bytes: u64,
+    /// Usage and text seen so far.
+    seen: Seen,
 }
 
 impl Meter {
-    pub fn new(api: Api, hide_usage_chunk: bool) -> Meter {
+    /// A meter for a response of `api` from `provider`; `hide_usage_chunk` removes the
+    /// usage-only event the proxy asked for ([`Provider::ask_stream_usage`]).
+    pub fn new(provider: Provider, api: Api, hide_usage_chunk: bool) -> Meter {
         Meter {
+            provider,
             api,
             hide_usage_chunk,
             success: None,
@@ -75,11 +60,7 @@ impl Meter {
             dropping_event: false,
             body: Vec::new(),
             body_truncated: false,
-            reported_prompt: None,
-            reported_completion: None,
-            completion_final: false,
-            text: String::new(),
-            text_overflow_bytes: 0,
+            seen: Seen::default(),
         }
     }
 
@@ -136,20 +117,22 @@ impl Meter {
     }
 
     /// The usage to charge, with `prompt_estimate` standing in for a prompt count the upstream
-    /// never reported. `None` when nothing is charged (the upstream answered with an error or
-    /// never answered).
-    pub fn usage(&self, prompt_estimate: u64) -> Option<Usage> {
+    /// never reported and `count` estimating the tokens of generated text when the upstream's
+    /// completion count is missing or not final. `None` when nothing is charged (the upstream
+    /// answered with an error or never answered).
+    pub fn usage(&self, prompt_estimate: u64, count: impl Fn(&str) -> u64) -> Option<Usage> {
         if !self.succeeded() {
             return None;
         }
-        let prompt = self.reported_prompt.unwrap_or(prompt_estimate);
-        let completion = if self.api == Api::OpenAiEmbeddings {
+        let s = &self.seen;
+        let prompt = s.prompt.unwrap_or(prompt_estimate);
+        let completion = if !self.api.has_output() {
             0
-        } else if self.completion_final {
-            self.reported_completion.unwrap_or(0)
+        } else if s.completion_final {
+            s.completion.unwrap_or(0)
         } else {
-            let seen = count_tokens(&self.text).saturating_add(self.text_overflow_bytes / 4);
-            seen.max(self.reported_completion.unwrap_or(0))
+            let seen = count(&s.text).saturating_add(s.text_overflow_bytes / 4);
+            seen.max(s.completion.unwrap_or(0))
         };
         Some(Usage { prompt, completion })
     }
@@ -157,13 +140,12 @@ impl Meter {
     /// True when [`Meter::usage`] would use its prompt estimate (the upstream answered but did
     /// not report the prompt's tokens), so that the caller counts the prompt only then.
     pub fn needs_prompt_estimate(&self) -> bool {
-        self.succeeded() && self.reported_prompt.is_none()
+        self.succeeded() && self.seen.prompt.is_none()
     }
 
     /// True when the upstream reported both counts (no estimate is involved).
     pub fn exact(&self) -> bool {
-        self.reported_prompt.is_some()
-            && (self.completion_final || self.api == Api::OpenAiEmbeddings)
+        self.seen.prompt.is_some() && (self.seen.completion_final || !self.api.has_output())
     }
 
     fn keep_body(&mut self, chunk: &[u8]) {
@@ -177,13 +159,14 @@ impl Meter {
 
     fn read_json_body(&mut self) {
         let body = std::mem::take(&mut self.body);
+        let key = self.provider.usage_key();
         if !self.body_truncated {
-            // Fast path: read only the top-level `usage` (serde skips everything else without
-            // building it). When it holds both counts nothing else in the body matters.
-            if let Ok(UsageOnly { usage: Some(u) }) = serde_json::from_slice::<UsageOnly>(&body) {
-                if u.is_object() {
-                    self.observe_usage(&u, true);
-                    if self.reported_prompt.is_some() && self.completion_final {
+            // Fast path: read only the top-level usage field (serde skips everything else
+            // without building it). When it holds both counts nothing else in the body matters.
+            if let Some(u) = top_level_field(&body, key) {
+                if let Some(r) = self.provider.usage_from(self.api, &u) {
+                    self.seen.usage(r);
+                    if self.seen.prompt.is_some() && self.seen.completion_final {
                         return;
                     }
                 }
@@ -194,10 +177,12 @@ impl Meter {
                 return;
             }
         }
-        // A body too large to keep whole: `usage` is near its end. A `"usage"` inside a string
+        // A body too large to keep whole: the usage is near its end. A key inside a string
         // would be escaped (`\"usage\"`), so an unescaped key is the real one.
-        if let Some(v) = usage_from_tail(&body) {
-            self.observe_usage(&v, true);
+        if let Some(v) = field_from_tail(&body, key) {
+            if let Some(r) = self.provider.usage_from(self.api, &v) {
+                self.seen.usage(r);
+            }
         }
     }
 
@@ -258,10 +243,9 @@ impl Meter {
             if text.trim() == "[DONE]" {
                 // Nothing to read.
             } else if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                if out.is_some() && is_usage_only_chunk(&v) {
+                if self.observe_json(&v) && out.is_some() {
                     self.dropping_event = true;
                 }
-                self.observe_json(&v);
             } else {
                 // A JSON payload split over several `data:` lines is joined at the event end.
                 if !self.event_data.is_empty() {
@@ -290,158 +274,37 @@ impl Meter {
         }
     }
 
-    /// Reads usage and generated text from one JSON object (a whole response or one SSE
-    /// event) of either provider.
-    fn observe_json(&mut self, v: &Value) {
-        match v.get("type").and_then(Value::as_str) {
-            // Anthropic stream events.
-            Some("message_start") => {
-                if let Some(u) = v.pointer("/message/usage") {
-                    self.observe_usage(u, false);
-                }
-                return;
-            }
-            Some("message_delta") => {
-                if let Some(u) = v.get("usage") {
-                    self.observe_usage(u, true);
-                }
-                return;
-            }
-            Some("content_block_start") => {
-                if let Some(b) = v.get("content_block") {
-                    self.observe_block(b);
-                }
-                return;
-            }
-            Some("content_block_delta") => {
-                if let Some(d) = v.get("delta") {
-                    self.observe_block(d);
-                }
-                return;
-            }
-            _ => {}
-        }
-        // Whole responses (both providers) and OpenAI stream chunks.
-        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            self.observe_usage(u, true);
-        }
-        if let Some(choices) = v.get("choices").and_then(Value::as_array) {
-            for c in choices {
-                for k in [
-                    "text",
-                    "/delta/content",
-                    "/delta/reasoning_content",
-                    "/delta/refusal",
-                ]
-                .iter()
-                .chain(&["/message/content", "/message/refusal"])
-                {
-                    let s = if k.starts_with('/') {
-                        c.pointer(k)
-                    } else {
-                        c.get(*k)
-                    };
-                    if let Some(s) = s.and_then(Value::as_str) {
-                        self.push_text(s);
-                    }
-                }
-                for calls in ["/delta/tool_calls", "/message/tool_calls"] {
-                    for call in c
-                        .pointer(calls)
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                    {
-                        if let Some(a) = call.pointer("/function/arguments").and_then(Value::as_str)
-                        {
-                            self.push_text(a);
-                        }
-                    }
-                }
-            }
-        }
-        if self.api.provider() == Provider::Anthropic {
-            if let Some(blocks) = v.get("content").and_then(Value::as_array) {
-                for b in blocks {
-                    self.observe_block(b);
-                }
-            }
-        }
-    }
-
-    /// An Anthropic content block or delta: text, thinking, or tool input.
-    fn observe_block(&mut self, b: &Value) {
-        for k in ["text", "thinking", "partial_json"] {
-            if let Some(s) = b.get(k).and_then(Value::as_str) {
-                self.push_text(s);
-            }
-        }
-        if let Some(input) = b
-            .get("input")
-            .filter(|i| i.as_object().is_some_and(|o| !o.is_empty()))
-        {
-            self.push_text(&input.to_string());
-        }
-    }
-
-    /// Reads a `usage` object of either provider. `final_completion` says the completion
-    /// count is final (everything but Anthropic's `message_start`).
-    fn observe_usage(&mut self, u: &Value, final_completion: bool) {
-        let n = |k: &str| u.get(k).and_then(Value::as_u64);
-        if let Some(p) = n("prompt_tokens") {
-            // OpenAI: prompt_tokens already includes cached tokens.
-            self.reported_prompt = Some(p);
-            let completion = n("completion_tokens")
-                .or_else(|| n("total_tokens").map(|t| t.saturating_sub(p)))
-                .unwrap_or(0);
-            self.reported_completion = Some(completion);
-            self.completion_final = true;
-            return;
-        }
-        // Anthropic: input_tokens excludes cache reads and writes, which are prompt tokens too.
-        let input = n("input_tokens");
-        let cache = n("cache_creation_input_tokens")
-            .unwrap_or(0)
-            .saturating_add(n("cache_read_input_tokens").unwrap_or(0));
-        if input.is_some() || cache > 0 {
-            let prompt = input.unwrap_or(0).saturating_add(cache);
-            // A message_delta repeats the counts cumulatively; never go below what was seen.
-            self.reported_prompt = Some(self.reported_prompt.unwrap_or(0).max(prompt));
-        }
-        if let Some(out) = n("output_tokens") {
-            self.reported_completion = Some(if final_completion {
-                out
-            } else {
-                self.reported_completion.unwrap_or(0).max(out)
-            });
-            if final_completion {
-                self.completion_final = true;
-            }
-        }
-    }
-
-    fn push_text(&mut self, s: &str) {
-        if self.text.len() + s.len() <= TEXT_CAP {
-            self.text.push_str(s);
-        } else {
-            self.text_overflow_bytes += s.len() as u64;
-        }
+    /// Hands one JSON object (a whole response or one SSE event) to the provider; true for a
+    /// usage-only event.
+    fn observe_json(&mut self, v: &Value) -> bool {
+        self.provider.observe(self.api, v, &mut self.seen)
     }
 }
 
-/// A whole JSON response, of which only `usage` is read.
-#[derive(serde::Deserialize)]
-struct UsageOnly {
-    #[serde(default)]
-    usage: Option<Value>,
-}
-
-/// OpenAI's usage-only stream chunk: no choices, a usage object.
-fn is_usage_only_chunk(v: &Value) -> bool {
-    v.get("usage").is_some_and(Value::is_object)
-        && v.get("choices")
-            .and_then(Value::as_array)
-            .is_some_and(|c| c.is_empty())
+/// The value of a top-level field of a JSON object, skipping every other field without
+/// building it. `None` when the body is not a JSON object or lacks the field.
+fn top_level_field(body: &[u8], key: &str) -> Option<Value> {
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    struct Field<'k>(&'k str);
+    impl<'de> Visitor<'de> for Field<'_> {
+        type Value = Option<Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Value>, A::Error> {
+            let mut found = None;
+            while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                if k == self.0 {
+                    found = Some(map.next_value::<Value>()?);
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    de.deserialize_map(Field(key)).ok().flatten()
 }
 
 fn trim_eol(raw: &[u8]) -> &[u8] {
@@ -449,9 +312,10 @@ fn trim_eol(raw: &[u8]) -> &[u8] {
     l.strip_suffix(b"\r").unwrap_or(l)
 }
 
-/// Finds the last unescaped `"usage":` key in `body` and parses the object after it.
-fn usage_from_tail(body: &[u8]) -> Option<Value> {
-    let key = b"\"usage\"";
+/// Finds the last unescaped `"<key>":` in `body` and parses the object after it.
+fn field_from_tail(body: &[u8], key: &str) -> Option<Value> {
+    let key = format!("\"{key}\"");
+    let key = key.as_bytes();
     let mut end = body.len();
     while let Some(pos) = body[..end].windows(key.len()).rposition(|w| w == key) {
         end = pos;
@@ -477,6 +341,7 @@ fn usage_from_tail(body: &[u8]) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quota::estimate::count_tokens;
 
     fn sse(events: &[&str]) -> String {
         events.iter().map(|e| format!("data: {e}\n\n")).collect()
@@ -499,12 +364,12 @@ mod tests {
 
     #[test]
     fn openai_json_usage() {
-        let mut m = Meter::new(Api::OpenAiChat, false);
+        let mut m = Meter::new(Provider::OpenAi, Api::OpenAiChat, false);
         m.on_response_start(true, false);
         let body = r#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
         assert_eq!(feed(&mut m, body, 7), body);
         assert_eq!(
-            m.usage(999),
+            m.usage(999, count_tokens),
             Some(Usage {
                 prompt: 12,
                 completion: 30
@@ -522,11 +387,11 @@ mod tests {
             "[DONE]",
         ]);
         for size in [1, 3, 17, 10_000] {
-            let mut m = Meter::new(Api::OpenAiChat, false);
+            let mut m = Meter::new(Provider::OpenAi, Api::OpenAiChat, false);
             m.on_response_start(true, true);
             assert_eq!(feed(&mut m, &body, size), body);
             assert_eq!(
-                m.usage(0),
+                m.usage(0, count_tokens),
                 Some(Usage {
                     prompt: 11,
                     completion: 7
@@ -545,11 +410,11 @@ mod tests {
         ]);
         let expected = sse(&[OPENAI_CHUNK, OPENAI_DONE_CHUNK, "[DONE]"]);
         for size in [1, 2, 5, 64, 10_000] {
-            let mut m = Meter::new(Api::OpenAiChat, true);
+            let mut m = Meter::new(Provider::OpenAi, Api::OpenAiChat, true);
             m.on_response_start(true, true);
             assert_eq!(feed(&mut m, &body, size), expected, "chunk size {size}");
             assert_eq!(
-                m.usage(0),
+                m.usage(0, count_tokens),
                 Some(Usage {
                     prompt: 11,
                     completion: 7
@@ -560,7 +425,7 @@ mod tests {
 
     #[test]
     fn complete_events_are_never_held_back() {
-        let mut m = Meter::new(Api::OpenAiChat, true);
+        let mut m = Meter::new(Provider::OpenAi, Api::OpenAiChat, true);
         m.on_response_start(true, true);
         let first = format!("data: {OPENAI_CHUNK}\n\ndata: {{\"cho");
         let got = m.on_chunk(Bytes::from(first));
@@ -572,13 +437,13 @@ mod tests {
     #[test]
     fn crlf_and_multiline_data_events() {
         let body = "event: x\r\ndata: {\"choices\":[],\r\ndata: \"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}\r\n\r\n";
-        let mut m = Meter::new(Api::OpenAiChat, true);
+        let mut m = Meter::new(Provider::OpenAi, Api::OpenAiChat, true);
         m.on_response_start(true, true);
         // A multi-line payload is not recognised as the usage chunk line by line, so it is
         // forwarded; its usage is still read.
         assert_eq!(feed(&mut m, body, 5), body);
         assert_eq!(
-            m.usage(0),
+            m.usage(0, count_tokens),
             Some(Usage {
                 prompt: 3,
                 completion: 4
@@ -595,11 +460,11 @@ mod tests {
                 .collect();
             let expected = format!("data: {OPENAI_CHUNK}{eol}{eol}data: [DONE]{eol}{eol}");
             for size in [1, 2, 3, 7, 10_000] {
-                let mut m = Meter::new(Api::OpenAiChat, true);
+                let mut m = Meter::new(Provider::OpenAi, Api::OpenAiChat, true);
                 m.on_response_start(true, true);
                 assert_eq!(feed(&mut m, &body, size), expected, "{eol:?} size {size}");
                 assert_eq!(
-                    m.usage(0),
+                    m.usage(0, count_tokens),
                     Some(Usage {
                         prompt: 11,
                         completion: 7
@@ -611,12 +476,12 @@ mod tests {
 
     #[test]
     fn stream_without_usage_is_estimated_from_text_seen() {
-        let mut m = Meter::new(Api::OpenAiChat, true);
+        let mut m = Meter::new(Provider::OpenAi, Api::OpenAiChat, true);
         m.on_response_start(true, true);
         let chunk = r#"{"choices":[{"delta":{"content":"one two three four"}}]}"#;
         let body = sse(&[chunk, chunk]);
         feed(&mut m, &body, 9);
-        let u = m.usage(50).expect("charged");
+        let u = m.usage(50, count_tokens).expect("charged");
         assert_eq!(u.prompt, 50);
         assert_eq!(u.completion, 2 * count_tokens("one two three four"));
         assert!(!m.exact());
@@ -624,14 +489,14 @@ mod tests {
 
     #[test]
     fn error_responses_charge_nothing_and_pass_through() {
-        let mut m = Meter::new(Api::OpenAiChat, true);
+        let mut m = Meter::new(Provider::OpenAi, Api::OpenAiChat, true);
         m.on_response_start(false, false);
         let body = r#"{"error":{"message":"bad"},"usage":{"prompt_tokens":5}}"#;
         assert_eq!(feed(&mut m, body, 4), body);
-        assert_eq!(m.usage(10), None);
+        assert_eq!(m.usage(10, count_tokens), None);
         // Never answered at all: nothing charged either.
-        let m = Meter::new(Api::OpenAiChat, false);
-        assert_eq!(m.usage(10), None);
+        let m = Meter::new(Provider::OpenAi, Api::OpenAiChat, false);
+        assert_eq!(m.usage(10, count_tokens), None);
     }
 
     const ANTHROPIC_STREAM: &[&str] = &[
@@ -660,11 +525,11 @@ mod tests {
     fn anthropic_stream_usage_counts_cache_tokens() {
         let body = anthropic_sse(ANTHROPIC_STREAM);
         for size in [1, 13, 10_000] {
-            let mut m = Meter::new(Api::AnthropicMessages, false);
+            let mut m = Meter::new(Provider::Anthropic, Api::AnthropicMessages, false);
             m.on_response_start(true, true);
             assert_eq!(feed(&mut m, &body, size), body);
             assert_eq!(
-                m.usage(0),
+                m.usage(0, count_tokens),
                 Some(Usage {
                     prompt: 125,
                     completion: 15
@@ -677,10 +542,10 @@ mod tests {
     #[test]
     fn anthropic_stream_cut_after_message_start_keeps_exact_prompt() {
         let body = anthropic_sse(&ANTHROPIC_STREAM[..3]);
-        let mut m = Meter::new(Api::AnthropicMessages, false);
+        let mut m = Meter::new(Provider::Anthropic, Api::AnthropicMessages, false);
         m.on_response_start(true, true);
         feed(&mut m, &body, 8);
-        let u = m.usage(999).expect("charged");
+        let u = m.usage(999, count_tokens).expect("charged");
         assert_eq!(u.prompt, 125);
         assert_eq!(
             u.completion,
@@ -691,11 +556,11 @@ mod tests {
     #[test]
     fn anthropic_json_usage() {
         let body = r#"{"id":"m","type":"message","content":[{"type":"text","text":"Hi"}],"usage":{"input_tokens":9,"output_tokens":4,"cache_read_input_tokens":1}}"#;
-        let mut m = Meter::new(Api::AnthropicMessages, false);
+        let mut m = Meter::new(Provider::Anthropic, Api::AnthropicMessages, false);
         m.on_response_start(true, false);
         feed(&mut m, body, 3);
         assert_eq!(
-            m.usage(0),
+            m.usage(0, count_tokens),
             Some(Usage {
                 prompt: 10,
                 completion: 4
@@ -707,11 +572,11 @@ mod tests {
     fn embeddings_count_prompt_tokens_only() {
         let body =
             r#"{"data":[{"embedding":[0.1,0.2]}],"usage":{"prompt_tokens":8,"total_tokens":8}}"#;
-        let mut m = Meter::new(Api::OpenAiEmbeddings, false);
+        let mut m = Meter::new(Provider::OpenAi, Api::OpenAiEmbeddings, false);
         m.on_response_start(true, false);
         feed(&mut m, body, 100);
         assert_eq!(
-            m.usage(0),
+            m.usage(0, count_tokens),
             Some(Usage {
                 prompt: 8,
                 completion: 0
@@ -721,7 +586,7 @@ mod tests {
 
     #[test]
     fn truncated_or_non_reporting_json_falls_back() {
-        let mut m = Meter::new(Api::OpenAiChat, false);
+        let mut m = Meter::new(Provider::OpenAi, Api::OpenAiChat, false);
         m.on_response_start(true, false);
         feed(
             &mut m,
@@ -729,17 +594,17 @@ mod tests {
             100,
         );
         assert_eq!(
-            m.usage(7),
+            m.usage(7, count_tokens),
             Some(Usage {
                 prompt: 7,
                 completion: count_tokens("a b c")
             })
         );
-        let mut m = Meter::new(Api::OpenAiChat, false);
+        let mut m = Meter::new(Provider::OpenAi, Api::OpenAiChat, false);
         m.on_response_start(true, false);
         feed(&mut m, r#"{"choices":[{"message":{"content":"a b"#, 100);
         assert_eq!(
-            m.usage(7),
+            m.usage(7, count_tokens),
             Some(Usage {
                 prompt: 7,
                 completion: 0
@@ -753,9 +618,9 @@ mod tests {
             "{{\"data\":\"{}\\\"usage\\\": {{}}\",\"usage\":{{\"prompt_tokens\":3,\"total_tokens\":3}}}}",
             "x".repeat(100)
         );
-        let v = usage_from_tail(body.as_bytes()).expect("found");
+        let v = field_from_tail(body.as_bytes(), "usage").expect("found");
         assert_eq!(v["prompt_tokens"], 3);
-        assert!(usage_from_tail(b"{\"a\":1}").is_none());
-        assert!(usage_from_tail(b"\"usage\"").is_none());
+        assert!(field_from_tail(b"{\"a\":1}", "usage").is_none());
+        assert!(field_from_tail(b"\"usage\"", "usage").is_none());
     }
 }

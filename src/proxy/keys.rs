@@ -72,14 +72,24 @@ impl KeyPool {
     /// Builds a pool; `bearer` decides whether the header value is `Bearer <key>` (OpenAI) or
     /// the bare key (Anthropic's `x-api-key`).
     pub fn new(var: &'static str, keys: &[Secret], bearer: bool) -> Result<KeyPool, ConfigError> {
+        if bearer {
+            KeyPool::with_credential(var, keys, |k| format!("Bearer {k}"))
+        } else {
+            KeyPool::with_credential(var, keys, str::to_string)
+        }
+    }
+
+    /// Builds a pool whose credential value for a key is `credential(key)` (the provider
+    /// decides: `Bearer <key>`, the bare key, ...).
+    pub fn with_credential(
+        var: &'static str,
+        keys: &[Secret],
+        credential: impl Fn(&str) -> String,
+    ) -> Result<KeyPool, ConfigError> {
         let mut pool = Vec::with_capacity(keys.len());
         for key in keys {
             let fp = fingerprint(key.expose());
-            let raw = if bearer {
-                format!("Bearer {}", key.expose())
-            } else {
-                key.expose().to_string()
-            };
+            let raw = credential(key.expose());
             let mut header = HeaderValue::from_str(&raw).map_err(|_| {
                 ConfigError(format!(
                     "{var} contains a key (fingerprint {fp}) with characters that are not allowed in an HTTP header; check for quotes, spaces or line breaks"

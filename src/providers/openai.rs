@@ -1,0 +1,329 @@
+//! The OpenAI wire format (chat completions, legacy completions, embeddings): request facts,
+//! the output-cap fields, `stream_options.include_usage`, usage in JSON bodies and stream
+//! chunks (a typed [`OpenAiUsage`]), the `Authorization: Bearer` credential, and the family of
+//! OpenAI model names. Other providers that speak this format (Mistral, Azure) reuse these
+//! functions. Knows nothing of users, quotas or HTTP routing.
+
+use axum::http::{header, HeaderName};
+use serde_json::Value;
+
+use super::families::{family_for, OPENAI_FALLBACK};
+use super::{
+    collect_content, push_json, push_str, push_text, uint_field, Api, BadRequest, ReportedUsage,
+    RequestFacts, Seen, MESSAGE_OVERHEAD,
+};
+
+/// Extra client headers forwarded to an OpenAI upstream.
+pub const FORWARDED_HEADERS: &[&str] = &["openai-beta"];
+
+/// The header that carries the operator's key.
+pub const AUTH_HEADER: HeaderName = header::AUTHORIZATION;
+
+/// `Bearer <key>`.
+pub fn key_credential(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+/// The quota family of a model sent to an OpenAI-style upstream (unknown models: `gpt4`).
+pub fn family(model: &str) -> String {
+    family_for(model).unwrap_or_else(|| OPENAI_FALLBACK.to_string())
+}
+
+/// Prompt tokens every chat request is charged for the reply's priming, as OpenAI documents.
+const REPLY_PRIMING: u64 = 3;
+
+/// Reads the facts admission needs from a request body of an OpenAI-format API.
+pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
+    let mut facts = RequestFacts {
+        model: body
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
+        include_usage: body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        choices: 1,
+        ..RequestFacts::default()
+    };
+    match api {
+        Api::OpenAiChat | Api::OpenAiCompletions => {
+            // Both fields are read (and checked) so that a bad one is never silently ignored;
+            // `max_completion_tokens` is the newer name and wins.
+            let newer = uint_field(body, "max_completion_tokens")?;
+            let older = uint_field(body, "max_tokens")?;
+            facts.max_output = newer.or(older);
+            facts.capped_output = true;
+            // `n` choices each may use the cap; a silly `n` is the upstream's to refuse.
+            facts.choices = body
+                .get("n")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                .clamp(1, 128);
+        }
+        _ => {}
+    }
+    match api {
+        Api::OpenAiChat => {
+            // Every reply is primed with a few tokens (`<|start|>assistant<|message|>`).
+            facts.prompt_fixed += REPLY_PRIMING;
+            for m in body
+                .get("messages")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                facts.prompt_fixed += MESSAGE_OVERHEAD;
+                for k in ["role", "name"] {
+                    push_str(&mut facts.prompt_text, m.get(k));
+                }
+                collect_content(m.get("content"), &mut facts);
+                if let Some(calls) = m.get("tool_calls") {
+                    push_json(&mut facts.prompt_text, calls);
+                }
+            }
+            for k in ["tools", "functions", "response_format"] {
+                if let Some(v) = body.get(k) {
+                    push_json(&mut facts.prompt_text, v);
+                    if k != "response_format" {
+                        facts.has_tools = true;
+                    }
+                }
+            }
+        }
+        Api::OpenAiCompletions => collect_input(body.get("prompt"), &mut facts),
+        Api::OpenAiEmbeddings => collect_input(body.get("input"), &mut facts),
+        _ => {}
+    }
+    Ok(facts)
+}
+
+/// A completions `prompt` or embeddings `input`: a string, an array of strings, an array of
+/// token ids, or an array of such arrays.
+fn collect_input(input: Option<&Value>, facts: &mut RequestFacts) {
+    match input {
+        Some(Value::String(s)) => push_text(&mut facts.prompt_text, s),
+        Some(Value::Array(items)) => {
+            for item in items {
+                match item {
+                    Value::String(s) => push_text(&mut facts.prompt_text, s),
+                    Value::Number(_) => facts.prompt_fixed += 1,
+                    Value::Array(ids) => facts.prompt_fixed += ids.len() as u64,
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Sets the output cap. Chat: the field the client used (a model that accepted the client's
+/// request accepts that field), else `max_completion_tokens`, the field current models
+/// require (`max_tokens` is deprecated and refused by reasoning models); legacy completions:
+/// `max_tokens`. The other field is removed so that the two cannot disagree.
+pub fn set_output_cap(api: Api, body: &mut Value, cap: u64) {
+    let Some(obj) = body.as_object_mut() else {
+        return;
+    };
+    let only_old = obj.contains_key("max_tokens") && !obj.contains_key("max_completion_tokens");
+    let (field, other) = match api {
+        Api::OpenAiCompletions => ("max_tokens", "max_completion_tokens"),
+        _ if only_old => ("max_tokens", "max_completion_tokens"),
+        _ => ("max_completion_tokens", "max_tokens"),
+    };
+    obj.remove(other);
+    obj.insert(field.into(), Value::from(cap));
+}
+
+/// As [`set_output_cap`], always in `max_tokens` (for OpenAI-compatible upstreams that know
+/// only that field, such as Mistral).
+pub fn set_max_tokens(body: &mut Value, cap: u64) {
+    if let Some(obj) = body.as_object_mut() {
+        obj.remove("max_completion_tokens");
+        obj.insert("max_tokens".into(), Value::from(cap));
+    }
+}
+
+/// Asks a chat or completions stream for its usage (`stream_options.include_usage`) when the
+/// client did not; true when the proxy asked (the usage-only chunk is then hidden).
+pub fn ask_stream_usage(api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
+    let ask = facts.stream
+        && !facts.include_usage
+        && matches!(api, Api::OpenAiChat | Api::OpenAiCompletions);
+    if !ask {
+        return false;
+    }
+    let Some(obj) = body.as_object_mut() else {
+        return false;
+    };
+    let opts = obj
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::json!({}));
+    if !opts.is_object() {
+        *opts = serde_json::json!({});
+    }
+    if let Some(o) = opts.as_object_mut() {
+        o.insert("include_usage".into(), Value::Bool(true));
+    }
+    true
+}
+
+/// OpenAI's `usage` object (chat, completions, embeddings; Mistral and Azure alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OpenAiUsage {
+    /// Includes cached prompt tokens.
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+}
+
+impl OpenAiUsage {
+    /// Reads the fields leniently: a missing or non-integer field is absent. `None` when the
+    /// value is not an object or carries no prompt count.
+    pub fn from_json(v: &Value) -> Option<OpenAiUsage> {
+        let n = |k: &str| v.get(k).and_then(Value::as_u64);
+        let u = OpenAiUsage {
+            prompt_tokens: n("prompt_tokens"),
+            completion_tokens: n("completion_tokens"),
+            total_tokens: n("total_tokens"),
+        };
+        u.prompt_tokens.is_some().then_some(u)
+    }
+
+    /// OpenAI reports usage once, final; a missing completion count is `total - prompt`.
+    pub fn into_usage(self) -> ReportedUsage {
+        let prompt = self.prompt_tokens.unwrap_or(0);
+        ReportedUsage {
+            prompt: Some(prompt),
+            completion: Some(
+                self.completion_tokens
+                    .or_else(|| self.total_tokens.map(|t| t.saturating_sub(prompt)))
+                    .unwrap_or(0),
+            ),
+            completion_final: true,
+        }
+    }
+}
+
+/// Reads usage and generated text from a whole response or one stream chunk; true for the
+/// usage-only chunk (no choices) that `stream_options.include_usage` adds.
+pub fn observe(v: &Value, seen: &mut Seen) -> bool {
+    let usage = v.get("usage").and_then(OpenAiUsage::from_json);
+    if let Some(u) = usage {
+        seen.usage(u.into_usage());
+    }
+    let choices = v.get("choices").and_then(Value::as_array);
+    for c in choices.into_iter().flatten() {
+        for k in [
+            "/text",
+            "/delta/content",
+            "/delta/reasoning_content",
+            "/delta/refusal",
+            "/message/content",
+            "/message/refusal",
+        ] {
+            if let Some(s) = c.pointer(k).and_then(Value::as_str) {
+                seen.text(s);
+            }
+        }
+        for calls in ["/delta/tool_calls", "/message/tool_calls"] {
+            for call in c
+                .pointer(calls)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(a) = call.pointer("/function/arguments").and_then(Value::as_str) {
+                    seen.text(a);
+                }
+            }
+        }
+    }
+    v.get("usage").is_some_and(Value::is_object) && choices.is_some_and(|c| c.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn chat_request_facts() {
+        let body = json!({
+            "model": "gpt-4o", "max_tokens": 100, "n": 2, "stream": true,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "messages": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Describe this picture"},
+                    {"type": "image_url", "image_url": {"url": "data:..."}}
+                ]}
+            ]
+        });
+        let f = request_facts(Api::OpenAiChat, &body).expect("facts");
+        assert_eq!(f.model, "gpt-4o");
+        assert_eq!(f.max_output, Some(100));
+        assert_eq!(f.max_completion(), 200);
+        assert!(f.stream && !f.include_usage);
+        assert!(f.has_images && f.has_tools);
+        assert!(f.prompt_fixed >= super::super::IMAGE_TOKENS + 2 * MESSAGE_OVERHEAD);
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_and_absent_is_none() {
+        let b = json!({"model":"o3","max_completion_tokens":7,"max_tokens":99,"messages":[]});
+        assert_eq!(
+            request_facts(Api::OpenAiChat, &b).expect("ok").max_output,
+            Some(7)
+        );
+        let b = json!({"model":"o3","messages":[],"stream":true,
+            "stream_options":{"include_usage":true}});
+        let f = request_facts(Api::OpenAiChat, &b).expect("ok");
+        assert_eq!(f.max_output, None);
+        assert_eq!(f.max_completion(), 0);
+        assert!(f.include_usage);
+    }
+
+    #[test]
+    fn string_or_float_caps_are_refused() {
+        for bad in [json!("100"), json!(100.5), json!(-1), json!(true)] {
+            for field in ["max_tokens", "max_completion_tokens"] {
+                let b = json!({"model":"gpt-4o","messages":[], field: bad.clone()});
+                let e = request_facts(Api::OpenAiChat, &b).expect_err("refused");
+                assert!(e.0.contains(field), "{}", e.0);
+            }
+        }
+    }
+
+    #[test]
+    fn output_cap_is_written_in_the_current_field() {
+        let mut b = json!({"model":"gpt-4o","messages":[]});
+        set_output_cap(Api::OpenAiChat, &mut b, 300);
+        assert_eq!(b["max_completion_tokens"], 300);
+        assert!(b.get("max_tokens").is_none());
+        let mut b = json!({"model":"gpt-4o","max_tokens":5000,"messages":[]});
+        set_output_cap(Api::OpenAiChat, &mut b, 300);
+        assert_eq!(b["max_tokens"], 300);
+        assert!(b.get("max_completion_tokens").is_none());
+        let mut b = json!({"model":"o3","max_tokens":1,"max_completion_tokens":5000});
+        set_output_cap(Api::OpenAiChat, &mut b, 300);
+        assert_eq!(b["max_completion_tokens"], 300);
+        assert!(b.get("max_tokens").is_none());
+        let mut b = json!({"model":"gpt-3.5-turbo-instruct","prompt":"x"});
+        set_output_cap(Api::OpenAiCompletions, &mut b, 20);
+        assert_eq!(b["max_tokens"], 20);
+    }
+
+    #[test]
+    fn usage_only_chunk_is_recognised() {
+        let mut s = Seen::default();
+        let v = json!({"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}});
+        assert!(observe(&v, &mut s));
+        assert_eq!((s.prompt, s.completion), (Some(3), Some(4)));
+        let v = json!({"choices":[{"delta":{"content":"hi"}}]});
+        assert!(!observe(&v, &mut s));
+        assert_eq!(s.text, "hi");
+    }
+}
