@@ -136,6 +136,11 @@ impl Policy {
         })
     }
 
+    /// Whether the proxy's own list (`ALLOWED_MODEL_FAMILIES`) allows `family`.
+    pub fn family_allowed(&self, family: &str) -> bool {
+        self.families.allows(family)
+    }
+
     /// The output cap of a service (`MAX_OUTPUT_TOKENS_<SERVICE>`), `None` when uncapped.
     pub fn output_cap(&self, service: &str) -> Option<u64> {
         self.max_output.get(service).copied().filter(|&n| n > 0)

@@ -16,6 +16,7 @@
 //! response ends, the reservation is released and the real usage added to `tokenCounts[f]`.
 
 pub mod estimate;
+pub mod prices;
 pub mod ratelimit;
 pub mod refresh;
 

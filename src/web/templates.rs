@@ -43,6 +43,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     ),
     ("blocked.html", include_str!("../../templates/blocked.html")),
     ("captcha.html", include_str!("../../templates/captcha.html")),
+    (
+        "info_unlock.html",
+        include_str!("../../templates/info_unlock.html"),
+    ),
 ];
 
 /// The content security policy of every page: no scripts at all, inline styles only, forms
