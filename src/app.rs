@@ -19,8 +19,8 @@ use tokio_util::task::TaskTracker;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::lockout::Lockout;
 use crate::config::{Config, ConfigError};
-use crate::gatekeeper::lockout::Lockout;
 use crate::proxy::Upstreams;
 use crate::quota::Quotas;
 use crate::users::persist::Persistence;
@@ -55,7 +55,7 @@ pub struct AppParts {
     /// `SERVICE_INFO_PASSWORD`, when set (issue 17).
     pub info_lock: Option<Arc<crate::web::info::InfoLock>>,
     /// Admin web sessions, CSRF and the external session client (issue 7).
-    pub sessions: Arc<crate::admin::session::Sessions>,
+    pub sessions: Arc<crate::auth::session::Sessions>,
     pub started_at: Instant,
 }
 
@@ -71,7 +71,7 @@ impl AppState {
             config.cli.brute_force_max_failed_attempts,
             std::time::Duration::from_secs(config.cli.brute_force_ttl_seconds),
         ));
-        let sessions = Arc::new(crate::admin::session::Sessions::from_config(&config)?);
+        let sessions = Arc::new(crate::auth::session::Sessions::from_config(&config)?);
         let policy = Arc::new(crate::policy::Policy::new(&config.policy));
         let pow = crate::pow::from_config(&config)?.map(Arc::new);
         let info_lock = crate::web::info::InfoLock::from_config(&config)?.map(Arc::new);
@@ -94,12 +94,15 @@ impl AppState {
 /// The router with every layer. Layers, outermost first:
 /// 1. Only when `LOG_LEVEL` enables debug logging: `SetSensitiveRequestHeaders` marks
 ///    `authorization`, `x-api-key`, `cookie` and `x-session-token` sensitive, so that
-///    `TraceLayer` logs each request and response with those redacted. At other levels the pair
-///    is left out of the request path entirely (the forwarder logs every request itself).
-/// 2. `gatekeeper::guard`, default-deny: decides the client address once and inserts
-///    [`crate::net::ClientIp`] (read by the quotas and handlers), then inserts
-///    [`crate::gatekeeper::Principal`] (proxied routes) or [`crate::admin::AdminIdentity`]
-///    (admin routes), or refuses.
+///    `TraceLayer` logs each request and response with those redacted; its span names the
+///    route template (`request_span`), never the path or query, which may carry a token. At
+///    other levels the pair is left out of the request path entirely (the forwarder logs every
+///    request itself).
+/// 2. `auth::guard`, default-deny, by the route table `auth::ROUTES` (it runs inside the
+///    router, after the route is matched, so it sees `MatchedPath`): decides the client address
+///    once and inserts [`crate::auth::ClientIp`] (read by the quotas and handlers), then
+///    inserts [`crate::auth::Principal`] (proxied routes), [`crate::auth::AdminIdentity`]
+///    (admin routes) or [`crate::auth::LockedOut`] (credential forms), or refuses.
 /// 3. The routes: proxied (`upstream`), admin (`admin`), public pages (`web`), `/health`.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_body_bytes();
@@ -111,11 +114,11 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::gatekeeper::guard,
+            crate::auth::guard,
         ));
     let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {
         router
-            .layer(TraceLayer::new_for_http())
+            .layer(TraceLayer::new_for_http().make_span_with(request_span))
             .layer(SetSensitiveRequestHeadersLayer::new([
                 header::AUTHORIZATION,
                 header::COOKIE,
@@ -126,6 +129,17 @@ pub fn router(state: AppState) -> Router {
         router
     };
     router.with_state(state)
+}
+
+/// The span of one request in the debug trace: its method and route *template*
+/// (`/admin/users/{token}`), never the path or query it was called with, which may carry a
+/// user token, a key or anything else a client put there.
+fn request_span(req: &axum::extract::Request) -> tracing::Span {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("(no route)", |m| m.as_str());
+    tracing::debug_span!("request", method = %req.method(), route, version = ?req.version())
 }
 
 #[derive(Deserialize)]
@@ -167,6 +181,14 @@ pub async fn serve(
     tasks.close();
 
     let grace = state.config.shutdown_grace();
+    tracing::info!(
+        trusted_proxies = state.config.trusted_proxies(),
+        "client addresses: {}",
+        match state.config.trusted_proxies() {
+            0 => "the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)".to_string(),
+            n => format!("entry {n} from the right of X-Forwarded-For (TRUSTED_PROXIES={n})"),
+        }
+    );
     let stop_accepting = CancellationToken::new();
     let app = router(state);
     // Nagle's algorithm would hold back small writes (an SSE event, a short JSON answer) for

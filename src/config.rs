@@ -121,8 +121,13 @@ pub struct Cli {
     #[arg(long, env = "PROXY_ENDPOINT_ROUTE", default_value = "/proxy")]
     pub proxy_endpoint_route: String,
     /// How many reverse proxies in front of us append to X-Forwarded-For (0 = ignore the header).
-    #[arg(long, env = "TRUSTED_PROXIES", default_value_t = 1)]
-    pub trusted_proxies: usize,
+    /// Unset: 0, or 1 on Huggingface Spaces (`SPACE_ID` set), whose proxy is always in front;
+    /// read the effective value with [`Config::trusted_proxies`].
+    #[arg(long, env = "TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<usize>,
+    /// Set by Huggingface Spaces; only its presence matters (it makes `TRUSTED_PROXIES` default to 1).
+    #[arg(long, env = "SPACE_ID", hide = true)]
+    pub space_id: Option<String>,
     /// Log filter (error, warn, info, debug, trace, or a tracing filter directive).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -451,6 +456,13 @@ impl Config {
         usize::try_from(self.cli.max_request_body_mb.saturating_mul(1024 * 1024))
             .unwrap_or(usize::MAX)
     }
+    /// The effective `TRUSTED_PROXIES`: as set, else 1 on Huggingface Spaces (`SPACE_ID`), else
+    /// 0, so that a server reached directly cannot be fooled by a forged `X-Forwarded-For`.
+    pub fn trusted_proxies(&self) -> usize {
+        self.cli
+            .trusted_proxies
+            .unwrap_or(if self.cli.space_id.is_some() { 1 } else { 0 })
+    }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.cli.shutdown_grace_secs)
     }
@@ -563,7 +575,29 @@ mod tests {
         assert_eq!(c.cli.port, 7860);
         assert_eq!(c.mode(), GatekeeperMode::None);
         assert_eq!(c.proxy_endpoint_route, "/proxy");
-        assert_eq!(c.cli.trusted_proxies, 1);
+        assert_eq!(
+            c.trusted_proxies(),
+            0,
+            "X-Forwarded-For is ignored unless asked for"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_defaults_to_one_on_huggingface_spaces() {
+        assert_eq!(
+            cfg(&["--space-id", "me/proxy"])
+                .expect("parses")
+                .trusted_proxies(),
+            1
+        );
+        let c = cfg(&["--space-id", "me/proxy", "--trusted-proxies", "0"]).expect("parses");
+        assert_eq!(c.trusted_proxies(), 0, "an explicit value wins");
+        assert_eq!(
+            cfg(&["--trusted-proxies", "2"])
+                .expect("parses")
+                .trusted_proxies(),
+            2
+        );
     }
 
     #[test]

@@ -121,6 +121,17 @@ impl AdminError {
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, message)
     }
+    /// 405 for a method the route does not have; `allow` lists those it has.
+    pub fn method_not_allowed(allow: &'static str) -> Response {
+        let mut resp = Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Method not allowed here; this route accepts {allow}."),
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
+        resp
+    }
 }
 
 impl IntoResponse for AdminError {

@@ -3,9 +3,13 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod error;
-pub mod gatekeeper;
+/// The old name of [`auth`], kept while other branches move over to it.
+pub mod gatekeeper {
+    pub use crate::auth::*;
+}
 pub mod net;
 pub mod policy;
 pub mod pow;

@@ -153,7 +153,10 @@ async fn malformed_json_and_wrong_content_type_get_json_400s() {
             .body("{\"users\": []}"),
     )
     .await;
-    assert_eq!(status, 400);
+    assert_eq!(
+        status, 415,
+        "a body that is not declared JSON is refused (issue 12)"
+    );
     assert!(
         v["error"]
             .as_str()

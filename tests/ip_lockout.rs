@@ -52,7 +52,7 @@ async fn wrong_admin_keys_lock_out_one_address_while_another_still_works() {
     let started = std::time::Instant::now();
     let (status, _) = proxied(&attacker, &app, &token).await;
     assert_eq!(status, 429);
-    assert!(started.elapsed() >= llm_gatekeeper::gatekeeper::lockout::TARPIT);
+    assert!(started.elapsed() >= llm_gatekeeper::auth::lockout::TARPIT);
 
     // Another address is unaffected.
     assert_eq!(admin_list(&admin, &app.url, ADMIN_KEY).await.status(), 200);

@@ -26,11 +26,17 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route(
             "/admin/users",
-            get(list_users).post(create_user).put(upsert_users),
+            get(list_users)
+                .post(create_user)
+                .put(upsert_users)
+                .fallback(|| async { AdminError::method_not_allowed("GET, HEAD, POST, PUT") }),
         )
         .route(
             "/admin/users/{token}",
-            get(get_user).put(upsert_user).delete(disable_user),
+            get(get_user)
+                .put(upsert_user)
+                .delete(disable_user)
+                .fallback(|| async { AdminError::method_not_allowed("GET, HEAD, PUT, DELETE") }),
         )
 }
 
@@ -100,6 +106,26 @@ impl<S: Send + Sync> FromRequest<S> for AdminBody {
             .headers()
             .get(header::CONTENT_TYPE)
             .map(|v| v.to_str().unwrap_or("").to_ascii_lowercase());
+        let is_json = content_type.as_deref().map(|ct| {
+            let essence = ct.split(';').next().unwrap_or("").trim();
+            essence == "application/json" || essence.ends_with("+json")
+        });
+        let unsupported = || {
+            AdminError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "The request body must be JSON sent with 'Content-Type: application/json' (got {}).",
+                    content_type
+                        .as_deref()
+                        .map_or("no Content-Type".to_string(), |c| format!("{c:?}"))
+                ),
+            )
+        };
+        // A body declared as something else (a cross-site form sends text/plain,
+        // x-www-form-urlencoded or multipart) is refused before it is read, even when empty.
+        if is_json == Some(false) {
+            return Err(unsupported());
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             let status = e.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -112,17 +138,11 @@ impl<S: Send + Sync> FromRequest<S> for AdminBody {
             }
         })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
+            // No body at all reads as none (`POST /admin/users` needs none).
             return Ok(AdminBody(None));
         }
-        let is_json = content_type.as_deref().is_some_and(|ct| {
-            let essence = ct.split(';').next().unwrap_or("").trim();
-            essence == "application/json" || essence.ends_with("+json")
-        });
-        if !is_json {
-            return Err(AdminError::bad_request(format!(
-                "The request body must be JSON sent with 'Content-Type: application/json' (got {}).",
-                content_type.as_deref().map_or("no Content-Type".to_string(), |c| format!("{c:?}"))
-            )));
+        if is_json.is_none() {
+            return Err(unsupported());
         }
         Ok(AdminBody(Some(bytes)))
     }

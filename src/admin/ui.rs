@@ -3,16 +3,15 @@
 //! anti-abuse). Server-rendered, no JavaScript; every form carries a CSRF token that is checked
 //! before anything changes. Handlers are thin: user changes go through [`crate::users`].
 //!
-//! Who may see these pages is decided by [`crate::admin::authorize`] in the gatekeeper (the
-//! same `ADMIN_WHITELIST` and lockout as the API); a browser without a session is redirected
-//! to the sign-in page.
+//! Who may see these pages is decided by [`crate::auth::guard`] (the same `ADMIN_WHITELIST`
+//! and lockout as the API); a browser without a session is redirected to the sign-in page.
 
 mod list;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -22,24 +21,19 @@ use serde_json::{json, Value};
 
 use super::AdminIdentity;
 use crate::app::AppState;
-use crate::gatekeeper::secret_eq;
-use crate::net::ClientIp;
+use crate::auth::credentials::{sign_in_with_key, SignIn};
+use crate::auth::{ClientIp, LockedOut};
 use crate::users::ops::{parse_bulk, CreateRequest, OpsError, UserOps, UserPatch};
 use crate::users::{fingerprint, now_ms, User, UserType};
-use crate::web::form::{check_csrf, FormData};
+use crate::web::form::{check_csrf, read_form, FormData};
 use crate::web::templates::{html, message, pathseg, with_cookies};
 
 /// Who fills in the sign-in form (there is no identity yet), for the CSRF binding.
 const ANONYMOUS: &str = "anon";
 
-/// True for paths that are admin *pages* (a browser without a session is redirected to the
-/// sign-in page instead of getting JSON).
+/// True for paths that are admin *pages* (kept for callers of its old place).
 pub fn is_page(path: &str) -> bool {
-    path == "/admin"
-        || path == "/admin/"
-        || path == "/admin/logout"
-        || path == "/admin/manage"
-        || path.starts_with("/admin/manage/")
+    crate::auth::routes::is_admin_page(path)
 }
 
 /// The admin UI routes.
@@ -121,14 +115,18 @@ async fn login_form(
 async fn login(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
+    locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    let form = FormData::parse(&body);
+    let form = match read_form(body).await {
+        Ok(form) => form,
+        Err(refusal) => return refusal,
+    };
     if let Some(r) = check_csrf(&state, &headers, ANONYMOUS, &form) {
         return r;
     }
-    if let Some(secs) = state.lockout.refusal(ip).await {
+    if let Some(Extension(LockedOut(secs))) = locked {
         return login_page(
             &state,
             &headers,
@@ -136,34 +134,24 @@ async fn login(
             json!({ "locked_for": secs }),
         );
     }
-    let Some(expected) = state.config.admin_key() else {
-        return login_page(
+    match sign_in_with_key(&state, ip, &headers, form.get("key").unwrap_or("")) {
+        SignIn::SignedIn(cookie) => with_cookies(
+            Redirect::to("/admin/manage/users").into_response(),
+            [cookie],
+        ),
+        SignIn::Disabled => login_page(
             &state,
             &headers,
             StatusCode::FORBIDDEN,
             json!({ "error": "Sign-in with a key is disabled: set ADMIN_KEY on the server." }),
-        );
-    };
-    let presented = form.get("key").unwrap_or("");
-    if presented.is_empty() || !secret_eq(presented, expected) {
-        state.lockout.record_failure(ip);
-        tracing::warn!(%ip, "admin sign-in with a wrong key");
-        return login_page(
+        ),
+        SignIn::WrongKey => login_page(
             &state,
             &headers,
             StatusCode::UNAUTHORIZED,
             json!({ "error": "Wrong admin key. Check it and try again (repeated failures lock your address out for a while).", "locked_for": state.lockout.locked_for(ip) }),
-        );
+        ),
     }
-    if let Some(old) = state.sessions.lookup(&headers) {
-        state.sessions.destroy(&old.id);
-    }
-    let cookie = state.sessions.create(AdminIdentity::AdminKey.who());
-    tracing::info!(admin = "admin-key", %ip, "admin signed in");
-    with_cookies(
-        Redirect::to("/admin/manage/users").into_response(),
-        [cookie],
-    )
 }
 
 async fn logout(
@@ -196,11 +184,8 @@ impl FromRequest<AppState> for CheckedForm {
             .get::<AdminIdentity>()
             .map(|id| id.who().to_string());
         let headers = req.headers().clone();
-        let body = Bytes::from_request(req, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
-        let form = FormData::parse(&body);
-        // Admin pages always run behind `authorize`; without an identity nothing is accepted.
+        let form = read_form(req.into_body()).await?;
+        // Admin pages always run behind `auth::guard`; without an identity nothing is accepted.
         let Some(who) = who else {
             return Err(crate::web::form::csrf_refusal());
         };
@@ -510,7 +495,7 @@ async fn abuse(
             "locked": locked,
             "maxFailures": c.cli.brute_force_max_failed_attempts,
             "ttl": c.cli.brute_force_ttl_seconds,
-            "trustedProxies": c.cli.trusted_proxies,
+            "trustedProxies": c.trusted_proxies(),
             "maxIps": c.cli.max_ips_per_user,
             "autoBan": c.cli.max_ips_auto_ban,
             "pow": state.pow.as_ref().map(|p| json!({

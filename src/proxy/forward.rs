@@ -42,8 +42,8 @@ use tokio::time::Sleep;
 use std::sync::Arc;
 
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::error::ProxyError;
-use crate::gatekeeper::Principal;
 use crate::net::ClientIp;
 use crate::providers::{
     Api, KeyUse, Meter, Provider, StreamTransform, Translation, UpstreamRequest,

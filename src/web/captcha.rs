@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +17,7 @@ use subtle::ConstantTimeEq;
 
 use super::templates::html;
 use crate::app::AppState;
-use crate::net::ClientIp;
+use crate::auth::{ClientIp, LockedOut};
 use crate::pow::{Challenge, Pow, PowError};
 use crate::users::ops::{CreateRequest, UserOps};
 use crate::users::{fingerprint, now_ms, UserType};
@@ -112,10 +112,14 @@ async fn page(State(state): State<AppState>) -> Response {
     resp
 }
 
-/// Parses a JSON body; this also refuses cross-site form posts, which cannot send JSON.
-fn parse<T: for<'de> Deserialize<'de>>(
+/// The largest challenge or verification body read (they are a few hundred bytes).
+const BODY_LIMIT: usize = 16 * 1024;
+
+/// Reads and parses a JSON body of at most [`BODY_LIMIT`] bytes; a non-JSON content type is
+/// refused, which also refuses cross-site form posts (they cannot send JSON).
+async fn parse<T: for<'de> Deserialize<'de>>(
     headers: &HeaderMap,
-    body: &[u8],
+    body: Body,
 ) -> Result<T, Box<Response>> {
     let json = headers
         .get(header::CONTENT_TYPE)
@@ -127,7 +131,16 @@ fn parse<T: for<'de> Deserialize<'de>>(
             "Send the request as JSON (Content-Type: application/json).",
         )));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let body = axum::body::to_bytes(body, BODY_LIMIT).await.map_err(|_| {
+        Box::new(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "The request body must be at most {} KB of JSON.",
+                BODY_LIMIT / 1024
+            ),
+        ))
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
         Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("Invalid request: {e}."),
@@ -186,13 +199,14 @@ fn refreshable(state: &AppState, token: &str, ip: IpAddr) -> bool {
 async fn challenge(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
+    locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let Some(pow) = state.pow.clone() else {
         return not_enabled();
     };
-    let req: ChallengeRequest = match parse(&headers, &body) {
+    let req: ChallengeRequest = match parse(&headers, body).await {
         Ok(r) => r,
         Err(resp) => return *resp,
     };
@@ -202,7 +216,7 @@ async fn challenge(
     let token = match req.action.as_str() {
         "new" => None,
         "refresh" => {
-            if let Some(secs) = state.lockout.refusal(ip).await {
+            if let Some(Extension(LockedOut(secs))) = locked {
                 return error(
                     StatusCode::TOO_MANY_REQUESTS,
                     format!("Too many failed attempts from your address; try again in {secs} s."),
@@ -244,12 +258,12 @@ async fn verify(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let Some(pow) = state.pow.clone() else {
         return not_enabled();
     };
-    let req: VerifyRequest = match parse(&headers, &body) {
+    let req: VerifyRequest = match parse(&headers, body).await {
         Ok(r) => r,
         Err(resp) => return *resp,
     };

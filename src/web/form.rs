@@ -2,11 +2,45 @@
 //! read by hand (not with `axum::Form`) so that a malformed body becomes a page that says what
 //! to do, not a bare text rejection.
 
+use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
-use crate::admin::session::CSRF_FIELD;
 use crate::app::AppState;
+use crate::auth::session::CSRF_FIELD;
+
+/// The largest form body read: the public forms (`/user`, `/admin/login`) are read before anyone
+/// is known, so a request with no credential must not make the server buffer megabytes. The
+/// largest real form (an admin's user edit) is well under 2 KB. The admin's import upload has
+/// its own, larger limit (`MAX_REQUEST_BODY_MB`).
+pub const FORM_BODY_LIMIT: usize = 16 * 1024;
+
+/// Reads a form body of at most [`FORM_BODY_LIMIT`] bytes. A larger body is refused (413) as
+/// soon as the limit is passed, without reading the rest.
+pub async fn read_form(body: Body) -> Result<FormData, Response> {
+    match axum::body::to_bytes(body, FORM_BODY_LIMIT).await {
+        Ok(bytes) => Ok(FormData::parse(&bytes)),
+        Err(e) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            Err(if too_large {
+                super::templates::message(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Form too large",
+                    &format!("This form was not accepted: its content is larger than {} KB. Go back and shorten what you typed.", FORM_BODY_LIMIT / 1024),
+                    None,
+                )
+            } else {
+                super::templates::message(
+                    StatusCode::BAD_REQUEST,
+                    "Form not received",
+                    "The form could not be read completely. Go back and submit it again.",
+                    None,
+                )
+            })
+        }
+    }
+}
 
 /// The fields of a submitted form, in order.
 #[derive(Debug, Default, Clone)]

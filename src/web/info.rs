@@ -44,7 +44,7 @@ pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
         })
         .unwrap_or("localhost");
-    let proto = if state.config.cli.trusted_proxies > 0 {
+    let proto = if state.config.trusted_proxies() > 0 {
         headers
             .get("x-forwarded-proto")
             .and_then(|v| v.to_str().ok())
@@ -99,7 +99,7 @@ impl InfoLock {
 
     /// True when the request carries the unlock cookie.
     pub fn unlocked(&self, headers: &HeaderMap) -> bool {
-        crate::admin::session::cookie(headers, UNLOCK_COOKIE)
+        crate::auth::session::cookie(headers, UNLOCK_COOKIE)
             .is_some_and(|v| bool::from(v.as_bytes().ct_eq(self.cookie_value.as_bytes())))
     }
 

@@ -9,7 +9,7 @@ pub mod info;
 pub mod templates;
 pub mod user;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,8 +17,9 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 
 use crate::app::AppState;
-use crate::net::ClientIp;
-use form::FormData;
+use crate::auth::{ClientIp, LockedOut};
+use form::read_form;
+use user::FormClient;
 
 /// The public page routes.
 pub fn routes() -> Router<AppState> {
@@ -84,17 +85,21 @@ async fn index(State(state): State<AppState>, headers: HeaderMap) -> Response {
 async fn unlock_info(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
+    locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let Some(lock) = state.info_lock.clone() else {
         return axum::response::Redirect::to("/").into_response();
     };
-    let form = FormData::parse(&body);
+    let form = match read_form(body).await {
+        Ok(f) => f,
+        Err(refusal) => return refusal,
+    };
     if let Some(r) = form::check_csrf(&state, &headers, "anon", &form) {
         return r;
     }
-    if let Some(secs) = state.lockout.refusal(ip).await {
+    if let Some(Extension(LockedOut(secs))) = locked {
         let msg = format!("Too many failed attempts from your address; try again in {secs} s.");
         return unlock_page(&state, &headers, StatusCode::TOO_MANY_REQUESTS, Some(&msg));
     }
@@ -120,17 +125,33 @@ async fn user_form(State(state): State<AppState>, headers: HeaderMap) -> Respons
 async fn user_lookup(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
+    locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    user::lookup(&state, &headers, ip, &FormData::parse(&body)).await
+    let client = FormClient {
+        ip,
+        locked: locked.map(|Extension(l)| l),
+    };
+    match read_form(body).await {
+        Ok(form) => user::lookup(&state, &headers, client, &form).await,
+        Err(refusal) => refusal,
+    }
 }
 
 async fn user_nickname(
     State(state): State<AppState>,
     Extension(ClientIp(ip)): Extension<ClientIp>,
+    locked: Option<Extension<LockedOut>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    user::change_nickname(&state, &headers, ip, &FormData::parse(&body)).await
+    let client = FormClient {
+        ip,
+        locked: locked.map(|Extension(l)| l),
+    };
+    match read_form(body).await {
+        Ok(form) => user::change_nickname(&state, &headers, client, &form).await,
+        Err(refusal) => refusal,
+    }
 }

@@ -13,7 +13,17 @@ use serde_json::{json, Value};
 use super::form::{check_csrf, FormData};
 use super::templates::{html, with_cookies};
 use crate::app::AppState;
+use crate::auth::credentials::user_by_form_token;
+use crate::auth::LockedOut;
 use crate::users::{now_ms, User};
+
+/// Who sent a public credential form: their address and, when it is locked out, the
+/// [`LockedOut`] mark the gatekeeper set.
+#[derive(Clone, Copy, Debug)]
+pub struct FormClient {
+    pub ip: IpAddr,
+    pub locked: Option<LockedOut>,
+}
 
 /// The longest nickname a user may choose.
 pub const NICKNAME_MAX: usize = 80;
@@ -91,13 +101,13 @@ pub fn form_page(state: &AppState, headers: &HeaderMap) -> Response {
 
 /// Finds the user for a submitted token, or the page explaining why not (lockout, unknown
 /// token — which counts as a failed attempt).
-async fn find(
+fn find(
     state: &AppState,
     headers: &HeaderMap,
-    ip: IpAddr,
+    client: FormClient,
     form: &FormData,
 ) -> Result<(String, User), Box<Response>> {
-    if let Some(secs) = state.lockout.refusal(ip).await {
+    if let Some(LockedOut(secs)) = client.locked {
         return Err(Box::new(render(
             state,
             headers,
@@ -106,22 +116,14 @@ async fn find(
         )));
     }
     let token = form.text("token").unwrap_or("");
-    match (!token.is_empty())
-        .then(|| state.users.get(token))
-        .flatten()
-    {
+    match user_by_form_token(state, client.ip, token) {
         Some(u) => Ok((token.to_string(), u)),
-        None => {
-            if !token.is_empty() {
-                state.lockout.record_failure(ip);
-            }
-            Err(Box::new(render(
-                state,
-                headers,
-                StatusCode::UNAUTHORIZED,
-                json!({ "error": "No user has this token. Check it and try again (repeated failures lock your address out for a while)." }),
-            )))
-        }
+        None => Err(Box::new(render(
+            state,
+            headers,
+            StatusCode::UNAUTHORIZED,
+            json!({ "error": "No user has this token. Check it and try again (repeated failures lock your address out for a while)." }),
+        ))),
     }
 }
 
@@ -129,13 +131,13 @@ async fn find(
 pub async fn lookup(
     state: &AppState,
     headers: &HeaderMap,
-    ip: IpAddr,
+    client: FormClient,
     form: &FormData,
 ) -> Response {
     if let Some(r) = check_csrf(state, headers, PUBLIC, form) {
         return r;
     }
-    match find(state, headers, ip, form).await {
+    match find(state, headers, client, form) {
         Ok((token, u)) => render(
             state,
             headers,
@@ -150,13 +152,13 @@ pub async fn lookup(
 pub async fn change_nickname(
     state: &AppState,
     headers: &HeaderMap,
-    ip: IpAddr,
+    client: FormClient,
     form: &FormData,
 ) -> Response {
     if let Some(r) = check_csrf(state, headers, PUBLIC, form) {
         return r;
     }
-    let (token, user) = match find(state, headers, ip, form).await {
+    let (token, user) = match find(state, headers, client, form) {
         Ok(found) => found,
         Err(r) => return *r,
     };

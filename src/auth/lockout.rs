@@ -3,8 +3,9 @@
 //! failures inside `BRUTE_FORCE_TTL_SECONDS` is refused — even with a correct key — until the
 //! window passes. Other addresses are unaffected. The table is bounded and expires its entries.
 //!
-//! Knows nothing of HTTP: the gatekeeper asks [`Lockout::locked_for`] before checking a
-//! credential and calls [`Lockout::record_failure`] after a wrong one.
+//! Knows nothing of HTTP: [`crate::auth::guard`] asks [`Lockout::refusal`] once per request
+//! that presents a credential, before it is checked; [`crate::auth::credentials`] calls
+//! [`Lockout::record_failure`] after a wrong one.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -10,8 +10,8 @@
 use std::net::IpAddr;
 
 use crate::app::AppState;
+use crate::auth::Principal;
 use crate::error::ProxyError;
-use crate::gatekeeper::Principal;
 use crate::users::{fingerprint, now_ms, UserType};
 
 /// `lastUsedAt` is rewritten at most once per this many milliseconds per user (it is "last used"

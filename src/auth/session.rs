@@ -21,8 +21,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use url::Url;
 
+use crate::auth::secret_eq;
 use crate::config::{Config, ConfigError};
-use crate::gatekeeper::secret_eq;
 
 /// The admin session cookie.
 pub const SESSION_COOKIE: &str = "gk_session";

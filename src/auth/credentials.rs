@@ -1,0 +1,271 @@
+//! Credentials: reading the client's credential from its headers, comparing secrets in constant
+//! time, and every check of one — the proxy key, a user token, the admin key (bearer or the
+//! sign-in form), a session of the external service. Each wrong credential counts one failure
+//! for the lockout, here and nowhere else; whether an address is locked out is asked once, by
+//! [`crate::auth::guard`], before any of these runs.
+
+use std::net::IpAddr;
+
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Redirect, Response};
+use subtle::ConstantTimeEq;
+
+use super::session::External;
+use super::{user_token, AdminIdentity, Principal};
+use crate::app::AppState;
+use crate::config::GatekeeperMode;
+use crate::error::{AdminError, ProxyError};
+use crate::users::User;
+
+/// Constant-time comparison of a presented secret with the configured one.
+pub fn secret_eq(presented: &str, expected: &str) -> bool {
+    presented.as_bytes().ct_eq(expected.as_bytes()).into()
+}
+
+/// The client credential: `Authorization: Bearer …` (the scheme in any case; a bare value
+/// without a scheme is taken as is), else `x-api-key` (Anthropic clients). An `Authorization`
+/// header without a value (`Bearer `) does not hide an `x-api-key`.
+pub fn client_credential(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let v = v.trim();
+        let token = match v.split_once(|c: char| c.is_ascii_whitespace()) {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+            None if v.eq_ignore_ascii_case("bearer") => "",
+            _ => v,
+        };
+        if !token.is_empty() {
+            return Some(token);
+        }
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// Decides whether a proxied request may pass under the `GATEKEEPER` mode, counting wrong
+/// credentials toward the lockout.
+pub fn admit_client(
+    state: &AppState,
+    ip: IpAddr,
+    headers: &HeaderMap,
+) -> Result<Principal, ProxyError> {
+    let mode = state.config.mode();
+    let credential = client_credential(headers);
+    if let (Some(c), Some(admin)) = (credential, state.config.admin_key()) {
+        if secret_eq(c, admin) {
+            return Ok(Principal::Admin);
+        }
+    }
+    match mode {
+        // A credential that is not the admin key is simply ignored when nobody needs one.
+        GatekeeperMode::None => Ok(Principal::Anonymous),
+        GatekeeperMode::ProxyKey => {
+            let expected = state.config.proxy_key().unwrap_or_default();
+            match credential {
+                Some(c) if secret_eq(c, expected) => Ok(Principal::ProxyKey),
+                Some(_) => {
+                    state.lockout.record_failure(ip);
+                    Err(ProxyError::unauthorized(
+                        "Invalid proxy key. Send the proxy's PROXY_KEY as 'Authorization: Bearer <key>' (or 'x-api-key').",
+                    ))
+                }
+                None => Err(ProxyError::unauthorized(
+                    "This proxy requires a key. Send it as 'Authorization: Bearer <key>' (or 'x-api-key').",
+                )),
+            }
+        }
+        GatekeeperMode::UserToken => match credential {
+            Some(c) => user_token::admit(state, c, ip),
+            None => Err(ProxyError::unauthorized(
+                "This proxy requires a user token. Send it as 'Authorization: Bearer <token>' (or 'x-api-key').",
+            )),
+        },
+    }
+}
+
+/// Decides whether a request to an `/admin` route comes from an administrator: the
+/// `ADMIN_KEY` as a Bearer credential ([`check_admin_key`]), a signed-in session cookie
+/// (`/admin/login`), or a session accepted by `ADMIN_SESSION_VALIDATE_URL`. A browser
+/// without a session asking for an admin page is sent to the sign-in page; API clients get
+/// JSON.
+pub async fn admit_admin(
+    state: &AppState,
+    ip: IpAddr,
+    path: &str,
+    headers: &HeaderMap,
+) -> Result<(AdminIdentity, AdminVia), Response> {
+    if client_credential(headers).is_some() {
+        return check_admin_key(state, ip, headers)
+            .map(|id| (id, AdminVia::Header))
+            .map_err(IntoResponse::into_response);
+    }
+    if let Some(s) = state.sessions.lookup(headers) {
+        let id = if s.who == AdminIdentity::AdminKey.who() {
+            AdminIdentity::AdminKey
+        } else {
+            AdminIdentity::Session(s.who)
+        };
+        return Ok((id, AdminVia::Cookie));
+    }
+    match state.sessions.validate_external(headers).await {
+        External::Valid(user) => {
+            // The service was asked with the cookie only when no session token was sent.
+            let via = if headers.contains_key("x-session-token") {
+                AdminVia::Header
+            } else {
+                AdminVia::Cookie
+            };
+            return Ok((AdminIdentity::Session(user), via));
+        }
+        External::Rejected(why) => {
+            // Only an explicit session token counts as a guess: browsers send cookies unasked.
+            if headers.contains_key("x-session-token") {
+                state.lockout.record_failure(ip);
+            }
+            tracing::info!(%ip, reason = %why, "admin session refused by ADMIN_SESSION_VALIDATE_URL");
+        }
+        External::Unavailable(why) => {
+            tracing::warn!(%ip, reason = %why, "admin session refused: ADMIN_SESSION_VALIDATE_URL gave no usable answer");
+        }
+        External::NotConfigured | External::NoCredential => {}
+    }
+    if super::routes::is_admin_page(path) {
+        return Err(Redirect::to("/admin/login").into_response());
+    }
+    if state.sessions.external_configured() {
+        return Err(AdminError::unauthorized(
+            "Admin authentication required: send 'Authorization: Bearer <ADMIN_KEY>' or a session accepted by ADMIN_SESSION_VALIDATE_URL (its cookie or 'X-Session-Token').",
+        )
+        .into_response());
+    }
+    check_admin_key(state, ip, headers)
+        .map(|id| (id, AdminVia::Header))
+        .map_err(IntoResponse::into_response)
+}
+
+/// How an administrator was recognised. A browser sends cookies to every site's requests on
+/// its own, so a state change authenticated by a cookie alone must also prove it comes from
+/// our pages (a CSRF token); a credential in a header cannot be sent by another site's form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminVia {
+    /// `Authorization`/`x-api-key` or `X-Session-Token`.
+    Header,
+    /// Our session cookie, or the session service's cookie.
+    Cookie,
+}
+
+/// The bearer check: `Authorization: Bearer <ADMIN_KEY>` (or `x-api-key`), compared in constant
+/// time. A wrong key counts toward the brute-force lockout; a missing one does not (it is not
+/// a guess). With no `ADMIN_KEY` configured every request is refused.
+pub fn check_admin_key(
+    state: &AppState,
+    ip: IpAddr,
+    headers: &HeaderMap,
+) -> Result<AdminIdentity, AdminError> {
+    let Some(expected) = state.config.admin_key() else {
+        return Err(AdminError::unauthorized(
+            "The admin API is disabled: set ADMIN_KEY on the server to enable it.",
+        ));
+    };
+    match client_credential(headers) {
+        Some(c) if secret_eq(c, expected) => Ok(AdminIdentity::AdminKey),
+        Some(_) => {
+            state.lockout.record_failure(ip);
+            Err(AdminError::unauthorized(
+                "Invalid admin key: send 'Authorization: Bearer <ADMIN_KEY>' with the server's ADMIN_KEY.",
+            ))
+        }
+        None => Err(AdminError::unauthorized(
+            "Admin authentication required: send 'Authorization: Bearer <ADMIN_KEY>'.",
+        )),
+    }
+}
+
+/// What the sign-in form's key check decided.
+pub enum SignIn {
+    /// The key is right: the `Set-Cookie` value of the new session.
+    SignedIn(String),
+    /// `ADMIN_KEY` is not set: sign-in with a key is off.
+    Disabled,
+    /// A wrong (or empty) key, counted for the lockout.
+    WrongKey,
+}
+
+/// Checks the key typed into `/admin/login`; on success ends the browser's old session (if any)
+/// and opens a new one.
+pub fn sign_in_with_key(
+    state: &AppState,
+    ip: IpAddr,
+    headers: &HeaderMap,
+    presented: &str,
+) -> SignIn {
+    let Some(expected) = state.config.admin_key() else {
+        return SignIn::Disabled;
+    };
+    if presented.is_empty() || !secret_eq(presented, expected) {
+        state.lockout.record_failure(ip);
+        tracing::warn!(%ip, "admin sign-in with a wrong key");
+        return SignIn::WrongKey;
+    }
+    if let Some(old) = state.sessions.lookup(headers) {
+        state.sessions.destroy(&old.id);
+    }
+    tracing::info!(admin = "admin-key", %ip, "admin signed in");
+    SignIn::SignedIn(state.sessions.create(AdminIdentity::AdminKey.who()))
+}
+
+/// The user of a token typed into a public form (`/user`); an unknown token counts as a failed
+/// attempt for the lockout (an empty one does not: it is not a guess).
+pub fn user_by_form_token(state: &AppState, ip: IpAddr, token: &str) -> Option<User> {
+    if token.is_empty() {
+        return None;
+    }
+    let user = state.users.get(token);
+    if user.is_none() {
+        state.lockout.record_failure(ip);
+    }
+    user
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn reads_bearer_then_x_api_key() {
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("k2"));
+        assert_eq!(client_credential(&h), Some("k2"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k1"));
+        assert_eq!(client_credential(&h), Some("k1"));
+    }
+
+    #[test]
+    fn empty_bearer_does_not_hide_x_api_key_and_scheme_case_does_not_matter() {
+        let with = |auth: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-api-key", HeaderValue::from_static("k2"));
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(auth));
+            h
+        };
+        for empty in ["Bearer ", "Bearer", "bearer   ", "BEARER"] {
+            assert_eq!(client_credential(&with(empty)), Some("k2"), "{empty:?}");
+        }
+        for k1 in ["BEARER k1", "bearer k1", "BeArEr  k1 ", "Bearer\tk1", "k1"] {
+            assert_eq!(client_credential(&with(k1)), Some("k1"), "{k1:?}");
+        }
+    }
+
+    #[test]
+    fn secret_eq_compares_exactly() {
+        assert!(secret_eq("abc", "abc"));
+        assert!(!secret_eq("abc", "abd"));
+        assert!(!secret_eq("ab", "abc"));
+    }
+}

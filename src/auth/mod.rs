@@ -1,0 +1,233 @@
+//! Who may pass: the one place that decides, for every request, who the client is and whether
+//! it may reach the route. [`guard`] is a default-deny middleware over the whole router:
+//!
+//! 1. the route's [`Access`] from the one route table ([`routes::ROUTES`], matched by route
+//!    template);
+//! 2. the client address ([`client_addr`]: socket peer or trusted `X-Forwarded-For` hops);
+//! 3. `IP_BLACKLIST`, then `ADMIN_WHITELIST` for the admin zone;
+//! 4. the brute-force lockout ([`lockout`]), asked once, for every request that presents a
+//!    credential;
+//! 5. the credential itself ([`credentials`]: proxy key, user token ([`user_token`]), admin
+//!    key, admin sessions and CSRF ([`session`]), the external session service).
+//!
+//! The outcome is stored in the request extensions: [`ClientIp`] always, then a [`Principal`]
+//! (proxied routes), an [`AdminIdentity`] (admin routes) or a [`LockedOut`] mark (credential
+//! forms). Handlers never look at credentials headers themselves. Knows nothing of upstreams.
+
+pub mod client_addr;
+pub mod credentials;
+pub mod lockout;
+pub mod routes;
+pub mod session;
+pub mod user_token;
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+
+use crate::app::AppState;
+use crate::config::GatekeeperMode;
+use crate::error::{AdminError, ProxyError};
+use crate::net::in_list;
+use crate::users::UserType;
+
+pub use client_addr::{client_ip, BadForwardedFor, ClientIp};
+pub use credentials::{client_credential, secret_eq};
+pub use routes::{Access, ROUTES};
+
+/// Who is making a proxied request, as decided by the gatekeeper.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// `GATEKEEPER=none`: anyone, known only by address.
+    Anonymous,
+    /// Holder of `PROXY_KEY`.
+    ProxyKey,
+    /// Holder of `ADMIN_KEY` (passes in every mode, as in the original).
+    Admin,
+    /// A user of the user store.
+    User { token: String, kind: UserType },
+}
+
+impl Principal {
+    /// The user token, when the caller is a user.
+    pub fn user_token(&self) -> Option<&str> {
+        match self {
+            Principal::User { token, .. } => Some(token),
+            _ => None,
+        }
+    }
+}
+
+/// Who is acting on an admin route, for the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminIdentity {
+    /// Authenticated with `ADMIN_KEY`.
+    AdminKey,
+    /// Authenticated by the external session service; holds its `user`.
+    Session(String),
+}
+
+impl AdminIdentity {
+    pub fn who(&self) -> &str {
+        match self {
+            AdminIdentity::AdminKey => "admin-key",
+            AdminIdentity::Session(u) => u,
+        }
+    }
+}
+
+/// The header that carries the CSRF token on a cookie-authenticated admin API change.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// Inserted on a credential form's `POST` ([`Access::CredentialForm`], [`Access::AdminSignIn`])
+/// when the address is locked out: the handler shows the refusal (with these seconds to wait)
+/// instead of checking the credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockedOut(pub u64);
+
+/// The default-deny middleware over the whole router (see the module documentation for its
+/// steps).
+pub async fn guard(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let access = routes::access(
+        req.extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str),
+        req.uri().path(),
+    );
+    if access == Access::Open {
+        // `/health` answers whoever asks, whatever their headers say.
+        return next.run(req).await;
+    }
+    let admin_zone = matches!(access, Access::Admin | Access::AdminSignIn);
+    let trusted = state.config.trusted_proxies();
+    let ip = match client_ip(peer.ip(), req.headers(), trusted) {
+        Ok(ip) => ip,
+        Err(bad) => {
+            let msg = format!(
+                "X-Forwarded-For entry {:?} is not an IP address. This server trusts the last {trusted} entr{} of X-Forwarded-For (TRUSTED_PROXIES={trusted}); they must be addresses written by your reverse proxies.",
+                bad.entry,
+                if trusted == 1 { "y" } else { "ies" }
+            );
+            return if admin_zone {
+                AdminError::bad_request(msg).into_response()
+            } else {
+                ProxyError::bad_request(msg).into_response()
+            };
+        }
+    };
+    req.extensions_mut().insert(ClientIp(ip));
+    if in_list(&state.config.ip_blacklist, ip) {
+        let msg = "Forbidden: your address is blocked by this proxy (IP_BLACKLIST)";
+        return if admin_zone {
+            AdminError::forbidden(msg).into_response()
+        } else {
+            ProxyError::forbidden(msg).into_response()
+        };
+    }
+    if admin_zone && !in_list(&state.config.admin_whitelist, ip) {
+        return AdminError::forbidden("Forbidden (by ADMIN_WHITELIST)").into_response();
+    }
+
+    // The one lockout check: every request that presents (or may present) a credential.
+    let presents_credential = match access {
+        Access::Open | Access::Public => false,
+        Access::CredentialForm | Access::AdminSignIn => req.method() == Method::POST,
+        Access::Admin => true,
+        Access::Proxy => {
+            state.config.mode() != GatekeeperMode::None
+                || client_credential(req.headers()).is_some()
+        }
+    };
+    let locked = if presents_credential {
+        state.lockout.refusal(ip).await
+    } else {
+        None
+    };
+
+    match access {
+        Access::Open | Access::Public => next.run(req).await,
+        Access::CredentialForm | Access::AdminSignIn => {
+            if let Some(secs) = locked {
+                req.extensions_mut().insert(LockedOut(secs));
+            }
+            next.run(req).await
+        }
+        Access::Admin => {
+            if let Some(secs) = locked {
+                if routes::is_admin_page(req.uri().path()) {
+                    return Redirect::to("/admin/login").into_response();
+                }
+                return admin_lockout_error(secs).into_response();
+            }
+            // Copies, because a `&Request` (its body is not `Sync`) cannot be held across an await.
+            let (path, headers) = (req.uri().path().to_string(), req.headers().clone());
+            match credentials::admit_admin(&state, ip, &path, &headers).await {
+                Ok((identity, via)) => {
+                    if via == credentials::AdminVia::Cookie
+                        && !req.method().is_safe()
+                        && !routes::is_admin_page(&path)
+                        && !state.sessions.verify_csrf(
+                            &headers,
+                            identity.who(),
+                            headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()),
+                        )
+                    {
+                        // The admin pages' forms check their own token (`CheckedForm`); the
+                        // JSON API takes it in a header.
+                        return AdminError::forbidden(format!(
+                            "A change through the admin API signed in by cookie needs the CSRF token of the admin pages in the '{CSRF_HEADER}' header; scripts should send 'Authorization: Bearer <ADMIN_KEY>' instead."
+                        ))
+                        .into_response();
+                    }
+                    req.extensions_mut().insert(identity);
+                    next.run(req).await
+                }
+                Err(resp) => resp,
+            }
+        }
+        Access::Proxy => {
+            if let Some(secs) = locked {
+                return lockout_error(secs).into_response();
+            }
+            match credentials::admit_client(&state, ip, req.headers()) {
+                Ok(principal) => {
+                    req.extensions_mut().insert(principal);
+                    next.run(req).await
+                }
+                Err(e) => e.into_response(),
+            }
+        }
+    }
+}
+
+/// The refusal for a locked-out address.
+pub fn lockout_error(retry_after_secs: u64) -> ProxyError {
+    ProxyError::too_many(
+        "rate_limit_error",
+        format!(
+            "Too many failed authentication attempts from your address; try again in {retry_after_secs} s."
+        ),
+        retry_after_secs,
+    )
+}
+
+/// The same refusal for admin routes.
+pub fn admin_lockout_error(retry_after_secs: u64) -> AdminError {
+    AdminError {
+        retry_after: Some(retry_after_secs),
+        ..AdminError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "Too many failed authentication attempts from your address; try again in {retry_after_secs} s."
+            ),
+        )
+    }
+}
