@@ -117,6 +117,33 @@ pub struct Cli {
         default_value = "https://api.anthropic.com"
     )]
     pub anthropic_base_url: Url,
+    /// Comma-separated Mistral AI upstream keys.
+    #[arg(long, env = "MISTRAL_AI_KEY", hide_env_values = true)]
+    pub mistral_ai_key: Option<Secret>,
+    /// Base URL of Mistral AI.
+    #[arg(
+        long,
+        env = "MISTRAL_AI_BASE_URL",
+        default_value = "https://api.mistral.ai"
+    )]
+    pub mistral_ai_base_url: Url,
+    /// Comma-separated Azure OpenAI credentials, each `resource:deployment:apikey`.
+    #[arg(long, env = "AZURE_CREDENTIALS", hide_env_values = true)]
+    pub azure_credentials: Option<Secret>,
+    /// Base URL of Azure OpenAI; `{resource}` is replaced by each credential's resource.
+    #[arg(
+        long,
+        env = "AZURE_BASE_URL",
+        default_value = crate::providers::azure::DEFAULT_BASE_URL
+    )]
+    pub azure_base_url: String,
+    /// The `api-version` of Azure OpenAI requests.
+    #[arg(
+        long,
+        env = "AZURE_API_VERSION",
+        default_value = crate::providers::azure::DEFAULT_API_VERSION
+    )]
+    pub azure_api_version: String,
     /// Prefix of the compatibility routes ({route}/openai/..., {route}/anthropic/...).
     #[arg(long, env = "PROXY_ENDPOINT_ROUTE", default_value = "/proxy")]
     pub proxy_endpoint_route: String,
@@ -267,6 +294,10 @@ pub struct Config {
     pub cli: Cli,
     pub openai_keys: Vec<Secret>,
     pub anthropic_keys: Vec<Secret>,
+    pub mistral_ai_keys: Vec<Secret>,
+    /// `AZURE_CREDENTIALS`: the deployment of each key, and the keys, in the same order.
+    pub azure_deployments: Vec<crate::providers::azure::Deployment>,
+    pub azure_keys: Vec<Secret>,
     pub ip_blacklist: Vec<IpNet>,
     pub admin_whitelist: Vec<IpNet>,
     /// `TOKEN_QUOTA_<FAMILY>` values keyed by family name (lower-case, `_` → `-`).
@@ -335,6 +366,29 @@ impl Config {
         };
         let openai_keys = split_keys(&cli.openai_key);
         let anthropic_keys = split_keys(&cli.anthropic_key);
+        let mistral_ai_keys = split_keys(&cli.mistral_ai_key);
+        let azure_entries = split_keys(&cli.azure_credentials);
+        let (azure_deployments, azure_keys) = crate::providers::azure::parse_credentials(
+            &azure_entries.iter().map(Secret::expose).collect::<Vec<_>>(),
+        )
+        .map_err(ConfigError)?;
+        let azure_keys: Vec<Secret> = azure_keys.into_iter().map(Secret::new).collect();
+        let azure_sample = cli.azure_base_url.replace("{resource}", "resource");
+        match Url::parse(&azure_sample) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => {
+                return Err(ConfigError(format!(
+                    "AZURE_BASE_URL={} must be an http:// or https:// URL with a host, where {{resource}} stands for each credential's resource, e.g. https://{{resource}}.openai.azure.com",
+                    cli.azure_base_url
+                )))
+            }
+        }
+        if cli.azure_api_version.trim().is_empty() {
+            return Err(ConfigError(format!(
+                "AZURE_API_VERSION must not be empty; use {} (the default) or another api-version of Azure OpenAI",
+                crate::providers::azure::DEFAULT_API_VERSION
+            )));
+        }
         let ip_blacklist = parse_cidr_list("IP_BLACKLIST", &cli.ip_blacklist)?;
         let admin_whitelist = parse_cidr_list("ADMIN_WHITELIST", &cli.admin_whitelist)?;
 
@@ -369,6 +423,7 @@ impl Config {
         for (name, url) in [
             ("OPENAI_BASE_URL", &cli.openai_base_url),
             ("ANTHROPIC_BASE_URL", &cli.anthropic_base_url),
+            ("MISTRAL_AI_BASE_URL", &cli.mistral_ai_base_url),
         ] {
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
                 return Err(ConfigError(format!(
@@ -437,6 +492,9 @@ impl Config {
         Ok(Config {
             openai_keys,
             anthropic_keys,
+            mistral_ai_keys,
+            azure_deployments,
+            azure_keys,
             ip_blacklist,
             admin_whitelist,
             token_quotas,

@@ -51,8 +51,11 @@
 //!    end-to-end tests through the proxy with that client, plain and streaming.
 
 pub mod anthropic;
+pub mod azure;
 pub mod families;
+pub mod images;
 pub mod meter;
+pub mod mistral;
 pub mod openai;
 
 use axum::http::{HeaderMap, HeaderValue, Method};
@@ -66,6 +69,10 @@ pub use meter::Meter;
 pub enum Provider {
     OpenAi,
     Anthropic,
+    /// Mistral AI (OpenAI chat format).
+    MistralAi,
+    /// Azure OpenAI (OpenAI chat and images, one deployment per credential).
+    Azure,
 }
 
 /// The kind of endpoint a proxied request targets, by wire format. The same format may be
@@ -78,6 +85,8 @@ pub enum Api {
     OpenAiCompletions,
     /// `POST /v1/embeddings`
     OpenAiEmbeddings,
+    /// `POST /v1/images/generations` (counted by its price, [`images`]).
+    OpenAiImages,
     /// `GET /v1/models` and anything else on an OpenAI-style upstream that is not a generation.
     OpenAiOther,
     /// `POST /v1/messages`
@@ -90,9 +99,11 @@ impl Api {
     /// The provider this API is served by on the main routes.
     pub fn provider(self) -> Provider {
         match self {
-            Api::OpenAiChat | Api::OpenAiCompletions | Api::OpenAiEmbeddings | Api::OpenAiOther => {
-                Provider::OpenAi
-            }
+            Api::OpenAiChat
+            | Api::OpenAiCompletions
+            | Api::OpenAiEmbeddings
+            | Api::OpenAiImages
+            | Api::OpenAiOther => Provider::OpenAi,
             Api::AnthropicMessages | Api::AnthropicOther => Provider::Anthropic,
         }
     }
@@ -104,13 +115,15 @@ impl Api {
             Api::OpenAiChat
                 | Api::OpenAiCompletions
                 | Api::OpenAiEmbeddings
+                | Api::OpenAiImages
                 | Api::AnthropicMessages
         )
     }
 
-    /// Whether the API produces output tokens (embeddings count their input only).
+    /// Whether the API produces output tokens (embeddings count their input only, images
+    /// their price).
     pub fn has_output(self) -> bool {
-        self != Api::OpenAiEmbeddings
+        !matches!(self, Api::OpenAiEmbeddings | Api::OpenAiImages)
     }
 }
 
@@ -196,6 +209,9 @@ const TEXT_CAP: usize = 4 * 1024 * 1024;
 /// What a response said so far: reported usage (merged over events) and generated text.
 #[derive(Debug, Default)]
 pub struct Seen {
+    /// The model the response names (the first non-empty `model`), for providers whose
+    /// response decides the family ([`Provider::family_from_response`]).
+    pub model: Option<String>,
     pub prompt: Option<u64>,
     pub completion: Option<u64>,
     pub completion_final: bool,
@@ -219,6 +235,13 @@ impl Seen {
             if u.completion_final {
                 self.completion_final = true;
             }
+        }
+    }
+
+    /// Notes the model a response names (the first non-empty one wins).
+    pub fn model(&mut self, m: &str) {
+        if self.model.is_none() && !m.is_empty() {
+            self.model = Some(m.to_string());
         }
     }
 
@@ -288,19 +311,33 @@ impl Provider {
 
     /// The request facts of a body of `api` sent to this provider.
     pub fn request_facts(self, api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
-        let mut facts = match api {
-            Api::AnthropicMessages | Api::AnthropicOther => anthropic::request_facts(api, body)?,
+        let mut facts = match (self, api) {
+            (_, Api::AnthropicMessages | Api::AnthropicOther) => {
+                anthropic::request_facts(api, body)?
+            }
+            (Provider::MistralAi, _) => mistral::request_facts(api, body)?,
+            // Azure speaks OpenAI's format.
             _ => openai::request_facts(api, body)?,
         };
-        facts.family = self.family(&facts.model);
+        facts.family = if api == Api::OpenAiImages {
+            // The images endpoint serves only image models, whatever `model` names (on Azure,
+            // a deployment).
+            match self {
+                Provider::Azure => "azure-dall-e".to_string(),
+                _ => "dall-e".to_string(),
+            }
+        } else {
+            self.family(&facts.model)
+        };
         Ok(facts)
     }
 
     /// Sets the provider's own output-cap field of a generation request to `cap`.
     pub fn set_output_cap(self, api: Api, body: &mut Value, cap: u64) {
-        match api {
-            Api::AnthropicMessages => anthropic::set_output_cap(body, cap),
-            Api::OpenAiChat | Api::OpenAiCompletions => openai::set_output_cap(api, body, cap),
+        match (self, api) {
+            (_, Api::AnthropicMessages) => anthropic::set_output_cap(body, cap),
+            (Provider::MistralAi, Api::OpenAiChat) => mistral::set_output_cap(body, cap),
+            (_, Api::OpenAiChat | Api::OpenAiCompletions) => openai::set_output_cap(api, body, cap),
             _ => {}
         }
     }
@@ -309,8 +346,11 @@ impl Provider {
     /// the proxy asked on the client's behalf (the usage-only event is then hidden).
     pub fn ask_stream_usage(self, api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
         match self {
-            Provider::OpenAi => openai::ask_stream_usage(api, body, facts),
-            Provider::Anthropic => false,
+            // Azure reports a stream's usage only when asked, as OpenAI.
+            Provider::OpenAi | Provider::Azure => openai::ask_stream_usage(api, body, facts),
+            // Anthropic and Mistral streams always carry usage (Mistral refuses
+            // `stream_options` with 422).
+            Provider::Anthropic | Provider::MistralAi => false,
         }
     }
 
@@ -319,7 +359,15 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::family(model),
             Provider::Anthropic => anthropic::family(model),
+            Provider::MistralAi => mistral::family(model),
+            Provider::Azure => azure::family(model),
         }
+    }
+
+    /// Whether the response's model decides the family usage is counted in (Azure: the
+    /// deployment decides the model, whatever the request's `model` says).
+    pub fn family_from_response(self) -> bool {
+        self == Provider::Azure
     }
 
     /// Reads one whole JSON response or one stream event; true for a usage-only event.
@@ -355,6 +403,7 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::FORWARDED_HEADERS,
             Provider::Anthropic => anthropic::FORWARDED_HEADERS,
+            Provider::MistralAi | Provider::Azure => &[],
         }
     }
 
@@ -368,14 +417,24 @@ impl Provider {
     /// The credential value of an operator key as its header carries it.
     pub fn key_credential(self, key: &str) -> String {
         match self {
-            Provider::OpenAi => openai::key_credential(key),
-            Provider::Anthropic => key.to_string(),
+            Provider::OpenAi | Provider::MistralAi => openai::key_credential(key),
+            Provider::Anthropic | Provider::Azure => key.to_string(),
         }
     }
 
-    /// The upstream URL for a client path (`/v1/...`) and query string, from the base URL.
-    pub fn upstream_url(self, base: &BaseUrl, path: &str, query: Option<&str>) -> String {
-        base.join(path, query)
+    /// The upstream URL for a client path (`/v1/...`) and query string, sent with the key at
+    /// `key_index` of the pool (Azure: each key is a deployment of its own).
+    pub fn upstream_url(
+        self,
+        endpoint: &Endpoint,
+        path: &str,
+        query: Option<&str>,
+        key_index: usize,
+    ) -> String {
+        match endpoint {
+            Endpoint::Base(base) => base.join(path, query),
+            Endpoint::Azure(d) => d.url(key_index, path),
+        }
     }
 
     /// Puts the operator's credential on the final request.
@@ -385,12 +444,22 @@ impl Provider {
         key: &KeyUse<'_>,
     ) -> Result<(), AuthError> {
         let name = match self {
-            Provider::OpenAi => openai::AUTH_HEADER,
+            Provider::OpenAi | Provider::MistralAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,
+            Provider::Azure => azure::AUTH_HEADER,
         };
         req.headers.insert(name, key.credential.clone());
         Ok(())
     }
+}
+
+/// Where a provider's requests go.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// One base URL for every key.
+    Base(BaseUrl),
+    /// Azure: a resource and deployment per key.
+    Azure(azure::Deployments),
 }
 
 /// A provider's base URL, normalised once at startup.

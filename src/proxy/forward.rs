@@ -94,6 +94,18 @@ pub struct Route {
     pub translation: Option<Arc<dyn Translation>>,
 }
 
+impl Route {
+    /// A route to `provider`'s `api` at `upstream_path`, in the client's own format.
+    pub fn to(provider: Provider, api: Api, upstream_path: &str) -> Route {
+        Route {
+            provider,
+            api,
+            upstream_path: Some(upstream_path.to_string()),
+            translation: None,
+        }
+    }
+}
+
 /// Everything the phases share about one request.
 struct Ctx {
     provider: Provider,
@@ -175,7 +187,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         return log_refusal(&ctx, no_key_error(upstream, NoKey::NoneConfigured));
     }
     // Phase 2: admission.
-    let (body, admitted, stream) = match admit(&state, &ctx, body).await {
+    let (body, admitted, stream, model) = match admit(&state, &ctx, body).await {
         Ok(v) => v,
         Err(e) => return log_refusal(&ctx, e),
     };
@@ -185,10 +197,20 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
     };
     // Phases 3 and 4: build the upstream request and send it.
     let headers = upstream_headers(&ctx);
-    let url = upstream.url(&ctx.upstream_path, ctx.query.as_deref());
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started) + state.upstreams.timeout;
-    match send(&state, upstream, &ctx, &url, headers, body, deadline).await {
+    let eligible = upstream.eligible_keys(model.as_deref());
+    match send(
+        &state,
+        upstream,
+        &ctx,
+        headers,
+        body,
+        deadline,
+        eligible.as_deref(),
+    )
+    .await
+    {
         Ok((resp, key)) => {
             let latency = started.elapsed();
             tracing::info!(
@@ -314,17 +336,19 @@ async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, P
     }
 }
 
-/// Phase 2: admission for generation requests. Returns the bytes to send (the client's
-/// original bytes unless the body was changed), the admission, and whether the client asked
-/// for a stream.
+/// What admission hands on: the bytes to send (the client's original bytes unless the body
+/// was changed), the admission, whether the client asked for a stream, and the model named.
+type AdmitOutcome = (Bytes, Option<crate::quota::Admitted>, bool, Option<String>);
+
+/// Phase 2: admission for generation requests.
 async fn admit(
     state: &AppState,
     ctx: &Ctx,
     incoming: Incoming,
-) -> Result<(Bytes, Option<crate::quota::Admitted>, bool), ProxyError> {
+) -> Result<AdmitOutcome, ProxyError> {
     let Incoming { bytes, json } = incoming;
     let Some(mut json) = json else {
-        return Ok((bytes, None, false));
+        return Ok((bytes, None, false, None));
     };
     let mut changed = false;
     if let Some(t) = &ctx.translation {
@@ -374,7 +398,7 @@ async fn admit(
     } else {
         bytes
     };
-    Ok((bytes, Some(admitted), facts.stream))
+    Ok((bytes, Some(admitted), facts.stream, Some(facts.model)))
 }
 
 /// Phase 0: `BLOCKED_ORIGINS`. A browser (it accepts HTML and sends no JSON) gets a page that
@@ -538,10 +562,10 @@ async fn send(
     state: &AppState,
     upstream: &ProviderUpstream,
     ctx: &Ctx,
-    url: &str,
     mut headers: HeaderMap,
     body: Bytes,
     deadline: tokio::time::Instant,
+    eligible: Option<&[usize]>,
 ) -> Result<(hyper::Response<UpstreamBody>, ChosenKey), Failure> {
     let bad_url = |e: axum::http::uri::InvalidUri| Failure {
         error: ProxyError::bad_request(
@@ -550,11 +574,14 @@ async fn send(
         key: None,
         cause: Some(Box::new(e)),
     };
-    Uri::try_from(url).map_err(bad_url)?;
     headers.insert(header::USER_AGENT, state.upstreams.user_agent.clone());
     let mut last_429: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
     loop {
-        let key = match upstream.keys.pick() {
+        let picked = match eligible {
+            Some(set) => upstream.keys.pick_where(|i| set.contains(&i)),
+            None => upstream.keys.pick(),
+        };
+        let key = match picked {
             Ok(k) => k,
             Err(no) => {
                 return match last_429 {
@@ -567,9 +594,10 @@ async fn send(
                 }
             }
         };
+        let url = upstream.url(&ctx.upstream_path, ctx.query.as_deref(), key.index);
         let mut out = UpstreamRequest {
             method: ctx.method.clone(),
-            url: url.to_string(),
+            url,
             headers: headers.clone(),
             body: body.clone(),
         };

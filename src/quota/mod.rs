@@ -205,20 +205,27 @@ impl Ticket {
             meter.usage(prompt, estimate::count_tokens)
         };
         let charge = usage.map(Usage::total).unwrap_or(0);
+        // Where the response's model decides the family (Azure deployments), usage is counted
+        // there; the reservation is released where it was made.
+        let charged_family = meter.response_family().unwrap_or_else(|| s.family.clone());
         let found = s.users.update_entry(&s.token, |e| {
             release(e, &s.family, s.reserved);
             if charge == 0 {
                 return ((), false);
             }
-            let count = e.user.token_counts.entry(s.family.clone()).or_insert(0);
+            let count = e
+                .user
+                .token_counts
+                .entry(charged_family.clone())
+                .or_insert(0);
             *count = count.saturating_add(charge);
             ((), true)
         });
         if found.is_none() {
-            tracing::debug!(family = %s.family, "user deleted while its request ran; usage dropped");
+            tracing::debug!(family = %charged_family, "user deleted while its request ran; usage dropped");
         }
         tracing::debug!(
-            family = %s.family,
+            family = %charged_family,
             prompt = usage.map(|u| u.prompt),
             completion = usage.map(|u| u.completion),
             exact = meter.exact(),

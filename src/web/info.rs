@@ -158,6 +158,8 @@ pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
     [
         ("openai", Provider::OpenAi),
         ("anthropic", Provider::Anthropic),
+        ("mistral-ai", Provider::MistralAi),
+        ("azure", Provider::Azure),
     ]
     .into_iter()
     .map(|(name, p)| {
@@ -218,6 +220,21 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             name: "Anthropic (alias)",
             url: format!("{base}{route}/anthropic"),
             usage: "the same, under the compatibility prefix",
+        },
+        Endpoint {
+            name: "OpenAI images",
+            url: format!("{base}{route}/openai-image/v1"),
+            usage: "base URL for OpenAI SDKs (POST /images/generations; also at /v1/images/generations), counted in dall-e by price",
+        },
+        Endpoint {
+            name: "Azure OpenAI",
+            url: format!("{base}{route}/azure/openai/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions, /images/generations; GET /models); the operator's deployments decide the model",
+        },
+        Endpoint {
+            name: "Mistral AI",
+            url: format!("{base}{route}/mistral-ai"),
+            usage: "server_url for the mistralai SDK (POST /v1/chat/completions; GET /v1/models)",
         },
     ];
     // Every known family, with its default quota (0: unlimited), plus any family that only

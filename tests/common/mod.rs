@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod binary;
+pub mod providers;
 pub mod quota;
 pub mod upstream;
 pub mod web;
