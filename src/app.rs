@@ -48,6 +48,12 @@ pub struct AppParts {
     pub upstreams: Arc<Upstreams>,
     pub quotas: Arc<Quotas>,
     pub lockout: Arc<Lockout>,
+    /// Operator policy over proxied requests (issue 17).
+    pub policy: Arc<crate::policy::Policy>,
+    /// Proof-of-work challenges, when `CAPTCHA_MODE=proof_of_work` (issue 17).
+    pub pow: Option<Arc<crate::pow::Pow>>,
+    /// `SERVICE_INFO_PASSWORD`, when set (issue 17).
+    pub info_lock: Option<Arc<crate::web::info::InfoLock>>,
     /// Admin web sessions, CSRF and the external session client (issue 7).
     pub sessions: Arc<crate::auth::session::Sessions>,
     pub started_at: Instant,
@@ -66,7 +72,13 @@ impl AppState {
             std::time::Duration::from_secs(config.cli.brute_force_ttl_seconds),
         ));
         let sessions = Arc::new(crate::auth::session::Sessions::from_config(&config)?);
+        let policy = Arc::new(crate::policy::Policy::new(&config.policy));
+        let pow = crate::pow::from_config(&config)?.map(Arc::new);
+        let info_lock = crate::web::info::InfoLock::from_config(&config)?.map(Arc::new);
         Ok(AppState(Arc::new(AppParts {
+            policy,
+            pow,
+            info_lock,
             sessions,
             config,
             users,

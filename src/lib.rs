@@ -11,6 +11,8 @@ pub mod gatekeeper {
     pub use crate::auth::*;
 }
 pub mod net;
+pub mod policy;
+pub mod pow;
 pub mod providers;
 pub mod proxy;
 pub mod quota;

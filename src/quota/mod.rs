@@ -16,6 +16,7 @@
 //! response ends, the reservation is released and the real usage added to `tokenCounts[f]`.
 
 pub mod estimate;
+pub mod prices;
 pub mod ratelimit;
 pub mod refresh;
 
@@ -336,6 +337,18 @@ impl Quotas {
             .next_refresh
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` over a user's own `allowedFamilies` (`None`: the proxy's list applies), for the
+    /// policy's family rule; `None` when the user is gone. Quotas is the one module on the
+    /// request path that reads the user store, so the forwarder asks here.
+    pub fn with_allowed_families<R>(
+        &self,
+        token: &str,
+        f: impl FnOnce(Option<&[Box<str>]>) -> R,
+    ) -> Option<R> {
+        self.users
+            .with_user(token, |u| f(u.allowed_families.as_deref()))
     }
 
     /// Admits (or refuses) a request from the facts its provider read (`facts` is `None` for
