@@ -12,9 +12,12 @@ pub mod gatekeeper {
 }
 pub mod google_oauth;
 pub mod net;
+pub mod policy;
+pub mod pow;
 pub mod providers;
 pub mod proxy;
 pub mod quota;
+pub mod server;
 pub mod users;
 pub mod web;
 

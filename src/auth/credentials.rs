@@ -155,7 +155,8 @@ pub async fn admit_admin(
         };
         return Ok((id, AdminVia::Cookie));
     }
-    match state.sessions.validate_external(headers).await {
+    let (answer, asked_now) = state.sessions.validate_external(headers).await;
+    match answer {
         External::Valid(user) => {
             // The service was asked with the cookie only when no session token was sent.
             let via = if headers.contains_key("x-session-token") {
@@ -166,8 +167,9 @@ pub async fn admit_admin(
             return Ok((AdminIdentity::Session(user), via));
         }
         External::Rejected(why) => {
-            // Only an explicit session token counts as a guess: browsers send cookies unasked.
-            if headers.contains_key("x-session-token") {
+            // A session the service refuses is a wrong credential like a wrong key (once per
+            // answer: a reused, cached rejection is not counted again).
+            if asked_now {
                 state.lockout.record_failure(ip);
             }
             tracing::info!(%ip, reason = %why, "admin session refused by ADMIN_SESSION_VALIDATE_URL");

@@ -337,6 +337,22 @@ pub struct KeyUse<'a> {
 pub struct AuthError(pub String);
 
 impl Provider {
+    /// The service name operators use for this provider in `ALLOWED_VISION_SERVICES` and the
+    /// `MAX_CONTEXT_TOKENS_<SERVICE>` / `MAX_OUTPUT_TOKENS_<SERVICE>` variables (the
+    /// original's `LLMService` names: `openai`, `anthropic`, `google-ai`, `mistral-ai`, `aws`,
+    /// `gcp`, `azure`).
+    pub fn service_name(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::GoogleAi => "google-ai",
+            Provider::MistralAi => "mistral-ai",
+            Provider::Azure => "azure",
+            Provider::Aws | Provider::AwsMistral => "aws",
+            Provider::Gcp => "gcp",
+        }
+    }
+
     /// The request facts of a body of `api` sent to this provider.
     pub fn request_facts(self, api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
         let mut facts = match (self, api) {
