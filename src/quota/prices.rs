@@ -30,6 +30,8 @@ const PER_MILLION_USD: &[(&str, f64)] = &[
     ("claude", 8.0),
     ("claude-opus", 15.0),
     ("gemini-pro", 1.25),
+    ("gemini-flash", 0.3),
+    ("gemini-ultra", 10.0),
     ("mistral-tiny", 0.25),
     ("mistral-small", 0.3),
     ("mistral-medium", 2.75),
