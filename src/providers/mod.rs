@@ -306,6 +306,8 @@ impl Provider {
         match self {
             Provider::OpenAi => "openai",
             Provider::Anthropic => "anthropic",
+            Provider::MistralAi => "mistral-ai",
+            Provider::Azure => "azure",
         }
     }
 
