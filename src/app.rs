@@ -48,6 +48,12 @@ pub struct AppParts {
     pub upstreams: Arc<Upstreams>,
     pub quotas: Arc<Quotas>,
     pub lockout: Arc<Lockout>,
+    /// Operator policy over proxied requests (issue 17).
+    pub policy: Arc<crate::policy::Policy>,
+    /// Proof-of-work challenges, when `CAPTCHA_MODE=proof_of_work` (issue 17).
+    pub pow: Option<Arc<crate::pow::Pow>>,
+    /// `SERVICE_INFO_PASSWORD`, when set (issue 17).
+    pub info_lock: Option<Arc<crate::web::info::InfoLock>>,
     /// Admin web sessions, CSRF and the external session client (issue 7).
     pub sessions: Arc<crate::auth::session::Sessions>,
     pub started_at: Instant,
@@ -66,7 +72,13 @@ impl AppState {
             std::time::Duration::from_secs(config.cli.brute_force_ttl_seconds),
         ));
         let sessions = Arc::new(crate::auth::session::Sessions::from_config(&config)?);
+        let policy = Arc::new(crate::policy::Policy::new(&config.policy));
+        let pow = crate::pow::from_config(&config)?.map(Arc::new);
+        let info_lock = crate::web::info::InfoLock::from_config(&config)?.map(Arc::new);
         Ok(AppState(Arc::new(AppParts {
+            policy,
+            pow,
+            info_lock,
             sessions,
             config,
             users,
@@ -80,8 +92,11 @@ impl AppState {
 }
 
 /// The router with every layer. Layers, outermost first:
+/// 0. `auth::credentials::move_query_key`: on proxied routes, a client key sent as `?key=`
+///    (Google's REST style) moves into the `x-goog-api-key` header, so that no URL forwarded
+///    holds it.
 /// 1. Only when `LOG_LEVEL` enables debug logging: `SetSensitiveRequestHeaders` marks
-///    `authorization`, `x-api-key`, `cookie` and `x-session-token` sensitive, so that
+///    `authorization`, `x-api-key`, `x-goog-api-key`, `cookie` and `x-session-token` sensitive, so that
 ///    `TraceLayer` logs each request and response with those redacted; its span names the
 ///    route template (`request_span`), never the path or query, which may carry a token. At
 ///    other levels the pair is left out of the request path entirely (the forwarder logs every
@@ -112,11 +127,17 @@ pub fn router(state: AppState) -> Router {
                 header::COOKIE,
                 header::HeaderName::from_static("x-api-key"),
                 header::HeaderName::from_static("x-session-token"),
+                header::HeaderName::from_static("x-goog-api-key"),
             ]))
     } else {
         router
     };
-    router.with_state(state)
+    // Outermost: a client key sent as `?key=` leaves the URL before anything else sees it.
+    router
+        .layer(middleware::map_request(
+            crate::auth::credentials::move_query_key,
+        ))
+        .with_state(state)
 }
 
 /// The span of one request in the debug trace: its method and route *template*
@@ -149,9 +170,10 @@ async fn health(State(state): State<AppState>, Query(q): Query<HealthQuery>) -> 
     .into_response()
 }
 
-/// Serves on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
-/// requests (streams included) finish within `SHUTDOWN_GRACE_SECS`, stops the background
-/// tasks and flushes pending user changes.
+/// Serves on `listener` (through [`crate::server::run`], with its client timers and
+/// connection caps) until `shutdown` resolves; then stops accepting, lets in-flight requests
+/// (streams included) finish within `SHUTDOWN_GRACE_SECS`, stops the background tasks and
+/// flushes pending user changes.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
@@ -169,51 +191,25 @@ pub async fn serve(
     tasks.close();
 
     let grace = state.config.shutdown_grace();
-    tracing::info!(
-        trusted_proxies = state.config.trusted_proxies(),
-        "client addresses: {}",
-        match state.config.trusted_proxies() {
-            0 => "the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)".to_string(),
-            n => format!("entry {n} from the right of X-Forwarded-For (TRUSTED_PROXIES={n})"),
-        }
-    );
-    let stop_accepting = CancellationToken::new();
+    let limits = crate::server::Limits::from_config(&state.config);
     let app = router(state);
-    // Nagle's algorithm would hold back small writes (an SSE event, a short JSON answer) for
-    // up to ~40 ms waiting for the client's delayed ACK: every chunk must leave at once.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY on a client connection");
-        }
-    });
-    let server = axum::serve(
+    let stop_accepting = CancellationToken::new();
+    let server = tokio::spawn(crate::server::run(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-    let mut server = tokio::spawn(async move { server.await });
-
-    tokio::select! {
-        res = &mut server => {
-            background.cancel();
-            tasks.wait().await;
-            return res.map_err(std::io::Error::other)?;
-        }
-        _ = shutdown => {}
-    }
+        app,
+        limits,
+        stop_accepting.clone(),
+        grace,
+    ));
+    shutdown.await;
     tracing::info!(
         grace_secs = grace.as_secs(),
         "shutting down: no new connections, waiting for in-flight requests"
     );
     stop_accepting.cancel();
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(res) => res.map_err(std::io::Error::other)??,
-        Err(_) => {
-            tracing::warn!(
-                "in-flight requests did not finish within SHUTDOWN_GRACE_SECS; closing them"
-            );
-            server.abort();
-        }
+    // `server::run` closes what is left after the grace period itself.
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "the accept loop ended abnormally");
     }
     background.cancel();
     tasks.wait().await;
@@ -232,24 +228,257 @@ pub fn return_freed_memory() {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this is called,
+/// not when the future is first polled: call it before announcing that the server listens, so
+/// that a SIGTERM sent right after that line still shuts down gracefully.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let signals = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    async move {
+        #[cfg(unix)]
+        {
+            let (mut term, mut int) = signals;
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(term.take()) => {},
+                _ = wait(int.take()) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// How important a startup line is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartupLevel {
+    Info,
+    Warn,
+}
+
+/// What an operator needs to know at startup, one line each: the address and access mode, the
+/// user store and where it lives, which providers have keys (a warning for each whose routes
+/// would refuse every request), the effective `TRUSTED_PROXIES`, and the warnings about
+/// `GATEKEEPER=none` on a public address and an unset `SIGNING_KEY`. Never a secret.
+pub fn startup_summary(config: &Config) -> Vec<(StartupLevel, String)> {
+    use crate::config::{GatekeeperMode, StoreKind};
+    use StartupLevel::{Info, Warn};
+    let cli = &config.cli;
+    let mut lines = Vec::new();
+
+    let addr = SocketAddr::new(cli.bind_address, cli.port);
+    let mode = match config.mode() {
+        GatekeeperMode::None => "none (anyone who reaches the port may use it)",
+        GatekeeperMode::ProxyKey => "proxy_key (clients send PROXY_KEY)",
+        GatekeeperMode::UserToken => "user_token (clients send their user token)",
+    };
+    lines.push((Info, format!("access: GATEKEEPER={mode}")));
+    if config.mode() == GatekeeperMode::None && !addr.ip().is_loopback() {
+        lines.push((
+            Warn,
+            format!("GATEKEEPER=none on a non-loopback address ({addr}): anyone who can reach this port can spend your upstream keys. Set GATEKEEPER=proxy_key or user_token, or BIND_ADDRESS=127.0.0.1."),
+        ));
+    }
+
+    lines.push((
+        Info,
+        match cli.gatekeeper_store {
+            StoreKind::Memory => "user store: memory (GATEKEEPER_STORE=memory): users are lost when the server stops; set GATEKEEPER_STORE=sqlite to keep them".to_string(),
+            StoreKind::Sqlite => {
+                let path = std::path::absolute(&cli.sqlite_path)
+                    .unwrap_or_else(|_| cli.sqlite_path.clone());
+                format!("user store: sqlite, file {} (SQLITE_PATH)", path.display())
+            }
+            StoreKind::FirebaseRtdb => match (&cli.firebase_database_emulator_host, &cli.firebase_rtdb_url) {
+                (Some(host), _) => format!("user store: firebase_rtdb, emulator at http://{host} (FIREBASE_DATABASE_EMULATOR_HOST)"),
+                (None, Some(url)) => format!("user store: firebase_rtdb, database {} (FIREBASE_RTDB_URL)", url_without_secrets(url)),
+                (None, None) => "user store: firebase_rtdb, FIREBASE_RTDB_URL is not set".to_string(),
+            },
+        },
+    ));
+
+    let route = &config.proxy_endpoint_route;
+    for (name, var, keys, base, paths) in [
+        (
+            "OpenAI",
+            "OPENAI_KEY",
+            config.openai_keys.len(),
+            &cli.openai_base_url,
+            format!("/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, {route}/openai/..."),
+        ),
+        (
+            "Anthropic",
+            "ANTHROPIC_KEY",
+            config.anthropic_keys.len(),
+            &cli.anthropic_base_url,
+            format!("/v1/messages, /v1/messages/count_tokens, {route}/anthropic/..."),
+        ),
+    ] {
+        let base = url_without_secrets(base);
+        if keys == 0 {
+            lines.push((
+                Warn,
+                format!("provider {name}: no key ({var} is not set): requests to {paths} will be refused with 503; set {var} to use {base}"),
+            ));
+        } else {
+            let s = if keys == 1 { "" } else { "s" };
+            lines.push((
+                Info,
+                format!("provider {name}: {keys} key{s} ({var}), upstream {base}"),
+            ));
+        }
+    }
+
+    lines.push((
+        Info,
+        match config.trusted_proxies() {
+            0 => "client addresses: the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)".to_string(),
+            n => format!("client addresses: entry {n} from the right of X-Forwarded-For (TRUSTED_PROXIES={n}); right only if exactly {n} proxies of yours sit in front of this server"),
+        },
+    ));
+
+    // Without a way to sign in, no admin session cookie is ever signed: nothing to warn about.
+    let admin_ui = config.admin_key().is_some() || cli.admin_session_validate_url.is_some();
+    let signing_key_set = cli
+        .signing_key
+        .as_ref()
+        .is_some_and(|k| !k.expose().is_empty());
+    if admin_ui && !signing_key_set {
+        lines.push((
+            Warn,
+            "SIGNING_KEY is not set: admin session cookies are signed with a random key generated at start, so every admin is signed out when the server restarts. Set SIGNING_KEY to a long random secret to keep sessions across restarts.".to_string(),
+        ));
+    }
+    lines
+}
+
+/// Logs [`startup_summary`], one event per line.
+pub fn log_startup_summary(config: &Config) {
+    for (level, line) in startup_summary(config) {
+        match level {
+            StartupLevel::Info => tracing::info!("{line}"),
+            StartupLevel::Warn => tracing::warn!("{line}"),
+        }
+    }
+}
+
+/// A URL for the log: scheme, host, port and path only (no user, password, query or fragment,
+/// where a credential could hide).
+fn url_without_secrets(url: &url::Url) -> String {
+    let mut clean = url.clone();
+    let _ = clean.set_username("");
+    let _ = clean.set_password(None);
+    clean.set_query(None);
+    clean.set_fragment(None);
+    clean.to_string()
+}
+
+#[cfg(test)]
+mod startup_summary_tests {
+    use super::*;
+
+    fn summary(args: &[&str]) -> Vec<(StartupLevel, String)> {
+        let mut argv = vec!["llm-gatekeeper".to_string()];
+        argv.extend(args.iter().map(|s| s.to_string()));
+        let config = Config::from_args(argv, std::iter::empty()).expect("valid config");
+        startup_summary(&config)
+    }
+
+    fn warnings(lines: &[(StartupLevel, String)]) -> Vec<&str> {
+        lines
+            .iter()
+            .filter(|(l, _)| *l == StartupLevel::Warn)
+            .map(|(_, s)| s.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn gatekeeper_none_on_a_public_address_warns_once() {
+        let lines = summary(&["--bind-address", "0.0.0.0", "--openai-key", "sk-a"]);
+        let w = warnings(&lines);
+        assert_eq!(
+            w.iter().filter(|l| l.contains("GATEKEEPER=none")).count(),
+            1,
+            "{w:?}"
+        );
+        let lines = summary(&["--bind-address", "127.0.0.1", "--openai-key", "sk-a"]);
+        assert!(!warnings(&lines)
+            .iter()
+            .any(|l| l.contains("GATEKEEPER=none")));
+        let lines = summary(&["--bind-address", "::1", "--openai-key", "sk-a"]);
+        assert!(!warnings(&lines)
+            .iter()
+            .any(|l| l.contains("GATEKEEPER=none")));
+    }
+
+    #[test]
+    fn firebase_url_is_shown_without_credentials() {
+        let lines = summary(&[
+            "--gatekeeper-store",
+            "firebase_rtdb",
+            "--firebase-rtdb-url",
+            "https://user:hunter2@db.example.firebaseio.com/?auth=secret-token#x",
+        ]);
+        let store = lines
+            .iter()
+            .find(|(_, l)| l.starts_with("user store:"))
+            .map(|(_, l)| l.as_str())
+            .unwrap_or_default();
+        assert!(
+            store.contains("database https://db.example.firebaseio.com/ (FIREBASE_RTDB_URL)"),
+            "{store}"
+        );
+        assert!(!store.contains("hunter2") && !store.contains("secret-token"));
+    }
+
+    #[test]
+    fn signing_key_warning_only_when_admins_can_sign_in() {
+        let signing = |args: &[&str]| {
+            warnings(&summary(args))
+                .iter()
+                .any(|l| l.starts_with("SIGNING_KEY is not set"))
+        };
+        assert!(!signing(&[]));
+        assert!(signing(&["--admin-key", "k"]));
+        assert!(signing(&[
+            "--admin-session-validate-url",
+            "http://auth.internal/validate"
+        ]));
+        assert!(!signing(&["--admin-key", "k", "--signing-key", "s"]));
+    }
+
+    #[test]
+    fn no_secret_appears_in_any_line() {
+        let lines = summary(&[
+            "--gatekeeper",
+            "user_token",
+            "--admin-key",
+            "admin-secret-1",
+            "--openai-key",
+            "sk-secret-2,sk-secret-3",
+            "--signing-key",
+            "signing-secret-4",
+        ]);
+        for (_, l) in &lines {
+            assert!(!l.contains("secret"), "{l}");
+        }
+        assert!(lines
+            .iter()
+            .any(|(_, l)| l.contains("provider OpenAI: 2 keys (OPENAI_KEY)")));
     }
 }

@@ -4,12 +4,14 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use llm_gatekeeper::config::GatekeeperMode;
 use llm_gatekeeper::{AppState, Config};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     tune_allocator();
+    // Every client connection is a file: use all the process may have (the connection caps
+    // are derived from it, see `llm_gatekeeper::server`).
+    llm_gatekeeper::server::raise_nofile_limit();
     // Configuration is read before the runtime exists: it may edit the process environment,
     // which is only sound while a single thread runs.
     let config = match Config::from_env() {
@@ -66,12 +68,7 @@ async fn run(config: Config) -> ExitCode {
         .init();
 
     let addr = SocketAddr::new(config.cli.bind_address, config.cli.port);
-    if config.mode() == GatekeeperMode::None && !addr.ip().is_loopback() {
-        tracing::warn!(
-            %addr,
-            "GATEKEEPER=none on a non-loopback address: anyone who can reach this port can spend your upstream keys. Set GATEKEEPER=proxy_key or user_token, or BIND_ADDRESS=127.0.0.1."
-        );
-    }
+    llm_gatekeeper::app::log_startup_summary(&config);
     let state = match AppState::build(config).await {
         Ok(s) => s,
         Err(e) => {
@@ -87,8 +84,10 @@ async fn run(config: Config) -> ExitCode {
         }
     };
     let local = listener.local_addr().unwrap_or(addr);
+    // Before the "listening" line: from then on SIGTERM means a graceful shutdown.
+    let shutdown = llm_gatekeeper::shutdown_signal();
     tracing::info!("llm-gatekeeper listening on http://{local}");
-    match llm_gatekeeper::serve(state, listener, llm_gatekeeper::shutdown_signal()).await {
+    match llm_gatekeeper::serve(state, listener, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("llm-gatekeeper: server error: {e}");

@@ -8,9 +8,10 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::web::ADMIN_KEY;
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -25,14 +26,164 @@ fn chromedriver() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-/// Kills chromedriver (and with it Chromium) when the test ends, even on panic.
-struct Driver(Child);
+/// One headless Chromium session: the WebDriver client and the [`Cleanup`] guard.
+struct Browser {
+    client: Client,
+    cleanup: Cleanup,
+}
 
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Everything a browser session leaves behind. Dropping it — when the test passes, fails or
+/// panics — closes the WebDriver session, kills chromedriver and every Chromium process it
+/// started, and removes the profile and download folders.
+struct Cleanup {
+    /// chromedriver, started as the leader of a process group of its own: Chromium and its
+    /// helper processes inherit the group, so one signal reaches the whole tree.
+    driver: Child,
+    driver_port: u16,
+    /// The WebDriver session to close; `None` before it exists and after [`Browser::close`].
+    session: Option<String>,
+    profile: Option<tempfile::TempDir>,
+    downloads: Option<tempfile::TempDir>,
+}
+
+impl Browser {
+    async fn start(driver_path: &Path) -> Browser {
+        let driver_port = free_port();
+        let driver = Command::new(driver_path)
+            .arg(format!("--port={driver_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("chromedriver starts");
+        // From here on a panic cleans up too: the guard exists before the session does.
+        let mut cleanup = Cleanup {
+            driver,
+            driver_port,
+            session: None,
+            profile: Some(
+                tempfile::Builder::new()
+                    .prefix("browser-admin-profile-")
+                    .tempdir()
+                    .expect("profile dir"),
+            ),
+            downloads: Some(tempfile::tempdir().expect("download dir")),
+        };
+        let url = format!("http://127.0.0.1:{driver_port}");
+        wait_for_driver(&url).await;
+        let client = connect(&url, cleanup.profile(), cleanup.downloads()).await;
+        cleanup.session = client.session_id().await.ok().flatten();
+        Browser { client, cleanup }
     }
+
+    fn downloads(&self) -> &Path {
+        self.cleanup.downloads()
+    }
+
+    /// Closes the session the regular way; dropping [`Cleanup`] removes whatever is left.
+    async fn close(mut self) {
+        if self.client.clone().close().await.is_ok() {
+            self.cleanup.session = None;
+        }
+    }
+}
+
+impl Cleanup {
+    fn profile(&self) -> &Path {
+        self.profile
+            .as_ref()
+            .map(|d| d.path())
+            .expect("profile dir")
+    }
+
+    fn downloads(&self) -> &Path {
+        self.downloads
+            .as_ref()
+            .map(|d| d.path())
+            .expect("download dir")
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // 1. Ask chromedriver to end the session: it quits Chromium cleanly. The async client
+        //    cannot be awaited in `drop` (and during a panic its runtime may be unwinding), so
+        //    this is one plain HTTP request with short timeouts.
+        if let Some(id) = self.session.take() {
+            delete_session(self.driver_port, &id);
+        }
+        // 2. Kill the whole process group: chromedriver, Chromium and its helpers.
+        let pgid = self.driver.id() as libc::pid_t;
+        // SAFETY: kill(2) only sends a signal; a negative pid names the group chromedriver
+        // leads, which this test started.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        let _ = self.driver.wait();
+        // 3. Chromium processes that left the group (if any) still name our unique profile
+        //    folder on their command line: kill those, then wait until none is left.
+        let profile = self.profile.as_ref().map(|d| d.path().to_path_buf());
+        if let Some(profile) = &profile {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let left = processes_using(profile);
+                if left.is_empty() || Instant::now() > deadline {
+                    break;
+                }
+                for pid in left {
+                    // SAFETY: as above; `pid` runs with our own profile folder.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        // 4. Remove the folders (nothing writes to them any more).
+        if let Some(dir) = self.profile.take() {
+            let _ = dir.close();
+        }
+        if let Some(dir) = self.downloads.take() {
+            let _ = dir.close();
+        }
+    }
+}
+
+/// `DELETE /session/{id}` to chromedriver. Written by hand because it runs inside `Drop`,
+/// where neither the async client nor a blocking reqwest client (not in our features) works.
+fn delete_session(port: u16, id: &str) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(2),
+    ) else {
+        return;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    let req = format!(
+        "DELETE /session/{id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    if s.write_all(req.as_bytes()).is_ok() {
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+    }
+}
+
+/// Process ids whose command line mentions `profile`.
+fn processes_using(profile: &Path) -> Vec<libc::pid_t> {
+    let needle = profile.display().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 fn free_port() -> u16 {
@@ -42,26 +193,18 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-async fn start_driver(path: &Path) -> (Driver, String) {
-    let port = free_port();
-    let child = Command::new(path)
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver starts");
-    let driver = Driver(child);
-    let url = format!("http://127.0.0.1:{port}");
+async fn wait_for_driver(url: &str) {
     let http = reqwest::Client::new();
-    for _ in 0..100 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
         if let Ok(r) = http.get(format!("{url}/status")).send().await {
             if r.status().is_success() {
-                return (driver, url);
+                return;
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("chromedriver did not start on port {port}");
+    panic!("chromedriver did not answer on {url} within 20 s");
 }
 
 async fn connect(driver_url: &str, profile: &Path, downloads: &Path) -> Client {
@@ -135,6 +278,42 @@ async fn click(c: &Client, css: &str) {
         .expect("click");
 }
 
+/// Clicks the button `button_css` that submits a form, then waits (bounded) until the browser
+/// has left the current page and the next page, fully loaded, shows `next_css`. Reading the
+/// page right after the click could still see the old document, or a node of it that the
+/// navigation is removing.
+async fn submit(c: &Client, button_css: &str, next_css: &str) -> Result<(), String> {
+    let old_root = c
+        .find(Locator::Css("html"))
+        .await
+        .map_err(|e| e.to_string())?;
+    click(c, button_css).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // The old document's root answers until the navigation has replaced it.
+    while old_root.tag_name().await.is_ok() {
+        if Instant::now() > deadline {
+            return Err(format!("clicking {button_css} did not leave the page"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait(c, next_css).await?;
+    loop {
+        let state = c
+            .execute("return document.readyState", vec![])
+            .await
+            .map_err(|e| e.to_string())?;
+        if state == "complete" {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the page after {button_css} did not finish loading"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn operator_and_user_journeys_in_chromium() {
     let Some(driver_path) = chromedriver().filter(|_| Path::new(CHROMIUM).exists()) else {
@@ -165,13 +344,9 @@ async fn operator_and_user_journeys_in_chromium() {
     .await;
     // `localhost` is a secure context for Chromium, so the `Secure` session cookie is kept.
     let base = app.url.replace("127.0.0.1", "localhost");
-    let (_driver, driver_url) = start_driver(&driver_path).await;
-    let profile = tempfile::tempdir().expect("profile dir");
-    let downloads = tempfile::tempdir().expect("download dir");
-    let c = connect(&driver_url, profile.path(), downloads.path()).await;
-
-    let result = journey(&c, &app, &base, downloads.path()).await;
-    let _ = c.close().await;
+    let browser = Browser::start(&driver_path).await;
+    let result = journey(&browser.client, &app, &base, browser.downloads()).await;
+    browser.close().await;
     result.expect("the browser journey succeeds");
 }
 
@@ -196,9 +371,9 @@ async fn journey(
     assert_eq!(url.path(), "/admin/login");
     shot(c, "02-login").await;
     fill(c, "input[name=key]", "not-the-key").await;
-    click(c, "button[type=submit]").await;
+    submit(c, "button[type=submit]", ".msg.error").await?;
     let text = body_text(c).await;
-    assert!(text.contains("Wrong admin key"));
+    assert!(text.contains("Wrong admin key"), "{text}");
     assert!(!c
         .source()
         .await
@@ -206,23 +381,26 @@ async fn journey(
         .contains("not-the-key"));
     shot(c, "03-login-wrong-key").await;
     fill(c, "input[name=key]", ADMIN_KEY).await;
-    click(c, "button[type=submit]").await;
-    wait(c, "table").await?;
+    submit(c, "button[type=submit]", "table").await?;
     assert!(body_text(c).await.contains("Users"));
     shot(c, "04-users-empty").await;
 
     // Create a user.
-    click(c, "main a[href='/admin/manage/users/new']").await;
-    wait(c, "select[name=type]").await?;
+    submit(
+        c,
+        "main a[href='/admin/manage/users/new']",
+        "select[name=type]",
+    )
+    .await?;
     fill(c, "input[name=nickname]", "browser-user").await;
     fill(c, "input[name='limit.turbo']", "2000").await;
     shot(c, "05-new-user").await;
-    click(
+    submit(
         c,
         "form[action='/admin/manage/users/new'] button[type=submit]",
+        "input[name=reason]",
     )
-    .await;
-    wait(c, "input[name=reason]").await?;
+    .await?;
     assert!(body_text(c).await.contains("User created."));
     let url = c.current_url().await.map_err(|e| e.to_string())?;
     let token = url
@@ -247,8 +425,12 @@ async fn journey(
         .select_by_value("special")
         .await
         .map_err(|e| e.to_string())?;
-    click(c, "form.card > .actions button[type=submit]").await;
-    wait(c, "input[name=reason]").await?;
+    submit(
+        c,
+        "form.card > .actions button[type=submit]",
+        "input[name=reason]",
+    )
+    .await?;
     assert!(body_text(c).await.contains("Changes saved."));
     let user = app.state.users.get(&token).ok_or("user")?;
     assert_eq!(user.nickname.as_deref(), Some("renamed-user"));
@@ -257,13 +439,11 @@ async fn journey(
 
     // Disable with a reason, then re-enable.
     fill(c, "input[name=reason]", "testing the disable button").await;
-    click(c, "button.danger").await;
-    wait(c, "form[action$='/enable']").await?;
+    submit(c, "button.danger", "form[action$='/enable']").await?;
     assert!(body_text(c).await.contains("testing the disable button"));
     assert!(app.state.users.get(&token).ok_or("user")?.is_disabled());
     shot(c, "08-user-disabled").await;
-    click(c, "form[action$='/enable'] button").await;
-    wait(c, "input[name=reason]").await?;
+    submit(c, "form[action$='/enable'] button", "input[name=reason]").await?;
     assert!(body_text(c).await.contains("User re-enabled."));
     assert!(!app.state.users.get(&token).ok_or("user")?.is_disabled());
 
@@ -287,8 +467,12 @@ async fn journey(
         .await
         .map_err(|e| e.to_string())?;
     shot(c, "09-import").await;
-    click(c, "form[enctype='multipart/form-data'] button").await;
-    wait(c, "form[action='/admin/manage/import/apply']").await?;
+    submit(
+        c,
+        "form[enctype='multipart/form-data'] button",
+        "form[action='/admin/manage/import/apply']",
+    )
+    .await?;
     let text = body_text(c).await;
     assert!(
         text.contains("New users\n2") || text.contains("New users 2"),
@@ -299,8 +483,12 @@ async fn journey(
         "a preview changes nothing"
     );
     shot(c, "10-import-preview").await;
-    click(c, "form[action='/admin/manage/import/apply'] button").await;
-    wait(c, ".msg.ok").await?;
+    submit(
+        c,
+        "form[action='/admin/manage/import/apply'] button",
+        ".msg.ok",
+    )
+    .await?;
     assert!(body_text(c).await.contains("Imported 2 users (2 new)."));
     assert!(app.state.users.contains("imported-1"));
     shot(c, "11-import-applied").await;
@@ -308,7 +496,8 @@ async fn journey(
     // Export: the download holds every user.
     click(c, "a[href='/admin/manage/export']").await;
     let mut exported = None;
-    for _ in 0..100 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
         if let Ok(rd) = std::fs::read_dir(downloads) {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().to_string();
@@ -339,8 +528,7 @@ async fn journey(
     shot(c, "13-anti-abuse").await;
 
     // Sign out: the pages are closed again.
-    click(c, "header form button").await;
-    wait(c, "input[name=key]").await?;
+    submit(c, "header form button", "input[name=key]").await?;
     assert!(body_text(c).await.contains("You are signed out."));
     shot(c, "14-signed-out").await;
     c.goto(&format!("{base}/admin/manage/users"))
@@ -365,8 +553,7 @@ async fn journey(
         .map_err(|e| e.to_string())?;
     shot(c, "15-user-lookup").await;
     fill(c, "input[name=token]", &token).await;
-    click(c, "button[type=submit]").await;
-    wait(c, "input[name=nickname]").await?;
+    submit(c, "button[type=submit]", "input[name=nickname]").await?;
     let text = body_text(c).await;
     assert!(text.contains("renamed-user"), "{text}");
     assert!(text.contains("10.1.xxx.xxx"));
@@ -381,8 +568,7 @@ async fn journey(
     );
     shot(c, "16-user-quota").await;
     fill(c, "input[name=nickname]", "my own name").await;
-    click(c, "form[action='/user/nickname'] button").await;
-    wait(c, ".msg.ok").await?;
+    submit(c, "form[action='/user/nickname'] button", ".msg.ok").await?;
     assert_eq!(
         app.state
             .users

@@ -129,16 +129,22 @@ async fn missing_credentials_and_the_lockout_window_passing() {
     }
     assert_eq!(admin_list(&c, &app.url, ADMIN_KEY).await.status(), 200);
 
+    let guessed = std::time::Instant::now();
     assert_eq!(admin_list(&c, &app.url, "guess").await.status(), 401);
-    assert_eq!(admin_list(&c, &app.url, ADMIN_KEY).await.status(), 429);
-    // Once the window has passed the right key works again.
-    let mut status = StatusCode::TOO_MANY_REQUESTS;
-    for _ in 0..50 {
+    let status = admin_list(&c, &app.url, ADMIN_KEY).await.status();
+    // Locked, unless this (possibly busy) machine took longer than the 1 s window to get here.
+    if guessed.elapsed() < std::time::Duration::from_secs(1) {
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    }
+    // Once the window has passed the right key works again (the bound only stops a hang).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut status = status;
+    while status != StatusCode::OK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {status} long after the window"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         status = admin_list(&c, &app.url, ADMIN_KEY).await.status();
-        if status == StatusCode::OK {
-            break;
-        }
     }
-    assert_eq!(status, StatusCode::OK);
 }

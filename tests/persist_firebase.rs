@@ -367,7 +367,13 @@ async fn the_binary_stores_admin_changes_even_when_sigterm_comes_during_an_outag
     .await;
     // SIGTERM while the database is still down; it comes back within the final flush's 10 s.
     bin.signal_term();
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // Once the shutdown has begun, a flush has tried (and failed) while the database is down.
+    eventually(15, "a failed flush after SIGTERM", || async {
+        let out = bin.output();
+        let after = &out[out.find("shutting down")?..];
+        after.contains("flushing users failed").then_some(())
+    })
+    .await;
     fb.relay.state.fail.store(false, Ordering::SeqCst);
     let status = bin.wait_exit().await;
     let out = bin.output();

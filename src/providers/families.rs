@@ -13,6 +13,8 @@
 pub const OPENAI_FALLBACK: &str = "gpt4";
 /// The family of an unknown model sent to an Anthropic-style upstream.
 pub const ANTHROPIC_FALLBACK: &str = "claude";
+/// The family of an unknown model sent to Google AI (the original's default).
+pub const GEMINI_FALLBACK: &str = "gemini-pro";
 
 /// Every family this table can produce, for documentation and tests. Azure families are
 /// `azure-` followed by an OpenAI family and are not repeated here.
@@ -40,7 +42,9 @@ pub const FAMILIES: &[&str] = &[
     "dall-e",
     "claude",
     "claude-opus",
+    "gemini-flash",
     "gemini-pro",
+    "gemini-ultra",
     "mistral-tiny",
     "mistral-small",
     "mistral-medium",
@@ -78,7 +82,15 @@ pub fn family_for(model: &str) -> Option<String> {
         return Some(claude_variant(&m, "claude", "claude-opus").to_string());
     }
     if m.starts_with("gemini") {
-        return Some("gemini-pro".to_string());
+        // As the original's getGoogleAIModelFamily: ultra and flash by name, else pro.
+        let family = if m.contains("ultra") {
+            "gemini-ultra"
+        } else if m.contains("flash") {
+            "gemini-flash"
+        } else {
+            GEMINI_FALLBACK
+        };
+        return Some(family.to_string());
     }
     mistral_family(&m)
         .or_else(|| openai_family(&m))
@@ -398,7 +410,8 @@ mod tests {
         assert_eq!(an("claude-3-5-sonnet@20240620"), "gcp-claude");
         assert_eq!(an("claude-3-opus@20240229"), "gcp-claude-opus");
         assert_eq!(oa("gemini-1.5-pro"), "gemini-pro");
-        assert_eq!(oa("gemini-2.5-flash"), "gemini-pro");
+        assert_eq!(oa("gemini-2.5-flash"), "gemini-flash");
+        assert_eq!(oa("gemini-ultra"), "gemini-ultra");
     }
 
     #[test]

@@ -55,10 +55,12 @@
 pub mod anthropic;
 pub mod azure;
 pub mod families;
+pub mod google_ai;
 pub mod images;
 pub mod meter;
 pub mod mistral;
 pub mod openai;
+pub mod translate;
 
 use axum::http::{HeaderMap, HeaderValue, Method};
 use bytes::Bytes;
@@ -71,6 +73,8 @@ pub use meter::Meter;
 pub enum Provider {
     OpenAi,
     Anthropic,
+    /// Google AI, the Gemini API ([`google_ai`]).
+    GoogleAi,
     /// Mistral AI (OpenAI chat format).
     MistralAi,
     /// Azure OpenAI (OpenAI chat and images, one deployment per credential).
@@ -95,6 +99,13 @@ pub enum Api {
     AnthropicMessages,
     /// `POST /v1/messages/count_tokens` and anything else on the Anthropic upstream.
     AnthropicOther,
+    /// `POST /{v1,v1beta}/models/{model}:generateContent` (Google AI).
+    GoogleAiGenerate,
+    /// `POST /{v1,v1beta}/models/{model}:streamGenerateContent` (Google AI; the stream flag is
+    /// the method, not a body field).
+    GoogleAiStream,
+    /// `GET /{v1,v1beta}/models` (Google AI).
+    GoogleAiOther,
 }
 
 impl Api {
@@ -107,6 +118,7 @@ impl Api {
             | Api::OpenAiImages
             | Api::OpenAiOther => Provider::OpenAi,
             Api::AnthropicMessages | Api::AnthropicOther => Provider::Anthropic,
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => Provider::GoogleAi,
         }
     }
 
@@ -119,6 +131,8 @@ impl Api {
                 | Api::OpenAiEmbeddings
                 | Api::OpenAiImages
                 | Api::AnthropicMessages
+                | Api::GoogleAiGenerate
+                | Api::GoogleAiStream
         )
     }
 
@@ -278,7 +292,23 @@ pub trait Translation: Send + Sync {
     /// The rewrite of the upstream's response (JSON or SSE, `stream` says which the client
     /// asked for) into the client's format.
     fn response(&self, stream: bool) -> Box<dyn StreamTransform>;
+    /// The model, when the upstream takes it in the path rather than the body (Gemini):
+    /// asked after [`Translation::request`], for the request facts (family, quota).
+    fn model(&self) -> Option<String> {
+        None
+    }
+    /// The upstream path (with its query, which then replaces the client's), when it depends
+    /// on the client's request (Gemini: the model and the stream method); asked after
+    /// [`Translation::request`].
+    fn upstream_path(&self) -> Option<String> {
+        None
+    }
 }
+
+/// The model of a request whose path names it (Gemini's `models/{model}:generateContent`),
+/// inserted in the request extensions by its route for the request facts.
+#[derive(Debug, Clone)]
+pub struct PathModel(pub String);
 
 /// The upstream request as it will be sent, for [`Provider::authorize`] to sign or complete.
 pub struct UpstreamRequest {
@@ -300,11 +330,28 @@ pub struct KeyUse<'a> {
 pub struct AuthError(pub String);
 
 impl Provider {
+    /// The service name operators use for this provider in `ALLOWED_VISION_SERVICES` and the
+    /// `MAX_CONTEXT_TOKENS_<SERVICE>` / `MAX_OUTPUT_TOKENS_<SERVICE>` variables (the
+    /// original's `LLMService` names: `openai`, `anthropic`, `google-ai`, `mistral-ai`, `aws`,
+    /// `gcp`, `azure`).
+    pub fn service_name(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::GoogleAi => "google-ai",
+            Provider::MistralAi => "mistral-ai",
+            Provider::Azure => "azure",
+        }
+    }
+
     /// The request facts of a body of `api` sent to this provider.
     pub fn request_facts(self, api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
         let mut facts = match (self, api) {
             (_, Api::AnthropicMessages | Api::AnthropicOther) => {
                 anthropic::request_facts(api, body)?
+            }
+            (_, Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther) => {
+                google_ai::request_facts_for(api, body)?
             }
             (Provider::MistralAi, _) => mistral::request_facts(api, body)?,
             // Azure speaks OpenAI's format.
@@ -327,6 +374,9 @@ impl Provider {
     pub fn set_output_cap(self, api: Api, body: &mut Value, cap: u64) {
         match (self, api) {
             (_, Api::AnthropicMessages) => anthropic::set_output_cap(body, cap),
+            (_, Api::GoogleAiGenerate | Api::GoogleAiStream) => {
+                google_ai::set_output_cap(body, cap);
+            }
             (Provider::MistralAi, Api::OpenAiChat) => mistral::set_output_cap(body, cap),
             (_, Api::OpenAiChat | Api::OpenAiCompletions) => openai::set_output_cap(api, body, cap),
             _ => {}
@@ -339,9 +389,9 @@ impl Provider {
         match self {
             // Azure reports a stream's usage only when asked, as OpenAI.
             Provider::OpenAi | Provider::Azure => openai::ask_stream_usage(api, body, facts),
-            // Anthropic and Mistral streams always carry usage (Mistral refuses
+            // Anthropic, Gemini and Mistral streams always carry usage (Mistral refuses
             // `stream_options` with 422).
-            Provider::Anthropic | Provider::MistralAi => false,
+            Provider::Anthropic | Provider::GoogleAi | Provider::MistralAi => false,
         }
     }
 
@@ -350,6 +400,7 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::family(model),
             Provider::Anthropic => anthropic::family(model),
+            Provider::GoogleAi => google_ai::family(model),
             Provider::MistralAi => mistral::family(model),
             Provider::Azure => azure::family(model),
         }
@@ -365,6 +416,9 @@ impl Provider {
     pub fn observe(self, api: Api, v: &Value, seen: &mut Seen) -> bool {
         match api {
             Api::AnthropicMessages | Api::AnthropicOther => anthropic::observe(v, seen),
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => {
+                google_ai::observe(v, seen)
+            }
             _ => openai::observe(v, seen),
         }
     }
@@ -375,13 +429,19 @@ impl Provider {
             Api::AnthropicMessages | Api::AnthropicOther => {
                 Some(anthropic::AnthropicUsage::from_json(usage)?.into_usage(true))
             }
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => {
+                google_ai::usage_from_json(usage)
+            }
             _ => Some(openai::OpenAiUsage::from_json(usage)?.into_usage()),
         }
     }
 
     /// The top-level field of a JSON response that holds its usage.
     pub fn usage_key(self) -> &'static str {
-        "usage"
+        match self {
+            Provider::GoogleAi => "usageMetadata",
+            _ => "usage",
+        }
     }
 
     /// A decoder of this provider's stream framing into SSE, when it does not stream SSE.
@@ -394,7 +454,7 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::FORWARDED_HEADERS,
             Provider::Anthropic => anthropic::FORWARDED_HEADERS,
-            Provider::MistralAi | Provider::Azure => &[],
+            Provider::GoogleAi | Provider::MistralAi | Provider::Azure => &[],
         }
     }
 
@@ -409,7 +469,7 @@ impl Provider {
     pub fn key_credential(self, key: &str) -> String {
         match self {
             Provider::OpenAi | Provider::MistralAi => openai::key_credential(key),
-            Provider::Anthropic | Provider::Azure => key.to_string(),
+            Provider::Anthropic | Provider::Azure | Provider::GoogleAi => key.to_string(),
         }
     }
 
@@ -444,6 +504,7 @@ impl Provider {
             Provider::OpenAi | Provider::MistralAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,
             Provider::Azure => azure::AUTH_HEADER,
+            Provider::GoogleAi => google_ai::AUTH_HEADER,
         };
         req.headers.insert(name, key.credential.clone());
         Ok(())

@@ -8,6 +8,7 @@
 //! request itself is handled phase by phase in [`forward`].
 
 pub mod forward;
+pub mod google_ai;
 pub mod keys;
 
 use std::time::Duration;
@@ -106,6 +107,7 @@ pub struct Upstreams {
     client: HttpClient,
     openai: ProviderUpstream,
     anthropic: ProviderUpstream,
+    google_ai: ProviderUpstream,
     mistral_ai: ProviderUpstream,
     azure: ProviderUpstream,
     connect_timeout_secs: u64,
@@ -162,6 +164,14 @@ impl Upstreams {
                     Provider::Anthropic.key_credential(k)
                 })?,
             ),
+            google_ai: ProviderUpstream::new(
+                Provider::GoogleAi,
+                &config.cli.google_ai_base_url,
+                "GOOGLE_AI_BASE_URL",
+                KeyPool::with_credential("GOOGLE_AI_KEY", &config.google_ai_keys, |k| {
+                    Provider::GoogleAi.key_credential(k)
+                })?,
+            ),
             mistral_ai: ProviderUpstream::new(
                 Provider::MistralAi,
                 &config.cli.mistral_ai_base_url,
@@ -192,6 +202,7 @@ impl Upstreams {
         match provider {
             Provider::OpenAi => &self.openai,
             Provider::Anthropic => &self.anthropic,
+            Provider::GoogleAi => &self.google_ai,
             Provider::MistralAi => &self.mistral_ai,
             Provider::Azure => &self.azure,
         }
@@ -239,6 +250,8 @@ pub fn classify(provider: Provider, method: &Method, path: &str) -> Option<Api> 
             p if is_get && is_model_id_path(p) => Some(Api::AnthropicOther),
             _ => None,
         },
+        // Gemini paths carry the model and method; its routes parse them (`google_ai_*`).
+        Provider::GoogleAi => None,
     }
 }
 
@@ -310,6 +323,7 @@ pub fn routes(config: &Config) -> Router<AppState> {
             &format!("{prefix}/anthropic/{{*rest}}"),
             any(anthropic_alias),
         )
+        .merge(google_ai::routes(prefix))
 }
 
 /// Another method on a proxied path: a JSON error instead of axum's empty 405.
@@ -423,6 +437,21 @@ async fn alias(state: AppState, provider: Provider, segment: &str, req: Request)
     } else {
         format!("/v1{rest}")
     };
+    // OpenAI-format clients for Claude: OpenAI chat in, Anthropic Messages up, OpenAI back.
+    if provider == Provider::Anthropic
+        && path == "/v1/chat/completions"
+        && req.method() == Method::POST
+    {
+        let route = forward::Route {
+            provider: Provider::Anthropic,
+            api: Api::AnthropicMessages,
+            upstream_path: Some("/v1/messages".to_string()),
+            translation: Some(std::sync::Arc::new(
+                crate::providers::translate::adapter::OpenAiChatTo::anthropic(),
+            )),
+        };
+        return forward::forward(state, route, req).await;
+    }
     match classify(provider, req.method(), &path) {
         Some(api) => forward::proxy(state, api, Some(path), req).await,
         None => ProxyError::new(

@@ -438,6 +438,9 @@ pub async fn persist_status(app_url: &str) -> Value {
 pub struct Proc {
     child: Child,
     output: Arc<Mutex<String>>,
+    /// The threads reading stdout and stderr; they finish when the child has exited and
+    /// everything it wrote has been collected.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -462,17 +465,22 @@ impl Proc {
             Box::new(child.stdout.take().expect("stdout")),
             Box::new(child.stderr.take().expect("stderr")),
         ];
+        let mut readers = Vec::new();
         for pipe in pipes {
             let out = output.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                     let mut o = out.lock().expect("lock");
                     o.push_str(&line);
                     o.push('\n');
                 }
-            });
+            }));
         }
-        Proc { child, output }
+        Proc {
+            child,
+            output,
+            readers,
+        }
     }
 
     /// The real `llm-gatekeeper` binary.
@@ -503,7 +511,7 @@ impl Proc {
                 return out[i + needle.len()..].to_string();
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.drained().await;
                 panic!(
                     "child exited ({status}) before printing {needle:?}; output:\n{}",
                     self.output()
@@ -532,8 +540,7 @@ impl Proc {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                // Let the reader threads drain the pipes.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.drained().await;
                 return status;
             }
             if Instant::now() > deadline {
@@ -541,6 +548,19 @@ impl Proc {
                 panic!("child did not exit within 30 s; output:\n{}", self.output());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (at most 10 s, without blocking the test's runtime) until the reader threads
+    /// have collected everything the exited child wrote, so that [`Proc::output`] is complete.
+    pub async fn drained(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.readers.iter().all(|r| r.is_finished()) {
+            assert!(
+                Instant::now() < deadline,
+                "the child's output pipes were not closed within 10 s of its exit"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -627,6 +647,8 @@ pub async fn usage_child_main() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
+    // Installed before the "listening" line, after which the test may send SIGTERM.
+    let shutdown = llm_gatekeeper::shutdown_signal();
     println!(
         "listening on http://{}",
         listener.local_addr().expect("addr")
@@ -650,7 +672,7 @@ pub async fn usage_child_main() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
-    llm_gatekeeper::serve(state, listener, llm_gatekeeper::shutdown_signal())
+    llm_gatekeeper::serve(state, listener, shutdown)
         .await
         .expect("serve");
     println!("CHILD EXITED CLEANLY");
