@@ -261,7 +261,11 @@ async fn azure_openai_sdk_directly_and_through_the_proxy() {
             ],
         ]
         .concat(),
-        &[],
+        // Image generation is off unless the operator allows it (as in the original).
+        &[(
+            "ALLOWED_MODEL_FAMILIES",
+            "azure-gpt4,azure-gpt4o,azure-dall-e",
+        )],
     )
     .await;
     add_user(
