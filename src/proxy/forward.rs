@@ -622,7 +622,11 @@ async fn send(
             index: key.index,
             credential: &key.header,
         };
-        if let Err(e) = upstream.provider.authorize(&mut out, &key_use).await {
+        if let Err(e) = upstream
+            .provider
+            .authorize(upstream.endpoint(), &mut out, &key_use)
+            .await
+        {
             return Err(Failure {
                 error: ProxyError::new(
                     StatusCode::BAD_GATEWAY,
