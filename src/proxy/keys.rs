@@ -127,6 +127,12 @@ impl KeyPool {
 
     /// Chooses the next usable key in round-robin order, skipping invalid and resting keys.
     pub fn pick(&self) -> Result<ChosenKey, NoKey> {
+        self.pick_where(|_| true)
+    }
+
+    /// As [`KeyPool::pick`], among the keys whose index `eligible` accepts (Azure: the
+    /// credentials of the deployment the client named).
+    pub fn pick_where(&self, eligible: impl Fn(usize) -> bool) -> Result<ChosenKey, NoKey> {
         let n = self.keys.len();
         if n == 0 {
             return Err(NoKey::NoneConfigured);
@@ -137,6 +143,9 @@ impl KeyPool {
         for off in 0..n {
             let index = (start.wrapping_add(off)) % n;
             let key = &self.keys[index];
+            if !eligible(index) {
+                continue;
+            }
             if key.invalid.load(Ordering::Relaxed) {
                 continue;
             }
