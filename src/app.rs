@@ -344,6 +344,46 @@ pub fn startup_summary(config: &Config) -> Vec<(StartupLevel, String)> {
         }
     }
 
+    // The other providers are optional: one line for those with keys each, and one warning that
+    // names every provider without (its routes answer 503 until its variable is set).
+    let mut unconfigured = Vec::new();
+    for (name, var, keys, paths) in [
+        (
+            "Google AI",
+            "GOOGLE_AI_KEY",
+            config.google_ai_keys.len(),
+            format!("{route}/google-ai/..."),
+        ),
+        (
+            "Mistral AI",
+            "MISTRAL_AI_KEY",
+            config.mistral_ai_keys.len(),
+            format!("{route}/mistral-ai/..."),
+        ),
+        (
+            "Azure OpenAI",
+            "AZURE_CREDENTIALS",
+            config.azure_deployments.len(),
+            format!("{route}/azure/openai/..."),
+        ),
+    ] {
+        if keys == 0 {
+            unconfigured.push(format!("{name} ({var}; {paths})"));
+        } else {
+            let s = if keys == 1 { "" } else { "s" };
+            lines.push((Info, format!("provider {name}: {keys} key{s} ({var})")));
+        }
+    }
+    if !unconfigured.is_empty() {
+        lines.push((
+            Warn,
+            format!(
+                "providers without keys, whose routes answer 503 until the variable is set: {}",
+                unconfigured.join(", ")
+            ),
+        ));
+    }
+
     lines.push((
         Info,
         match config.trusted_proxies() {

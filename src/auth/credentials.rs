@@ -264,6 +264,12 @@ pub fn sign_in_with_key(
     SignIn::SignedIn(state.sessions.create(AdminIdentity::AdminKey.who()))
 }
 
+/// Counts a wrong credential typed into a form whose check lives with its page (the info
+/// page's password, a captcha token to refresh): the forms feed the lockout only through here.
+pub fn wrong_form_credential(state: &AppState, ip: IpAddr) {
+    state.lockout.record_failure(ip);
+}
+
 /// The user of a token typed into a public form (`/user`); an unknown token counts as a failed
 /// attempt for the lockout (an empty one does not: it is not a guess).
 pub fn user_by_form_token(state: &AppState, ip: IpAddr, token: &str) -> Option<User> {

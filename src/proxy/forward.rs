@@ -479,9 +479,9 @@ async fn apply_policy(
         openai_tools_api: matches!(ctx.api, Api::OpenAiChat),
     };
     let shape = match &ctx.principal {
-        Principal::User { token, .. } => state
+        Principal::User { token, key, .. } => state
             .quotas
-            .with_allowed_families(token, |own| {
+            .with_allowed_families(token, *key, |own| {
                 policy.check_request(
                     &req,
                     Caller {

@@ -102,6 +102,11 @@ impl ProviderUpstream {
         (!matching.is_empty()).then_some(matching)
     }
 
+    /// The provider's endpoint state (base URL, deployments, ...).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
     /// Azure's deployments (for the model list), if this is Azure.
     pub fn azure_deployments(&self) -> Option<&azure::Deployments> {
         match &self.endpoint {
@@ -120,7 +125,7 @@ impl ProviderUpstream {
         match &self.cloud {
             None => self
                 .provider
-                .authorize(req, key)
+                .authorize(&self.endpoint, req, key)
                 .await
                 .map_err(|e| AuthFailure::Other(e.0)),
             Some(Cloud::Aws(b)) => b

@@ -342,13 +342,16 @@ impl Quotas {
     /// Runs `f` over a user's own `allowedFamilies` (`None`: the proxy's list applies), for the
     /// policy's family rule; `None` when the user is gone. Quotas is the one module on the
     /// request path that reads the user store, so the forwarder asks here.
+    /// `key` is the one the gatekeeper looked the token up by (no second lookup).
     pub fn with_allowed_families<R>(
         &self,
         token: &str,
+        key: Option<UserKey>,
         f: impl FnOnce(Option<&[Box<str>]>) -> R,
     ) -> Option<R> {
+        let key = key.unwrap_or_else(|| self.users.key(token));
         self.users
-            .with_user(token, |u| f(u.allowed_families.as_deref()))
+            .with_user_at(key, token, |u| f(u.allowed_families.as_deref()))
     }
 
     /// Admits (or refuses) a request from the facts its provider read (`facts` is `None` for
