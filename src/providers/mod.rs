@@ -52,6 +52,7 @@
 
 pub mod anthropic;
 pub mod families;
+pub mod key_errors;
 pub mod meter;
 pub mod openai;
 

@@ -33,15 +33,16 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming as UpstreamBody;
+use hyper::body::Incoming as HyperBody;
 use tokio::time::Sleep;
 
 use std::sync::Arc;
 
 use crate::app::AppState;
-use crate::error::ProxyError;
 use crate::auth::Principal;
+use crate::error::ProxyError;
 use crate::net::ClientIp;
+use crate::providers::key_errors::{self, KeyVerdict};
 use crate::providers::{
     Api, KeyUse, Meter, Provider, StreamTransform, Translation, UpstreamRequest,
 };
@@ -168,7 +169,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         return log_refusal(&ctx, no_key_error(upstream, NoKey::NoneConfigured));
     }
     // Phase 2: admission.
-    let (body, admitted, stream) = match admit(&state, &ctx, body).await {
+    let (body, admitted, stream, family) = match admit(&state, &ctx, body).await {
         Ok(v) => v,
         Err(e) => return log_refusal(&ctx, e),
     };
@@ -181,7 +182,18 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
     let url = upstream.url(&ctx.upstream_path, ctx.query.as_deref());
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started) + state.upstreams.timeout;
-    match send(&state, upstream, &ctx, &url, headers, body, deadline).await {
+    let sent = send(
+        &state,
+        upstream,
+        &ctx,
+        family.as_deref(),
+        &url,
+        headers,
+        body,
+        deadline,
+    )
+    .await;
+    match sent {
         Ok((resp, key)) => {
             let latency = started.elapsed();
             tracing::info!(
@@ -314,10 +326,10 @@ async fn admit(
     state: &AppState,
     ctx: &Ctx,
     incoming: Incoming,
-) -> Result<(Bytes, Option<crate::quota::Admitted>, bool), ProxyError> {
+) -> Result<(Bytes, Option<crate::quota::Admitted>, bool, Option<String>), ProxyError> {
     let Incoming { bytes, json } = incoming;
     let Some(mut json) = json else {
-        return Ok((bytes, None, false));
+        return Ok((bytes, None, false, None));
     };
     let mut changed = false;
     if let Some(t) = &ctx.translation {
@@ -365,7 +377,7 @@ async fn admit(
     } else {
         bytes
     };
-    Ok((bytes, Some(admitted), facts.stream))
+    Ok((bytes, Some(admitted), facts.stream, Some(facts.family)))
 }
 
 /// Phase 3: the upstream request headers, from an allowlist of the client's headers. The
@@ -391,13 +403,16 @@ fn upstream_headers(ctx: &Ctx) -> HeaderMap {
     out
 }
 
-/// Phase 4: picks a key and sends; on 401/403 the key is taken out, on 429 it rests, and the
-/// request goes again on the next usable key. When no key is left after a 429, that 429 is
-/// relayed as the upstream sent it.
+/// Phase 4: picks a key of the request's family and sends; on 401/403 (or an answer that says
+/// revoked) the key is taken out, on an answer that says its quota is spent it leaves rotation
+/// until a recheck, on 429 it rests, and the request goes again on the next usable key. When
+/// no key is left after a 429, that 429 is relayed as the upstream sent it.
+#[allow(clippy::too_many_arguments)]
 async fn send(
     state: &AppState,
     upstream: &ProviderUpstream,
     ctx: &Ctx,
+    family: Option<&str>,
     url: &str,
     mut headers: HeaderMap,
     body: Bytes,
@@ -414,7 +429,7 @@ async fn send(
     headers.insert(header::USER_AGENT, state.upstreams.user_agent.clone());
     let mut last_429: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
     loop {
-        let key = match upstream.keys.pick() {
+        let key = match upstream.keys.pick(family) {
             Ok(k) => k,
             Err(no) => {
                 return match last_429 {
@@ -480,17 +495,76 @@ async fn send(
                 })
             }
         };
-        match resp.status() {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                upstream
-                    .keys
-                    .mark_invalid(key.index, resp.status().as_u16());
-            }
-            StatusCode::TOO_MANY_REQUESTS => {
+        let status = resp.status().as_u16();
+        if status == 401 || status == 403 {
+            upstream.keys.mark_invalid(key.index, status);
+            continue;
+        }
+        if (200..300).contains(&status) {
+            upstream.keys.note_success(key.index);
+        }
+        if !key_errors::body_matters(ctx.provider, status) {
+            return Ok((resp.map(UpstreamBody::Live), key));
+        }
+        // An error answer whose body tells whether the key is spent: read it (bounded, it is
+        // small) and keep it to relay.
+        let (parts, incoming) = resp.into_parts();
+        let limited = Limited::new(incoming, ERROR_BODY_LIMIT);
+        let bytes = match tokio::time::timeout_at(deadline, limited.collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            _ => Bytes::new(),
+        };
+        let verdict = key_errors::judge(ctx.provider, status, &bytes);
+        let resp = hyper::Response::from_parts(parts, UpstreamBody::Buffered(Full::new(bytes)));
+        match verdict {
+            Some(KeyVerdict::Revoked) => upstream.keys.mark_invalid(key.index, status),
+            Some(KeyVerdict::OverQuota(reason)) => upstream.keys.mark_over_quota(key.index, reason),
+            Some(KeyVerdict::RateLimited) => {
                 upstream.keys.rest(key.index, rest_duration(resp.headers()));
                 last_429 = Some((resp, key));
             }
-            _ => return Ok((resp, key)),
+            None => return Ok((resp, key)),
+        }
+    }
+}
+
+/// How much of an upstream error body is read to judge the key (error bodies are small).
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// An upstream response body: streamed as it arrives, or an error body already read (to judge
+/// the key) and relayed from memory.
+enum UpstreamBody {
+    Live(HyperBody),
+    Buffered(Full<Bytes>),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Live(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Buffered(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|never| match never {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Live(b) => b.is_end_stream(),
+            UpstreamBody::Buffered(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Live(b) => b.size_hint(),
+            UpstreamBody::Buffered(b) => b.size_hint(),
         }
     }
 }
@@ -545,6 +619,16 @@ fn no_key_error(upstream: &ProviderUpstream, no: NoKey) -> ProxyError {
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream_error",
             format!("Every {var} key was rejected by the upstream as invalid (401/403). The operator must replace them in {var}."),
+        ),
+        NoKey::AllOverQuota => ProxyError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_error",
+            format!("Every usable {var} key is over its quota or revoked at the upstream. The operator must add credit or keys in {var}, then recheck the keys on /admin."),
+        ),
+        NoKey::NoneForFamily(family) => ProxyError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_error",
+            format!("No {var} key of this proxy can serve the model family '{family}'; use another model, or the operator must add a key with access to it in {var}."),
         ),
         NoKey::AllResting(d) => {
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);

@@ -28,9 +28,9 @@ use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use chrono::{DateTime, Local};
 
+use crate::auth::Principal;
 use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
-use crate::auth::Principal;
 use crate::providers::{Meter, RequestFacts, Usage};
 use crate::users::model::TokenCounts;
 use crate::users::{UserStore, UserType};
