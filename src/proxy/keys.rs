@@ -205,6 +205,8 @@ pub struct KeyPool {
     /// Woken whenever a key may have become usable (rest set shorter, a recheck), so that the
     /// request queue can look again without polling.
     changed: tokio::sync::Notify,
+    /// An operator asked for every key to be checked again (the checker takes the permit).
+    recheck: tokio::sync::Notify,
 }
 
 impl KeyPool {
@@ -253,6 +255,7 @@ impl KeyPool {
             uses: AtomicU64::new(1),
             epoch: Instant::now(),
             changed: tokio::sync::Notify::new(),
+            recheck: tokio::sync::Notify::new(),
         })
     }
 
@@ -462,6 +465,17 @@ impl KeyPool {
     /// Resolves when a key's state may have changed (a check ran).
     pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
         self.changed.notified()
+    }
+
+    /// Asks this pool's checker to check every key again now (the `/admin` "recheck keys"
+    /// action). Does nothing when key checks are off.
+    pub fn request_recheck(&self) {
+        self.recheck.notify_one();
+    }
+
+    /// Resolves when a recheck was asked for (used by the pool's one checker task).
+    pub fn recheck_requested(&self) -> tokio::sync::futures::Notified<'_> {
+        self.recheck.notified()
     }
 
     /// Every key as `/admin` shows it.
