@@ -48,6 +48,12 @@ pub struct AppParts {
     pub upstreams: Arc<Upstreams>,
     pub quotas: Arc<Quotas>,
     pub lockout: Arc<Lockout>,
+    /// Operator policy over proxied requests (issue 17).
+    pub policy: Arc<crate::policy::Policy>,
+    /// Proof-of-work challenges, when `CAPTCHA_MODE=proof_of_work` (issue 17).
+    pub pow: Option<Arc<crate::pow::Pow>>,
+    /// `SERVICE_INFO_PASSWORD`, when set (issue 17).
+    pub info_lock: Option<Arc<crate::web::info::InfoLock>>,
     /// Admin web sessions, CSRF and the external session client (issue 7).
     pub sessions: Arc<crate::auth::session::Sessions>,
     pub started_at: Instant,
@@ -66,7 +72,13 @@ impl AppState {
             std::time::Duration::from_secs(config.cli.brute_force_ttl_seconds),
         ));
         let sessions = Arc::new(crate::auth::session::Sessions::from_config(&config)?);
+        let policy = Arc::new(crate::policy::Policy::new(&config.policy));
+        let pow = crate::pow::from_config(&config)?.map(Arc::new);
+        let info_lock = crate::web::info::InfoLock::from_config(&config)?.map(Arc::new);
         Ok(AppState(Arc::new(AppParts {
+            policy,
+            pow,
+            info_lock,
             sessions,
             config,
             users,
@@ -80,8 +92,11 @@ impl AppState {
 }
 
 /// The router with every layer. Layers, outermost first:
+/// 0. `auth::credentials::move_query_key`: on proxied routes, a client key sent as `?key=`
+///    (Google's REST style) moves into the `x-goog-api-key` header, so that no URL forwarded
+///    holds it.
 /// 1. Only when `LOG_LEVEL` enables debug logging: `SetSensitiveRequestHeaders` marks
-///    `authorization`, `x-api-key`, `cookie` and `x-session-token` sensitive, so that
+///    `authorization`, `x-api-key`, `x-goog-api-key`, `cookie` and `x-session-token` sensitive, so that
 ///    `TraceLayer` logs each request and response with those redacted; its span names the
 ///    route template (`request_span`), never the path or query, which may carry a token. At
 ///    other levels the pair is left out of the request path entirely (the forwarder logs every
@@ -112,11 +127,17 @@ pub fn router(state: AppState) -> Router {
                 header::COOKIE,
                 header::HeaderName::from_static("x-api-key"),
                 header::HeaderName::from_static("x-session-token"),
+                header::HeaderName::from_static("x-goog-api-key"),
             ]))
     } else {
         router
     };
-    router.with_state(state)
+    // Outermost: a client key sent as `?key=` leaves the URL before anything else sees it.
+    router
+        .layer(middleware::map_request(
+            crate::auth::credentials::move_query_key,
+        ))
+        .with_state(state)
 }
 
 /// The span of one request in the debug trace: its method and route *template*
@@ -149,9 +170,10 @@ async fn health(State(state): State<AppState>, Query(q): Query<HealthQuery>) -> 
     .into_response()
 }
 
-/// Serves on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
-/// requests (streams included) finish within `SHUTDOWN_GRACE_SECS`, stops the background
-/// tasks and flushes pending user changes.
+/// Serves on `listener` (through [`crate::server::run`], with its client timers and
+/// connection caps) until `shutdown` resolves; then stops accepting, lets in-flight requests
+/// (streams included) finish within `SHUTDOWN_GRACE_SECS`, stops the background tasks and
+/// flushes pending user changes.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
@@ -179,51 +201,25 @@ pub async fn serve(
     tasks.close();
 
     let grace = state.config.shutdown_grace();
-    tracing::info!(
-        trusted_proxies = state.config.trusted_proxies(),
-        "client addresses: {}",
-        match state.config.trusted_proxies() {
-            0 => "the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)".to_string(),
-            n => format!("entry {n} from the right of X-Forwarded-For (TRUSTED_PROXIES={n})"),
-        }
-    );
-    let stop_accepting = CancellationToken::new();
+    let limits = crate::server::Limits::from_config(&state.config);
     let app = router(state);
-    // Nagle's algorithm would hold back small writes (an SSE event, a short JSON answer) for
-    // up to ~40 ms waiting for the client's delayed ACK: every chunk must leave at once.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY on a client connection");
-        }
-    });
-    let server = axum::serve(
+    let stop_accepting = CancellationToken::new();
+    let server = tokio::spawn(crate::server::run(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
-    let mut server = tokio::spawn(async move { server.await });
-
-    tokio::select! {
-        res = &mut server => {
-            background.cancel();
-            tasks.wait().await;
-            return res.map_err(std::io::Error::other)?;
-        }
-        _ = shutdown => {}
-    }
+        app,
+        limits,
+        stop_accepting.clone(),
+        grace,
+    ));
+    shutdown.await;
     tracing::info!(
         grace_secs = grace.as_secs(),
         "shutting down: no new connections, waiting for in-flight requests"
     );
     stop_accepting.cancel();
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(res) => res.map_err(std::io::Error::other)??,
-        Err(_) => {
-            tracing::warn!(
-                "in-flight requests did not finish within SHUTDOWN_GRACE_SECS; closing them"
-            );
-            server.abort();
-        }
+    // `server::run` closes what is left after the grace period itself.
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "the accept loop ended abnormally");
     }
     background.cancel();
     tasks.wait().await;
@@ -361,8 +357,8 @@ pub fn startup_summary(config: &Config) -> Vec<(StartupLevel, String)> {
     lines.push((
         Info,
         match config.trusted_proxies() {
-            0 => "TRUSTED_PROXIES=0: the client address is the TCP peer; X-Forwarded-For is ignored".to_string(),
-            n => format!("TRUSTED_PROXIES={n}: the client address is read from X-Forwarded-For, trusting {n} proxy hop{} in front of this server (the header can be forged if fewer proxies are really there)", if n == 1 { "" } else { "s" }),
+            0 => "client addresses: the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)".to_string(),
+            n => format!("client addresses: entry {n} from the right of X-Forwarded-For (TRUSTED_PROXIES={n}); right only if exactly {n} proxies of yours sit in front of this server"),
         },
     ));
 

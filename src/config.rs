@@ -69,6 +69,15 @@ pub enum StoreKind {
     Sqlite,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum CaptchaMode {
+    /// No self-service tokens.
+    None,
+    /// Visitors earn temporary tokens by solving an Argon2id proof of work at /user/captcha.
+    ProofOfWork,
+}
+
 /// Command-line flags; each one can also be set by the environment variable of the same name.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "llm-gatekeeper", version, about)]
@@ -108,6 +117,43 @@ pub struct Cli {
         default_value = "https://api.anthropic.com"
     )]
     pub anthropic_base_url: Url,
+    /// Comma-separated Google AI (Gemini API) keys.
+    #[arg(long, env = "GOOGLE_AI_KEY", hide_env_values = true)]
+    pub google_ai_key: Option<Secret>,
+    /// Base URL of the Google AI (Gemini API) upstream.
+    #[arg(
+        long,
+        env = "GOOGLE_AI_BASE_URL",
+        default_value = "https://generativelanguage.googleapis.com"
+    )]
+    pub google_ai_base_url: Url,
+    /// Comma-separated Mistral AI upstream keys.
+    #[arg(long, env = "MISTRAL_AI_KEY", hide_env_values = true)]
+    pub mistral_ai_key: Option<Secret>,
+    /// Base URL of Mistral AI.
+    #[arg(
+        long,
+        env = "MISTRAL_AI_BASE_URL",
+        default_value = "https://api.mistral.ai"
+    )]
+    pub mistral_ai_base_url: Url,
+    /// Comma-separated Azure OpenAI credentials, each `resource:deployment:apikey`.
+    #[arg(long, env = "AZURE_CREDENTIALS", hide_env_values = true)]
+    pub azure_credentials: Option<Secret>,
+    /// Base URL of Azure OpenAI; `{resource}` is replaced by each credential's resource.
+    #[arg(
+        long,
+        env = "AZURE_BASE_URL",
+        default_value = crate::providers::azure::DEFAULT_BASE_URL
+    )]
+    pub azure_base_url: String,
+    /// The `api-version` of Azure OpenAI requests.
+    #[arg(
+        long,
+        env = "AZURE_API_VERSION",
+        default_value = crate::providers::azure::DEFAULT_API_VERSION
+    )]
+    pub azure_api_version: String,
     /// Prefix of the compatibility routes ({route}/openai/..., {route}/anthropic/...).
     #[arg(long, env = "PROXY_ENDPOINT_ROUTE", default_value = "/proxy")]
     pub proxy_endpoint_route: String,
@@ -134,6 +180,20 @@ pub struct Cli {
     /// Seconds in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// Seconds a client has to send a request's head (method, path, headers); also how long an
+    /// idle keep-alive connection is kept waiting for its next request.
+    #[arg(long, env = "CLIENT_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub client_header_timeout_secs: u64,
+    /// Seconds a request body may pause between two reads before the request is dropped.
+    #[arg(long, env = "CLIENT_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub client_body_timeout_secs: u64,
+    /// Concurrent connections per client address (socket peer; 0 = no limit; not applied when
+    /// TRUSTED_PROXIES > 0, where the front proxy holds many clients' connections).
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 64)]
+    pub max_connections_per_ip: usize,
+    /// Concurrent client connections in all (0 = derived from the process's open-file limit).
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
 
     // ----- users (issue 4) -----
     /// Where users are kept: memory | firebase_rtdb | sqlite.
@@ -216,9 +276,58 @@ pub struct Cli {
     /// Seconds between two checks of the same Anthropic key (0: check at startup only).
     #[arg(long, env = "ANTHROPIC_KEY_CHECK_PERIOD_SECS", default_value_t = 21600)]
     pub anthropic_key_check_period_secs: u64,
+    /// Seconds between two checks of the same Google AI key (0: check at startup only).
+    #[arg(long, env = "GOOGLE_AI_KEY_CHECK_PERIOD_SECS", default_value_t = 21600)]
+    pub google_ai_key_check_period_secs: u64,
+    /// Seconds between two checks of the same Mistral AI key (0: check at startup only).
+    #[arg(long, env = "MISTRAL_AI_KEY_CHECK_PERIOD_SECS", default_value_t = 3600)]
+    pub mistral_ai_key_check_period_secs: u64,
+    /// Seconds between two checks of the same Azure deployment (0: check at startup only).
+    #[arg(long, env = "AZURE_KEY_CHECK_PERIOD_SECS", default_value_t = 3600)]
+    pub azure_key_check_period_secs: u64,
     /// Least milliseconds between any two key checks of one provider (no burst at startup).
     #[arg(long, env = "KEY_CHECK_INTERVAL_MS", default_value_t = 3000)]
     pub key_check_interval_ms: u64,
+
+    // ----- proof-of-work tokens (issue 17) -----
+    /// Self-service temporary tokens: none | proof_of_work (needs GATEKEEPER=user_token).
+    #[arg(long, env = "CAPTCHA_MODE", value_enum, default_value = "none")]
+    pub captcha_mode: CaptchaMode,
+    /// Hours a proof-of-work token is valid (and a refresh extends it).
+    #[arg(long, env = "POW_TOKEN_HOURS", default_value_t = 24)]
+    pub pow_token_hours: u64,
+    /// Addresses one proof-of-work token may use.
+    #[arg(long, env = "POW_TOKEN_MAX_IPS", default_value_t = 2)]
+    pub pow_token_max_ips: u32,
+    /// Expected hashes per solution: low | medium | high | extreme | a positive number.
+    #[arg(long, env = "POW_DIFFICULTY_LEVEL", default_value = "low")]
+    pub pow_difficulty_level: String,
+    /// Minutes a challenge may take to solve.
+    #[arg(long, env = "POW_CHALLENGE_TIMEOUT", default_value_t = 30)]
+    pub pow_challenge_timeout: u64,
+    /// Argon2id passes per hash of a challenge.
+    #[arg(long, env = "ARGON2_TIME_COST", default_value_t = 8)]
+    pub argon2_time_cost: u32,
+    /// Argon2id memory per hash, in KiB.
+    #[arg(long, env = "ARGON2_MEMORY_KB", default_value_t = 65536)]
+    pub argon2_memory_kb: u32,
+    /// Argon2id lanes.
+    #[arg(long, env = "ARGON2_PARALLELISM", default_value_t = 1)]
+    pub argon2_parallelism: u32,
+    /// Argon2id hash length in bytes.
+    #[arg(long, env = "ARGON2_HASH_LENGTH", default_value_t = 32)]
+    pub argon2_hash_length: usize,
+
+    // ----- info page (issue 17) -----
+    /// The name shown on the public pages.
+    #[arg(long, env = "SERVER_TITLE")]
+    pub server_title: Option<String>,
+    /// Password that unlocks the service info page (unset: the page is public).
+    #[arg(long, env = "SERVICE_INFO_PASSWORD", hide_env_values = true)]
+    pub service_info_password: Option<Secret>,
+    /// Show usage in US$ per model family on / and /user.
+    #[arg(long, env = "SHOW_TOKEN_COSTS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub show_token_costs: bool,
 }
 
 /// A configuration problem, phrased for the operator: which variable, what is wrong.
@@ -232,12 +341,19 @@ pub struct Config {
     pub cli: Cli,
     pub openai_keys: Vec<Secret>,
     pub anthropic_keys: Vec<Secret>,
+    pub google_ai_keys: Vec<Secret>,
+    pub mistral_ai_keys: Vec<Secret>,
+    /// `AZURE_CREDENTIALS`: the deployment of each key, and the keys, in the same order.
+    pub azure_deployments: Vec<crate::providers::azure::Deployment>,
+    pub azure_keys: Vec<Secret>,
     pub ip_blacklist: Vec<IpNet>,
     pub admin_whitelist: Vec<IpNet>,
     /// `TOKEN_QUOTA_<FAMILY>` values keyed by family name (lower-case, `_` → `-`).
     pub token_quotas: BTreeMap<String, u64>,
     /// The normalised compatibility prefix: starts with `/`, no trailing `/`.
     pub proxy_endpoint_route: String,
+    /// Operator policy (`ALLOWED_MODEL_FAMILIES`, `MAX_*_TOKENS_*`, `REJECT_PHRASES`, …).
+    pub policy: crate::policy::Settings,
 }
 
 impl Config {
@@ -298,9 +414,35 @@ impl Config {
         };
         let openai_keys = split_keys(&cli.openai_key);
         let anthropic_keys = split_keys(&cli.anthropic_key);
+        let google_ai_keys = split_keys(&cli.google_ai_key);
+        let mistral_ai_keys = split_keys(&cli.mistral_ai_key);
+        let azure_entries = split_keys(&cli.azure_credentials);
+        let (azure_deployments, azure_keys) = crate::providers::azure::parse_credentials(
+            &azure_entries.iter().map(Secret::expose).collect::<Vec<_>>(),
+        )
+        .map_err(ConfigError)?;
+        let azure_keys: Vec<Secret> = azure_keys.into_iter().map(Secret::new).collect();
+        let azure_sample = cli.azure_base_url.replace("{resource}", "resource");
+        match Url::parse(&azure_sample) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => {
+                return Err(ConfigError(format!(
+                    "AZURE_BASE_URL={} must be an http:// or https:// URL with a host, where {{resource}} stands for each credential's resource, e.g. https://{{resource}}.openai.azure.com",
+                    cli.azure_base_url
+                )))
+            }
+        }
+        if cli.azure_api_version.trim().is_empty() {
+            return Err(ConfigError(format!(
+                "AZURE_API_VERSION must not be empty; use {} (the default) or another api-version of Azure OpenAI",
+                crate::providers::azure::DEFAULT_API_VERSION
+            )));
+        }
         let ip_blacklist = parse_cidr_list("IP_BLACKLIST", &cli.ip_blacklist)?;
         let admin_whitelist = parse_cidr_list("ADMIN_WHITELIST", &cli.admin_whitelist)?;
 
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
+        let policy = crate::policy::Settings::from_vars(&vars)?;
         let mut token_quotas = BTreeMap::new();
         for (name, value) in vars {
             if let Some(family) = name.strip_prefix("TOKEN_QUOTA_") {
@@ -330,6 +472,8 @@ impl Config {
         for (name, url) in [
             ("OPENAI_BASE_URL", &cli.openai_base_url),
             ("ANTHROPIC_BASE_URL", &cli.anthropic_base_url),
+            ("GOOGLE_AI_BASE_URL", &cli.google_ai_base_url),
+            ("MISTRAL_AI_BASE_URL", &cli.mistral_ai_base_url),
         ] {
             if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
                 return Err(ConfigError(format!(
@@ -368,6 +512,34 @@ impl Config {
                 )));
             }
         }
+        for (name, secs) in [
+            ("CLIENT_HEADER_TIMEOUT_SECS", cli.client_header_timeout_secs),
+            ("CLIENT_BODY_TIMEOUT_SECS", cli.client_body_timeout_secs),
+        ] {
+            if secs == 0 {
+                return Err(ConfigError(format!(
+                    "{name} must be at least 1 (seconds); without it a slow client could hold a connection forever"
+                )));
+            }
+        }
+        if cli.captcha_mode == CaptchaMode::ProofOfWork {
+            if cli.gatekeeper != GatekeeperMode::UserToken {
+                return Err(ConfigError(
+                    "CAPTCHA_MODE=proof_of_work needs GATEKEEPER=user_token (the proof of work earns a user token)".into(),
+                ));
+            }
+            if crate::pow::Difficulty::parse(&cli.pow_difficulty_level).is_none() {
+                return Err(ConfigError(format!(
+                    "POW_DIFFICULTY_LEVEL={:?} is invalid: use low, medium, high, extreme or a positive whole number of hashes",
+                    cli.pow_difficulty_level
+                )));
+            }
+            if cli.pow_token_hours == 0 || cli.pow_challenge_timeout == 0 {
+                return Err(ConfigError(
+                    "POW_TOKEN_HOURS and POW_CHALLENGE_TIMEOUT must be at least 1".into(),
+                ));
+            }
+        }
         if cli.max_request_body_mb == 0 {
             return Err(ConfigError("MAX_REQUEST_BODY_MB must be at least 1".into()));
         }
@@ -380,10 +552,15 @@ impl Config {
         Ok(Config {
             openai_keys,
             anthropic_keys,
+            google_ai_keys,
+            mistral_ai_keys,
+            azure_deployments,
+            azure_keys,
             ip_blacklist,
             admin_whitelist,
             token_quotas,
             proxy_endpoint_route: route,
+            policy,
             cli,
         })
     }

@@ -11,9 +11,12 @@ pub mod gatekeeper {
     pub use crate::auth::*;
 }
 pub mod net;
+pub mod policy;
+pub mod pow;
 pub mod providers;
 pub mod proxy;
 pub mod quota;
+pub mod server;
 pub mod users;
 pub mod web;
 

@@ -9,6 +9,9 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     tune_allocator();
+    // Every client connection is a file: use all the process may have (the connection caps
+    // are derived from it, see `llm_gatekeeper::server`).
+    llm_gatekeeper::server::raise_nofile_limit();
     // Configuration is read before the runtime exists: it may edit the process environment,
     // which is only sound while a single thread runs.
     let config = match Config::from_env() {

@@ -135,12 +135,28 @@ async fn messages(State(f): State<Arc<Fake>>, h: HeaderMap, Json(body): Json<Val
     resp
 }
 
+async fn google_models(State(f): State<Arc<Fake>>, h: HeaderMap) -> Response {
+    let key = h
+        .get("x-goog-api-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match f.behaviour(key).as_str() {
+        "good" => Json(json!({"models": [{"name": "models/gemini-2.5-pro"}]})).into_response(),
+        _ => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {"code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT", "details": [{"reason": "API_KEY_INVALID"}]}})),
+        )
+            .into_response(),
+    }
+}
+
 async fn start_fake() -> (Arc<Fake>, String) {
     let fake = Arc::new(Fake::default());
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/messages", post(messages))
+        .route("/v1beta/models", get(google_models))
         .with_state(fake.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -303,4 +319,31 @@ async fn check_keys_false_sends_no_probe() {
     assert_eq!(states(&views), ["revoked", "working"]);
     assert!(views.iter().all(|v| v.last_checked.is_none()));
     assert_eq!(*fake.served.lock().expect("lock"), ["good-1"]);
+}
+
+#[tokio::test]
+async fn google_ai_and_mistral_keys_are_checked_by_their_model_lists() {
+    let (_fake, url) = start_fake().await;
+    let app = common::spawn(
+        &[
+            "--check-keys",
+            "true",
+            "--key-check-interval-ms",
+            "1",
+            "--google-ai-key",
+            "good-g,revoked-g",
+            "--google-ai-base-url",
+            &url,
+            "--mistral-ai-key",
+            "revoked-m,good-m",
+            "--mistral-ai-base-url",
+            &url,
+        ],
+        &[],
+    )
+    .await;
+    let g = wait_for(&app, Provider::GoogleAi, |v| v.last_checked.is_some()).await;
+    assert_eq!(states(&g), ["working", "revoked"]);
+    let m = wait_for(&app, Provider::MistralAi, |v| v.last_checked.is_some()).await;
+    assert_eq!(states(&m), ["revoked", "working"]);
 }

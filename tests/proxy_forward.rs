@@ -54,8 +54,10 @@ async fn read_until(resp: &mut reqwest::Response, buf: &mut String, needle: &str
 async fn openai_chat_non_streaming_forwards_original_bytes_with_operator_key() {
     let fake = FakeUpstream::start().await;
     let app = proxy_for(&fake, &[]).await;
-    // Odd spacing and key order: the upstream must receive exactly these bytes.
-    let body = r#"{ "model":"gpt-4o-mini",  "messages":[{"role":"user","content":"hi"}], "temperature": 0.5 }"#;
+    // Odd spacing and key order: the upstream must receive exactly these bytes (the request is
+    // within every policy cap, so nothing needs changing: `max_tokens` is below
+    // MAX_OUTPUT_TOKENS_OPENAI's default of 1024).
+    let body = r#"{ "model":"gpt-4o-mini",  "messages":[{"role":"user","content":"hi"}], "temperature": 0.5, "max_tokens": 100 }"#;
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/chat/completions", app.url))
         .bearer_auth(PROXY_KEY)

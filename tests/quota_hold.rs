@@ -133,7 +133,9 @@ async fn anthropic_max_tokens_is_lowered_to_what_is_left() {
 async fn users_with_room_and_unlimited_users_are_not_capped() {
     let fake = FakeUpstream::start().await;
     fake.generate_to_cap();
-    let app = proxy(&fake, NO_RATE, &[]).await;
+    // The operator's output cap (MAX_OUTPUT_TOKENS_OPENAI, 1024 by default as in the original,
+    // tests/policy_rules.rs) is off here: this test is about the quota's own cap.
+    let app = proxy(&fake, NO_RATE, &[("MAX_OUTPUT_TOKENS_OPENAI", "0")]).await;
     add_user(&app, "rich", UserType::Normal, &[("gpt4o", 10_000_000)]);
     add_user(&app, "free", UserType::Normal, &[]);
     add_user(&app, "vip", UserType::Special, &[("gpt4o", 10)]);

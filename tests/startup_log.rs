@@ -64,7 +64,11 @@ fn an_operator_sees_store_providers_trusted_proxies_and_admin_warnings() {
     );
     assert!(anthropic.contains("/v1/messages"), "{anthropic}");
     assert!(anthropic.contains("set ANTHROPIC_KEY"), "{anthropic}");
-    line(&log, "INFO", "TRUSTED_PROXIES=2: ");
+    line(
+        &log,
+        "INFO",
+        "client addresses: entry 2 from the right of X-Forwarded-For (TRUSTED_PROXIES=2)",
+    );
     line(&log, "WARN", "SIGNING_KEY is not set");
     assert!(!log.contains("GATEKEEPER=none on a non-loopback"), "{log}");
     assert!(!log.contains("XYZZY"), "a secret was logged:\n{log}");
@@ -90,7 +94,7 @@ fn without_admin_sign_in_there_is_no_signing_key_warning() {
     line(
         &log,
         "INFO",
-        "TRUSTED_PROXIES=0: the client address is the TCP peer",
+        "client addresses: the TCP peer; X-Forwarded-For is ignored (TRUSTED_PROXIES=0)",
     );
     assert!(!log.contains("SIGNING_KEY"), "{log}");
     // GATEKEEPER=none on 127.0.0.1 (the harness binds loopback): no warning. The warning for a

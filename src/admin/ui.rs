@@ -56,6 +56,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/manage/export", get(export))
         .route("/admin/manage/abuse", get(abuse))
         .route("/admin/manage/abuse/unlock", post(unlock))
+        .route("/admin/manage/abuse/difficulty", post(set_difficulty))
 }
 
 async fn home() -> Redirect {
@@ -337,6 +338,10 @@ fn user_view(state: &AppState, u: &User, now: i64) -> Value {
         m.insert("ips".into(), json!(u.ip));
         m.insert("maxIps".into(), json!(u.max_ips));
         m.insert("adminNote".into(), json!(u.admin_note));
+        m.insert(
+            "allowedFamilies".into(),
+            json!(u.allowed_families.as_ref().map(|l| l.join(", "))),
+        );
         m.insert("disabledAt".into(), json!(u.disabled_at));
         m.insert("disabledReason".into(), json!(u.disabled_reason));
         m.insert("expiresAt".into(), json!(u.expires_at));
@@ -493,8 +498,47 @@ async fn abuse(
             "trustedProxies": c.trusted_proxies(),
             "maxIps": c.cli.max_ips_per_user,
             "autoBan": c.cli.max_ips_auto_ban,
+            "pow": state.pow.as_ref().map(|p| json!({
+                "difficulty": p.difficulty().label(),
+                "work": p.difficulty().work_factor(),
+            })),
         }),
     )
+}
+
+/// Changes `POW_DIFFICULTY_LEVEL` until the next restart; outstanding challenges stop working.
+async fn set_difficulty(
+    State(state): State<AppState>,
+    Extension(id): Extension<AdminIdentity>,
+    CheckedForm(form): CheckedForm,
+) -> Response {
+    let back = Some("/admin/manage/abuse");
+    let Some(pow) = &state.pow else {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "Proof of work is off",
+            "CAPTCHA_MODE is not proof_of_work, so there is no difficulty to change.",
+            back,
+        );
+    };
+    let chosen = match form.text("difficulty") {
+        Some("custom") => form.text("custom").unwrap_or(""),
+        Some(v) => v,
+        None => "",
+    };
+    match crate::pow::Difficulty::parse(chosen) {
+        Some(d) => {
+            pow.set_difficulty(d);
+            tracing::info!(admin = id.who(), difficulty = %d.label(), "admin changed the proof-of-work difficulty");
+            Redirect::to("/admin/manage/abuse").into_response()
+        }
+        None => message(
+            StatusCode::BAD_REQUEST,
+            "Not a difficulty",
+            &format!("{chosen:?} is not a difficulty: choose low, medium, high, extreme, or enter a positive whole number of hashes."),
+            back,
+        ),
+    }
 }
 
 async fn unlock(
@@ -628,7 +672,7 @@ fn parse_user_form(form: &FormData, now: i64, creating: bool) -> Result<UserForm
         ))?),
         None => Value::Null,
     };
-    let body = json!({
+    let mut body = json!({
         "type": kind.as_str(),
         "nickname": form.text("nickname"),
         "adminNote": form.text("adminNote"),
@@ -636,6 +680,16 @@ fn parse_user_form(form: &FormData, now: i64, creating: bool) -> Result<UserForm
         "expiresAt": expires_at,
         "tokenLimits": limits,
     });
+    // Only the edit page has the field; the new-user form leaves the list absent.
+    if form.get("allowedFamilies").is_some() {
+        let list: Option<Vec<String>> = form.text("allowedFamilies").map(|v| {
+            v.split(',')
+                .map(|f| f.trim().to_ascii_lowercase())
+                .filter(|f| !f.is_empty())
+                .collect()
+        });
+        body["allowedFamilies"] = json!(list);
+    }
     let patch = UserPatch::parse(&body, "").map_err(|e| e.to_string())?;
     Ok(UserForm {
         kind,
@@ -1078,6 +1132,16 @@ mod tests {
         assert_eq!(limits.get("claude"), Some(&5));
         assert!(!limits.contains_key("gpt4"));
         assert_eq!(f.patch.max_ips, Some(Some(3)));
+        assert_eq!(f.patch.allowed_families, None);
+        let f = parse_user_form(&form(&[("allowedFamilies", "Turbo, claude,")]), 0, true)
+            .expect("valid");
+        assert_eq!(
+            f.patch.allowed_families,
+            Some(Some(vec!["turbo".to_string(), "claude".to_string()]))
+        );
+        let f = parse_user_form(&form(&[("allowedFamilies", " ")]), 0, true).expect("valid");
+        assert_eq!(f.patch.allowed_families, Some(None));
+        assert!(parse_user_form(&form(&[("allowedFamilies", "gpt 4")]), 0, true).is_err());
         let e = parse_user_form(&form(&[("limit.turbo", "-1")]), 0, true)
             .err()
             .expect("error");

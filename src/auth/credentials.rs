@@ -23,8 +23,9 @@ pub fn secret_eq(presented: &str, expected: &str) -> bool {
 }
 
 /// The client credential: `Authorization: Bearer …` (the scheme in any case; a bare value
-/// without a scheme is taken as is), else `x-api-key` (Anthropic clients). An `Authorization`
-/// header without a value (`Bearer `) does not hide an `x-api-key`.
+/// without a scheme is taken as is), else `x-api-key` (Anthropic clients), else
+/// `x-goog-api-key` (Google's SDKs; a `?key=` has been moved there by [`move_query_key`]). An
+/// `Authorization` header without a value (`Bearer `) does not hide an `x-api-key`.
 pub fn client_credential(headers: &HeaderMap) -> Option<&str> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
@@ -40,11 +41,53 @@ pub fn client_credential(headers: &HeaderMap) -> Option<&str> {
             return Some(token);
         }
     }
-    headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
+    ["x-api-key", GOOGLE_KEY_HEADER]
+        .into_iter()
+        .find_map(|name| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+        })
+}
+
+/// The header Google's SDKs send their key in.
+const GOOGLE_KEY_HEADER: &str = crate::providers::google_ai::KEY_HEADER;
+
+/// Google's REST examples pass the key as `?key=`: on proxied routes this moves it out of the
+/// URL into the `x-goog-api-key` header (unless one was sent) before anything else sees the
+/// request, so that it is read like any other credential header and never forwarded with the
+/// query. Runs outermost, before routing (see `app::router`).
+pub async fn move_query_key(mut req: axum::extract::Request) -> axum::extract::Request {
+    use crate::providers::google_ai::{take_query_key, KEY_QUERY};
+    let Some(query) = req.uri().query() else {
+        return req;
+    };
+    let path = req.uri().path();
+    if super::routes::access(Some(path), path) != super::Access::Proxy
+        || !url::form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == KEY_QUERY)
+    {
+        return req;
+    }
+    let (key, rest) = take_query_key(query);
+    let path_and_query = match rest {
+        Some(rest) => format!("{path}?{rest}"),
+        None => path.to_owned(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    match axum::http::Uri::from_parts(parts) {
+        Ok(uri) => *req.uri_mut() = uri,
+        // Cannot happen (the path came from a valid URI); never keep the key in the URL.
+        Err(_) => *req.uri_mut() = axum::http::Uri::from_static("/"),
+    }
+    if let Some(key) = key.and_then(|k| axum::http::HeaderValue::from_str(&k).ok()) {
+        if !req.headers().contains_key(GOOGLE_KEY_HEADER) {
+            req.headers_mut().insert(GOOGLE_KEY_HEADER, key);
+        }
+    }
+    req
 }
 
 /// Decides whether a proxied request may pass under the `GATEKEEPER` mode, counting wrong
@@ -112,7 +155,8 @@ pub async fn admit_admin(
         };
         return Ok((id, AdminVia::Cookie));
     }
-    match state.sessions.validate_external(headers).await {
+    let (answer, asked_now) = state.sessions.validate_external(headers).await;
+    match answer {
         External::Valid(user) => {
             // The service was asked with the cookie only when no session token was sent.
             let via = if headers.contains_key("x-session-token") {
@@ -123,8 +167,9 @@ pub async fn admit_admin(
             return Ok((AdminIdentity::Session(user), via));
         }
         External::Rejected(why) => {
-            // Only an explicit session token counts as a guess: browsers send cookies unasked.
-            if headers.contains_key("x-session-token") {
+            // A session the service refuses is a wrong credential like a wrong key (once per
+            // answer: a reused, cached rejection is not counted again).
+            if asked_now {
                 state.lockout.record_failure(ip);
             }
             tracing::info!(%ip, reason = %why, "admin session refused by ADMIN_SESSION_VALIDATE_URL");
@@ -260,6 +305,53 @@ mod tests {
         for k1 in ["BEARER k1", "bearer k1", "BeArEr  k1 ", "Bearer\tk1", "k1"] {
             assert_eq!(client_credential(&with(k1)), Some("k1"), "{k1:?}");
         }
+    }
+
+    #[test]
+    fn reads_google_key_header_last() {
+        let mut h = HeaderMap::new();
+        h.insert("x-goog-api-key", HeaderValue::from_static("g"));
+        assert_eq!(client_credential(&h), Some("g"));
+        h.insert("x-api-key", HeaderValue::from_static("k2"));
+        assert_eq!(client_credential(&h), Some("k2"));
+    }
+
+    #[tokio::test]
+    async fn query_key_moves_to_a_header() {
+        let req = |uri: &str| {
+            axum::extract::Request::builder()
+                .uri(uri)
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        let r = move_query_key(req(
+            "/proxy/google-ai/v1beta/models/g:streamGenerateContent?alt=sse&key=sec%2Bret",
+        ))
+        .await;
+        assert_eq!(
+            r.uri(),
+            "/proxy/google-ai/v1beta/models/g:streamGenerateContent?alt=sse"
+        );
+        assert_eq!(r.headers()["x-goog-api-key"], "sec+ret");
+        let r = move_query_key(req("/v1/models?key=k")).await;
+        assert_eq!(r.uri(), "/v1/models");
+        // A header already sent wins; the query key still leaves the URL.
+        let mut with_header = req("/v1/models?key=q");
+        with_header
+            .headers_mut()
+            .insert("x-goog-api-key", HeaderValue::from_static("h"));
+        let r = move_query_key(with_header).await;
+        assert_eq!(r.uri().query(), None);
+        assert_eq!(r.headers()["x-goog-api-key"], "h");
+        // Public and admin routes are left alone.
+        assert_eq!(
+            move_query_key(req("/user?key=k")).await.uri(),
+            "/user?key=k"
+        );
+        assert_eq!(
+            move_query_key(req("/admin/users?key=k")).await.uri(),
+            "/admin/users?key=k"
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::app::AppState;
 use crate::config::GatekeeperMode;
 use crate::error::{AdminError, ProxyError};
 use crate::net::in_list;
-use crate::users::UserType;
+use crate::users::{UserKey, UserType};
 
 pub use client_addr::{client_ip, BadForwardedFor, ClientIp};
 pub use credentials::{client_credential, secret_eq};
@@ -47,8 +47,14 @@ pub enum Principal {
     ProxyKey,
     /// Holder of `ADMIN_KEY` (passes in every mode, as in the original).
     Admin,
-    /// A user of the user store.
-    User { token: String, kind: UserType },
+    /// A user of the user store, with the key the gatekeeper looked the token up by: the
+    /// quotas reach the same entry with it, without looking the token up again (`None` only
+    /// for a principal made without the store, as unit tests do).
+    User {
+        token: String,
+        kind: UserType,
+        key: Option<UserKey>,
+    },
 }
 
 impl Principal {

@@ -29,9 +29,16 @@ pub enum Access {
 /// by route template.
 pub const ROUTES: &[(&str, Access)] = &[
     ("/health", Access::Open),
-    ("/", Access::Public),
+    // `POST /` is the SERVICE_INFO_PASSWORD form.
+    ("/", Access::CredentialForm),
     ("/user", Access::CredentialForm),
     ("/user/nickname", Access::CredentialForm),
+    // CAPTCHA_MODE=proof_of_work; a refresh challenge names a user token.
+    ("/user/captcha", Access::Public),
+    ("/user/captcha/argon2.js", Access::Public),
+    ("/user/captcha/solver.js", Access::Public),
+    ("/user/captcha/challenge", Access::CredentialForm),
+    ("/user/captcha/verify", Access::Public),
     ("/admin/login", Access::AdminSignIn),
 ];
 
@@ -101,7 +108,18 @@ mod tests {
         assert_eq!(access(None, "/health/x"), Access::Proxy);
         assert_eq!(
             unauthenticated_routes().collect::<Vec<_>>(),
-            ["/health", "/", "/user", "/user/nickname", "/admin/login"]
+            [
+                "/health",
+                "/",
+                "/user",
+                "/user/nickname",
+                "/user/captcha",
+                "/user/captcha/argon2.js",
+                "/user/captcha/solver.js",
+                "/user/captcha/challenge",
+                "/user/captcha/verify",
+                "/admin/login"
+            ]
         );
     }
 }

@@ -36,6 +36,15 @@ pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 pub const VALIDATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most sessions kept at once; the table never grows past it.
 const MAX_SESSIONS: usize = 10_000;
+/// How long an answer of the session service (valid or rejected) is reused for the same
+/// session: a page with a dozen admin requests costs the service one call, and a browser
+/// sending a rejected cookie again is not asked about (nor counted) again at once.
+pub const VALIDATE_CACHE_TTL: Duration = Duration::from_secs(10);
+/// The most calls to the session service at once; a request beyond them is refused at once
+/// (as if the service were unavailable) instead of piling up.
+pub const MAX_VALIDATE_IN_FLIGHT: usize = 8;
+/// The most cached answers kept.
+const MAX_CACHED_ANSWERS: usize = 10_000;
 /// The largest answer read from the external session service.
 const MAX_VALIDATE_BODY: usize = 64 * 1024;
 
@@ -78,6 +87,10 @@ pub struct Sessions {
     table: DashMap<String, Session>,
     validate_url: Option<Url>,
     http: reqwest::Client,
+    /// Recent answers of the session service, by a hash of the session presented.
+    validate_cache: DashMap<[u8; 32], (External, Instant)>,
+    /// Bounds the calls to the session service in flight.
+    validate_slots: tokio::sync::Semaphore,
     /// Data waiting for a second, confirming form (an import preview), by random id.
     stash: DashMap<String, Stashed>,
 }
@@ -122,6 +135,8 @@ impl Sessions {
             secure: !config.cli.use_insecure_cookies,
             table: DashMap::new(),
             validate_url: config.cli.admin_session_validate_url.clone(),
+            validate_cache: DashMap::new(),
+            validate_slots: tokio::sync::Semaphore::new(MAX_VALIDATE_IN_FLIGHT),
             http,
             stash: DashMap::new(),
         })
@@ -297,10 +312,12 @@ impl Sessions {
     /// Asks the external session service about this request. Only `200` with
     /// `{"valid": true, "user": "<non-empty string>"}` admits; everything else is a refusal.
     /// Our own cookies are removed from the forwarded `Cookie` header: they are credentials
-    /// for this proxy, not for the session service.
-    pub async fn validate_external(&self, headers: &HeaderMap) -> External {
+    /// for this proxy, not for the session service. A valid or rejected answer is reused for
+    /// [`VALIDATE_CACHE_TTL`]; the second value is true when the service was asked now (so
+    /// that a rejection is counted once for the lockout, not on every reuse).
+    pub async fn validate_external(&self, headers: &HeaderMap) -> (External, bool) {
         let Some(url) = &self.validate_url else {
-            return External::NotConfigured;
+            return (External::NotConfigured, false);
         };
         let cookies = forwarded_cookies(headers);
         let token = headers
@@ -309,13 +326,43 @@ impl Sessions {
             .map(str::trim)
             .filter(|v| !v.is_empty());
         if cookies.is_none() && token.is_none() {
-            return External::NoCredential;
+            return (External::NoCredential, false);
         }
+        let key = cache_key(cookies.as_ref().map(HeaderValue::as_bytes), token);
+        let now = Instant::now();
+        if let Some(hit) = self.validate_cache.get(&key) {
+            if now.duration_since(hit.1) < VALIDATE_CACHE_TTL {
+                return (hit.0.clone(), false);
+            }
+        }
+        let Ok(_slot) = self.validate_slots.try_acquire() else {
+            return (
+                External::Unavailable(format!(
+                    "{MAX_VALIDATE_IN_FLIGHT} session checks are already in flight; try again"
+                )),
+                false,
+            );
+        };
+        let answer = self.ask(url, cookies.as_ref(), token).await;
+        if matches!(answer, External::Valid(_) | External::Rejected(_)) {
+            if self.validate_cache.len() >= MAX_CACHED_ANSWERS {
+                self.validate_cache
+                    .retain(|_, (_, at)| now.duration_since(*at) < VALIDATE_CACHE_TTL);
+                if self.validate_cache.len() >= MAX_CACHED_ANSWERS {
+                    self.validate_cache.clear();
+                }
+            }
+            self.validate_cache.insert(key, (answer.clone(), now));
+        }
+        (answer, true)
+    }
+
+    async fn ask(&self, url: &Url, cookies: Option<&HeaderValue>, token: Option<&str>) -> External {
         let mut req = self
             .http
             .get(url.clone())
             .header(header::ACCEPT, "application/json");
-        if let Some(c) = &cookies {
+        if let Some(c) = cookies {
             req = req.header(header::COOKIE, c);
         }
         if let Some(t) = token {
@@ -343,6 +390,17 @@ impl Sessions {
         };
         interpret(status, &body)
     }
+}
+
+/// The cache key of a presented session: a SHA-256 of what is forwarded, so the cache holds
+/// no session secret in the clear.
+fn cache_key(cookies: Option<&[u8]>, token: Option<&str>) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = Sha256::new();
+    h.update(cookies.unwrap_or_default());
+    h.update(b"\x1f");
+    h.update(token.unwrap_or_default().as_bytes());
+    h.finalize().into()
 }
 
 /// Decides what an answer of the session service means (kept apart from the I/O so the

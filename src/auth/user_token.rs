@@ -64,7 +64,9 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
     let ip_s = ip.to_string();
     let global_limit = state.config.cli.max_ips_per_user;
 
-    let look = state.users.with_user(token, |u| {
+    // The one lookup of the token for this request: its key goes on in the `Principal`.
+    let key = state.users.key(token);
+    let look = state.users.with_user_at(key, token, |u| {
         if u.is_disabled() {
             return Look::Refused(disabled_error(u.disabled_reason.as_deref()));
         }
@@ -96,6 +98,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
             return Ok(Principal::User {
                 token: token.to_string(),
                 kind,
+                key: Some(key),
             })
         }
         Look::NeedsWrite => {}
@@ -104,7 +107,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
     // The write path: everything is checked again under the entry's lock, since the user may
     // have changed between the two looks.
     let auto_ban = state.config.cli.max_ips_auto_ban;
-    let outcome = state.users.update_entry(token, |e| {
+    let outcome = state.users.update_entry_at(key, token, |e| {
         let u = &mut e.user;
         if u.is_disabled() {
             return (Err(disabled_error(u.disabled_reason.as_deref())), false);
@@ -144,6 +147,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
         Some(Ok(kind)) => Ok(Principal::User {
             token: token.to_string(),
             kind,
+            key: Some(key),
         }),
         Some(Err(e)) => Err(e),
         // Removed between the two looks (a purge): as unknown as any other token.

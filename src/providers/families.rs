@@ -13,6 +13,8 @@
 pub const OPENAI_FALLBACK: &str = "gpt4";
 /// The family of an unknown model sent to an Anthropic-style upstream.
 pub const ANTHROPIC_FALLBACK: &str = "claude";
+/// The family of an unknown model sent to Google AI (the original's default).
+pub const GEMINI_FALLBACK: &str = "gemini-pro";
 
 /// Every family this table can produce, for documentation and tests. Azure families are
 /// `azure-` followed by an OpenAI family and are not repeated here.
@@ -40,7 +42,9 @@ pub const FAMILIES: &[&str] = &[
     "dall-e",
     "claude",
     "claude-opus",
+    "gemini-flash",
     "gemini-pro",
+    "gemini-ultra",
     "mistral-tiny",
     "mistral-small",
     "mistral-medium",
@@ -78,7 +82,15 @@ pub fn family_for(model: &str) -> Option<String> {
         return Some(claude_variant(&m, "claude", "claude-opus").to_string());
     }
     if m.starts_with("gemini") {
-        return Some("gemini-pro".to_string());
+        // As the original's getGoogleAIModelFamily: ultra and flash by name, else pro.
+        let family = if m.contains("ultra") {
+            "gemini-ultra"
+        } else if m.contains("flash") {
+            "gemini-flash"
+        } else {
+            GEMINI_FALLBACK
+        };
+        return Some(family.to_string());
     }
     mistral_family(&m)
         .or_else(|| openai_family(&m))
@@ -239,21 +251,31 @@ fn o_series_family(m: &str) -> Option<&'static str> {
     None
 }
 
-/// The original's Mistral mapping (`-latest`/`-NNNN` suffixes pruned; open models mapped to
-/// the tier of their size; any other Mistral model is `mistral-tiny`).
+/// The family of a lower-cased model name that looks like a Mistral model (`mistral-*`,
+/// `open-mistral-*`, `open-mixtral-*`, `codestral-*`, `ministral-*`, ...), or `None`.
 fn mistral_family(m: &str) -> Option<&'static str> {
     let is_mistral = [
         "mistral",
         "open-mistral",
         "open-mixtral",
+        "open-codestral",
         "codestral",
         "ministral",
+        "magistral",
+        "pixtral",
+        "devstral",
     ]
     .iter()
     .any(|p| m.starts_with(p));
-    if !is_mistral {
-        return None;
-    }
+    is_mistral.then(|| mistral_ai_family(m))
+}
+
+/// The original's Mistral mapping, applied to every model sent to Mistral AI: `-latest` or a
+/// `-NNNN` version suffix is pruned; `mistral-tiny|small|medium|large` are their own family;
+/// `open-mistral-7b` is tiny; `open-mistral-nemo`, `open-mixtral-8x7b` and codestral models
+/// are small; `open-mixtral-8x22b` is medium; any other model is small.
+pub fn mistral_ai_family(model: &str) -> &'static str {
+    let m = bare_model(model);
     let pruned = m
         .strip_suffix("-latest")
         .or_else(|| {
@@ -261,14 +283,16 @@ fn mistral_family(m: &str) -> Option<&'static str> {
                 (tail.len() == 4 && tail.chars().all(|c| c.is_ascii_digit())).then_some(head)
             })
         })
-        .unwrap_or(m);
-    Some(match pruned {
+        .unwrap_or(&m);
+    match pruned {
+        "mistral-tiny" => "mistral-tiny",
         "mistral-small" => "mistral-small",
         "mistral-medium" => "mistral-medium",
         "mistral-large" => "mistral-large",
-        "open-mixtral-8x7b" => "mistral-small",
-        _ => "mistral-tiny",
-    })
+        "open-mistral-7b" => "mistral-tiny",
+        "open-mixtral-8x22b" => "mistral-medium",
+        _ => "mistral-small",
+    }
 }
 
 #[cfg(test)]
@@ -386,7 +410,8 @@ mod tests {
         assert_eq!(an("claude-3-5-sonnet@20240620"), "gcp-claude");
         assert_eq!(an("claude-3-opus@20240229"), "gcp-claude-opus");
         assert_eq!(oa("gemini-1.5-pro"), "gemini-pro");
-        assert_eq!(oa("gemini-2.5-flash"), "gemini-pro");
+        assert_eq!(oa("gemini-2.5-flash"), "gemini-flash");
+        assert_eq!(oa("gemini-ultra"), "gemini-ultra");
     }
 
     #[test]
@@ -397,7 +422,17 @@ mod tests {
         assert_eq!(oa("mistral-tiny"), "mistral-tiny");
         assert_eq!(oa("open-mistral-7b"), "mistral-tiny");
         assert_eq!(oa("open-mixtral-8x7b"), "mistral-small");
-        assert_eq!(oa("codestral-latest"), "mistral-tiny");
+        assert_eq!(oa("codestral-latest"), "mistral-small");
+        assert_eq!(oa("open-mistral-nemo"), "mistral-small");
+        assert_eq!(oa("open-mixtral-8x22b"), "mistral-medium");
+        assert_eq!(oa("mistral-large-2411"), "mistral-large");
+        // On Mistral AI every model has a Mistral family; unknown ones are small.
+        assert_eq!(mistral_ai_family("pixtral-large-latest"), "mistral-small");
+        assert_eq!(
+            mistral_ai_family("mistralai/mistral-large-latest"),
+            "mistral-large"
+        );
+        assert_eq!(mistral_ai_family("gpt-4o"), "mistral-small");
     }
 
     #[test]

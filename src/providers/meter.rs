@@ -137,6 +137,15 @@ impl Meter {
         Some(Usage { prompt, completion })
     }
 
+    /// The family the response's model is counted in, for providers whose response decides
+    /// it ([`Provider::family_from_response`]); `None` otherwise or when it named no model.
+    pub fn response_family(&self) -> Option<String> {
+        if !self.provider.family_from_response() || !self.succeeded() {
+            return None;
+        }
+        self.seen.model.as_deref().map(|m| self.provider.family(m))
+    }
+
     /// True when [`Meter::usage`] would use its prompt estimate (the upstream answered but did
     /// not report the prompt's tokens), so that the caller counts the prompt only then.
     pub fn needs_prompt_estimate(&self) -> bool {
@@ -163,7 +172,10 @@ impl Meter {
         if !self.body_truncated {
             // Fast path: read only the top-level usage field (serde skips everything else
             // without building it). When it holds both counts nothing else in the body matters.
-            if let Some(u) = top_level_field(&body, key) {
+            if let Some([Some(u), model]) = top_level_fields(&body, [key, "model"]) {
+                if let Some(m) = model.as_ref().and_then(Value::as_str) {
+                    self.seen.model(m);
+                }
                 if let Some(r) = self.provider.usage_from(self.api, &u) {
                     self.seen.usage(r);
                     if self.seen.prompt.is_some() && self.seen.completion_final {
@@ -281,30 +293,31 @@ impl Meter {
     }
 }
 
-/// The value of a top-level field of a JSON object, skipping every other field without
-/// building it. `None` when the body is not a JSON object or lacks the field.
-fn top_level_field(body: &[u8], key: &str) -> Option<Value> {
+/// The values of two top-level fields of a JSON object, skipping every other field without
+/// building it. `None` when the body is not a JSON object; a missing field is `None` inside.
+fn top_level_fields(body: &[u8], keys: [&str; 2]) -> Option<[Option<Value>; 2]> {
     use serde::de::{Deserializer, MapAccess, Visitor};
-    struct Field<'k>(&'k str);
-    impl<'de> Visitor<'de> for Field<'_> {
-        type Value = Option<Value>;
+    struct Fields<'k>([&'k str; 2]);
+    impl<'de> Visitor<'de> for Fields<'_> {
+        type Value = [Option<Value>; 2];
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Value>, A::Error> {
-            let mut found = None;
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = [None, None];
             while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                if k == self.0 {
-                    found = Some(map.next_value::<Value>()?);
-                } else {
-                    map.next_value::<serde::de::IgnoredAny>()?;
+                match self.0.iter().position(|key| *key == k) {
+                    Some(i) => found[i] = Some(map.next_value::<Value>()?),
+                    None => {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
                 }
             }
             Ok(found)
         }
     }
     let mut de = serde_json::Deserializer::from_slice(body);
-    de.deserialize_map(Field(key)).ok().flatten()
+    de.deserialize_map(Fields(keys)).ok()
 }
 
 fn trim_eol(raw: &[u8]) -> &[u8] {

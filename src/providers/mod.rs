@@ -51,10 +51,15 @@
 //!    end-to-end tests through the proxy with that client, plain and streaming.
 
 pub mod anthropic;
+pub mod azure;
 pub mod families;
+pub mod google_ai;
+pub mod images;
 pub mod key_errors;
 pub mod meter;
+pub mod mistral;
 pub mod openai;
+pub mod translate;
 
 use axum::http::{HeaderMap, HeaderValue, Method};
 use bytes::Bytes;
@@ -67,6 +72,12 @@ pub use meter::Meter;
 pub enum Provider {
     OpenAi,
     Anthropic,
+    /// Google AI, the Gemini API ([`google_ai`]).
+    GoogleAi,
+    /// Mistral AI (OpenAI chat format).
+    MistralAi,
+    /// Azure OpenAI (OpenAI chat and images, one deployment per credential).
+    Azure,
 }
 
 /// The kind of endpoint a proxied request targets, by wire format. The same format may be
@@ -79,22 +90,34 @@ pub enum Api {
     OpenAiCompletions,
     /// `POST /v1/embeddings`
     OpenAiEmbeddings,
+    /// `POST /v1/images/generations` (counted by its price, [`images`]).
+    OpenAiImages,
     /// `GET /v1/models` and anything else on an OpenAI-style upstream that is not a generation.
     OpenAiOther,
     /// `POST /v1/messages`
     AnthropicMessages,
     /// `POST /v1/messages/count_tokens` and anything else on the Anthropic upstream.
     AnthropicOther,
+    /// `POST /{v1,v1beta}/models/{model}:generateContent` (Google AI).
+    GoogleAiGenerate,
+    /// `POST /{v1,v1beta}/models/{model}:streamGenerateContent` (Google AI; the stream flag is
+    /// the method, not a body field).
+    GoogleAiStream,
+    /// `GET /{v1,v1beta}/models` (Google AI).
+    GoogleAiOther,
 }
 
 impl Api {
     /// The provider this API is served by on the main routes.
     pub fn provider(self) -> Provider {
         match self {
-            Api::OpenAiChat | Api::OpenAiCompletions | Api::OpenAiEmbeddings | Api::OpenAiOther => {
-                Provider::OpenAi
-            }
+            Api::OpenAiChat
+            | Api::OpenAiCompletions
+            | Api::OpenAiEmbeddings
+            | Api::OpenAiImages
+            | Api::OpenAiOther => Provider::OpenAi,
             Api::AnthropicMessages | Api::AnthropicOther => Provider::Anthropic,
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => Provider::GoogleAi,
         }
     }
 
@@ -105,13 +128,17 @@ impl Api {
             Api::OpenAiChat
                 | Api::OpenAiCompletions
                 | Api::OpenAiEmbeddings
+                | Api::OpenAiImages
                 | Api::AnthropicMessages
+                | Api::GoogleAiGenerate
+                | Api::GoogleAiStream
         )
     }
 
-    /// Whether the API produces output tokens (embeddings count their input only).
+    /// Whether the API produces output tokens (embeddings count their input only, images
+    /// their price).
     pub fn has_output(self) -> bool {
-        self != Api::OpenAiEmbeddings
+        !matches!(self, Api::OpenAiEmbeddings | Api::OpenAiImages)
     }
 }
 
@@ -197,6 +224,9 @@ const TEXT_CAP: usize = 4 * 1024 * 1024;
 /// What a response said so far: reported usage (merged over events) and generated text.
 #[derive(Debug, Default)]
 pub struct Seen {
+    /// The model the response names (the first non-empty `model`), for providers whose
+    /// response decides the family ([`Provider::family_from_response`]).
+    pub model: Option<String>,
     pub prompt: Option<u64>,
     pub completion: Option<u64>,
     pub completion_final: bool,
@@ -220,6 +250,13 @@ impl Seen {
             if u.completion_final {
                 self.completion_final = true;
             }
+        }
+    }
+
+    /// Notes the model a response names (the first non-empty one wins).
+    pub fn model(&mut self, m: &str) {
+        if self.model.is_none() && !m.is_empty() {
+            self.model = Some(m.to_string());
         }
     }
 
@@ -254,7 +291,23 @@ pub trait Translation: Send + Sync {
     /// The rewrite of the upstream's response (JSON or SSE, `stream` says which the client
     /// asked for) into the client's format.
     fn response(&self, stream: bool) -> Box<dyn StreamTransform>;
+    /// The model, when the upstream takes it in the path rather than the body (Gemini):
+    /// asked after [`Translation::request`], for the request facts (family, quota).
+    fn model(&self) -> Option<String> {
+        None
+    }
+    /// The upstream path (with its query, which then replaces the client's), when it depends
+    /// on the client's request (Gemini: the model and the stream method); asked after
+    /// [`Translation::request`].
+    fn upstream_path(&self) -> Option<String> {
+        None
+    }
 }
+
+/// The model of a request whose path names it (Gemini's `models/{model}:generateContent`),
+/// inserted in the request extensions by its route for the request facts.
+#[derive(Debug, Clone)]
+pub struct PathModel(pub String);
 
 /// The upstream request as it will be sent, for [`Provider::authorize`] to sign or complete.
 pub struct UpstreamRequest {
@@ -276,21 +329,55 @@ pub struct KeyUse<'a> {
 pub struct AuthError(pub String);
 
 impl Provider {
+    /// The service name operators use for this provider in `ALLOWED_VISION_SERVICES` and the
+    /// `MAX_CONTEXT_TOKENS_<SERVICE>` / `MAX_OUTPUT_TOKENS_<SERVICE>` variables (the
+    /// original's `LLMService` names: `openai`, `anthropic`, `google-ai`, `mistral-ai`, `aws`,
+    /// `gcp`, `azure`).
+    pub fn service_name(self) -> &'static str {
+        match self {
+            Provider::OpenAi => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::GoogleAi => "google-ai",
+            Provider::MistralAi => "mistral-ai",
+            Provider::Azure => "azure",
+        }
+    }
+
     /// The request facts of a body of `api` sent to this provider.
     pub fn request_facts(self, api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
-        let mut facts = match api {
-            Api::AnthropicMessages | Api::AnthropicOther => anthropic::request_facts(api, body)?,
+        let mut facts = match (self, api) {
+            (_, Api::AnthropicMessages | Api::AnthropicOther) => {
+                anthropic::request_facts(api, body)?
+            }
+            (_, Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther) => {
+                google_ai::request_facts_for(api, body)?
+            }
+            (Provider::MistralAi, _) => mistral::request_facts(api, body)?,
+            // Azure speaks OpenAI's format.
             _ => openai::request_facts(api, body)?,
         };
-        facts.family = self.family(&facts.model);
+        facts.family = if api == Api::OpenAiImages {
+            // The images endpoint serves only image models, whatever `model` names (on Azure,
+            // a deployment).
+            match self {
+                Provider::Azure => "azure-dall-e".to_string(),
+                _ => "dall-e".to_string(),
+            }
+        } else {
+            self.family(&facts.model)
+        };
         Ok(facts)
     }
 
     /// Sets the provider's own output-cap field of a generation request to `cap`.
     pub fn set_output_cap(self, api: Api, body: &mut Value, cap: u64) {
-        match api {
-            Api::AnthropicMessages => anthropic::set_output_cap(body, cap),
-            Api::OpenAiChat | Api::OpenAiCompletions => openai::set_output_cap(api, body, cap),
+        match (self, api) {
+            (_, Api::AnthropicMessages) => anthropic::set_output_cap(body, cap),
+            (_, Api::GoogleAiGenerate | Api::GoogleAiStream) => {
+                google_ai::set_output_cap(body, cap);
+            }
+            (Provider::MistralAi, Api::OpenAiChat) => mistral::set_output_cap(body, cap),
+            (_, Api::OpenAiChat | Api::OpenAiCompletions) => openai::set_output_cap(api, body, cap),
             _ => {}
         }
     }
@@ -299,8 +386,11 @@ impl Provider {
     /// the proxy asked on the client's behalf (the usage-only event is then hidden).
     pub fn ask_stream_usage(self, api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
         match self {
-            Provider::OpenAi => openai::ask_stream_usage(api, body, facts),
-            Provider::Anthropic => false,
+            // Azure reports a stream's usage only when asked, as OpenAI.
+            Provider::OpenAi | Provider::Azure => openai::ask_stream_usage(api, body, facts),
+            // Anthropic, Gemini and Mistral streams always carry usage (Mistral refuses
+            // `stream_options` with 422).
+            Provider::Anthropic | Provider::GoogleAi | Provider::MistralAi => false,
         }
     }
 
@@ -309,13 +399,25 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::family(model),
             Provider::Anthropic => anthropic::family(model),
+            Provider::GoogleAi => google_ai::family(model),
+            Provider::MistralAi => mistral::family(model),
+            Provider::Azure => azure::family(model),
         }
+    }
+
+    /// Whether the response's model decides the family usage is counted in (Azure: the
+    /// deployment decides the model, whatever the request's `model` says).
+    pub fn family_from_response(self) -> bool {
+        self == Provider::Azure
     }
 
     /// Reads one whole JSON response or one stream event; true for a usage-only event.
     pub fn observe(self, api: Api, v: &Value, seen: &mut Seen) -> bool {
         match api {
             Api::AnthropicMessages | Api::AnthropicOther => anthropic::observe(v, seen),
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => {
+                google_ai::observe(v, seen)
+            }
             _ => openai::observe(v, seen),
         }
     }
@@ -326,13 +428,19 @@ impl Provider {
             Api::AnthropicMessages | Api::AnthropicOther => {
                 Some(anthropic::AnthropicUsage::from_json(usage)?.into_usage(true))
             }
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => {
+                google_ai::usage_from_json(usage)
+            }
             _ => Some(openai::OpenAiUsage::from_json(usage)?.into_usage()),
         }
     }
 
     /// The top-level field of a JSON response that holds its usage.
     pub fn usage_key(self) -> &'static str {
-        "usage"
+        match self {
+            Provider::GoogleAi => "usageMetadata",
+            _ => "usage",
+        }
     }
 
     /// A decoder of this provider's stream framing into SSE, when it does not stream SSE.
@@ -345,6 +453,7 @@ impl Provider {
         match self {
             Provider::OpenAi => openai::FORWARDED_HEADERS,
             Provider::Anthropic => anthropic::FORWARDED_HEADERS,
+            Provider::GoogleAi | Provider::MistralAi | Provider::Azure => &[],
         }
     }
 
@@ -358,14 +467,24 @@ impl Provider {
     /// The credential value of an operator key as its header carries it.
     pub fn key_credential(self, key: &str) -> String {
         match self {
-            Provider::OpenAi => openai::key_credential(key),
-            Provider::Anthropic => key.to_string(),
+            Provider::OpenAi | Provider::MistralAi => openai::key_credential(key),
+            Provider::Anthropic | Provider::Azure | Provider::GoogleAi => key.to_string(),
         }
     }
 
-    /// The upstream URL for a client path (`/v1/...`) and query string, from the base URL.
-    pub fn upstream_url(self, base: &BaseUrl, path: &str, query: Option<&str>) -> String {
-        base.join(path, query)
+    /// The upstream URL for a client path (`/v1/...`) and query string, sent with the key at
+    /// `key_index` of the pool (Azure: each key is a deployment of its own).
+    pub fn upstream_url(
+        self,
+        endpoint: &Endpoint,
+        path: &str,
+        query: Option<&str>,
+        key_index: usize,
+    ) -> String {
+        match endpoint {
+            Endpoint::Base(base) => base.join(path, query),
+            Endpoint::Azure(d) => d.url(key_index, path),
+        }
     }
 
     /// Puts the operator's credential on the final request.
@@ -375,12 +494,23 @@ impl Provider {
         key: &KeyUse<'_>,
     ) -> Result<(), AuthError> {
         let name = match self {
-            Provider::OpenAi => openai::AUTH_HEADER,
+            Provider::OpenAi | Provider::MistralAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,
+            Provider::Azure => azure::AUTH_HEADER,
+            Provider::GoogleAi => google_ai::AUTH_HEADER,
         };
         req.headers.insert(name, key.credential.clone());
         Ok(())
     }
+}
+
+/// Where a provider's requests go.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// One base URL for every key.
+    Base(BaseUrl),
+    /// Azure: a resource and deployment per key.
+    Azure(azure::Deployments),
 }
 
 /// A provider's base URL, normalised once at startup.

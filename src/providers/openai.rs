@@ -34,6 +34,19 @@ const REPLY_PRIMING: u64 = 3;
 
 /// Reads the facts admission needs from a request body of an OpenAI-format API.
 pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
+    if api == Api::OpenAiImages {
+        // An image is counted by its price, not its prompt (as the original).
+        return Ok(RequestFacts {
+            model: body
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or(super::images::DEFAULT_MODEL)
+                .to_string(),
+            prompt_fixed: super::images::cost_tokens(body)?,
+            choices: 1,
+            ..RequestFacts::default()
+        });
+    }
     let mut facts = RequestFacts {
         model: body
             .get("model")
@@ -210,6 +223,9 @@ impl OpenAiUsage {
 /// Reads usage and generated text from a whole response or one stream chunk; true for the
 /// usage-only chunk (no choices) that `stream_options.include_usage` adds.
 pub fn observe(v: &Value, seen: &mut Seen) -> bool {
+    if let Some(m) = v.get("model").and_then(Value::as_str) {
+        seen.model(m);
+    }
     let usage = v.get("usage").and_then(OpenAiUsage::from_json);
     if let Some(u) = usage {
         seen.usage(u.into_usage());

@@ -10,9 +10,11 @@
 //!   `max_tokens: -1`, which a live key answers with a free 400 while a revoked or spent key
 //!   gets 401/429; `x-ratelimit-limit-requests` ≤ 250 marks a trial key.
 //! - Anthropic: a one-token Messages call; the tier comes from `anthropic-ratelimit-*`.
+//! - Google AI and Mistral AI: their model lists (free; only a valid key gets one).
+//! - Azure: the deployment's chat completion with `max_tokens: -1` (a free 400 when alive).
 //!
-//! A provider without a probe here is not checked (its keys stay `unchecked` and are used).
-//! To add one: write `probe_<provider>` returning a [`CheckResult`] and add it to [`probe`].
+//! To add a provider: write `probe_<provider>` returning a [`CheckResult`], add it to
+//! [`probe`], [`has_probe`] and [`checked_providers`], and give it a period in [`Schedule`].
 
 use std::time::Duration;
 
@@ -58,6 +60,9 @@ impl Schedule {
         let secs = match provider {
             Provider::OpenAi => config.cli.openai_key_check_period_secs,
             Provider::Anthropic => config.cli.anthropic_key_check_period_secs,
+            Provider::GoogleAi => config.cli.google_ai_key_check_period_secs,
+            Provider::MistralAi => config.cli.mistral_ai_key_check_period_secs,
+            Provider::Azure => config.cli.azure_key_check_period_secs,
         };
         Schedule {
             period: (secs > 0).then(|| Duration::from_secs(secs)),
@@ -68,7 +73,13 @@ impl Schedule {
 
 /// Whether a provider has a probe (its keys are checked).
 pub fn has_probe(provider: Provider) -> bool {
-    matches!(provider, Provider::OpenAi | Provider::Anthropic)
+    match provider {
+        Provider::OpenAi
+        | Provider::Anthropic
+        | Provider::GoogleAi
+        | Provider::MistralAi
+        | Provider::Azure => true,
+    }
 }
 
 /// The providers whose keys are checked, with their schedules (empty when `CHECK_KEYS=false`).
@@ -76,11 +87,17 @@ pub fn checked_providers(config: &Config, upstreams: &Upstreams) -> Vec<(Provide
     if !config.cli.check_keys {
         return Vec::new();
     }
-    [Provider::OpenAi, Provider::Anthropic]
-        .into_iter()
-        .filter(|p| has_probe(*p) && !upstreams.provider(*p).keys.is_empty())
-        .map(|p| (p, Schedule::from_config(config, p)))
-        .collect()
+    [
+        Provider::OpenAi,
+        Provider::Anthropic,
+        Provider::GoogleAi,
+        Provider::MistralAi,
+        Provider::Azure,
+    ]
+    .into_iter()
+    .filter(|p| has_probe(*p) && !upstreams.provider(*p).keys.is_empty())
+    .map(|p| (p, Schedule::from_config(config, p)))
+    .collect()
 }
 
 /// Why a probe said nothing about the key: the network failed or the upstream had an error of
@@ -199,6 +216,9 @@ pub async fn probe(
     match upstream.provider {
         Provider::OpenAi => probe_openai(upstreams, upstream, index).await,
         Provider::Anthropic => probe_anthropic(upstreams, upstream, index).await,
+        Provider::GoogleAi => probe_model_list(upstreams, upstream, index, "/v1beta/models").await,
+        Provider::MistralAi => probe_model_list(upstreams, upstream, index, "/v1/models").await,
+        Provider::Azure => probe_azure(upstreams, upstream, index).await,
     }
 }
 
@@ -239,7 +259,7 @@ async fn call(
     upstream.provider.default_headers(&mut headers);
     let mut out = UpstreamRequest {
         method,
-        url: upstream.url(path, None),
+        url: upstream.url(path, None, index),
         headers,
         body,
     };
@@ -369,6 +389,60 @@ async fn probe_openai(
         result.detail = Some("trial key (low request limit)".into());
     }
     Ok(result)
+}
+
+/// Google AI and Mistral: the model list, which answers only a valid key (free).
+async fn probe_model_list(
+    upstreams: &Upstreams,
+    upstream: &ProviderUpstream,
+    index: usize,
+    path: &str,
+) -> Result<CheckResult, Transient> {
+    let a = call(upstreams, upstream, index, Method::GET, path, None).await?;
+    if let Some(r) = verdict(upstream.provider, &a) {
+        return Ok(r);
+    }
+    match a.status {
+        200 => Ok(CheckResult::status(KeyStatus::Working)),
+        // Google answers an invalid key with 400 `API_KEY_INVALID`.
+        400 if String::from_utf8_lossy(&a.body).contains("API_KEY_INVALID") => {
+            Ok(CheckResult::status(KeyStatus::Revoked))
+        }
+        s => Err(Transient(format!(
+            "unexpected answer {s} to the model list"
+        ))),
+    }
+}
+
+/// Azure: the deployment's chat completion with `max_tokens: -1` (a free 400 when the
+/// deployment and its key work; 401 for a bad key, 404 for a deployment that does not exist).
+async fn probe_azure(
+    upstreams: &Upstreams,
+    upstream: &ProviderUpstream,
+    index: usize,
+) -> Result<CheckResult, Transient> {
+    let a = call(
+        upstreams,
+        upstream,
+        index,
+        Method::POST,
+        "/v1/chat/completions",
+        Some(serde_json::json!({
+            "max_tokens": -1,
+            "messages": [{"role": "user", "content": ""}],
+        })),
+    )
+    .await?;
+    if let Some(r) = verdict(Provider::Azure, &a) {
+        return Ok(r);
+    }
+    Ok(match a.status {
+        404 => CheckResult {
+            detail: Some("the deployment does not exist".into()),
+            ..CheckResult::status(KeyStatus::Revoked)
+        },
+        _ => CheckResult::status(KeyStatus::Working),
+    })
 }
 
 /// Anthropic's tier from the token limit of `anthropic-ratelimit-*` (the original's scale).

@@ -1,10 +1,13 @@
 //! The forwarder: one proxied request, top to bottom, as named phases over a per-request
 //! context (in the manner of Pingora):
 //!
+//! 0. [`check_origin`]: `BLOCKED_ORIGINS` refuses before the body is read.
 //! 1. [`read_request`]: read the body within `MAX_REQUEST_BODY_MB` (413) and check that JSON
 //!    routes carry a JSON object (400).
 //! 2. [`admit`]: for generation APIs, translate the body when the route says so, read the
-//!    request facts through the provider, ask [`crate::quota::Quotas::admit`] (it may refuse),
+//!    request facts through the provider, apply the operator's policy ([`apply_policy`]:
+//!    families, images, tools, rejected phrases, output and context caps), ask
+//!    [`crate::quota::Quotas::admit`] (it may refuse),
 //!    and let the provider ask for stream usage; the body is re-serialised only when changed
 //!    (otherwise the client's bytes go up untouched).
 //! 3. [`upstream_headers`]: build the upstream request headers from an allowlist.
@@ -44,7 +47,7 @@ use crate::error::ProxyError;
 use crate::net::ClientIp;
 use crate::providers::key_errors::{self, KeyVerdict};
 use crate::providers::{
-    Api, KeyUse, Meter, Provider, StreamTransform, Translation, UpstreamRequest,
+    Api, KeyUse, Meter, PathModel, Provider, StreamTransform, Translation, UpstreamRequest,
 };
 use crate::proxy::keys::{rest_duration, ChosenKey, NoKey};
 use crate::proxy::ProviderUpstream;
@@ -92,6 +95,18 @@ pub struct Route {
     pub translation: Option<Arc<dyn Translation>>,
 }
 
+impl Route {
+    /// A route to `provider`'s `api` at `upstream_path`, in the client's own format.
+    pub fn to(provider: Provider, api: Api, upstream_path: &str) -> Route {
+        Route {
+            provider,
+            api,
+            upstream_path: Some(upstream_path.to_string()),
+            translation: None,
+        }
+    }
+}
+
 /// Everything the phases share about one request.
 struct Ctx {
     provider: Provider,
@@ -106,6 +121,8 @@ struct Ctx {
     headers: HeaderMap,
     principal: Principal,
     ip: IpAddr,
+    /// The model named by the path ([`PathModel`], Gemini), for the request facts.
+    path_model: Option<String>,
 }
 
 /// Handles one proxied request of `api` to its usual provider. `upstream_path` is set by the
@@ -145,6 +162,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         .map(|c| c.0)
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let client_path = parts.uri.path().to_string();
+    let path_model = parts.extensions.get::<PathModel>().map(|m| m.0.clone());
     let ctx = Ctx {
         provider,
         api,
@@ -156,9 +174,14 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         headers: parts.headers,
         principal,
         ip,
+        path_model,
     };
     let upstream = state.upstreams.provider(provider);
 
+    // Phase 0: a blocked Origin/Referer is refused before the body is read.
+    if let Some(resp) = check_origin(&state, &ctx) {
+        return resp;
+    }
     // Phase 1: read and validate.
     let body = match read_request(&ctx, body, state.config.max_request_body_bytes()).await {
         Ok(b) => b,
@@ -169,7 +192,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         return log_refusal(&ctx, no_key_error(upstream, NoKey::NoneConfigured));
     }
     // Phase 2: admission.
-    let (body, admitted, stream, family) = match admit(&state, &ctx, body).await {
+    let (body, admitted, stream, model, family) = match admit(&state, &ctx, body).await {
         Ok(v) => v,
         Err(e) => return log_refusal(&ctx, e),
     };
@@ -179,21 +202,21 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
     };
     // Phases 3 and 4: build the upstream request and send it.
     let headers = upstream_headers(&ctx);
-    let url = upstream.url(&ctx.upstream_path, ctx.query.as_deref());
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started) + state.upstreams.timeout;
-    let sent = send(
+    let eligible = upstream.eligible_keys(model.as_deref());
+    match send(
         &state,
         upstream,
         &ctx,
-        family.as_deref(),
-        &url,
         headers,
         body,
         deadline,
+        eligible.as_deref(),
+        family.as_deref(),
     )
-    .await;
-    match sent {
+    .await
+    {
         Ok((resp, key)) => {
             let latency = started.elapsed();
             tracing::info!(
@@ -319,17 +342,26 @@ async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, P
     }
 }
 
-/// Phase 2: admission for generation requests. Returns the bytes to send (the client's
-/// original bytes unless the body was changed), the admission, and whether the client asked
-/// for a stream.
+/// What admission hands on: the bytes to send (the client's original bytes unless the body
+/// was changed), the admission, whether the client asked for a stream, and the model named.
+/// The body to send, the admission, the stream flag, the model and its family.
+type AdmitOutcome = (
+    Bytes,
+    Option<crate::quota::Admitted>,
+    bool,
+    Option<String>,
+    Option<String>,
+);
+
+/// Phase 2: admission for generation requests.
 async fn admit(
     state: &AppState,
     ctx: &Ctx,
     incoming: Incoming,
-) -> Result<(Bytes, Option<crate::quota::Admitted>, bool, Option<String>), ProxyError> {
+) -> Result<AdmitOutcome, ProxyError> {
     let Incoming { bytes, json } = incoming;
     let Some(mut json) = json else {
-        return Ok((bytes, None, false, None));
+        return Ok((bytes, None, false, None, None));
     };
     let mut changed = false;
     if let Some(t) = &ctx.translation {
@@ -340,6 +372,17 @@ async fn admit(
         .provider
         .request_facts(ctx.api, &json)
         .map_err(|e| ProxyError::bad_request(e.0))?;
+    // The model of an upstream that takes it in the path (Gemini) is not in the body.
+    let path_model = ctx
+        .path_model
+        .clone()
+        .or_else(|| ctx.translation.as_ref().and_then(|t| t.model()));
+    if let Some(model) = path_model {
+        facts.family = ctx.provider.family(&model);
+        facts.model = model;
+    }
+    // Phase 2a: the operator's policy, before quotas (which take the prompt text).
+    changed |= apply_policy(state, ctx, &mut json, &mut facts).await?;
     let mut admitted = state
         .quotas
         .admit(
@@ -377,7 +420,144 @@ async fn admit(
     } else {
         bytes
     };
-    Ok((bytes, Some(admitted), facts.stream, Some(facts.family)))
+    Ok((
+        bytes,
+        Some(admitted),
+        facts.stream,
+        Some(facts.model),
+        Some(facts.family),
+    ))
+}
+
+/// Phase 0: `BLOCKED_ORIGINS`. A browser (it accepts HTML and sends no JSON) gets a page that
+/// redirects to `BLOCK_REDIRECT`; an API client gets the JSON error, as the original.
+fn check_origin(state: &AppState, ctx: &Ctx) -> Option<Response> {
+    let h = |name| ctx.headers.get(name).and_then(|v| v.to_str().ok());
+    let block = state
+        .policy
+        .origins
+        .check(h(header::ORIGIN), h(header::REFERER))?;
+    tracing::info!(
+        method = %ctx.method,
+        path = %ctx.client_path,
+        origin = h(header::ORIGIN).unwrap_or("-"),
+        referer = h(header::REFERER).unwrap_or("-"),
+        "refused: blocked origin"
+    );
+    let json_body = h(header::CONTENT_TYPE).is_some_and(|v| v.contains("application/json"));
+    let wants_html = h(header::ACCEPT).is_some_and(|v| v.contains("text/html"));
+    if wants_html && !json_body {
+        return Some(crate::web::templates::blocked_page(
+            StatusCode::FORBIDDEN,
+            block.message,
+            block.redirect,
+        ));
+    }
+    Some(ProxyError::new(StatusCode::FORBIDDEN, "blocked_origin", block.message).into_response())
+}
+
+/// Phase 2a: the operator's policy over a generation request (families, images, tools,
+/// rejected phrases, output and context caps), over the facts the provider read. Returns
+/// whether the body changed (the output cap was set on the provider's field).
+async fn apply_policy(
+    state: &AppState,
+    ctx: &Ctx,
+    json: &mut serde_json::Value,
+    facts: &mut crate::providers::RequestFacts,
+) -> Result<bool, ProxyError> {
+    use crate::policy::{Caller, Refusal, RequestFacts as PolicyFacts};
+
+    let policy = &state.policy;
+    let service = ctx.provider.service_name();
+    let refuse = |r: Refusal| match r {
+        Refusal::Forbidden { kind, message } => {
+            ProxyError::new(StatusCode::FORBIDDEN, kind, message)
+        }
+        Refusal::BadRequest { kind, message } => {
+            ProxyError::new(StatusCode::BAD_REQUEST, kind, message)
+        }
+    };
+    let special = matches!(ctx.principal, Principal::Admin)
+        || matches!(
+            ctx.principal,
+            Principal::User {
+                kind: crate::users::UserType::Special,
+                ..
+            }
+        );
+    let req = PolicyFacts {
+        service,
+        model: &facts.model,
+        family: &facts.family,
+        has_images: facts.has_images,
+        has_tools: facts.has_tools,
+        openai_tools_api: matches!(ctx.api, Api::OpenAiChat),
+    };
+    let shape = match &ctx.principal {
+        Principal::User { token, .. } => state
+            .quotas
+            .with_allowed_families(token, |own| {
+                policy.check_request(
+                    &req,
+                    Caller {
+                        special,
+                        allowed_families: own,
+                    },
+                )
+            })
+            .unwrap_or(Ok(())),
+        _ => policy.check_request(
+            &req,
+            Caller {
+                special,
+                allowed_families: None,
+            },
+        ),
+    };
+    shape.map_err(refuse)?;
+
+    if let Some(phrase) = policy.phrases.find(&facts.prompt_text) {
+        let delay = policy.rejections.record(ctx.ip, std::time::Instant::now());
+        tracing::warn!(
+            phrase,
+            delay_ms = delay.as_millis() as u64,
+            "prompt contains a rejected phrase"
+        );
+        // Held, bounded: repeated rejections from one address are slowed down.
+        tokio::time::sleep(delay).await;
+        return Err(ProxyError::bad_request(policy.phrases.message.clone()));
+    }
+
+    let mut changed = false;
+    if let (Some(cap), true) = (policy.output_cap(service), facts.capped_output) {
+        // Lowered when above the cap, set when absent (leaving it out must not escape it).
+        if facts.max_output.is_none_or(|n| n > cap) {
+            ctx.provider.set_output_cap(ctx.api, json, cap);
+            facts.max_output = Some(cap);
+            changed = true;
+        }
+    }
+    if !ctx.api.has_output() {
+        return Ok(changed);
+    }
+    let caller = Caller {
+        special,
+        allowed_families: None,
+    };
+    if let Some(max) = policy.context_cap(service, caller) {
+        // The byte length bounds the token count from above: only a prompt that might not
+        // fit is tokenized.
+        let output = facts.max_completion();
+        if facts.prompt_bound().saturating_add(output) > max {
+            let prompt = crate::quota::estimate::count_tokens_async(facts.prompt_text.clone())
+                .await
+                .saturating_add(facts.prompt_fixed);
+            policy
+                .check_context(service, caller, prompt, output)
+                .map_err(refuse)?;
+        }
+    }
+    Ok(changed)
 }
 
 /// Phase 3: the upstream request headers, from an allowlist of the client's headers. The
@@ -412,11 +592,11 @@ async fn send(
     state: &AppState,
     upstream: &ProviderUpstream,
     ctx: &Ctx,
-    family: Option<&str>,
-    url: &str,
     mut headers: HeaderMap,
     body: Bytes,
     deadline: tokio::time::Instant,
+    eligible: Option<&[usize]>,
+    family: Option<&str>,
 ) -> Result<(hyper::Response<UpstreamBody>, ChosenKey), Failure> {
     let bad_url = |e: axum::http::uri::InvalidUri| Failure {
         error: ProxyError::bad_request(
@@ -425,11 +605,14 @@ async fn send(
         key: None,
         cause: Some(Box::new(e)),
     };
-    Uri::try_from(url).map_err(bad_url)?;
     headers.insert(header::USER_AGENT, state.upstreams.user_agent.clone());
     let mut last_429: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
     loop {
-        let key = match upstream.keys.pick(family) {
+        let picked = match eligible {
+            Some(set) => upstream.keys.pick_where(family, |i| set.contains(&i)),
+            None => upstream.keys.pick(family),
+        };
+        let key = match picked {
             Ok(k) => k,
             Err(no) => {
                 return match last_429 {
@@ -442,9 +625,14 @@ async fn send(
                 }
             }
         };
+        // A translation may choose the upstream path (and query) from the client's request.
+        let url = match ctx.translation.as_ref().and_then(|t| t.upstream_path()) {
+            Some(path) => upstream.url(&path, None, key.index),
+            None => upstream.url(&ctx.upstream_path, ctx.query.as_deref(), key.index),
+        };
         let mut out = UpstreamRequest {
             method: ctx.method.clone(),
-            url: url.to_string(),
+            url,
             headers: headers.clone(),
             body: body.clone(),
         };
@@ -923,6 +1111,7 @@ mod tests {
             headers: h,
             principal: Principal::Anonymous,
             ip: IpAddr::from([127, 0, 0, 1]),
+            path_model: None,
         }
     }
 

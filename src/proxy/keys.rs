@@ -282,6 +282,16 @@ impl KeyPool {
     /// serve the family, preferring keys that are not rate-limited, then the least recently
     /// used one.
     pub fn pick(&self, family: Option<&str>) -> Result<ChosenKey, NoKey> {
+        self.pick_where(family, |_| true)
+    }
+
+    /// As [`KeyPool::pick`], among the keys whose index `eligible` accepts (Azure: the
+    /// credentials of the deployment the client named).
+    pub fn pick_where(
+        &self,
+        family: Option<&str>,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Result<ChosenKey, NoKey> {
         if self.keys.is_empty() {
             return Err(NoKey::NoneConfigured);
         }
@@ -291,6 +301,9 @@ impl KeyPool {
         let mut any_serves = false;
         let mut all_revoked = true;
         for (index, key) in self.keys.iter().enumerate() {
+            if !eligible(index) {
+                continue;
+            }
             let status = key.status();
             if status != KeyStatus::Revoked {
                 all_revoked = false;

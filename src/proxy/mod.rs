@@ -9,6 +9,7 @@
 
 pub mod checker;
 pub mod forward;
+pub mod google_ai;
 pub mod keys;
 
 use std::time::Duration;
@@ -28,13 +29,14 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::app::AppState;
 use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
-use crate::providers::{Api, BaseUrl, Provider};
+use crate::providers::{azure, Api, BaseUrl, Endpoint, Provider};
+use forward::Route;
 use keys::{KeyCounts, KeyPool};
 
 /// One provider: where it lives and which keys it is called with.
 pub struct ProviderUpstream {
     pub provider: Provider,
-    base: BaseUrl,
+    endpoint: Endpoint,
     pub keys: KeyPool,
     /// The variable that configures the base URL, for messages.
     pub base_url_var: &'static str,
@@ -49,15 +51,42 @@ impl ProviderUpstream {
     ) -> ProviderUpstream {
         ProviderUpstream {
             provider,
-            base: BaseUrl::new(base),
+            endpoint: Endpoint::Base(BaseUrl::new(base)),
             keys,
             base_url_var,
         }
     }
 
-    /// The full upstream URL for a client path (`/v1/...`) and query string.
-    pub fn url(&self, path: &str, query: Option<&str>) -> String {
-        self.provider.upstream_url(&self.base, path, query)
+    /// The full upstream URL for a client path (`/v1/...`) and query string, with the key at
+    /// `key_index`.
+    pub fn url(&self, path: &str, query: Option<&str>, key_index: usize) -> String {
+        self.provider
+            .upstream_url(&self.endpoint, path, query, key_index)
+    }
+
+    /// The keys a request for `model` may use: on Azure, the credentials of the deployment the
+    /// client names as `model` when one has that name (each deployment serves one model);
+    /// otherwise every key.
+    pub fn eligible_keys(&self, model: Option<&str>) -> Option<Vec<usize>> {
+        let (Endpoint::Azure(d), Some(model)) = (&self.endpoint, model) else {
+            return None;
+        };
+        let matching: Vec<usize> = d
+            .deployments
+            .iter()
+            .enumerate()
+            .filter(|(_, dep)| dep.deployment == model)
+            .map(|(i, _)| i)
+            .collect();
+        (!matching.is_empty()).then_some(matching)
+    }
+
+    /// Azure's deployments (for the model list), if this is Azure.
+    pub fn azure_deployments(&self) -> Option<&azure::Deployments> {
+        match &self.endpoint {
+            Endpoint::Azure(d) => Some(d),
+            Endpoint::Base(_) => None,
+        }
     }
 }
 
@@ -74,6 +103,9 @@ pub struct Upstreams {
     client: HttpClient,
     openai: ProviderUpstream,
     anthropic: ProviderUpstream,
+    google_ai: ProviderUpstream,
+    mistral_ai: ProviderUpstream,
+    azure: ProviderUpstream,
     connect_timeout_secs: u64,
     timeout_secs: u64,
     /// The whole-request deadline (`UPSTREAM_TIMEOUT_SECS`), streamed bodies included.
@@ -128,6 +160,34 @@ impl Upstreams {
                     Provider::Anthropic.key_credential(k)
                 })?,
             ),
+            google_ai: ProviderUpstream::new(
+                Provider::GoogleAi,
+                &config.cli.google_ai_base_url,
+                "GOOGLE_AI_BASE_URL",
+                KeyPool::with_credential("GOOGLE_AI_KEY", &config.google_ai_keys, |k| {
+                    Provider::GoogleAi.key_credential(k)
+                })?,
+            ),
+            mistral_ai: ProviderUpstream::new(
+                Provider::MistralAi,
+                &config.cli.mistral_ai_base_url,
+                "MISTRAL_AI_BASE_URL",
+                KeyPool::with_credential("MISTRAL_AI_KEY", &config.mistral_ai_keys, |k| {
+                    Provider::MistralAi.key_credential(k)
+                })?,
+            ),
+            azure: ProviderUpstream {
+                provider: Provider::Azure,
+                endpoint: Endpoint::Azure(azure::Deployments {
+                    base_template: config.cli.azure_base_url.clone(),
+                    api_version: config.cli.azure_api_version.clone(),
+                    deployments: config.azure_deployments.clone(),
+                }),
+                keys: KeyPool::with_credential("AZURE_CREDENTIALS", &config.azure_keys, |k| {
+                    Provider::Azure.key_credential(k)
+                })?,
+                base_url_var: "AZURE_BASE_URL",
+            },
             connect_timeout_secs: config.cli.upstream_connect_timeout_secs,
             timeout_secs: config.cli.upstream_timeout_secs,
         })
@@ -138,6 +198,9 @@ impl Upstreams {
         match provider {
             Provider::OpenAi => &self.openai,
             Provider::Anthropic => &self.anthropic,
+            Provider::GoogleAi => &self.google_ai,
+            Provider::MistralAi => &self.mistral_ai,
+            Provider::Azure => &self.azure,
         }
     }
 
@@ -161,8 +224,19 @@ pub fn classify(provider: Provider, method: &Method, path: &str) -> Option<Api> 
             "/v1/chat/completions" if is_post => Some(Api::OpenAiChat),
             "/v1/completions" if is_post => Some(Api::OpenAiCompletions),
             "/v1/embeddings" if is_post => Some(Api::OpenAiEmbeddings),
+            "/v1/images/generations" if is_post => Some(Api::OpenAiImages),
             "/v1/models" if is_get => Some(Api::OpenAiOther),
             p if is_get && is_model_id_path(p) => Some(Api::OpenAiOther),
+            _ => None,
+        },
+        Provider::Azure => match path {
+            "/v1/chat/completions" if is_post => Some(Api::OpenAiChat),
+            "/v1/images/generations" if is_post => Some(Api::OpenAiImages),
+            _ => None,
+        },
+        Provider::MistralAi => match path {
+            "/v1/chat/completions" if is_post => Some(Api::OpenAiChat),
+            "/v1/models" if is_get => Some(Api::OpenAiOther),
             _ => None,
         },
         Provider::Anthropic => match path {
@@ -172,6 +246,8 @@ pub fn classify(provider: Provider, method: &Method, path: &str) -> Option<Api> 
             p if is_get && is_model_id_path(p) => Some(Api::AnthropicOther),
             _ => None,
         },
+        // Gemini paths carry the model and method; its routes parse them (`google_ai_*`).
+        Provider::GoogleAi => None,
     }
 }
 
@@ -199,6 +275,10 @@ pub fn routes(config: &Config) -> Router<AppState> {
             "/v1/embeddings",
             post(openai_embeddings).fallback(wrong_method),
         )
+        .route(
+            "/v1/images/generations",
+            post(openai_images).fallback(wrong_method),
+        )
         .route("/v1/models", get(openai_other).fallback(wrong_method))
         .route("/v1/models/{id}", get(openai_other).fallback(wrong_method))
         .route(
@@ -210,11 +290,36 @@ pub fn routes(config: &Config) -> Router<AppState> {
             post(anthropic_other).fallback(wrong_method),
         )
         .route("/v1/{*rest}", any(unknown_route))
+        .route(
+            &format!("{prefix}/mistral-ai/v1/chat/completions"),
+            post(mistral_ai_chat).fallback(wrong_method),
+        )
+        .route(
+            &format!("{prefix}/mistral-ai/v1/models"),
+            get(mistral_ai_models).fallback(wrong_method),
+        )
+        .route(
+            &format!("{prefix}/azure/openai/v1/chat/completions"),
+            post(azure_chat).fallback(wrong_method),
+        )
+        .route(
+            &format!("{prefix}/azure/openai/v1/images/generations"),
+            post(azure_images).fallback(wrong_method),
+        )
+        .route(
+            &format!("{prefix}/openai-image/v1/images/generations"),
+            post(openai_images).fallback(wrong_method),
+        )
+        .route(
+            &format!("{prefix}/azure/openai/v1/models"),
+            get(azure_models).fallback(wrong_method),
+        )
         .route(&format!("{prefix}/openai/{{*rest}}"), any(openai_alias))
         .route(
             &format!("{prefix}/anthropic/{{*rest}}"),
             any(anthropic_alias),
         )
+        .merge(google_ai::routes(prefix))
 }
 
 /// Another method on a proxied path: a JSON error instead of axum's empty 405.
@@ -270,6 +375,45 @@ async fn anthropic_messages(State(s): State<AppState>, req: Request) -> Response
 async fn anthropic_other(State(s): State<AppState>, req: Request) -> Response {
     forward::proxy(s, Api::AnthropicOther, None, req).await
 }
+async fn mistral_ai_chat(State(s): State<AppState>, req: Request) -> Response {
+    let route = Route::to(Provider::MistralAi, Api::OpenAiChat, "/v1/chat/completions");
+    forward::forward(s, route, req).await
+}
+async fn mistral_ai_models(State(s): State<AppState>, req: Request) -> Response {
+    let route = Route::to(Provider::MistralAi, Api::OpenAiOther, "/v1/models");
+    forward::forward(s, route, req).await
+}
+async fn openai_images(State(s): State<AppState>, req: Request) -> Response {
+    let route = Route::to(
+        Provider::OpenAi,
+        Api::OpenAiImages,
+        "/v1/images/generations",
+    );
+    forward::forward(s, route, req).await
+}
+async fn azure_images(State(s): State<AppState>, req: Request) -> Response {
+    let route = Route::to(Provider::Azure, Api::OpenAiImages, "/v1/images/generations");
+    forward::forward(s, route, req).await
+}
+async fn azure_chat(State(s): State<AppState>, req: Request) -> Response {
+    let route = Route::to(Provider::Azure, Api::OpenAiChat, "/v1/chat/completions");
+    forward::forward(s, route, req).await
+}
+/// The Azure model list: the configured deployments (what clients send as `model`), answered
+/// here (Azure's data plane has no list of a resource's deployments).
+async fn azure_models(State(s): State<AppState>) -> Response {
+    let names = s
+        .upstreams
+        .provider(Provider::Azure)
+        .azure_deployments()
+        .map(azure::Deployments::names)
+        .unwrap_or_default();
+    let data: Vec<serde_json::Value> = names
+        .into_iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "azure"}))
+        .collect();
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
 async fn openai_alias(State(s): State<AppState>, req: Request) -> Response {
     alias(s, Provider::OpenAi, "/openai", req).await
 }
@@ -289,6 +433,21 @@ async fn alias(state: AppState, provider: Provider, segment: &str, req: Request)
     } else {
         format!("/v1{rest}")
     };
+    // OpenAI-format clients for Claude: OpenAI chat in, Anthropic Messages up, OpenAI back.
+    if provider == Provider::Anthropic
+        && path == "/v1/chat/completions"
+        && req.method() == Method::POST
+    {
+        let route = forward::Route {
+            provider: Provider::Anthropic,
+            api: Api::AnthropicMessages,
+            upstream_path: Some("/v1/messages".to_string()),
+            translation: Some(std::sync::Arc::new(
+                crate::providers::translate::adapter::OpenAiChatTo::anthropic(),
+            )),
+        };
+        return forward::forward(state, route, req).await;
+    }
     match classify(provider, req.method(), &path) {
         Some(api) => forward::proxy(state, api, Some(path), req).await,
         None => ProxyError::new(

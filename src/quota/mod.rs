@@ -16,6 +16,7 @@
 //! response ends, the reservation is released and the real usage added to `tokenCounts[f]`.
 
 pub mod estimate;
+pub mod prices;
 pub mod ratelimit;
 pub mod refresh;
 
@@ -33,7 +34,7 @@ use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
 use crate::providers::{Meter, RequestFacts, Usage};
 use crate::users::model::TokenCounts;
-use crate::users::{UserStore, UserType};
+use crate::users::{UserKey, UserStore, UserType};
 
 use self::ratelimit::{PromptLimiter, RateKey};
 use self::refresh::Schedule;
@@ -86,6 +87,7 @@ pub struct Ticket {
 /// What settling a user's request needs.
 struct Settlement {
     users: Arc<UserStore>,
+    key: UserKey,
     token: String,
     family: String,
     reserved: u64,
@@ -181,7 +183,7 @@ impl Ticket {
         };
         let Some(meter) = self.meter.as_mut() else {
             // Admitted but never sent (the forwarder gave no meter): release the reservation.
-            s.users.update_entry(&s.token, |e| {
+            s.users.update_entry_at(s.key, &s.token, |e| {
                 release(e, &s.family, s.reserved);
                 ((), false)
             });
@@ -204,20 +206,27 @@ impl Ticket {
             meter.usage(prompt, estimate::count_tokens)
         };
         let charge = usage.map(Usage::total).unwrap_or(0);
-        let found = s.users.update_entry(&s.token, |e| {
+        // Where the response's model decides the family (Azure deployments), usage is counted
+        // there; the reservation is released where it was made.
+        let charged_family = meter.response_family().unwrap_or_else(|| s.family.clone());
+        let found = s.users.update_entry_at(s.key, &s.token, |e| {
             release(e, &s.family, s.reserved);
             if charge == 0 {
                 return ((), false);
             }
-            let count = e.user.token_counts.entry(s.family.clone()).or_insert(0);
+            let count = e
+                .user
+                .token_counts
+                .entry(charged_family.clone())
+                .or_insert(0);
             *count = count.saturating_add(charge);
             ((), true)
         });
         if found.is_none() {
-            tracing::debug!(family = %s.family, "user deleted while its request ran; usage dropped");
+            tracing::debug!(family = %charged_family, "user deleted while its request ran; usage dropped");
         }
         tracing::debug!(
-            family = %s.family,
+            family = %charged_family,
             prompt = usage.map(|u| u.prompt),
             completion = usage.map(|u| u.completion),
             exact = meter.exact(),
@@ -330,6 +339,18 @@ impl Quotas {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Runs `f` over a user's own `allowedFamilies` (`None`: the proxy's list applies), for the
+    /// policy's family rule; `None` when the user is gone. Quotas is the one module on the
+    /// request path that reads the user store, so the forwarder asks here.
+    pub fn with_allowed_families<R>(
+        &self,
+        token: &str,
+        f: impl FnOnce(Option<&[Box<str>]>) -> R,
+    ) -> Option<R> {
+        self.users
+            .with_user(token, |u| f(u.allowed_families.as_deref()))
+    }
+
     /// Admits (or refuses) a request from the facts its provider read (`facts` is `None` for
     /// requests that are not generations). The prompt text is taken out of `facts`.
     pub async fn admit(
@@ -344,9 +365,9 @@ impl Quotas {
                 output_cap: None,
             });
         };
-        let (token, kind) = match req.principal {
-            Principal::User { token, kind } => (Some(token.as_str()), Some(*kind)),
-            _ => (None, None),
+        let (token, kind, key) = match req.principal {
+            Principal::User { token, kind, key } => (Some(token.as_str()), Some(*kind), *key),
+            _ => (None, None, None),
         };
 
         // The prompt rate limit: special users and the admin are exempt, as in the original.
@@ -381,6 +402,8 @@ impl Quotas {
                 output_cap: None,
             });
         };
+        // The entry the gatekeeper found: no second lookup of the token.
+        let key = key.unwrap_or_else(|| self.users.key(token));
 
         let family = facts.family.clone();
         let want = Want {
@@ -393,13 +416,14 @@ impl Quotas {
         };
         // First try: reserve with the prompt's upper bound when the user has plenty of room,
         // without tokenizing; otherwise count the prompt and decide on its real size.
-        let (prompt, outcome) = match self.reserve(token, &family, want) {
+        let (prompt, outcome) = match self.reserve(key, token, &family, want) {
             Some(Reservation::NeedsCount) => {
                 let text = std::mem::take(&mut facts.prompt_text);
                 let tokens = estimate::count_tokens_async(text)
                     .await
                     .saturating_add(facts.prompt_fixed);
                 let outcome = self.reserve(
+                    key,
                     token,
                     &family,
                     Want {
@@ -445,6 +469,7 @@ impl Quotas {
                 meter: None,
                 settlement: Some(Settlement {
                     users: self.users.clone(),
+                    key,
                     token: token.to_string(),
                     family,
                     reserved: requested,
@@ -461,8 +486,8 @@ impl Quotas {
     /// left after the prompt, and refused when that is under [`MIN_OUTPUT_TOKENS`]. With
     /// `want.is_bound` (the prompt's upper bound) it reserves only with [`BOUND_HEADROOM`] to
     /// spare, and otherwise answers `NeedsCount`. `None`: the user is gone.
-    fn reserve(&self, token: &str, family: &str, want: Want) -> Option<Reservation> {
-        self.users.update_entry(token, |e| {
+    fn reserve(&self, key: UserKey, token: &str, family: &str, want: Want) -> Option<Reservation> {
+        self.users.update_entry_at(key, token, |e| {
             // The stored type decides (an admin may have changed it since authentication).
             let special = e.user.kind == UserType::Special;
             let limit = e.user.token_limits.get(family).copied().unwrap_or(0);

@@ -34,6 +34,7 @@ fn user(token: &str, kind: UserType) -> Principal {
     Principal::User {
         token: token.to_string(),
         kind,
+        key: None,
     }
 }
 

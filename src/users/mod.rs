@@ -12,7 +12,7 @@ pub mod store;
 pub mod sweep;
 
 pub use model::{User, UserType};
-pub use store::UserStore;
+pub use store::{UserKey, UserStore};
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp in the user model.
 pub fn now_ms() -> i64 {

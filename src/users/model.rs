@@ -60,6 +60,10 @@ pub struct User {
     pub max_ips: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_note: Option<Box<str>>,
+    /// The model families this user may use; `None` means the proxy's `ALLOWED_MODEL_FAMILIES`.
+    /// A `ThinVec` inside the `Option` costs one pointer for the many users without a list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_families: Option<ThinVec<Box<str>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// Boxed: rarely present, and a map takes 72 bytes even when empty.
     pub meta: Option<Box<serde_json::Map<String, serde_json::Value>>>,
@@ -83,6 +87,7 @@ impl User {
             expires_at: None,
             max_ips: None,
             admin_note: None,
+            allowed_families: None,
             meta: None,
         }
     }
@@ -114,5 +119,25 @@ mod tests {
         let back = serde_json::to_value(&u).expect("serialises");
         assert_eq!(back["promptCount"], 3);
         assert!(back.get("tokenCount").is_none());
+        assert!(back.get("allowedFamilies").is_none());
+    }
+
+    #[test]
+    fn allowed_families_round_trip() {
+        let json = r#"{"token":"abc","allowedFamilies":["turbo","claude"]}"#;
+        let u: User = serde_json::from_str(json).expect("parses");
+        let list: Vec<&str> = u
+            .allowed_families
+            .as_deref()
+            .expect("present")
+            .iter()
+            .map(|f| &**f)
+            .collect();
+        assert_eq!(list, ["turbo", "claude"]);
+        let back = serde_json::to_value(&u).expect("serialises");
+        assert_eq!(
+            back["allowedFamilies"],
+            serde_json::json!(["turbo", "claude"])
+        );
     }
 }

@@ -229,6 +229,49 @@ fn as_max_ips(field: impl Display + Copy, v: &Value) -> Result<u32, OpsError> {
     u32::try_from(n).map_err(|_| invalid(field, format!("must be at most {}", u32::MAX)))
 }
 
+/// Longest model-family name accepted in `allowedFamilies`.
+pub const MAX_FAMILY_CHARS: usize = 64;
+
+/// True for a model-family name: lowercase letters, digits, `-`, `_` or `.`.
+pub fn is_family_name(f: &str) -> bool {
+    !f.is_empty()
+        && f.len() <= MAX_FAMILY_CHARS
+        && f.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
+}
+
+/// `allowedFamilies`: an array of family names (duplicates dropped). A name that no model
+/// maps to is accepted (it simply never matches), so a list written for a newer proxy with
+/// more families still imports.
+fn as_families(field: impl Display + Copy, v: &Value) -> Result<Vec<String>, OpsError> {
+    let Value::Array(items) = v else {
+        return Err(invalid(
+            field,
+            format!(
+                "must be an array of model-family names, e.g. [\"turbo\", \"claude\"], got {}",
+                type_name(v)
+            ),
+        ));
+    };
+    let mut out: Vec<String> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let s = as_string(format_args!("{field}[{i}]"), item)?;
+        if !is_family_name(&s) {
+            return Err(invalid(
+                format_args!("{field}[{i}]"),
+                format!(
+                    "{s:?} is not a model-family name; use lowercase letters, digits, '-', '_' or '.' (at most {MAX_FAMILY_CHARS}), e.g. \"gpt4o\""
+                ),
+            ));
+        }
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
 fn as_object(field: impl Display + Copy, v: &Value) -> Result<Map<String, Value>, OpsError> {
     match v {
         Value::Object(m) => Ok(m.clone()),
@@ -257,6 +300,7 @@ pub struct UserPatch {
     pub expires_at: Option<Option<i64>>,
     pub max_ips: Option<Option<u32>>,
     pub admin_note: Option<Option<String>>,
+    pub allowed_families: Option<Option<Vec<String>>>,
     pub meta: Option<Option<Map<String, Value>>>,
     /// Unknown fields that were ignored.
     pub ignored: Vec<String>,
@@ -329,6 +373,9 @@ impl UserPatch {
                 "disabledReason" => p.disabled_reason = Some(nullable(val, |v| as_string(f, v))?),
                 "adminNote" => p.admin_note = Some(nullable(val, |v| as_string(f, v))?),
                 "maxIps" => p.max_ips = Some(nullable(val, |v| as_max_ips(f, v))?),
+                "allowedFamilies" => {
+                    p.allowed_families = Some(nullable(val, |v| as_families(f, v))?)
+                }
                 "meta" => p.meta = Some(nullable(val, |v| as_object(f, v))?),
                 _ => p.ignored.push(format!("{prefix}{key}")),
             }
@@ -381,6 +428,10 @@ impl UserPatch {
         }
         if let Some(v) = self.admin_note {
             u.admin_note = v.map(String::into_boxed_str);
+        }
+        if let Some(v) = self.allowed_families {
+            u.allowed_families =
+                v.map(|list| list.into_iter().map(String::into_boxed_str).collect());
         }
         if let Some(v) = self.meta {
             u.meta = v.map(Box::new);
@@ -885,6 +936,30 @@ mod tests {
         let mut limits = BTreeMap::new();
         limits.insert("turbo".to_string(), 1000);
         (UserStore::new(), limits)
+    }
+
+    #[test]
+    fn allowed_families_are_checked_and_removable() {
+        let p = UserPatch::parse(
+            &json!({"allowedFamilies": ["turbo", "claude", "turbo"]}),
+            "",
+        )
+        .expect("valid");
+        assert_eq!(
+            p.allowed_families,
+            Some(Some(vec!["turbo".to_string(), "claude".to_string()]))
+        );
+        let mut u = User::new("t".into(), UserType::Normal, TokenCounts::new(), 0);
+        p.apply(&mut u);
+        assert_eq!(u.allowed_families.as_ref().map(|l| l.len()), Some(2));
+        UserPatch::parse(&json!({"allowedFamilies": null}), "")
+            .expect("valid")
+            .apply(&mut u);
+        assert!(u.allowed_families.is_none());
+        let e = UserPatch::parse(&json!({"allowedFamilies": ["GPT 4"]}), "users[1].")
+            .expect_err("bad name");
+        assert!(e.to_string().contains("users[1].allowedFamilies[0]"), "{e}");
+        assert!(UserPatch::parse(&json!({"allowedFamilies": "turbo"}), "").is_err());
     }
 
     #[test]

@@ -62,7 +62,18 @@ pub struct UserStore {
     dirty: AtomicUsize,
     deleted: Mutex<HashSet<String>>,
     flush_requested: Notify,
+    /// How many times a token was hashed (debug builds only; tests check that one request
+    /// hashes its token once).
+    #[cfg(debug_assertions)]
+    hashed: AtomicUsize,
 }
+
+/// A user token's place in the store (its hash), computed once per request — by `auth` when
+/// it admits the request — and handed on with the request, so that the quota's reservation
+/// and settlement reach the entry without hashing the token again. Only valid for the store
+/// that made it; the entry is still found by comparing the token itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserKey(u64);
 
 impl Default for UserStore {
     fn default() -> UserStore {
@@ -72,6 +83,8 @@ impl Default for UserStore {
             dirty: AtomicUsize::new(0),
             deleted: Mutex::new(HashSet::new()),
             flush_requested: Notify::new(),
+            #[cfg(debug_assertions)]
+            hashed: AtomicUsize::new(0),
         }
     }
 }
@@ -117,7 +130,22 @@ impl UserStore {
     }
 
     fn hash(&self, token: &str) -> u64 {
+        #[cfg(debug_assertions)]
+        self.hashed.fetch_add(1, Ordering::Relaxed);
         self.hasher.hash_one(token)
+    }
+
+    /// The key of `token`, to hand on to later steps of the same request.
+    pub fn key(&self, token: &str) -> UserKey {
+        UserKey(self.hash(token))
+    }
+
+    /// How many times a token has been hashed (looked up) so far; always 0 in release builds.
+    pub fn lookups(&self) -> usize {
+        #[cfg(debug_assertions)]
+        return self.hashed.load(Ordering::Relaxed);
+        #[cfg(not(debug_assertions))]
+        0
     }
 
     /// The shard of a hash: bits that neither the table's bucket index (low bits) nor its
@@ -146,7 +174,16 @@ impl UserStore {
         token: &str,
         f: impl FnOnce(&mut Entry, &mut usize) -> R,
     ) -> Option<R> {
-        let hash = self.hash(token);
+        self.with_entry_mut_at(self.key(token), token, f)
+    }
+
+    /// [`UserStore::with_entry_mut`] with the token's key already known.
+    fn with_entry_mut_at<R>(
+        &self,
+        UserKey(hash): UserKey,
+        token: &str,
+        f: impl FnOnce(&mut Entry, &mut usize) -> R,
+    ) -> Option<R> {
         let mut shard = Self::write(self.shard(hash));
         let Shard { table, dirty } = &mut *shard;
         table
@@ -242,7 +279,16 @@ impl UserStore {
 
     /// Reads one user without copying it.
     pub fn with_user<R>(&self, token: &str, f: impl FnOnce(&User) -> R) -> Option<R> {
-        let hash = self.hash(token);
+        self.with_user_at(self.key(token), token, f)
+    }
+
+    /// [`UserStore::with_user`] with the token's key already known.
+    pub fn with_user_at<R>(
+        &self,
+        UserKey(hash): UserKey,
+        token: &str,
+        f: impl FnOnce(&User) -> R,
+    ) -> Option<R> {
         let shard = Self::read(self.shard(hash));
         shard
             .table
@@ -266,7 +312,17 @@ impl UserStore {
         token: &str,
         f: impl FnOnce(&mut Entry) -> (R, bool),
     ) -> Option<R> {
-        self.with_entry_mut(token, |e, dirty| {
+        self.update_entry_at(self.key(token), token, f)
+    }
+
+    /// [`UserStore::update_entry`] with the token's key already known.
+    pub fn update_entry_at<R>(
+        &self,
+        key: UserKey,
+        token: &str,
+        f: impl FnOnce(&mut Entry) -> (R, bool),
+    ) -> Option<R> {
+        self.with_entry_mut_at(key, token, |e, dirty| {
             let (r, changed) = f(e);
             if changed {
                 mark(e, dirty, &self.dirty);

@@ -6,8 +6,14 @@ use axum::http::{header, HeaderMap};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
 use crate::app::AppState;
-use crate::config::GatekeeperMode;
+use crate::config::{Config, ConfigError, GatekeeperMode};
 use crate::providers::Provider;
 
 /// One endpoint family and how to use it.
@@ -52,6 +58,79 @@ pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     format!("{proto}://{host}")
 }
 
+/// The cookie that says a browser entered `SERVICE_INFO_PASSWORD`.
+pub const UNLOCK_COOKIE: &str = "info_unlock";
+
+/// `SERVICE_INFO_PASSWORD`: the password and the cookie a browser gets once it entered it.
+/// The cookie is an HMAC (keyed by `SIGNING_KEY`, or a key made at start) over the password,
+/// so that changing the password locks every browser out again.
+pub struct InfoLock {
+    password: String,
+    cookie_value: String,
+    secure: bool,
+}
+
+impl InfoLock {
+    /// `None` when no password is set (the page is public).
+    pub fn from_config(config: &Config) -> Result<Option<InfoLock>, ConfigError> {
+        let Some(password) = config
+            .cli
+            .service_info_password
+            .as_ref()
+            .map(|p| p.expose().to_string())
+            .filter(|p| !p.is_empty())
+        else {
+            return Ok(None);
+        };
+        let key: Vec<u8> = match config.cli.signing_key.as_ref() {
+            Some(k) if !k.expose().is_empty() => k.expose().as_bytes().to_vec(),
+            _ => rand::random::<[u8; 32]>().to_vec(),
+        };
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key)
+            .map_err(|e| ConfigError(format!("SIGNING_KEY cannot be used as a key: {e}")))?;
+        mac.update(b"llm-gatekeeper service info unlocked\x1f");
+        mac.update(password.as_bytes());
+        Ok(Some(InfoLock {
+            password,
+            cookie_value: URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()),
+            secure: !config.cli.use_insecure_cookies,
+        }))
+    }
+
+    /// True when the request carries the unlock cookie.
+    pub fn unlocked(&self, headers: &HeaderMap) -> bool {
+        crate::auth::session::cookie(headers, UNLOCK_COOKIE)
+            .is_some_and(|v| bool::from(v.as_bytes().ct_eq(self.cookie_value.as_bytes())))
+    }
+
+    /// True when `presented` is the password (compared in constant time).
+    pub fn check(&self, presented: &str) -> bool {
+        bool::from(presented.as_bytes().ct_eq(self.password.as_bytes()))
+    }
+
+    /// The `Set-Cookie` value that unlocks the page for a week.
+    pub fn set_cookie(&self) -> String {
+        let secure = if self.secure { "; Secure" } else { "" };
+        format!(
+            "{UNLOCK_COOKIE}={}; Path=/; Max-Age=604800; HttpOnly; SameSite=Lax{secure}",
+            self.cookie_value
+        )
+    }
+}
+
+/// The name on the public pages: `SERVER_TITLE`, or the product's name.
+pub fn server_title(state: &AppState) -> String {
+    state
+        .config
+        .cli
+        .server_title
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .unwrap_or("llm-gatekeeper")
+        .to_string()
+}
+
 /// How a client authenticates in the configured mode.
 pub fn auth_description(mode: GatekeeperMode) -> &'static str {
     match mode {
@@ -79,6 +158,9 @@ pub fn providers(state: &AppState) -> Vec<ProviderInfo> {
     [
         ("openai", Provider::OpenAi),
         ("anthropic", Provider::Anthropic),
+        ("google-ai", Provider::GoogleAi),
+        ("mistral-ai", Provider::MistralAi),
+        ("azure", Provider::Azure),
     ]
     .into_iter()
     .map(|(name, p)| {
@@ -140,6 +222,36 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             url: format!("{base}{route}/anthropic"),
             usage: "the same, under the compatibility prefix",
         },
+        Endpoint {
+            name: "OpenAI images",
+            url: format!("{base}{route}/openai-image/v1"),
+            usage: "base URL for OpenAI SDKs (POST /images/generations; also at /v1/images/generations), counted in dall-e by price",
+        },
+        Endpoint {
+            name: "Azure OpenAI",
+            url: format!("{base}{route}/azure/openai/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions, /images/generations; GET /models); the operator's deployments decide the model",
+        },
+        Endpoint {
+            name: "Claude for OpenAI clients",
+            url: format!("{base}{route}/anthropic/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions), translated to Claude",
+        },
+        Endpoint {
+            name: "Google AI (Gemini)",
+            url: format!("{base}{route}/google-ai"),
+            usage: "base URL for Google's google-genai SDKs (v1beta and v1: models/{model}:generateContent, :streamGenerateContent, models); key in x-goog-api-key",
+        },
+        Endpoint {
+            name: "Gemini for OpenAI clients",
+            url: format!("{base}{route}/google-ai/v1"),
+            usage: "base URL for OpenAI SDKs (POST /chat/completions, GET /models), translated to Gemini",
+        },
+        Endpoint {
+            name: "Mistral AI",
+            url: format!("{base}{route}/mistral-ai"),
+            usage: "server_url for the mistralai SDK (POST /v1/chat/completions; GET /v1/models)",
+        },
     ];
     // Every known family, with its default quota (0: unlimited), plus any family that only
     // appears in a `TOKEN_QUOTA_*` variable.
@@ -151,13 +263,42 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             .map(String::as_str)
             .filter(|f| !crate::providers::families::FAMILIES.contains(f)),
     );
+    let show_costs = state.config.cli.show_token_costs;
+    // With SHOW_TOKEN_COSTS, what every user used so far, per family (one pass over the users).
+    let mut usage: std::collections::BTreeMap<String, u64> = Default::default();
+    if show_costs {
+        state.users.for_each(|u| {
+            for (f, n) in &u.token_counts {
+                let e = usage.entry(f.to_string()).or_insert(0);
+                *e = e.saturating_add(*n);
+            }
+        });
+    }
     let families: Vec<Value> = names
         .into_iter()
-        .map(|f| json!({ "family": f, "quota": quotas.get(f).copied().unwrap_or(0) }))
+        .map(|f| {
+            let mut v = json!({
+                "family": f,
+                "quota": quotas.get(f).copied().unwrap_or(0),
+                "allowed": state.policy.family_allowed(f),
+            });
+            if show_costs {
+                let used = usage.get(f).copied().unwrap_or(0);
+                let cost = crate::quota::prices::cost_usd(f, used);
+                v["usdPerMillion"] = json!(crate::quota::prices::per_million_usd(f));
+                v["usage"] = json!(used);
+                v["usageUsd"] = json!((cost * 100.0).round() / 100.0);
+                v["usageCost"] = json!(crate::quota::prices::format_usd(cost));
+            }
+            v
+        })
         .collect();
     let uptime = state.started_at.elapsed().as_secs();
     let (refresh, next) = refresh_description(state);
     json!({
+        "title": server_title(state),
+        "showTokenCosts": show_costs,
+        "captcha": state.pow.is_some().then_some("/user/captcha"),
         "uptime": uptime,
         "uptimeHuman": super::templates::human_duration(uptime),
         "gatekeeper": mode_name(state.config.mode()),

@@ -41,6 +41,12 @@ const TEMPLATES: &[(&str, &str)] = &[
         "admin_abuse.html",
         include_str!("../../templates/admin_abuse.html"),
     ),
+    ("blocked.html", include_str!("../../templates/blocked.html")),
+    ("captcha.html", include_str!("../../templates/captcha.html")),
+    (
+        "info_unlock.html",
+        include_str!("../../templates/info_unlock.html"),
+    ),
 ];
 
 /// The content security policy of every page: no scripts at all, inline styles only, forms
@@ -138,6 +144,15 @@ pub fn message(status: StatusCode, title: &str, message: &str, back: Option<&str
         status,
         "message.html",
         serde_json::json!({ "title": title, "message": message, "back": back }),
+    )
+}
+
+/// The page a browser from a `BLOCKED_ORIGINS` site gets: the message, then a redirect.
+pub fn blocked_page(status: StatusCode, message: &str, redirect: &str) -> Response {
+    html(
+        status,
+        "blocked.html",
+        serde_json::json!({ "message": message, "redirect": redirect }),
     )
 }
 

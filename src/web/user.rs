@@ -39,7 +39,8 @@ pub fn view(u: &User, now: i64) -> Value {
         .map(|f| {
             let used = u.token_counts.get(f).copied().unwrap_or(0);
             let limit = u.token_limits.get(f).copied().unwrap_or(0);
-            json!({ "family": f, "used": used, "limit": limit, "left": limit.saturating_sub(used) })
+            let cost = crate::quota::prices::format_usd(crate::quota::prices::cost_usd(f, used));
+            json!({ "family": f, "used": used, "limit": limit, "left": limit.saturating_sub(used), "cost": cost })
         })
         .collect();
     json!({
@@ -83,6 +84,9 @@ fn render(state: &AppState, headers: &HeaderMap, status: StatusCode, extra: Valu
         "allow_nickname": state.config.cli.allow_nickname_changes,
         "nickname_max": NICKNAME_MAX,
         "refresh": super::info::refresh_description(state).0,
+        "title": super::info::server_title(state),
+        "show_costs": state.config.cli.show_token_costs,
+        "captcha": state.pow.is_some(),
     });
     if let (Some(ctx), Value::Object(extra)) = (ctx.as_object_mut(), extra) {
         ctx.extend(extra);
@@ -228,6 +232,7 @@ mod tests {
         let v = view(&u, 0);
         assert_eq!(v["ips"][0], "10.20.xxx.xxx");
         assert_eq!(v["families"][0]["left"], 30);
+        assert_eq!(v["families"][0]["cost"], "$0.0006");
         assert!(!v.to_string().contains("secret-token"));
     }
 }

@@ -6,6 +6,8 @@
 
 pub mod admin;
 pub mod binary;
+pub mod google_ai;
+pub mod providers;
 pub mod quota;
 pub mod upstream;
 pub mod web;

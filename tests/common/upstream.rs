@@ -301,7 +301,13 @@ struct Inner {
     /// Chat answers generate as many tokens as the request's output cap allows (see
     /// [`FakeUpstream::generate_to_cap`]).
     generate_to_cap: std::sync::atomic::AtomicBool,
+    /// Answers unscripted requests instead of [`default_reply`] (a provider's fake, see
+    /// [`FakeUpstream::start_with`]).
+    responder: Option<Responder>,
 }
+
+/// A provider fake's answer to an unscripted request.
+pub type Responder = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
 
 /// A running fake upstream. Stops when dropped.
 pub struct FakeUpstream {
@@ -321,7 +327,21 @@ impl Drop for FakeUpstream {
 impl FakeUpstream {
     /// Starts a fake upstream on 127.0.0.1:0.
     pub async fn start() -> FakeUpstream {
-        let inner = Arc::new(Inner::default());
+        FakeUpstream::start_inner(Inner::default()).await
+    }
+
+    /// Starts a fake upstream whose unscripted answers come from `responder` (a provider's
+    /// fake that checks what the real provider checks; see `tests/common/providers.rs`).
+    pub async fn start_with(responder: Responder) -> FakeUpstream {
+        FakeUpstream::start_inner(Inner {
+            responder: Some(responder),
+            ..Inner::default()
+        })
+        .await
+    }
+
+    async fn start_inner(inner: Inner) -> FakeUpstream {
+        let inner = Arc::new(inner);
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(inner.clone());
@@ -424,7 +444,9 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         .generate_to_cap
         .load(std::sync::atomic::Ordering::SeqCst);
     let reply = scripted.unwrap_or_else(|| {
-        if generate {
+        if let Some(r) = &inner.responder {
+            r(&rec)
+        } else if generate {
             generated_reply(&rec).unwrap_or_else(|| default_reply(&rec))
         } else {
             default_reply(&rec)
@@ -512,6 +534,13 @@ pub fn default_reply(req: &Recorded) -> Reply {
                 "usage": {"prompt_tokens": 4, "total_tokens": 4}
             }),
         ),
+        ("POST", "/v1/images/generations") => {
+            let n = body["n"].as_u64().unwrap_or(1);
+            let data: Vec<Value> = (0..n)
+                .map(|i| json!({"url": format!("https://fake.example/img{i}.png"), "revised_prompt": "A picture"}))
+                .collect();
+            Reply::json(200, json!({"created": 1700000000, "data": data}))
+        }
         ("GET", "/v1/models") => Reply::json(
             200,
             json!({"object": "list", "data": [

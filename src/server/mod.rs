@@ -1,0 +1,339 @@
+//! The accept loop: takes TCP connections, applies the connection caps, and serves each one
+//! with hyper's HTTP/1 server (the axum router behind `TowerToHyperService`) under the client
+//! timers. Knows nothing of routes, users or upstreams.
+//!
+//! Our own loop instead of `axum::serve`, which has no timers and no caps: with it, 50
+//! connections trickling header bytes, a slow body and an idle keep-alive were all still open
+//! after a minute, and 1 100 half-open connections from one address exhausted a 1 024-file
+//! limit so that every other client failed. Here:
+//! - the request head must arrive within `CLIENT_HEADER_TIMEOUT_SECS` (hyper's header read
+//!   timer, which also closes a keep-alive connection idle for as long: hyper starts it when it
+//!   waits for the next head); the request body may pause at most `CLIENT_BODY_TIMEOUT_SECS`
+//!   between reads (`TimeoutBody`, whose timer runs only while a handler reads). Neither timer
+//!   runs while a response is being written, so a long stream is never cut;
+//! - `MAX_CONNECTIONS_PER_IP` per socket peer (not with `TRUSTED_PROXIES > 0`, where the peer
+//!   is the front proxy) and `MAX_CONNECTIONS` in all (by default derived from the open-file
+//!   limit, see [`derived_max_connections`]). A connection over a cap is closed at once, before
+//!   anything is read from it; everyone else keeps being served.
+//!
+//! (Issue 18 may add a thread-per-core hyper path beside this one.)
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::timeout::TimeoutBody;
+
+/// File descriptors kept out of the connection budget: the listener, log files, the SQLite
+/// database, the runtime's own descriptors, and headroom.
+pub const RESERVED_FDS: u64 = 64;
+
+/// The timers and caps of the accept loop.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    /// 0 = no per-address cap.
+    pub max_per_ip: usize,
+    pub max_connections: usize,
+}
+
+impl Limits {
+    /// From the configuration: the per-address cap only applies without trusted proxies; the
+    /// global cap is `MAX_CONNECTIONS` or derived from the current open-file limit.
+    pub fn from_config(config: &crate::config::Config) -> Limits {
+        let max_per_ip = if config.trusted_proxies() > 0 {
+            0
+        } else {
+            config.cli.max_connections_per_ip
+        };
+        let max_connections = match config.cli.max_connections {
+            0 => derived_max_connections(nofile_limit()),
+            n => n,
+        };
+        Limits {
+            header_timeout: Duration::from_secs(config.cli.client_header_timeout_secs),
+            body_timeout: Duration::from_secs(config.cli.client_body_timeout_secs),
+            max_per_ip,
+            max_connections,
+        }
+    }
+}
+
+/// The global connection cap for an open-file limit: every client connection may need one
+/// upstream connection too, and [`RESERVED_FDS`] stay free for everything else. 1 024 → 480.
+pub fn derived_max_connections(nofile: u64) -> usize {
+    let per_pair = nofile.saturating_sub(RESERVED_FDS) / 2;
+    usize::try_from(per_pair.max(16)).unwrap_or(usize::MAX)
+}
+
+/// The soft open-file limit of the process (1 024 when it cannot be read).
+pub fn nofile_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct we pass.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            return lim.rlim_cur;
+        }
+    }
+    1024
+}
+
+/// Raises the soft open-file limit to the hard one (called once at startup) and returns the
+/// soft limit in effect afterwards.
+pub fn raise_nofile_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                    tracing::warn!(
+                        soft = lim.rlim_cur,
+                        hard = lim.rlim_max,
+                        "could not raise the open-file limit to the hard limit"
+                    );
+                }
+            }
+        }
+    }
+    nofile_limit()
+}
+
+/// Open connections, in all and per address.
+#[derive(Default)]
+struct Counts {
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One admitted connection; gives its places back when dropped.
+struct Slot {
+    counts: Arc<Counts>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.counts.total.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.ip {
+            if let Ok(mut map) = self.counts.per_ip.lock() {
+                if let Some(n) = map.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        map.remove(&ip);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why a connection was refused.
+#[derive(Debug, PartialEq, Eq)]
+enum Refused {
+    Total,
+    PerIp,
+}
+
+impl Counts {
+    /// Takes a place for a connection from `ip`, or says which cap it is over.
+    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Result<Slot, Refused> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= limits.max_connections {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::Total);
+        }
+        if limits.max_per_ip == 0 {
+            return Ok(Slot {
+                counts: self.clone(),
+                ip: None,
+            });
+        }
+        let mut map = match self.per_ip.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let n = map.entry(ip).or_insert(0);
+        if *n >= limits.max_per_ip {
+            drop(map);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::PerIp);
+        }
+        *n += 1;
+        Ok(Slot {
+            counts: self.clone(),
+            ip: Some(ip),
+        })
+    }
+}
+
+/// Serves `app` on `listener` until `stop` is cancelled; then stops accepting, lets every open
+/// connection finish its request (streams included) within `grace`, and closes what is left.
+pub async fn run(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    stop: CancellationToken,
+    grace: Duration,
+) {
+    tracing::info!(
+        header_timeout_secs = limits.header_timeout.as_secs(),
+        body_timeout_secs = limits.body_timeout.as_secs(),
+        max_connections = limits.max_connections,
+        max_connections_per_ip = limits.max_per_ip,
+        "client limits (CLIENT_HEADER_TIMEOUT_SECS, CLIENT_BODY_TIMEOUT_SECS, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP; 0 = none)"
+    );
+    let counts = Arc::new(Counts::default());
+    let connections = TaskTracker::new();
+    let force_close = CancellationToken::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let mut refused_logged = false;
+
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors (or a connection reset before it was taken): wait a
+                    // little rather than spin; the caps keep this from happening in the
+                    // first place.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let ip = crate::net::normalize(peer.ip());
+        let slot = match counts.admit(ip, &limits) {
+            Ok(slot) => slot,
+            Err(why) => {
+                // Closed at once: nothing is read from it and nothing is written.
+                drop(tcp);
+                if !refused_logged {
+                    refused_logged = true;
+                    tracing::warn!(
+                        %ip,
+                        cap = ?why,
+                        "connection refused: over MAX_CONNECTIONS_PER_IP or MAX_CONNECTIONS (logged once)"
+                    );
+                }
+                continue;
+            }
+        };
+        // Nagle's algorithm would hold back small writes (an SSE event, a short JSON answer)
+        // for up to ~40 ms waiting for the client's delayed ACK: every chunk must leave at once.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY on a client connection");
+        }
+        let body_timeout = limits.body_timeout;
+        let svc = tower::ServiceExt::map_request(
+            app.clone(),
+            move |req: axum::http::Request<Incoming>| {
+                let mut req = req.map(|body| TimeoutBody::new(body_timeout, body));
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                req
+            },
+        );
+        let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(svc));
+        let (stop, force_close) = (stop.clone(), force_close.clone());
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => log_connection_end(res),
+                _ = stop.cancelled() => {
+                    // Finish the request in flight (if any), then close.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        res = conn.as_mut() => log_connection_end(res),
+                        _ = force_close.cancelled() => {}
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "in-flight requests did not finish within SHUTDOWN_GRACE_SECS; closing them"
+        );
+        force_close.cancel();
+        connections.wait().await;
+    }
+}
+
+fn log_connection_end(res: hyper::Result<()>) {
+    if let Err(e) = res {
+        // Timeouts and clients that went away are routine; they are not the server's errors.
+        tracing::debug!(error = %e, "client connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(total: usize, per_ip: usize) -> Limits {
+        Limits {
+            header_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
+            max_per_ip: per_ip,
+            max_connections: total,
+        }
+    }
+
+    #[test]
+    fn a_1024_file_limit_leaves_room_for_upstreams_and_files() {
+        assert_eq!(derived_max_connections(1024), 480);
+        assert!(derived_max_connections(1024) * 2 + RESERVED_FDS as usize <= 1024);
+        assert_eq!(derived_max_connections(10), 16);
+    }
+
+    #[test]
+    fn caps_count_and_give_back() {
+        let c = Arc::new(Counts::default());
+        let l = limits(3, 2);
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let s1 = c.admit(a, &l).expect("first");
+        let _s2 = c.admit(a, &l).expect("second");
+        assert_eq!(c.admit(a, &l).err(), Some(Refused::PerIp));
+        let _s3 = c.admit(b, &l).expect("another address");
+        assert_eq!(c.admit(b, &l).err(), Some(Refused::Total));
+        drop(s1);
+        let _s4 = c
+            .admit(a, &l)
+            .expect("a closed connection gives its place back");
+        assert_eq!(c.total.load(Ordering::Acquire), 3);
+    }
+}
