@@ -347,3 +347,78 @@ async fn google_ai_and_mistral_keys_are_checked_by_their_model_lists() {
     let m = wait_for(&app, Provider::MistralAi, |v| v.last_checked.is_some()).await;
     assert_eq!(states(&m), ["revoked", "working"]);
 }
+
+#[tokio::test]
+async fn the_operator_sees_every_key_state_on_the_info_page_and_admin_keys() {
+    let (_fake, url) = start_fake().await;
+    let app = common::spawn(
+        &[
+            "--check-keys",
+            "true",
+            "--key-check-interval-ms",
+            "1",
+            "--openai-key",
+            "good-1,revoked-1,spent-1",
+            "--openai-base-url",
+            &url,
+            "--admin-key",
+            "admin-secret-key",
+        ],
+        &[],
+    )
+    .await;
+    wait_for(&app, Provider::OpenAi, |v| v.last_checked.is_some()).await;
+    let client = reqwest::Client::new();
+    let info: Value = client
+        .get(format!("{}/", app.url))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .expect("info")
+        .json()
+        .await
+        .expect("json");
+    // The revoked key was never listed, so it counts in every OpenAI family.
+    let turbo = &info["turbo"];
+    assert_eq!(turbo["activeKeys"], 1, "{info}");
+    assert_eq!(turbo["revokedKeys"], 1);
+    assert_eq!(turbo["overQuotaKeys"], 1);
+    assert_eq!(turbo["trialKeys"], 0);
+    assert_eq!(turbo["proomptersInQueue"], 0);
+
+    let admin = |req: reqwest::RequestBuilder| req.bearer_auth("admin-secret-key");
+    let resp = admin(client.get(format!("{}/admin/keys", app.url)))
+        .send()
+        .await
+        .expect("keys");
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.expect("body");
+    for key in ["good-1", "revoked-1", "spent-1"] {
+        assert!(!text.contains(key), "a key appears in full: {text}");
+    }
+    let keys: Value = serde_json::from_str(&text).expect("json");
+    let states: Vec<&str> = keys["providers"][0]["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| k["state"].as_str().expect("state"))
+        .collect();
+    assert_eq!(states, ["working", "revoked", "over_quota"]);
+    // Without the admin key: refused.
+    let resp = client
+        .get(format!("{}/admin/keys", app.url))
+        .send()
+        .await
+        .expect("keys");
+    assert_eq!(resp.status(), 401);
+    let resp = admin(client.post(format!("{}/admin/keys/recheck?provider=openai", app.url)))
+        .send()
+        .await
+        .expect("recheck");
+    assert_eq!(resp.status(), 202);
+    let resp = admin(client.post(format!("{}/admin/keys/recheck?provider=nope", app.url)))
+        .send()
+        .await
+        .expect("recheck");
+    assert_eq!(resp.status(), 400);
+}
