@@ -261,7 +261,13 @@ async fn azure_openai_sdk_directly_and_through_the_proxy() {
             ],
         ]
         .concat(),
-        &[],
+        // Image generation is off by default (as in the original); this deployment serves it.
+        // Before the answer names the model, a request is judged by its deployment name
+        // ("gpt4o-prod" says nothing: the Azure default family, azure-gpt4).
+        &[(
+            "ALLOWED_MODEL_FAMILIES",
+            "azure-gpt4,azure-gpt4o,azure-dall-e",
+        )],
     )
     .await;
     add_user(

@@ -11,11 +11,13 @@ use llm_gatekeeper::users::UserType;
 use serde_json::{json, Value};
 
 const NO_RATE: &[&str] = &["--text-model-rate-limit", "0"];
+/// Image generation is off by default (ALLOWED_MODEL_FAMILIES, as in the original).
+const IMAGES_ON: &[(&str, &str)] = &[("ALLOWED_MODEL_FAMILIES", "dall-e")];
 
 #[tokio::test]
 async fn images_are_counted_by_their_price_on_every_route() {
     let fake = FakeUpstream::start().await;
-    let app = proxy(&fake, NO_RATE, &[]).await;
+    let app = proxy(&fake, NO_RATE, IMAGES_ON).await;
     add_user(&app, "u", UserType::Normal, &[("dall-e", 100_000)]);
     let c = reqwest::Client::new();
     let mut expected = 0;
@@ -52,7 +54,7 @@ async fn images_are_counted_by_their_price_on_every_route() {
 #[tokio::test]
 async fn an_image_that_does_not_fit_is_refused_and_a_bad_n_is_a_400() {
     let fake = FakeUpstream::start().await;
-    let app = proxy(&fake, NO_RATE, &[]).await;
+    let app = proxy(&fake, NO_RATE, IMAGES_ON).await;
     add_user(&app, "u", UserType::Normal, &[("dall-e", 5_000)]);
     let c = reqwest::Client::new();
     let body = json!({"model": "dall-e-3", "prompt": "a cat", "quality": "hd"});

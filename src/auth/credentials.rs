@@ -277,6 +277,12 @@ pub fn user_by_form_token(state: &AppState, ip: IpAddr, token: &str) -> Option<U
     user
 }
 
+/// A wrong credential typed into another public form (`SERVICE_INFO_PASSWORD` at `/`, a token
+/// to refresh at `/user/captcha`): it counts as a failed attempt for the lockout.
+pub fn form_credential_failed(state: &AppState, ip: IpAddr) {
+    state.lockout.record_failure(ip);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

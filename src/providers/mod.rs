@@ -26,12 +26,14 @@
 //!      usage-only event the proxy may hide. `usage_key()` names the top-level usage field of
 //!      its JSON responses (the meter's fast path reads only that field).
 //!    - `family(model)`: the quota family (see [`families`], the one table of model names).
-//!    - `authorize(request, key)`: puts the operator's credential on an [`UpstreamRequest`]
+//!    - `authorize(endpoint, request, key)`: puts the operator's credential on an [`UpstreamRequest`]
 //!      (a header, or a signature over method, URL, headers and body for SigV4 — the request is
 //!      final at that point — or a bearer token the provider fetched and caches itself;
 //!      `authorize` is async for that reason).
 //!    - the URL scheme ([`Provider::upstream_url`]): how a client path becomes the upstream
-//!      URL (a deployment path, an `api-version` query, a model in the path, ...).
+//!      URL (a deployment path, an `api-version` query, a model in the path, ...). State a
+//!      provider needs for URLs or auth (Azure's deployments, a region, a token cache) lives in
+//!      an [`Endpoint`] variant of its own, built in `crate::proxy::Upstreams::from_config`.
 //!    - headers forwarded from the client ([`Provider::forwarded_headers`]) and defaults
 //!      ([`Provider::default_headers`]).
 //! 2. **Dispatch.** Add the variant's arm to each `match` in `impl Provider` below.
@@ -487,12 +489,18 @@ impl Provider {
         }
     }
 
-    /// Puts the operator's credential on the final request.
+    /// Puts the operator's credential on the final request. `endpoint` carries the provider's
+    /// own state where it has some (a region, a token cache: add an [`Endpoint`] variant);
+    /// `key.credential` is what [`Provider::key_credential`] made of the operator's key (a
+    /// provider whose key has several parts, such as `accessKey:secret:region`, keeps them
+    /// there and parses them here).
     pub async fn authorize(
         self,
+        endpoint: &Endpoint,
         req: &mut UpstreamRequest,
         key: &KeyUse<'_>,
     ) -> Result<(), AuthError> {
+        let _ = endpoint;
         let name = match self {
             Provider::OpenAi | Provider::MistralAi => openai::AUTH_HEADER,
             Provider::Anthropic => anthropic::AUTH_HEADER,

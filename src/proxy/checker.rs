@@ -265,7 +265,7 @@ async fn call(
     };
     upstream
         .provider
-        .authorize(&mut out, &KeyUse { index, credential })
+        .authorize(upstream.endpoint(), &mut out, &KeyUse { index, credential })
         .await
         .map_err(|e| Transient(e.0))?;
     let uri = axum::http::Uri::try_from(out.url.as_str())

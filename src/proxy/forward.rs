@@ -606,6 +606,12 @@ async fn send(
         cause: Some(Box::new(e)),
     };
     headers.insert(header::USER_AGENT, state.upstreams.user_agent.clone());
+    // A translation may choose the upstream path (and query) from the client's request.
+    let translated_path = ctx.translation.as_ref().and_then(|t| t.upstream_path());
+    let (path, query) = match &translated_path {
+        Some(p) => (p.as_str(), None),
+        None => (ctx.upstream_path.as_str(), ctx.query.as_deref()),
+    };
     let mut last_429: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
     loop {
         let picked = match eligible {
@@ -625,11 +631,7 @@ async fn send(
                 }
             }
         };
-        // A translation may choose the upstream path (and query) from the client's request.
-        let url = match ctx.translation.as_ref().and_then(|t| t.upstream_path()) {
-            Some(path) => upstream.url(&path, None, key.index),
-            None => upstream.url(&ctx.upstream_path, ctx.query.as_deref(), key.index),
-        };
+        let url = upstream.url(path, query, key.index);
         let mut out = UpstreamRequest {
             method: ctx.method.clone(),
             url,
@@ -640,7 +642,11 @@ async fn send(
             index: key.index,
             credential: &key.header,
         };
-        if let Err(e) = upstream.provider.authorize(&mut out, &key_use).await {
+        if let Err(e) = upstream
+            .provider
+            .authorize(upstream.endpoint(), &mut out, &key_use)
+            .await
+        {
             return Err(Failure {
                 error: ProxyError::new(
                     StatusCode::BAD_GATEWAY,

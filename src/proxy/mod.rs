@@ -81,6 +81,11 @@ impl ProviderUpstream {
         (!matching.is_empty()).then_some(matching)
     }
 
+    /// The provider's endpoint state (base URL, deployments, ...).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
     /// Azure's deployments (for the model list), if this is Azure.
     pub fn azure_deployments(&self) -> Option<&azure::Deployments> {
         match &self.endpoint {

@@ -29,7 +29,10 @@ const PER_MILLION_USD: &[(&str, f64)] = &[
     ("dall-e", 10.0),
     ("claude", 8.0),
     ("claude-opus", 15.0),
+    ("gemini-flash", 0.3),
     ("gemini-pro", 1.25),
+    // Google lists no API price for Ultra models; priced as Gemini Pro's dearest tier.
+    ("gemini-ultra", 2.5),
     ("mistral-tiny", 0.25),
     ("mistral-small", 0.3),
     ("mistral-medium", 2.75),

@@ -225,7 +225,7 @@ async fn challenge(
             match req.refresh_token {
                 Some(t) if refreshable(&state, &t, ip) => Some(t),
                 _ => {
-                    state.lockout.record_failure(ip);
+                    crate::auth::credentials::form_credential_failed(&state, ip);
                     return error(
                         StatusCode::BAD_REQUEST,
                         "That token cannot be refreshed (unknown, not a proof-of-work token, purged, or its address limit is reached); request a new one.",

@@ -104,7 +104,7 @@ async fn unlock_info(
         return unlock_page(&state, &headers, StatusCode::TOO_MANY_REQUESTS, Some(&msg));
     }
     if !lock.check(form.get("password").unwrap_or("")) {
-        state.lockout.record_failure(ip);
+        crate::auth::credentials::form_credential_failed(&state, ip);
         return unlock_page(
             &state,
             &headers,
