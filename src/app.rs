@@ -188,6 +188,16 @@ pub async fn serve(
         background.clone(),
     ));
     tasks.spawn(state.quotas.clone().run_refresh(background.clone()));
+    for (provider, schedule) in
+        crate::proxy::checker::checked_providers(&state.config, &state.upstreams)
+    {
+        tasks.spawn(crate::proxy::checker::run(
+            state.upstreams.clone(),
+            provider,
+            schedule,
+            background.clone(),
+        ));
+    }
     tasks.close();
 
     let grace = state.config.shutdown_grace();

@@ -293,6 +293,29 @@ pub struct Cli {
     #[arg(long, env = "STATIC_SERVICE_INFO", default_value_t = false, action = clap::ArgAction::Set)]
     pub static_service_info: bool,
 
+    // ----- keys, queue, metrics (issue 16) -----
+    /// Probe upstream keys at startup and periodically (their state, families, trial, tier).
+    #[arg(long, env = "CHECK_KEYS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub check_keys: bool,
+    /// Seconds between two checks of the same OpenAI key (0: check at startup only).
+    #[arg(long, env = "OPENAI_KEY_CHECK_PERIOD_SECS", default_value_t = 3600)]
+    pub openai_key_check_period_secs: u64,
+    /// Seconds between two checks of the same Anthropic key (0: check at startup only).
+    #[arg(long, env = "ANTHROPIC_KEY_CHECK_PERIOD_SECS", default_value_t = 21600)]
+    pub anthropic_key_check_period_secs: u64,
+    /// Seconds between two checks of the same Google AI key (0: check at startup only).
+    #[arg(long, env = "GOOGLE_AI_KEY_CHECK_PERIOD_SECS", default_value_t = 21600)]
+    pub google_ai_key_check_period_secs: u64,
+    /// Seconds between two checks of the same Mistral AI key (0: check at startup only).
+    #[arg(long, env = "MISTRAL_AI_KEY_CHECK_PERIOD_SECS", default_value_t = 3600)]
+    pub mistral_ai_key_check_period_secs: u64,
+    /// Seconds between two checks of the same Azure deployment (0: check at startup only).
+    #[arg(long, env = "AZURE_KEY_CHECK_PERIOD_SECS", default_value_t = 3600)]
+    pub azure_key_check_period_secs: u64,
+    /// Least milliseconds between any two key checks of one provider (no burst at startup).
+    #[arg(long, env = "KEY_CHECK_INTERVAL_MS", default_value_t = 3000)]
+    pub key_check_interval_ms: u64,
+
     // ----- proof-of-work tokens (issue 17) -----
     /// Self-service temporary tokens: none | proof_of_work (needs GATEKEEPER=user_token).
     #[arg(long, env = "CAPTCHA_MODE", value_enum, default_value = "none")]

@@ -93,7 +93,8 @@ async fn rate_limited_key_rests_and_the_request_is_retried_on_another() {
             total: 2,
             working: 1,
             resting: 1,
-            invalid: 0
+            invalid: 0,
+            ..KeyCounts::default()
         }
     );
 }
@@ -164,7 +165,81 @@ async fn invalid_key_is_taken_out_of_rotation() {
             total: 2,
             working: 0,
             resting: 0,
-            invalid: 2
+            invalid: 2,
+            ..KeyCounts::default()
         }
+    );
+}
+
+#[tokio::test]
+async fn over_quota_and_revoked_keys_leave_rotation_and_only_the_working_key_serves() {
+    let fake = FakeUpstream::start().await;
+    let app = app(&fake, "spent,revoked,good").await;
+    fake.on_key(
+        "spent",
+        Reply::json(
+            429,
+            json!({"error": {"message": "You exceeded your current quota, please check your plan and billing details.", "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}}),
+        ),
+    );
+    fake.on_key("revoked", Reply::error(401, "Incorrect API key provided"));
+    for _ in 0..4 {
+        assert_eq!(post_chat(&app).await.status(), 200);
+    }
+    // Each bad key was tried once; from then on only the working key is used, and the
+    // over-quota key does not come back when a rate limit would have passed.
+    assert_eq!(
+        creds(&fake),
+        ["spent", "revoked", "good", "good", "good", "good"]
+    );
+    let counts = app.state.upstreams.key_counts(Provider::OpenAi);
+    assert_eq!(
+        (counts.working, counts.over_quota, counts.invalid),
+        (1, 1, 1)
+    );
+    let views = app.state.upstreams.provider(Provider::OpenAi).keys.views();
+    let states: Vec<&str> = views.iter().map(|v| v.state).collect();
+    assert_eq!(states, ["over_quota", "revoked", "working"]);
+}
+
+#[tokio::test]
+async fn anthropic_credit_errors_take_the_key_out_but_bad_requests_do_not() {
+    let fake = FakeUpstream::start().await;
+    let app = app(&fake, "k1").await;
+    fake.on_key(
+        "ant-1",
+        Reply::json(
+            400,
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits."}}),
+        ),
+    );
+    let send = || async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/messages", app.url))
+            .json(&json!({"model": "claude-3-5-haiku-latest", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("request")
+    };
+    for _ in 0..3 {
+        assert_eq!(send().await.status(), 200);
+    }
+    let counts = app.state.upstreams.key_counts(Provider::Anthropic);
+    assert_eq!((counts.working, counts.over_quota), (1, 1));
+    // A client's own bad request (400) is relayed as is and leaves the key alone.
+    fake.on_key(
+        "ant-2",
+        Reply::json(
+            400,
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: field required"}}),
+        ),
+    );
+    let resp = send().await;
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["message"], "max_tokens: field required");
+    assert_eq!(
+        app.state.upstreams.key_counts(Provider::Anthropic).working,
+        1
     );
 }

@@ -1,10 +1,11 @@
-//! Administration: the `/admin/users` REST API and the admin web UI. Handlers are thin: they
+//! Administration: the `/admin/users` REST API, the upstream keys (`keys`) and the admin web UI. Handlers are thin: they
 //! extract arguments and call domain code in [`crate::users`].
 //!
 //! Who is an administrator is decided by [`crate::auth`] before any handler here runs; it
 //! inserts the [`AdminIdentity`] the handlers read.
 
 pub mod api;
+pub mod keys;
 pub mod ui;
 
 use axum::Router;
@@ -15,5 +16,8 @@ pub use crate::auth::{session, AdminIdentity};
 
 /// The `/admin` routes.
 pub fn routes() -> Router<AppState> {
-    Router::new().merge(api::routes()).merge(ui::routes())
+    Router::new()
+        .merge(api::routes())
+        .merge(ui::routes())
+        .merge(keys::routes())
 }

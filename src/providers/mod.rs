@@ -60,6 +60,7 @@ pub mod families;
 pub mod gcp;
 pub mod google_ai;
 pub mod images;
+pub mod key_errors;
 pub mod meter;
 pub mod mistral;
 pub mod openai;

@@ -36,7 +36,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming as UpstreamBody;
+use hyper::body::Incoming as HyperBody;
 use tokio::time::Sleep;
 
 use std::sync::Arc;
@@ -45,6 +45,7 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::ProxyError;
 use crate::net::ClientIp;
+use crate::providers::key_errors::{self, KeyVerdict};
 use crate::providers::{
     Api, KeyUse, Meter, PathModel, Provider, StreamTransform, Translation, UpstreamRequest,
 };
@@ -191,7 +192,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         return log_refusal(&ctx, no_key_error(upstream, NoKey::NoneConfigured));
     }
     // Phase 2: admission.
-    let (body, admitted, stream, model) = match admit(&state, &ctx, body).await {
+    let (body, admitted, stream, model, family) = match admit(&state, &ctx, body).await {
         Ok(v) => v,
         Err(e) => return log_refusal(&ctx, e),
     };
@@ -212,6 +213,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         body,
         deadline,
         eligible.as_deref(),
+        family.as_deref(),
     )
     .await
     {
@@ -342,7 +344,14 @@ async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, P
 
 /// What admission hands on: the bytes to send (the client's original bytes unless the body
 /// was changed), the admission, whether the client asked for a stream, and the model named.
-type AdmitOutcome = (Bytes, Option<crate::quota::Admitted>, bool, Option<String>);
+/// The body to send, the admission, the stream flag, the model and its family.
+type AdmitOutcome = (
+    Bytes,
+    Option<crate::quota::Admitted>,
+    bool,
+    Option<String>,
+    Option<String>,
+);
 
 /// Phase 2: admission for generation requests.
 async fn admit(
@@ -352,7 +361,7 @@ async fn admit(
 ) -> Result<AdmitOutcome, ProxyError> {
     let Incoming { bytes, json } = incoming;
     let Some(mut json) = json else {
-        return Ok((bytes, None, false, None));
+        return Ok((bytes, None, false, None, None));
     };
     let mut changed = false;
     if let Some(t) = &ctx.translation {
@@ -411,7 +420,13 @@ async fn admit(
     } else {
         bytes
     };
-    Ok((bytes, Some(admitted), facts.stream, Some(facts.model)))
+    Ok((
+        bytes,
+        Some(admitted),
+        facts.stream,
+        Some(facts.model),
+        Some(facts.family),
+    ))
 }
 
 /// Phase 0: `BLOCKED_ORIGINS`. A browser (it accepts HTML and sends no JSON) gets a page that
@@ -568,9 +583,11 @@ fn upstream_headers(ctx: &Ctx) -> HeaderMap {
     out
 }
 
-/// Phase 4: picks a key and sends; on 401/403 the key is taken out, on 429 it rests, and the
-/// request goes again on the next usable key. When no key is left after a 429, that 429 is
-/// relayed as the upstream sent it.
+/// Phase 4: picks a key of the request's family and sends; on 401/403 (or an answer that says
+/// revoked) the key is taken out, on an answer that says its quota is spent it leaves rotation
+/// until a recheck, on 429 it rests, and the request goes again on the next usable key. When
+/// no key is left after a 429, that 429 is relayed as the upstream sent it.
+#[allow(clippy::too_many_arguments)]
 async fn send(
     state: &AppState,
     upstream: &ProviderUpstream,
@@ -579,6 +596,7 @@ async fn send(
     body: Bytes,
     deadline: tokio::time::Instant,
     eligible: Option<&[usize]>,
+    family: Option<&str>,
 ) -> Result<(hyper::Response<UpstreamBody>, ChosenKey), Failure> {
     let bad_url = |e: axum::http::uri::InvalidUri| Failure {
         error: ProxyError::bad_request(
@@ -605,8 +623,8 @@ async fn send(
         let picked = match eligible {
             Some(set) => upstream
                 .keys
-                .pick_where(|i| set.contains(&i) && !skip.contains(&i)),
-            None => upstream.keys.pick_except(&skip),
+                .pick_where(family, |i| set.contains(&i) && !skip.contains(&i)),
+            None => upstream.keys.pick_except(family, &skip),
         };
         let key = match picked {
             Ok(k) => k,
@@ -683,36 +701,94 @@ async fn send(
                 })
             }
         };
+        let status = resp.status().as_u16();
         let aws_error = resp
             .headers()
             .get("x-amzn-errortype")
             .and_then(|v| v.to_str().ok())
             .map(crate::providers::aws::classify_error);
-        match resp.status() {
-            StatusCode::FORBIDDEN
-                if aws_error == Some(crate::providers::aws::ErrorKind::ModelDenied) =>
-            {
-                // This credential lacks the model; another may have it.
-                tracing::warn!(key = %key.fingerprint, "AWS Bedrock: this credential has no access to the model; trying another");
-                skip.push(key.index);
-                last_denied = Some((resp, key));
-            }
-            StatusCode::UNAUTHORIZED
-                if !renewed.contains(&key.index) && upstream.forget_token(key.index).await =>
-            {
-                // An access token expired or revoked early: fetch a new one and try again.
-                renewed.push(key.index);
-            }
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                upstream
-                    .keys
-                    .mark_invalid(key.index, resp.status().as_u16());
-            }
-            StatusCode::TOO_MANY_REQUESTS => {
+        if status == 403 && aws_error == Some(crate::providers::aws::ErrorKind::ModelDenied) {
+            // This credential lacks the model; another may have it.
+            tracing::warn!(key = %key.fingerprint, "AWS Bedrock: this credential has no access to the model; trying another");
+            skip.push(key.index);
+            last_denied = Some((resp.map(UpstreamBody::Live), key));
+            continue;
+        }
+        if status == 401 && !renewed.contains(&key.index) && upstream.forget_token(key.index).await
+        {
+            // An access token expired or revoked early: fetch a new one and try again.
+            renewed.push(key.index);
+            continue;
+        }
+        if status == 401 || status == 403 {
+            upstream.keys.mark_invalid(key.index, status);
+            continue;
+        }
+        if (200..300).contains(&status) {
+            upstream.keys.note_success(key.index);
+        }
+        if !key_errors::body_matters(ctx.provider, status) {
+            return Ok((resp.map(UpstreamBody::Live), key));
+        }
+        // An error answer whose body tells whether the key is spent: read it (bounded, it is
+        // small) and keep it to relay.
+        let (parts, incoming) = resp.into_parts();
+        let limited = Limited::new(incoming, ERROR_BODY_LIMIT);
+        let bytes = match tokio::time::timeout_at(deadline, limited.collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            _ => Bytes::new(),
+        };
+        let verdict = key_errors::judge(ctx.provider, status, &bytes);
+        let resp = hyper::Response::from_parts(parts, UpstreamBody::Buffered(Full::new(bytes)));
+        match verdict {
+            Some(KeyVerdict::Revoked) => upstream.keys.mark_invalid(key.index, status),
+            Some(KeyVerdict::OverQuota(reason)) => upstream.keys.mark_over_quota(key.index, reason),
+            Some(KeyVerdict::RateLimited) => {
                 upstream.keys.rest(key.index, rest_duration(resp.headers()));
                 last_429 = Some((resp, key));
             }
-            _ => return Ok((resp, key)),
+            None => return Ok((resp, key)),
+        }
+    }
+}
+
+/// How much of an upstream error body is read to judge the key (error bodies are small).
+const ERROR_BODY_LIMIT: usize = 64 * 1024;
+
+/// An upstream response body: streamed as it arrives, or an error body already read (to judge
+/// the key) and relayed from memory.
+enum UpstreamBody {
+    Live(HyperBody),
+    Buffered(Full<Bytes>),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Live(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Buffered(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(|never| match never {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Live(b) => b.is_end_stream(),
+            UpstreamBody::Buffered(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Live(b) => b.size_hint(),
+            UpstreamBody::Buffered(b) => b.size_hint(),
         }
     }
 }
@@ -767,6 +843,16 @@ fn no_key_error(upstream: &ProviderUpstream, no: NoKey) -> ProxyError {
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream_error",
             format!("Every {var} key was rejected by the upstream as invalid (401/403). The operator must replace them in {var}."),
+        ),
+        NoKey::AllOverQuota => ProxyError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_error",
+            format!("Every usable {var} key is over its quota or revoked at the upstream. The operator must add credit or keys in {var}, then recheck the keys on /admin."),
+        ),
+        NoKey::NoneForFamily(family) => ProxyError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_error",
+            format!("No {var} key of this proxy can serve the model family '{family}'; use another model, or the operator must add a key with access to it in {var}."),
         ),
         NoKey::AllResting(d) => {
             let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);

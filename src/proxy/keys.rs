@@ -1,10 +1,13 @@
-//! The upstream key pool of one provider: round-robin over the operator's keys, taking a key
-//! out of rotation when the upstream says it is invalid (401/403) and resting it when the
-//! upstream says it is rate-limited (429). Lock-free: a request touches only atomics.
+//! The upstream key pool of one provider: every operator key with its state (working, trial,
+//! over quota, revoked, rate-limited until a time) and the model families it can serve, and
+//! the choice of a key for a request. The state is fed by the forwarder (what the upstream
+//! answered) and by the key checkers ([`crate::proxy::checker`]); the pool itself does no I/O.
+//! A request touches only atomics and one uncontended read lock per key.
 //!
 //! Keys are only ever logged by [`crate::users::fingerprint`], never in clear.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderValue;
@@ -13,17 +16,99 @@ use serde::Serialize;
 use crate::config::{ConfigError, Secret};
 use crate::users::fingerprint;
 
+/// What is known about a key, apart from a temporary rate limit (which is kept as a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+pub enum KeyStatus {
+    /// Not checked yet; used as if working.
+    Unchecked = 0,
+    /// The last check or request showed it works.
+    Working = 1,
+    /// Works, but its provider limits it as a trial key (low request limits).
+    Trial = 2,
+    /// The provider says its quota or credit is spent: out of rotation until a recheck.
+    OverQuota = 3,
+    /// The provider rejects it (invalid, revoked, organisation disabled): out of rotation
+    /// until a recheck shows it works again.
+    Revoked = 4,
+    /// It works but the provider logs prompts (AWS model-invocation logging) and the operator
+    /// did not allow that: out of rotation.
+    Logging = 5,
+}
+
+impl KeyStatus {
+    fn from_u8(v: u8) -> KeyStatus {
+        match v {
+            1 => KeyStatus::Working,
+            2 => KeyStatus::Trial,
+            3 => KeyStatus::OverQuota,
+            4 => KeyStatus::Revoked,
+            5 => KeyStatus::Logging,
+            _ => KeyStatus::Unchecked,
+        }
+    }
+
+    /// Whether a key in this state may be chosen for requests.
+    pub fn usable(self) -> bool {
+        matches!(
+            self,
+            KeyStatus::Unchecked | KeyStatus::Working | KeyStatus::Trial
+        )
+    }
+
+    /// The state's name as shown on `/admin` and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Unchecked => "unchecked",
+            KeyStatus::Working => "working",
+            KeyStatus::Trial => "trial",
+            KeyStatus::OverQuota => "over_quota",
+            KeyStatus::Revoked => "revoked",
+            KeyStatus::Logging => "logging",
+        }
+    }
+}
+
 /// One operator key with its state.
 struct PoolKey {
     /// The ready-made credential header value (`Bearer <key>` or the bare key), marked
     /// sensitive so that no HTTP-level debug output prints it.
     header: HeaderValue,
+    /// The key itself, for the checkers' probes (never logged or shown).
+    secret: Secret,
     fingerprint: String,
-    /// Set once when the upstream answered 401/403 for this key; never cleared (the operator
-    /// must replace the key and restart).
-    invalid: AtomicBool,
+    /// A [`KeyStatus`].
+    status: AtomicU8,
     /// Milliseconds since the pool's epoch until which the key rests after a 429.
     rest_until_ms: AtomicU64,
+    /// The pool's use counter when the key was last chosen (smaller is less recently used).
+    last_used: AtomicU64,
+    /// Unix milliseconds of the last completed check (0: never).
+    last_checked_ms: AtomicI64,
+    /// The families the key can serve, once a check has listed them (`None`: any).
+    families: RwLock<Option<Arc<[Box<str>]>>>,
+    /// Free-form details of the last check (tier, organisation), for `/admin`.
+    detail: RwLock<Option<Arc<str>>>,
+}
+
+impl PoolKey {
+    fn status(&self) -> KeyStatus {
+        KeyStatus::from_u8(self.status.load(Ordering::Relaxed))
+    }
+
+    fn serves(&self, family: Option<&str>) -> bool {
+        let Some(family) = family else {
+            return true;
+        };
+        match self.families.read() {
+            Ok(g) => g
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|f| &**f == family)),
+            // A poisoned lock only means a writer panicked; the key is not excluded for it.
+            Err(_) => true,
+        }
+    }
 }
 
 /// Why no key could be chosen.
@@ -33,6 +118,10 @@ pub enum NoKey {
     NoneConfigured,
     /// Every key was rejected by the upstream as invalid.
     AllInvalid,
+    /// Every key that could serve the request is over quota (or revoked, or logging).
+    AllOverQuota,
+    /// No usable key can serve this model family.
+    NoneForFamily(String),
     /// Every usable key is resting after a 429; the first one is free again after this long.
     AllResting(Duration),
 }
@@ -55,8 +144,54 @@ pub struct KeyCounts {
     pub working: usize,
     /// Keys resting after a 429.
     pub resting: usize,
-    /// Keys the upstream rejected as invalid (out of rotation until restart).
+    /// Keys the upstream rejected as invalid or revoked (out of rotation until a recheck).
     pub invalid: usize,
+    /// Keys whose quota is spent (out of rotation until a recheck).
+    pub over_quota: usize,
+    /// Usable keys that are trial keys (counted in `working` or `resting` too).
+    pub trial: usize,
+    /// Keys out of rotation because their provider logs prompts.
+    pub logging: usize,
+}
+
+/// One key as `/admin` shows it: never the key, only its fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyView {
+    pub fingerprint: String,
+    /// `working`, `trial`, `over_quota`, `revoked`, `logging`, `unchecked` or `rate_limited`.
+    pub state: &'static str,
+    /// Unix milliseconds until which the key is rate-limited, when it is.
+    pub rate_limited_until: Option<i64>,
+    /// The families the key serves (`None`: not listed yet, any).
+    pub families: Option<Vec<String>>,
+    /// Unix milliseconds of the last check.
+    pub last_checked: Option<i64>,
+    pub detail: Option<String>,
+}
+
+/// The result of a check, applied with [`KeyPool::apply_check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckResult {
+    pub status: KeyStatus,
+    /// The families the key can serve, when the check listed them (`None`: keep what is known).
+    pub families: Option<Vec<String>>,
+    /// Details for `/admin` (tier, organisation); `None` keeps what is known.
+    pub detail: Option<String>,
+    /// The key is rate-limited right now for this long (it works otherwise).
+    pub rest: Option<Duration>,
+}
+
+impl CheckResult {
+    /// A check that says only the key's status.
+    pub fn status(status: KeyStatus) -> CheckResult {
+        CheckResult {
+            status,
+            families: None,
+            detail: None,
+            rest: None,
+        }
+    }
 }
 
 /// The key pool of one provider.
@@ -64,8 +199,14 @@ pub struct KeyPool {
     /// The environment variable the keys came from, for messages (`OPENAI_KEY`).
     var: &'static str,
     keys: Box<[PoolKey]>,
-    next: AtomicUsize,
+    /// Counts key choices: a key's `last_used` is the counter's value when it was chosen.
+    uses: AtomicU64,
     epoch: Instant,
+    /// Woken whenever a key may have become usable (rest set shorter, a recheck), so that the
+    /// request queue can look again without polling.
+    changed: tokio::sync::Notify,
+    /// An operator asked for every key to be checked again (the checker takes the permit).
+    recheck: tokio::sync::Notify,
 }
 
 impl KeyPool {
@@ -98,16 +239,23 @@ impl KeyPool {
             header.set_sensitive(true);
             pool.push(PoolKey {
                 header,
+                secret: key.clone(),
                 fingerprint: fp,
-                invalid: AtomicBool::new(false),
+                status: AtomicU8::new(KeyStatus::Unchecked as u8),
                 rest_until_ms: AtomicU64::new(0),
+                last_used: AtomicU64::new(0),
+                last_checked_ms: AtomicI64::new(0),
+                families: RwLock::new(None),
+                detail: RwLock::new(None),
             });
         }
         Ok(KeyPool {
             var,
             keys: pool.into_boxed_slice(),
-            next: AtomicUsize::new(0),
+            uses: AtomicU64::new(1),
             epoch: Instant::now(),
+            changed: tokio::sync::Notify::new(),
+            recheck: tokio::sync::Notify::new(),
         })
     }
 
@@ -121,39 +269,58 @@ impl KeyPool {
         self.keys.is_empty()
     }
 
+    /// How many keys are configured.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Chooses the next usable key in round-robin order, skipping invalid and resting keys.
-    pub fn pick(&self) -> Result<ChosenKey, NoKey> {
-        self.pick_where(|_| true)
+    /// Chooses a key for a request of `family` (`None`: any key): only usable keys that can
+    /// serve the family, preferring keys that are not rate-limited, then the least recently
+    /// used one.
+    pub fn pick(&self, family: Option<&str>) -> Result<ChosenKey, NoKey> {
+        self.pick_where(family, |_| true)
     }
 
     /// Like [`KeyPool::pick`], skipping the keys at `skip` (keys that cannot serve this one
     /// request, e.g. a cloud credential without access to the model); when only skipped keys
     /// are usable, answers [`NoKey::AllInvalid`].
-    pub fn pick_except(&self, skip: &[usize]) -> Result<ChosenKey, NoKey> {
-        self.pick_where(|i| !skip.contains(&i))
+    pub fn pick_except(&self, family: Option<&str>, skip: &[usize]) -> Result<ChosenKey, NoKey> {
+        self.pick_where(family, |i| !skip.contains(&i))
     }
 
     /// As [`KeyPool::pick`], among the keys whose index `eligible` accepts (Azure: the
     /// credentials of the deployment the client named).
-    pub fn pick_where(&self, eligible: impl Fn(usize) -> bool) -> Result<ChosenKey, NoKey> {
-        let n = self.keys.len();
-        if n == 0 {
+    pub fn pick_where(
+        &self,
+        family: Option<&str>,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Result<ChosenKey, NoKey> {
+        if self.keys.is_empty() {
             return Err(NoKey::NoneConfigured);
         }
         let now = self.now_ms();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut best: Option<(usize, u64)> = None;
         let mut soonest: Option<u64> = None;
-        for off in 0..n {
-            let index = (start.wrapping_add(off)) % n;
-            let key = &self.keys[index];
+        let mut any_serves = false;
+        let mut all_revoked = true;
+        for (index, key) in self.keys.iter().enumerate() {
             if !eligible(index) {
                 continue;
             }
-            if key.invalid.load(Ordering::Relaxed) {
+            let status = key.status();
+            if status != KeyStatus::Revoked {
+                all_revoked = false;
+            }
+            if !key.serves(family) {
+                continue;
+            }
+            // A revoked key's family list says nothing (it may never have been listed).
+            any_serves |= status != KeyStatus::Revoked;
+            if !status.usable() {
                 continue;
             }
             let until = key.rest_until_ms.load(Ordering::Relaxed);
@@ -161,30 +328,80 @@ impl KeyPool {
                 soonest = Some(soonest.map_or(until, |s| s.min(until)));
                 continue;
             }
+            let used = key.last_used.load(Ordering::Relaxed);
+            if best.is_none_or(|(_, b)| used < b) {
+                best = Some((index, used));
+            }
+        }
+        if let Some((index, _)) = best {
+            let key = &self.keys[index];
+            key.last_used
+                .store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
             return Ok(ChosenKey {
                 index,
                 header: key.header.clone(),
                 fingerprint: key.fingerprint.clone(),
             });
         }
-        match soonest {
-            Some(until) => Err(NoKey::AllResting(Duration::from_millis(until - now))),
-            None => Err(NoKey::AllInvalid),
+        if let Some(until) = soonest {
+            return Err(NoKey::AllResting(Duration::from_millis(until - now)));
+        }
+        if all_revoked {
+            return Err(NoKey::AllInvalid);
+        }
+        match family {
+            Some(f) if !any_serves => Err(NoKey::NoneForFamily(f.to_string())),
+            _ => Err(NoKey::AllOverQuota),
         }
     }
 
-    /// Takes a key out of rotation because the upstream rejected it (401/403). Logs once.
+    /// Takes a key out of rotation because the upstream rejected it (401/403, or a body that
+    /// says revoked). Logs once; a recheck may bring it back.
     pub fn mark_invalid(&self, index: usize, status: u16) {
         if let Some(key) = self.keys.get(index) {
-            if !key.invalid.swap(true, Ordering::Relaxed) {
+            if key.status.swap(KeyStatus::Revoked as u8, Ordering::Relaxed)
+                != KeyStatus::Revoked as u8
+            {
                 tracing::error!(
                     var = self.var,
                     key = %key.fingerprint,
                     status,
-                    "the upstream rejected this key as invalid; it is out of rotation until restart (replace it in {})",
+                    "the upstream rejected this key as invalid; it is out of rotation until a recheck shows it works (replace it in {})",
                     self.var
                 );
             }
+        }
+    }
+
+    /// Takes a key out of rotation because the upstream says its quota or credit is spent.
+    /// Unlike a rate limit this does not pass by itself: the key stays out until a recheck.
+    pub fn mark_over_quota(&self, index: usize, reason: &str) {
+        if let Some(key) = self.keys.get(index) {
+            if key
+                .status
+                .swap(KeyStatus::OverQuota as u8, Ordering::Relaxed)
+                != KeyStatus::OverQuota as u8
+            {
+                tracing::error!(
+                    var = self.var,
+                    key = %key.fingerprint,
+                    reason,
+                    "the upstream says this key is over its quota; it is out of rotation until a recheck"
+                );
+            }
+        }
+    }
+
+    /// Records that the upstream answered a request with key `index` successfully: an
+    /// unchecked key is then known to work (a single atomic compare-and-swap).
+    pub fn note_success(&self, index: usize) {
+        if let Some(key) = self.keys.get(index) {
+            let _ = key.status.compare_exchange(
+                KeyStatus::Unchecked as u8,
+                KeyStatus::Working as u8,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -204,20 +421,144 @@ impl KeyPool {
         }
     }
 
+    /// Records the result of a check of key `index`.
+    pub fn apply_check(&self, index: usize, result: CheckResult) {
+        let Some(key) = self.keys.get(index) else {
+            return;
+        };
+        let before = key.status.swap(result.status as u8, Ordering::Relaxed);
+        if let Some(families) = result.families {
+            let list: Arc<[Box<str>]> = families.into_iter().map(String::into_boxed_str).collect();
+            if let Ok(mut g) = key.families.write() {
+                *g = Some(list);
+            }
+        }
+        if let Some(detail) = result.detail {
+            if let Ok(mut g) = key.detail.write() {
+                *g = Some(Arc::from(detail));
+            }
+        }
+        match result.rest {
+            Some(d) => self.rest(index, d),
+            // A check that got through shows the key is not rate-limited any more.
+            None if result.status.usable() => key.rest_until_ms.store(0, Ordering::Relaxed),
+            None => {}
+        }
+        key.last_checked_ms
+            .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        if before != result.status as u8 {
+            tracing::info!(
+                var = self.var,
+                key = %key.fingerprint,
+                from = KeyStatus::from_u8(before).as_str(),
+                to = result.status.as_str(),
+                "key state changed by a check"
+            );
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// The key of `index` and its fingerprint, for a checker's probe.
+    pub fn secret(&self, index: usize) -> Option<(&Secret, &str)> {
+        self.keys
+            .get(index)
+            .map(|k| (&k.secret, k.fingerprint.as_str()))
+    }
+
+    /// The credential header value of key `index`, for a checker's probe.
+    pub fn credential(&self, index: usize) -> Option<&HeaderValue> {
+        self.keys.get(index).map(|k| &k.header)
+    }
+
+    /// Unix milliseconds of the last check of key `index` (0: never).
+    pub fn last_checked_ms(&self, index: usize) -> i64 {
+        self.keys
+            .get(index)
+            .map_or(0, |k| k.last_checked_ms.load(Ordering::Relaxed))
+    }
+
+    /// The status of key `index`.
+    pub fn status(&self, index: usize) -> Option<KeyStatus> {
+        self.keys.get(index).map(PoolKey::status)
+    }
+
+    /// Resolves when a key's state may have changed (a check ran).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    /// Asks this pool's checker to check every key again now (the `/admin` "recheck keys"
+    /// action). Does nothing when key checks are off.
+    pub fn request_recheck(&self) {
+        self.recheck.notify_one();
+    }
+
+    /// Resolves when a recheck was asked for (used by the pool's one checker task).
+    pub fn recheck_requested(&self) -> tokio::sync::futures::Notified<'_> {
+        self.recheck.notified()
+    }
+
+    /// Every key as `/admin` shows it.
+    pub fn views(&self) -> Vec<KeyView> {
+        let now = self.now_ms();
+        let wall = chrono::Utc::now().timestamp_millis();
+        self.keys
+            .iter()
+            .map(|k| {
+                let status = k.status();
+                let until = k.rest_until_ms.load(Ordering::Relaxed);
+                let limited = status.usable() && until > now;
+                let checked = k.last_checked_ms.load(Ordering::Relaxed);
+                KeyView {
+                    fingerprint: k.fingerprint.clone(),
+                    state: if limited {
+                        "rate_limited"
+                    } else {
+                        status.as_str()
+                    },
+                    rate_limited_until: limited.then(|| {
+                        wall.saturating_add(i64::try_from(until - now).unwrap_or(i64::MAX))
+                    }),
+                    families: k.families.read().ok().and_then(|g| {
+                        g.as_ref()
+                            .map(|l| l.iter().map(|f| f.to_string()).collect())
+                    }),
+                    last_checked: (checked > 0).then_some(checked),
+                    detail: k
+                        .detail
+                        .read()
+                        .ok()
+                        .and_then(|g| g.as_ref().map(|d| d.to_string())),
+                }
+            })
+            .collect()
+    }
+
     /// Counts keys by state.
     pub fn counts(&self) -> KeyCounts {
+        self.counts_for(None)
+    }
+
+    /// Counts the keys that serve `family` (`None`: every key) by state.
+    pub fn counts_for(&self, family: Option<&str>) -> KeyCounts {
         let now = self.now_ms();
-        let mut c = KeyCounts {
-            total: self.keys.len(),
-            ..KeyCounts::default()
-        };
-        for key in self.keys.iter() {
-            if key.invalid.load(Ordering::Relaxed) {
-                c.invalid += 1;
-            } else if key.rest_until_ms.load(Ordering::Relaxed) > now {
-                c.resting += 1;
-            } else {
-                c.working += 1;
+        let mut c = KeyCounts::default();
+        for key in self.keys.iter().filter(|k| k.serves(family)) {
+            c.total += 1;
+            match key.status() {
+                KeyStatus::Revoked => c.invalid += 1,
+                KeyStatus::OverQuota => c.over_quota += 1,
+                KeyStatus::Logging => c.logging += 1,
+                s => {
+                    if s == KeyStatus::Trial {
+                        c.trial += 1;
+                    }
+                    if key.rest_until_ms.load(Ordering::Relaxed) > now {
+                        c.resting += 1;
+                    } else {
+                        c.working += 1;
+                    }
+                }
             }
         }
         c
@@ -268,15 +609,19 @@ mod tests {
         KeyPool::new("OPENAI_KEY", &keys, true).expect("pool")
     }
 
+    fn pick(p: &KeyPool) -> usize {
+        p.pick(None).expect("key").index
+    }
+
     #[test]
-    fn round_robin_skips_invalid_and_resting() {
+    fn least_recently_used_skips_invalid_and_resting() {
         let p = pool(3);
-        let order: Vec<usize> = (0..3).map(|_| p.pick().expect("key").index).collect();
-        assert_eq!(order, vec![0, 1, 2]);
+        let order: Vec<usize> = (0..6).map(|_| pick(&p)).collect();
+        assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
         p.mark_invalid(1, 401);
         p.rest(2, Duration::from_secs(30));
         for _ in 0..4 {
-            assert_eq!(p.pick().expect("key").index, 0);
+            assert_eq!(pick(&p), 0);
         }
         assert_eq!(
             p.counts(),
@@ -284,32 +629,110 @@ mod tests {
                 total: 3,
                 working: 1,
                 resting: 1,
-                invalid: 1
+                invalid: 1,
+                ..KeyCounts::default()
             }
         );
         p.rest(0, Duration::from_secs(10));
-        match p.pick() {
+        match p.pick(None) {
             Err(NoKey::AllResting(d)) => assert!(d <= Duration::from_secs(10)),
             other => panic!("expected all resting, got {other:?}"),
         }
     }
 
     #[test]
+    fn a_key_back_from_rest_is_used_first() {
+        let p = pool(2);
+        p.rest(0, Duration::from_secs(30));
+        for _ in 0..3 {
+            assert_eq!(pick(&p), 1);
+        }
+        // A check shows key 0 works again: it has been used least recently.
+        p.apply_check(0, CheckResult::status(KeyStatus::Working));
+        assert_eq!(pick(&p), 0);
+        assert_eq!(pick(&p), 1);
+    }
+
+    #[test]
+    fn over_quota_leaves_rotation_until_a_recheck() {
+        let p = pool(2);
+        p.mark_over_quota(0, "insufficient_quota");
+        for _ in 0..3 {
+            assert_eq!(pick(&p), 1);
+        }
+        let c = p.counts();
+        assert_eq!((c.working, c.over_quota), (1, 1));
+        p.mark_over_quota(1, "insufficient_quota");
+        assert_eq!(p.pick(None).err(), Some(NoKey::AllOverQuota));
+        p.apply_check(0, CheckResult::status(KeyStatus::Working));
+        assert_eq!(pick(&p), 0);
+        assert_eq!(p.views()[1].state, "over_quota");
+        assert_eq!(p.views()[0].state, "working");
+    }
+
+    #[test]
+    fn selection_uses_only_keys_of_the_family() {
+        let p = pool(3);
+        p.apply_check(
+            0,
+            CheckResult {
+                families: Some(vec!["turbo".into()]),
+                ..CheckResult::status(KeyStatus::Working)
+            },
+        );
+        p.apply_check(
+            1,
+            CheckResult {
+                families: Some(vec!["turbo".into(), "gpt4o".into()]),
+                ..CheckResult::status(KeyStatus::Trial)
+            },
+        );
+        p.apply_check(2, CheckResult::status(KeyStatus::Revoked));
+        for _ in 0..3 {
+            assert_eq!(p.pick(Some("gpt4o")).expect("key").index, 1);
+        }
+        assert_eq!(
+            p.pick(Some("o3")).err(),
+            Some(NoKey::NoneForFamily("o3".into()))
+        );
+        // The revoked key was never listed, so it counts in every family.
+        let c = p.counts_for(Some("gpt4o"));
+        assert_eq!((c.total, c.working, c.trial, c.invalid), (2, 1, 1, 1));
+        p.rest(1, Duration::from_secs(5));
+        assert!(matches!(p.pick(Some("gpt4o")), Err(NoKey::AllResting(_))));
+        // Keys not rate-limited are preferred even when used more recently.
+        assert_eq!(p.pick(Some("turbo")).expect("key").index, 0);
+        assert_eq!(p.pick(Some("turbo")).expect("key").index, 0);
+        let v = &p.views()[1];
+        assert_eq!(v.state, "rate_limited");
+        assert!(v.rate_limited_until.is_some());
+    }
+
+    #[test]
     fn empty_and_all_invalid() {
-        assert_eq!(pool(0).pick().err(), Some(NoKey::NoneConfigured));
+        assert_eq!(pool(0).pick(None).err(), Some(NoKey::NoneConfigured));
         let p = pool(2);
         p.mark_invalid(0, 401);
         p.mark_invalid(1, 403);
-        assert_eq!(p.pick().err(), Some(NoKey::AllInvalid));
+        assert_eq!(p.pick(None).err(), Some(NoKey::AllInvalid));
+    }
+
+    #[test]
+    fn views_never_hold_the_key() {
+        let keys = [Secret::new("sk-very-secret-key")];
+        let p = KeyPool::new("OPENAI_KEY", &keys, true).expect("pool");
+        let json = serde_json::to_string(&p.views()).expect("json");
+        assert!(!json.contains("sk-very-secret-key"));
+        assert!(json.contains(&fingerprint("sk-very-secret-key")));
     }
 
     #[test]
     fn header_value_is_bearer_or_bare() {
         let keys = [Secret::new("sk-1")];
         let o = KeyPool::new("OPENAI_KEY", &keys, true).expect("pool");
-        assert_eq!(o.pick().expect("key").header, "Bearer sk-1");
+        assert_eq!(o.pick(None).expect("key").header, "Bearer sk-1");
         let a = KeyPool::new("ANTHROPIC_KEY", &keys, false).expect("pool");
-        assert_eq!(a.pick().expect("key").header, "sk-1");
+        assert_eq!(a.pick(None).expect("key").header, "sk-1");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! and one [`keys::KeyPool`] per provider. [`routes`] maps client paths to an [`Api`]; the
 //! request itself is handled phase by phase in [`forward`].
 
+pub mod checker;
 pub mod forward;
 pub mod google_ai;
 pub mod keys;

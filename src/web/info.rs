@@ -321,7 +321,8 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
         .collect();
     let uptime = state.started_at.elapsed().as_secs();
     let (refresh, next) = refresh_description(state);
-    json!({
+    let per_family = family_keys(state, show_costs.then_some(&usage));
+    let mut page = json!({
         "title": server_title(state),
         "showTokenCosts": show_costs,
         "captcha": state.pow.is_some().then_some("/user/captcha"),
@@ -338,7 +339,83 @@ pub fn service_info(state: &AppState, headers: &HeaderMap) -> Value {
             "description": refresh,
             "nextAt": next,
         },
-    })
+    });
+    if let Some(obj) = page.as_object_mut() {
+        for (family, v) in per_family {
+            obj.entry(family).or_insert(v);
+        }
+    }
+    page
+}
+
+/// The provider whose keys serve a family, by the family's name (the original's naming).
+fn family_provider(family: &str) -> Option<Provider> {
+    if family.starts_with("azure-") {
+        Some(Provider::Azure)
+    } else if family.starts_with("aws-mistral") {
+        Some(Provider::AwsMistral)
+    } else if family.starts_with("aws-") {
+        Some(Provider::Aws)
+    } else if family.starts_with("gcp-") {
+        Some(Provider::Gcp)
+    } else if family.starts_with("claude") {
+        Some(Provider::Anthropic)
+    } else if family.starts_with("gemini") {
+        Some(Provider::GoogleAi)
+    } else if family.starts_with("mistral") {
+        Some(Provider::MistralAi)
+    } else {
+        Some(Provider::OpenAi)
+    }
+}
+
+/// Per model family served by at least one configured key, the original's fields under the
+/// family's name: `activeKeys`, `revokedKeys`, `overQuotaKeys`, `trialKeys`,
+/// `proomptersInQueue`, `estimatedQueueTime`, and `usage` when usage is shown. Keys appear only
+/// as counts.
+fn family_keys(
+    state: &AppState,
+    usage: Option<&std::collections::BTreeMap<String, u64>>,
+) -> Vec<(String, Value)> {
+    let mut names: Vec<String> = crate::providers::families::FAMILIES
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    if !state.upstreams.provider(Provider::Azure).keys.is_empty() {
+        names.extend(
+            crate::providers::families::FAMILIES
+                .iter()
+                .filter(|f| family_provider(f) == Some(Provider::OpenAi))
+                .map(|f| format!("azure-{f}")),
+        );
+    }
+    names
+        .into_iter()
+        .filter_map(|f| {
+            let pool = &state.upstreams.provider(family_provider(&f)?).keys;
+            if pool.is_empty() {
+                return None;
+            }
+            let c = pool.counts_for(Some(&f));
+            if c.total == 0 {
+                return None;
+            }
+            let mut v = json!({
+                "activeKeys": c.working + c.resting,
+                "revokedKeys": c.invalid,
+                "overQuotaKeys": c.over_quota,
+                "trialKeys": c.trial,
+                // Requests do not wait for keys yet (issue 16's queue): nobody is queued.
+                "proomptersInQueue": 0,
+                "estimatedQueueTime": "no wait",
+            });
+            if let Some(u) = usage {
+                let used = u.get(&f).copied().unwrap_or(0);
+                v["usage"] = json!(format!("{used} tokens"));
+            }
+            Some((f, v))
+        })
+        .collect()
 }
 
 /// True when the client prefers JSON (`Accept: application/json` before any HTML type).

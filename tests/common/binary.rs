@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_llm-gatekeeper");
 
 /// The binary with only `vars` set (plus `BIND_ADDRESS=127.0.0.1`, `PORT=0`, `NO_COLOR=1`,
+/// `CHECK_KEYS=false`,
 /// which `vars` may override), run in `dir`.
 pub fn command(dir: &std::path::Path, vars: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(BIN);
@@ -17,7 +18,9 @@ pub fn command(dir: &std::path::Path, vars: &[(&str, &str)]) -> Command {
         .current_dir(dir)
         .env("BIND_ADDRESS", "127.0.0.1")
         .env("PORT", "0")
-        .env("NO_COLOR", "1");
+        .env("NO_COLOR", "1")
+        // Key checkers would call the fake upstreams on their own.
+        .env("CHECK_KEYS", "false");
     for (k, v) in vars {
         cmd.env(k, v);
     }

@@ -55,6 +55,10 @@ impl Drop for TestApp {
 /// `TOKEN_QUOTA_*`). `--bind-address`/`--port` are irrelevant: the test binds its own listener.
 pub fn config(args: &[&str], vars: &[(&str, &str)]) -> Config {
     let mut argv = vec!["llm-gatekeeper".to_string()];
+    // Key checkers would call the fake upstreams on their own; tests that want them say so.
+    if !args.contains(&"--check-keys") {
+        argv.extend(["--check-keys".to_string(), "false".to_string()]);
+    }
     argv.extend(args.iter().map(|s| s.to_string()));
     Config::from_args(
         argv,

@@ -1,0 +1,103 @@
+//! The upstream keys on `/admin`: `GET /admin/keys` lists every operator key by fingerprint
+//! with its state, families and last check; `POST /admin/keys/recheck` (optionally
+//! `?provider=openai`) asks the key checkers to check every key again now. No key ever
+//! appears in full: the pool only hands out fingerprints.
+
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::api::Admin;
+use crate::app::AppState;
+use crate::error::AdminError;
+use crate::providers::Provider;
+
+/// Every provider, with the name used in `?provider=` and in the listing.
+const PROVIDERS: &[Provider] = &[
+    Provider::OpenAi,
+    Provider::Anthropic,
+    Provider::GoogleAi,
+    Provider::MistralAi,
+    Provider::Azure,
+    Provider::Aws,
+    Provider::AwsMistral,
+    Provider::Gcp,
+];
+
+/// The `/admin/keys` routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/keys", get(list_keys))
+        .route("/admin/keys/recheck", post(recheck))
+}
+
+/// `GET /admin/keys`: every provider that has keys, each key by fingerprint.
+async fn list_keys(State(state): State<AppState>, _admin: Admin) -> Response {
+    let providers: Vec<_> = PROVIDERS
+        .iter()
+        .map(|p| state.upstreams.provider(*p))
+        .filter(|u| !u.keys.is_empty())
+        .map(|u| {
+            json!({
+                "provider": u.provider.service_name(),
+                "variable": u.keys.var(),
+                "checked": state.config.cli.check_keys,
+                "counts": u.keys.counts(),
+                "keys": u.keys.views(),
+            })
+        })
+        .collect();
+    Json(json!({ "providers": providers })).into_response()
+}
+
+/// `POST /admin/keys/recheck[?provider=NAME]`: asks the checkers to check every key again.
+async fn recheck(
+    State(state): State<AppState>,
+    Admin(id): Admin,
+    RawQuery(query): RawQuery,
+) -> Result<Response, AdminError> {
+    let provider = query.as_deref().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "provider")
+            .map(|(_, v)| v.into_owned())
+    });
+    if !state.config.cli.check_keys {
+        return Err(AdminError::new(
+            StatusCode::CONFLICT,
+            "Key checks are off (CHECK_KEYS=false); set CHECK_KEYS=true to check keys.",
+        ));
+    }
+    let chosen: Vec<Provider> = match provider.as_deref() {
+        None | Some("") => PROVIDERS.to_vec(),
+        Some(name) => {
+            let p = PROVIDERS
+                .iter()
+                .find(|p| p.service_name() == name)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = PROVIDERS.iter().map(|p| p.service_name()).collect();
+                    AdminError::bad_request(format!(
+                        "Unknown provider '{name}' in ?provider=; use one of: {}.",
+                        names.join(", ")
+                    ))
+                })?;
+            vec![*p]
+        }
+    };
+    let mut rechecking = Vec::new();
+    for p in chosen {
+        let u = state.upstreams.provider(p);
+        if !u.keys.is_empty() {
+            u.keys.request_recheck();
+            rechecking.push(p.service_name());
+        }
+    }
+    tracing::info!(admin = id.who(), providers = ?rechecking, "asked for a key recheck");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "rechecking": rechecking })),
+    )
+        .into_response())
+}
