@@ -376,6 +376,18 @@ pub fn startup_summary(config: &Config) -> Vec<(StartupLevel, String)> {
             config.azure_deployments.len(),
             format!("{route}/azure/openai/..."),
         ),
+        (
+            "AWS Bedrock",
+            "AWS_CREDENTIALS",
+            config.aws_credentials.len(),
+            format!("{route}/aws/..."),
+        ),
+        (
+            "GCP Vertex AI",
+            "GCP_CREDENTIALS",
+            config.gcp_credentials.len(),
+            format!("{route}/gcp/..."),
+        ),
     ] {
         if keys == 0 {
             unconfigured.push(format!("{name} ({var}; {paths})"));

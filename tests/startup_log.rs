@@ -65,7 +65,13 @@ fn an_operator_sees_store_providers_trusted_proxies_and_admin_warnings() {
     assert!(anthropic.contains("/v1/messages"), "{anthropic}");
     assert!(anthropic.contains("set ANTHROPIC_KEY"), "{anthropic}");
     let others = line(&log, "WARN", "providers without keys");
-    for var in ["GOOGLE_AI_KEY", "MISTRAL_AI_KEY", "AZURE_CREDENTIALS"] {
+    for var in [
+        "GOOGLE_AI_KEY",
+        "MISTRAL_AI_KEY",
+        "AZURE_CREDENTIALS",
+        "AWS_CREDENTIALS",
+        "GCP_CREDENTIALS",
+    ] {
         assert!(others.contains(var), "{others}");
     }
     line(
