@@ -37,7 +37,8 @@ struct ErrorField {
 pub fn body_matters(provider: Provider, status: u16) -> bool {
     match status {
         429 => true,
-        400 => provider == Provider::Anthropic,
+        // Google answers an invalid key with 400 `API_KEY_INVALID`, not 401/403.
+        400 => matches!(provider, Provider::Anthropic | Provider::GoogleAi),
         _ => false,
     }
 }
@@ -50,6 +51,16 @@ pub fn judge(provider: Provider, status: u16, body: &[u8]) -> Option<KeyVerdict>
     }
     if status != 429 && status != 400 {
         return None;
+    }
+    if provider == Provider::GoogleAi {
+        // Google's error body is `{"error":{"code":400,"status":"INVALID_ARGUMENT",
+        // "details":[{"reason":"API_KEY_INVALID",...}]}}`: its numeric `code` does not fit the
+        // shape below, and the reason sits in `details`, so look for the reason itself.
+        if status == 400 {
+            let invalid = contains_bytes(body, b"API_KEY_INVALID");
+            return invalid.then_some(KeyVerdict::Revoked);
+        }
+        return Some(KeyVerdict::RateLimited);
     }
     let err = serde_json::from_slice::<ErrorBody>(body)
         .ok()
@@ -95,9 +106,30 @@ pub fn judge(provider: Provider, status: u16, body: &[u8]) -> Option<KeyVerdict>
     (status == 429).then_some(KeyVerdict::RateLimited)
 }
 
+/// Whether `needle` occurs in `haystack`.
+fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn google_invalid_keys_are_revoked_but_bad_requests_are_not() {
+        let invalid = br#"{"error":{"code":400,"message":"API key not valid. Please pass a valid API key.","status":"INVALID_ARGUMENT","details":[{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"API_KEY_INVALID","domain":"googleapis.com"}]}}"#;
+        assert!(body_matters(Provider::GoogleAi, 400));
+        assert_eq!(
+            judge(Provider::GoogleAi, 400, invalid),
+            Some(KeyVerdict::Revoked)
+        );
+        let bad_request = br#"{"error":{"code":400,"message":"Invalid JSON payload received.","status":"INVALID_ARGUMENT"}}"#;
+        assert_eq!(judge(Provider::GoogleAi, 400, bad_request), None);
+        assert_eq!(
+            judge(Provider::GoogleAi, 429, b"{}"),
+            Some(KeyVerdict::RateLimited)
+        );
+    }
 
     #[test]
     fn openai_quota_and_rate_limits() {
