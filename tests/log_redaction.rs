@@ -79,9 +79,14 @@ async fn no_secret_reaches_the_log_even_at_trace_level() {
         .send()
         .await
         .expect("sent");
-    // (The forwarder logs the path of a proxied request, e.g. `/v1/models/{id}`; a client that
-    // puts its own token there would find it in the log. That line belongs to the proxy
-    // module, being reworked in parallel; see the issue 12 report.)
+    // A client that puts its token in a proxied path: the forwarder logs the route template
+    // (`/v1/models/{id}`), never the raw path.
+    let _ = c
+        .get(format!("{}/v1/models/{token}", app.url))
+        .header("x-api-key", &token)
+        .send()
+        .await
+        .expect("sent");
 
     let log = String::from_utf8_lossy(&captured.0.lock().expect("log buffer")).to_string();
     assert!(

@@ -113,7 +113,8 @@ struct Ctx {
     api: Api,
     translation: Option<Arc<dyn Translation>>,
     method: Method,
-    /// The client's path, for the log line.
+    /// The route template the client's path matched (`/v1/models/{id}`), for the log line: a
+    /// raw path may carry anything a client puts in it, a token included, and is never logged.
     client_path: String,
     /// The normalised upstream path (`/v1/...`).
     upstream_path: String,
@@ -161,13 +162,17 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         .get::<ClientIp>()
         .map(|c| c.0)
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let client_path = parts.uri.path().to_string();
+    let raw_path = parts.uri.path().to_string();
+    let client_path = parts
+        .extensions
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "-".to_string(), |m| m.as_str().to_string());
     let path_model = parts.extensions.get::<PathModel>().map(|m| m.0.clone());
     let ctx = Ctx {
         provider,
         api,
         translation,
-        upstream_path: upstream_path.unwrap_or_else(|| client_path.clone()),
+        upstream_path: upstream_path.unwrap_or(raw_path),
         client_path,
         query: parts.uri.query().map(str::to_string),
         method: parts.method,
