@@ -55,7 +55,6 @@
 pub mod anthropic;
 pub mod aws;
 pub mod azure;
-pub mod claude_openai;
 pub mod families;
 pub mod gcp;
 pub mod google_ai;

@@ -508,7 +508,7 @@ async fn cloud(
 ) -> Response {
     let translation: Option<Arc<dyn crate::providers::Translation>> = if translated {
         Some(Arc::new(
-            crate::providers::claude_openai::OpenAiToClaude::new(),
+            crate::providers::translate::adapter::OpenAiChatTo::anthropic(),
         ))
     } else {
         None
