@@ -204,6 +204,19 @@ pub struct Cli {
     /// Largest accepted request body, in megabytes.
     #[arg(long, env = "MAX_REQUEST_BODY_MB", default_value_t = 100)]
     pub max_request_body_mb: u64,
+    /// Requests one caller (user token, or address for anonymous and proxy-key callers) may
+    /// have in flight; further ones wait their turn in the fair queue. 0 = no limit. Special
+    /// users are exempt.
+    #[arg(long, env = "USER_CONCURRENCY_LIMIT", default_value_t = 1)]
+    pub user_concurrency_limit: u32,
+    /// Seconds between SSE comment heartbeats sent to a streaming request while it waits in
+    /// the fair queue.
+    #[arg(long, env = "HEARTBEAT_INTERVAL_SEC", default_value_t = 5)]
+    pub heartbeat_interval_sec: u64,
+    /// Seconds a request may wait in the fair queue (for its caller's turn or a free key)
+    /// before it is answered 503 with `Retry-After`.
+    #[arg(long, env = "QUEUE_TIMEOUT_SECS", default_value_t = 60)]
+    pub queue_timeout_secs: u64,
     /// Seconds in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -577,6 +590,24 @@ impl Config {
             if secs == 0 {
                 return Err(ConfigError(format!(
                     "{name} must be at least 1 (seconds); 0 would make every upstream request time out"
+                )));
+            }
+        }
+        for (name, secs, why) in [
+            (
+                "HEARTBEAT_INTERVAL_SEC",
+                cli.heartbeat_interval_sec,
+                "a waiting stream needs a heartbeat at least every few seconds; the default is 5",
+            ),
+            (
+                "QUEUE_TIMEOUT_SECS",
+                cli.queue_timeout_secs,
+                "0 would refuse every request that has to wait for a key; the default is 60",
+            ),
+        ] {
+            if secs == 0 || secs > 86_400 {
+                return Err(ConfigError(format!(
+                    "{name}={secs} must be between 1 and 86400 (seconds): {why}"
                 )));
             }
         }

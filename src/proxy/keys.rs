@@ -299,6 +299,35 @@ impl KeyPool {
         family: Option<&str>,
         eligible: impl Fn(usize) -> bool,
     ) -> Result<ChosenKey, NoKey> {
+        let index = self.choose(family, eligible)?;
+        let key = &self.keys[index];
+        key.last_used
+            .store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        Ok(ChosenKey {
+            index,
+            header: key.header.clone(),
+            fingerprint: key.fingerprint.clone(),
+        })
+    }
+
+    /// Whether [`KeyPool::pick_where`] would find a key now, without choosing it (the fair
+    /// queue asks this before it lets a request go): `Err(NoKey::AllResting(_))` means every
+    /// usable key rests, any other error that no key can serve the request at all.
+    pub fn available(
+        &self,
+        family: Option<&str>,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Result<(), NoKey> {
+        self.choose(family, eligible).map(|_| ())
+    }
+
+    /// The selection behind [`KeyPool::pick_where`] and [`KeyPool::available`]: the index of
+    /// the key to use, without marking it used.
+    fn choose(
+        &self,
+        family: Option<&str>,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Result<usize, NoKey> {
         if self.keys.is_empty() {
             return Err(NoKey::NoneConfigured);
         }
@@ -334,14 +363,7 @@ impl KeyPool {
             }
         }
         if let Some((index, _)) = best {
-            let key = &self.keys[index];
-            key.last_used
-                .store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
-            return Ok(ChosenKey {
-                index,
-                header: key.header.clone(),
-                fingerprint: key.fingerprint.clone(),
-            });
+            return Ok(index);
         }
         if let Some(until) = soonest {
             return Err(NoKey::AllResting(Duration::from_millis(until - now)));
