@@ -1105,3 +1105,223 @@ impl Drop for Unsent {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use crate::proxy::keys::{CheckResult, KeyStatus};
+
+    fn pool() -> KeyPool {
+        KeyPool::new("OPENAI_KEY", &[Secret::new("sk-1")], true).expect("pool")
+    }
+
+    fn user(token: &str) -> Principal {
+        Principal::User {
+            token: token.into(),
+            kind: UserType::Normal,
+            key: None,
+        }
+    }
+
+    fn queue(limit: u32) -> Arc<FairQueue> {
+        Arc::new(FairQueue::new(QueueSettings {
+            user_limit: limit,
+            ..QueueSettings::default()
+        }))
+    }
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    fn go(e: Enter) -> Turn {
+        match e {
+            Enter::Go(t) => t,
+            Enter::Wait(_) => panic!("expected to go at once"),
+        }
+    }
+
+    fn wait(e: Enter) -> Waiting {
+        match e {
+            Enter::Go(_) => panic!("expected to wait"),
+            Enter::Wait(w) => w,
+        }
+    }
+
+    /// Whether a future is still pending after being polled until it cannot progress.
+    async fn pending<F: Future + Unpin>(f: &mut F) -> bool {
+        futures::poll!(f).is_pending()
+    }
+
+    #[test]
+    fn waits_are_shown_as_the_original_does() {
+        assert_eq!(format_wait(0), "no wait");
+        assert_eq!(format_wait(2000), "no wait");
+        assert_eq!(format_wait(2600), "3sec");
+        assert_eq!(format_wait(59_000), "59sec");
+        assert_eq!(format_wait(90_000), "1min, 30sec");
+        assert_eq!(format_wait(125_000), "2min, 5sec");
+    }
+
+    #[tokio::test]
+    async fn free_capacity_leaves_no_trace() {
+        let (q, p) = (queue(1), pool());
+        for _ in 0..3 {
+            let t = go(q.enter(&user("a"), IP, &p, Some("turbo"), None));
+            assert_eq!(q.callers.len(), 1);
+            drop(t);
+        }
+        // The fast path neither created a family queue nor kept the caller's entry.
+        assert!(q.families().is_empty());
+        assert!(q.callers.is_empty());
+        // Requests without a family never touch the queue.
+        let t = go(q.enter(&user("a"), IP, &p, None, None));
+        assert!(t.queue.is_none() && q.callers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_callers_second_request_waits_for_the_first() {
+        let (q, p) = (queue(1), pool());
+        let first = go(q.enter(&user("a"), IP, &p, Some("turbo"), None));
+        let second = wait(q.enter(&user("a"), IP, &p, Some("turbo"), None));
+        assert_eq!(q.queued("turbo"), 1);
+        // Another caller, an exempt one and another address go at once.
+        drop(go(q.enter(&user("b"), IP, &p, Some("turbo"), None)));
+        let special = Principal::User {
+            token: "a".into(),
+            kind: UserType::Special,
+            key: None,
+        };
+        drop(go(q.enter(&special, IP, &p, Some("turbo"), None)));
+        drop(go(q.enter(
+            &Principal::Anonymous,
+            IP,
+            &p,
+            Some("turbo"),
+            None,
+        )));
+        let mut turn = Box::pin(second.turn(&p));
+        assert!(pending(&mut turn).await);
+        drop(first);
+        let t = turn.await.expect("its turn");
+        assert_eq!(q.queued("turbo"), 0);
+        drop(t);
+        assert!(q.callers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_leaves_gives_its_place_back() {
+        let (q, p) = (queue(1), pool());
+        let first = go(q.enter(&user("a"), IP, &p, Some("turbo"), None));
+        let second = wait(q.enter(&user("a"), IP, &p, Some("turbo"), None));
+        let third = wait(q.enter(&user("a"), IP, &p, Some("turbo"), None));
+        assert_eq!(q.queued("turbo"), 2);
+        let mut second = Box::pin(second.turn(&p));
+        assert!(pending(&mut second).await);
+        drop(second);
+        drop(first);
+        // The third is next now, without waiting for the one that left.
+        let t = third.turn(&p).await.expect("turn");
+        assert_eq!(q.queued("turbo"), 0);
+        drop(t);
+        assert!(q.callers.is_empty());
+        // Leaving before ever being polled cleans up too.
+        let t = go(q.enter(&user("a"), IP, &p, Some("turbo"), None));
+        drop(wait(q.enter(&user("a"), IP, &p, Some("turbo"), None)));
+        assert_eq!(q.queued("turbo"), 0);
+        drop(t);
+        assert!(q.callers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn when_the_key_rests_the_head_probes_alone_then_the_rest_follow() {
+        let (q, p) = (queue(0), pool());
+        p.rest(0, Duration::from_secs(60));
+        let a = wait(q.enter(&user("a"), IP, &p, Some("turbo"), None));
+        let b = wait(q.enter(&user("b"), IP, &p, Some("turbo"), None));
+        assert_eq!((a.position(), b.position()), (1, 2));
+        let mut a = Box::pin(a.turn(&p));
+        let mut b = Box::pin(b.turn(&p));
+        assert!(pending(&mut a).await && pending(&mut b).await);
+        // A check shows the key works: the head goes alone.
+        p.apply_check(0, CheckResult::status(KeyStatus::Working));
+        let mut probe = a.await.expect("head goes");
+        assert!(probe.probe.is_some());
+        assert!(
+            pending(&mut b).await,
+            "the next waits for the probe's answer"
+        );
+        // Another family is not held up.
+        drop(go(q.enter(&user("c"), IP, &p, Some("gpt4"), None)));
+        probe.answered(StatusCode::OK);
+        let t = b.await.expect("follows");
+        assert!(t.probe.is_none());
+        assert_eq!(q.queued("turbo"), 0);
+        assert!(q.estimated_wait_ms("turbo") < 60_000);
+    }
+
+    #[tokio::test]
+    async fn a_probe_answered_429_keeps_the_queue_closed() {
+        let (q, p) = (queue(0), pool());
+        p.rest(0, Duration::from_secs(60));
+        let a = wait(q.enter(&user("a"), IP, &p, Some("turbo"), None));
+        let b = wait(q.enter(&user("b"), IP, &p, Some("turbo"), None));
+        let mut b = Box::pin(b.turn(&p));
+        p.apply_check(0, CheckResult::status(KeyStatus::Working));
+        let mut probe = a.turn(&p).await.expect("head goes");
+        assert!(pending(&mut b).await);
+        // The upstream says 429 again: the key rests, the probe goes back to the head.
+        p.rest(0, Duration::from_secs(60));
+        probe.answered(StatusCode::TOO_MANY_REQUESTS);
+        assert!(pending(&mut b).await);
+        let mut again = Box::pin(probe.wait_for_key(&p, Some("turbo"), None));
+        assert!(pending(&mut again).await);
+        assert_eq!(q.queued("turbo"), 2);
+        p.apply_check(0, CheckResult::status(KeyStatus::Working));
+        again.await.expect("the old head probes again first");
+        assert!(pending(&mut b).await);
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_at_most_the_queue_timeout() {
+        let q = Arc::new(FairQueue::new(QueueSettings {
+            timeout: Duration::from_millis(20),
+            ..QueueSettings::default()
+        }));
+        let p = pool();
+        p.rest(0, Duration::from_secs(60));
+        let w = wait(q.enter(&user("a"), IP, &p, Some("turbo"), None));
+        match w.turn(&p).await {
+            Err(QueueRefusal::KeyTimeout { retry_after, .. }) => assert!(retry_after >= 59),
+            other => panic!("expected a timeout, got {:?}", other.err()),
+        }
+        assert_eq!(q.queued("turbo"), 0);
+        assert!(q.callers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn keys_that_can_never_serve_do_not_make_requests_wait() {
+        let (q, p) = (queue(1), pool());
+        p.mark_over_quota(0, "insufficient_quota");
+        drop(go(q.enter(&user("a"), IP, &p, Some("turbo"), None)));
+        p.mark_invalid(0, 401);
+        drop(go(q.enter(&user("a"), IP, &p, Some("turbo"), None)));
+    }
+
+    #[test]
+    fn error_events_keep_the_clients_format() {
+        let ours = br#"{"type":"error","error":{"message":"m","type":"t"}}"#;
+        let e = error_event(
+            SseErrorFormat::Anthropic,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ours,
+        );
+        assert_eq!(
+            &e[..],
+            b"event: error\ndata: {\"type\":\"error\",\"error\":{\"message\":\"m\",\"type\":\"t\"}}\n\n"
+        );
+        let e = error_event(SseErrorFormat::Data, StatusCode::BAD_GATEWAY, b"<html>oops");
+        let text = std::str::from_utf8(&e).expect("utf8");
+        assert!(text.starts_with("data: {"), "{text}");
+        assert!(text.contains("HTTP 502: <html>oops"), "{text}");
+    }
+}
