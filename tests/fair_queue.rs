@@ -35,6 +35,8 @@ struct Fake {
     window_ms: AtomicU64,
     /// While set, every request is answered 429 (the key is spent for a long time).
     always_429: AtomicBool,
+    /// While set, every request is answered OpenAI's 429 `insufficient_quota`.
+    spent: AtomicBool,
     /// When the current window started.
     window_start: Mutex<Option<tokio::time::Instant>>,
     /// The `user` of every request answered 200, in order.
@@ -77,6 +79,13 @@ async fn chat(State(f): State<Arc<Fake>>, h: HeaderMap, Json(body): Json<Value>)
         )
             .into_response()
     };
+    if f.spent.load(Ordering::SeqCst) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({"error": {"message": "You exceeded your current quota, please check your plan and billing details.", "type": "insufficient_quota", "param": null, "code": "insufficient_quota"}})),
+        )
+            .into_response();
+    }
     if f.always_429.load(Ordering::SeqCst) {
         return limited(60_000);
     }
@@ -114,6 +123,7 @@ async fn fake(window_ms: u64) -> (Arc<Fake>, String, tokio::task::JoinHandle<()>
     let f = Arc::new(Fake {
         window_ms: AtomicU64::new(window_ms),
         always_429: AtomicBool::new(false),
+        spent: AtomicBool::new(false),
         window_start: Mutex::new(None),
         served: Mutex::new(Vec::new()),
         arrived: Mutex::new(Vec::new()),
@@ -500,4 +510,35 @@ async fn a_client_that_leaves_is_out_of_the_queue_at_once() {
         );
     assert_eq!(ask(&c, &app, "alice", "again").await.status(), 200);
     assert_eq!(ask(&c, &app, "bob", "again").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_key_over_quota_leaves_rotation_and_never_makes_requests_wait() {
+    let (fake, url, _h) = fake(0).await;
+    let app = proxy(&url, &["--queue-timeout-secs", "600"]).await;
+    let c = reqwest::Client::new();
+    fake.spent.store(true, Ordering::SeqCst);
+    // Bounded only so that a broken queue cannot hang the test: the answer comes at once.
+    let r = tokio::time::timeout(Duration::from_secs(30), ask(&c, &app, "alice", "hello"))
+        .await
+        .expect("no wait for a key over quota");
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.expect("json");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("over its quota")),
+        "{v}"
+    );
+    let r = tokio::time::timeout(Duration::from_secs(30), ask(&c, &app, "bob", "hello"))
+        .await
+        .expect("no wait");
+    assert_eq!(r.status(), 503);
+    assert_eq!(fake.arrived("bob"), 0, "the spent key is out of rotation");
+    let v = info(&c, &app).await;
+    assert_eq!(
+        (v["overQuotaKeys"].clone(), v["proomptersInQueue"].clone()),
+        (json!(1), json!(0)),
+        "{v}"
+    );
 }

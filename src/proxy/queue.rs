@@ -24,9 +24,10 @@
 //!
 //! **Zero cost when keys are free**: a request whose family has no waiter and whose caller is
 //! under the limit takes one `DashMap` shard lock (its caller's counter, inserted and removed
-//! in place, no heap allocation) and one relaxed atomic load (`key_waiting`), then the pool's
-//! read-only availability scan; it creates no timer, no task, no `Notify` and no allocation
-//! for the queue. Requests without a family (model lists, token counting) skip the queue.
+//! in place, no heap allocation), a relaxed atomic load (`key_waiting`) and the pool's
+//! [`KeyPool::may_rest`] (an atomic load and a clock read; the pool is scanned only while a key
+//! may rest); it creates no timer, no task, no `Notify` and no allocation for the queue, and
+//! takes no lock of the family queues. Requests without a family (model lists, token counting) skip the queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -260,7 +261,7 @@ impl FairQueue {
                 Err(NoKey::AllResting(_))
             )
         };
-        if self.key_waiting.load(Ordering::Relaxed) == 0 && !resting(pool) {
+        if self.key_waiting.load(Ordering::Relaxed) == 0 && (!pool.may_rest() || !resting(pool)) {
             return Enter::Go(turn);
         }
         // Slow path: somebody waits somewhere, or every key of this family rests.
