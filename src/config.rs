@@ -833,6 +833,33 @@ mod tests {
     }
 
     #[test]
+    fn fair_queue_settings_are_checked() {
+        let c = cfg(&[]).expect("defaults parse");
+        assert_eq!(
+            (
+                c.cli.user_concurrency_limit,
+                c.cli.heartbeat_interval_sec,
+                c.cli.queue_timeout_secs
+            ),
+            (1, 5, 60),
+            "the original's defaults"
+        );
+        for (flag, var) in [
+            ("--heartbeat-interval-sec", "HEARTBEAT_INTERVAL_SEC"),
+            ("--queue-timeout-secs", "QUEUE_TIMEOUT_SECS"),
+        ] {
+            let e = cfg(&[flag, "0"]).expect_err("must fail");
+            assert!(e.0.starts_with(&format!("{var}=0 must be")), "{}", e.0);
+        }
+        let e = cfg(&["--user-concurrency-limit=-1"]).expect_err("must fail");
+        assert!(e.0.contains("USER_CONCURRENCY_LIMIT"), "{}", e.0);
+        assert!(
+            cfg(&["--user-concurrency-limit", "0"]).is_ok(),
+            "0 = no limit"
+        );
+    }
+
+    #[test]
     fn proxy_key_mode_needs_proxy_key() {
         let e = cfg(&["--gatekeeper", "proxy_key"]).expect_err("must fail");
         assert!(e.0.contains("PROXY_KEY"));
