@@ -542,3 +542,48 @@ async fn a_key_over_quota_leaves_rotation_and_never_makes_requests_wait() {
         "{v}"
     );
 }
+
+#[tokio::test]
+async fn a_stream_rate_limited_on_its_own_attempt_waits_with_heartbeats() {
+    let (fake, url, _h) = fake(0).await;
+    let app = proxy(&url, &["--heartbeat-interval-sec", "1"]).await;
+    let c = reqwest::Client::new();
+    fake.always_429.store(true, Ordering::SeqCst);
+    let resp = c
+        .post(format!("{}/v1/chat/completions", app.url))
+        .bearer_auth("alice")
+        .json(&chat_body("alice", "stream me", true))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(
+        resp.status(),
+        200,
+        "not the 429: the stream waits for the key"
+    );
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    while !text.contains(": queue heartbeat") {
+        let chunk = body.next().await.expect("stream open").expect("chunk");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert_eq!(fake.arrived("alice"), 1);
+    fake.always_429.store(false, Ordering::SeqCst);
+    app.state
+        .upstreams
+        .provider(llm_gatekeeper::providers::Provider::OpenAi)
+        .keys
+        .apply_check(
+            0,
+            llm_gatekeeper::proxy::keys::CheckResult::status(
+                llm_gatekeeper::proxy::keys::KeyStatus::Working,
+            ),
+        );
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+    }
+    assert!(text.contains("hi alice"), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!(fake.arrived("alice"), 2, "sent again once the key was free");
+    queued(&c, &app, 0).await;
+}

@@ -218,13 +218,10 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         family.as_deref(),
         eligible.as_deref(),
     ) {
-        Enter::Go(turn) => turn,
+        Enter::Go(turn) => turn.stream_head_pending(stream),
         Enter::Wait(wait) => {
             let (settings, position) = (queue.settings(), wait.position());
-            let format = match (&ctx.translation, ctx.api) {
-                (None, Api::AnthropicMessages) => SseErrorFormat::Anthropic,
-                _ => SseErrorFormat::Data,
-            };
+            let format = sse_error_format(&ctx);
             let run = async move {
                 let mut ticket = queue::Unsent(ticket);
                 let keys = &state.upstreams.provider(ctx.provider).keys;
@@ -267,6 +264,41 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
     .await
 }
 
+/// [`dispatch`] boxed, for the second attempt of a stream that had to wait after its first
+/// (the only place it calls itself).
+#[allow(clippy::too_many_arguments)]
+fn dispatch_boxed(
+    state: AppState,
+    ctx: Ctx,
+    body: Bytes,
+    ticket: Option<Ticket>,
+    extra_headers: HeaderMap,
+    stream: bool,
+    eligible: Option<Vec<usize>>,
+    family: Option<String>,
+    turn: Turn,
+) -> Pin<Box<dyn Future<Output = Response> + Send>> {
+    Box::pin(dispatch(
+        state,
+        ctx,
+        body,
+        ticket,
+        extra_headers,
+        stream,
+        eligible,
+        family,
+        turn,
+    ))
+}
+
+/// The error event format of the client's stream, for a stream that waits in the queue.
+fn sse_error_format(ctx: &Ctx) -> SseErrorFormat {
+    match (&ctx.translation, ctx.api) {
+        (None, Api::AnthropicMessages) => SseErrorFormat::Anthropic,
+        _ => SseErrorFormat::Data,
+    }
+}
+
 /// Phases 3 to 5 of a request that has its turn: build the upstream request, send it, relay.
 #[allow(clippy::too_many_arguments)]
 async fn dispatch(
@@ -286,19 +318,60 @@ async fn dispatch(
     let headers = upstream_headers(&ctx);
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started) + state.upstreams.timeout;
-    match send(
+    let sent = send(
         &state,
         upstream,
         &ctx,
         headers,
-        body,
+        body.clone(),
         deadline,
         eligible.as_deref(),
         family.as_deref(),
         &mut turn,
     )
-    .await
-    {
+    .await;
+    // A stream whose own 429 rested the last key: its head and heartbeats now, and the wait for
+    // a key and the next attempt inside its body (queue.rs).
+    let status = sent
+        .as_ref()
+        .map_or_else(|f| f.error.status, |r| r.0.status());
+    if turn.requeue_stream(
+        status,
+        &upstream.keys,
+        family.as_deref(),
+        eligible.as_deref(),
+    ) {
+        drop(sent);
+        let (settings, position) = (state.upstreams.queue.settings(), 1);
+        let format = sse_error_format(&ctx);
+        let run = async move {
+            let ticket = queue::Unsent(ticket);
+            let keys = &state.upstreams.provider(ctx.provider).keys;
+            match turn
+                .wait_for_key(keys, family.as_deref(), eligible.as_deref())
+                .await
+            {
+                Ok(()) => {
+                    let t = ticket.take();
+                    dispatch_boxed(
+                        state,
+                        ctx,
+                        body,
+                        t,
+                        extra_headers,
+                        stream,
+                        eligible,
+                        family,
+                        turn,
+                    )
+                    .await
+                }
+                Err(e) => log_refusal(&ctx, e),
+            }
+        };
+        return queue::waiting_stream(run, format, settings.heartbeat, position);
+    }
+    match sent {
         Ok((resp, key)) => {
             let latency = started.elapsed();
             tracing::info!(

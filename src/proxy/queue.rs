@@ -239,6 +239,7 @@ impl FairQueue {
             seq: None,
             probe: None,
             deadline: None,
+            head_pending: false,
         };
         if let Some(c) = caller {
             if !self.try_slot(c) {
@@ -705,6 +706,9 @@ pub struct Turn {
     probe: Option<Box<str>>,
     /// The end of its waiting budget (`QUEUE_TIMEOUT_SECS` from its first wait).
     deadline: Option<Instant>,
+    /// A stream whose response head is not sent yet: it must not wait silently (its client
+    /// would see nothing), so it waits in a [`waiting_stream`] instead ([`Turn::requeue_stream`]).
+    head_pending: bool,
 }
 
 impl Turn {
@@ -716,6 +720,7 @@ impl Turn {
             seq: None,
             probe: None,
             deadline: None,
+            head_pending: false,
         }
     }
 
@@ -727,10 +732,44 @@ impl Turn {
         }
     }
 
-    /// Whether this request may wait for a key ([`Turn::wait_for_key`]): it is a generation
-    /// request of a model family.
+    /// Marks the turn of a stream whose head is not sent yet (`stream`): such a request does
+    /// not wait inside the send phase, see [`Turn::requeue_stream`].
+    pub fn stream_head_pending(mut self, stream: bool) -> Turn {
+        self.head_pending = stream;
+        self
+    }
+
+    /// Whether this request may wait for a key right where it is ([`Turn::wait_for_key`]): it
+    /// is a generation request of a model family, and not a stream without its head.
     pub fn may_wait(&self, family: Option<&str>) -> bool {
-        self.queue.is_some() && family.is_some()
+        self.queue.is_some() && family.is_some() && !self.head_pending
+    }
+
+    /// A stream without its head got a 429 (`status`) and now every key of its family rests:
+    /// true when it should wait in the queue inside a [`waiting_stream`] (then call
+    /// [`Turn::wait_for_key`] there) instead of relaying the 429.
+    pub fn requeue_stream(
+        &mut self,
+        status: StatusCode,
+        pool: &KeyPool,
+        family: Option<&str>,
+        eligible: Option<&[usize]>,
+    ) -> bool {
+        if !self.head_pending
+            || status != StatusCode::TOO_MANY_REQUESTS
+            || self.queue.is_none()
+            || family.is_none()
+        {
+            return false;
+        }
+        let resting = matches!(
+            pool.available(family, |i| eligible.is_none_or(|s| s.contains(&i))),
+            Err(NoKey::AllResting(_))
+        );
+        if resting {
+            self.head_pending = false;
+        }
+        resting
     }
 
     /// Every key of `family` rests (a 429 just rested the last one): waits in the family's
@@ -1097,6 +1136,13 @@ fn error_event(format: SseErrorFormat, status: StatusCode, body: &[u8]) -> Bytes
 /// client gone), nothing was sent upstream, so its reservation is released without a charge
 /// (a ticket dropped unfinished would charge the prompt as a request cut short).
 pub struct Unsent(pub Option<Ticket>);
+
+impl Unsent {
+    /// The ticket, for the request that now gets its turn.
+    pub fn take(mut self) -> Option<Ticket> {
+        self.0.take()
+    }
+}
 
 impl Drop for Unsent {
     fn drop(&mut self) {
