@@ -109,8 +109,9 @@ struct FamilyState {
     waiters: VecDeque<(u64, Instant)>,
     /// Requests of this family waiting for their caller's turn (shown as queued too).
     caller_waiting: usize,
-    /// The position of the request sent alone to see whether the upstream takes requests again.
-    probe: Option<u64>,
+    /// The request sent alone to see whether the upstream takes requests again (its position,
+    /// and when it went).
+    probe: Option<(u64, Instant)>,
     /// The last probe was answered without a 429: the waiters may all go, in order.
     open: bool,
     /// Woken when the head may have changed (a waiter left, a probe was answered).
@@ -138,6 +139,11 @@ impl FamilyState {
         self.waiters.len() + self.caller_waiting
     }
 }
+
+/// How long the queue waits for its probe's answer. Upstreams refuse a rate-limited request at
+/// once; a probe without an answer after this long was taken (a long generation before its
+/// headers), so the others follow rather than wait for the whole answer.
+const PROBE_GRACE: Duration = Duration::from_secs(2);
 
 /// Weight of the newest wait in the moving average.
 const WAIT_AVERAGE_ALPHA: f64 = 0.3;
@@ -500,19 +506,32 @@ impl FairQueue {
                     }
                     Ok(()) => {
                         let head = state.waiters.front().map(|w| w.0) == Some(seq);
+                        let now = Instant::now();
+                        if let Some((_, sent)) = state.probe {
+                            if now.duration_since(sent) >= PROBE_GRACE {
+                                // No 429 in time: the upstream took it.
+                                state.probe = None;
+                                state.open = true;
+                            }
+                        }
                         if state.open {
                             guard.go(&mut families, false);
                             return Ok(false);
                         }
-                        if head && state.probe.is_none() {
-                            state.probe = Some(seq);
-                            guard.go(&mut families, true);
-                            return Ok(true);
+                        match state.probe {
+                            None if head => {
+                                state.probe = Some((seq, now));
+                                guard.go(&mut families, true);
+                                return Ok(true);
+                            }
+                            // Look again when the probe's grace ends.
+                            Some((_, sent)) => Some((sent + PROBE_GRACE).duration_since(now)),
+                            None => None,
                         }
-                        None
                     }
                 }
             };
+            // The earliest rest end (or the probe's grace end): a key may be free then.
             let rest_end = rest.map(|d| Instant::now() + d + Duration::from_millis(1));
             tokio::select! {
                 _ = &mut notified => {}
@@ -533,7 +552,7 @@ impl FairQueue {
         let Some(state) = families.get_mut(family) else {
             return;
         };
-        if state.probe != Some(seq) {
+        if state.probe.map(|p| p.0) != Some(seq) {
             return;
         }
         state.probe = None;
@@ -1326,6 +1345,21 @@ mod tests {
         p.apply_check(0, CheckResult::status(KeyStatus::Working));
         again.await.expect("the old head probes again first");
         assert!(pending(&mut b).await);
+    }
+
+    #[tokio::test]
+    async fn a_probe_without_an_answer_lets_the_others_follow_after_its_grace() {
+        let (q, p) = (queue(0), pool());
+        p.rest(0, Duration::from_secs(60));
+        let a = wait(q.enter(&user("a"), IP, &p, Some("turbo"), None));
+        let b = wait(q.enter(&user("b"), IP, &p, Some("turbo"), None));
+        let mut b = Box::pin(b.turn(&p));
+        p.apply_check(0, CheckResult::status(KeyStatus::Working));
+        // The probe's upstream is still generating (no answer yet).
+        let _probe = a.turn(&p).await.expect("head goes");
+        assert!(pending(&mut b).await);
+        let t = b.await.expect("follows once the grace is over");
+        assert!(t.probe.is_none());
     }
 
     #[tokio::test]
