@@ -57,6 +57,9 @@ pub struct AppParts {
     /// Admin web sessions, CSRF and the external session client (issue 7).
     pub sessions: Arc<crate::auth::session::Sessions>,
     pub started_at: Instant,
+    /// The Prometheus recorder's handle, when `METRICS_KEY` is set (issue 16): `/metrics`
+    /// renders from it.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl AppState {
@@ -75,6 +78,10 @@ impl AppState {
         let policy = Arc::new(crate::policy::Policy::new(&config.policy));
         let pow = crate::pow::from_config(&config)?.map(Arc::new);
         let info_lock = crate::web::info::InfoLock::from_config(&config)?.map(Arc::new);
+        let metrics = match config.metrics_key() {
+            Some(_) => Some(crate::metrics::install()?),
+            None => None,
+        };
         Ok(AppState(Arc::new(AppParts {
             policy,
             pow,
@@ -87,6 +94,7 @@ impl AppState {
             quotas,
             lockout,
             started_at: Instant::now(),
+            metrics,
         })))
     }
 }
@@ -113,12 +121,20 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .merge(crate::proxy::routes(&state.config))
         .merge(crate::admin::routes())
-        .merge(crate::web::routes())
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            crate::auth::guard,
-        ));
+        .merge(crate::web::routes());
+    // `/metrics` exists only with `METRICS_KEY` (without it, a 404 like any unknown path).
+    let router = if state.metrics.is_some() {
+        router.route("/metrics", get(crate::metrics::scrape::metrics))
+    } else {
+        router
+    };
+    let router =
+        router
+            .layer(DefaultBodyLimit::max(body_limit))
+            .layer(middleware::from_fn_with_state(
+                state.clone(),
+                crate::auth::guard,
+            ));
     let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {
         router
             .layer(TraceLayer::new_for_http().make_span_with(request_span))
@@ -188,6 +204,9 @@ pub async fn serve(
         background.clone(),
     ));
     tasks.spawn(state.quotas.clone().run_refresh(background.clone()));
+    if let Some(handle) = state.metrics.clone() {
+        tasks.spawn(crate::metrics::run_upkeep(handle, background.clone()));
+    }
     for (provider, schedule) in
         crate::proxy::checker::checked_providers(&state.config, &state.upstreams)
     {

@@ -355,7 +355,15 @@ pub struct Cli {
     /// Show usage in US$ per model family on / and /user.
     #[arg(long, env = "SHOW_TOKEN_COSTS", default_value_t = false, action = clap::ArgAction::Set)]
     pub show_token_costs: bool,
+
+    // ----- metrics (issue 16) -----
+    /// Bearer key for `GET /metrics` (Prometheus); unset: no metrics and no `/metrics` route.
+    #[arg(long, env = "METRICS_KEY", hide_env_values = true)]
+    pub metrics_key: Option<Secret>,
 }
+
+/// The shortest `METRICS_KEY` accepted: the key guards an endpoint reachable from the network.
+pub const MIN_METRICS_KEY_CHARS: usize = 16;
 
 /// A configuration problem, phrased for the operator: which variable, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -616,6 +624,14 @@ impl Config {
                 "GATEKEEPER_STORE_FLUSH_SECS must be at least 1".into(),
             ));
         }
+        if let Some(key) = &cli.metrics_key {
+            let len = key.expose().chars().count();
+            if len < MIN_METRICS_KEY_CHARS {
+                return Err(ConfigError(format!(
+                    "METRICS_KEY is {len} characters long; use a random secret of at least {MIN_METRICS_KEY_CHARS} characters (e.g. `openssl rand -hex 24`), or leave METRICS_KEY unset to turn /metrics off"
+                )));
+            }
+        }
 
         Ok(Config {
             openai_keys,
@@ -665,6 +681,10 @@ impl Config {
     /// `PROXY_KEY`, when it is set to something.
     pub fn proxy_key(&self) -> Option<&str> {
         non_empty(&self.cli.proxy_key)
+    }
+    /// `METRICS_KEY`, when it is set (then `/metrics` exists).
+    pub fn metrics_key(&self) -> Option<&str> {
+        non_empty(&self.cli.metrics_key)
     }
 }
 
