@@ -431,16 +431,16 @@ pub fn store_flush_failed(backend: &'static str) {
 
 /// The latency and time-to-first-byte histograms of a provider.
 fn timings(provider: Provider) -> &'static [Histogram; 2] {
-    static HISTOGRAMS: OnceLock<[[Histogram; 2]; 8]> = OnceLock::new();
-    let all = HISTOGRAMS.get_or_init(|| {
-        PROVIDERS.map(|(_, label)| {
-            [
-                metrics::histogram!(UPSTREAM_LATENCY, "provider" => label),
-                metrics::histogram!(UPSTREAM_TTFB, "provider" => label),
-            ]
-        })
-    });
-    &all[provider_slot(provider)]
+    // Registered on a provider's first response, so that providers never used show no series.
+    static HISTOGRAMS: [OnceLock<[Histogram; 2]>; 8] = [const { OnceLock::new() }; 8];
+    let slot = provider_slot(provider);
+    HISTOGRAMS[slot].get_or_init(|| {
+        let label = PROVIDERS[slot].1;
+        [
+            metrics::histogram!(UPSTREAM_LATENCY, "provider" => label),
+            metrics::histogram!(UPSTREAM_TTFB, "provider" => label),
+        ]
+    })
 }
 
 /// A proxied response from upstream on its way to the client: counts it (provider, family,
