@@ -114,7 +114,8 @@ impl AppState {
 ///    once and inserts [`crate::auth::ClientIp`] (read by the quotas and handlers), then
 ///    inserts [`crate::auth::Principal`] (proxied routes), [`crate::auth::AdminIdentity`]
 ///    (admin routes) or [`crate::auth::LockedOut`] (credential forms), or refuses.
-/// 3. The routes: proxied (`upstream`), admin (`admin`), public pages (`web`), `/health`.
+/// 3. The routes: proxied (`upstream`), admin (`admin`), public pages (`web`), `/health`, and
+///    `/metrics` when `METRICS_KEY` is set.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_body_bytes();
     let router = Router::new()
@@ -445,6 +446,12 @@ pub fn startup_summary(config: &Config) -> Vec<(StartupLevel, String)> {
             "SIGNING_KEY is not set: admin session cookies are signed with a random key generated at start, so every admin is signed out when the server restarts. Set SIGNING_KEY to a long random secret to keep sessions across restarts.".to_string(),
         ));
     }
+    if config.metrics_key().is_some() {
+        lines.push((
+            Info,
+            "metrics: GET /metrics with 'Authorization: Bearer <METRICS_KEY>', from addresses ADMIN_WHITELIST allows (docs/metrics.md)".to_string(),
+        ));
+    }
     lines
 }
 
@@ -554,6 +561,8 @@ mod startup_summary_tests {
             "sk-secret-2,sk-secret-3",
             "--signing-key",
             "signing-secret-4",
+            "--metrics-key",
+            "metrics-secret-5-long-enough",
         ]);
         for (_, l) in &lines {
             assert!(!l.contains("secret"), "{l}");
@@ -561,5 +570,8 @@ mod startup_summary_tests {
         assert!(lines
             .iter()
             .any(|(_, l)| l.contains("provider OpenAI: 2 keys (OPENAI_KEY)")));
+        assert!(lines
+            .iter()
+            .any(|(_, l)| l.starts_with("metrics: GET /metrics")));
     }
 }
