@@ -3,7 +3,7 @@
 //! credential, refused for quota — and shows request counts by status, tokens by family,
 //! refusal reasons and key states, with no token, key or address in any label. Also: no
 //! `METRICS_KEY`, no route; a wrong key is a 401 in JSON that counts for the lockout;
-//! `ADMIN_WHITELIST` applies.
+//! `ADMIN_WHITELIST` applies; failed store flushes are counted (Firebase behind a failing relay).
 //!
 //! All tests of this file share one process and so one global recorder: counts other tests of
 //! the file also produce (refusals) are asserted as lower bounds; counts only one test produces
@@ -335,4 +335,46 @@ fn a_short_metrics_key_is_refused_at_startup() {
     let msg = e.to_string();
     assert!(msg.contains("METRICS_KEY") && msg.contains("16"), "{msg}");
     assert!(!msg.contains("short\""), "the secret is not printed: {msg}");
+}
+
+#[tokio::test]
+async fn failed_store_flushes_are_counted_and_the_lag_shows_pending_changes() {
+    let Some(fb) = common::persist::Firebase::start().await else {
+        return;
+    };
+    let mut args = fb.args(1);
+    args.extend(["--metrics-key".to_string(), METRICS_KEY.to_string()]);
+    let app = common::persist::spawn_args(&args).await;
+    fb.relay
+        .state
+        .fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    add_user(&app, "metrics-store-user-dddd", UserType::Normal, &[]);
+
+    let backend = [("backend", "firebase_rtdb")];
+    let mut s = scrape(&app).await.1;
+    for _ in 0..1500 {
+        if value(&s, "gatekeeper_store_flush_failures_total", &backend) >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        s = scrape(&app).await.1;
+    }
+    assert!(value(&s, "gatekeeper_store_flush_failures_total", &backend) >= 1.0);
+    assert_eq!(value(&s, "gatekeeper_store_pending_changes", &backend), 1.0);
+    assert!(find(&s, "gatekeeper_store_flush_lag_seconds", &backend).is_some());
+
+    // After recovery nothing is pending.
+    fb.relay
+        .state
+        .fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    common::quota::eventually("the change stored", || {
+        app.state.persistence.status().consecutive_failures == 0
+            && app.state.persistence.status().pending == 0
+            && app.state.persistence.status().in_flight == 0
+    })
+    .await;
+    let s = scrape(&app).await.1;
+    assert_eq!(value(&s, "gatekeeper_store_pending_changes", &backend), 0.0);
 }

@@ -98,6 +98,7 @@ pub fn install() -> Result<PrometheusHandle, ConfigError> {
                     .to_string()
             })?;
             describe();
+            refusal_counters();
             ENABLED.store(true, Ordering::Relaxed);
             Ok(handle)
         })
@@ -240,10 +241,15 @@ pub fn refused(reason: Reason) {
     if !enabled() {
         return;
     }
+    refusal_counters()[reason as usize].increment(1);
+}
+
+/// The refusal counters, one per [`Reason`]; registered when the recorder is installed, so
+/// that every reason is listed (with 0) from the first scrape.
+fn refusal_counters() -> &'static [Counter; 10] {
     static COUNTERS: OnceLock<[Counter; 10]> = OnceLock::new();
-    let counters = COUNTERS
-        .get_or_init(|| Reason::ALL.map(|r| metrics::counter!(REFUSALS, "reason" => r.as_str())));
-    counters[reason as usize].increment(1);
+    COUNTERS
+        .get_or_init(|| Reason::ALL.map(|r| metrics::counter!(REFUSALS, "reason" => r.as_str())))
 }
 
 /// Counts a refusal the forwarder answers with `e` (see [`Reason::of`]).
