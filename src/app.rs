@@ -122,20 +122,13 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .merge(crate::proxy::routes(&state.config))
         .merge(crate::admin::routes())
-        .merge(crate::web::routes());
-    // `/metrics` exists only with `METRICS_KEY` (without it, a 404 like any unknown path).
-    let router = if state.metrics.is_some() {
-        router.route("/metrics", get(crate::metrics::scrape::metrics))
-    } else {
-        router
-    };
-    let router =
-        router
-            .layer(DefaultBodyLimit::max(body_limit))
-            .layer(middleware::from_fn_with_state(
-                state.clone(),
-                crate::auth::guard,
-            ));
+        .merge(crate::web::routes())
+        .merge(crate::metrics::scrape::routes(state.metrics.is_some()))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::guard,
+        ));
     let router = if tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG) {
         router
             .layer(TraceLayer::new_for_http().make_span_with(request_span))

@@ -29,6 +29,17 @@ const KEY_STATES: &[&str] = &[
     "logging",
 ];
 
+/// The `/metrics` route when metrics are on; no route at all otherwise, so that `/metrics` is
+/// then an unknown path like any other.
+pub fn routes(enabled: bool) -> axum::Router<AppState> {
+    let router = axum::Router::new();
+    if enabled {
+        router.route("/metrics", axum::routing::get(metrics))
+    } else {
+        router
+    }
+}
+
 /// The `/metrics` handler (the route exists only when `METRICS_KEY` is set).
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let Some(handle) = state.metrics.as_ref() else {
