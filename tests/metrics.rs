@@ -378,3 +378,42 @@ async fn failed_store_flushes_are_counted_and_the_lag_shows_pending_changes() {
     let s = scrape(&app).await.1;
     assert_eq!(value(&s, "gatekeeper_store_pending_changes", &backend), 0.0);
 }
+
+#[tokio::test]
+async fn queue_metrics_have_bounded_family_labels_and_latency_buckets() {
+    let fake = FakeUpstream::start().await;
+    let app = app(&fake, &[]).await;
+    // What the fair queue reports (it calls these as requests wait and leave).
+    llm_gatekeeper::metrics::queue_length("claude-opus", 3);
+    llm_gatekeeper::metrics::queue_waited("claude-opus", std::time::Duration::from_millis(700));
+    llm_gatekeeper::metrics::queue_length("sk-not-a-family-0000", 1);
+
+    let (text, s) = scrape(&app).await;
+    let family = [("family", "claude-opus")];
+    assert_eq!(
+        value(&s, "gatekeeper_queue_length", &family),
+        1.0 * 3.0,
+        "{text}"
+    );
+    assert_eq!(
+        value(&s, "gatekeeper_queue_length", &[("family", "other")]),
+        1.0
+    );
+    assert!(!text.contains("sk-not-a-family"));
+    match find(&s, "gatekeeper_queue_wait_seconds", &family).map(|x| &x.value) {
+        Some(PromValue::Histogram(buckets)) => {
+            let le = |bound: f64| {
+                buckets
+                    .iter()
+                    .find(|b| b.less_than == bound)
+                    .map(|b| b.count)
+            };
+            // 0.7 s falls in the (0.5, 1] bucket of the shared LLM buckets.
+            assert_eq!(
+                (le(0.5), le(1.0), le(120.0)),
+                (Some(0.0), Some(1.0), Some(1.0))
+            );
+        }
+        other => panic!("no queue wait histogram: {other:?}\n{text}"),
+    }
+}

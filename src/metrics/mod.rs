@@ -430,6 +430,36 @@ pub fn tokens(family: &str, input: u64, output: u64) {
     }
 }
 
+/// Sets the number of requests waiting in the fair queue for `family` (for the queue; the
+/// facade's `gauge!` works too, but this one keeps the label bounded and costs nothing
+/// without `METRICS_KEY`).
+pub fn queue_length(family: &str, waiting: usize) {
+    if !enabled() {
+        return;
+    }
+    let f = family_slot(Some(family));
+    queue_handles(f).0.set(waiting as f64);
+}
+
+/// Records how long a request waited in the fair queue for `family`.
+pub fn queue_waited(family: &str, waited: Duration) {
+    if !enabled() {
+        return;
+    }
+    let f = family_slot(Some(family));
+    queue_handles(f).1.record(waited.as_secs_f64());
+}
+
+/// The queue gauge and histogram of a family label, registered on first use.
+fn queue_handles(family_slot: u16) -> (metrics::Gauge, Histogram) {
+    let label = family_labels().labels[usize::from(family_slot)];
+    // Rare (once per queued request): the facade's lookup is cheap enough here.
+    (
+        metrics::gauge!(QUEUE_LENGTH, "family" => label),
+        metrics::histogram!(QUEUE_WAIT, "family" => label),
+    )
+}
+
 /// Counts a failed flush of the user store.
 pub fn store_flush_failed(backend: &'static str) {
     if enabled() {
