@@ -78,8 +78,9 @@ struct PoolKey {
     /// The key itself, for the checkers' probes (never logged or shown).
     secret: Secret,
     fingerprint: String,
-    /// A [`KeyStatus`].
-    status: AtomicU8,
+    /// A [`KeyStatus`]. Shared with the same credential's entry in another pool when the
+    /// pools were linked with [`KeyPool::share_status_with`] (AWS: Claude and Mistral).
+    status: Arc<AtomicU8>,
     /// Milliseconds since the pool's epoch until which the key rests after a 429.
     rest_until_ms: AtomicU64,
     /// The pool's use counter when the key was last chosen (smaller is less recently used).
@@ -241,7 +242,7 @@ impl KeyPool {
                 header,
                 secret: key.clone(),
                 fingerprint: fp,
-                status: AtomicU8::new(KeyStatus::Unchecked as u8),
+                status: Arc::new(AtomicU8::new(KeyStatus::Unchecked as u8)),
                 rest_until_ms: AtomicU64::new(0),
                 last_used: AtomicU64::new(0),
                 last_checked_ms: AtomicI64::new(0),
@@ -257,6 +258,20 @@ impl KeyPool {
             changed: tokio::sync::Notify::new(),
             recheck: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Makes each key share its state (working, revoked, over quota, logging, ...) with the
+    /// key at the same position of `other`: both pools hold the same credentials (AWS's Claude
+    /// and Mistral pools, both from `AWS_CREDENTIALS`), so a credential found invalid through
+    /// one is out of the other too. Rate limits, families and use order stay per pool. Does
+    /// nothing when the pools differ in length.
+    pub fn share_status_with(&mut self, other: &KeyPool) {
+        if self.keys.len() != other.keys.len() {
+            return;
+        }
+        for (mine, theirs) in self.keys.iter_mut().zip(other.keys.iter()) {
+            mine.status = theirs.status.clone();
+        }
     }
 
     /// The variable name the keys came from.

@@ -243,7 +243,7 @@ impl Upstreams {
             &aws_entries,
             Cloud::Aws(bedrock.clone()),
         )?;
-        let aws_mistral = cloud_upstream(
+        let mut aws_mistral = cloud_upstream(
             Provider::AwsMistral,
             &cli.aws_bedrock_base_url,
             aws::VAR,
@@ -251,6 +251,8 @@ impl Upstreams {
             &aws_entries,
             Cloud::Aws(bedrock),
         )?;
+        // One credential, two pools: what is learnt about it through one holds for both.
+        aws_mistral.keys.share_status_with(&aws_up.keys);
         let gcp_up = cloud_upstream(
             Provider::Gcp,
             &cli.gcp_vertex_base_url,
