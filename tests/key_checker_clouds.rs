@@ -413,3 +413,57 @@ async fn gcp_credentials_are_checked_by_token_grant_and_a_probe_per_family() {
         .iter()
         .all(|r| r.path.contains("/projects/good-project/")));
 }
+
+#[tokio::test]
+async fn a_network_error_during_a_check_changes_nothing_and_requests_go_on() {
+    let fake = FakeBedrock::start(&[(AK_GOOD, SK_GOOD)]).await;
+    // Bedrock's control plane is unreachable: a port nothing listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let app = common::spawn(
+        &[
+            "--check-keys",
+            "true",
+            "--key-check-interval-ms",
+            "1",
+            "--text-model-rate-limit",
+            "0",
+            "--aws-credentials",
+            &format!("{AK_GOOD}:{SK_GOOD}:us-east-1"),
+            "--aws-bedrock-base-url",
+            &fake.url,
+            "--aws-sts-base-url",
+            &fake.url,
+            "--aws-bedrock-control-base-url",
+            &closed,
+        ],
+        &[],
+    )
+    .await;
+    common::cloud::until(20, "the identity call", || {
+        fake.requests().iter().any(|r| r.path.starts_with("/?"))
+    })
+    .await;
+    // The request is served whatever the checker is doing.
+    let (status, body) = post(
+        &app,
+        "/proxy/aws/claude/v1/messages",
+        json!({"model": "claude-3-5-sonnet-20240620", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // The failed check left no verdict: the key is as a request left it, never checked.
+    let v = &app.state.upstreams.provider(Provider::Aws).keys.views()[0];
+    assert_eq!(v.state, "working");
+    assert_eq!(v.last_checked, None);
+    // And it is retried after a back-off, not at once: one identity call so far.
+    let sts = fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.starts_with("/?"))
+        .count();
+    assert_eq!(sts, 1);
+}
