@@ -8,7 +8,9 @@
 //! Probes (after the original's `src/shared/key-management/*/checker.ts`):
 //! - OpenAI: `GET /v1/models` (which families the key serves) and a chat completion with
 //!   `max_tokens: -1`, which a live key answers with a free 400 while a revoked or spent key
-//!   gets 401/429; `x-ratelimit-limit-requests` ≤ 250 marks a trial key.
+//!   gets 401/429; `x-ratelimit-limit-requests` ≤ 250 marks a trial key; `GET
+//!   /v1/organizations` lists its organisations, and each non-default one becomes an entry of
+//!   its own (`KeyPool::add_organization`) whose requests carry `OpenAI-Organization`.
 //! - Anthropic: a one-token Messages call; the tier comes from `anthropic-ratelimit-*`.
 //! - Google AI and Mistral AI: their model lists (free; only a valid key gets one).
 //! - Azure: the deployment's chat completion with `max_tokens: -1` (a free 400 when alive).
@@ -152,6 +154,12 @@ pub async fn run(
     let mut failures: Vec<u32> = vec![0; n];
     let mut last_check: Option<Instant> = None;
     loop {
+        // A check may have added entries (an OpenAI key's other organisations): check them
+        // too, from now on.
+        while due.len() < pool.len() {
+            due.push(Some(Instant::now()));
+            failures.push(0);
+        }
         let next = due
             .iter()
             .enumerate()
@@ -321,6 +329,9 @@ async fn call(
         .authorize(upstream.endpoint(), &mut out, &KeyUse { index, credential })
         .await
         .map_err(|e| Transient(e.0))?;
+    if let Some(org) = pool.organization(index) {
+        out.headers.insert("openai-organization", org.clone());
+    }
     let answer = send(upstreams, out).await?;
     if answer.status >= 500 {
         return Err(Transient(format!(
@@ -387,6 +398,60 @@ struct ModelEntry {
     id: String,
 }
 
+/// `GET /v1/organizations`: the organisations a key belongs to.
+#[derive(Deserialize)]
+struct OrganizationList {
+    data: Vec<Organization>,
+}
+
+#[derive(Deserialize)]
+struct Organization {
+    id: String,
+    #[serde(default)]
+    is_default: bool,
+}
+
+/// OpenAI: the organisations of key `index` (the original's probe). The key itself serves
+/// its default organisation; every other one gets an entry of its own in the pool, whose
+/// requests carry `OpenAI-Organization`. Returns the default organisation's id. Keys that
+/// may not list organisations (project and service-account keys) are left as they are.
+async fn openai_organizations(
+    upstreams: &Upstreams,
+    upstream: &ProviderUpstream,
+    index: usize,
+) -> Option<String> {
+    let pool = &upstream.keys;
+    if pool.is_organization_entry(index) {
+        return None;
+    }
+    let a = call(
+        upstreams,
+        upstream,
+        index,
+        Method::GET,
+        "/v1/organizations",
+        None,
+    )
+    .await
+    .ok()?;
+    if a.status != 200 {
+        return None;
+    }
+    let list: OrganizationList = serde_json::from_slice(&a.body).ok()?;
+    let default = list
+        .data
+        .iter()
+        .find(|o| o.is_default)
+        .or(list.data.first())
+        .map(|o| o.id.clone());
+    if list.data.len() > 1 {
+        for org in list.data.iter().filter(|o| Some(&o.id) != default.as_ref()) {
+            pool.add_organization(index, &org.id);
+        }
+    }
+    default
+}
+
 /// OpenAI: the model list (families), then the free invalid request (alive, quota, trial).
 async fn probe_openai(
     upstreams: &Upstreams,
@@ -447,9 +512,13 @@ async fn probe_openai(
         }
         f
     });
-    if trial {
-        result.detail = Some("trial key (low request limit)".into());
-    }
+    let org = openai_organizations(upstreams, upstream, index).await;
+    result.detail = match (trial, org) {
+        (true, Some(o)) => Some(format!("trial key (low request limit); organisation {o}")),
+        (true, None) => Some("trial key (low request limit)".into()),
+        (false, Some(o)) => Some(format!("organisation {o}")),
+        (false, None) => None,
+    };
     Ok(result)
 }
 

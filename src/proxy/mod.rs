@@ -124,11 +124,17 @@ impl ProviderUpstream {
         key: &KeyUse<'_>,
     ) -> Result<(), AuthFailure> {
         match &self.cloud {
-            None => self
-                .provider
-                .authorize(&self.endpoint, req, key)
-                .await
-                .map_err(|e| AuthFailure::Other(e.0)),
+            None => {
+                self.provider
+                    .authorize(&self.endpoint, req, key)
+                    .await
+                    .map_err(|e| AuthFailure::Other(e.0))?;
+                // An OpenAI key's entry for one of its other organisations.
+                if let Some(org) = self.keys.organization(key.index) {
+                    req.headers.insert("openai-organization", org.clone());
+                }
+                Ok(())
+            }
             Some(Cloud::Aws(b)) => b
                 .authorize(req, key.index, self.provider == Provider::AwsMistral)
                 .map_err(|e| AuthFailure::Other(e.0)),
