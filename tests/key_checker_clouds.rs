@@ -91,6 +91,8 @@ async fn aws_app(fake: &FakeBedrock, allow_logging: bool) -> common::TestApp {
             &fake.url,
             "--allow-aws-logging",
             &allow,
+            "--admin-key",
+            "clouds-admin-key",
         ],
         &[],
     )
@@ -174,6 +176,30 @@ async fn aws_credentials_are_checked_by_identity_logging_and_model_access() {
         .as_deref()
         .unwrap_or("")
         .contains("SignatureDoesNotMatch"));
+
+    // The operator sees it on /admin/keys: a state of its own, never a secret.
+    let text = reqwest::Client::new()
+        .get(format!("{}/admin/keys", app.url))
+        .bearer_auth("clouds-admin-key")
+        .send()
+        .await
+        .expect("admin keys")
+        .text()
+        .await
+        .expect("body");
+    let listing: Value = serde_json::from_str(&text).expect("json");
+    let pools: Vec<&str> = listing["providers"]
+        .as_array()
+        .expect("providers")
+        .iter()
+        .map(|p| p["pool"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(pools, ["aws (Claude)", "aws (Mistral)"]);
+    assert_eq!(listing["providers"][0]["keys"][1]["state"], "logging");
+    assert_eq!(listing["providers"][0]["counts"]["logging"], 1);
+    for secret in [SK_GOOD, SK_LOGGED, SK_NO_OPUS, SK_UNKNOWN, SK_WRONG] {
+        assert!(!text.contains(secret));
+    }
 
     // The Mistral pool holds the same credentials and knows the same.
     let mistral = checked(&app, Provider::AwsMistral).await;

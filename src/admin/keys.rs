@@ -83,13 +83,12 @@ pub fn request_recheck(
         }
     };
     let mut rechecking = Vec::new();
-    for p in chosen {
+    // AWS's Mistral pool is checked by the AWS checker, with the Claude pool.
+    for p in chosen.into_iter().filter(|p| *p != Provider::AwsMistral) {
         let u = state.upstreams.provider(p);
         if !u.keys.is_empty() {
             u.keys.request_recheck();
-            if !rechecking.contains(&p.service_name()) {
-                rechecking.push(p.service_name());
-            }
+            rechecking.push(p.service_name());
         }
     }
     Ok(rechecking)
