@@ -493,3 +493,37 @@ async fn a_network_error_during_a_check_changes_nothing_and_requests_go_on() {
         .count();
     assert_eq!(sts, 1);
 }
+
+#[tokio::test]
+async fn a_throttled_check_rests_the_key_without_judging_it() {
+    let fake = FakeBedrock::start(&[(AK_GOOD, SK_GOOD)]).await;
+    fake.state
+        .sts_throttle_next
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let app = common::spawn(
+        &[
+            "--check-keys",
+            "true",
+            "--key-check-interval-ms",
+            "1",
+            "--aws-credentials",
+            &format!("{AK_GOOD}:{SK_GOOD}:us-east-1"),
+            "--aws-bedrock-base-url",
+            &fake.url,
+            "--aws-sts-base-url",
+            &fake.url,
+            "--aws-bedrock-control-base-url",
+            &fake.url,
+        ],
+        &[],
+    )
+    .await;
+    let views = checked(&app, Provider::Aws).await;
+    // STS said `Throttling`: the key rests (and is checked again after it), not revoked.
+    assert_eq!(states(&views), ["rate_limited"]);
+    assert!(views[0].rate_limited_until.is_some());
+    assert_eq!(
+        views[0].families, None,
+        "nothing was learnt about its models"
+    );
+}

@@ -100,13 +100,10 @@ fn invalid(code: &str) -> CheckResult {
     }
 }
 
-/// AWS throttled the check: the key keeps its state and is checked again after a rest.
+/// AWS throttled the check: the key keeps its state (whatever it is: a throttled call says
+/// nothing about it) and rests before it is checked again.
 fn throttled(upstream: &ProviderUpstream, index: usize, headers: &HeaderMap) -> CheckResult {
-    let status = upstream
-        .keys
-        .status(index)
-        .filter(|s| s.usable())
-        .unwrap_or(KeyStatus::Unchecked);
+    let status = upstream.keys.status(index).unwrap_or(KeyStatus::Unchecked);
     CheckResult {
         rest: Some(rest_duration(headers)),
         ..CheckResult::status(status)
