@@ -1,8 +1,9 @@
 //! The upstream key pool of one provider: every operator key with its state (working, trial,
 //! over quota, revoked, rate-limited until a time) and the model families it can serve, and
 //! the choice of a key for a request. An OpenAI key of several organisations has one entry per
-//! organisation, added by its checker ([`KeyPool::add_organization`]). The state is fed by the forwarder (what the upstream
-//! answered) and by the key checkers ([`crate::proxy::checker`]); the pool itself does no I/O.
+//! organisation, added by its checker ([`KeyPool::add_organization`]). The state is fed by the
+//! forwarder (what the upstream answered) and by the key checkers
+//! ([`crate::proxy::checker`]); the pool itself does no I/O.
 //! A request touches only atomics and one uncontended read lock per key.
 //!
 //! Keys are only ever logged by [`crate::users::fingerprint`], never in clear.
