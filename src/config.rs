@@ -315,6 +315,29 @@ pub struct Cli {
     /// Least milliseconds between any two key checks of one provider (no burst at startup).
     #[arg(long, env = "KEY_CHECK_INTERVAL_MS", default_value_t = 3000)]
     pub key_check_interval_ms: u64,
+    /// Seconds between two checks of the same AWS credential (0: check at startup only).
+    #[arg(long, env = "AWS_KEY_CHECK_PERIOD_SECS", default_value_t = 5400)]
+    pub aws_key_check_period_secs: u64,
+    /// Seconds between two checks of the same GCP credential (0: check at startup only).
+    #[arg(long, env = "GCP_KEY_CHECK_PERIOD_SECS", default_value_t = 5400)]
+    pub gcp_key_check_period_secs: u64,
+    /// Use AWS credentials whose account logs prompts (Bedrock model invocation logging).
+    #[arg(long, env = "ALLOW_AWS_LOGGING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_aws_logging: bool,
+    /// AWS STS endpoint for the key checker's GetCallerIdentity; {region} is replaced.
+    #[arg(
+        long,
+        env = "AWS_STS_BASE_URL",
+        default_value = crate::providers::aws_check::DEFAULT_STS_BASE_URL
+    )]
+    pub aws_sts_base_url: String,
+    /// Bedrock's control plane (the logging configuration); {region} is replaced.
+    #[arg(
+        long,
+        env = "AWS_BEDROCK_CONTROL_BASE_URL",
+        default_value = crate::providers::aws_check::DEFAULT_CONTROL_BASE_URL
+    )]
+    pub aws_bedrock_control_base_url: String,
 
     // ----- proof-of-work tokens (issue 17) -----
     /// Self-service temporary tokens: none | proof_of_work (needs GATEKEEPER=user_token).
@@ -548,6 +571,16 @@ impl Config {
                 "GCP_TOKEN_URL",
                 &cli.gcp_token_url,
                 crate::providers::gcp::DEFAULT_TOKEN_URL,
+            ),
+            (
+                "AWS_STS_BASE_URL",
+                &cli.aws_sts_base_url,
+                crate::providers::aws_check::DEFAULT_STS_BASE_URL,
+            ),
+            (
+                "AWS_BEDROCK_CONTROL_BASE_URL",
+                &cli.aws_bedrock_control_base_url,
+                crate::providers::aws_check::DEFAULT_CONTROL_BASE_URL,
             ),
         ] {
             let url = Url::parse(&template.replace("{region}", "us-east-1"));
