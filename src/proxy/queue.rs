@@ -610,8 +610,10 @@ pub fn format_wait(ms: u64) -> String {
     format!("{}min, {}sec", ms / 60_000, (ms % 60_000 + 500) / 1000)
 }
 
+/// `gatekeeper_queue_length{family}`, through [`crate::metrics`] (bounded labels, nothing
+/// without `METRICS_KEY`).
 fn set_length_gauge(family: &str, queued: usize) {
-    metrics::gauge!("gatekeeper_queue_length", "family" => family.to_string()).set(queued as f64);
+    crate::metrics::queue_length(family, queued);
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -693,8 +695,7 @@ impl KeyWaiter<'_> {
                 _ => ms,
             };
             state.last_wait_end = Some(now);
-            metrics::histogram!("gatekeeper_queue_wait_seconds", "family" => self.family.to_string())
-                .record(waited.as_secs_f64());
+            crate::metrics::queue_waited(self.family, waited);
         }
     }
 }
@@ -702,6 +703,16 @@ impl KeyWaiter<'_> {
 impl Drop for KeyWaiter<'_> {
     fn drop(&mut self) {
         if self.active {
+            // It gave up (timeout, client gone): its wait counts in the histogram too.
+            let since = self.queue.families().get(self.family).and_then(|s| {
+                s.waiters
+                    .iter()
+                    .find(|w| w.0 == self.seq)
+                    .map(|w| w.1.elapsed())
+            });
+            if let Some(waited) = since {
+                crate::metrics::queue_waited(self.family, waited);
+            }
             let mut families = self.queue.families();
             FairQueue::unregister_key_locked(
                 &mut families,
