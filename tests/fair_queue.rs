@@ -587,3 +587,63 @@ async fn a_stream_rate_limited_on_its_own_attempt_waits_with_heartbeats() {
     assert_eq!(fake.arrived("alice"), 2, "sent again once the key was free");
     queued(&c, &app, 0).await;
 }
+
+#[tokio::test]
+async fn queue_length_and_waits_are_in_the_metrics() {
+    use prometheus_parse::{Scrape, Value as PromValue};
+    const METRICS_KEY: &str = "queue-metrics-key-0123456789abcdef";
+    let (fake, url, _h) = fake(0).await;
+    let app = proxy(
+        &url,
+        &["--queue-timeout-secs", "600", "--metrics-key", METRICS_KEY],
+    )
+    .await;
+    let c = reqwest::Client::new();
+    let resting = rest_the_key(&fake, &c, &app).await;
+    let scrape = || async {
+        let text = c
+            .get(format!("{}/metrics", app.url))
+            .bearer_auth(METRICS_KEY)
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body");
+        let parsed = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("parses");
+        (text, parsed)
+    };
+    let sample = |s: &Scrape, metric: &str| {
+        s.samples
+            .iter()
+            .find(|x| x.metric == metric && x.labels.get("family") == Some(FAMILY))
+            .map(|x| x.value.clone())
+    };
+    let (_, s) = scrape().await;
+    assert!(
+        matches!(sample(&s, "gatekeeper_queue_length"), Some(PromValue::Gauge(v)) if v == 1.0),
+        "one request waits: {:?}",
+        sample(&s, "gatekeeper_queue_length")
+    );
+    // Its client leaves: the queue is empty and its wait is recorded.
+    resting.abort();
+    queued(&c, &app, 0).await;
+    let (text, s) = scrape().await;
+    assert!(
+        matches!(sample(&s, "gatekeeper_queue_length"), Some(PromValue::Gauge(v)) if v == 0.0),
+        "{text}"
+    );
+    match sample(&s, "gatekeeper_queue_wait_seconds") {
+        Some(PromValue::Histogram(buckets)) => {
+            let count = buckets
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .map_or(0.0, |b| b.count);
+            assert!(count >= 1.0, "{text}");
+        }
+        other => panic!("no wait histogram: {other:?}\n{text}"),
+    }
+    for secret in [KEY, "alice", "bob", "127.0.0.1"] {
+        assert!(!text.contains(secret), "{secret} in the metrics");
+    }
+}
