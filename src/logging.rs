@@ -13,12 +13,12 @@
 //! blocked stdout blocked requests.) How many lines were dropped is logged as a warning every
 //! [`DROP_REPORT_EVERY`] while it happens, and printed to stderr at exit.
 
-use std::io::{BufWriter, IsTerminal};
+use std::io::{BufWriter, IsTerminal, Write};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter};
@@ -75,14 +75,10 @@ pub fn init(level: &str, format: LogFormat) -> LogGuard {
         EnvFilter::new("info")
     });
     let ansi = std::io::stdout().is_terminal();
-    let (writer, worker) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(BUFFERED_LINES)
-        .thread_name("log-writer")
-        .finish(BufWriter::with_capacity(
-            WRITE_BUFFER_BYTES,
-            std::io::stdout(),
-        ));
+    let (writer, worker) = queue(
+        BufWriter::with_capacity(WRITE_BUFFER_BYTES, std::io::stdout()),
+        BUFFERED_LINES,
+    );
     let dropped = writer.error_counter();
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match format {
@@ -111,6 +107,15 @@ pub fn init(level: &str, format: LogFormat) -> LogGuard {
     }
 }
 
+/// The bounded, lossy queue of `lines` lines in front of `out`, and its writer thread.
+fn queue<W: Write + Send + 'static>(out: W, lines: usize) -> (NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(lines)
+        .thread_name("log-writer")
+        .finish(out)
+}
+
 /// A thread that logs a warning whenever lines were dropped since its last look, until its
 /// sender is dropped; returns the count it reported. A plain thread, not a task: logging is
 /// set up before any runtime, and the thread ends with the guard.
@@ -136,4 +141,79 @@ fn spawn_drop_reporter(dropped: ErrorCounter) -> Option<(mpsc::Sender<()>, JoinH
         })
         .ok()?;
     Some((stop, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Condvar, Mutex};
+
+    use super::*;
+
+    /// A stdout whose reader stopped: every write waits until the gate opens.
+    #[derive(Clone, Default)]
+    struct Stalled {
+        gate: Arc<(Mutex<bool>, Condvar)>,
+        out: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Stalled {
+        fn open(&self) {
+            let (open, cv) = &*self.gate;
+            *open.lock().expect("gate") = true;
+            cv.notify_all();
+        }
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, cv) = &*self.gate;
+            let mut is_open = open.lock().expect("gate");
+            while !*is_open {
+                is_open = cv.wait(is_open).expect("gate");
+            }
+            self.out.lock().expect("out").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_stdout_drops_and_counts_lines_instead_of_blocking_the_caller() {
+        let stdout = Stalled::default();
+        let (writer, worker) = queue(stdout.clone(), 8);
+        let dropped = writer.error_counter();
+        let subscriber =
+            tracing_subscriber::registry().with(fmt::layer().with_ansi(false).with_writer(writer));
+        // All 100 events return while nothing can be written: none waits for stdout.
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..100 {
+                tracing::info!(i, "access line");
+            }
+        });
+        // The queue holds 8 lines and the writer one more, stuck in its write.
+        assert!(dropped.dropped_lines() >= 91, "{}", dropped.dropped_lines());
+        stdout.open();
+        // Dropping the guard writes out what was queued (waiting a bounded time for the
+        // writer thread; the loop below only keeps a busy machine from failing the test).
+        drop(worker);
+        let written = || {
+            let out = stdout.out.lock().expect("out");
+            String::from_utf8_lossy(&out)
+                .lines()
+                .filter(|l| l.contains("access line"))
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while written() + dropped.dropped_lines() < 100 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(written() >= 1);
+        assert_eq!(
+            written() + dropped.dropped_lines(),
+            100,
+            "every line is either written or counted as dropped"
+        );
+    }
 }
