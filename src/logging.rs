@@ -70,15 +70,32 @@ impl Drop for LogGuard {
 /// `info` with a message on stderr), `format` is `LOG_FORMAT`. Colours only when stdout is a
 /// terminal (and never in JSON). Call once, before anything logs.
 pub fn init(level: &str, format: LogFormat) -> LogGuard {
+    let ansi = std::io::stdout().is_terminal();
+    install(
+        level,
+        format,
+        ansi,
+        BufWriter::with_capacity(WRITE_BUFFER_BYTES, std::io::stdout()),
+    )
+}
+
+/// [`init`] writing to `out` instead of stdout, without colours (the allocation audit logs as
+/// the binary does, into a sink).
+pub fn init_to<W: Write + Send + 'static>(level: &str, format: LogFormat, out: W) -> LogGuard {
+    install(level, format, false, out)
+}
+
+fn install<W: Write + Send + 'static>(
+    level: &str,
+    format: LogFormat,
+    ansi: bool,
+    out: W,
+) -> LogGuard {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| {
         eprintln!("llm-gatekeeper: LOG_LEVEL={level:?} is not a valid level; using info");
         EnvFilter::new("info")
     });
-    let ansi = std::io::stdout().is_terminal();
-    let (writer, worker) = queue(
-        BufWriter::with_capacity(WRITE_BUFFER_BYTES, std::io::stdout()),
-        BUFFERED_LINES,
-    );
+    let (writer, worker) = queue(out, BUFFERED_LINES);
     let dropped = writer.error_counter();
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match format {

@@ -2,7 +2,8 @@
 //! server, in the benchmark's configuration (`GATEKEEPER=user_token`, quotas on, accounting
 //! from the upstream's `usage`, a small chat completion). A counting global allocator counts
 //! only on the server's own thread: the server runs on a current-thread runtime of its own, the
-//! fake upstream and the client on other threads.
+//! fake upstream and the client on other threads. The log is set up as the binary sets it up
+//! at `LOG_LEVEL=info`, writing into a sink, so the access line's formatting counts.
 //!
 //! It asserts only that the count works; the figure is printed, and written as `key value`
 //! lines to the file named by `ALLOC_AUDIT_OUT` (`bench/run` puts it in the report). Debug
@@ -78,6 +79,12 @@ fn token(i: u64) -> String {
 
 #[test]
 fn one_proxied_request_allocates_a_counted_number_of_times() {
+    // The binary's logging at its default level (the access line included), into a sink.
+    let _log = llm_gatekeeper::logging::init_to(
+        "info",
+        llm_gatekeeper::config::LogFormat::Text,
+        std::io::sink(),
+    );
     let driver = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
