@@ -12,6 +12,7 @@ pub mod gatekeeper {
 }
 pub mod google_oauth;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod pow;
