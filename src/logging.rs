@@ -68,9 +68,11 @@ impl Drop for LogGuard {
 
 /// Installs the global subscriber: `level` is `LOG_LEVEL` (an invalid filter falls back to
 /// `info` with a message on stderr), `format` is `LOG_FORMAT`. Colours only when stdout is a
-/// terminal (and never in JSON). Call once, before anything logs.
+/// terminal and `NO_COLOR` is unset (and never in JSON). Call once, before anything logs.
 pub fn init(level: &str, format: LogFormat) -> LogGuard {
-    let ansi = std::io::stdout().is_terminal();
+    // Colours only on a terminal, and not when NO_COLOR (https://no-color.org) is set.
+    let ansi = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     install(
         level,
         format,
