@@ -47,6 +47,16 @@ impl std::str::FromStr for Secret {
     }
 }
 
+/// `LOG_FORMAT`: how log lines are written (see `logging`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One human-readable line per event: time, level, target, message, fields.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the event's fields.
+    Json,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 #[value(rename_all = "snake_case")]
 pub enum GatekeeperMode {
@@ -195,6 +205,10 @@ pub struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing filter directive).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log line format: `text` (for people) or `json` (one JSON object per line, for log
+    /// collectors).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// Seconds to wait for a TCP/TLS connection to an upstream.
     #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT_SECS", default_value_t = 10)]
     pub upstream_connect_timeout_secs: u64,
