@@ -197,6 +197,22 @@ async fn aws_credentials_are_checked_by_identity_logging_and_model_access() {
     assert_eq!(pools, ["aws (Claude)", "aws (Mistral)"]);
     assert_eq!(listing["providers"][0]["keys"][1]["state"], "logging");
     assert_eq!(listing["providers"][0]["counts"]["logging"], 1);
+    // The public info page tells users why a key is out (the original's `privacy` line).
+    let info: Value = reqwest::Client::new()
+        .get(format!("{}/", app.url))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .expect("info page")
+        .json()
+        .await
+        .expect("info json");
+    let privacy = info["aws-claude"]["privacy"].as_str().unwrap_or("");
+    assert!(
+        privacy.starts_with("1 keys are potentially logged")
+            && privacy.contains("ALLOW_AWS_LOGGING"),
+        "{info}"
+    );
     for secret in [SK_GOOD, SK_LOGGED, SK_NO_OPUS, SK_UNKNOWN, SK_WRONG] {
         assert!(!text.contains(secret));
     }
@@ -297,6 +313,17 @@ async fn allow_aws_logging_uses_a_logged_credential_and_says_so() {
         detail.contains("prompts are logged (allowed by ALLOW_AWS_LOGGING)"),
         "{detail}"
     );
+    let info: Value = reqwest::Client::new()
+        .get(format!("{}/", app.url))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .expect("info page")
+        .json()
+        .await
+        .expect("info json");
+    let privacy = info["aws-claude"]["privacy"].as_str().unwrap_or("");
+    assert!(privacy.contains("Prompts could be logged"), "{info}");
 }
 
 #[tokio::test]

@@ -121,7 +121,7 @@ pub async fn run_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    use metrics::{describe_counter, describe_histogram};
     describe_counter!(
         REQUESTS,
         "Proxied requests sent upstream, by provider, model family and final HTTP status code."
@@ -139,10 +139,6 @@ fn describe() {
         "Tokens counted against users' quotas, by model family and kind (input, output)."
     );
     describe_counter!(REFUSALS, "Requests refused by the proxy itself, by reason.");
-    describe_gauge!(
-        QUEUE_LENGTH,
-        "Requests waiting in the fair queue for a key or their turn, by model family."
-    );
     describe_histogram!(
         QUEUE_WAIT,
         "Seconds requests waited in the fair queue, by model family."
@@ -430,34 +426,20 @@ pub fn tokens(family: &str, input: u64, output: u64) {
     }
 }
 
-/// Sets the number of requests waiting in the fair queue for `family` (for the queue; the
-/// facade's `gauge!` works too, but this one keeps the label bounded and costs nothing
-/// without `METRICS_KEY`).
-pub fn queue_length(family: &str, waiting: usize) {
-    if !enabled() {
-        return;
-    }
-    let f = family_slot(Some(family));
-    queue_handles(f).0.set(waiting as f64);
-}
-
 /// Records how long a request waited in the fair queue for `family`.
 pub fn queue_waited(family: &str, waited: Duration) {
     if !enabled() {
         return;
     }
     let f = family_slot(Some(family));
-    queue_handles(f).1.record(waited.as_secs_f64());
+    queue_wait_handle(f).record(waited.as_secs_f64());
 }
 
-/// The queue gauge and histogram of a family label, registered on first use.
-fn queue_handles(family_slot: u16) -> (metrics::Gauge, Histogram) {
+/// The queue's wait histogram of a family label, registered on first use.
+fn queue_wait_handle(family_slot: u16) -> Histogram {
     let label = family_labels().labels[usize::from(family_slot)];
     // Rare (once per queued request): the facade's lookup is cheap enough here.
-    (
-        metrics::gauge!(QUEUE_LENGTH, "family" => label),
-        metrics::histogram!(QUEUE_WAIT, "family" => label),
-    )
+    metrics::histogram!(QUEUE_WAIT, "family" => label)
 }
 
 /// Counts a failed flush of the user store.

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use super::{KEYS, PROVIDERS, STORE_FLUSH_LAG, STORE_PENDING};
+use super::{KEYS, PROVIDERS, QUEUE_LENGTH, STORE_FLUSH_LAG, STORE_PENDING};
 use crate::app::AppState;
 use crate::proxy::Upstreams;
 use crate::users::persist::PersistStatus;
@@ -47,6 +47,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     };
     let mut out = handle.render();
     render_keys(&mut out, &state.upstreams);
+    render_queue(&mut out, &state.upstreams.queue.lengths());
     let status = state.persistence.status();
     let lag_from = status
         .last_flush_ok_ms
@@ -89,6 +90,29 @@ pub fn render_keys(out: &mut String, upstreams: &Upstreams) {
     }
 }
 
+/// Appends `gatekeeper_queue_length{family}`: this server's waiting requests per family that
+/// has had a queue (0 once it emptied). Read at scrape time like the keys, for the same
+/// reasons; families outside the family table are summed under `other`, so labels stay bounded.
+pub fn render_queue(out: &mut String, lengths: &[(Box<str>, usize)]) {
+    let mut by_label: Vec<(&'static str, usize)> = Vec::new();
+    for (family, n) in lengths {
+        let label = super::family_label(Some(family));
+        match by_label.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, total)) => *total += n,
+            None => by_label.push((label, *n)),
+        }
+    }
+    by_label.sort_unstable();
+    let _ = writeln!(
+        out,
+        "# HELP {QUEUE_LENGTH} Requests waiting in the fair queue for a key or their turn, by model family (computed at scrape time)."
+    );
+    let _ = writeln!(out, "# TYPE {QUEUE_LENGTH} gauge");
+    for (label, n) in by_label {
+        let _ = writeln!(out, "{QUEUE_LENGTH}{{family=\"{label}\"}} {n}");
+    }
+}
+
 /// Appends the store's flush lag (seconds since `lag_from_ms`, the moment up to which every
 /// change is known stored) and its pending changes.
 pub fn render_store(out: &mut String, status: &PersistStatus, now_ms: i64, lag_from_ms: i64) {
@@ -115,6 +139,32 @@ pub fn render_store(out: &mut String, status: &PersistStatus, now_ms: i64, lag_f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_lines_have_bounded_labels() {
+        let mut out = String::new();
+        render_queue(
+            &mut out,
+            &[
+                ("turbo".into(), 2),
+                ("no-such-family-x".into(), 1),
+                ("other".into(), 0),
+            ],
+        );
+        assert!(
+            out.contains("# TYPE gatekeeper_queue_length gauge\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("gatekeeper_queue_length{family=\"turbo\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("gatekeeper_queue_length{family=\"other\"} 1\n"),
+            "{out}"
+        );
+        assert!(!out.contains("no-such-family-x"), "{out}");
+    }
 
     #[test]
     fn store_lines() {

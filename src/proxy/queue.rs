@@ -321,9 +321,7 @@ impl FairQueue {
         let mut families = self.families();
         let state = Self::family_entry(&mut families, family);
         state.caller_waiting += 1;
-        let queued = state.queued();
-        set_length_gauge(family, queued);
-        queued
+        state.queued()
     }
 
     fn family_entry<'a>(
@@ -352,9 +350,7 @@ impl FairQueue {
         let at = state.waiters.partition_point(|(s, _)| *s < seq);
         state.waiters.insert(at, (seq, since));
         key_waiting.fetch_add(1, Ordering::Relaxed);
-        let queued = state.queued();
-        set_length_gauge(family, queued);
-        queued
+        state.queued()
     }
 
     /// Removes a request from the family's key queue (it goes, or it left).
@@ -378,7 +374,6 @@ impl FairQueue {
         if state.waiters.is_empty() && state.probe.is_none() {
             state.open = false;
         }
-        set_length_gauge(family, state.queued());
     }
 
     /// Waits for a slot of `caller` (its waiter is already queued with `seq`).
@@ -439,7 +434,6 @@ impl FairQueue {
         let mut families = self.families();
         if let Some(state) = families.get_mut(family) {
             state.caller_waiting = state.caller_waiting.saturating_sub(1);
-            set_length_gauge(family, state.queued());
         }
     }
 
@@ -566,6 +560,15 @@ impl FairQueue {
         self.families().get(family).map_or(0, FamilyState::queued)
     }
 
+    /// Every family that has had a queue since the start, with how many requests wait in it
+    /// now (for `/metrics`, read at scrape time: nothing on the request path keeps a gauge).
+    pub fn lengths(&self) -> Vec<(Box<str>, usize)> {
+        self.families()
+            .iter()
+            .map(|(f, state)| (f.clone(), state.queued()))
+            .collect()
+    }
+
     /// The estimated wait of `family` in milliseconds: the moving average of recent waits,
     /// averaged with the longest current wait while requests wait (as the original).
     pub fn estimated_wait_ms(&self, family: &str) -> u64 {
@@ -608,12 +611,6 @@ pub fn format_wait(ms: u64) -> String {
         return format!("{}sec", (ms + 500) / 1000);
     }
     format!("{}min, {}sec", ms / 60_000, (ms % 60_000 + 500) / 1000)
-}
-
-/// `gatekeeper_queue_length{family}`, through [`crate::metrics`] (bounded labels, nothing
-/// without `METRICS_KEY`).
-fn set_length_gauge(family: &str, queued: usize) {
-    crate::metrics::queue_length(family, queued);
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

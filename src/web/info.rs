@@ -410,6 +410,21 @@ fn family_keys(
                 "proomptersInQueue": state.upstreams.queue.queued(&f),
                 "estimatedQueueTime": state.upstreams.queue.estimated_wait_text(&f),
             });
+            // AWS keys that log prompts (the original's `privacy` line): users are told
+            // whether their prompts could reach an invocation log.
+            let provider = family_provider(&f);
+            if matches!(provider, Some(Provider::Aws | Provider::AwsMistral)) {
+                if state.config.cli.allow_aws_logging {
+                    v["privacy"] = json!(
+                        "AWS logging verification inactive (ALLOW_AWS_LOGGING=true). Prompts could be logged."
+                    );
+                } else if c.logging > 0 {
+                    v["privacy"] = json!(format!(
+                        "{} keys are potentially logged and can't be used. Set ALLOW_AWS_LOGGING=true to override.",
+                        c.logging
+                    ));
+                }
+            }
             if let Some(u) = usage {
                 let used = u.get(&f).copied().unwrap_or(0);
                 v["usage"] = json!(format!("{used} tokens"));
