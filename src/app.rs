@@ -226,8 +226,14 @@ pub async fn serve_workers(
     crate::server::log_limits(&limits);
     let counts = Arc::new(crate::server::ConnectionCounts::default());
     let stop_accepting = CancellationToken::new();
+    // Upstream connections are shared by all workers (one pooled client), but each runs as a
+    // task on the runtime of the worker that opened it: no runtime may end while another
+    // worker still drains requests that may use its connections. So every worker reports when
+    // it has drained (`drained`) and keeps its runtime running until all have (`release`).
+    let release = CancellationToken::new();
     let app = router(state.clone());
     let mut workers = Vec::with_capacity(listeners.len());
+    let mut drained_all = Vec::with_capacity(listeners.len());
     for (i, listener) in listeners.into_iter().enumerate() {
         // Built here so that a failure is reported before anything is served.
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -235,11 +241,13 @@ pub async fn serve_workers(
             .thread_name(format!("gk-worker-{i}-blocking"))
             .build()?;
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
-        let (app, limits, counts, stop) = (
+        let (drained, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        let (app, limits, counts, stop, release) = (
             app.clone(),
             limits.clone(),
             counts.clone(),
             stop_accepting.clone(),
+            release.clone(),
         );
         std::thread::Builder::new()
             .name(format!("gk-worker-{i}"))
@@ -251,6 +259,8 @@ pub async fn serve_workers(
                         }
                         Err(e) => tracing::error!(worker = i, error = %e, "worker cannot use its listener"),
                     }
+                    let _ = drained.send(());
+                    release.cancelled().await;
                 });
                 // Tasks a request left behind are dropped with the runtime; blocking work
                 // (a token count) gets a moment to finish.
@@ -258,6 +268,7 @@ pub async fn serve_workers(
                 let _ = done.send(());
             })?;
         workers.push(finished);
+        drained_all.push(drained_rx);
     }
     let (background, tasks) = start_background(&state);
     drop(state);
@@ -267,6 +278,11 @@ pub async fn serve_workers(
         "shutting down: no new connections, waiting for in-flight requests"
     );
     stop_accepting.cancel();
+    for drained in drained_all {
+        // An error means the worker thread ended early (a panic); the others are still awaited.
+        let _ = drained.await;
+    }
+    release.cancel();
     for finished in workers {
         // An error means the worker thread panicked; the others are still awaited.
         if finished.await.is_err() {
