@@ -57,6 +57,9 @@ pub struct AppParts {
     /// Admin web sessions, CSRF and the external session client (issue 7).
     pub sessions: Arc<crate::auth::session::Sessions>,
     pub started_at: Instant,
+    /// The Prometheus recorder's handle, when `METRICS_KEY` is set (issue 16): `/metrics`
+    /// renders from it.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl AppState {
@@ -75,6 +78,10 @@ impl AppState {
         let policy = Arc::new(crate::policy::Policy::new(&config.policy));
         let pow = crate::pow::from_config(&config)?.map(Arc::new);
         let info_lock = crate::web::info::InfoLock::from_config(&config)?.map(Arc::new);
+        let metrics = match config.metrics_key() {
+            Some(_) => Some(crate::metrics::install()?),
+            None => None,
+        };
         Ok(AppState(Arc::new(AppParts {
             policy,
             pow,
@@ -87,6 +94,7 @@ impl AppState {
             quotas,
             lockout,
             started_at: Instant::now(),
+            metrics,
         })))
     }
 }
@@ -106,7 +114,8 @@ impl AppState {
 ///    once and inserts [`crate::auth::ClientIp`] (read by the quotas and handlers), then
 ///    inserts [`crate::auth::Principal`] (proxied routes), [`crate::auth::AdminIdentity`]
 ///    (admin routes) or [`crate::auth::LockedOut`] (credential forms), or refuses.
-/// 3. The routes: proxied (`upstream`), admin (`admin`), public pages (`web`), `/health`.
+/// 3. The routes: proxied (`upstream`), admin (`admin`), public pages (`web`), `/health`, and
+///    `/metrics` when `METRICS_KEY` is set.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.max_request_body_bytes();
     let router = Router::new()
@@ -114,6 +123,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::proxy::routes(&state.config))
         .merge(crate::admin::routes())
         .merge(crate::web::routes())
+        .merge(crate::metrics::scrape::routes(state.metrics.is_some()))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -307,6 +317,9 @@ fn start_background(state: &AppState) -> (CancellationToken, TaskTracker) {
         background.clone(),
     ));
     tasks.spawn(state.quotas.clone().run_refresh(background.clone()));
+    if let Some(handle) = state.metrics.clone() {
+        tasks.spawn(crate::metrics::run_upkeep(handle, background.clone()));
+    }
     for (provider, schedule) in
         crate::proxy::checker::checked_providers(&state.config, &state.upstreams)
     {
@@ -520,6 +533,12 @@ pub fn startup_summary(config: &Config) -> Vec<(StartupLevel, String)> {
             "SIGNING_KEY is not set: admin session cookies are signed with a random key generated at start, so every admin is signed out when the server restarts. Set SIGNING_KEY to a long random secret to keep sessions across restarts.".to_string(),
         ));
     }
+    if config.metrics_key().is_some() {
+        lines.push((
+            Info,
+            "metrics: GET /metrics with 'Authorization: Bearer <METRICS_KEY>', from addresses ADMIN_WHITELIST allows (docs/metrics.md)".to_string(),
+        ));
+    }
     lines
 }
 
@@ -629,6 +648,8 @@ mod startup_summary_tests {
             "sk-secret-2,sk-secret-3",
             "--signing-key",
             "signing-secret-4",
+            "--metrics-key",
+            "metrics-secret-5-long-enough",
         ]);
         for (_, l) in &lines {
             assert!(!l.contains("secret"), "{l}");
@@ -636,5 +657,8 @@ mod startup_summary_tests {
         assert!(lines
             .iter()
             .any(|(_, l)| l.contains("provider OpenAI: 2 keys (OPENAI_KEY)")));
+        assert!(lines
+            .iter()
+            .any(|(_, l)| l.starts_with("metrics: GET /metrics")));
     }
 }

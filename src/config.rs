@@ -319,6 +319,29 @@ pub struct Cli {
     /// Least milliseconds between any two key checks of one provider (no burst at startup).
     #[arg(long, env = "KEY_CHECK_INTERVAL_MS", default_value_t = 3000)]
     pub key_check_interval_ms: u64,
+    /// Seconds between two checks of the same AWS credential (0: check at startup only).
+    #[arg(long, env = "AWS_KEY_CHECK_PERIOD_SECS", default_value_t = 5400)]
+    pub aws_key_check_period_secs: u64,
+    /// Seconds between two checks of the same GCP credential (0: check at startup only).
+    #[arg(long, env = "GCP_KEY_CHECK_PERIOD_SECS", default_value_t = 5400)]
+    pub gcp_key_check_period_secs: u64,
+    /// Use AWS credentials whose account logs prompts (Bedrock model invocation logging).
+    #[arg(long, env = "ALLOW_AWS_LOGGING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_aws_logging: bool,
+    /// AWS STS endpoint for the key checker's GetCallerIdentity; {region} is replaced.
+    #[arg(
+        long,
+        env = "AWS_STS_BASE_URL",
+        default_value = crate::providers::aws_check::DEFAULT_STS_BASE_URL
+    )]
+    pub aws_sts_base_url: String,
+    /// Bedrock's control plane (the logging configuration); {region} is replaced.
+    #[arg(
+        long,
+        env = "AWS_BEDROCK_CONTROL_BASE_URL",
+        default_value = crate::providers::aws_check::DEFAULT_CONTROL_BASE_URL
+    )]
+    pub aws_bedrock_control_base_url: String,
 
     // ----- proof-of-work tokens (issue 17) -----
     /// Self-service temporary tokens: none | proof_of_work (needs GATEKEEPER=user_token).
@@ -359,7 +382,15 @@ pub struct Cli {
     /// Show usage in US$ per model family on / and /user.
     #[arg(long, env = "SHOW_TOKEN_COSTS", default_value_t = false, action = clap::ArgAction::Set)]
     pub show_token_costs: bool,
+
+    // ----- metrics (issue 16) -----
+    /// Bearer key for `GET /metrics` (Prometheus); unset: no metrics and no `/metrics` route.
+    #[arg(long, env = "METRICS_KEY", hide_env_values = true)]
+    pub metrics_key: Option<Secret>,
 }
+
+/// The shortest `METRICS_KEY` accepted: the key guards an endpoint reachable from the network.
+pub const MIN_METRICS_KEY_CHARS: usize = 16;
 
 /// A configuration problem, phrased for the operator: which variable, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -545,6 +576,16 @@ impl Config {
                 &cli.gcp_token_url,
                 crate::providers::gcp::DEFAULT_TOKEN_URL,
             ),
+            (
+                "AWS_STS_BASE_URL",
+                &cli.aws_sts_base_url,
+                crate::providers::aws_check::DEFAULT_STS_BASE_URL,
+            ),
+            (
+                "AWS_BEDROCK_CONTROL_BASE_URL",
+                &cli.aws_bedrock_control_base_url,
+                crate::providers::aws_check::DEFAULT_CONTROL_BASE_URL,
+            ),
         ] {
             let url = Url::parse(&template.replace("{region}", "us-east-1"));
             if !url.is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some()) {
@@ -620,6 +661,14 @@ impl Config {
                 "GATEKEEPER_STORE_FLUSH_SECS must be at least 1".into(),
             ));
         }
+        if let Some(key) = &cli.metrics_key {
+            let len = key.expose().chars().count();
+            if len < MIN_METRICS_KEY_CHARS {
+                return Err(ConfigError(format!(
+                    "METRICS_KEY is {len} characters long; use a random secret of at least {MIN_METRICS_KEY_CHARS} characters (e.g. `openssl rand -hex 24`), or leave METRICS_KEY unset to turn /metrics off"
+                )));
+            }
+        }
 
         Ok(Config {
             openai_keys,
@@ -685,6 +734,10 @@ impl Config {
     /// `PROXY_KEY`, when it is set to something.
     pub fn proxy_key(&self) -> Option<&str> {
         non_empty(&self.cli.proxy_key)
+    }
+    /// `METRICS_KEY`, when it is set (then `/metrics` exists).
+    pub fn metrics_key(&self) -> Option<&str> {
+        non_empty(&self.cli.metrics_key)
     }
 }
 

@@ -88,8 +88,8 @@ async fn official_clients_accept_the_fake_clouds() {
         out.status.success() && stdout.contains("all cloud fake checks passed"),
         "cloud_fakes.py failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
-    // The wrong secret and the unknown key were refused by signature checking.
-    assert_eq!(bedrock.refused(), 2);
+    // The wrong secret and the unknown key (Bedrock and STS) were refused by signature checking.
+    assert_eq!(bedrock.refused(), 3);
     assert_eq!(
         vertex
             .state

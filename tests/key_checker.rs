@@ -24,6 +24,50 @@ struct Fake {
     served: Mutex<Vec<String>>,
     /// Keys whose behaviour was changed by the test (key → behaviour name).
     overrides: Mutex<HashMap<String, String>>,
+    /// Real chat requests: the key and the `OpenAI-Organization` they carried.
+    served_orgs: Mutex<Vec<(String, Option<String>)>>,
+    /// Every model-list call: the key and its `OpenAI-Organization`.
+    model_lists: Mutex<Vec<(String, Option<String>)>>,
+}
+
+/// The organisations of a key: a `multi-…` key belongs to two, others to one.
+fn orgs_of(key: &str) -> &'static [&'static str] {
+    if key.starts_with("multi") {
+        &["org-home", "org-team"]
+    } else {
+        &["org-solo"]
+    }
+}
+
+fn org_header(h: &HeaderMap) -> Option<String> {
+    h.get("openai-organization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// OpenAI refuses a request whose `OpenAI-Organization` the key does not belong to.
+fn wrong_org(key: &str, h: &HeaderMap) -> Option<Response> {
+    let org = org_header(h)?;
+    (!orgs_of(key).contains(&org.as_str()))
+        .then(|| openai_error(401, "invalid_request_error", "mismatched_organization"))
+}
+
+async fn organizations(State(f): State<Arc<Fake>>, h: HeaderMap) -> Response {
+    let key = bearer(&h);
+    match f.behaviour(&key).as_str() {
+        "revoked" | "" => openai_error(401, "invalid_request_error", "invalid_api_key"),
+        _ => {
+            let data: Vec<Value> = orgs_of(&key)
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    json!({"object": "organization", "id": id, "is_default": i == 0,
+                    "title": "fake", "personal": i == 0})
+                })
+                .collect();
+            Json(json!({"object": "list", "data": data})).into_response()
+        }
+    }
 }
 
 impl Fake {
@@ -55,6 +99,13 @@ fn bearer(h: &HeaderMap) -> String {
 
 async fn models(State(f): State<Arc<Fake>>, h: HeaderMap) -> Response {
     let key = bearer(&h);
+    if let Some(refused) = wrong_org(&key, &h) {
+        return refused;
+    }
+    f.model_lists
+        .lock()
+        .expect("lock")
+        .push((key.clone(), org_header(&h)));
     match f.behaviour(&key).as_str() {
         "revoked" => openai_error(401, "invalid_request_error", "invalid_api_key"),
         "trial" => Json(json!({"object": "list", "data": [
@@ -72,6 +123,9 @@ async fn models(State(f): State<Arc<Fake>>, h: HeaderMap) -> Response {
 
 async fn chat(State(f): State<Arc<Fake>>, h: HeaderMap, Json(body): Json<Value>) -> Response {
     let key = bearer(&h);
+    if let Some(refused) = wrong_org(&key, &h) {
+        return refused;
+    }
     let probe = body["max_tokens"] == json!(-1);
     let behaviour = f.behaviour(&key);
     let limit = if behaviour == "trial" { "200" } else { "10000" };
@@ -87,6 +141,10 @@ async fn chat(State(f): State<Arc<Fake>>, h: HeaderMap, Json(body): Json<Value>)
         _ if probe => openai_error(400, "invalid_request_error", "integer_below_min_value"),
         _ => {
             f.served.lock().expect("lock").push(key.clone());
+            f.served_orgs
+                .lock()
+                .expect("lock")
+                .push((key.clone(), org_header(&h)));
             let model = body["model"].as_str().unwrap_or("m");
             Json(openai_chat_json(model, "hi")).into_response()
         }
@@ -154,6 +212,7 @@ async fn start_fake() -> (Arc<Fake>, String) {
     let fake = Arc::new(Fake::default());
     let app = Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/organizations", get(organizations))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/messages", post(messages))
         .route("/v1beta/models", get(google_models))
@@ -421,4 +480,48 @@ async fn the_operator_sees_every_key_state_on_the_info_page_and_admin_keys() {
         .await
         .expect("recheck");
     assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn a_key_of_two_organisations_is_used_once_per_organisation() {
+    let (fake, url) = start_fake().await;
+    let app = app(&url, "multi-1", "good-a").await;
+    let keys = &app.state.upstreams.provider(Provider::OpenAi).keys;
+    // The check lists the key's organisations and adds an entry for the other one, which is
+    // then checked in its turn.
+    let mut views = keys.views();
+    for _ in 0..1000 {
+        views = keys.views();
+        if views.len() == 2 && views.iter().all(|v| v.last_checked.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(views.len(), 2, "{views:?}");
+    assert_eq!(states(&views), ["working", "working"]);
+    assert_eq!(
+        views[1].fingerprint,
+        format!("{}/org-team", views[0].fingerprint)
+    );
+    assert_eq!(views[0].detail.as_deref(), Some("organisation org-home"));
+    let json = serde_json::to_string(&views).expect("json");
+    assert!(!json.contains("multi-1"), "{json}");
+    // The new entry's own check carried its organisation.
+    assert!(fake
+        .model_lists
+        .lock()
+        .expect("lock")
+        .contains(&("multi-1".to_string(), Some("org-team".to_string()))));
+
+    for _ in 0..4 {
+        assert_eq!(chat_request(&app, "gpt-4o").await.status(), 200);
+    }
+    let served = fake.served_orgs.lock().expect("lock").clone();
+    let with_team = served
+        .iter()
+        .filter(|(_, o)| o.as_deref() == Some("org-team"))
+        .count();
+    let default = served.iter().filter(|(_, o)| o.is_none()).count();
+    assert_eq!((default, with_team), (2, 2), "{served:?}");
+    assert_eq!(app.state.upstreams.key_counts(Provider::OpenAi).working, 2);
 }

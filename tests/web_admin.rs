@@ -74,6 +74,7 @@ async fn browsers_without_a_session_are_sent_to_sign_in_and_api_clients_get_json
         "/admin/manage/users",
         "/admin/manage/abuse",
         "/admin/manage/export",
+        "/admin/manage/keys",
     ] {
         let r = b.get(path).await;
         assert_eq!(r.status, 303, "{path}");
@@ -548,4 +549,132 @@ async fn anti_abuse_page_lists_locked_addresses() {
         .lockout
         .locked_for("198.51.100.9".parse().expect("ip"))
         .is_none());
+}
+
+/// A fake upstream that only counts what reaches it and answers 503 (a check that says
+/// nothing about the key: states set by the test stay).
+async fn counting_upstream() -> (std::sync::Arc<std::sync::atomic::AtomicUsize>, String) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let h = h.clone();
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (hits, url)
+}
+
+#[tokio::test]
+async fn keys_page_shows_every_key_by_fingerprint_and_rechecks_with_a_csrf_token() {
+    use llm_gatekeeper::providers::Provider;
+    use llm_gatekeeper::proxy::keys::{CheckResult, KeyStatus};
+    use std::sync::atomic::Ordering;
+
+    const GOOD: &str = "sk-keys-page-good-secret-0001";
+    const BAD: &str = "sk-keys-page-revoked-secret-02";
+    const CLAUDE: &str = "sk-ant-keys-page-secret-0003";
+    let (hits, url) = counting_upstream().await;
+    let keys = format!("{GOOD},{BAD}");
+    let app = app(&[
+        "--check-keys",
+        "true",
+        "--openai-key",
+        &keys,
+        "--openai-base-url",
+        &url,
+        "--anthropic-key",
+        CLAUDE,
+        "--anthropic-base-url",
+        &url,
+        "--key-check-interval-ms",
+        "1",
+    ])
+    .await;
+    let openai = &app.state.upstreams.provider(Provider::OpenAi).keys;
+    openai.apply_check(
+        0,
+        CheckResult {
+            families: Some(vec!["gpt4o".into(), "turbo".into()]),
+            detail: Some("checked by the test".into()),
+            ..CheckResult::status(KeyStatus::Working)
+        },
+    );
+    openai.mark_invalid(1, 401);
+
+    let b = Browser::new(&app.url);
+    b.login(ADMIN_KEY).await;
+    let p = b.get("/admin/manage/keys").await;
+    assert_eq!(p.status, 200);
+    assert!(p.body.contains("href=\"/admin/manage/keys\""), "in the nav");
+    for v in openai.views() {
+        assert!(p.body.contains(&v.fingerprint), "{}", p.body);
+    }
+    assert!(p.body.contains("working") && p.body.contains("revoked"));
+    assert!(p.body.contains("gpt4o, turbo"));
+    assert!(p.body.contains("checked by the test"));
+    assert!(p.body.contains("OPENAI_KEY") && p.body.contains("ANTHROPIC_KEY"));
+    for secret in [GOOD, BAD, CLAUDE] {
+        assert!(!p.body.contains(secret), "a key appears in full");
+    }
+
+    // Without the CSRF token nothing happens.
+    let startup = hits.load(Ordering::SeqCst);
+    let r = b
+        .post_form("/admin/manage/keys/recheck", &[("provider", "openai")])
+        .await;
+    assert_eq!(r.status, 403);
+
+    // With it: the checkers run again (the same action as POST /admin/keys/recheck).
+    let csrf = p.csrf();
+    let r = b
+        .post_form(
+            "/admin/manage/keys/recheck",
+            &[("_csrf", &csrf), ("provider", "openai")],
+        )
+        .await;
+    assert_eq!(r.status, 303);
+    assert_eq!(
+        r.location(),
+        Some("/admin/manage/keys?rechecking=openai"),
+        "{}",
+        r.body
+    );
+    // Every key was probed at startup, and the OpenAI keys again after the recheck: both
+    // waits are bounded, on what the fake received.
+    common::cloud::until(20, "the startup checks", || {
+        hits.load(Ordering::SeqCst) >= startup.max(3)
+    })
+    .await;
+    let before = hits.load(Ordering::SeqCst);
+    let r = b
+        .post_form(
+            "/admin/manage/keys/recheck",
+            &[("_csrf", &csrf), ("provider", "openai")],
+        )
+        .await;
+    assert_eq!(r.status, 303);
+    common::cloud::until(20, "the recheck's probes", || {
+        hits.load(Ordering::SeqCst) >= before + 2
+    })
+    .await;
+    let notice = b.get("/admin/manage/keys?rechecking=openai").await;
+    assert!(notice.body.contains("Rechecking the keys of: openai"));
+    let r = b
+        .post_form(
+            "/admin/manage/keys/recheck",
+            &[("_csrf", &csrf), ("provider", "nope")],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("Unknown provider"));
 }

@@ -34,6 +34,66 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/keys/recheck", post(recheck))
 }
 
+/// What the admin pages show for a pool: the provider's name, and which of AWS's two pools
+/// (Claude, Mistral) it is, since both come from `AWS_CREDENTIALS`.
+pub fn pool_label(p: Provider) -> &'static str {
+    match p {
+        Provider::Aws => "aws (Claude)",
+        Provider::AwsMistral => "aws (Mistral)",
+        other => other.service_name(),
+    }
+}
+
+/// Every provider that has keys, in the listing's order.
+pub fn providers_with_keys(state: &AppState) -> Vec<Provider> {
+    PROVIDERS
+        .iter()
+        .copied()
+        .filter(|p| !state.upstreams.provider(*p).keys.is_empty())
+        .collect()
+}
+
+/// Asks the checkers to check every key again (of the provider named `name`, or of all):
+/// the action behind `POST /admin/keys/recheck` and the admin page's button. Returns the
+/// providers asked; refuses when checks are off or the name is unknown.
+pub fn request_recheck(
+    state: &AppState,
+    name: Option<&str>,
+) -> Result<Vec<&'static str>, AdminError> {
+    if !state.config.cli.check_keys {
+        return Err(AdminError::new(
+            StatusCode::CONFLICT,
+            "Key checks are off (CHECK_KEYS=false); set CHECK_KEYS=true to check keys.",
+        ));
+    }
+    let chosen: Vec<Provider> = match name {
+        None | Some("") => PROVIDERS.to_vec(),
+        Some(name) => {
+            let p = PROVIDERS
+                .iter()
+                .find(|p| p.service_name() == name)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = PROVIDERS.iter().map(|p| p.service_name()).collect();
+                    AdminError::bad_request(format!(
+                        "Unknown provider '{name}' in ?provider=; use one of: {}.",
+                        names.join(", ")
+                    ))
+                })?;
+            vec![*p]
+        }
+    };
+    let mut rechecking = Vec::new();
+    // AWS's Mistral pool is checked by the AWS checker, with the Claude pool.
+    for p in chosen.into_iter().filter(|p| *p != Provider::AwsMistral) {
+        let u = state.upstreams.provider(p);
+        if !u.keys.is_empty() {
+            u.keys.request_recheck();
+            rechecking.push(p.service_name());
+        }
+    }
+    Ok(rechecking)
+}
+
 /// `GET /admin/keys`: every provider that has keys, each key by fingerprint.
 async fn list_keys(State(state): State<AppState>, _admin: Admin) -> Response {
     let providers: Vec<_> = PROVIDERS
@@ -43,6 +103,7 @@ async fn list_keys(State(state): State<AppState>, _admin: Admin) -> Response {
         .map(|u| {
             json!({
                 "provider": u.provider.service_name(),
+                "pool": pool_label(u.provider),
                 "variable": u.keys.var(),
                 "checked": state.config.cli.check_keys,
                 "counts": u.keys.counts(),
@@ -64,36 +125,7 @@ async fn recheck(
             .find(|(k, _)| k == "provider")
             .map(|(_, v)| v.into_owned())
     });
-    if !state.config.cli.check_keys {
-        return Err(AdminError::new(
-            StatusCode::CONFLICT,
-            "Key checks are off (CHECK_KEYS=false); set CHECK_KEYS=true to check keys.",
-        ));
-    }
-    let chosen: Vec<Provider> = match provider.as_deref() {
-        None | Some("") => PROVIDERS.to_vec(),
-        Some(name) => {
-            let p = PROVIDERS
-                .iter()
-                .find(|p| p.service_name() == name)
-                .ok_or_else(|| {
-                    let names: Vec<&str> = PROVIDERS.iter().map(|p| p.service_name()).collect();
-                    AdminError::bad_request(format!(
-                        "Unknown provider '{name}' in ?provider=; use one of: {}.",
-                        names.join(", ")
-                    ))
-                })?;
-            vec![*p]
-        }
-    };
-    let mut rechecking = Vec::new();
-    for p in chosen {
-        let u = state.upstreams.provider(p);
-        if !u.keys.is_empty() {
-            u.keys.request_recheck();
-            rechecking.push(p.service_name());
-        }
-    }
+    let rechecking = request_recheck(&state, provider.as_deref())?;
     tracing::info!(admin = id.who(), providers = ?rechecking, "asked for a key recheck");
     Ok((
         StatusCode::ACCEPTED,

@@ -1,6 +1,6 @@
 //! The admin web UI under `/admin`: sign-in and sign-out (`/admin/login`, `/admin/logout`) and
 //! the pages under `/admin/manage/...` (users list, create, detail and edit, import and export,
-//! anti-abuse). Server-rendered, no JavaScript; every form carries a CSRF token that is checked
+//! anti-abuse, upstream keys). Server-rendered, no JavaScript; every form carries a CSRF token that is checked
 //! before anything changes. Handlers are thin: user changes go through [`crate::users`].
 //!
 //! Who may see these pages is decided by [`crate::auth::guard`] (the same `ADMIN_WHITELIST`
@@ -57,6 +57,8 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/manage/abuse", get(abuse))
         .route("/admin/manage/abuse/unlock", post(unlock))
         .route("/admin/manage/abuse/difficulty", post(set_difficulty))
+        .route("/admin/manage/keys", get(keys_page))
+        .route("/admin/manage/keys/recheck", post(keys_recheck))
 }
 
 async fn home() -> Redirect {
@@ -557,6 +559,83 @@ async fn unlock(
             "Not an address",
             "The address to unlock is missing or is not an IP address.",
             Some("/admin/manage/abuse"),
+        ),
+    }
+}
+
+// ----- upstream keys -----
+
+/// The upstream keys: every pool, each key by fingerprint (never in full) with its state.
+async fn keys_page(
+    State(state): State<AppState>,
+    Extension(id): Extension<AdminIdentity>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let q = FormData::parse(query.unwrap_or_default().as_bytes());
+    let fmt = crate::web::templates::format_ms;
+    let with_keys = super::keys::providers_with_keys(&state);
+    let mut providers: Vec<&str> = with_keys.iter().map(|p| p.service_name()).collect();
+    providers.dedup();
+    let pools: Vec<Value> = with_keys
+        .into_iter()
+        .map(|p| {
+            let keys = &state.upstreams.provider(p).keys;
+            let rows: Vec<Value> = keys
+                .views()
+                .into_iter()
+                .map(|k| {
+                    json!({
+                        "fingerprint": k.fingerprint,
+                        "state": k.state,
+                        "until": k.rate_limited_until.map(fmt),
+                        "families": k.families.map(|f| f.join(", ")),
+                        "checked": k.last_checked.map(fmt),
+                        "detail": k.detail,
+                    })
+                })
+                .collect();
+            json!({
+                "label": super::keys::pool_label(p),
+                "variable": keys.var(),
+                "counts": keys.counts(),
+                "keys": rows,
+            })
+        })
+        .collect();
+    page(
+        &state,
+        &headers,
+        &id,
+        StatusCode::OK,
+        "admin_keys.html",
+        json!({
+            "pools": pools,
+            "providers": providers,
+            "checks": state.config.cli.check_keys,
+            "notice": q.get("rechecking").map(|p| format!("Rechecking the keys of: {p}. States change as each check completes (checks are spaced); reload to see them.")),
+        }),
+    )
+}
+
+/// The "Recheck keys" button: the same action as `POST /admin/keys/recheck`.
+async fn keys_recheck(
+    State(state): State<AppState>,
+    Extension(id): Extension<AdminIdentity>,
+    CheckedForm(form): CheckedForm,
+) -> Response {
+    match super::keys::request_recheck(&state, form.text("provider")) {
+        Ok(rechecking) => {
+            tracing::info!(admin = id.who(), providers = ?rechecking, "asked for a key recheck");
+            let mut s = url::form_urlencoded::Serializer::new(String::new());
+            s.append_pair("rechecking", &rechecking.join(", "));
+            Redirect::to(&format!("/admin/manage/keys?{}", s.finish())).into_response()
+        }
+        Err(e) => message(
+            e.status,
+            "Cannot recheck keys",
+            &e.message,
+            Some("/admin/manage/keys"),
         ),
     }
 }

@@ -90,6 +90,35 @@ pub async fn move_query_key(mut req: axum::extract::Request) -> axum::extract::R
     req
 }
 
+/// Decides whether a scraper may read `/metrics`: `Authorization: Bearer <METRICS_KEY>`,
+/// compared in constant time. A wrong key counts toward the lockout (a missing one does not,
+/// as with the proxy key).
+pub fn admit_metrics(state: &AppState, ip: IpAddr, headers: &HeaderMap) -> Result<(), AdminError> {
+    let Some(expected) = state.config.metrics_key() else {
+        return Err(AdminError::not_found());
+    };
+    match bearer(headers) {
+        Some(presented) if secret_eq(presented, expected) => Ok(()),
+        Some(_) => {
+            state.lockout.record_failure(ip);
+            Err(AdminError::unauthorized(
+                "Invalid metrics key. Scrapers send METRICS_KEY as 'Authorization: Bearer <METRICS_KEY>'.",
+            ))
+        }
+        None => Err(AdminError::unauthorized(
+            "/metrics needs the metrics key: send METRICS_KEY as 'Authorization: Bearer <METRICS_KEY>'.",
+        )),
+    }
+}
+
+/// The token of an `Authorization: Bearer …` header (the scheme in any case).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = v.split_once(|c: char| c.is_ascii_whitespace())?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Decides whether a proxied request may pass under the `GATEKEEPER` mode, counting wrong
 /// credentials toward the lockout.
 pub fn admit_client(

@@ -4,11 +4,15 @@
 //! 1. the route's [`Access`] from the one route table ([`routes::ROUTES`], matched by route
 //!    template);
 //! 2. the client address ([`client_addr`]: socket peer or trusted `X-Forwarded-For` hops);
-//! 3. `IP_BLACKLIST`, then `ADMIN_WHITELIST` for the admin zone;
+//! 3. `IP_BLACKLIST`, then `ADMIN_WHITELIST` for the admin zone (and `/metrics`);
 //! 4. the brute-force lockout ([`lockout`]), asked once, for every request that presents a
 //!    credential;
 //! 5. the credential itself ([`credentials`]: proxy key, user token ([`user_token`]), admin
-//!    key, admin sessions and CSRF ([`session`]), the external session service).
+//!    key, admin sessions and CSRF ([`session`]), the external session service, the
+//!    `METRICS_KEY` bearer on `/metrics`).
+//!
+//! Every refusal here is counted once in `gatekeeper_refusals_total` by its reason
+//! ([`crate::metrics::refused`]).
 //!
 //! The outcome is stored in the request extensions: [`ClientIp`] always, then a [`Principal`]
 //! (proxied routes), an [`AdminIdentity`] (admin routes) or a [`LockedOut`] mark (credential
@@ -31,6 +35,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use crate::app::AppState;
 use crate::config::GatekeeperMode;
 use crate::error::{AdminError, ProxyError};
+use crate::metrics::Reason as Refused;
 use crate::net::in_list;
 use crate::users::{UserKey, UserType};
 
@@ -112,11 +117,15 @@ pub async fn guard(
         // `/health` answers whoever asks, whatever their headers say.
         return next.run(req).await;
     }
-    let admin_zone = matches!(access, Access::Admin | Access::AdminSignIn);
+    let admin_zone = matches!(
+        access,
+        Access::Admin | Access::AdminSignIn | Access::Metrics
+    );
     let trusted = state.config.trusted_proxies();
     let ip = match client_ip(peer.ip(), req.headers(), trusted) {
         Ok(ip) => ip,
         Err(bad) => {
+            crate::metrics::refused(Refused::BadRequest);
             let msg = format!(
                 "X-Forwarded-For entry {:?} is not an IP address. This server trusts the last {trusted} entr{} of X-Forwarded-For (TRUSTED_PROXIES={trusted}); they must be addresses written by your reverse proxies.",
                 bad.entry,
@@ -131,6 +140,7 @@ pub async fn guard(
     };
     req.extensions_mut().insert(ClientIp(ip));
     if in_list(&state.config.ip_blacklist, ip) {
+        crate::metrics::refused(Refused::Blacklist);
         let msg = "Forbidden: your address is blocked by this proxy (IP_BLACKLIST)";
         return if admin_zone {
             AdminError::forbidden(msg).into_response()
@@ -139,6 +149,7 @@ pub async fn guard(
         };
     }
     if admin_zone && !in_list(&state.config.admin_whitelist, ip) {
+        crate::metrics::refused(Refused::Whitelist);
         return AdminError::forbidden("Forbidden (by ADMIN_WHITELIST)").into_response();
     }
 
@@ -146,7 +157,7 @@ pub async fn guard(
     let presents_credential = match access {
         Access::Open | Access::Public => false,
         Access::CredentialForm | Access::AdminSignIn => req.method() == Method::POST,
-        Access::Admin => true,
+        Access::Admin | Access::Metrics => true,
         Access::Proxy => {
             state.config.mode() != GatekeeperMode::None
                 || client_credential(req.headers()).is_some()
@@ -168,6 +179,7 @@ pub async fn guard(
         }
         Access::Admin => {
             if let Some(secs) = locked {
+                crate::metrics::refused(Refused::Lockout);
                 if routes::is_admin_page(req.uri().path()) {
                     return Redirect::to("/admin/login").into_response();
                 }
@@ -188,6 +200,7 @@ pub async fn guard(
                     {
                         // The admin pages' forms check their own token (`CheckedForm`); the
                         // JSON API takes it in a header.
+                        crate::metrics::refused(Refused::Auth);
                         return AdminError::forbidden(format!(
                             "A change through the admin API signed in by cookie needs the CSRF token of the admin pages in the '{CSRF_HEADER}' header; scripts should send 'Authorization: Bearer <ADMIN_KEY>' instead."
                         ))
@@ -196,11 +209,15 @@ pub async fn guard(
                     req.extensions_mut().insert(identity);
                     next.run(req).await
                 }
-                Err(resp) => resp,
+                Err(resp) => {
+                    crate::metrics::refused(Refused::Auth);
+                    resp
+                }
             }
         }
         Access::Proxy => {
             if let Some(secs) = locked {
+                crate::metrics::refused(Refused::Lockout);
                 return lockout_error(secs).into_response();
             }
             match credentials::admit_client(&state, ip, req.headers()) {
@@ -208,7 +225,23 @@ pub async fn guard(
                     req.extensions_mut().insert(principal);
                     next.run(req).await
                 }
-                Err(e) => e.into_response(),
+                Err(e) => {
+                    crate::metrics::refused(Refused::Auth);
+                    e.into_response()
+                }
+            }
+        }
+        Access::Metrics => {
+            if let Some(secs) = locked {
+                crate::metrics::refused(Refused::Lockout);
+                return admin_lockout_error(secs).into_response();
+            }
+            match credentials::admit_metrics(&state, ip, req.headers()) {
+                Ok(()) => next.run(req).await,
+                Err(e) => {
+                    crate::metrics::refused(Refused::Auth);
+                    e.into_response()
+                }
             }
         }
     }

@@ -23,6 +23,10 @@ pub enum Access {
     Admin,
     /// A client credential under the `GATEKEEPER` mode (every proxied route).
     Proxy,
+    /// `/metrics`: the `METRICS_KEY` bearer only (no other credential), from an address
+    /// `ADMIN_WHITELIST` allows; a wrong key counts for the lockout. The route exists only
+    /// when `METRICS_KEY` is set.
+    Metrics,
 }
 
 /// Every route that is not simply "`/admin` → [`Access::Admin`], the rest → [`Access::Proxy`]",
@@ -40,13 +44,14 @@ pub const ROUTES: &[(&str, Access)] = &[
     ("/user/captcha/challenge", Access::CredentialForm),
     ("/user/captcha/verify", Access::Public),
     ("/admin/login", Access::AdminSignIn),
+    ("/metrics", Access::Metrics),
 ];
 
 /// The routes that need no credential (for documentation and tests).
 pub fn unauthenticated_routes() -> impl Iterator<Item = &'static str> {
     ROUTES
         .iter()
-        .filter(|(_, a)| !matches!(a, Access::Admin | Access::Proxy))
+        .filter(|(_, a)| !matches!(a, Access::Admin | Access::Proxy | Access::Metrics))
         .map(|(path, _)| *path)
 }
 
@@ -102,6 +107,9 @@ mod tests {
             access(Some("/v1/chat/completions"), "/v1/chat/completions"),
             Access::Proxy
         );
+        assert_eq!(access(Some("/metrics"), "/metrics"), Access::Metrics);
+        // Without METRICS_KEY the route does not exist: like any unknown path.
+        assert_eq!(access(None, "/metrics"), Access::Proxy);
         // Unmatched paths need a credential, whatever they look like.
         assert_eq!(access(None, "/user/../admin"), Access::Proxy);
         assert_eq!(access(None, "/admin/nope"), Access::Admin);

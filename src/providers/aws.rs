@@ -337,6 +337,19 @@ pub fn sign_request<B>(
     body: &[u8],
     now: SystemTime,
 ) -> Result<(), String> {
+    sign_request_for(cred, SERVICE, &cred.region, req, body, now)
+}
+
+/// [`sign_request`] for another AWS service and region (the key checker's STS call is signed
+/// for `sts`, Bedrock's control plane for `bedrock`).
+pub fn sign_request_for<B>(
+    cred: &AwsCredential,
+    service: &str,
+    region: &str,
+    req: &mut http::Request<B>,
+    body: &[u8],
+    now: SystemTime,
+) -> Result<(), String> {
     let identity = Credentials::new(
         &cred.access_key_id,
         cred.secret_access_key(),
@@ -347,8 +360,8 @@ pub fn sign_request<B>(
     .into();
     let params = v4::SigningParams::builder()
         .identity(&identity)
-        .region(&cred.region)
-        .name(SERVICE)
+        .region(region)
+        .name(service)
         .time(now)
         .settings(SigningSettings::default())
         .build()
@@ -718,6 +731,21 @@ impl Bedrock {
             base_template: base_template.to_string(),
             creds,
         }
+    }
+
+    /// The credential at `index` (the key checker signs its probes with it).
+    pub fn credential(&self, index: usize) -> Option<&AwsCredential> {
+        self.creds.get(index)
+    }
+
+    /// The non-streaming `InvokeModel` URL of `model_id` in the region of credential `index`.
+    pub fn invoke_url_for(&self, index: usize, model_id: &str) -> Option<String> {
+        let cred = self.creds.get(index)?;
+        Some(invoke_url(
+            &base_url(&self.base_template, &cred.region),
+            model_id,
+            false,
+        ))
     }
 
     /// The credentials as key-pool entries (`accessKeyId:secretAccessKey:region`), in order.

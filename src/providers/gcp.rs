@@ -360,6 +360,38 @@ impl Vertex {
     }
 }
 
+/// The models the key checker tries, per family, cheapest first: a credential serves a family
+/// when one of them answers (the original probes haiku, sonnet, 3.5 sonnet and opus).
+pub const PROBE_MODELS: &[(&str, &[&str])] = &[
+    (
+        "gcp-claude",
+        &[
+            "claude-3-haiku@20240307",
+            "claude-3-5-haiku@20241022",
+            "claude-3-5-sonnet@20240620",
+            "claude-3-5-sonnet-v2@20241022",
+            "claude-3-7-sonnet@20250219",
+            "claude-sonnet-4@20250514",
+        ],
+    ),
+    (
+        "gcp-claude-opus",
+        &["claude-3-opus@20240229", "claude-opus-4@20250514"],
+    ),
+];
+
+/// The key checker's probe of a model: a one-token Messages call (Vertex has no free invalid
+/// request that still tells whether the model may be used).
+pub fn probe_body(model: &str) -> Vec<u8> {
+    json!({
+        "model": model,
+        "max_tokens": 1,
+        "messages": [{"role": "user", "content": "Hi!"}],
+    })
+    .to_string()
+    .into_bytes()
+}
+
 /// The model list of `GET {PROXY_ENDPOINT_ROUTE}/gcp/claude/v1/models` (OpenAI's shape).
 pub fn models() -> Value {
     const IDS: &[&str] = &[

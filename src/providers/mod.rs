@@ -54,6 +54,7 @@
 
 pub mod anthropic;
 pub mod aws;
+pub mod aws_check;
 pub mod azure;
 pub mod families;
 pub mod gcp;

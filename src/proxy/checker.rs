@@ -8,14 +8,24 @@
 //! Probes (after the original's `src/shared/key-management/*/checker.ts`):
 //! - OpenAI: `GET /v1/models` (which families the key serves) and a chat completion with
 //!   `max_tokens: -1`, which a live key answers with a free 400 while a revoked or spent key
-//!   gets 401/429; `x-ratelimit-limit-requests` ≤ 250 marks a trial key.
+//!   gets 401/429; `x-ratelimit-limit-requests` ≤ 250 marks a trial key; `GET
+//!   /v1/organizations` lists its organisations, and each non-default one becomes an entry of
+//!   its own (`KeyPool::add_organization`) whose requests carry `OpenAI-Organization`.
 //! - Anthropic: a one-token Messages call; the tier comes from `anthropic-ratelimit-*`.
 //! - Google AI and Mistral AI: their model lists (free; only a valid key gets one).
 //! - Azure: the deployment's chat completion with `max_tokens: -1` (a free 400 when alive).
+//! - AWS (`clouds`): STS caller identity, Bedrock's invocation-logging setting, and a free
+//!   invalid invoke per model (which families the credential may use). One checker serves
+//!   both AWS pools (Claude and Mistral hold the same credentials): each result is recorded in
+//!   both, and a recheck asked of either runs it.
+//! - GCP (`clouds`): the service account's token grant, then a one-token call per family.
 //!
 //! To add a provider: write `probe_<provider>` returning a [`CheckResult`], add it to
 //! [`probe`], [`has_probe`] and [`checked_providers`], and give it a period in [`Schedule`].
 
+mod clouds;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{header, HeaderMap, HeaderValue, Method};
@@ -45,13 +55,15 @@ const ANTHROPIC_PROBE_MODEL: &str = "claude-3-5-haiku-latest";
 /// The model of the OpenAI liveness probe (the request is invalid anyway: `max_tokens: -1`).
 const OPENAI_PROBE_MODEL: &str = "gpt-4o-mini";
 
-/// When and how often one provider's keys are checked.
-#[derive(Debug, Clone, Copy)]
+/// When and how often one provider's keys are checked, and the settings of its probes.
+#[derive(Debug, Clone)]
 pub struct Schedule {
     /// Between two checks of the same key; `None`: only at startup (and on a recheck).
     pub period: Option<Duration>,
     /// Between any two checks of this provider.
     pub spacing: Duration,
+    /// What the cloud probes need from the configuration.
+    pub clouds: Arc<clouds::Settings>,
 }
 
 impl Schedule {
@@ -63,12 +75,13 @@ impl Schedule {
             Provider::GoogleAi => config.cli.google_ai_key_check_period_secs,
             Provider::MistralAi => config.cli.mistral_ai_key_check_period_secs,
             Provider::Azure => config.cli.azure_key_check_period_secs,
-            // No probe yet (see `has_probe`): checked never.
-            Provider::Aws | Provider::AwsMistral | Provider::Gcp => 0,
+            Provider::Aws | Provider::AwsMistral => config.cli.aws_key_check_period_secs,
+            Provider::Gcp => config.cli.gcp_key_check_period_secs,
         };
         Schedule {
             period: (secs > 0).then(|| Duration::from_secs(secs)),
             spacing: Duration::from_millis(config.cli.key_check_interval_ms),
+            clouds: Arc::new(clouds::Settings::from_config(config)),
         }
     }
 }
@@ -80,10 +93,12 @@ pub fn has_probe(provider: Provider) -> bool {
         | Provider::Anthropic
         | Provider::GoogleAi
         | Provider::MistralAi
-        | Provider::Azure => true,
-        // AWS (caller identity, invocation logging, model access) and GCP (token grant and a
-        // probe per model) have no checker yet: their keys are judged by real requests only.
-        Provider::Aws | Provider::AwsMistral | Provider::Gcp => false,
+        | Provider::Azure
+        | Provider::Aws
+        | Provider::Gcp => true,
+        // The same credentials as `Aws`: its checker probes them once and records the result
+        // in both pools.
+        Provider::AwsMistral => false,
     }
 }
 
@@ -98,6 +113,8 @@ pub fn checked_providers(config: &Config, upstreams: &Upstreams) -> Vec<(Provide
         Provider::GoogleAi,
         Provider::MistralAi,
         Provider::Azure,
+        Provider::Aws,
+        Provider::Gcp,
     ]
     .into_iter()
     .filter(|p| has_probe(*p) && !upstreams.provider(*p).keys.is_empty())
@@ -120,6 +137,10 @@ pub async fn run(
 ) {
     let upstream = upstreams.provider(provider);
     let pool = &upstream.keys;
+    // AWS: the Mistral pool holds the same credentials; it takes the same results, and a
+    // recheck asked of it is this checker's to run.
+    let linked =
+        (provider == Provider::Aws).then(|| &upstreams.provider(Provider::AwsMistral).keys);
     let n = pool.len();
     tracing::info!(
         var = pool.var(),
@@ -133,6 +154,12 @@ pub async fn run(
     let mut failures: Vec<u32> = vec![0; n];
     let mut last_check: Option<Instant> = None;
     loop {
+        // A check may have added entries (an OpenAI key's other organisations): check them
+        // too, from now on.
+        while due.len() < pool.len() {
+            due.push(Some(Instant::now()));
+            failures.push(0);
+        }
         let next = due
             .iter()
             .enumerate()
@@ -144,7 +171,7 @@ pub async fn run(
         });
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = pool.recheck_requested() => {
+            _ = recheck_requested(pool, linked) => {
                 tracing::info!(var = pool.var(), "rechecking every key");
                 let now = Instant::now();
                 due.iter_mut().for_each(|d| *d = Some(now));
@@ -156,7 +183,7 @@ pub async fn run(
         let Some((index, _)) = next else { continue };
         let outcome = tokio::select! {
             _ = cancel.cancelled() => break,
-            r = tokio::time::timeout(PROBE_TIMEOUT, probe(&upstreams, upstream, index)) => r,
+            r = tokio::time::timeout(probe_timeout(provider), probe(&upstreams, upstream, index, &schedule.clouds)) => r,
         };
         let now = Instant::now();
         last_check = Some(now);
@@ -182,6 +209,9 @@ pub async fn run(
                         "checked key"
                     );
                 }
+                if let Some(other) = linked {
+                    other.apply_check(index, result.clone());
+                }
                 pool.apply_check(index, result);
             }
             Err(Transient(why)) => {
@@ -205,6 +235,27 @@ pub async fn run(
     tracing::debug!(var = pool.var(), "key checker stopped");
 }
 
+/// Resolves when a recheck was asked of `pool` or of the pool `linked` to it.
+async fn recheck_requested(pool: &KeyPool, linked: Option<&KeyPool>) {
+    match linked {
+        Some(other) => {
+            tokio::select! {
+                _ = pool.recheck_requested() => {}
+                _ = other.recheck_requested() => {}
+            }
+        }
+        None => pool.recheck_requested().await,
+    }
+}
+
+/// How long one check may take: the clouds' checks are several calls in a row.
+fn probe_timeout(provider: Provider) -> Duration {
+    match provider {
+        Provider::Aws | Provider::AwsMistral | Provider::Gcp => PROBE_TIMEOUT * 4,
+        _ => PROBE_TIMEOUT,
+    }
+}
+
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -217,6 +268,7 @@ pub async fn probe(
     upstreams: &Upstreams,
     upstream: &ProviderUpstream,
     index: usize,
+    settings: &clouds::Settings,
 ) -> Result<CheckResult, Transient> {
     match upstream.provider {
         Provider::OpenAi => probe_openai(upstreams, upstream, index).await,
@@ -224,15 +276,15 @@ pub async fn probe(
         Provider::GoogleAi => probe_model_list(upstreams, upstream, index, "/v1beta/models").await,
         Provider::MistralAi => probe_model_list(upstreams, upstream, index, "/v1/models").await,
         Provider::Azure => probe_azure(upstreams, upstream, index).await,
-        Provider::Aws | Provider::AwsMistral | Provider::Gcp => Err(Transient(format!(
-            "no key checker for {:?} yet",
-            upstream.provider
-        ))),
+        Provider::Aws | Provider::AwsMistral => {
+            clouds::probe_aws(upstreams, upstream, index, settings).await
+        }
+        Provider::Gcp => clouds::probe_gcp(upstreams, upstream, index).await,
     }
 }
 
 /// An answer to a probe.
-struct Answer {
+pub(super) struct Answer {
     status: u16,
     headers: HeaderMap,
     body: Bytes,
@@ -277,6 +329,22 @@ async fn call(
         .authorize(upstream.endpoint(), &mut out, &KeyUse { index, credential })
         .await
         .map_err(|e| Transient(e.0))?;
+    if let Some(org) = pool.organization(index) {
+        out.headers.insert("openai-organization", org.clone());
+    }
+    let answer = send(upstreams, out).await?;
+    if answer.status >= 500 {
+        return Err(Transient(format!(
+            "the upstream answered {}",
+            answer.status
+        )));
+    }
+    Ok(answer)
+}
+
+/// Sends a ready (authorized or signed) probe request through the proxy's upstream client
+/// and reads its answer (bounded), whatever its status.
+async fn send(upstreams: &Upstreams, out: UpstreamRequest) -> Result<Answer, Transient> {
     let uri = axum::http::Uri::try_from(out.url.as_str())
         .map_err(|e| Transient(format!("bad probe URL: {e}")))?;
     let mut req = hyper::Request::new(Full::new(out.body));
@@ -294,12 +362,8 @@ async fn call(
         .await
         .map_err(|e| Transient(format!("reading the answer failed: {e}")))?
         .to_bytes();
-    let status = parts.status.as_u16();
-    if status >= 500 {
-        return Err(Transient(format!("the upstream answered {status}")));
-    }
     Ok(Answer {
-        status,
+        status: parts.status.as_u16(),
         headers: parts.headers,
         body,
     })
@@ -332,6 +396,60 @@ struct ModelList {
 #[derive(Deserialize)]
 struct ModelEntry {
     id: String,
+}
+
+/// `GET /v1/organizations`: the organisations a key belongs to.
+#[derive(Deserialize)]
+struct OrganizationList {
+    data: Vec<Organization>,
+}
+
+#[derive(Deserialize)]
+struct Organization {
+    id: String,
+    #[serde(default)]
+    is_default: bool,
+}
+
+/// OpenAI: the organisations of key `index` (the original's probe). The key itself serves
+/// its default organisation; every other one gets an entry of its own in the pool, whose
+/// requests carry `OpenAI-Organization`. Returns the default organisation's id. Keys that
+/// may not list organisations (project and service-account keys) are left as they are.
+async fn openai_organizations(
+    upstreams: &Upstreams,
+    upstream: &ProviderUpstream,
+    index: usize,
+) -> Option<String> {
+    let pool = &upstream.keys;
+    if pool.is_organization_entry(index) {
+        return None;
+    }
+    let a = call(
+        upstreams,
+        upstream,
+        index,
+        Method::GET,
+        "/v1/organizations",
+        None,
+    )
+    .await
+    .ok()?;
+    if a.status != 200 {
+        return None;
+    }
+    let list: OrganizationList = serde_json::from_slice(&a.body).ok()?;
+    let default = list
+        .data
+        .iter()
+        .find(|o| o.is_default)
+        .or(list.data.first())
+        .map(|o| o.id.clone());
+    if list.data.len() > 1 {
+        for org in list.data.iter().filter(|o| Some(&o.id) != default.as_ref()) {
+            pool.add_organization(index, &org.id);
+        }
+    }
+    default
 }
 
 /// OpenAI: the model list (families), then the free invalid request (alive, quota, trial).
@@ -394,9 +512,13 @@ async fn probe_openai(
         }
         f
     });
-    if trial {
-        result.detail = Some("trial key (low request limit)".into());
-    }
+    let org = openai_organizations(upstreams, upstream, index).await;
+    result.detail = match (trial, org) {
+        (true, Some(o)) => Some(format!("trial key (low request limit); organisation {o}")),
+        (true, None) => Some("trial key (low request limit)".into()),
+        (false, Some(o)) => Some(format!("organisation {o}")),
+        (false, None) => None,
+    };
     Ok(result)
 }
 

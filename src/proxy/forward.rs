@@ -240,7 +240,8 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
                     _ => None,
                 },
             };
-            relay(resp, ticket, extra_headers, deadline, transforms)
+            let resp = relay(resp, ticket, extra_headers, deadline, transforms);
+            crate::metrics::proxied(resp, provider, family.as_deref(), started)
         }
         Err(Failure {
             error: e,
@@ -263,6 +264,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
                 t.on_response_start(e.status, false);
                 t.finish();
             }
+            crate::metrics::count_request(provider, family.as_deref(), e.status);
             let mut resp = e.into_response();
             extend_headers(resp.headers_mut(), extra_headers);
             resp
@@ -272,6 +274,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
 
 /// Logs a request refused before anything was sent upstream, and answers it.
 fn log_refusal(ctx: &Ctx, e: ProxyError) -> Response {
+    crate::metrics::refused_with(&e);
     tracing::info!(
         method = %ctx.method,
         path = %ctx.client_path,
@@ -449,6 +452,7 @@ fn check_origin(state: &AppState, ctx: &Ctx) -> Option<Response> {
         referer = h(header::REFERER).unwrap_or("-"),
         "refused: blocked origin"
     );
+    crate::metrics::refused(crate::metrics::Reason::Policy);
     let json_body = h(header::CONTENT_TYPE).is_some_and(|v| v.contains("application/json"));
     let wants_html = h(header::ACCEPT).is_some_and(|v| v.contains("text/html"));
     if wants_html && !json_body {

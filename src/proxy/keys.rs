@@ -1,7 +1,9 @@
 //! The upstream key pool of one provider: every operator key with its state (working, trial,
 //! over quota, revoked, rate-limited until a time) and the model families it can serve, and
-//! the choice of a key for a request. The state is fed by the forwarder (what the upstream
-//! answered) and by the key checkers ([`crate::proxy::checker`]); the pool itself does no I/O.
+//! the choice of a key for a request. An OpenAI key of several organisations has one entry per
+//! organisation, added by its checker ([`KeyPool::add_organization`]). The state is fed by the
+//! forwarder (what the upstream answered) and by the key checkers
+//! ([`crate::proxy::checker`]); the pool itself does no I/O.
 //! A request touches only atomics and one uncontended read lock per key.
 //!
 //! Keys are only ever logged by [`crate::users::fingerprint`], never in clear.
@@ -78,8 +80,9 @@ struct PoolKey {
     /// The key itself, for the checkers' probes (never logged or shown).
     secret: Secret,
     fingerprint: String,
-    /// A [`KeyStatus`].
-    status: AtomicU8,
+    /// A [`KeyStatus`]. Shared with the same credential's entry in another pool when the
+    /// pools were linked with [`KeyPool::share_status_with`] (AWS: Claude and Mistral).
+    status: Arc<AtomicU8>,
     /// Milliseconds since the pool's epoch until which the key rests after a 429.
     rest_until_ms: AtomicU64,
     /// The pool's use counter when the key was last chosen (smaller is less recently used).
@@ -90,6 +93,11 @@ struct PoolKey {
     families: RwLock<Option<Arc<[Box<str>]>>>,
     /// Free-form details of the last check (tier, organisation), for `/admin`.
     detail: RwLock<Option<Arc<str>>>,
+    /// For an OpenAI key's entry of one of its non-default organisations: the organisation
+    /// id and its `OpenAI-Organization` header value (see [`KeyPool::add_organization`]).
+    org: Option<(Box<str>, HeaderValue)>,
+    /// The position of the key this entry was made from, for an organisation's entry.
+    parent: Option<usize>,
 }
 
 impl PoolKey {
@@ -199,6 +207,10 @@ pub struct KeyPool {
     /// The environment variable the keys came from, for messages (`OPENAI_KEY`).
     var: &'static str,
     keys: Box<[PoolKey]>,
+    /// Entries added after startup, numbered after `keys`: an OpenAI key's other
+    /// organisations. Append-only and lock-free (`boxcar`), so that a request's choice never
+    /// waits for the checker that adds them and positions never move.
+    clones: boxcar::Vec<PoolKey>,
     /// Counts key choices: a key's `last_used` is the counter's value when it was chosen.
     uses: AtomicU64,
     epoch: Instant,
@@ -241,22 +253,39 @@ impl KeyPool {
                 header,
                 secret: key.clone(),
                 fingerprint: fp,
-                status: AtomicU8::new(KeyStatus::Unchecked as u8),
+                status: Arc::new(AtomicU8::new(KeyStatus::Unchecked as u8)),
                 rest_until_ms: AtomicU64::new(0),
                 last_used: AtomicU64::new(0),
                 last_checked_ms: AtomicI64::new(0),
                 families: RwLock::new(None),
                 detail: RwLock::new(None),
+                org: None,
+                parent: None,
             });
         }
         Ok(KeyPool {
             var,
             keys: pool.into_boxed_slice(),
+            clones: boxcar::Vec::new(),
             uses: AtomicU64::new(1),
             epoch: Instant::now(),
             changed: tokio::sync::Notify::new(),
             recheck: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Makes each key share its state (working, revoked, over quota, logging, ...) with the
+    /// key at the same position of `other`: both pools hold the same credentials (AWS's Claude
+    /// and Mistral pools, both from `AWS_CREDENTIALS`), so a credential found invalid through
+    /// one is out of the other too. Rate limits, families and use order stay per pool. Does
+    /// nothing when the pools differ in length.
+    pub fn share_status_with(&mut self, other: &KeyPool) {
+        if self.keys.len() != other.keys.len() {
+            return;
+        }
+        for (mine, theirs) in self.keys.iter_mut().zip(other.keys.iter()) {
+            mine.status = theirs.status.clone();
+        }
     }
 
     /// The variable name the keys came from.
@@ -269,9 +298,72 @@ impl KeyPool {
         self.keys.is_empty()
     }
 
-    /// How many keys are configured.
+    /// How many keys are configured (with their organisations' entries).
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.keys.len() + self.clones.count()
+    }
+
+    /// The entry at `index`: a configured key, or an organisation's entry after them.
+    fn key(&self, index: usize) -> Option<&PoolKey> {
+        match index.checked_sub(self.keys.len()) {
+            None => self.keys.get(index),
+            Some(i) => self.clones.get(i),
+        }
+    }
+
+    /// Every entry in position order.
+    fn all(&self) -> impl Iterator<Item = &PoolKey> {
+        self.keys.iter().chain(self.clones.iter().map(|(_, k)| k))
+    }
+
+    /// Adds an entry for the key at `parent` used with the organisation `org` (a non-default
+    /// organisation of an OpenAI key: requests with it carry `OpenAI-Organization: org`, and
+    /// it is checked and chosen as a key of its own). Its fingerprint is the key's with
+    /// `/org` appended. Returns its position, or `None` when it exists already or `org` cannot
+    /// be a header value.
+    pub fn add_organization(&self, parent: usize, org: &str) -> Option<usize> {
+        let base = self.key(parent)?;
+        if base.parent.is_some()
+            || self.all().any(|k| {
+                k.parent == Some(parent) && k.org.as_ref().is_some_and(|(o, _)| &**o == org)
+            })
+        {
+            return None;
+        }
+        let header = HeaderValue::from_str(org).ok()?;
+        let entry = PoolKey {
+            header: base.header.clone(),
+            secret: base.secret.clone(),
+            fingerprint: format!("{}/{org}", base.fingerprint),
+            status: Arc::new(AtomicU8::new(KeyStatus::Unchecked as u8)),
+            rest_until_ms: AtomicU64::new(0),
+            last_used: AtomicU64::new(0),
+            last_checked_ms: AtomicI64::new(0),
+            families: RwLock::new(None),
+            detail: RwLock::new(None),
+            org: Some((org.into(), header)),
+            parent: Some(parent),
+        };
+        let index = self.keys.len() + self.clones.push(entry);
+        tracing::info!(
+            var = self.var,
+            key = %base.fingerprint,
+            organization = org,
+            "this key belongs to several organisations; it is used once per organisation"
+        );
+        self.changed.notify_waiters();
+        Some(index)
+    }
+
+    /// The `OpenAI-Organization` header value of the entry at `index`, for an organisation's
+    /// entry.
+    pub fn organization(&self, index: usize) -> Option<&HeaderValue> {
+        self.key(index)?.org.as_ref().map(|(_, h)| h)
+    }
+
+    /// Whether the entry at `index` is an organisation's entry of another key.
+    pub fn is_organization_entry(&self, index: usize) -> bool {
+        self.key(index).is_some_and(|k| k.parent.is_some())
     }
 
     fn now_ms(&self) -> u64 {
@@ -307,7 +399,7 @@ impl KeyPool {
         let mut soonest: Option<u64> = None;
         let mut any_serves = false;
         let mut all_revoked = true;
-        for (index, key) in self.keys.iter().enumerate() {
+        for (index, key) in self.all().enumerate() {
             if !eligible(index) {
                 continue;
             }
@@ -334,7 +426,9 @@ impl KeyPool {
             }
         }
         if let Some((index, _)) = best {
-            let key = &self.keys[index];
+            let Some(key) = self.key(index) else {
+                return Err(NoKey::AllInvalid);
+            };
             key.last_used
                 .store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
             return Ok(ChosenKey {
@@ -358,7 +452,7 @@ impl KeyPool {
     /// Takes a key out of rotation because the upstream rejected it (401/403, or a body that
     /// says revoked). Logs once; a recheck may bring it back.
     pub fn mark_invalid(&self, index: usize, status: u16) {
-        if let Some(key) = self.keys.get(index) {
+        if let Some(key) = self.key(index) {
             if key.status.swap(KeyStatus::Revoked as u8, Ordering::Relaxed)
                 != KeyStatus::Revoked as u8
             {
@@ -376,7 +470,7 @@ impl KeyPool {
     /// Takes a key out of rotation because the upstream says its quota or credit is spent.
     /// Unlike a rate limit this does not pass by itself: the key stays out until a recheck.
     pub fn mark_over_quota(&self, index: usize, reason: &str) {
-        if let Some(key) = self.keys.get(index) {
+        if let Some(key) = self.key(index) {
             if key
                 .status
                 .swap(KeyStatus::OverQuota as u8, Ordering::Relaxed)
@@ -395,7 +489,7 @@ impl KeyPool {
     /// Records that the upstream answered a request with key `index` successfully: an
     /// unchecked key is then known to work (a single atomic compare-and-swap).
     pub fn note_success(&self, index: usize) {
-        if let Some(key) = self.keys.get(index) {
+        if let Some(key) = self.key(index) {
             let _ = key.status.compare_exchange(
                 KeyStatus::Unchecked as u8,
                 KeyStatus::Working as u8,
@@ -407,7 +501,7 @@ impl KeyPool {
 
     /// Rests a key for `dur` because the upstream rate-limited it (429).
     pub fn rest(&self, index: usize, dur: Duration) {
-        if let Some(key) = self.keys.get(index) {
+        if let Some(key) = self.key(index) {
             let until = self
                 .now_ms()
                 .saturating_add(u64::try_from(dur.as_millis()).unwrap_or(u64::MAX));
@@ -423,7 +517,7 @@ impl KeyPool {
 
     /// Records the result of a check of key `index`.
     pub fn apply_check(&self, index: usize, result: CheckResult) {
-        let Some(key) = self.keys.get(index) else {
+        let Some(key) = self.key(index) else {
             return;
         };
         let before = key.status.swap(result.status as u8, Ordering::Relaxed);
@@ -460,26 +554,23 @@ impl KeyPool {
 
     /// The key of `index` and its fingerprint, for a checker's probe.
     pub fn secret(&self, index: usize) -> Option<(&Secret, &str)> {
-        self.keys
-            .get(index)
-            .map(|k| (&k.secret, k.fingerprint.as_str()))
+        self.key(index).map(|k| (&k.secret, k.fingerprint.as_str()))
     }
 
     /// The credential header value of key `index`, for a checker's probe.
     pub fn credential(&self, index: usize) -> Option<&HeaderValue> {
-        self.keys.get(index).map(|k| &k.header)
+        self.key(index).map(|k| &k.header)
     }
 
     /// Unix milliseconds of the last check of key `index` (0: never).
     pub fn last_checked_ms(&self, index: usize) -> i64 {
-        self.keys
-            .get(index)
+        self.key(index)
             .map_or(0, |k| k.last_checked_ms.load(Ordering::Relaxed))
     }
 
     /// The status of key `index`.
     pub fn status(&self, index: usize) -> Option<KeyStatus> {
-        self.keys.get(index).map(PoolKey::status)
+        self.key(index).map(PoolKey::status)
     }
 
     /// Resolves when a key's state may have changed (a check ran).
@@ -502,8 +593,7 @@ impl KeyPool {
     pub fn views(&self) -> Vec<KeyView> {
         let now = self.now_ms();
         let wall = chrono::Utc::now().timestamp_millis();
-        self.keys
-            .iter()
+        self.all()
             .map(|k| {
                 let status = k.status();
                 let until = k.rest_until_ms.load(Ordering::Relaxed);
@@ -543,7 +633,7 @@ impl KeyPool {
     pub fn counts_for(&self, family: Option<&str>) -> KeyCounts {
         let now = self.now_ms();
         let mut c = KeyCounts::default();
-        for key in self.keys.iter().filter(|k| k.serves(family)) {
+        for key in self.all().filter(|k| k.serves(family)) {
             c.total += 1;
             match key.status() {
                 KeyStatus::Revoked => c.invalid += 1,
@@ -706,6 +796,30 @@ mod tests {
         let v = &p.views()[1];
         assert_eq!(v.state, "rate_limited");
         assert!(v.rate_limited_until.is_some());
+    }
+
+    #[test]
+    fn an_organisation_entry_is_a_key_of_its_own() {
+        let p = pool(2);
+        assert_eq!(p.add_organization(0, "org-team"), Some(2));
+        // Once per (key, organisation); never for an organisation's entry itself.
+        assert_eq!(p.add_organization(0, "org-team"), None);
+        assert_eq!(p.add_organization(2, "org-other"), None);
+        assert_eq!(p.len(), 3);
+        assert!(p.is_organization_entry(2) && !p.is_organization_entry(0));
+        assert_eq!(
+            p.organization(2).map(|h| h.to_str().expect("ascii")),
+            Some("org-team")
+        );
+        assert!(p.organization(0).is_none());
+        let order: Vec<usize> = (0..6).map(|_| pick(&p)).collect();
+        assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
+        // Its own state: revoking it leaves the key itself in rotation.
+        p.mark_invalid(2, 401);
+        assert_eq!(p.views()[2].state, "revoked");
+        assert_eq!(p.views()[0].state, "unchecked");
+        assert!(p.views()[2].fingerprint.ends_with("/org-team"));
+        assert_eq!(p.counts().invalid, 1);
     }
 
     #[test]

@@ -124,11 +124,17 @@ impl ProviderUpstream {
         key: &KeyUse<'_>,
     ) -> Result<(), AuthFailure> {
         match &self.cloud {
-            None => self
-                .provider
-                .authorize(&self.endpoint, req, key)
-                .await
-                .map_err(|e| AuthFailure::Other(e.0)),
+            None => {
+                self.provider
+                    .authorize(&self.endpoint, req, key)
+                    .await
+                    .map_err(|e| AuthFailure::Other(e.0))?;
+                // An OpenAI key's entry for one of its other organisations.
+                if let Some(org) = self.keys.organization(key.index) {
+                    req.headers.insert("openai-organization", org.clone());
+                }
+                Ok(())
+            }
             Some(Cloud::Aws(b)) => b
                 .authorize(req, key.index, self.provider == Provider::AwsMistral)
                 .map_err(|e| AuthFailure::Other(e.0)),
@@ -243,7 +249,7 @@ impl Upstreams {
             &aws_entries,
             Cloud::Aws(bedrock.clone()),
         )?;
-        let aws_mistral = cloud_upstream(
+        let mut aws_mistral = cloud_upstream(
             Provider::AwsMistral,
             &cli.aws_bedrock_base_url,
             aws::VAR,
@@ -251,6 +257,8 @@ impl Upstreams {
             &aws_entries,
             Cloud::Aws(bedrock),
         )?;
+        // One credential, two pools: what is learnt about it through one holds for both.
+        aws_mistral.keys.share_status_with(&aws_up.keys);
         let gcp_up = cloud_upstream(
             Provider::Gcp,
             &cli.gcp_vertex_base_url,

@@ -209,6 +209,9 @@ impl Ticket {
         // Where the response's model decides the family (Azure deployments), usage is counted
         // there; the reservation is released where it was made.
         let charged_family = meter.response_family().unwrap_or_else(|| s.family.clone());
+        if let Some(u) = usage {
+            crate::metrics::tokens(&charged_family, u.prompt, u.completion);
+        }
         let found = s.users.update_entry_at(s.key, &s.token, |e| {
             release(e, &s.family, s.reserved);
             if charge == 0 {

@@ -223,6 +223,7 @@ impl Persistence {
                 drop(guard);
                 let mut s = self.status_mut();
                 s.consecutive_failures += 1;
+                crate::metrics::store_flush_failed(self.backend.name());
                 s.last_error = Some(e.to_string());
                 s.last_error_ms = Some(now_ms());
                 tracing::warn!(

@@ -41,6 +41,10 @@ const TEMPLATES: &[(&str, &str)] = &[
         "admin_abuse.html",
         include_str!("../../templates/admin_abuse.html"),
     ),
+    (
+        "admin_keys.html",
+        include_str!("../../templates/admin_keys.html"),
+    ),
     ("blocked.html", include_str!("../../templates/blocked.html")),
     ("captcha.html", include_str!("../../templates/captcha.html")),
     (

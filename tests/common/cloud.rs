@@ -110,6 +110,12 @@ pub struct BedrockState {
     pub stream_exception: Mutex<Option<String>>,
     /// Successful (signed, admitted) requests by accessKeyId.
     pub served_by: Mutex<Vec<String>>,
+    /// accessKeyIds whose account has model invocation logging on (text delivery).
+    pub logging: Mutex<HashSet<String>>,
+    /// accessKeyIds that may not read the logging configuration (AccessDeniedException).
+    pub logging_denied: Mutex<HashSet<String>>,
+    /// Answer this many of the next STS calls with `Throttling`.
+    pub sts_throttle_next: AtomicUsize,
 }
 
 /// A running fake Bedrock runtime. Stops when dropped.
@@ -204,6 +210,19 @@ fn verify_sigv4(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<String, Response> {
+    verify_sigv4_for(state, "bedrock", method, path_and_query, headers, body)
+}
+
+/// [`verify_sigv4`] for the signing service `expected_service` (`bedrock`, `sts`).
+#[allow(clippy::result_large_err)] // a test fake: the error is the answer itself
+fn verify_sigv4_for(
+    state: &BedrockState,
+    expected_service: &str,
+    method: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<String, Response> {
     let missing = || {
         aws_error(
             403,
@@ -237,7 +256,7 @@ fn verify_sigv4(
         )
     };
     let (date, region, service, terminator) = (&scope[0], &scope[1], &scope[2], &scope[3]);
-    if service != "bedrock" || terminator != "aws4_request" {
+    if service != expected_service || terminator != "aws4_request" {
         return Err(bad_sig());
     }
     let amz_date = headers
@@ -285,7 +304,7 @@ fn verify_sigv4(
     let params = v4::SigningParams::builder()
         .identity(&identity)
         .region(region)
-        .name("bedrock")
+        .name(expected_service)
         .time(time)
         .settings(settings)
         .build()
@@ -329,6 +348,14 @@ async fn bedrock_handler(State(s): State<Arc<BedrockState>>, req: Request) -> Re
         headers: parts.headers.clone(),
         body: body.clone(),
     });
+    // STS (`GetCallerIdentity`) and Bedrock's control plane (the logging configuration) are
+    // other hosts in AWS; tests point AWS_STS_BASE_URL and AWS_BEDROCK_CONTROL_BASE_URL here.
+    if parts.uri.path() == "/" {
+        return sts_handler(&s, &parts, &path_and_query, &body);
+    }
+    if parts.uri.path() == "/logging/modelinvocations" {
+        return logging_handler(&s, &parts, &path_and_query, &body);
+    }
     let key_id = match verify_sigv4(
         &s,
         parts.method.as_str(),
@@ -421,6 +448,20 @@ async fn bedrock_handler(State(s): State<Arc<BedrockState>>, req: Request) -> Re
             "The provided model identifier is invalid.",
         );
     }
+    if json
+        .get("max_tokens")
+        .and_then(Value::as_i64)
+        .is_some_and(|n| n < 1)
+    {
+        return aws_error(
+            400,
+            "ValidationException",
+            &format!(
+                "Malformed input request: #/max_tokens: {} is not greater or equal to 1, please reformat your input and try again.",
+                json["max_tokens"]
+            ),
+        );
+    }
     s.served_by.lock().expect("lock").push(key_id);
     match (is_claude, stream) {
         (true, false) => claude_invoke(&model),
@@ -438,6 +479,138 @@ async fn bedrock_handler(State(s): State<Arc<BedrockState>>, req: Request) -> Re
         }
         (false, false) => mistral_invoke(),
         (false, true) => mistral_stream(),
+    }
+}
+
+/// STS's XML error answer.
+fn sts_error(status: u16, code: &str, message: &str) -> Response {
+    let body = format!(
+        "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\n  <Error>\n    <Type>Sender</Type>\n    <Code>{code}</Code>\n    <Message>{message}</Message>\n  </Error>\n  <RequestId>00000000-0000-0000-0000-000000000000</RequestId>\n</ErrorResponse>\n"
+    );
+    let mut resp = (StatusCode::from_u16(status).expect("status"), body).into_response();
+    resp.headers_mut()
+        .insert("content-type", "text/xml".parse().expect("header"));
+    resp
+}
+
+/// STS `GetCallerIdentity` (the query API: `GET /?Action=GetCallerIdentity&Version=…`,
+/// signed for the service `sts`), answered in XML as STS does.
+fn sts_handler(
+    s: &BedrockState,
+    parts: &axum::http::request::Parts,
+    path_and_query: &str,
+    body: &[u8],
+) -> Response {
+    // The query API takes its parameters in the query string (GET) or a form body (POST,
+    // as boto3 sends them).
+    let mut query: HashMap<String, String> =
+        url::form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    if parts.method == axum::http::Method::POST {
+        query.extend(url::form_urlencoded::parse(body).into_owned());
+    }
+    if query.get("Action").map(String::as_str) != Some("GetCallerIdentity")
+        || query.get("Version").map(String::as_str) != Some("2011-06-15")
+    {
+        return sts_error(400, "InvalidAction", "Could not find operation");
+    }
+    let key_id = match verify_sigv4_for(
+        s,
+        "sts",
+        parts.method.as_str(),
+        path_and_query,
+        &parts.headers,
+        body,
+    ) {
+        Ok(k) => k,
+        Err(resp) => {
+            s.refused.fetch_add(1, Ordering::SeqCst);
+            let aws_type = resp
+                .headers()
+                .get("x-amzn-ErrorType")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            return match aws_type.as_str() {
+                "UnrecognizedClientException" => sts_error(
+                    403,
+                    "InvalidClientTokenId",
+                    "The security token included in the request is invalid.",
+                ),
+                "MissingAuthenticationTokenException" => sts_error(
+                    403,
+                    "MissingAuthenticationToken",
+                    "Request is missing Authentication Token",
+                ),
+                "IncompleteSignatureException" => sts_error(
+                    403,
+                    "IncompleteSignature",
+                    "Request must contain a signature that conforms to AWS standards",
+                ),
+                _ => sts_error(
+                    403,
+                    "SignatureDoesNotMatch",
+                    "The request signature we calculated does not match the signature you provided.",
+                ),
+            };
+        }
+    };
+    if s.sts_throttle_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return sts_error(400, "Throttling", "Rate exceeded");
+    }
+    let xml = format!(
+        "<GetCallerIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\n  <GetCallerIdentityResult>\n    <Arn>arn:aws:iam::123456789012:user/{key_id}</Arn>\n    <UserId>AIDAFAKE{key_id}</UserId>\n    <Account>123456789012</Account>\n  </GetCallerIdentityResult>\n  <ResponseMetadata>\n    <RequestId>00000000-0000-0000-0000-000000000001</RequestId>\n  </ResponseMetadata>\n</GetCallerIdentityResponse>\n"
+    );
+    let mut resp = xml.into_response();
+    resp.headers_mut()
+        .insert("content-type", "text/xml".parse().expect("header"));
+    resp
+}
+
+/// Bedrock's `GetModelInvocationLoggingConfiguration` (`GET /logging/modelinvocations`).
+fn logging_handler(
+    s: &BedrockState,
+    parts: &axum::http::request::Parts,
+    path_and_query: &str,
+    body: &[u8],
+) -> Response {
+    if parts.method != axum::http::Method::GET {
+        return aws_error(
+            404,
+            "UnknownOperationException",
+            "The requested operation is not recognized by the service.",
+        );
+    }
+    let key_id = match verify_sigv4(s, "GET", path_and_query, &parts.headers, body) {
+        Ok(k) => k,
+        Err(resp) => {
+            s.refused.fetch_add(1, Ordering::SeqCst);
+            return resp;
+        }
+    };
+    if s.logging_denied.lock().expect("lock").contains(&key_id) {
+        return aws_error(
+            403,
+            "AccessDeniedException",
+            "User is not authorized to perform: bedrock:GetModelInvocationLoggingConfiguration",
+        );
+    }
+    if s.logging.lock().expect("lock").contains(&key_id) {
+        axum::Json(json!({"loggingConfig": {
+            "cloudWatchConfig": {"logGroupName": "bedrock-prompts", "roleArn": "arn:aws:iam::123456789012:role/log"},
+            "textDataDeliveryEnabled": true, "imageDataDeliveryEnabled": true,
+            "embeddingDataDeliveryEnabled": false}}))
+        .into_response()
+    } else {
+        // No configuration: Bedrock answers without `loggingConfig`.
+        axum::Json(json!({})).into_response()
     }
 }
 
@@ -596,6 +769,10 @@ pub struct VertexState {
     pub refused_grants: AtomicUsize,
     pub refused_calls: AtomicUsize,
     pub requests: Mutex<Vec<CloudRecorded>>,
+    /// Projects whose calls are answered 429 `RESOURCE_EXHAUSTED` (quota per minute).
+    pub throttled_projects: Mutex<HashSet<String>>,
+    /// Models answered 404 (not enabled in the Model Garden for any project).
+    pub missing_models: Mutex<HashSet<String>>,
 }
 
 /// A running fake Vertex AI (token endpoint at `/token`, API under `/v1/`). Stops when
@@ -802,7 +979,24 @@ async fn vertex_predict(State(s): State<Arc<VertexState>>, req: Request) -> Resp
             "PERMISSION_DENIED",
         );
     }
-    if !model.starts_with("claude-") || !model.contains('@') {
+    if s.throttled_projects
+        .lock()
+        .expect("lock")
+        .contains(*project)
+    {
+        let mut resp = google_error(
+            429,
+            "Quota exceeded for aiplatform.googleapis.com/online_prediction_requests_per_base_model with base model: anthropic-claude. Please submit a quota increase request.",
+            "RESOURCE_EXHAUSTED",
+        );
+        resp.headers_mut()
+            .insert("retry-after", "30".parse().expect("header"));
+        return resp;
+    }
+    if !model.starts_with("claude-")
+        || !model.contains('@')
+        || s.missing_models.lock().expect("lock").contains(model)
+    {
         return google_error(
             404,
             &format!("Publisher Model `projects/{project}/locations/{region}/publishers/anthropic/models/{model}` not found."),

@@ -77,6 +77,49 @@ def bedrock_checks():
         except botocore.exceptions.ClientError as e:
             check(f"boto3 {name}", (e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]), (code, 403))
 
+    # What the key checker calls: STS GetCallerIdentity (signed for `sts`), Bedrock's logging
+    # configuration, and an invalid invoke that only a credential with model access gets a
+    # validation error for.
+    sts = boto3.client(
+        "sts",
+        region_name="us-east-1",
+        endpoint_url=E["BEDROCK_URL"],
+        aws_access_key_id=E["AWS_KEY_ID"],
+        aws_secret_access_key=E["AWS_SECRET"],
+        config=botocore.config.Config(retries={"max_attempts": 1}),
+    )
+    check("boto3 sts get_caller_identity", sts.get_caller_identity()["Account"], "123456789012")
+    try:
+        boto3.client(
+            "sts",
+            region_name="us-east-1",
+            endpoint_url=E["BEDROCK_URL"],
+            aws_access_key_id="AKIAUNKNOWN000000000",
+            aws_secret_access_key="x",
+            config=botocore.config.Config(retries={"max_attempts": 1}),
+        ).get_caller_identity()
+        raise AssertionError("sts: the fake accepted an unknown key")
+    except botocore.exceptions.ClientError as e:
+        check("boto3 sts unknown key", e.response["Error"]["Code"], "InvalidClientTokenId")
+    control = boto3.client(
+        "bedrock",
+        region_name=E["AWS_REGION_NAME"],
+        endpoint_url=E["BEDROCK_URL"],
+        aws_access_key_id=E["AWS_KEY_ID"],
+        aws_secret_access_key=E["AWS_SECRET"],
+        config=botocore.config.Config(retries={"max_attempts": 1}),
+    )
+    logging = control.get_model_invocation_logging_configuration()
+    check("boto3 logging configuration (none)", logging.get("loggingConfig"), None)
+    try:
+        c.invoke_model(
+            modelId=model,
+            body=json.dumps({"anthropic_version": "bedrock-2023-05-31", "max_tokens": -1, "messages": MESSAGES}),
+        )
+        raise AssertionError("max_tokens -1 was accepted")
+    except botocore.exceptions.ClientError as e:
+        check("boto3 invalid probe", (e.response["Error"]["Code"], "max_tokens" in e.response["Error"]["Message"]), ("ValidationException", True))
+
 
 def vertex_client(pem):
     creds = service_account.Credentials.from_service_account_info(
