@@ -47,6 +47,16 @@ impl std::str::FromStr for Secret {
     }
 }
 
+/// `LOG_FORMAT`: how log lines are written (see `logging`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One human-readable line per event: time, level, target, message, fields.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the event's fields.
+    Json,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 #[value(rename_all = "snake_case")]
 pub enum GatekeeperMode {
@@ -195,6 +205,10 @@ pub struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing filter directive).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log line format: `text` (for people) or `json` (one JSON object per line, for log
+    /// collectors).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// Seconds to wait for a TCP/TLS connection to an upstream.
     #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT_SECS", default_value_t = 10)]
     pub upstream_connect_timeout_secs: u64,
@@ -204,6 +218,19 @@ pub struct Cli {
     /// Largest accepted request body, in megabytes.
     #[arg(long, env = "MAX_REQUEST_BODY_MB", default_value_t = 100)]
     pub max_request_body_mb: u64,
+    /// Requests one caller (user token, or address for anonymous and proxy-key callers) may
+    /// have in flight; further ones wait their turn in the fair queue. 0 = no limit. Special
+    /// users are exempt.
+    #[arg(long, env = "USER_CONCURRENCY_LIMIT", default_value_t = 1)]
+    pub user_concurrency_limit: u32,
+    /// Seconds between SSE comment heartbeats sent to a streaming request while it waits in
+    /// the fair queue.
+    #[arg(long, env = "HEARTBEAT_INTERVAL_SEC", default_value_t = 5)]
+    pub heartbeat_interval_sec: u64,
+    /// Seconds a request may wait in the fair queue (for its caller's turn or a free key)
+    /// before it is answered 503 with `Retry-After`.
+    #[arg(long, env = "QUEUE_TIMEOUT_SECS", default_value_t = 60)]
+    pub queue_timeout_secs: u64,
     /// Seconds in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -625,6 +652,24 @@ impl Config {
                 )));
             }
         }
+        for (name, secs, why) in [
+            (
+                "HEARTBEAT_INTERVAL_SEC",
+                cli.heartbeat_interval_sec,
+                "a waiting stream needs a heartbeat at least every few seconds; the default is 5",
+            ),
+            (
+                "QUEUE_TIMEOUT_SECS",
+                cli.queue_timeout_secs,
+                "0 would refuse every request that has to wait for a key; the default is 60",
+            ),
+        ] {
+            if secs == 0 || secs > 86_400 {
+                return Err(ConfigError(format!(
+                    "{name}={secs} must be between 1 and 86400 (seconds): {why}"
+                )));
+            }
+        }
         for (name, secs) in [
             ("CLIENT_HEADER_TIMEOUT_SECS", cli.client_header_timeout_secs),
             ("CLIENT_BODY_TIMEOUT_SECS", cli.client_body_timeout_secs),
@@ -872,6 +917,33 @@ mod tests {
         assert!(e.0.contains("proxy_key"), "{}", e.0);
         let e = cfg(&["--openai-base-url", "not a url"]).expect_err("must fail");
         assert!(e.0.starts_with("OPENAI_BASE_URL="), "{}", e.0);
+    }
+
+    #[test]
+    fn fair_queue_settings_are_checked() {
+        let c = cfg(&[]).expect("defaults parse");
+        assert_eq!(
+            (
+                c.cli.user_concurrency_limit,
+                c.cli.heartbeat_interval_sec,
+                c.cli.queue_timeout_secs
+            ),
+            (1, 5, 60),
+            "the original's defaults"
+        );
+        for (flag, var) in [
+            ("--heartbeat-interval-sec", "HEARTBEAT_INTERVAL_SEC"),
+            ("--queue-timeout-secs", "QUEUE_TIMEOUT_SECS"),
+        ] {
+            let e = cfg(&[flag, "0"]).expect_err("must fail");
+            assert!(e.0.starts_with(&format!("{var}=0 must be")), "{}", e.0);
+        }
+        let e = cfg(&["--user-concurrency-limit=-1"]).expect_err("must fail");
+        assert!(e.0.contains("USER_CONCURRENCY_LIMIT"), "{}", e.0);
+        assert!(
+            cfg(&["--user-concurrency-limit", "0"]).is_ok(),
+            "0 = no limit"
+        );
     }
 
     #[test]

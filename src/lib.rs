@@ -11,6 +11,7 @@ pub mod gatekeeper {
     pub use crate::auth::*;
 }
 pub mod google_oauth;
+pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod policy;

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use llm_gatekeeper::{AppState, Config};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     tune_allocator();
@@ -55,19 +54,8 @@ fn tune_allocator() {
 }
 
 async fn run(config: Config) -> ExitCode {
-    let filter = EnvFilter::try_new(&config.cli.log_level).unwrap_or_else(|_| {
-        eprintln!(
-            "llm-gatekeeper: LOG_LEVEL={:?} is not a valid level; using info",
-            config.cli.log_level
-        );
-        EnvFilter::new("info")
-    });
-    // Colours only on a terminal: log files and container logs get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .init();
+    // Held until `run` returns: dropping it writes out the last queued lines.
+    let _log = llm_gatekeeper::logging::init(&config.cli.log_level, config.cli.log_format);
 
     let addr = SocketAddr::new(config.cli.bind_address, config.cli.port);
     llm_gatekeeper::app::log_startup_summary(&config);

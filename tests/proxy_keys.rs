@@ -100,21 +100,50 @@ async fn rate_limited_key_rests_and_the_request_is_retried_on_another() {
 }
 
 #[tokio::test]
-async fn when_every_key_is_rate_limited_the_client_gets_a_429() {
+async fn when_every_key_is_rate_limited_requests_wait_then_get_503_or_429() {
     let fake = FakeUpstream::start().await;
-    let app = app(&fake, "k1").await;
+    let app = common::spawn(
+        &[
+            "--openai-key",
+            "k1",
+            "--openai-base-url",
+            &fake.url,
+            "--text-model-rate-limit",
+            "0",
+            // The fair queue (docs/keys.md): a generation request waits this long for a key.
+            "--queue-timeout-secs",
+            "1",
+        ],
+        &[],
+    )
+    .await;
     let date = (chrono::Utc::now() + chrono::Duration::seconds(120)).to_rfc2822();
     fake.on_key("k1", Reply::rate_limited(&date));
-    // The last key's own 429 is relayed as the upstream sent it.
+    // The last key's own 429 rests it; the request waits in the queue, then gets 503 with
+    // Retry-After (when the key is free again) and what to do.
     let resp = post_chat(&app).await;
-    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.status(), 503);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=121).contains(&retry), "retry-after {retry}");
     let body: Value = resp.json().await.expect("json");
-    assert_eq!(
-        body["error"]["message"],
-        "Rate limit reached (fake upstream)"
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains("OPENAI_KEY")
+            && msg.contains("rate-limited")
+            && msg.contains("QUEUE_TIMEOUT_SECS"),
+        "{msg}"
     );
-    // While it rests, the proxy answers itself, with Retry-After, without calling upstream.
-    let resp = post_chat(&app).await;
+    // While it rests, other requests are answered by the proxy itself, with Retry-After,
+    // without calling upstream: 429 for those that do not queue (the model list).
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/models", app.url))
+        .send()
+        .await
+        .expect("sent");
     assert_eq!(resp.status(), 429);
     let retry: u64 = resp.headers()["retry-after"]
         .to_str()
@@ -128,6 +157,7 @@ async fn when_every_key_is_rate_limited_the_client_gets_a_429() {
         msg.contains("OPENAI_KEY") && msg.contains("rate-limited"),
         "{msg}"
     );
+    assert_eq!(post_chat(&app).await.status(), 503);
     assert_eq!(fake.request_count(), 1);
 }
 

@@ -322,7 +322,14 @@ async fn openai_disconnect_before_usage_charges_an_estimate() {
 #[tokio::test]
 async fn parallel_burst_admits_only_what_fits_and_counts_exactly() {
     let fake = FakeUpstream::start().await;
-    let app = proxy(&fake, NO_RATE, &[]).await;
+    // One user's parallel requests reach admission at once only without the fair queue's
+    // per-user limit (USER_CONCURRENCY_LIMIT, default 1).
+    let app = proxy(
+        &fake,
+        &[NO_RATE, &["--user-concurrency-limit", "0"]].concat(),
+        &[],
+    )
+    .await;
     let body = chat("gpt-4o", Some(true), Some(true));
     let facts = request_facts(Api::OpenAiChat, &body);
     let requested = facts.requested(prompt_tokens(&facts));

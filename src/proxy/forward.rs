@@ -50,6 +50,7 @@ use crate::providers::{
     Api, KeyUse, Meter, PathModel, Provider, StreamTransform, Translation, UpstreamRequest,
 };
 use crate::proxy::keys::{rest_duration, ChosenKey, NoKey};
+use crate::proxy::queue::{self, Enter, SseErrorFormat, Turn};
 use crate::proxy::{AuthFailure, ProviderUpstream};
 use crate::quota::{AdmitRequest, Ticket};
 
@@ -201,27 +202,176 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         Ok(v) => v,
         Err(e) => return log_refusal(&ctx, e),
     };
-    let (mut ticket, extra_headers) = match admitted {
+    let (ticket, extra_headers) = match admitted {
         Some(a) => (Some(a.ticket), a.headers),
         None => (None, HeaderMap::new()),
     };
+    let eligible = upstream.eligible_keys(model.as_deref());
+    // Phase 2b: the fair queue (queue.rs): the caller's slot, and a place in the family's queue
+    // while every key rests; free capacity goes straight on. A waiting stream gets its head
+    // and heartbeats now, and the rest of the request runs inside its body.
+    let queue = &state.upstreams.queue;
+    let turn = match queue.enter(
+        &ctx.principal,
+        ctx.ip,
+        &upstream.keys,
+        family.as_deref(),
+        eligible.as_deref(),
+    ) {
+        Enter::Go(turn) => turn.stream_head_pending(stream),
+        Enter::Wait(wait) => {
+            let (settings, position) = (queue.settings(), wait.position());
+            let format = sse_error_format(&ctx);
+            let run = async move {
+                let mut ticket = queue::Unsent(ticket);
+                let keys = &state.upstreams.provider(ctx.provider).keys;
+                match wait.turn(keys).await {
+                    Ok(turn) => {
+                        dispatch(
+                            state,
+                            ctx,
+                            body,
+                            ticket.0.take(),
+                            extra_headers,
+                            stream,
+                            eligible,
+                            family,
+                            turn,
+                        )
+                        .await
+                    }
+                    Err(e) => log_refusal(&ctx, e.into_error(settings, keys.var())),
+                }
+            };
+            return if stream {
+                queue::waiting_stream(run, format, settings.heartbeat, position)
+            } else {
+                run.await
+            };
+        }
+    };
+    dispatch(
+        state,
+        ctx,
+        body,
+        ticket,
+        extra_headers,
+        stream,
+        eligible,
+        family,
+        turn,
+    )
+    .await
+}
+
+/// [`dispatch`] boxed, for the second attempt of a stream that had to wait after its first
+/// (the only place it calls itself).
+#[allow(clippy::too_many_arguments)]
+fn dispatch_boxed(
+    state: AppState,
+    ctx: Ctx,
+    body: Bytes,
+    ticket: Option<Ticket>,
+    extra_headers: HeaderMap,
+    stream: bool,
+    eligible: Option<Vec<usize>>,
+    family: Option<String>,
+    turn: Turn,
+) -> Pin<Box<dyn Future<Output = Response> + Send>> {
+    Box::pin(dispatch(
+        state,
+        ctx,
+        body,
+        ticket,
+        extra_headers,
+        stream,
+        eligible,
+        family,
+        turn,
+    ))
+}
+
+/// The error event format of the client's stream, for a stream that waits in the queue.
+fn sse_error_format(ctx: &Ctx) -> SseErrorFormat {
+    match (&ctx.translation, ctx.api) {
+        (None, Api::AnthropicMessages) => SseErrorFormat::Anthropic,
+        _ => SseErrorFormat::Data,
+    }
+}
+
+/// Phases 3 to 5 of a request that has its turn: build the upstream request, send it, relay.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    state: AppState,
+    ctx: Ctx,
+    body: Bytes,
+    mut ticket: Option<Ticket>,
+    extra_headers: HeaderMap,
+    stream: bool,
+    eligible: Option<Vec<usize>>,
+    family: Option<String>,
+    mut turn: Turn,
+) -> Response {
+    let (provider, api) = (ctx.provider, ctx.api);
+    let upstream = state.upstreams.provider(provider);
     // Phases 3 and 4: build the upstream request and send it.
     let headers = upstream_headers(&ctx);
     let started = Instant::now();
     let deadline = tokio::time::Instant::from_std(started) + state.upstreams.timeout;
-    let eligible = upstream.eligible_keys(model.as_deref());
-    match send(
+    let sent = send(
         &state,
         upstream,
         &ctx,
         headers,
-        body,
+        body.clone(),
         deadline,
         eligible.as_deref(),
         family.as_deref(),
+        &mut turn,
     )
-    .await
-    {
+    .await;
+    // A stream whose own 429 rested the last key: its head and heartbeats now, and the wait for
+    // a key and the next attempt inside its body (queue.rs).
+    let status = sent
+        .as_ref()
+        .map_or_else(|f| f.error.status, |r| r.0.status());
+    if turn.requeue_stream(
+        status,
+        &upstream.keys,
+        family.as_deref(),
+        eligible.as_deref(),
+    ) {
+        drop(sent);
+        let (settings, position) = (state.upstreams.queue.settings(), 1);
+        let format = sse_error_format(&ctx);
+        let run = async move {
+            let ticket = queue::Unsent(ticket);
+            let keys = &state.upstreams.provider(ctx.provider).keys;
+            match turn
+                .wait_for_key(keys, family.as_deref(), eligible.as_deref())
+                .await
+            {
+                Ok(()) => {
+                    let t = ticket.take();
+                    dispatch_boxed(
+                        state,
+                        ctx,
+                        body,
+                        t,
+                        extra_headers,
+                        stream,
+                        eligible,
+                        family,
+                        turn,
+                    )
+                    .await
+                }
+                Err(e) => log_refusal(&ctx, e),
+            }
+        };
+        return queue::waiting_stream(run, format, settings.heartbeat, position);
+    }
+    match sent {
         Ok((resp, key)) => {
             let latency = started.elapsed();
             tracing::info!(
@@ -240,7 +390,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
                     _ => None,
                 },
             };
-            let resp = relay(resp, ticket, extra_headers, deadline, transforms);
+            let resp = relay(resp, ticket, extra_headers, deadline, transforms, turn);
             crate::metrics::proxied(resp, provider, family.as_deref(), started)
         }
         Err(Failure {
@@ -606,6 +756,7 @@ async fn send(
     deadline: tokio::time::Instant,
     eligible: Option<&[usize]>,
     family: Option<&str>,
+    turn: &mut Turn,
 ) -> Result<(hyper::Response<UpstreamBody>, ChosenKey), Failure> {
     let bad_url = |e: axum::http::uri::InvalidUri| Failure {
         error: ProxyError::bad_request(
@@ -637,6 +788,19 @@ async fn send(
         };
         let key = match picked {
             Ok(k) => k,
+            // Every key rests (a 429 just rested the last one): wait in the family's queue.
+            Err(NoKey::AllResting(_)) if turn.may_wait(family) => {
+                match turn.wait_for_key(&upstream.keys, family, eligible).await {
+                    Ok(()) => continue,
+                    Err(error) => {
+                        return Err(Failure {
+                            error,
+                            key: None,
+                            cause: None,
+                        })
+                    }
+                }
+            }
             Err(no) => {
                 return match last_429.or(last_denied) {
                     Some(r) => Ok(r),
@@ -711,6 +875,7 @@ async fn send(
                 })
             }
         };
+        turn.answered(resp.status());
         let status = resp.status().as_u16();
         let aws_error = resp
             .headers()
@@ -920,6 +1085,7 @@ fn relay(
     extra: HeaderMap,
     deadline: tokio::time::Instant,
     transforms: Transforms,
+    turn: Turn,
 ) -> Response {
     let status = resp.status();
     let decoded_type = transforms.decode.as_ref().and_then(|d| d.content_type());
@@ -967,6 +1133,7 @@ fn relay(
         ended: false,
         deadline,
         timer: None,
+        _turn: turn,
     };
     let mut out = Response::new(Body::new(body));
     *out.status_mut() = status;
@@ -1006,6 +1173,9 @@ struct Relay {
     /// Armed the first time the upstream has nothing ready, so that a body that arrives with
     /// its headers (most non-streaming answers) never creates a timer.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The request's turn in the fair queue: its caller's slot is held until the body ends
+    /// or is dropped.
+    _turn: Turn,
 }
 
 impl Relay {

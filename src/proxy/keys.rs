@@ -213,6 +213,9 @@ pub struct KeyPool {
     clones: boxcar::Vec<PoolKey>,
     /// Counts key choices: a key's `last_used` is the counter's value when it was chosen.
     uses: AtomicU64,
+    /// The latest rest end of any key (pool milliseconds; never lowered): while it is past,
+    /// no key rests, which the fair queue reads with one atomic load instead of a scan.
+    rest_until_max: AtomicU64,
     epoch: Instant,
     /// Woken whenever a key may have become usable (rest set shorter, a recheck), so that the
     /// request queue can look again without polling.
@@ -268,6 +271,7 @@ impl KeyPool {
             keys: pool.into_boxed_slice(),
             clones: boxcar::Vec::new(),
             uses: AtomicU64::new(1),
+            rest_until_max: AtomicU64::new(0),
             epoch: Instant::now(),
             changed: tokio::sync::Notify::new(),
             recheck: tokio::sync::Notify::new(),
@@ -391,6 +395,43 @@ impl KeyPool {
         family: Option<&str>,
         eligible: impl Fn(usize) -> bool,
     ) -> Result<ChosenKey, NoKey> {
+        let index = self.choose(family, eligible)?;
+        let Some(key) = self.key(index) else {
+            return Err(NoKey::AllInvalid);
+        };
+        key.last_used
+            .store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        Ok(ChosenKey {
+            index,
+            header: key.header.clone(),
+            fingerprint: key.fingerprint.clone(),
+        })
+    }
+
+    /// Whether [`KeyPool::pick_where`] would find a key now, without choosing it (the fair
+    /// queue asks this before it lets a request go): `Err(NoKey::AllResting(_))` means every
+    /// usable key rests, any other error that no key can serve the request at all.
+    pub fn available(
+        &self,
+        family: Option<&str>,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Result<(), NoKey> {
+        self.choose(family, eligible).map(|_| ())
+    }
+
+    /// Whether a key may be resting now (false: certainly none is). One atomic load and a
+    /// clock read, for the fair queue's fast path.
+    pub fn may_rest(&self) -> bool {
+        self.rest_until_max.load(Ordering::Relaxed) > self.now_ms()
+    }
+
+    /// The selection behind [`KeyPool::pick_where`] and [`KeyPool::available`]: the index of
+    /// the key to use, without marking it used.
+    fn choose(
+        &self,
+        family: Option<&str>,
+        eligible: impl Fn(usize) -> bool,
+    ) -> Result<usize, NoKey> {
         if self.keys.is_empty() {
             return Err(NoKey::NoneConfigured);
         }
@@ -426,16 +467,7 @@ impl KeyPool {
             }
         }
         if let Some((index, _)) = best {
-            let Some(key) = self.key(index) else {
-                return Err(NoKey::AllInvalid);
-            };
-            key.last_used
-                .store(self.uses.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
-            return Ok(ChosenKey {
-                index,
-                header: key.header.clone(),
-                fingerprint: key.fingerprint.clone(),
-            });
+            return Ok(index);
         }
         if let Some(until) = soonest {
             return Err(NoKey::AllResting(Duration::from_millis(until - now)));
@@ -506,6 +538,7 @@ impl KeyPool {
                 .now_ms()
                 .saturating_add(u64::try_from(dur.as_millis()).unwrap_or(u64::MAX));
             key.rest_until_ms.fetch_max(until, Ordering::Relaxed);
+            self.rest_until_max.fetch_max(until, Ordering::Relaxed);
             tracing::warn!(
                 var = self.var,
                 key = %key.fingerprint,

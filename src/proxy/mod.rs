@@ -11,6 +11,7 @@ pub mod checker;
 pub mod forward;
 pub mod google_ai;
 pub mod keys;
+pub mod queue;
 
 use std::time::Duration;
 
@@ -201,6 +202,8 @@ pub struct Upstreams {
     timeout: Duration,
     /// Sent as `User-Agent` on every upstream request.
     user_agent: HeaderValue,
+    /// The fair queue (`USER_CONCURRENCY_LIMIT`, waiting for rate-limited keys; `queue.rs`).
+    pub queue: Arc<queue::FairQueue>,
 }
 
 impl Upstreams {
@@ -324,6 +327,9 @@ impl Upstreams {
             },
             connect_timeout_secs: config.cli.upstream_connect_timeout_secs,
             timeout_secs: config.cli.upstream_timeout_secs,
+            queue: Arc::new(queue::FairQueue::new(queue::QueueSettings::from_config(
+                config,
+            ))),
         })
     }
 

@@ -405,9 +405,10 @@ fn family_keys(
                 "revokedKeys": c.invalid,
                 "overQuotaKeys": c.over_quota,
                 "trialKeys": c.trial,
-                // Requests do not wait for keys yet (issue 16's queue): nobody is queued.
-                "proomptersInQueue": 0,
-                "estimatedQueueTime": "no wait",
+                // The fair queue's numbers (proxy::queue): waiting now, and the moving
+                // average of the wait in the original's format.
+                "proomptersInQueue": state.upstreams.queue.queued(&f),
+                "estimatedQueueTime": state.upstreams.queue.estimated_wait_text(&f),
             });
             if let Some(u) = usage {
                 let used = u.get(&f).copied().unwrap_or(0);

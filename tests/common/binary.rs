@@ -69,7 +69,12 @@ impl RunningBinary {
                 if !sent {
                     if let Some(i) = line.find("listening on http://") {
                         let rest = &line[i + "listening on ".len()..];
-                        let url: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                        // A text line ends the URL with a space, a JSON line
+                        // (`LOG_FORMAT=json`) with the closing quote.
+                        let url: String = rest
+                            .chars()
+                            .take_while(|c| !c.is_whitespace() && *c != '"')
+                            .collect();
                         let _ = tx.send(url);
                         sent = true;
                     }

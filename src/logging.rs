@@ -1,0 +1,238 @@
+//! The process's log output: the `tracing` subscriber the binary installs (`LOG_LEVEL` filter,
+//! `LOG_FORMAT` text or JSON lines) and the writer thread that keeps writing to stdout off the
+//! request path. Knows nothing of requests or of what is logged; `main` calls [`init`] once and
+//! holds the returned [`LogGuard`] until the process ends.
+//!
+//! A request thread formats its line (tracing-subscriber formats into a reused per-thread
+//! buffer) and hands it to a bounded queue; one writer thread (`tracing-appender`'s
+//! non-blocking writer) writes the queue to stdout in batches. When the queue is full — stdout
+//! blocked (a stalled pipe, a log collector that stopped reading) or slower than the lines
+//! arrive — new lines are dropped and counted rather than making requests wait: serving
+//! requests matters more than a complete log, and a collector that stops reading must not stop
+//! the gateway. (The original proxy wrote with pino's synchronous stdout writer, so there a
+//! blocked stdout blocked requests.) How many lines were dropped is logged as a warning every
+//! [`DROP_REPORT_EVERY`] while it happens, and printed to stderr at exit.
+
+use std::io::{BufWriter, IsTerminal, Write};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, EnvFilter};
+
+use crate::config::LogFormat;
+
+/// Lines the queue between request threads and the writer holds (a few hundred kB when full:
+/// the queue's slots are allocated up front, the lines themselves only while queued). At
+/// 30 000 logged requests per second that is half a second of a stalled stdout.
+pub const BUFFERED_LINES: usize = 16 * 1024;
+
+/// How often the count of dropped lines is checked (and reported when it grew).
+pub const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// The writer thread's batch buffer: the lines queued at one wake-up go out in few writes.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Keeps the writer thread alive; dropping it writes out every queued line (so the last lines,
+/// "shutdown complete" among them, reach stdout) and prints the count of dropped lines, if any,
+/// to stderr.
+pub struct LogGuard {
+    worker: Option<WorkerGuard>,
+    dropped: ErrorCounter,
+    reporter: Option<(mpsc::Sender<()>, JoinHandle<usize>)>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        let mut reported = 0;
+        if let Some((stop, handle)) = self.reporter.take() {
+            drop(stop);
+            reported = handle.join().unwrap_or(0);
+        }
+        // Flushes the queue (tracing-appender waits up to about a second for the writer).
+        drop(self.worker.take());
+        let dropped = self.dropped.dropped_lines();
+        if dropped > 0 {
+            // The writer is gone: stderr, written directly, is the one place left.
+            eprintln!(
+                "llm-gatekeeper: {dropped} log lines were dropped because stdout could not keep \
+                 up ({} reported while running)",
+                reported
+            );
+        }
+    }
+}
+
+/// Installs the global subscriber: `level` is `LOG_LEVEL` (an invalid filter falls back to
+/// `info` with a message on stderr), `format` is `LOG_FORMAT`. Colours only when stdout is a
+/// terminal and `NO_COLOR` is unset (and never in JSON). Call once, before anything logs.
+pub fn init(level: &str, format: LogFormat) -> LogGuard {
+    // Colours only on a terminal, and not when NO_COLOR (https://no-color.org) is set.
+    let ansi = std::io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    install(
+        level,
+        format,
+        ansi,
+        BufWriter::with_capacity(WRITE_BUFFER_BYTES, std::io::stdout()),
+    )
+}
+
+/// [`init`] writing to `out` instead of stdout, without colours (the allocation audit logs as
+/// the binary does, into a sink).
+pub fn init_to<W: Write + Send + 'static>(level: &str, format: LogFormat, out: W) -> LogGuard {
+    install(level, format, false, out)
+}
+
+fn install<W: Write + Send + 'static>(
+    level: &str,
+    format: LogFormat,
+    ansi: bool,
+    out: W,
+) -> LogGuard {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| {
+        eprintln!("llm-gatekeeper: LOG_LEVEL={level:?} is not a valid level; using info");
+        EnvFilter::new("info")
+    });
+    let (writer, worker) = queue(out, BUFFERED_LINES);
+    let dropped = writer.error_counter();
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match format {
+        LogFormat::Text => registry
+            .with(fmt::layer().with_ansi(ansi).with_writer(writer))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(writer),
+            )
+            .try_init(),
+    };
+    if let Err(e) = installed {
+        eprintln!("llm-gatekeeper: logging was already set up ({e})");
+    }
+    let reporter = spawn_drop_reporter(dropped.clone());
+    LogGuard {
+        worker: Some(worker),
+        dropped,
+        reporter,
+    }
+}
+
+/// The bounded, lossy queue of `lines` lines in front of `out`, and its writer thread.
+fn queue<W: Write + Send + 'static>(out: W, lines: usize) -> (NonBlocking, WorkerGuard) {
+    NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(lines)
+        .thread_name("log-writer")
+        .finish(out)
+}
+
+/// A thread that logs a warning whenever lines were dropped since its last look, until its
+/// sender is dropped; returns the count it reported. A plain thread, not a task: logging is
+/// set up before any runtime, and the thread ends with the guard.
+fn spawn_drop_reporter(dropped: ErrorCounter) -> Option<(mpsc::Sender<()>, JoinHandle<usize>)> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("log-drops".into())
+        .spawn(move || {
+            let mut reported = 0;
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(DROP_REPORT_EVERY)
+            {
+                let now = dropped.dropped_lines();
+                if now > reported {
+                    tracing::warn!(
+                        dropped = now - reported,
+                        dropped_total = now,
+                        "log lines dropped: stdout could not keep up with the log (queue of {BUFFERED_LINES} lines full)"
+                    );
+                    reported = now;
+                }
+            }
+            reported
+        })
+        .ok()?;
+    Some((stop, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Condvar, Mutex};
+
+    use super::*;
+
+    /// A stdout whose reader stopped: every write waits until the gate opens.
+    #[derive(Clone, Default)]
+    struct Stalled {
+        gate: Arc<(Mutex<bool>, Condvar)>,
+        out: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Stalled {
+        fn open(&self) {
+            let (open, cv) = &*self.gate;
+            *open.lock().expect("gate") = true;
+            cv.notify_all();
+        }
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, cv) = &*self.gate;
+            let mut is_open = open.lock().expect("gate");
+            while !*is_open {
+                is_open = cv.wait(is_open).expect("gate");
+            }
+            self.out.lock().expect("out").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_stdout_drops_and_counts_lines_instead_of_blocking_the_caller() {
+        let stdout = Stalled::default();
+        let (writer, worker) = queue(stdout.clone(), 8);
+        let dropped = writer.error_counter();
+        let subscriber =
+            tracing_subscriber::registry().with(fmt::layer().with_ansi(false).with_writer(writer));
+        // All 100 events return while nothing can be written: none waits for stdout.
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..100 {
+                tracing::info!(i, "access line");
+            }
+        });
+        // The queue holds 8 lines and the writer one more, stuck in its write.
+        assert!(dropped.dropped_lines() >= 91, "{}", dropped.dropped_lines());
+        stdout.open();
+        // Dropping the guard writes out what was queued (waiting a bounded time for the
+        // writer thread; the loop below only keeps a busy machine from failing the test).
+        drop(worker);
+        let written = || {
+            let out = stdout.out.lock().expect("out");
+            String::from_utf8_lossy(&out)
+                .lines()
+                .filter(|l| l.contains("access line"))
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while written() + dropped.dropped_lines() < 100 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(written() >= 1);
+        assert_eq!(
+            written() + dropped.dropped_lines(),
+            100,
+            "every line is either written or counted as dropped"
+        );
+    }
+}

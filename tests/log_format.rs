@@ -1,0 +1,106 @@
+//! `LOG_FORMAT`: with `json` every line the real binary writes to stdout is one JSON object —
+//! the access line of a proxied request with its route template, method and status as fields,
+//! and no secret —, the last lines are written out on SIGTERM, and an unknown format stops
+//! startup naming the variable.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::binary::{command, wait_exit, RunningBinary};
+use common::upstream::FakeUpstream;
+use serde_json::Value;
+
+#[tokio::test]
+async fn json_log_is_one_object_per_line_with_the_access_fields_and_no_secret() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = RunningBinary::start(
+        dir.path(),
+        &[
+            ("LOG_FORMAT", "json"),
+            ("OPENAI_KEY", "sk-operator-XYZZY"),
+            ("OPENAI_BASE_URL", &fake.url),
+            ("GATEKEEPER", "proxy_key"),
+            ("PROXY_KEY", "pk-XYZZY"),
+        ],
+    );
+    let c = reqwest::Client::new();
+    let resp = c
+        .post(format!("{}/v1/chat/completions?key=q-XYZZY", server.url))
+        .bearer_auth("pk-XYZZY")
+        .json(&serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("proxied request");
+    assert_eq!(resp.status(), 200);
+    let _ = resp.bytes().await.expect("body");
+    // A token in a proxied path is logged as the route template only.
+    let resp = c
+        .get(format!("{}/v1/models/tok-XYZZY", server.url))
+        .bearer_auth("pk-XYZZY")
+        .send()
+        .await
+        .expect("model request");
+    let _ = resp.bytes().await;
+
+    server.sigterm();
+    let (status, log) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .expect("join");
+    assert!(status.success(), "exit {status:?}; log:\n{log}");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for line in &lines {
+        for field in ["timestamp", "level", "target", "message"] {
+            assert!(line.get(field).is_some(), "no {field}: {line}");
+        }
+        assert!(
+            line.get("spans").is_none() && line.get("span").is_none(),
+            "{line}"
+        );
+    }
+    let access: Vec<&Value> = lines.iter().filter(|l| l.get("path").is_some()).collect();
+    let chat = access
+        .iter()
+        .find(|l| l["path"] == "/v1/chat/completions")
+        .unwrap_or_else(|| panic!("no access line for the chat route:\n{log}"));
+    assert_eq!(chat["message"], "proxied");
+    assert_eq!(chat["level"], "INFO");
+    assert_eq!(chat["method"], "POST");
+    assert_eq!(chat["status"], 200);
+    assert!(chat["upstream_ms"].is_u64(), "{chat}");
+    assert!(
+        access.iter().any(|l| l["path"] == "/v1/models/{id}"),
+        "the model route is logged by its template:\n{log}"
+    );
+    assert_eq!(
+        lines.last().map(|l| l["message"].clone()),
+        Some(Value::from("shutdown complete")),
+        "the last line is written out on SIGTERM:\n{log}"
+    );
+    assert!(!log.contains("XYZZY"), "a secret was logged:\n{log}");
+}
+
+#[test]
+fn an_unknown_log_format_stops_startup_naming_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = command(dir.path(), &[("LOG_FORMAT", "bogus")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn binary");
+    let status = wait_exit(&mut child);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    for word in ["LOG_FORMAT", "bogus", "text", "json"] {
+        assert!(
+            stderr.contains(word),
+            "stderr does not name {word}: {stderr}"
+        );
+    }
+}
