@@ -189,29 +189,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let background = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    tasks.spawn(state.persistence.clone().run(background.clone()));
-    tasks.spawn(crate::users::sweep::run(
-        state.users.clone(),
-        state.config.cli.pow_token_purge_hours,
-        background.clone(),
-    ));
-    tasks.spawn(state.quotas.clone().run_refresh(background.clone()));
-    if let Some(handle) = state.metrics.clone() {
-        tasks.spawn(crate::metrics::run_upkeep(handle, background.clone()));
-    }
-    for (provider, schedule) in
-        crate::proxy::checker::checked_providers(&state.config, &state.upstreams)
-    {
-        tasks.spawn(crate::proxy::checker::run(
-            state.upstreams.clone(),
-            provider,
-            schedule,
-            background.clone(),
-        ));
-    }
-    tasks.close();
+    let (background, tasks) = start_background(&state);
 
     let grace = state.config.shutdown_grace();
     let limits = crate::server::Limits::from_config(&state.config);
@@ -238,6 +216,122 @@ pub async fn serve(
     tasks.wait().await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// The binary's server (issue 18): one worker thread per listener (from
+/// [`crate::server::bind_listeners`]), each with its own current-thread runtime serving its
+/// own listener through [`crate::server::run_shared`] — no task moves between threads, and a
+/// request is served start to end on the thread that accepted it. The connection caps are
+/// counted across all workers. The background tasks and `shutdown` run on the caller's runtime
+/// (the main thread), so that nothing long-lived depends on a worker's runtime. On `shutdown`
+/// every worker stops accepting and drains within `SHUTDOWN_GRACE_SECS`; then the background
+/// tasks stop and pending user changes are flushed, as in [`serve`].
+pub async fn serve_workers(
+    state: AppState,
+    listeners: Vec<std::net::TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let grace = state.config.shutdown_grace();
+    let limits = crate::server::Limits::from_config(&state.config);
+    crate::server::log_limits(&limits);
+    let counts = Arc::new(crate::server::ConnectionCounts::default());
+    let stop_accepting = CancellationToken::new();
+    // Upstream connections are shared by all workers (one pooled client), but each runs as a
+    // task on the runtime of the worker that opened it: no runtime may end while another
+    // worker still drains requests that may use its connections. So every worker reports when
+    // it has drained (`drained`) and keeps its runtime running until all have (`release`).
+    let release = CancellationToken::new();
+    let app = router(state.clone());
+    let mut workers = Vec::with_capacity(listeners.len());
+    let mut drained_all = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        // Built here so that a failure is reported before anything is served.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name(format!("gk-worker-{i}-blocking"))
+            .build()?;
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        let (drained, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        let (app, limits, counts, stop, release) = (
+            app.clone(),
+            limits.clone(),
+            counts.clone(),
+            stop_accepting.clone(),
+            release.clone(),
+        );
+        std::thread::Builder::new()
+            .name(format!("gk-worker-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => {
+                            crate::server::run_shared(l, app, limits, counts, stop, grace).await
+                        }
+                        Err(e) => tracing::error!(worker = i, error = %e, "worker cannot use its listener"),
+                    }
+                    let _ = drained.send(());
+                    release.cancelled().await;
+                });
+                // Tasks a request left behind are dropped with the runtime; blocking work
+                // (a token count) gets a moment to finish.
+                runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+                let _ = done.send(());
+            })?;
+        workers.push(finished);
+        drained_all.push(drained_rx);
+    }
+    let (background, tasks) = start_background(&state);
+    drop(state);
+    shutdown.await;
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: no new connections, waiting for in-flight requests"
+    );
+    stop_accepting.cancel();
+    for drained in drained_all {
+        // An error means the worker thread ended early (a panic); the others are still awaited.
+        let _ = drained.await;
+    }
+    release.cancel();
+    for finished in workers {
+        // An error means the worker thread panicked; the others are still awaited.
+        if finished.await.is_err() {
+            tracing::error!("a worker thread ended abnormally");
+        }
+    }
+    background.cancel();
+    tasks.wait().await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Spawns every background task (persistence, sweeps, quota refresh, key checkers) on the
+/// current runtime, on a tracker that [`serve`] and [`serve_workers`] join on shutdown.
+fn start_background(state: &AppState) -> (CancellationToken, TaskTracker) {
+    let background = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(state.persistence.clone().run(background.clone()));
+    tasks.spawn(crate::users::sweep::run(
+        state.users.clone(),
+        state.config.cli.pow_token_purge_hours,
+        background.clone(),
+    ));
+    tasks.spawn(state.quotas.clone().run_refresh(background.clone()));
+    if let Some(handle) = state.metrics.clone() {
+        tasks.spawn(crate::metrics::run_upkeep(handle, background.clone()));
+    }
+    for (provider, schedule) in
+        crate::proxy::checker::checked_providers(&state.config, &state.upstreams)
+    {
+        tasks.spawn(crate::proxy::checker::run(
+            state.upstreams.clone(),
+            provider,
+            schedule,
+            background.clone(),
+        ));
+    }
+    tasks.close();
+    (background, tasks)
 }
 
 /// Hands memory freed by a large operation (a bulk import, a listing of every user) back to

@@ -248,6 +248,10 @@ pub struct Cli {
     /// Concurrent client connections in all (0 = derived from the process's open-file limit).
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 0)]
     pub max_connections: usize,
+    /// Worker threads serving requests, each with its own runtime and listening socket
+    /// (0 = one per CPU the process may use; `TOKIO_WORKER_THREADS` is read when this is unset).
+    #[arg(long, env = "WORKERS", default_value_t = 0)]
+    pub workers: usize,
 
     // ----- users (issue 4) -----
     /// Where users are kept: memory | firebase_rtdb | sqlite.
@@ -745,6 +749,22 @@ impl Config {
         self.cli
             .trusted_proxies
             .unwrap_or(if self.cli.space_id.is_some() { 1 } else { 0 })
+    }
+    /// `WORKERS`, or `TOKIO_WORKER_THREADS` (what the runtime read before issue 18), or one
+    /// per CPU the process may use (its affinity mask and CPU quota, as
+    /// `std::thread::available_parallelism` reads them).
+    pub fn workers(&self) -> usize {
+        if self.cli.workers > 0 {
+            return self.cli.workers;
+        }
+        if let Some(n) = std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| *n > 0)
+        {
+            return n;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.cli.shutdown_grace_secs)

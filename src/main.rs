@@ -23,7 +23,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The main thread's runtime runs startup, the background tasks and the shutdown; requests
+    // are served by `WORKERS` threads with runtimes of their own (`app::serve_workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -64,18 +66,22 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let workers = state.config.workers();
+    let listeners = match llm_gatekeeper::server::bind_listeners(addr, workers) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("llm-gatekeeper: cannot listen on {addr} ({e}); change PORT or BIND_ADDRESS");
             return ExitCode::from(2);
         }
     };
-    let local = listener.local_addr().unwrap_or(addr);
+    let local = listeners
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .unwrap_or(addr);
     // Before the "listening" line: from then on SIGTERM means a graceful shutdown.
     let shutdown = llm_gatekeeper::shutdown_signal();
-    tracing::info!("llm-gatekeeper listening on http://{local}");
-    match llm_gatekeeper::serve(state, listener, shutdown).await {
+    tracing::info!(workers, "llm-gatekeeper listening on http://{local}");
+    match llm_gatekeeper::app::serve_workers(state, listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("llm-gatekeeper: server error: {e}");

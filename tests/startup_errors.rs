@@ -56,20 +56,30 @@ fn each_invalid_config_exits_non_zero_naming_the_variable() {
 
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_stream_finish_and_exits_zero() {
+    sigterm_with_a_stream_in_flight(&[]).await;
+}
+
+/// The same with three worker threads, each with its own listening socket (issue 18): every
+/// one stops accepting, the stream in flight on one of them completes, the process exits 0.
+#[tokio::test]
+async fn sigterm_with_several_workers_lets_the_stream_finish_and_exits_zero() {
+    sigterm_with_a_stream_in_flight(&[("WORKERS", "3")]).await;
+}
+
+async fn sigterm_with_a_stream_in_flight(extra: &[(&str, &str)]) {
     let fake = FakeUpstream::start().await;
     let (reply, gate) = Reply::gated();
     fake.push(reply);
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = RunningBinary::start(
-        dir.path(),
-        &[
-            ("OPENAI_KEY", "sk-operator"),
-            ("OPENAI_BASE_URL", &fake.url),
-            ("GATEKEEPER", "proxy_key"),
-            ("PROXY_KEY", "pk"),
-            ("SHUTDOWN_GRACE_SECS", "30"),
-        ],
-    );
+    let mut vars = vec![
+        ("OPENAI_KEY", "sk-operator"),
+        ("OPENAI_BASE_URL", fake.url.as_str()),
+        ("GATEKEEPER", "proxy_key"),
+        ("PROXY_KEY", "pk"),
+        ("SHUTDOWN_GRACE_SECS", "30"),
+    ];
+    vars.extend_from_slice(extra);
+    let server = RunningBinary::start(dir.path(), &vars);
     let url = server.url.clone();
 
     let health = reqwest::get(format!("{url}/health")).await.expect("health");

@@ -61,7 +61,10 @@ fn expired_error() -> ProxyError {
 /// limit). An unknown token counts as a failed attempt for the brute-force lockout.
 pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, ProxyError> {
     let now = now_ms();
-    let ip_s = ip.to_string();
+    // The address as text on the stack: the usual request only compares it with the user's
+    // known addresses, and only the write path below keeps a copy (one allocation less).
+    let mut ip_buf = [0u8; 64];
+    let ip_s = ip_text(ip, &mut ip_buf);
     let global_limit = state.config.cli.max_ips_per_user;
 
     // The one lookup of the token for this request: its key goes on in the `Principal`.
@@ -73,7 +76,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
         if u.is_expired(now) {
             return Look::Refused(expired_error());
         }
-        let known_ip = u.ip.contains(&ip_s);
+        let known_ip = u.ip.iter().any(|known| *known == *ip_s);
         let fresh = u
             .last_used_at
             .is_some_and(|t| now.saturating_sub(t) < LAST_USED_RESOLUTION_MS);
@@ -116,11 +119,11 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
             return (Err(expired_error()), false);
         }
         let mut changed = false;
-        if !u.ip.contains(&ip_s) {
+        if !u.ip.iter().any(|known| *known == *ip_s) {
             let limit = ip_limit(u.kind, u.max_ips, global_limit);
             if limit.is_some_and(|max| u.ip.len() >= max) {
                 if auto_ban {
-                    u.ip.push(ip_s.clone());
+                    u.ip.push(ip_s.to_string());
                     u.disabled_at = Some(now);
                     u.disabled_reason = Some(IP_LIMIT_BAN_REASON.into());
                     tracing::warn!(
@@ -132,7 +135,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
                 }
                 return (Err(ProxyError::forbidden(IP_LIMIT_MESSAGE)), false);
             }
-            u.ip.push(ip_s.clone());
+            u.ip.push(ip_s.to_string());
             changed = true;
         }
         if u.last_used_at
@@ -160,11 +163,39 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
     }
 }
 
+/// `ip` as text (as `to_string` writes it) in `buf`, without allocating: an address is at
+/// most 45 characters. Should it ever not fit, it is allocated instead.
+fn ip_text(ip: IpAddr, buf: &mut [u8; 64]) -> std::borrow::Cow<'_, str> {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    if write!(cursor, "{ip}").is_ok() {
+        let len = usize::try_from(cursor.position()).unwrap_or(0);
+        if let Ok(text) = std::str::from_utf8(&buf[..len]) {
+            return std::borrow::Cow::Borrowed(text);
+        }
+    }
+    std::borrow::Cow::Owned(ip.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
     use crate::users::model::TokenCounts;
+
+    #[test]
+    fn addresses_are_written_as_to_string_writes_them() {
+        let mut buf = [0u8; 64];
+        for ip in [
+            "127.0.0.1",
+            "2001:db8::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ] {
+            let ip: IpAddr = ip.parse().expect("ip");
+            assert_eq!(ip_text(ip, &mut buf), ip.to_string());
+        }
+    }
     use crate::users::User;
 
     async fn state(args: &[&str]) -> AppState {

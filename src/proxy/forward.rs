@@ -152,8 +152,9 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         upstream_path,
         translation,
     } = route;
-    let (parts, body) = req.into_parts();
-    let Some(principal) = parts.extensions.get::<Principal>().cloned() else {
+    let (mut parts, body) = req.into_parts();
+    // Taken out rather than cloned: nothing after the forwarder reads it (one allocation less).
+    let Some(principal) = parts.extensions.remove::<Principal>() else {
         // The gatekeeper inserts a principal on every proxied route; without one, deny.
         return ProxyError::unauthorized("No credential was checked for this request.")
             .into_response();
@@ -163,7 +164,6 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         .get::<ClientIp>()
         .map(|c| c.0)
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    let raw_path = parts.uri.path().to_string();
     let client_path = parts
         .extensions
         .get::<axum::extract::MatchedPath>()
@@ -173,7 +173,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         provider,
         api,
         translation,
-        upstream_path: upstream_path.unwrap_or(raw_path),
+        upstream_path: upstream_path.unwrap_or_else(|| parts.uri.path().to_string()),
         client_path,
         query: parts.uri.query().map(str::to_string),
         method: parts.method,
@@ -842,7 +842,8 @@ async fn send(
                 cause: Some(e.into()),
             });
         }
-        let uri = Uri::try_from(out.url.as_str()).map_err(bad_url)?;
+        // From the `String` itself: its buffer becomes the URI's, without a copy.
+        let uri = Uri::try_from(out.url).map_err(bad_url)?;
         let mut req = hyper::Request::new(Full::new(out.body));
         *req.method_mut() = out.method;
         *req.uri_mut() = uri;

@@ -16,12 +16,17 @@
 //!   limit, see [`derived_max_connections`]). A connection over a cap is closed at once, before
 //!   anything is read from it; everyone else keeps being served.
 //!
-//! (Issue 18 may add a thread-per-core hyper path beside this one.)
+//!
+//! Thread per core (issue 18): the binary runs `WORKERS` threads, each with its own
+//! current-thread runtime and its own listening socket on the same address
+//! ([`bind_listeners`], `SO_REUSEPORT`: the kernel spreads new connections over them), as
+//! nginx does with its worker processes. Each thread runs [`run_shared`]; the connection caps
+//! are counted once for all of them ([`ConnectionCounts`]). Tests and embedders that pass one
+//! listener use [`run`] on their own runtime.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -122,12 +127,16 @@ pub fn raise_nofile_limit() -> u64 {
     nofile_limit()
 }
 
-/// Open connections, in all and per address.
+/// Open connections, in all and per address, shared by every worker thread: an atomic for
+/// the total and a sharded map (`DashMap`) per address, so that workers accepting at the same
+/// time rarely wait for each other.
 #[derive(Default)]
-struct Counts {
+pub struct ConnectionCounts {
     total: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    per_ip: dashmap::DashMap<IpAddr, usize>,
 }
+
+type Counts = ConnectionCounts;
 
 /// One admitted connection; gives its places back when dropped.
 struct Slot {
@@ -139,14 +148,12 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.counts.total.fetch_sub(1, Ordering::AcqRel);
         if let Some(ip) = self.ip {
-            if let Ok(mut map) = self.counts.per_ip.lock() {
-                if let Some(n) = map.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        map.remove(&ip);
-                    }
-                }
-            }
+            // Removed under the shard's lock when it reaches zero, so that a concurrent admit
+            // of the same address either sees the entry or inserts a fresh one.
+            self.counts.per_ip.remove_if_mut(&ip, |_, n| {
+                *n = n.saturating_sub(1);
+                *n == 0
+            });
         }
     }
 }
@@ -171,22 +178,64 @@ impl Counts {
                 ip: None,
             });
         }
-        let mut map = match self.per_ip.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let n = map.entry(ip).or_insert(0);
+        let mut n = self.per_ip.entry(ip).or_insert(0);
         if *n >= limits.max_per_ip {
-            drop(map);
+            // `n` is at least 1 here (the cap is not 0): the entry stays for its connections.
+            drop(n);
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(Refused::PerIp);
         }
         *n += 1;
+        drop(n);
         Ok(Slot {
             counts: self.clone(),
             ip: Some(ip),
         })
     }
+}
+
+/// Logs the client timers and caps in effect (once per server, not once per worker).
+pub fn log_limits(limits: &Limits) {
+    tracing::info!(
+        header_timeout_secs = limits.header_timeout.as_secs(),
+        body_timeout_secs = limits.body_timeout.as_secs(),
+        max_connections = limits.max_connections,
+        max_connections_per_ip = limits.max_per_ip,
+        "client limits (CLIENT_HEADER_TIMEOUT_SECS, CLIENT_BODY_TIMEOUT_SECS, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP; 0 = none)"
+    );
+}
+
+/// Binds `workers` listening sockets to `addr`, all with `SO_REUSEPORT` (the kernel hashes each
+/// new connection to one of them), non-blocking, for one worker thread each. With port 0 the
+/// first socket's port is taken for the others. Errors are the first bind's (address in use,
+/// permission), for `main` to report.
+///
+/// `SO_REUSEPORT` lets another socket of the same user bind the same port too, as with nginx's
+/// `reuseport`; the first bind still fails when a process of another user holds the port.
+pub fn bind_listeners(
+    addr: SocketAddr,
+    workers: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut out = Vec::with_capacity(workers.max(1));
+    let mut addr = addr;
+    for _ in 0..workers.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        #[cfg(unix)]
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        // The backlog nginx uses on Linux (`listen ... backlog=`, default 511) rounded up: a
+        // burst of connections waits in the kernel rather than being refused.
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        if addr.port() == 0 {
+            addr = listener.local_addr()?;
+        }
+        out.push(listener);
+    }
+    Ok(out)
 }
 
 /// Serves `app` on `listener` until `stop` is cancelled; then stops accepting, lets every open
@@ -198,14 +247,27 @@ pub async fn run(
     stop: CancellationToken,
     grace: Duration,
 ) {
-    tracing::info!(
-        header_timeout_secs = limits.header_timeout.as_secs(),
-        body_timeout_secs = limits.body_timeout.as_secs(),
-        max_connections = limits.max_connections,
-        max_connections_per_ip = limits.max_per_ip,
-        "client limits (CLIENT_HEADER_TIMEOUT_SECS, CLIENT_BODY_TIMEOUT_SECS, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP; 0 = none)"
-    );
-    let counts = Arc::new(Counts::default());
+    log_limits(&limits);
+    run_shared(
+        listener,
+        app,
+        limits,
+        Arc::new(ConnectionCounts::default()),
+        stop,
+        grace,
+    )
+    .await
+}
+
+/// [`run`] for one of several workers: the caps count `counts`, shared by all of them.
+pub async fn run_shared(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    counts: Arc<ConnectionCounts>,
+    stop: CancellationToken,
+    grace: Duration,
+) {
     let connections = TaskTracker::new();
     let force_close = CancellationToken::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -317,6 +379,19 @@ mod tests {
         assert_eq!(derived_max_connections(1024), 480);
         assert!(derived_max_connections(1024) * 2 + RESERVED_FDS as usize <= 1024);
         assert_eq!(derived_max_connections(10), 16);
+    }
+
+    #[test]
+    fn every_worker_listens_on_the_first_ones_port() {
+        let ls = bind_listeners("127.0.0.1:0".parse().expect("addr"), 3).expect("bind");
+        assert_eq!(ls.len(), 3);
+        let port = ls[0].local_addr().expect("addr").port();
+        assert_ne!(port, 0);
+        for l in &ls {
+            assert_eq!(l.local_addr().expect("addr").port(), port);
+        }
+        // Each socket accepts connections the kernel hands to it.
+        let _c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     }
 
     #[test]
