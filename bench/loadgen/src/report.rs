@@ -18,11 +18,16 @@ const TARGETS: [(&str, &str); 3] = [
 ];
 
 /// Targets measured only in the maximum-throughput rounds (for their CPU per request): the
-/// gatekeeper without its access log, and the floor forwarders of `bench/floor`.
-const EXTRA_TARGETS: [(&str, &str); 3] = [
+/// gatekeeper without its access log, without the fair queue's per-caller turn, and the floor
+/// forwarders of `bench/floor`.
+const EXTRA_TARGETS: [(&str, &str); 4] = [
     (
         "gatekeeper_warn",
         "llm-gatekeeper, same configuration with `LOG_LEVEL=warn` (no access log)",
+    ),
+    (
+        "gatekeeper_noqueue",
+        "llm-gatekeeper, same configuration with `USER_CONCURRENCY_LIMIT=0` (no per-caller turn)",
     ),
     (
         "floor",
@@ -311,6 +316,12 @@ pub fn run(a: &Args) -> Result<(), String> {
             ),
         ));
     }
+    if let (Some(g), Some(nq)) = (cpu("gatekeeper"), cpu("gatekeeper_noqueue")) {
+        checks.push(Check::info(
+            "Fair queue: CPU per request with USER_CONCURRENCY_LIMIT=1 − with 0 (keys free)",
+            format!("{} ({} − {})", us(Some(g - nq)), us(Some(g)), us(Some(nq))),
+        ));
+    }
     checks.push(Check::info(
         "Heap allocations per proxied request (tests/alloc_audit.rs)",
         match num(&allocs, "allocations_per_request") {
@@ -505,7 +516,7 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
     let _ = writeln!(
         w,
         "**CPU layout:** the system under test (nginx proxy, or llm-gatekeeper) runs on CPU {} with {} worker(s) \
-         (`worker_processes` / `TOKIO_WORKER_THREADS`); the load generators and the fake upstream share CPU {} \
+         (`worker_processes` / `WORKERS`); the load generators and the fake upstream share CPU {} \
          (`taskset`). Each load run lasts {} s after a 1 s warm-up.\n",
         s(env, "sut_cpus"),
         env.get("sut_workers").and_then(Value::as_u64).unwrap_or(0),
@@ -668,6 +679,16 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
             "\nThe access log (one line per request, at `LOG_LEVEL=info`, through the non-blocking writer) \
              costs {:.1} µs of CPU per request: {g:.1} µs with it, {gw:.1} µs at `LOG_LEVEL=warn`.",
             g - gw
+        );
+    }
+    if let (Some(g), Some(nq)) = (cpu("gatekeeper"), cpu("gatekeeper_noqueue")) {
+        let _ = writeln!(
+            w,
+            "\nThe fair queue while keys are free (each caller's turn under `USER_CONCURRENCY_LIMIT=1`, \
+             the default, and the family's \"anyone waiting\" check) costs {:.1} µs of CPU per request: \
+             {g:.1} µs with it, {nq:.1} µs with `USER_CONCURRENCY_LIMIT=0`. The load spreads over the \
+             users' tokens, so no request waits; what is measured is the gate alone.",
+            g - nq
         );
     }
     let allocs = &all["allocs"];
