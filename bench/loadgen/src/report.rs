@@ -494,7 +494,8 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
     let _ = writeln!(
         w,
         "Output of `bench/run` (run `{}`, {}), llm-gatekeeper commit `{}`. Rerun with `bench/run`; \
-         raw numbers of this run: [`benchmarks.json`](benchmarks.json).\n",
+         raw numbers of this run: [`benchmarks.json`](benchmarks.json). The performance work step by \
+         step, with a profile: [`performance.md`](performance.md).\n",
         s(env, "run_id"),
         s(env, "date_utc"),
         s(env, "gatekeeper_commit")
