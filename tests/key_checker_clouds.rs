@@ -554,3 +554,47 @@ async fn a_throttled_check_rests_the_key_without_judging_it() {
         "nothing was learnt about its models"
     );
 }
+
+#[tokio::test]
+async fn with_only_a_logged_credential_requests_are_refused_and_told_why() {
+    let fake = bedrock().await;
+    let app = common::spawn(
+        &[
+            "--check-keys",
+            "true",
+            "--key-check-interval-ms",
+            "1",
+            "--text-model-rate-limit",
+            "0",
+            "--aws-credentials",
+            &format!("{AK_LOGGED}:{SK_LOGGED}:us-east-1"),
+            "--aws-bedrock-base-url",
+            &fake.url,
+            "--aws-sts-base-url",
+            &fake.url,
+            "--aws-bedrock-control-base-url",
+            &fake.url,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(states(&checked(&app, Provider::Aws).await), ["logging"]);
+    let (status, body) = post(
+        &app,
+        "/proxy/aws/claude/v1/messages",
+        json!({"model": "claude-3-5-sonnet-20240620", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("ALLOW_AWS_LOGGING=true"), "{body}");
+    // No prompt reached the logging account.
+    assert!(
+        !fake
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/invoke")
+                && String::from_utf8_lossy(&r.body).contains("\"hi\"")),
+        "a prompt was sent with a logging credential"
+    );
+}

@@ -1022,7 +1022,11 @@ fn no_key_error(upstream: &ProviderUpstream, no: NoKey) -> ProxyError {
         NoKey::AllOverQuota => ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream_error",
-            format!("Every usable {var} key is over its quota or revoked at the upstream. The operator must add credit or keys in {var}, then recheck the keys on /admin."),
+            format!(
+                "Every usable {var} key is over its quota or revoked at the upstream{}. The operator must add credit or keys in {var}, then recheck the keys on /admin.",
+                // AWS keys whose invocation logging would store prompts are out too.
+                if var == "AWS_CREDENTIALS" { ", or logs prompts (such keys are used only with ALLOW_AWS_LOGGING=true)" } else { "" }
+            ),
         ),
         NoKey::NoneForFamily(family) => ProxyError::new(
             StatusCode::SERVICE_UNAVAILABLE,
