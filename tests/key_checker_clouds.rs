@@ -120,6 +120,19 @@ fn families(v: &KeyView) -> Vec<String> {
     v.families.clone().unwrap_or_default()
 }
 
+/// The public info page as JSON.
+async fn info_page(app: &common::TestApp) -> Value {
+    reqwest::Client::new()
+        .get(format!("{}/", app.url))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .expect("info page")
+        .json()
+        .await
+        .expect("info json")
+}
+
 async fn post(app: &common::TestApp, path: &str, body: Value) -> (u16, String) {
     let r = reqwest::Client::new()
         .post(format!("{}{path}", app.url))
@@ -198,15 +211,7 @@ async fn aws_credentials_are_checked_by_identity_logging_and_model_access() {
     assert_eq!(listing["providers"][0]["keys"][1]["state"], "logging");
     assert_eq!(listing["providers"][0]["counts"]["logging"], 1);
     // The public info page tells users why a key is out (the original's `privacy` line).
-    let info: Value = reqwest::Client::new()
-        .get(format!("{}/", app.url))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .expect("info page")
-        .json()
-        .await
-        .expect("info json");
+    let info = info_page(&app).await;
     let privacy = info["aws-claude"]["privacy"].as_str().unwrap_or("");
     assert!(
         privacy.starts_with("1 keys are potentially logged")
@@ -313,15 +318,7 @@ async fn allow_aws_logging_uses_a_logged_credential_and_says_so() {
         detail.contains("prompts are logged (allowed by ALLOW_AWS_LOGGING)"),
         "{detail}"
     );
-    let info: Value = reqwest::Client::new()
-        .get(format!("{}/", app.url))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .expect("info page")
-        .json()
-        .await
-        .expect("info json");
+    let info = info_page(&app).await;
     let privacy = info["aws-claude"]["privacy"].as_str().unwrap_or("");
     assert!(privacy.contains("Prompts could be logged"), "{info}");
 }
