@@ -19,16 +19,9 @@ const SECRET: &str = "fake/Secret+Key/For/The/Bedrock/Fake000";
 #[tokio::test]
 async fn official_clients_accept_the_fake_clouds() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    if !python.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{} is missing; pip install -r tests/requirements.txt",
-            python.display()
-        );
-        eprintln!("note: skipping: {} is missing", python.display());
+    let Some(python) = common::python::venv_python("boto3") else {
         return;
-    }
+    };
     let bedrock = FakeBedrock::start(&[(KEY_ID, SECRET)]).await;
     let email = "proxy@test-project.iam.gserviceaccount.com";
     let vertex = FakeVertex::start(&[("test-project", "us-east5", email)]).await;

@@ -51,16 +51,9 @@ async fn proxy(aws: &str, bedrock: &FakeBedrock, vertex: &FakeVertex) -> common:
 #[tokio::test]
 async fn official_sdks_reach_claude_on_both_clouds_and_mistral() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    if !python.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{} is missing; pip install -r tests/requirements.txt",
-            python.display()
-        );
-        eprintln!("note: skipping: {} is missing", python.display());
+    let Some(python) = common::python::venv_python("anthropic") else {
         return;
-    }
+    };
     let bedrock = FakeBedrock::start(&[(AK, SK)]).await;
     let vertex = FakeVertex::start(&[("test-project", "us-east5", EMAIL)]).await;
     let app = proxy(&format!("{AK}:{SK}:us-east-1"), &bedrock, &vertex).await;

@@ -12,26 +12,7 @@ use std::path::{Path, PathBuf};
 use common::google_ai::FakeGoogleAi;
 
 fn python() -> Option<PathBuf> {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    let ok = python.exists()
-        && std::process::Command::new(&python)
-            .args(["-c", "import google.genai"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(python);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "{} with google-genai is missing (pip install -r tests/requirements.txt)",
-            python.display()
-        );
-    }
-    eprintln!(
-        "note: skipping: {} with google-genai is missing",
-        python.display()
-    );
-    None
+    common::python::venv_python("google.genai")
 }
 
 /// Runs `tests/python/<script>` with `env`; panics with its output on failure.

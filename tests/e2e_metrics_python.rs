@@ -19,20 +19,9 @@ const UPSTREAM_KEY: &str = "sk-operator-metrics-e2e";
 #[tokio::test]
 async fn prometheus_client_parses_the_exposition() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    if !python.exists() {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "{} is missing; create it with `python3 -m venv .venv && .venv/bin/pip install -r tests/requirements.txt`",
-                python.display()
-            );
-        }
-        eprintln!(
-            "note: skipping the prometheus_client test: {} is missing",
-            python.display()
-        );
+    let Some(python) = common::python::venv_python("prometheus_client") else {
         return;
-    }
+    };
     let fake = FakeUpstream::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let server = RunningBinary::start(

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::providers::{
     fake_azure, fake_mistral, AzureDeployment, AZURE_PROMPT_TOKENS, AZURE_TEXTS,
@@ -18,29 +18,6 @@ use common::quota::{add_user, eventually, proxy, reserved, used};
 use llm_gatekeeper::users::UserType;
 
 const NO_RATE: &[&str] = &["--text-model-rate-limit", "0"];
-
-/// The venv's Python, if it has `module`; `None` (skip) outside CI.
-fn python_with(module: &str) -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    let ok = python.exists()
-        && std::process::Command::new(&python)
-            .args(["-c", &format!("import {module}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(python);
-    }
-    let hint = "python3 -m venv .venv && .venv/bin/pip install -r tests/requirements.txt";
-    if std::env::var_os("CI").is_some() {
-        panic!("{} cannot import {module}; run `{hint}`", python.display());
-    }
-    eprintln!(
-        "note: skipping: {} cannot import {module} ({hint})",
-        python.display()
-    );
-    None
-}
 
 /// Runs a script of tests/python with `env`; returns its stdout (panics with both outputs on
 /// failure).
@@ -81,7 +58,7 @@ fn reported_usage(stdout: &str) -> u64 {
 
 #[tokio::test]
 async fn mistral_sdk_directly_and_through_the_proxy() {
-    let Some(python) = python_with("mistralai.client") else {
+    let Some(python) = common::python::venv_python("mistralai.client") else {
         return;
     };
     let fake = fake_mistral("mistral-operator-key").await;
@@ -188,7 +165,7 @@ fn azure_deployments() -> Vec<AzureDeployment> {
 
 #[tokio::test]
 async fn azure_openai_sdk_directly_and_through_the_proxy() {
-    let Some(python) = python_with("openai") else {
+    let Some(python) = common::python::venv_python("openai") else {
         return;
     };
     let fake = fake_azure(azure_deployments(), AZURE_VERSION).await;

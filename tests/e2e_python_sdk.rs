@@ -16,20 +16,9 @@ use common::upstream::FakeUpstream;
 #[tokio::test]
 async fn official_python_sdks_work_through_the_binary() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    if !python.exists() {
-        if std::env::var_os("CI").is_some() {
-            panic!(
-                "{} is missing; create it with `python3 -m venv .venv && .venv/bin/pip install openai anthropic`",
-                python.display()
-            );
-        }
-        eprintln!(
-            "note: skipping the Python SDK test: {} is missing (python3 -m venv .venv && .venv/bin/pip install openai anthropic)",
-            python.display()
-        );
+    let Some(python) = common::python::venv_python("openai") else {
         return;
-    }
+    };
     let fake = FakeUpstream::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let server = RunningBinary::start(

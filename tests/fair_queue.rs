@@ -206,6 +206,44 @@ async fn queued(c: &reqwest::Client, app: &TestApp, n: u64) {
     }
 }
 
+/// Reads a response stream until its text contains `needle`; returns the text so far.
+async fn read_until(
+    body: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    needle: &str,
+) -> String {
+    let mut text = String::new();
+    while !text.contains(needle) {
+        let chunk = body.next().await.expect("stream open").expect("chunk");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+/// Reads the rest of a response stream into `text`.
+async fn read_to_end(
+    body: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    text: &mut String,
+) {
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+    }
+}
+
+/// The fake stops answering 429 and a check marks its one key working again.
+fn free_the_key(fake: &Fake, app: &TestApp) {
+    fake.always_429.store(false, Ordering::SeqCst);
+    app.state
+        .upstreams
+        .provider(llm_gatekeeper::providers::Provider::OpenAi)
+        .keys
+        .apply_check(
+            0,
+            llm_gatekeeper::proxy::keys::CheckResult::status(
+                llm_gatekeeper::proxy::keys::KeyStatus::Working,
+            ),
+        );
+}
+
 #[tokio::test]
 async fn two_users_hammering_one_rate_limited_key_are_served_in_turn() {
     // One request per 400 ms on the one key; both users send 3 requests, one after the other.
@@ -373,28 +411,12 @@ async fn a_waiting_stream_gets_heartbeats_then_its_answer() {
         .expect("ascii")
         .starts_with("text/event-stream"));
     let mut body = resp.bytes_stream();
-    let mut text = String::new();
-    while !text.contains(": queue heartbeat") {
-        let chunk = body.next().await.expect("stream open").expect("chunk");
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let mut text = read_until(&mut body, ": queue heartbeat").await;
     assert!(text.starts_with(": joining queue at position 2"), "{text}");
     assert_eq!(fake.arrived("alice"), 0, "still waiting");
     // The key works again: the waiting requests go (the resting one probes first).
-    fake.always_429.store(false, Ordering::SeqCst);
-    app.state
-        .upstreams
-        .provider(llm_gatekeeper::providers::Provider::OpenAi)
-        .keys
-        .apply_check(
-            0,
-            llm_gatekeeper::proxy::keys::CheckResult::status(
-                llm_gatekeeper::proxy::keys::KeyStatus::Working,
-            ),
-        );
-    while let Some(chunk) = body.next().await {
-        text.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
-    }
+    free_the_key(&fake, &app);
+    read_to_end(&mut body, &mut text).await;
     assert!(text.contains("hi alice"), "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert_eq!(resting.await.expect("resting").status(), 200);
@@ -497,17 +519,7 @@ async fn a_client_that_leaves_is_out_of_the_queue_at_once() {
     queued(&c, &app, 0).await;
     assert_eq!(fake.arrived("alice") + fake.arrived("vip"), 0);
     // Nothing is left behind: both users are served at once when the key works again.
-    fake.always_429.store(false, Ordering::SeqCst);
-    app.state
-        .upstreams
-        .provider(llm_gatekeeper::providers::Provider::OpenAi)
-        .keys
-        .apply_check(
-            0,
-            llm_gatekeeper::proxy::keys::CheckResult::status(
-                llm_gatekeeper::proxy::keys::KeyStatus::Working,
-            ),
-        );
+    free_the_key(&fake, &app);
     assert_eq!(ask(&c, &app, "alice", "again").await.status(), 200);
     assert_eq!(ask(&c, &app, "bob", "again").await.status(), 200);
 }
@@ -562,26 +574,10 @@ async fn a_stream_rate_limited_on_its_own_attempt_waits_with_heartbeats() {
         "not the 429: the stream waits for the key"
     );
     let mut body = resp.bytes_stream();
-    let mut text = String::new();
-    while !text.contains(": queue heartbeat") {
-        let chunk = body.next().await.expect("stream open").expect("chunk");
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let mut text = read_until(&mut body, ": queue heartbeat").await;
     assert_eq!(fake.arrived("alice"), 1);
-    fake.always_429.store(false, Ordering::SeqCst);
-    app.state
-        .upstreams
-        .provider(llm_gatekeeper::providers::Provider::OpenAi)
-        .keys
-        .apply_check(
-            0,
-            llm_gatekeeper::proxy::keys::CheckResult::status(
-                llm_gatekeeper::proxy::keys::KeyStatus::Working,
-            ),
-        );
-    while let Some(chunk) = body.next().await {
-        text.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
-    }
+    free_the_key(&fake, &app);
+    read_to_end(&mut body, &mut text).await;
     assert!(text.contains("hi alice"), "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert_eq!(fake.arrived("alice"), 2, "sent again once the key was free");

@@ -72,6 +72,15 @@ fn aws_credentials() -> String {
 }
 
 async fn aws_app(fake: &FakeBedrock, allow_logging: bool) -> common::TestApp {
+    aws_app_with(fake, &aws_credentials(), allow_logging).await
+}
+
+/// A proxy with `AWS_CREDENTIALS=credentials`, checked at once against the fake.
+async fn aws_app_with(
+    fake: &FakeBedrock,
+    credentials: &str,
+    allow_logging: bool,
+) -> common::TestApp {
     let allow = allow_logging.to_string();
     common::spawn(
         &[
@@ -82,7 +91,7 @@ async fn aws_app(fake: &FakeBedrock, allow_logging: bool) -> common::TestApp {
             "--text-model-rate-limit",
             "0",
             "--aws-credentials",
-            &aws_credentials(),
+            credentials,
             "--aws-bedrock-base-url",
             &fake.url,
             "--aws-sts-base-url",
@@ -555,26 +564,7 @@ async fn a_throttled_check_rests_the_key_without_judging_it() {
 #[tokio::test]
 async fn with_only_a_logged_credential_requests_are_refused_and_told_why() {
     let fake = bedrock().await;
-    let app = common::spawn(
-        &[
-            "--check-keys",
-            "true",
-            "--key-check-interval-ms",
-            "1",
-            "--text-model-rate-limit",
-            "0",
-            "--aws-credentials",
-            &format!("{AK_LOGGED}:{SK_LOGGED}:us-east-1"),
-            "--aws-bedrock-base-url",
-            &fake.url,
-            "--aws-sts-base-url",
-            &fake.url,
-            "--aws-bedrock-control-base-url",
-            &fake.url,
-        ],
-        &[],
-    )
-    .await;
+    let app = aws_app_with(&fake, &format!("{AK_LOGGED}:{SK_LOGGED}:us-east-1"), false).await;
     assert_eq!(states(&checked(&app, Provider::Aws).await), ["logging"]);
     let (status, body) = post(
         &app,

@@ -16,16 +16,7 @@ use crate::error::AdminError;
 use crate::providers::Provider;
 
 /// Every provider, with the name used in `?provider=` and in the listing.
-const PROVIDERS: &[Provider] = &[
-    Provider::OpenAi,
-    Provider::Anthropic,
-    Provider::GoogleAi,
-    Provider::MistralAi,
-    Provider::Azure,
-    Provider::Aws,
-    Provider::AwsMistral,
-    Provider::Gcp,
-];
+const PROVIDERS: &[Provider] = &Provider::ALL;
 
 /// The `/admin/keys` routes.
 pub fn routes() -> Router<AppState> {

@@ -42,13 +42,6 @@ pub const PROBE_MODELS: &[&str] = &[
     "mistral.mistral-small-2402-v1:0",
 ];
 
-fn base(template: &str, region: &str) -> String {
-    template
-        .replace("{region}", region)
-        .trim_end_matches('/')
-        .to_string()
-}
-
 /// The `GetCallerIdentity` URL and the region its signature names.
 pub fn sts_url(template: &str, region: &str) -> (String, String) {
     let signing_region = if template.contains("{region}") {
@@ -59,7 +52,7 @@ pub fn sts_url(template: &str, region: &str) -> (String, String) {
     (
         format!(
             "{}/?Action=GetCallerIdentity&Version=2011-06-15",
-            base(template, region)
+            super::aws::base_url(template, region)
         ),
         signing_region,
     )
@@ -67,7 +60,10 @@ pub fn sts_url(template: &str, region: &str) -> (String, String) {
 
 /// The `GetModelInvocationLoggingConfiguration` URL of a region.
 pub fn logging_url(template: &str, region: &str) -> String {
-    format!("{}/logging/modelinvocations", base(template, region))
+    format!(
+        "{}/logging/modelinvocations",
+        super::aws::base_url(template, region)
+    )
 }
 
 /// The cross-region inference profile id of a Claude model for a credential's region

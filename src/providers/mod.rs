@@ -340,6 +340,18 @@ pub struct KeyUse<'a> {
 pub struct AuthError(pub String);
 
 impl Provider {
+    /// Every provider, in the order listings show them.
+    pub const ALL: [Provider; 8] = [
+        Provider::OpenAi,
+        Provider::Anthropic,
+        Provider::GoogleAi,
+        Provider::MistralAi,
+        Provider::Azure,
+        Provider::Aws,
+        Provider::AwsMistral,
+        Provider::Gcp,
+    ];
+
     /// The service name operators use for this provider in `ALLOWED_VISION_SERVICES` and the
     /// `MAX_CONTEXT_TOKENS_<SERVICE>` / `MAX_OUTPUT_TOKENS_<SERVICE>` variables (the
     /// original's `LLMService` names: `openai`, `anthropic`, `google-ai`, `mistral-ai`, `aws`,

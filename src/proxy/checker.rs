@@ -107,19 +107,11 @@ pub fn checked_providers(config: &Config, upstreams: &Upstreams) -> Vec<(Provide
     if !config.cli.check_keys {
         return Vec::new();
     }
-    [
-        Provider::OpenAi,
-        Provider::Anthropic,
-        Provider::GoogleAi,
-        Provider::MistralAi,
-        Provider::Azure,
-        Provider::Aws,
-        Provider::Gcp,
-    ]
-    .into_iter()
-    .filter(|p| has_probe(*p) && !upstreams.provider(*p).keys.is_empty())
-    .map(|p| (p, Schedule::from_config(config, p)))
-    .collect()
+    Provider::ALL
+        .into_iter()
+        .filter(|p| has_probe(*p) && !upstreams.provider(*p).keys.is_empty())
+        .map(|p| (p, Schedule::from_config(config, p)))
+        .collect()
 }
 
 /// Why a probe said nothing about the key: the network failed or the upstream had an error of

@@ -9,6 +9,7 @@ pub mod binary;
 pub mod cloud;
 pub mod google_ai;
 pub mod providers;
+pub mod python;
 pub mod quota;
 pub mod upstream;
 pub mod web;
