@@ -344,8 +344,8 @@ async fn send(upstreams: &Upstreams, out: UpstreamRequest) -> Result<Answer, Tra
     *req.uri_mut() = uri;
     *req.headers_mut() = out.headers;
     let resp = upstreams
-        .client()
-        .request(req)
+        .pool()
+        .send(req)
         .await
         .map_err(|e| Transient(format!("network error: {e}")))?;
     let (parts, body) = resp.into_parts();

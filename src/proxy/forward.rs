@@ -36,7 +36,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming as HyperBody;
 use tokio::time::Sleep;
 
 use std::sync::Arc;
@@ -50,6 +49,7 @@ use crate::providers::{
     Api, KeyUse, Meter, PathModel, Provider, StreamTransform, Translation, UpstreamRequest,
 };
 use crate::proxy::keys::{rest_duration, ChosenKey, NoKey};
+use crate::proxy::pool::PooledBody;
 use crate::proxy::queue::{self, Enter, SseErrorFormat, Turn};
 use crate::proxy::{AuthFailure, ProviderUpstream};
 use crate::quota::{AdmitRequest, Ticket};
@@ -848,12 +848,12 @@ async fn send(
         *req.method_mut() = out.method;
         *req.uri_mut() = uri;
         *req.headers_mut() = out.headers;
-        let sent = tokio::time::timeout_at(deadline, state.upstreams.client().request(req)).await;
+        let sent = tokio::time::timeout_at(deadline, state.upstreams.pool().send(req)).await;
         let resp = match sent {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 let kind = if e.is_connect() {
-                    if has_timed_out(&e) {
+                    if e.is_connect_timeout() {
                         SendError::ConnectTimeout
                     } else {
                         SendError::Connect
@@ -933,7 +933,7 @@ const ERROR_BODY_LIMIT: usize = 64 * 1024;
 /// An upstream response body: streamed as it arrives, or an error body already read (to judge
 /// the key) and relayed from memory.
 enum UpstreamBody {
-    Live(HyperBody),
+    Live(PooledBody),
     Buffered(Full<Bytes>),
 }
 
@@ -966,20 +966,6 @@ impl http_body::Body for UpstreamBody {
             UpstreamBody::Buffered(b) => b.size_hint(),
         }
     }
-}
-
-/// True when an error's cause chain holds an I/O timeout (the connector's connect timeout).
-fn has_timed_out(e: &(dyn StdError + 'static)) -> bool {
-    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    false
 }
 
 type BoxError = Box<dyn StdError + Send + Sync>;

@@ -3,7 +3,7 @@
 //! wire format is asked of [`crate::providers`]; admission and accounting go through
 //! [`crate::quota`]. Never reads the user store directly.
 //!
-//! [`Upstreams`] is built once at startup: one shared HTTP client (connection pool, timeouts)
+//! [`Upstreams`] is built once at startup: one upstream client ([`pool`]: per-thread connection pools)
 //! and one [`keys::KeyPool`] per provider. [`routes`] maps client paths to an [`Api`]; the
 //! request itself is handled phase by phase in [`forward`].
 
@@ -11,6 +11,7 @@ pub mod checker;
 pub mod forward;
 pub mod google_ai;
 pub mod keys;
+pub mod pool;
 pub mod queue;
 
 use std::time::Duration;
@@ -20,12 +21,6 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::app::AppState;
 use crate::config::{Config, ConfigError};
@@ -177,17 +172,15 @@ fn cloud_upstream(
     Ok(up)
 }
 
-/// The HTTP client for upstream calls: hyper's pooled client over rustls (HTTP/1.1, `http`
-/// and `https` URLs). We use it rather than `reqwest` on the request path because reqwest's
-/// per-request layers (URL re-parsing, redirect and timeout wrappers, boxed bodies) cost more
-/// than the rest of the proxy together: measured on one core, axum + reqwest forwards about
-/// 9 000 requests/s where axum + this client forwards 20 000–30 000 (docs/benchmarks.md).
-/// It follows no redirects (they would re-send the operator's key elsewhere).
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// Every configured provider with its key pool, and the one HTTP client they share.
+/// Every configured provider with its key pool, and the one upstream client they share.
 pub struct Upstreams {
-    client: HttpClient,
+    /// Upstream calls: hyper's low-level HTTP/1.1 client over rustls with a connection pool
+    /// per worker thread (`pool.rs`). Not reqwest: its per-request layers (URL re-parsing,
+    /// redirect and timeout wrappers, boxed bodies) cost more than the rest of the proxy
+    /// (docs/benchmarks.md); not hyper-util's legacy client: its shared pool costs more than
+    /// one per thread (docs/performance.md). It follows no redirects (they would re-send the
+    /// operator's key elsewhere).
+    pool: pool::Pool,
     openai: ProviderUpstream,
     anthropic: ProviderUpstream,
     google_ai: ProviderUpstream,
@@ -210,25 +203,7 @@ impl Upstreams {
     /// Builds the shared client and the key pools. Fails (naming the variable) when a key
     /// cannot be sent as an HTTP header.
     pub fn from_config(config: &Config) -> Result<Upstreams, ConfigError> {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(config.upstream_connect_timeout()));
-        http.set_nodelay(true);
-        // Without this the connector refuses `https://` URLs before TLS gets a chance.
-        http.enforce_http(false);
-        let https = HttpsConnectorBuilder::new()
-            .try_with_platform_verifier()
-            .map_err(|e| {
-                ConfigError(format!(
-                    "cannot load the system's TLS certificates for upstream connections ({e}); install the ca-certificates package"
-                ))
-            })?
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .build(https);
+        let pool = pool::Pool::from_config(config)?;
         let cli = &config.cli;
         let bedrock = Arc::new(aws::Bedrock::new(
             &cli.aws_bedrock_base_url,
@@ -274,7 +249,7 @@ impl Upstreams {
             aws: aws_up,
             aws_mistral,
             gcp: gcp_up,
-            client,
+            pool,
             timeout: config.upstream_timeout(),
             user_agent: HeaderValue::from_static(concat!(
                 "llm-gatekeeper/",
@@ -352,9 +327,9 @@ impl Upstreams {
         self.provider(provider).keys.counts()
     }
 
-    /// The shared HTTP client.
-    pub fn client(&self) -> &HttpClient {
-        &self.client
+    /// The upstream client (with this thread's pool of idle connections).
+    pub fn pool(&self) -> &pool::Pool {
+        &self.pool
     }
 }
 
