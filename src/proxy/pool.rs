@@ -695,4 +695,95 @@ mod tests {
         let err = pool().send(get("/no-host")).await.unwrap_err();
         assert!(!err.is_connect());
     }
+
+    /// A local TLS server (a test CA's certificate for `localhost`) answering `ok` over
+    /// HTTP/1.1 keep-alive; counts the TCP connections it accepted.
+    async fn tls_fake() -> (u16, Arc<AtomicUsize>) {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls::{crypto, ServerConfig};
+        let cert =
+            CertificateDer::from_pem_slice(include_bytes!("../../tests/fixtures/tls/server.pem"))
+                .unwrap();
+        let key =
+            PrivateKeyDer::from_pem_slice(include_bytes!("../../tests/fixtures/tls/server.key"))
+                .unwrap();
+        let mut config =
+            ServerConfig::builder_with_provider(Arc::new(crypto::aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert], key)
+                .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(sock).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        assert_eq!(req.uri(), "/v1/x?y=1");
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    #[tokio::test]
+    async fn https_upstreams_are_verified_and_reused() {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::CertificateDer;
+        use tokio_rustls::rustls::{crypto, ClientConfig, RootCertStore};
+        let (port, accepted) = tls_fake().await;
+        let url = format!("https://localhost:{port}/v1/x?y=1");
+
+        // The production client verifies with the platform's roots: the test CA is not one.
+        let err = pool().send(get(&url)).await.unwrap_err();
+        assert!(err.is_connect(), "{err}");
+
+        // A client that trusts the test CA (same connector otherwise).
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(
+                CertificateDer::from_pem_slice(include_bytes!("../../tests/fixtures/tls/ca.pem"))
+                    .unwrap(),
+            )
+            .unwrap();
+        let tls =
+            ClientConfig::builder_with_provider(Arc::new(crypto::aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let pool = Pool::with_connector(
+            HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(http),
+        );
+        for _ in 0..5 {
+            assert_eq!(fetch(&pool, &url).await, "ok");
+        }
+        // One refused handshake, then one connection for the five requests.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
 }
