@@ -331,6 +331,9 @@ pub async fn serve_workers(
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_name(format!("gk-worker-{i}-blocking"))
+            // The worker's log lines are batched; they go to the log's writer thread whenever
+            // the worker is about to wait for work (`logging`).
+            .on_thread_park(crate::logging::flush_thread)
             .build()?;
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
         let (drained, drained_rx) = tokio::sync::oneshot::channel::<()>();
@@ -344,6 +347,7 @@ pub async fn serve_workers(
         std::thread::Builder::new()
             .name(format!("gk-worker-{i}"))
             .spawn(move || {
+                crate::logging::batch_this_thread();
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
                         Ok(l) => {
@@ -357,6 +361,7 @@ pub async fn serve_workers(
                 // Tasks a request left behind are dropped with the runtime; blocking work
                 // (a token count) gets a moment to finish.
                 runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+                crate::logging::flush_thread();
                 let _ = done.send(());
             })?;
         workers.push(finished);
