@@ -150,6 +150,88 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The server's front (issue 18): the proxied `POST` routes at fixed paths
+/// ([`crate::proxy::fixed_routes`]) go in a straight line — the gate
+/// ([`crate::auth::admit_proxied`]), then the forwarder — without the router, its middleware
+/// and their per-request boxes and clones; every other request goes to the [`router`]. The
+/// straight line does what the router's layers do for these routes: a client key in the query
+/// (`?key=`) sends the request through the router instead (its outermost layer moves the key to a
+/// header), and with debug logging on (`TraceLayer`) every request takes the router, so that the
+/// trace sees all of them.
+#[derive(Clone)]
+pub struct Front(Arc<FrontParts>);
+
+struct FrontParts {
+    state: AppState,
+    router: Router,
+    /// `None` with debug logging on.
+    fixed: Option<crate::proxy::FixedRoutes>,
+}
+
+/// Builds the server's front over [`router`].
+pub fn front(state: AppState) -> Front {
+    let traced = tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG);
+    let fixed =
+        (!traced).then(|| crate::proxy::FixedRoutes::new(&state.config.proxy_endpoint_route));
+    Front(Arc::new(FrontParts {
+        router: router(state.clone()),
+        state,
+        fixed,
+    }))
+}
+
+impl crate::server::Front for Front {
+    type Future = std::pin::Pin<Box<dyn Future<Output = Response> + Send>>;
+
+    fn serve(&self, req: crate::server::FrontRequest, peer: SocketAddr) -> Self::Future {
+        let parts = &*self.0;
+        let fixed = parts.fixed.as_ref().and_then(|f| {
+            let query_key = req.uri().query().is_some_and(|q| q.contains("key"));
+            f.get(req.method(), req.uri().path()).filter(|_| !query_key)
+        });
+        match fixed {
+            Some(route) => Box::pin(straight(
+                parts.state.clone(),
+                route.route(),
+                route.path.clone(),
+                req,
+                peer,
+            )),
+            None => parts.router.serve(req, peer),
+        }
+    }
+}
+
+/// A proxied request on the straight line: the gate, then the forwarder.
+async fn straight(
+    state: AppState,
+    route: crate::proxy::forward::Route,
+    template: Arc<str>,
+    req: crate::server::FrontRequest,
+    peer: SocketAddr,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let (ip, principal) = match crate::auth::admit_proxied(&state, peer.ip(), &parts.headers).await
+    {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal,
+    };
+    let caller = crate::proxy::forward::Caller {
+        principal,
+        ip,
+        client_path: template,
+    };
+    crate::proxy::forward::forward_parts(
+        state,
+        route,
+        caller,
+        parts,
+        None,
+        axum::body::Body::new(body),
+    )
+    .await
+}
+
 /// The span of one request in the debug trace: its method and route *template*
 /// (`/admin/users/{token}`), never the path or query it was called with, which may carry a
 /// user token, a key or anything else a client put there.
@@ -193,7 +275,7 @@ pub async fn serve(
 
     let grace = state.config.shutdown_grace();
     let limits = crate::server::Limits::from_config(&state.config);
-    let app = router(state);
+    let app = front(state);
     let stop_accepting = CancellationToken::new();
     let server = tokio::spawn(crate::server::run(
         listener,
@@ -241,7 +323,7 @@ pub async fn serve_workers(
     // worker still drains requests that may use its connections. So every worker reports when
     // it has drained (`drained`) and keeps its runtime running until all have (`release`).
     let release = CancellationToken::new();
-    let app = router(state.clone());
+    let app = front(state.clone());
     let mut workers = Vec::with_capacity(listeners.len());
     let mut drained_all = Vec::with_capacity(listeners.len());
     for (i, listener) in listeners.into_iter().enumerate() {
@@ -249,6 +331,9 @@ pub async fn serve_workers(
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_name(format!("gk-worker-{i}-blocking"))
+            // The worker's log lines are batched; they go to the log's writer thread whenever
+            // the worker is about to wait for work (`logging`).
+            .on_thread_park(crate::logging::flush_thread)
             .build()?;
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
         let (drained, drained_rx) = tokio::sync::oneshot::channel::<()>();
@@ -262,6 +347,7 @@ pub async fn serve_workers(
         std::thread::Builder::new()
             .name(format!("gk-worker-{i}"))
             .spawn(move || {
+                crate::logging::batch_this_thread();
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
                         Ok(l) => {
@@ -275,6 +361,7 @@ pub async fn serve_workers(
                 // Tasks a request left behind are dropped with the runtime; blocking work
                 // (a token count) gets a moment to finish.
                 runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+                crate::logging::flush_thread();
                 let _ = done.send(());
             })?;
         workers.push(finished);

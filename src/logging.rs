@@ -12,13 +12,23 @@
 //! the gateway. (The original proxy wrote with pino's synchronous stdout writer, so there a
 //! blocked stdout blocked requests.) How many lines were dropped is logged as a warning every
 //! [`DROP_REPORT_EVERY`] while it happens, and printed to stderr at exit.
+//!
+//! The server's worker threads batch (issue 18): on a thread that called
+//! [`batch_this_thread`], a line goes into that thread's buffer, and the buffer goes to the
+//! queue as one message when it holds [`BATCH_BYTES`] or when the thread's runtime is about to
+//! wait for work ([`flush_thread`], the runtime's park hook) — so a line is handed on within one
+//! turn of the worker's loop, and under load the queue and the writer thread see one message per
+//! few dozen requests instead of one per request. On a full queue a whole batch is dropped and
+//! counted as one. Other threads (the main thread's background tasks, tests) queue each line.
 
+use std::cell::RefCell;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter};
@@ -35,6 +45,101 @@ pub const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// The writer thread's batch buffer: the lines queued at one wake-up go out in few writes.
 const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// A batching thread's buffer goes to the queue once it holds this much (a few dozen access
+/// lines), even while the thread has more work.
+pub const BATCH_BYTES: usize = 8 * 1024;
+
+/// The lines of a batching thread not yet queued, and the queue they go to (known from the
+/// first line written).
+struct Batch {
+    buf: Vec<u8>,
+    to: Option<NonBlocking>,
+}
+
+impl Batch {
+    fn flush(&mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        if let Some(to) = &mut self.to {
+            // One message for the whole batch; a full queue drops it and counts one.
+            let _ = to.write(&self.buf);
+        }
+        self.buf.clear();
+    }
+}
+
+thread_local! {
+    /// `Some` on threads that batch their lines ([`batch_this_thread`]).
+    static BATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
+}
+
+/// Makes this thread's log lines go through a per-thread buffer (see the module documentation).
+/// The thread must call [`flush_thread`] whenever it is about to wait, and before it ends.
+pub fn batch_this_thread() {
+    BATCH.with(|b| {
+        *b.borrow_mut() = Some(Batch {
+            buf: Vec::with_capacity(BATCH_BYTES + 1024),
+            to: None,
+        })
+    });
+}
+
+/// Hands this thread's buffered lines to the writer thread (nothing on a thread that does not
+/// batch).
+pub fn flush_thread() {
+    BATCH.with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            if let Some(batch) = b.as_mut() {
+                batch.flush();
+            }
+        }
+    });
+}
+
+/// The subscriber's writer: into the thread's batch where there is one, else straight to the
+/// queue.
+struct Lines(NonBlocking);
+
+impl<'a> MakeWriter<'a> for Lines {
+    type Writer = LineWriter<'a>;
+
+    fn make_writer(&'a self) -> LineWriter<'a> {
+        LineWriter(&self.0)
+    }
+}
+
+struct LineWriter<'a>(&'a NonBlocking);
+
+impl Write for LineWriter<'_> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let batched = BATCH.with(|b| {
+            let Ok(mut b) = b.try_borrow_mut() else {
+                return false;
+            };
+            let Some(batch) = b.as_mut() else {
+                return false;
+            };
+            if batch.to.is_none() {
+                batch.to = Some(self.0.clone());
+            }
+            batch.buf.extend_from_slice(line);
+            if batch.buf.len() >= BATCH_BYTES {
+                batch.flush();
+            }
+            true
+        });
+        if !batched {
+            self.0.clone().write_all(line)?;
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Keeps the writer thread alive; dropping it writes out every queued line (so the last lines,
 /// "shutdown complete" among them, reach stdout) and prints the count of dropped lines, if any,
@@ -102,7 +207,7 @@ fn install<W: Write + Send + 'static>(
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_ansi(ansi).with_writer(writer))
+            .with(fmt::layer().with_ansi(ansi).with_writer(Lines(writer)))
             .try_init(),
         LogFormat::Json => registry
             .with(
@@ -111,7 +216,7 @@ fn install<W: Write + Send + 'static>(
                     .flatten_event(true)
                     .with_current_span(false)
                     .with_span_list(false)
-                    .with_writer(writer),
+                    .with_writer(Lines(writer)),
             )
             .try_init(),
     };
@@ -198,13 +303,70 @@ mod tests {
         }
     }
 
+    /// What the writer thread wrote so far, as lines containing `needle`.
+    fn lines_with(out: &Arc<Mutex<Vec<u8>>>, needle: &str) -> Vec<String> {
+        let out = out.lock().expect("out");
+        String::from_utf8_lossy(&out)
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_batching_thread_hands_its_lines_on_when_flushed_or_full_in_order() {
+        let stdout = Stalled::default();
+        stdout.open();
+        let (writer, worker) = queue(stdout.clone(), 1024);
+        let subscriber = tracing_subscriber::registry()
+            .with(fmt::layer().with_ansi(false).with_writer(Lines(writer)));
+        let out = stdout.out.clone();
+        std::thread::spawn(move || {
+            batch_this_thread();
+            tracing::subscriber::with_default(subscriber, || {
+                for i in 0..3 {
+                    tracing::info!(i, "batched line");
+                }
+                // Held in the thread's buffer: nothing was queued yet.
+                BATCH.with(|b| {
+                    let b = b.borrow();
+                    let batch = b.as_ref().expect("batching");
+                    assert_eq!(String::from_utf8_lossy(&batch.buf).lines().count(), 3);
+                });
+                flush_thread();
+                // Enough lines to fill a batch: they go on without a flush.
+                for i in 3..1000 {
+                    tracing::info!(i, "batched line");
+                }
+                flush_thread();
+            });
+        })
+        .join()
+        .expect("the batching thread");
+        // Dropping the guard writes out everything queued.
+        drop(worker);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while lines_with(&out, "batched line").len() < 1000 && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let lines = lines_with(&out, "batched line");
+        assert_eq!(lines.len(), 1000, "every line is written once");
+        for (i, line) in lines.iter().enumerate() {
+            assert!(
+                line.contains(&format!("i={i} ")) || line.ends_with(&format!("i={i}")),
+                "{line}"
+            );
+        }
+    }
+
     #[test]
     fn a_stalled_stdout_drops_and_counts_lines_instead_of_blocking_the_caller() {
         let stdout = Stalled::default();
         let (writer, worker) = queue(stdout.clone(), 8);
         let dropped = writer.error_counter();
-        let subscriber =
-            tracing_subscriber::registry().with(fmt::layer().with_ansi(false).with_writer(writer));
+        let subscriber = tracing_subscriber::registry()
+            .with(fmt::layer().with_ansi(false).with_writer(Lines(writer)));
         // All 100 events return while nothing can be written: none waits for stdout.
         tracing::subscriber::with_default(subscriber, || {
             for i in 0..100 {

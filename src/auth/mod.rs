@@ -25,10 +25,10 @@ pub mod routes;
 pub mod session;
 pub mod user_token;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 
@@ -117,6 +117,16 @@ pub async fn guard(
         // `/health` answers whoever asks, whatever their headers say.
         return next.run(req).await;
     }
+    if access == Access::Proxy {
+        return match admit_proxied(&state, peer.ip(), req.headers()).await {
+            Ok((ip, principal)) => {
+                req.extensions_mut().insert(ClientIp(ip));
+                req.extensions_mut().insert(principal);
+                next.run(req).await
+            }
+            Err(refusal) => refusal,
+        };
+    }
     let admin_zone = matches!(
         access,
         Access::Admin | Access::AdminSignIn | Access::Metrics
@@ -126,11 +136,7 @@ pub async fn guard(
         Ok(ip) => ip,
         Err(bad) => {
             crate::metrics::refused(Refused::BadRequest);
-            let msg = format!(
-                "X-Forwarded-For entry {:?} is not an IP address. This server trusts the last {trusted} entr{} of X-Forwarded-For (TRUSTED_PROXIES={trusted}); they must be addresses written by your reverse proxies.",
-                bad.entry,
-                if trusted == 1 { "y" } else { "ies" }
-            );
+            let msg = bad_forwarded_for(&bad, trusted);
             return if admin_zone {
                 AdminError::bad_request(msg).into_response()
             } else {
@@ -141,7 +147,7 @@ pub async fn guard(
     req.extensions_mut().insert(ClientIp(ip));
     if in_list(&state.config.ip_blacklist, ip) {
         crate::metrics::refused(Refused::Blacklist);
-        let msg = "Forbidden: your address is blocked by this proxy (IP_BLACKLIST)";
+        let msg = BLACKLISTED;
         return if admin_zone {
             AdminError::forbidden(msg).into_response()
         } else {
@@ -158,10 +164,8 @@ pub async fn guard(
         Access::Open | Access::Public => false,
         Access::CredentialForm | Access::AdminSignIn => req.method() == Method::POST,
         Access::Admin | Access::Metrics => true,
-        Access::Proxy => {
-            state.config.mode() != GatekeeperMode::None
-                || client_credential(req.headers()).is_some()
-        }
+        // Decided by `admit_proxied`, above.
+        Access::Proxy => false,
     };
     let locked = if presents_credential {
         state.lockout.refusal(ip).await
@@ -170,7 +174,8 @@ pub async fn guard(
     };
 
     match access {
-        Access::Open | Access::Public => next.run(req).await,
+        // `Access::Open` and `Access::Proxy` returned above.
+        Access::Open | Access::Public | Access::Proxy => next.run(req).await,
         Access::CredentialForm | Access::AdminSignIn => {
             if let Some(secs) = locked {
                 req.extensions_mut().insert(LockedOut(secs));
@@ -215,22 +220,6 @@ pub async fn guard(
                 }
             }
         }
-        Access::Proxy => {
-            if let Some(secs) = locked {
-                crate::metrics::refused(Refused::Lockout);
-                return lockout_error(secs).into_response();
-            }
-            match credentials::admit_client(&state, ip, req.headers()) {
-                Ok(principal) => {
-                    req.extensions_mut().insert(principal);
-                    next.run(req).await
-                }
-                Err(e) => {
-                    crate::metrics::refused(Refused::Auth);
-                    e.into_response()
-                }
-            }
-        }
         Access::Metrics => {
             if let Some(secs) = locked {
                 crate::metrics::refused(Refused::Lockout);
@@ -245,6 +234,57 @@ pub async fn guard(
             }
         }
     }
+}
+
+/// The gate of a proxied route (every route of [`Access::Proxy`]), in the guard's order: the
+/// client address, `IP_BLACKLIST`, the lockout (asked only when a credential is presented or
+/// required), then the client credential under `GATEKEEPER`. The one home of that rule: the
+/// [`guard`] calls it for proxied routes the router matched, and so does the proxied routes'
+/// straight path (`app::Front`), which skips the router. Refusals are counted here.
+pub async fn admit_proxied(
+    state: &AppState,
+    peer: IpAddr,
+    headers: &HeaderMap,
+) -> Result<(IpAddr, Principal), Response> {
+    let trusted = state.config.trusted_proxies();
+    let ip = match client_ip(peer, headers, trusted) {
+        Ok(ip) => ip,
+        Err(bad) => {
+            crate::metrics::refused(Refused::BadRequest);
+            return Err(ProxyError::bad_request(bad_forwarded_for(&bad, trusted)).into_response());
+        }
+    };
+    if in_list(&state.config.ip_blacklist, ip) {
+        crate::metrics::refused(Refused::Blacklist);
+        return Err(ProxyError::forbidden(BLACKLISTED).into_response());
+    }
+    let presents_credential =
+        state.config.mode() != GatekeeperMode::None || client_credential(headers).is_some();
+    if presents_credential {
+        if let Some(secs) = state.lockout.refusal(ip).await {
+            crate::metrics::refused(Refused::Lockout);
+            return Err(lockout_error(secs).into_response());
+        }
+    }
+    match credentials::admit_client(state, ip, headers) {
+        Ok(principal) => Ok((ip, principal)),
+        Err(e) => {
+            crate::metrics::refused(Refused::Auth);
+            Err(e.into_response())
+        }
+    }
+}
+
+/// The refusal of an address in `IP_BLACKLIST`.
+const BLACKLISTED: &str = "Forbidden: your address is blocked by this proxy (IP_BLACKLIST)";
+
+/// The 400 for an `X-Forwarded-For` entry that is not an address among the trusted hops.
+fn bad_forwarded_for(bad: &BadForwardedFor, trusted: usize) -> String {
+    format!(
+        "X-Forwarded-For entry {:?} is not an IP address. This server trusts the last {trusted} entr{} of X-Forwarded-For (TRUSTED_PROXIES={trusted}); they must be addresses written by your reverse proxies.",
+        bad.entry,
+        if trusted == 1 { "y" } else { "ies" }
+    )
 }
 
 /// The refusal for a locked-out address.

@@ -91,7 +91,7 @@ pub struct Route {
     /// The upstream API (its wire format; after translation, when the route translates).
     pub api: Api,
     /// The normalised upstream path (`/v1/...`); the client's path when `None`.
-    pub upstream_path: Option<String>,
+    pub upstream_path: Option<Arc<str>>,
     /// The client speaks another format than the upstream.
     pub translation: Option<Arc<dyn Translation>>,
 }
@@ -102,7 +102,7 @@ impl Route {
         Route {
             provider,
             api,
-            upstream_path: Some(upstream_path.to_string()),
+            upstream_path: Some(Arc::from(upstream_path)),
             translation: None,
         }
     }
@@ -116,9 +116,9 @@ struct Ctx {
     method: Method,
     /// The route template the client's path matched (`/v1/models/{id}`), for the log line: a
     /// raw path may carry anything a client puts in it, a token included, and is never logged.
-    client_path: String,
+    client_path: Arc<str>,
     /// The normalised upstream path (`/v1/...`).
-    upstream_path: String,
+    upstream_path: Arc<str>,
     query: Option<String>,
     headers: HeaderMap,
     principal: Principal,
@@ -132,7 +132,7 @@ struct Ctx {
 pub async fn proxy(
     state: AppState,
     api: Api,
-    upstream_path: Option<String>,
+    upstream_path: Option<Arc<str>>,
     req: Request,
 ) -> Response {
     let route = Route {
@@ -144,14 +144,17 @@ pub async fn proxy(
     forward(state, route, req).await
 }
 
-/// Handles one proxied request along a [`Route`].
+/// Who is calling, as the gate decided ([`crate::auth::admit_proxied`]), and the route
+/// template the client's path matched (for the log line).
+pub struct Caller {
+    pub principal: Principal,
+    pub ip: IpAddr,
+    pub client_path: Arc<str>,
+}
+
+/// Handles one proxied request along a [`Route`], as the router hands it on (the guard's
+/// findings in its extensions).
 pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
-    let Route {
-        provider,
-        api,
-        upstream_path,
-        translation,
-    } = route;
     let (mut parts, body) = req.into_parts();
     // Taken out rather than cloned: nothing after the forwarder reads it (one allocation less).
     let Some(principal) = parts.extensions.remove::<Principal>() else {
@@ -167,13 +170,42 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
     let client_path = parts
         .extensions
         .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "-".to_string(), |m| m.as_str().to_string());
+        .map_or_else(|| Arc::from("-"), |m| Arc::from(m.as_str()));
     let path_model = parts.extensions.get::<PathModel>().map(|m| m.0.clone());
+    let caller = Caller {
+        principal,
+        ip,
+        client_path,
+    };
+    forward_parts(state, route, caller, parts, path_model, body).await
+}
+
+/// Handles one proxied request along a [`Route`] from its parts: the forwarder proper, called
+/// by [`forward`] and by the proxied routes' straight path (`app::Front`).
+pub async fn forward_parts(
+    state: AppState,
+    route: Route,
+    caller: Caller,
+    parts: axum::http::request::Parts,
+    path_model: Option<String>,
+    body: Body,
+) -> Response {
+    let Route {
+        provider,
+        api,
+        upstream_path,
+        translation,
+    } = route;
+    let Caller {
+        principal,
+        ip,
+        client_path,
+    } = caller;
     let ctx = Ctx {
         provider,
         api,
         translation,
-        upstream_path: upstream_path.unwrap_or_else(|| parts.uri.path().to_string()),
+        upstream_path: upstream_path.unwrap_or_else(|| Arc::from(parts.uri.path())),
         client_path,
         query: parts.uri.query().map(str::to_string),
         method: parts.method,
@@ -770,7 +802,7 @@ async fn send(
     let translated_path = ctx.translation.as_ref().and_then(|t| t.upstream_path());
     let (path, query) = match &translated_path {
         Some(p) => (p.as_str(), None),
-        None => (ctx.upstream_path.as_str(), ctx.query.as_deref()),
+        None => (&*ctx.upstream_path, ctx.query.as_deref()),
     };
     let mut last_429: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
     // Cloud credentials that cannot serve this request's model (Bedrock's

@@ -77,7 +77,7 @@ async fn generate(state: AppState, v: &str, model_method: &str, mut req: Request
         } else {
             Api::GoogleAiGenerate
         },
-        upstream_path: Some(path),
+        upstream_path: Some(Arc::from(path)),
         translation: None,
     };
     forward::forward(state, route, req).await
@@ -94,7 +94,7 @@ async fn models(state: AppState, v: &str, req: Request) -> Response {
     let route = Route {
         provider: Provider::GoogleAi,
         api: Api::GoogleAiOther,
-        upstream_path: Some(path.clone()),
+        upstream_path: Some(Arc::from(path.as_str())),
         translation: Some(Arc::new(ModelList { path })),
     };
     forward::forward(state, route, req).await

@@ -377,58 +377,188 @@ fn is_model_id_path(path: &str) -> bool {
         .is_some_and(|id| !id.is_empty() && !id.contains('/'))
 }
 
+/// A proxied route at a fixed path (no path parameters) for `POST`: where its requests go,
+/// built once at startup. [`fixed_routes`] is the one table of them: [`routes`] registers each
+/// with the router, and [`FixedRoutes`] lets the server's front (`app::Front`) send their
+/// requests straight to the forwarder without the router and its middleware (issue 18).
+#[derive(Clone)]
+pub struct FixedRoute {
+    /// The client's path, which is also the route template (for the auth route table and the
+    /// log line).
+    pub path: Arc<str>,
+    provider: Provider,
+    api: Api,
+    /// The upstream path; `None`: the client's path.
+    upstream_path: Option<Arc<str>>,
+    /// OpenAI chat in, Anthropic Messages up (the clouds' and the alias's chat routes).
+    translated: bool,
+}
+
+impl FixedRoute {
+    fn new(path: String, provider: Provider, api: Api, upstream: Option<&str>) -> FixedRoute {
+        FixedRoute {
+            path: Arc::from(path),
+            provider,
+            api,
+            upstream_path: upstream.map(Arc::from),
+            translated: false,
+        }
+    }
+
+    fn translated(mut self) -> FixedRoute {
+        self.translated = true;
+        self
+    }
+
+    /// The forwarder's route for one request (a translation keeps per-request state, so each
+    /// request gets its own).
+    pub fn route(&self) -> Route {
+        Route {
+            provider: self.provider,
+            api: self.api,
+            upstream_path: self.upstream_path.clone(),
+            translation: if self.translated {
+                Some(Arc::new(
+                    crate::providers::translate::adapter::OpenAiChatTo::anthropic(),
+                ))
+            } else {
+                None
+            },
+        }
+    }
+}
+
+/// Every proxied `POST` route at a fixed path, under `prefix` (`PROXY_ENDPOINT_ROUTE`) where
+/// the original has them there. The clouds' routes are listed with and without `/v1`, as the
+/// original accepts both; their upstream path is the client's (the cloud builds its own URL).
+pub fn fixed_routes(prefix: &str) -> Vec<FixedRoute> {
+    use Api::*;
+    use Provider::*;
+    let images = Some("/v1/images/generations");
+    let chat = Some("/v1/chat/completions");
+    let mut table = vec![
+        FixedRoute::new("/v1/chat/completions".into(), OpenAi, OpenAiChat, None),
+        FixedRoute::new("/v1/completions".into(), OpenAi, OpenAiCompletions, None),
+        FixedRoute::new("/v1/embeddings".into(), OpenAi, OpenAiEmbeddings, None),
+        FixedRoute::new(
+            "/v1/images/generations".into(),
+            OpenAi,
+            OpenAiImages,
+            images,
+        ),
+        FixedRoute::new("/v1/messages".into(), Anthropic, AnthropicMessages, None),
+        FixedRoute::new(
+            "/v1/messages/count_tokens".into(),
+            Anthropic,
+            AnthropicOther,
+            None,
+        ),
+        FixedRoute::new(
+            format!("{prefix}/mistral-ai/v1/chat/completions"),
+            MistralAi,
+            OpenAiChat,
+            chat,
+        ),
+        FixedRoute::new(
+            format!("{prefix}/azure/openai/v1/chat/completions"),
+            Azure,
+            OpenAiChat,
+            chat,
+        ),
+        FixedRoute::new(
+            format!("{prefix}/azure/openai/v1/images/generations"),
+            Azure,
+            OpenAiImages,
+            images,
+        ),
+        FixedRoute::new(
+            format!("{prefix}/openai-image/v1/images/generations"),
+            OpenAi,
+            OpenAiImages,
+            images,
+        ),
+    ];
+    for v1 in ["/v1", ""] {
+        let cloud = |path: String, provider, api| FixedRoute {
+            upstream_path: Some(Arc::from(path.as_str())),
+            ..FixedRoute::new(path, provider, api, None)
+        };
+        table.extend([
+            cloud(
+                format!("{prefix}/aws/claude{v1}/messages"),
+                Aws,
+                AnthropicMessages,
+            ),
+            cloud(
+                format!("{prefix}/aws/claude{v1}/chat/completions"),
+                Aws,
+                AnthropicMessages,
+            )
+            .translated(),
+            cloud(
+                format!("{prefix}/aws/mistral{v1}/chat/completions"),
+                AwsMistral,
+                OpenAiChat,
+            ),
+            cloud(
+                format!("{prefix}/gcp/claude{v1}/messages"),
+                Gcp,
+                AnthropicMessages,
+            ),
+            cloud(
+                format!("{prefix}/gcp/claude{v1}/chat/completions"),
+                Gcp,
+                AnthropicMessages,
+            )
+            .translated(),
+        ]);
+    }
+    table
+}
+
+/// [`fixed_routes`] by path, for the server's front: a request whose path and method match
+/// goes straight to the forwarder.
+pub struct FixedRoutes(std::collections::HashMap<Box<str>, FixedRoute>);
+
+impl FixedRoutes {
+    pub fn new(prefix: &str) -> FixedRoutes {
+        FixedRoutes(
+            fixed_routes(prefix)
+                .into_iter()
+                .map(|r| (Box::from(&*r.path), r))
+                .collect(),
+        )
+    }
+
+    /// The route of a `POST` to `path`, if it is one of the table.
+    pub fn get(&self, method: &Method, path: &str) -> Option<&FixedRoute> {
+        if method != Method::POST {
+            return None;
+        }
+        self.0.get(path)
+    }
+}
+
 /// The proxied routes: `/v1/...` (OpenAI paths to the OpenAI upstream, `/v1/messages...` to
 /// Anthropic) and the compatibility aliases `{PROXY_ENDPOINT_ROUTE}/openai/...` and
 /// `{PROXY_ENDPOINT_ROUTE}/anthropic/...`, with `/v1` added when the client left it out.
 pub fn routes(config: &Config) -> Router<AppState> {
     let prefix = &config.proxy_endpoint_route;
-    Router::new()
-        .route(
-            "/v1/chat/completions",
-            post(openai_chat).fallback(wrong_method),
-        )
-        .route(
-            "/v1/completions",
-            post(openai_completions).fallback(wrong_method),
-        )
-        .route(
-            "/v1/embeddings",
-            post(openai_embeddings).fallback(wrong_method),
-        )
-        .route(
-            "/v1/images/generations",
-            post(openai_images).fallback(wrong_method),
-        )
+    let mut router = Router::new();
+    for fixed in fixed_routes(prefix) {
+        let path = fixed.path.clone();
+        let handler = move |State(s): State<AppState>, req: Request| async move {
+            forward::forward(s, fixed.route(), req).await
+        };
+        router = router.route(&path, post(handler).fallback(wrong_method));
+    }
+    router
         .route("/v1/models", get(openai_other).fallback(wrong_method))
         .route("/v1/models/{id}", get(openai_other).fallback(wrong_method))
-        .route(
-            "/v1/messages",
-            post(anthropic_messages).fallback(wrong_method),
-        )
-        .route(
-            "/v1/messages/count_tokens",
-            post(anthropic_other).fallback(wrong_method),
-        )
         .route("/v1/{*rest}", any(unknown_route))
-        .route(
-            &format!("{prefix}/mistral-ai/v1/chat/completions"),
-            post(mistral_ai_chat).fallback(wrong_method),
-        )
         .route(
             &format!("{prefix}/mistral-ai/v1/models"),
             get(mistral_ai_models).fallback(wrong_method),
-        )
-        .route(
-            &format!("{prefix}/azure/openai/v1/chat/completions"),
-            post(azure_chat).fallback(wrong_method),
-        )
-        .route(
-            &format!("{prefix}/azure/openai/v1/images/generations"),
-            post(azure_images).fallback(wrong_method),
-        )
-        .route(
-            &format!("{prefix}/openai-image/v1/images/generations"),
-            post(openai_images).fallback(wrong_method),
         )
         .route(
             &format!("{prefix}/azure/openai/v1/models"),
@@ -439,30 +569,16 @@ pub fn routes(config: &Config) -> Router<AppState> {
             &format!("{prefix}/anthropic/{{*rest}}"),
             any(anthropic_alias),
         )
-        .merge(cloud_routes(prefix))
+        .merge(cloud_model_routes(prefix))
         .merge(google_ai::routes(prefix))
 }
 
-/// The routes of the clouds, as the original names them (`/v1` may be left out):
-/// `{prefix}/aws/claude/v1/messages` (Anthropic Messages) and `/v1/chat/completions` (OpenAI
-/// chat, translated) to Claude on Bedrock, `{prefix}/aws/mistral/v1/chat/completions` to
-/// Mistral on Bedrock, `{prefix}/gcp/claude/...` to Claude on Vertex AI, and the model lists.
-fn cloud_routes(prefix: &str) -> Router<AppState> {
+/// The clouds' model lists, as the original names them (`/v1` may be left out); their
+/// `POST` routes are in [`fixed_routes`].
+fn cloud_model_routes(prefix: &str) -> Router<AppState> {
     let mut r = Router::new();
     for v1 in ["/v1", ""] {
         r = r
-            .route(
-                &format!("{prefix}/aws/claude{v1}/messages"),
-                post(aws_claude_messages).fallback(wrong_method),
-            )
-            .route(
-                &format!("{prefix}/aws/claude{v1}/chat/completions"),
-                post(aws_claude_chat).fallback(wrong_method),
-            )
-            .route(
-                &format!("{prefix}/aws/mistral{v1}/chat/completions"),
-                post(aws_mistral_chat).fallback(wrong_method),
-            )
             .route(
                 &format!("{prefix}/aws{v1}/models"),
                 get(aws_models).fallback(wrong_method),
@@ -472,14 +588,6 @@ fn cloud_routes(prefix: &str) -> Router<AppState> {
                 get(aws_vendor_models).fallback(wrong_method),
             )
             .route(
-                &format!("{prefix}/gcp/claude{v1}/messages"),
-                post(gcp_claude_messages).fallback(wrong_method),
-            )
-            .route(
-                &format!("{prefix}/gcp/claude{v1}/chat/completions"),
-                post(gcp_claude_chat).fallback(wrong_method),
-            )
-            .route(
                 &format!("{prefix}/gcp/claude{v1}/models"),
                 get(gcp_models).fallback(wrong_method),
             );
@@ -487,45 +595,6 @@ fn cloud_routes(prefix: &str) -> Router<AppState> {
     r
 }
 
-/// One request to a cloud provider; `translated` for OpenAI chat clients of Claude.
-async fn cloud(
-    state: AppState,
-    provider: Provider,
-    api: Api,
-    translated: bool,
-    req: Request,
-) -> Response {
-    let translation: Option<Arc<dyn crate::providers::Translation>> = if translated {
-        Some(Arc::new(
-            crate::providers::translate::adapter::OpenAiChatTo::anthropic(),
-        ))
-    } else {
-        None
-    };
-    let route = forward::Route {
-        provider,
-        api,
-        upstream_path: Some(req.uri().path().to_string()),
-        translation,
-    };
-    forward::forward(state, route, req).await
-}
-
-async fn aws_claude_messages(State(s): State<AppState>, req: Request) -> Response {
-    cloud(s, Provider::Aws, Api::AnthropicMessages, false, req).await
-}
-async fn aws_claude_chat(State(s): State<AppState>, req: Request) -> Response {
-    cloud(s, Provider::Aws, Api::AnthropicMessages, true, req).await
-}
-async fn aws_mistral_chat(State(s): State<AppState>, req: Request) -> Response {
-    cloud(s, Provider::AwsMistral, Api::OpenAiChat, false, req).await
-}
-async fn gcp_claude_messages(State(s): State<AppState>, req: Request) -> Response {
-    cloud(s, Provider::Gcp, Api::AnthropicMessages, false, req).await
-}
-async fn gcp_claude_chat(State(s): State<AppState>, req: Request) -> Response {
-    cloud(s, Provider::Gcp, Api::AnthropicMessages, true, req).await
-}
 async fn aws_models(State(s): State<AppState>) -> Response {
     if s.upstreams.provider(Provider::Aws).keys.is_empty() {
         return axum::Json(serde_json::json!({"object": "list", "data": []})).into_response();
@@ -588,46 +657,11 @@ async fn unknown_route(req: Request) -> Response {
     .into_response()
 }
 
-async fn openai_chat(State(s): State<AppState>, req: Request) -> Response {
-    forward::proxy(s, Api::OpenAiChat, None, req).await
-}
-async fn openai_completions(State(s): State<AppState>, req: Request) -> Response {
-    forward::proxy(s, Api::OpenAiCompletions, None, req).await
-}
-async fn openai_embeddings(State(s): State<AppState>, req: Request) -> Response {
-    forward::proxy(s, Api::OpenAiEmbeddings, None, req).await
-}
 async fn openai_other(State(s): State<AppState>, req: Request) -> Response {
     forward::proxy(s, Api::OpenAiOther, None, req).await
 }
-async fn anthropic_messages(State(s): State<AppState>, req: Request) -> Response {
-    forward::proxy(s, Api::AnthropicMessages, None, req).await
-}
-async fn anthropic_other(State(s): State<AppState>, req: Request) -> Response {
-    forward::proxy(s, Api::AnthropicOther, None, req).await
-}
-async fn mistral_ai_chat(State(s): State<AppState>, req: Request) -> Response {
-    let route = Route::to(Provider::MistralAi, Api::OpenAiChat, "/v1/chat/completions");
-    forward::forward(s, route, req).await
-}
 async fn mistral_ai_models(State(s): State<AppState>, req: Request) -> Response {
     let route = Route::to(Provider::MistralAi, Api::OpenAiOther, "/v1/models");
-    forward::forward(s, route, req).await
-}
-async fn openai_images(State(s): State<AppState>, req: Request) -> Response {
-    let route = Route::to(
-        Provider::OpenAi,
-        Api::OpenAiImages,
-        "/v1/images/generations",
-    );
-    forward::forward(s, route, req).await
-}
-async fn azure_images(State(s): State<AppState>, req: Request) -> Response {
-    let route = Route::to(Provider::Azure, Api::OpenAiImages, "/v1/images/generations");
-    forward::forward(s, route, req).await
-}
-async fn azure_chat(State(s): State<AppState>, req: Request) -> Response {
-    let route = Route::to(Provider::Azure, Api::OpenAiChat, "/v1/chat/completions");
     forward::forward(s, route, req).await
 }
 /// The Azure model list: the configured deployments (what clients send as `model`), answered
@@ -672,7 +706,7 @@ async fn alias(state: AppState, provider: Provider, segment: &str, req: Request)
         let route = forward::Route {
             provider: Provider::Anthropic,
             api: Api::AnthropicMessages,
-            upstream_path: Some("/v1/messages".to_string()),
+            upstream_path: Some(Arc::from("/v1/messages")),
             translation: Some(std::sync::Arc::new(
                 crate::providers::translate::adapter::OpenAiChatTo::anthropic(),
             )),
@@ -680,7 +714,7 @@ async fn alias(state: AppState, provider: Provider, segment: &str, req: Request)
         return forward::forward(state, route, req).await;
     }
     match classify(provider, req.method(), &path) {
-        Some(api) => forward::proxy(state, api, Some(path), req).await,
+        Some(api) => forward::proxy(state, api, Some(Arc::from(path)), req).await,
         None => ProxyError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",

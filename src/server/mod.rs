@@ -1,6 +1,7 @@
 //! The accept loop: takes TCP connections, applies the connection caps, and serves each one
-//! with hyper's HTTP/1 server (the axum router behind `TowerToHyperService`) under the client
-//! timers. Knows nothing of routes, users or upstreams.
+//! with hyper's HTTP/1 server under the client timers, handing each request to a [`Front`]
+//! (the application's front, `app::Front`, or a bare axum `Router`) with the socket peer.
+//! Knows nothing of routes, users or upstreams.
 //!
 //! Our own loop instead of `axum::serve`, which has no timers and no caps: with it, 50
 //! connections trickling header bytes, a slow body and an idle keep-alive were all still open
@@ -29,11 +30,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::extract::ConnectInfo;
+use axum::response::Response;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -238,11 +244,69 @@ pub fn bind_listeners(
     Ok(out)
 }
 
+/// The request a [`Front`] gets: hyper's, with the body under the `CLIENT_BODY_TIMEOUT_SECS`
+/// timer between reads.
+pub type FrontRequest = hyper::Request<TimeoutBody<Incoming>>;
+
+/// What the accept loop serves: each request with the connection's socket peer (which the
+/// front uses to decide the client address). One value for the whole server, cloned once per
+/// connection.
+pub trait Front: Clone + Send + Sync + 'static {
+    type Future: Future<Output = Response> + Send + Unpin + 'static;
+    fn serve(&self, req: FrontRequest, peer: SocketAddr) -> Self::Future;
+}
+
+/// A bare router as the front: every request goes through it, with [`ConnectInfo`] inserted.
+impl Front for Router {
+    type Future = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+    fn serve(&self, req: FrontRequest, peer: SocketAddr) -> Self::Future {
+        let mut req = req.map(axum::body::Body::new);
+        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+        let router = self.clone();
+        Box::pin(async move {
+            match tower::ServiceExt::oneshot(router, req).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
+        })
+    }
+}
+
+/// One connection's hyper service: the front, the peer and the body timer.
+struct ConnService<F> {
+    front: F,
+    peer: SocketAddr,
+    body_timeout: Duration,
+}
+
+impl<F: Front> hyper::service::Service<hyper::Request<Incoming>> for ConnService<F> {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Served<F::Future>;
+
+    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+        let req = req.map(|body| TimeoutBody::new(self.body_timeout, body));
+        Served(self.front.serve(req, self.peer))
+    }
+}
+
+/// A front's future as hyper wants it (a `Result` that is never an error).
+struct Served<Fut>(Fut);
+
+impl<Fut: Future<Output = Response> + Unpin> Future for Served<Fut> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(Ok)
+    }
+}
+
 /// Serves `app` on `listener` until `stop` is cancelled; then stops accepting, lets every open
 /// connection finish its request (streams included) within `grace`, and closes what is left.
 pub async fn run(
     listener: TcpListener,
-    app: Router,
+    app: impl Front,
     limits: Limits,
     stop: CancellationToken,
     grace: Duration,
@@ -262,7 +326,7 @@ pub async fn run(
 /// [`run`] for one of several workers: the caps count `counts`, shared by all of them.
 pub async fn run_shared(
     listener: TcpListener,
-    app: Router,
+    app: impl Front,
     limits: Limits,
     counts: Arc<ConnectionCounts>,
     stop: CancellationToken,
@@ -313,16 +377,12 @@ pub async fn run_shared(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY on a client connection");
         }
-        let body_timeout = limits.body_timeout;
-        let svc = tower::ServiceExt::map_request(
-            app.clone(),
-            move |req: axum::http::Request<Incoming>| {
-                let mut req = req.map(|body| TimeoutBody::new(body_timeout, body));
-                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                req
-            },
-        );
-        let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(svc));
+        let svc = ConnService {
+            front: app.clone(),
+            peer,
+            body_timeout: limits.body_timeout,
+        };
+        let conn = http.serve_connection(TokioIo::new(tcp), svc);
         let (stop, force_close) = (stop.clone(), force_close.clone());
         connections.spawn(async move {
             let _slot = slot;
