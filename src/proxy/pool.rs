@@ -81,7 +81,7 @@ struct Idle {
 /// The idle connections of one host on this thread.
 struct HostIdle {
     target: Arc<Target>,
-    /// The `Host` header for this target (built once; cloning it does not allocate).
+    /// The `Host` header for this target, built once per thread and host.
     host_header: HeaderValue,
     /// Oldest at the front; connections are taken from the back (the most recently used is
     /// the least likely to have been closed by the upstream).
