@@ -214,8 +214,13 @@ impl Pool {
     /// The client as `UPSTREAM_CONNECT_TIMEOUT_SECS` and the platform's certificates make it.
     /// Fails when the system's TLS certificates cannot be loaded.
     pub fn from_config(config: &Config) -> Result<Pool, ConfigError> {
+        Pool::with_connect_timeout(config.upstream_connect_timeout())
+    }
+
+    /// The client with the platform's certificates and this connect timeout.
+    pub fn with_connect_timeout(connect_timeout: Duration) -> Result<Pool, ConfigError> {
         let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(config.upstream_connect_timeout()));
+        http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
         // Without this the connector refuses `https://` URLs before TLS gets a chance.
         http.enforce_http(false);
@@ -694,6 +699,33 @@ mod tests {
         assert!(!err.is_connect_timeout(), "{err}");
         let err = pool().send(get("/no-host")).await.unwrap_err();
         assert!(!err.is_connect());
+    }
+
+    /// A connect that does not complete within the connect timeout is told apart (504 rather
+    /// than 502 in the forwarder).
+    #[tokio::test]
+    async fn a_connect_that_does_not_complete_in_time_is_a_connect_timeout() {
+        // A listener that never accepts, with its queue full: the kernel drops further SYNs
+        // (`tcp_abort_on_overflow` is 0 by default), so connecting to it hangs.
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        sock.listen(0).unwrap();
+        let addr = sock.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..8 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => fillers.push(s),
+                Err(_) => break,
+            }
+        }
+        let pool = Pool::with_connect_timeout(Duration::from_millis(50)).unwrap();
+        let err = pool
+            .send(get(&format!("http://{addr}/")))
+            .await
+            .unwrap_err();
+        assert!(err.is_connect() && err.is_connect_timeout(), "{err}");
     }
 
     /// A local TLS server (a test CA's certificate for `localhost`) answering `ok` over
