@@ -79,26 +79,26 @@ pub fn set_output_cap(body: &mut Value, cap: u64) {
 }
 
 /// Anthropic's `usage` object, in a whole message and in stream events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Read from the response's bytes or from a `Value` through the same derived type; the
+/// fields leniently ([`super::lenient`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 pub struct AnthropicUsage {
     /// Excludes cache reads and writes, which are prompt tokens too.
+    #[serde(default, deserialize_with = "super::lenient::u64")]
     pub input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient::u64")]
     pub cache_creation_input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient::u64")]
     pub cache_read_input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient::u64")]
     pub output_tokens: Option<u64>,
 }
 
 impl AnthropicUsage {
     /// Reads the fields leniently; `None` when the value is not an object.
     pub fn from_json(v: &Value) -> Option<AnthropicUsage> {
-        let o = v.as_object()?;
-        let n = |k: &str| o.get(k).and_then(Value::as_u64);
-        Some(AnthropicUsage {
-            input_tokens: n("input_tokens"),
-            cache_creation_input_tokens: n("cache_creation_input_tokens"),
-            cache_read_input_tokens: n("cache_read_input_tokens"),
-            output_tokens: n("output_tokens"),
-        })
+        v.as_object()?;
+        <AnthropicUsage as serde::Deserialize>::deserialize(v).ok()
     }
 
     /// `final_output`: the output count is final (everything but `message_start`, whose

@@ -105,12 +105,19 @@ pub fn family_for(model: &str) -> Option<String> {
 /// `openai/gpt-4o` or `anthropic/claude-3.5-sonnet`, which must count in the same family as
 /// the bare name (else a prefix would escape the user's quota). Everything up to the last `/`
 /// is dropped (a Vertex or Bedrock resource path keeps its model name at the end too).
-fn bare_model(model: &str) -> String {
-    let m = model.trim().to_ascii_lowercase();
-    match m.rsplit_once('/') {
-        Some((_, name)) if !name.is_empty() => name.to_string(),
-        _ => m,
+/// Borrowed when the name is already bare and lower-case (the usual case: no allocation on the
+/// request path).
+fn bare_model(model: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let trimmed = model.trim();
+    let name = match trimmed.rsplit_once('/') {
+        Some((_, name)) if !name.is_empty() => name,
+        _ => trimmed,
+    };
+    if !name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Cow::Borrowed(name);
     }
+    Cow::Owned(name.to_ascii_lowercase())
 }
 
 /// The most output tokens a response of `model` can hold per choice, an upper bound of what

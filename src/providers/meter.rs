@@ -7,6 +7,9 @@
 //! nothing of users or the store, and nothing of any provider's JSON fields.
 
 use bytes::{Buf, Bytes, BytesMut};
+use std::borrow::Cow;
+
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::{Api, Provider, Seen, Usage};
@@ -173,10 +176,11 @@ impl Meter {
             // Fast path: read only the top-level usage field (serde skips everything else
             // without building it). When it holds both counts nothing else in the body matters.
             if let Some([Some(u), model]) = top_level_fields(&body, [key, "model"]) {
-                if let Some(m) = model.as_ref().and_then(Value::as_str) {
-                    self.seen.model(m);
+                if let Some(m) = model.and_then(|m| serde_json::from_str::<Cow<str>>(m.get()).ok())
+                {
+                    self.seen.model(&m);
                 }
-                if let Some(r) = self.provider.usage_from(self.api, &u) {
+                if let Some(r) = self.provider.usage_from_raw(self.api, u.get()) {
                     self.seen.usage(r);
                     if self.seen.prompt.is_some() && self.seen.completion_final {
                         return;
@@ -293,13 +297,14 @@ impl Meter {
     }
 }
 
-/// The values of two top-level fields of a JSON object, skipping every other field without
-/// building it. `None` when the body is not a JSON object; a missing field is `None` inside.
-fn top_level_fields(body: &[u8], keys: [&str; 2]) -> Option<[Option<Value>; 2]> {
+/// The JSON text of two top-level fields of a JSON object (borrowed from `body`), skipping
+/// every other field without building it. `None` when the body is not a JSON object; a missing
+/// field is `None` inside.
+fn top_level_fields<'b>(body: &'b [u8], keys: [&str; 2]) -> Option<[Option<&'b RawValue>; 2]> {
     use serde::de::{Deserializer, MapAccess, Visitor};
     struct Fields<'k>([&'k str; 2]);
     impl<'de> Visitor<'de> for Fields<'_> {
-        type Value = [Option<Value>; 2];
+        type Value = [Option<&'de RawValue>; 2];
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
@@ -307,7 +312,7 @@ fn top_level_fields(body: &[u8], keys: [&str; 2]) -> Option<[Option<Value>; 2]> 
             let mut found = [None, None];
             while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                 match self.0.iter().position(|key| *key == k) {
-                    Some(i) => found[i] = Some(map.next_value::<Value>()?),
+                    Some(i) => found[i] = Some(map.next_value::<&'de RawValue>()?),
                     None => {
                         map.next_value::<serde::de::IgnoredAny>()?;
                     }

@@ -61,6 +61,7 @@ pub mod gcp;
 pub mod google_ai;
 pub mod images;
 pub mod key_errors;
+pub mod lenient;
 pub mod meter;
 pub mod mistral;
 pub mod openai;
@@ -481,6 +482,25 @@ impl Provider {
                 google_ai::usage_from_json(usage)
             }
             _ => Some(openai::OpenAiUsage::from_json(usage)?.into_usage()),
+        }
+    }
+
+    /// [`Provider::usage_from`] from the usage object's JSON text (borrowed from the response
+    /// body; read without building a tree).
+    pub fn usage_from_raw(self, api: Api, usage: &str) -> Option<ReportedUsage> {
+        match api {
+            Api::AnthropicMessages | Api::AnthropicOther => {
+                let u: anthropic::AnthropicUsage = serde_json::from_str(usage).ok()?;
+                Some(u.into_usage(true))
+            }
+            Api::GoogleAiGenerate | Api::GoogleAiStream | Api::GoogleAiOther => {
+                let u: translate::gemini::UsageMetadata = serde_json::from_str(usage).ok()?;
+                Some(u.into_usage())
+            }
+            _ => {
+                let u: openai::OpenAiUsage = serde_json::from_str(usage).ok()?;
+                u.prompt_tokens.is_some().then(|| u.into_usage())
+            }
         }
     }
 

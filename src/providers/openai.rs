@@ -184,11 +184,16 @@ pub fn ask_stream_usage(api: Api, body: &mut Value, facts: &RequestFacts) -> boo
 }
 
 /// OpenAI's `usage` object (chat, completions, embeddings; Mistral and Azure alike).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Read from the response's bytes or from a `Value` through the same derived type; the
+/// fields leniently ([`super::lenient`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 pub struct OpenAiUsage {
     /// Includes cached prompt tokens.
+    #[serde(default, deserialize_with = "super::lenient::u64")]
     pub prompt_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient::u64")]
     pub completion_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "super::lenient::u64")]
     pub total_tokens: Option<u64>,
 }
 
@@ -196,12 +201,7 @@ impl OpenAiUsage {
     /// Reads the fields leniently: a missing or non-integer field is absent. `None` when the
     /// value is not an object or carries no prompt count.
     pub fn from_json(v: &Value) -> Option<OpenAiUsage> {
-        let n = |k: &str| v.get(k).and_then(Value::as_u64);
-        let u = OpenAiUsage {
-            prompt_tokens: n("prompt_tokens"),
-            completion_tokens: n("completion_tokens"),
-            total_tokens: n("total_tokens"),
-        };
+        let u = <OpenAiUsage as serde::Deserialize>::deserialize(v).ok()?;
         u.prompt_tokens.is_some().then_some(u)
     }
 

@@ -798,6 +798,9 @@ async fn send(
         cause: Some(Box::new(e)),
     };
     headers.insert(header::USER_AGENT, state.upstreams.user_agent.clone());
+    // The first attempt takes these headers; a retry builds them again (the same way) rather
+    // than every attempt paying for a copy.
+    let mut first_headers = Some(headers);
     // A translation may choose the upstream path (and query) from the client's request.
     let translated_path = ctx.translation.as_ref().and_then(|t| t.upstream_path());
     let (path, query) = match &translated_path {
@@ -848,7 +851,11 @@ async fn send(
         let mut out = UpstreamRequest {
             method: ctx.method.clone(),
             url,
-            headers: headers.clone(),
+            headers: first_headers.take().unwrap_or_else(|| {
+                let mut h = upstream_headers(ctx);
+                h.insert(header::USER_AGENT, state.upstreams.user_agent.clone());
+                h
+            }),
             body: body.clone(),
         };
         let key_use = KeyUse {
@@ -1125,20 +1132,23 @@ fn relay(
     if let Some(t) = ticket.as_mut() {
         t.on_response_start(status, is_sse);
     }
-    let mut headers = HeaderMap::with_capacity(resp.headers().len() + extra.len() + 1);
-    for (name, value) in resp.headers() {
+    let (parts, upstream_body) = resp.into_parts();
+    // The upstream's header map, kept, with the dropped headers taken out of it (no new map
+    // and no copy of the rest; a response has a handful of headers, so the repeated scan is
+    // cheaper than collecting the names).
+    let mut headers = parts.headers;
+    let dropped = |name: &HeaderName| {
         let n = name.as_str();
-        if DROPPED_RESPONSE_HEADERS.contains(&n)
+        DROPPED_RESPONSE_HEADERS.contains(&n)
             || DROPPED_RESPONSE_PREFIXES.iter().any(|p| n.starts_with(p))
             // A ticket may remove an SSE event, so a stream's length is only known without
             // one. Other bodies pass through the ticket unchanged and keep their length, which
             // lets the server send headers and body in one write instead of chunking them.
             || (ticket.is_some() && is_sse && name == header::CONTENT_LENGTH)
             || (rewritten && name == header::CONTENT_LENGTH)
-        {
-            continue;
-        }
-        headers.append(name.clone(), value.clone());
+    };
+    while let Some(name) = headers.keys().find(|n| dropped(n)).cloned() {
+        headers.remove(&name);
     }
     if let Some(t) = client_type {
         headers.insert(header::CONTENT_TYPE, t);
@@ -1149,7 +1159,7 @@ fn relay(
     }
     extend_headers(&mut headers, extra);
     let body = Relay {
-        upstream: resp.into_body(),
+        upstream: upstream_body,
         ticket,
         transforms,
         ended: false,

@@ -416,7 +416,8 @@ impl FixedRoute {
         Route {
             provider: self.provider,
             api: self.api,
-            upstream_path: self.upstream_path.clone(),
+            // The client's path, when the route keeps it, is this route's own.
+            upstream_path: Some(self.upstream_path.as_ref().unwrap_or(&self.path).clone()),
             translation: if self.translated {
                 Some(Arc::new(
                     crate::providers::translate::adapter::OpenAiChatTo::anthropic(),
