@@ -15,7 +15,10 @@
 //! when a connection is taken or given back, not by a timer); at most [`MAX_IDLE_PER_HOST`]
 //! idle per host and thread; a connection goes back only when its response body was read to the
 //! end and it is still open; a request that a reused connection could not even start to send
-//! (closed by the upstream while idle) is sent once more on a new connection.
+//! (closed by the upstream while idle) is sent once more on a new connection. Unlike the legacy
+//! client there is no reaper timer: an expired connection is closed when its thread next takes
+//! or gives back a connection to that host; until then (a worker with no more traffic to that
+//! host) it stays open until the upstream closes it, which providers do after a minute or so.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
