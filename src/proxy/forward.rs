@@ -278,7 +278,8 @@ pub async fn forward_parts(
             return if stream {
                 queue::waiting_stream(run, format, settings.heartbeat, position)
             } else {
-                run.await
+                // Boxed: a wait is rare, and its future (a whole dispatch) would enlarge every request's.
+                Box::pin(run).await
             };
         }
     };
@@ -825,7 +826,8 @@ async fn send(
             Ok(k) => k,
             // Every key rests (a 429 just rested the last one): wait in the family's queue.
             Err(NoKey::AllResting(_)) if turn.may_wait(family) => {
-                match turn.wait_for_key(&upstream.keys, family, eligible).await {
+                // Boxed: waiting is rare, and its future would enlarge every request's.
+                match Box::pin(turn.wait_for_key(&upstream.keys, family, eligible)).await {
                     Ok(()) => continue,
                     Err(error) => {
                         return Err(Failure {

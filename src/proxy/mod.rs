@@ -134,10 +134,15 @@ impl ProviderUpstream {
             Some(Cloud::Aws(b)) => b
                 .authorize(req, key.index, self.provider == Provider::AwsMistral)
                 .map_err(|e| AuthFailure::Other(e.0)),
-            Some(Cloud::Gcp(v)) => v.authorize(req, key.index).await.map_err(|e| match e {
-                gcp::VertexAuthError::KeyRejected(m) => AuthFailure::BadKey(m),
-                gcp::VertexAuthError::Other(m) => AuthFailure::Other(m),
-            }),
+            // Boxed: a token fetch is a large future that runs rarely (see `pool::send`).
+            Some(Cloud::Gcp(v)) => {
+                Box::pin(v.authorize(req, key.index))
+                    .await
+                    .map_err(|e| match e {
+                        gcp::VertexAuthError::KeyRejected(m) => AuthFailure::BadKey(m),
+                        gcp::VertexAuthError::Other(m) => AuthFailure::Other(m),
+                    })
+            }
         }
     }
 
@@ -146,7 +151,7 @@ impl ProviderUpstream {
     pub async fn forget_token(&self, index: usize) -> bool {
         match &self.cloud {
             Some(Cloud::Gcp(v)) => {
-                v.forget_token(index).await;
+                Box::pin(v.forget_token(index)).await;
                 true
             }
             _ => false,

@@ -295,7 +295,9 @@ impl Pool {
                 },
             }
         }
-        let mut tx = self.connect(scheme, authority).await?;
+        // Boxed: the connect and TLS handshake futures are large and rarely run; inline, they
+        // would make every request's future (moved and copied per request) that much larger.
+        let mut tx = Box::pin(self.connect(scheme, authority)).await?;
         let resp = tx.send_request(req).await.map_err(UpstreamError::Send)?;
         Ok(PooledBody::wrap(resp, target, tx))
     }
