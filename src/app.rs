@@ -318,10 +318,11 @@ pub async fn serve_workers(
     crate::server::log_limits(&limits);
     let counts = Arc::new(crate::server::ConnectionCounts::default());
     let stop_accepting = CancellationToken::new();
-    // Upstream connections are shared by all workers (one pooled client), but each runs as a
-    // task on the runtime of the worker that opened it: no runtime may end while another
-    // worker still drains requests that may use its connections. So every worker reports when
-    // it has drained (`drained`) and keeps its runtime running until all have (`release`).
+    // Every worker reports when it has drained (`drained`) and keeps its runtime running until
+    // all have (`release`). This dates from when upstream connections were shared by all
+    // workers (a connection's task lives on the runtime that opened it); with `proxy::pool`
+    // each worker uses only its own, so the wait is no longer needed for them, and it costs
+    // nothing at shutdown.
     let release = CancellationToken::new();
     let app = front(state.clone());
     let mut workers = Vec::with_capacity(listeners.len());
