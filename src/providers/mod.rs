@@ -371,7 +371,7 @@ impl Provider {
 
     /// The request facts of a body of `api` sent to this provider.
     pub fn request_facts(self, api: Api, body: &Value) -> Result<RequestFacts, BadRequest> {
-        let mut facts = match (self, api) {
+        let facts = match (self, api) {
             (_, Api::AnthropicMessages | Api::AnthropicOther) => {
                 anthropic::request_facts(api, body)?
             }
@@ -382,6 +382,28 @@ impl Provider {
             // Azure speaks OpenAI's format.
             _ => openai::request_facts(api, body)?,
         };
+        self.finish_facts(api, facts)
+    }
+
+    /// [`Provider::request_facts`] read from the body's bytes, without building its tree, for
+    /// the requests that have such a reader (OpenAI-format chat to OpenAI and Azure, the bulk
+    /// of the traffic); `None` for the others and for a body the reader leaves to the tree
+    /// (then call [`Provider::request_facts`] on the tree). Both give the same facts.
+    pub fn request_facts_from_bytes(
+        self,
+        api: Api,
+        body: &[u8],
+    ) -> Option<Result<RequestFacts, BadRequest>> {
+        match (self, api) {
+            (Provider::OpenAi | Provider::Azure, Api::OpenAiChat) => {
+                Some(openai::chat_facts_from_bytes(body)?.and_then(|f| self.finish_facts(api, f)))
+            }
+            _ => None,
+        }
+    }
+
+    /// What every provider's facts get alike: the clouds' model check and the family.
+    fn finish_facts(self, api: Api, mut facts: RequestFacts) -> Result<RequestFacts, BadRequest> {
         // The clouds know only some model names: refuse the others before admission.
         match self {
             Provider::Aws => aws::claude_model_id(&facts.model).map(drop),
@@ -421,9 +443,14 @@ impl Provider {
     /// Makes a stream report its usage when the provider only does so on request; true when
     /// the proxy asked on the client's behalf (the usage-only event is then hidden).
     pub fn ask_stream_usage(self, api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
+        self.asks_stream_usage(api, facts) && openai::ask_stream_usage(api, body, facts)
+    }
+
+    /// Whether [`Provider::ask_stream_usage`] would change the body (without changing it).
+    pub fn asks_stream_usage(self, api: Api, facts: &RequestFacts) -> bool {
         match self {
             // Azure reports a stream's usage only when asked, as OpenAI.
-            Provider::OpenAi | Provider::Azure => openai::ask_stream_usage(api, body, facts),
+            Provider::OpenAi | Provider::Azure => openai::wants_stream_usage(api, facts),
             // Anthropic, Gemini and Mistral streams always carry usage (Mistral refuses
             // `stream_options` with 422), and so do Bedrock's and Vertex's.
             Provider::Anthropic
@@ -662,12 +689,18 @@ impl BaseUrl {
 pub fn uint_field(body: &Value, field: &str) -> Result<Option<u64>, BadRequest> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            BadRequest(format!(
-                "`{field}` must be a whole number of tokens (got {v}); send it as an integer such as 1024, not a string or a decimal."
-            ))
-        }),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| uint_field_error(field, v)),
     }
+}
+
+/// The refusal of a token count that is not a whole number.
+pub(crate) fn uint_field_error(field: &str, got: &Value) -> BadRequest {
+    BadRequest(format!(
+        "`{field}` must be a whole number of tokens (got {got}); send it as an integer such as 1024, not a string or a decimal."
+    ))
 }
 
 /// Appends `s` to prompt text, separated by a newline.

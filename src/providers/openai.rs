@@ -5,6 +5,7 @@
 //! functions. Knows nothing of users, quotas or HTTP routing.
 
 use axum::http::{header, HeaderName};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::families::{family_for, OPENAI_FALLBACK};
@@ -113,6 +114,207 @@ pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest>
     Ok(facts)
 }
 
+/// [`request_facts`] for a chat request, read from the body's bytes without building its tree
+/// (issue 18: the tree of a small chat body costs more allocations than the rest of the
+/// request's admission). The top-level fields and each message are borrowed from the body; the
+/// rare parts whose text the facts keep as JSON (`tool_calls`, `tools`, `functions`,
+/// `response_format`) or that may hold images (a `content` array) are read into a `Value` and
+/// handed to the same functions as on the tree path, so both paths give the same facts.
+///
+/// `None` when the body is anything this reader does not take as a plain JSON object (not an
+/// object, invalid JSON, a duplicated field, a message that is not an object): the caller then
+/// reads the tree, which answers those cases as before.
+pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequest>> {
+    if first_byte(body) != Some(b'{') {
+        return None;
+    }
+    let f: raw::Chat = serde_json::from_slice(body).ok()?;
+    let mut facts = RequestFacts {
+        model: f
+            .model
+            .and_then(raw::string)
+            .map(|m| m.into_owned())
+            .unwrap_or_default(),
+        stream: f.stream.and_then(raw::boolean).unwrap_or(false),
+        include_usage: f
+            .stream_options
+            .filter(|o| first_byte(o.get().as_bytes()) == Some(b'{'))
+            .and_then(|o| serde_json::from_str::<raw::StreamOptions>(o.get()).ok())
+            .and_then(|o| o.include_usage)
+            .and_then(raw::boolean)
+            .unwrap_or(false),
+        choices: f.n.and_then(raw::unsigned).unwrap_or(1).clamp(1, 128),
+        capped_output: true,
+        prompt_fixed: REPLY_PRIMING,
+        ..RequestFacts::default()
+    };
+    let newer = match raw::uint_field(f.max_completion_tokens, "max_completion_tokens") {
+        Ok(n) => n,
+        Err(e) => return Some(Err(e)),
+    };
+    let older = match raw::uint_field(f.max_tokens, "max_tokens") {
+        Ok(n) => n,
+        Err(e) => return Some(Err(e)),
+    };
+    facts.max_output = newer.or(older);
+    let messages: Vec<&RawValue> = match f.messages {
+        Some(m) if first_byte(m.get().as_bytes()) == Some(b'[') => {
+            serde_json::from_str(m.get()).ok()?
+        }
+        _ => Vec::new(),
+    };
+    for m in messages {
+        facts.prompt_fixed += MESSAGE_OVERHEAD;
+        if first_byte(m.get().as_bytes()) != Some(b'{') {
+            continue;
+        }
+        let m: raw::Message = serde_json::from_str(m.get()).ok()?;
+        for field in [m.role, m.name] {
+            if let Some(s) = field.and_then(raw::string) {
+                push_text(&mut facts.prompt_text, &s);
+            }
+        }
+        match m.content {
+            Some(c) if first_byte(c.get().as_bytes()) == Some(b'"') => {
+                if let Some(s) = raw::string(c) {
+                    push_text(&mut facts.prompt_text, &s);
+                }
+            }
+            Some(c) => {
+                let v: Value = serde_json::from_str(c.get()).ok()?;
+                collect_content(Some(&v), &mut facts);
+            }
+            None => {}
+        }
+        if let Some(calls) = m.tool_calls {
+            let v: Value = serde_json::from_str(calls.get()).ok()?;
+            push_json(&mut facts.prompt_text, &v);
+        }
+    }
+    for (field, tools) in [
+        (f.tools, true),
+        (f.functions, true),
+        (f.response_format, false),
+    ] {
+        if let Some(raw) = field {
+            let v: Value = serde_json::from_str(raw.get()).ok()?;
+            push_json(&mut facts.prompt_text, &v);
+            facts.has_tools |= tools;
+        }
+    }
+    Some(Ok(facts))
+}
+
+/// The first byte of a JSON text that is not whitespace.
+fn first_byte(text: &[u8]) -> Option<u8> {
+    text.iter()
+        .copied()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
+/// The borrowed shapes [`chat_facts_from_bytes`] reads, and how it reads a field as `Value`'s
+/// accessors would (`as_str`, `as_bool`, `as_u64`). Every field is kept as its JSON text,
+/// `null` included, so that a present `null` is told from an absent field as on the tree path.
+mod raw {
+    use std::borrow::Cow;
+
+    use serde::{Deserialize, Deserializer};
+    use serde_json::value::RawValue;
+    use serde_json::Value;
+
+    use super::BadRequest;
+
+    /// A present field as its JSON text, `null` included (serde's `Option` would read `null`
+    /// as absent).
+    fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+        <&RawValue>::deserialize(d).map(Some)
+    }
+
+    #[derive(Deserialize)]
+    pub struct Chat<'a> {
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub model: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub stream: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub stream_options: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub max_completion_tokens: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub max_tokens: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub n: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub messages: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub tools: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub functions: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub response_format: Option<&'a RawValue>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct StreamOptions<'a> {
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub include_usage: Option<&'a RawValue>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Message<'a> {
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub role: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub name: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub content: Option<&'a RawValue>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub tool_calls: Option<&'a RawValue>,
+    }
+
+    /// `as_str`: a JSON string (borrowed unless it has escapes).
+    pub fn string(v: &RawValue) -> Option<Cow<'_, str>> {
+        v.get()
+            .starts_with('"')
+            .then(|| serde_json::from_str(v.get()).ok())
+            .flatten()
+    }
+
+    /// `as_bool`.
+    pub fn boolean(v: &RawValue) -> Option<bool> {
+        match v.get() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        }
+    }
+
+    /// `as_u64`: a non-negative integer (not a float, not a string).
+    pub fn unsigned(v: &RawValue) -> Option<u64> {
+        let t = v.get();
+        if t.bytes().all(|b| b.is_ascii_digit()) {
+            t.parse().ok()
+        } else {
+            None
+        }
+    }
+
+    /// [`super::super::uint_field`] over a field's JSON text, with the same message.
+    pub fn uint_field(v: Option<&RawValue>, field: &str) -> Result<Option<u64>, BadRequest> {
+        match v {
+            None => Ok(None),
+            Some(v) if v.get() == "null" => Ok(None),
+            Some(v) => match unsigned(v) {
+                Some(n) => Ok(Some(n)),
+                None => {
+                    let shown: Value = serde_json::from_str(v.get()).unwrap_or(Value::Null);
+                    Err(super::super::uint_field_error(field, &shown))
+                }
+            },
+        }
+    }
+}
+
 /// A completions `prompt` or embeddings `input`: a string, an array of strings, an array of
 /// token ids, or an array of such arrays.
 fn collect_input(input: Option<&Value>, facts: &mut RequestFacts) {
@@ -162,10 +364,7 @@ pub fn set_max_tokens(body: &mut Value, cap: u64) {
 /// Asks a chat or completions stream for its usage (`stream_options.include_usage`) when the
 /// client did not; true when the proxy asked (the usage-only chunk is then hidden).
 pub fn ask_stream_usage(api: Api, body: &mut Value, facts: &RequestFacts) -> bool {
-    let ask = facts.stream
-        && !facts.include_usage
-        && matches!(api, Api::OpenAiChat | Api::OpenAiCompletions);
-    if !ask {
+    if !wants_stream_usage(api, facts) {
         return false;
     }
     let Some(obj) = body.as_object_mut() else {
@@ -181,6 +380,12 @@ pub fn ask_stream_usage(api: Api, body: &mut Value, facts: &RequestFacts) -> boo
         o.insert("include_usage".into(), Value::Bool(true));
     }
     true
+}
+
+/// Whether [`ask_stream_usage`] changes the body: a chat or completions stream whose client
+/// did not ask for usage itself.
+pub fn wants_stream_usage(api: Api, facts: &RequestFacts) -> bool {
+    facts.stream && !facts.include_usage && matches!(api, Api::OpenAiChat | Api::OpenAiCompletions)
 }
 
 /// OpenAI's `usage` object (chat, completions, embeddings; Mistral and Azure alike).
@@ -264,6 +469,62 @@ pub fn observe(v: &Value, seen: &mut Seen) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The facts read from a body's bytes are the facts read from its tree, for every shape a
+    /// chat body takes (and the reader leaves to the tree exactly the bodies it cannot read).
+    #[test]
+    fn chat_facts_from_bytes_equal_the_trees() {
+        let bodies = [
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in one word."}],"max_tokens":16}"#,
+            r#" { "model" : "gpt-4o" , "stream" : true , "messages" : [ ] } "#,
+            r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#,
+            r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":"yes"},"messages":[]}"#,
+            r#"{"model":"gpt-4o","stream":"true","stream_options":[1],"messages":[]}"#,
+            r#"{"model":"o3","max_completion_tokens":100,"max_tokens":5,"n":3,"messages":[]}"#,
+            r#"{"model":"o3","max_completion_tokens":null,"max_tokens":7,"n":0,"messages":[]}"#,
+            r#"{"model":"o3","n":1000,"messages":[]}"#,
+            r#"{"model":"o3","n":2.5,"messages":[]}"#,
+            r#"{"model":"o3","max_tokens":"16","messages":[]}"#,
+            r#"{"model":"o3","max_tokens":1.5,"messages":[]}"#,
+            r#"{"model":"o3","max_completion_tokens":-1,"max_tokens":"x","messages":[]}"#,
+            r#"{"model":"o3","max_tokens":{"a": [1, 2]},"messages":[]}"#,
+            r#"{"model":42,"messages":"not a list"}"#,
+            r#"{"messages":null,"model":null}"#,
+            r#"{"model":"gpt-4o","messages":[{"role":"system","name":"bot","content":"be "brief"
+é"},{"role":"user","content":[{"type":"text","text":"look"},{"type":"image_url","image_url":{"url":"data:x"}}]},{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","content":"42"},"stray string",7,null]}"#,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":{"odd":"object"}}],"tools":[ {"type": "function", "function": {"name": "f"}} ],"functions":null,"response_format":{"type":"json_object"}}"#,
+            r#"{"model":"gpt-4o","messages":[],"tools":null}"#,
+            r#"{"model":"gpt-4o","messages":[],"unknown":{"deep":[1,{"x":null}]},"temperature":0.2}"#,
+            r#"{"model":"gpt-4o","model":"gpt-3.5-turbo","messages":[]}"#,
+            r#"{"model":"gpt-4o","messages":[{"role":"user","role":"system","content":"x"}]}"#,
+            r#"{"model":"gpt-4o","messages":[["user","hi"]]}"#,
+            r#"["gpt-4o",[]]"#,
+            r#"{"model":"gpt-4o","messages":[}"#,
+            r#""just a string""#,
+        ];
+        for body in bodies {
+            let from_bytes = chat_facts_from_bytes(body.as_bytes());
+            let tree: Result<Value, _> = serde_json::from_str(body);
+            match (from_bytes, tree) {
+                (Some(got), Ok(tree)) => {
+                    assert!(tree.is_object(), "read a non-object from its bytes: {body}");
+                    let want = request_facts(Api::OpenAiChat, &tree);
+                    assert_eq!(got, want, "{body}");
+                }
+                // Left to the tree: duplicated fields, invalid JSON, not an object, a
+                // message that is a list.
+                (None, _) => assert!(
+                    body.matches("\"model\"").count() > 1
+                        || body.matches("\"role\"").count() > 1
+                        || body.contains("[[")
+                        || !body.trim_start().starts_with('{')
+                        || serde_json::from_str::<Value>(body).is_err(),
+                    "{body} was left to the tree"
+                ),
+                (Some(got), Err(e)) => panic!("read invalid JSON {body} ({e}) as {got:?}"),
+            }
+        }
+    }
 
     #[test]
     fn chat_request_facts() {

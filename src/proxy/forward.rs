@@ -468,11 +468,11 @@ fn log_refusal(ctx: &Ctx, e: ProxyError) -> Response {
     e.into_response()
 }
 
-/// The body as read and, for JSON routes, parsed.
+/// The body as read.
 struct Incoming {
     bytes: Bytes,
-    /// The parsed body of a generation request (what quota admission looks at).
-    json: Option<serde_json::Value>,
+    /// A generation request (what admission looks at); its JSON is checked there.
+    generation: bool,
 }
 
 /// Phase 1: reads the body within the size limit and validates JSON routes.
@@ -480,7 +480,7 @@ async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, P
     if ctx.method == Method::GET || ctx.method == Method::HEAD {
         return Ok(Incoming {
             bytes: Bytes::new(),
-            json: None,
+            generation: false,
         });
     }
     let too_large = || {
@@ -510,26 +510,55 @@ async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, P
             ))
         }
     };
-    let not_json = |detail: String| {
-        ProxyError::bad_request(format!(
-            "The request body must be a JSON object ({detail}); check the Content-Type and the JSON you send."
-        ))
-    };
     if ctx.api.is_generation() {
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| not_json(e.to_string()))?;
-        if !value.is_object() {
-            return Err(not_json("got another JSON value".into()));
-        }
+        // Checked in `admit`, by the first reader of the body (its bytes or its tree).
         Ok(Incoming {
             bytes,
-            json: Some(value),
+            generation: true,
         })
     } else {
         // Other JSON routes (count_tokens) are validated without building a tree.
         serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
             .map_err(|e| not_json(e.to_string()))?;
-        Ok(Incoming { bytes, json: None })
+        Ok(Incoming {
+            bytes,
+            generation: false,
+        })
+    }
+}
+
+/// The refusal of a body that is not a JSON object.
+fn not_json(detail: String) -> ProxyError {
+    ProxyError::bad_request(format!(
+        "The request body must be a JSON object ({detail}); check the Content-Type and the JSON you send."
+    ))
+}
+
+/// A generation request's body as a JSON tree, built on first use: admission reads most
+/// bodies from their bytes (`Provider::request_facts_from_bytes`), and only a translation, a
+/// provider without such a reader, or a change to the body needs the tree.
+struct Tree<'b> {
+    bytes: &'b Bytes,
+    value: Option<serde_json::Value>,
+}
+
+impl Tree<'_> {
+    /// Parses the body as a JSON object (a 400 otherwise).
+    fn parse(bytes: &[u8]) -> Result<serde_json::Value, ProxyError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| not_json(e.to_string()))?;
+        if !value.is_object() {
+            return Err(not_json("got another JSON value".into()));
+        }
+        Ok(value)
+    }
+
+    fn get(&mut self) -> Result<&mut serde_json::Value, ProxyError> {
+        let value = match self.value.take() {
+            Some(v) => v,
+            None => Tree::parse(self.bytes)?,
+        };
+        Ok(self.value.insert(value))
     }
 }
 
@@ -550,19 +579,34 @@ async fn admit(
     ctx: &Ctx,
     incoming: Incoming,
 ) -> Result<AdmitOutcome, ProxyError> {
-    let Incoming { bytes, json } = incoming;
-    let Some(mut json) = json else {
+    let Incoming { bytes, generation } = incoming;
+    if !generation {
         return Ok((bytes, None, false, None, None));
-    };
-    let mut changed = false;
-    if let Some(t) = &ctx.translation {
-        json = t.request(json).map_err(|e| ProxyError::bad_request(e.0))?;
-        changed = true;
     }
-    let mut facts = ctx
-        .provider
-        .request_facts(ctx.api, &json)
-        .map_err(|e| ProxyError::bad_request(e.0))?;
+    let mut changed = false;
+    let mut tree = Tree {
+        bytes: &bytes,
+        value: None,
+    };
+    let from_bytes = match &ctx.translation {
+        None => ctx.provider.request_facts_from_bytes(ctx.api, &bytes),
+        Some(_) => None,
+    };
+    let mut facts = match from_bytes {
+        Some(facts) => facts.map_err(|e| ProxyError::bad_request(e.0))?,
+        None => {
+            let json = tree.get()?;
+            if let Some(t) = &ctx.translation {
+                *json = t
+                    .request(std::mem::take(json))
+                    .map_err(|e| ProxyError::bad_request(e.0))?;
+                changed = true;
+            }
+            ctx.provider
+                .request_facts(ctx.api, json)
+                .map_err(|e| ProxyError::bad_request(e.0))?
+        }
+    };
     // The model of an upstream that takes it in the path (Gemini) is not in the body.
     let path_model = ctx
         .path_model
@@ -573,7 +617,7 @@ async fn admit(
         facts.model = model;
     }
     // Phase 2a: the operator's policy, before quotas (which take the prompt text).
-    changed |= apply_policy(state, ctx, &mut json, &mut facts).await?;
+    changed |= apply_policy(state, ctx, &mut tree, &mut facts).await?;
     let mut admitted = state
         .quotas
         .admit(
@@ -588,19 +632,21 @@ async fn admit(
     if let Some(cap) = admitted.output_cap {
         // The user has less left than the request could produce: the provider's own output
         // cap field says so, and the upstream stops there.
-        ctx.provider.set_output_cap(ctx.api, &mut json, cap);
+        ctx.provider.set_output_cap(ctx.api, tree.get()?, cap);
         changed = true;
     }
     if admitted.ticket.charges() {
         // Streams that report usage only on request are asked to; the usage-only event is
         // then hidden from the client, who did not ask for it.
-        let hide = ctx.provider.ask_stream_usage(ctx.api, &mut json, &facts);
+        let hide = ctx.provider.asks_stream_usage(ctx.api, &facts)
+            && ctx.provider.ask_stream_usage(ctx.api, tree.get()?, &facts);
         changed |= hide;
         admitted
             .ticket
             .observe_with(Meter::new(ctx.provider, ctx.api, hide));
     }
-    let bytes = if changed {
+    let changed_tree = tree.value.take().filter(|_| changed);
+    let bytes = if let Some(json) = changed_tree {
         serde_json::to_vec(&json).map(Bytes::from).map_err(|_| {
             ProxyError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -654,7 +700,7 @@ fn check_origin(state: &AppState, ctx: &Ctx) -> Option<Response> {
 async fn apply_policy(
     state: &AppState,
     ctx: &Ctx,
-    json: &mut serde_json::Value,
+    tree: &mut Tree<'_>,
     facts: &mut crate::providers::RequestFacts,
 ) -> Result<bool, ProxyError> {
     use crate::policy::{Caller, Refusal, RequestFacts as PolicyFacts};
@@ -724,7 +770,7 @@ async fn apply_policy(
     if let (Some(cap), true) = (policy.output_cap(service), facts.capped_output) {
         // Lowered when above the cap, set when absent (leaving it out must not escape it).
         if facts.max_output.is_none_or(|n| n > cap) {
-            ctx.provider.set_output_cap(ctx.api, json, cap);
+            ctx.provider.set_output_cap(ctx.api, tree.get()?, cap);
             facts.max_output = Some(cap);
             changed = true;
         }
