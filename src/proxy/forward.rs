@@ -2,10 +2,12 @@
 //! context (in the manner of Pingora):
 //!
 //! 0. [`check_origin`]: `BLOCKED_ORIGINS` refuses before the body is read.
-//! 1. [`read_request`]: read the body within `MAX_REQUEST_BODY_MB` (413) and check that JSON
-//!    routes carry a JSON object (400).
-//! 2. [`admit`]: for generation APIs, translate the body when the route says so, read the
-//!    request facts through the provider, apply the operator's policy ([`apply_policy`]:
+//! 1. [`read_request`]: read the body within `MAX_REQUEST_BODY_MB` (413); other JSON routes
+//!    are checked for valid JSON here (400).
+//! 2. [`admit`]: for generation APIs, read the request facts through the provider — from the
+//!    body's bytes where the provider has such a reader (OpenAI-format chat), else from its
+//!    JSON tree ([`Tree`], built only when needed; a body that is not a JSON object is a 400),
+//!    translated first when the route says so —, apply the operator's policy ([`apply_policy`]:
 //!    families, images, tools, rejected phrases, output and context caps), ask
 //!    [`crate::quota::Quotas::admit`] (it may refuse),
 //!    and let the provider ask for stream usage; the body is re-serialised only when changed
