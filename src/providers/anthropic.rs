@@ -4,12 +4,13 @@
 //! family of Claude model names. Knows nothing of users, quotas or HTTP routing.
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::families::{family_for, ANTHROPIC_FALLBACK};
 use super::{
-    collect_content, push_json, uint_field, Api, BadRequest, ReportedUsage, RequestFacts, Seen,
-    MESSAGE_OVERHEAD,
+    collect_content, push_json, raw, uint_field, Api, BadRequest, ReportedUsage, RequestFacts,
+    Seen, MESSAGE_OVERHEAD,
 };
 
 /// The `anthropic-version` sent when the client sends none.
@@ -69,6 +70,68 @@ pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest>
         facts.has_tools = true;
     }
     Ok(facts)
+}
+
+/// [`request_facts`] for a Messages request, read from the body's bytes without building its
+/// tree (as [`super::openai::chat_facts_from_bytes`]; `None` leaves the body to the tree).
+pub fn messages_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequest>> {
+    let body = std::str::from_utf8(body).ok()?;
+    if raw::first_byte(body) != Some(b'{') {
+        return None;
+    }
+    let f: MessagesFields = serde_json::from_str(body).ok()?;
+    let mut facts = RequestFacts {
+        model: f
+            .model
+            .and_then(raw::string)
+            .map(|m| m.into_owned())
+            .unwrap_or_default(),
+        stream: f.stream.and_then(raw::boolean).unwrap_or(false),
+        choices: 1,
+        capped_output: true,
+        ..RequestFacts::default()
+    };
+    facts.max_output = match raw::uint_field(f.max_tokens, "max_tokens") {
+        Ok(n) => n,
+        Err(e) => return Some(Err(e)),
+    };
+    raw::collect(f.system, &mut facts)?;
+    for m in raw::items(f.messages)? {
+        facts.prompt_fixed += MESSAGE_OVERHEAD;
+        if !raw::is_object(m) {
+            continue;
+        }
+        let m: MessageFields = serde_json::from_str(m.get()).ok()?;
+        raw::collect(m.content, &mut facts)?;
+    }
+    if let Some(tools) = f.tools {
+        raw::push(&mut facts.prompt_text, tools)?;
+        facts.has_tools = true;
+    }
+    Some(Ok(facts))
+}
+
+/// The fields of a Messages request [`messages_facts_from_bytes`] reads, borrowed.
+#[derive(serde::Deserialize)]
+struct MessagesFields<'a> {
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    system: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    tools: Option<&'a RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+struct MessageFields<'a> {
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    content: Option<&'a RawValue>,
 }
 
 /// Sets `max_tokens` (required by the Messages API).
@@ -173,6 +236,43 @@ fn observe_block(b: &Value, seen: &mut Seen) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// As for OpenAI chat: the facts read from a Messages body's bytes are the tree's.
+    #[test]
+    fn messages_facts_from_bytes_equal_the_trees() {
+        let bodies = [
+            r#"{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"Hello"}]}"#,
+            r#" { "model" : "claude-3-5-haiku-latest" , "stream" : true , "max_tokens" : 16 , "messages" : [ ] } "#,
+            r#"{"model":"claude-opus-4-1","max_tokens":null,"system":"be "brief"
+é","messages":[]}"#,
+            r#"{"model":"claude-opus-4-1","max_tokens":"16","messages":[]}"#,
+            r#"{"model":"claude-opus-4-1","max_tokens":16.5,"messages":[]}"#,
+            r#"{"model":"claude-opus-4-1","system":[{"type":"text","text":"sys","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"user","content":[{"type":"text","text":"look"},{"type":"image","source":{"type":"base64","media_type":"image/png","data":"AAAA"}},{"type":"document","source":{}}]},{"role":"assistant","content":[{"type":"thinking","thinking":"hmm"},{"type":"tool_use","id":"t1","name":"f","input":{"q":1}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":[{"type":"text","text":"42"}]}]},"stray",3,null,["list"]],"tools":[{"name":"f","input_schema":{"type":"object"}}]}"#,
+            r#"{"model":7,"stream":"yes","messages":"none","tools":null}"#,
+            r#"{"model":"claude-opus-4-1","messages":[{"role":"user","content":{"odd":1}}],"metadata":{"user_id":"u"}}"#,
+            r#"{"model":"a","model":"b","messages":[]}"#,
+            r#"{"model":"a","messages":[{"content":"x","content":"y"}]}"#,
+            r#"[1,2]"#,
+            r#"{"model":"a","messages":[}"#,
+        ];
+        for body in bodies {
+            let from_bytes = messages_facts_from_bytes(body.as_bytes());
+            let tree: Result<Value, _> = serde_json::from_str(body);
+            match (from_bytes, tree) {
+                (Some(got), Ok(tree)) => {
+                    assert!(tree.is_object(), "read a non-object from its bytes: {body}");
+                    assert_eq!(got, request_facts(Api::AnthropicMessages, &tree), "{body}");
+                }
+                (None, tree) => assert!(
+                    body.matches("\"model\"").count() > 1
+                        || body.matches("\"content\"").count() > 1
+                        || tree.map_or(true, |t| !t.is_object()),
+                    "{body} was left to the tree"
+                ),
+                (Some(got), Err(e)) => panic!("read invalid JSON {body} ({e}) as {got:?}"),
+            }
+        }
+    }
 
     #[test]
     fn messages_request_facts() {

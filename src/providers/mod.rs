@@ -65,6 +65,7 @@ pub mod lenient;
 pub mod meter;
 pub mod mistral;
 pub mod openai;
+pub mod raw;
 pub mod translate;
 
 use axum::http::{HeaderMap, HeaderValue, Method};
@@ -386,8 +387,8 @@ impl Provider {
     }
 
     /// [`Provider::request_facts`] read from the body's bytes, without building its tree, for
-    /// the requests that have such a reader (OpenAI-format chat to OpenAI and Azure, the bulk
-    /// of the traffic); `None` for the others and for a body the reader leaves to the tree
+    /// the requests that have such a reader (OpenAI-format chat to OpenAI and Azure, and
+    /// Anthropic Messages to Anthropic, Bedrock and Vertex AI: the bulk of the traffic); `None` for the others and for a body the reader leaves to the tree
     /// (then call [`Provider::request_facts`] on the tree). Both give the same facts.
     pub fn request_facts_from_bytes(
         self,
@@ -398,6 +399,10 @@ impl Provider {
             (Provider::OpenAi | Provider::Azure, Api::OpenAiChat) => {
                 Some(openai::chat_facts_from_bytes(body)?.and_then(|f| self.finish_facts(api, f)))
             }
+            // Anthropic, and Claude on Bedrock and Vertex AI (the same Messages format).
+            (_, Api::AnthropicMessages) => Some(
+                anthropic::messages_facts_from_bytes(body)?.and_then(|f| self.finish_facts(api, f)),
+            ),
             _ => None,
         }
     }

@@ -10,8 +10,8 @@ use serde_json::Value;
 
 use super::families::{family_for, OPENAI_FALLBACK};
 use super::{
-    collect_content, push_json, push_str, push_text, uint_field, Api, BadRequest, ReportedUsage,
-    RequestFacts, Seen, MESSAGE_OVERHEAD,
+    collect_content, push_json, push_str, push_text, raw, uint_field, Api, BadRequest,
+    ReportedUsage, RequestFacts, Seen, MESSAGE_OVERHEAD,
 };
 
 /// Extra client headers forwarded to an OpenAI upstream.
@@ -125,10 +125,11 @@ pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest>
 /// object, invalid JSON, a duplicated field, a message that is not an object): the caller then
 /// reads the tree, which answers those cases as before.
 pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequest>> {
-    if first_byte(body) != Some(b'{') {
+    let body = std::str::from_utf8(body).ok()?;
+    if raw::first_byte(body) != Some(b'{') {
         return None;
     }
-    let f: raw::Chat = serde_json::from_slice(body).ok()?;
+    let f: ChatFields = serde_json::from_str(body).ok()?;
     let mut facts = RequestFacts {
         model: f
             .model
@@ -138,8 +139,8 @@ pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequ
         stream: f.stream.and_then(raw::boolean).unwrap_or(false),
         include_usage: f
             .stream_options
-            .filter(|o| first_byte(o.get().as_bytes()) == Some(b'{'))
-            .and_then(|o| serde_json::from_str::<raw::StreamOptions>(o.get()).ok())
+            .filter(|o| raw::is_object(o))
+            .and_then(|o| serde_json::from_str::<StreamOptionsFields>(o.get()).ok())
             .and_then(|o| o.include_usage)
             .and_then(raw::boolean)
             .unwrap_or(false),
@@ -157,38 +158,20 @@ pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequ
         Err(e) => return Some(Err(e)),
     };
     facts.max_output = newer.or(older);
-    let messages: Vec<&RawValue> = match f.messages {
-        Some(m) if first_byte(m.get().as_bytes()) == Some(b'[') => {
-            serde_json::from_str(m.get()).ok()?
-        }
-        _ => Vec::new(),
-    };
-    for m in messages {
+    for m in raw::items(f.messages)? {
         facts.prompt_fixed += MESSAGE_OVERHEAD;
-        if first_byte(m.get().as_bytes()) != Some(b'{') {
+        if !raw::is_object(m) {
             continue;
         }
-        let m: raw::Message = serde_json::from_str(m.get()).ok()?;
+        let m: MessageFields = serde_json::from_str(m.get()).ok()?;
         for field in [m.role, m.name] {
             if let Some(s) = field.and_then(raw::string) {
                 push_text(&mut facts.prompt_text, &s);
             }
         }
-        match m.content {
-            Some(c) if first_byte(c.get().as_bytes()) == Some(b'"') => {
-                if let Some(s) = raw::string(c) {
-                    push_text(&mut facts.prompt_text, &s);
-                }
-            }
-            Some(c) => {
-                let v: Value = serde_json::from_str(c.get()).ok()?;
-                collect_content(Some(&v), &mut facts);
-            }
-            None => {}
-        }
+        raw::collect(m.content, &mut facts)?;
         if let Some(calls) = m.tool_calls {
-            let v: Value = serde_json::from_str(calls.get()).ok()?;
-            push_json(&mut facts.prompt_text, &v);
+            raw::push(&mut facts.prompt_text, calls)?;
         }
     }
     for (field, tools) in [
@@ -196,123 +179,56 @@ pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequ
         (f.functions, true),
         (f.response_format, false),
     ] {
-        if let Some(raw) = field {
-            let v: Value = serde_json::from_str(raw.get()).ok()?;
-            push_json(&mut facts.prompt_text, &v);
+        if let Some(v) = field {
+            raw::push(&mut facts.prompt_text, v)?;
             facts.has_tools |= tools;
         }
     }
     Some(Ok(facts))
 }
 
-/// The first byte of a JSON text that is not whitespace.
-fn first_byte(text: &[u8]) -> Option<u8> {
-    text.iter()
-        .copied()
-        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+/// The fields of a chat request [`chat_facts_from_bytes`] reads, as JSON text borrowed from
+/// the body ([`raw::present`]: a present `null` is told from an absent field).
+#[derive(serde::Deserialize)]
+struct ChatFields<'a> {
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    stream_options: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    n: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    functions: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    response_format: Option<&'a RawValue>,
 }
 
-/// The borrowed shapes [`chat_facts_from_bytes`] reads, and how it reads a field as `Value`'s
-/// accessors would (`as_str`, `as_bool`, `as_u64`). Every field is kept as its JSON text,
-/// `null` included, so that a present `null` is told from an absent field as on the tree path.
-mod raw {
-    use std::borrow::Cow;
+#[derive(serde::Deserialize)]
+struct StreamOptionsFields<'a> {
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    include_usage: Option<&'a RawValue>,
+}
 
-    use serde::{Deserialize, Deserializer};
-    use serde_json::value::RawValue;
-    use serde_json::Value;
-
-    use super::BadRequest;
-
-    /// A present field as its JSON text, `null` included (serde's `Option` would read `null`
-    /// as absent).
-    fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-        <&RawValue>::deserialize(d).map(Some)
-    }
-
-    #[derive(Deserialize)]
-    pub struct Chat<'a> {
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub model: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub stream: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub stream_options: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub max_completion_tokens: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub max_tokens: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub n: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub messages: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub tools: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub functions: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub response_format: Option<&'a RawValue>,
-    }
-
-    #[derive(Deserialize)]
-    pub struct StreamOptions<'a> {
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub include_usage: Option<&'a RawValue>,
-    }
-
-    #[derive(Deserialize)]
-    pub struct Message<'a> {
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub role: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub name: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub content: Option<&'a RawValue>,
-        #[serde(borrow, default, deserialize_with = "present")]
-        pub tool_calls: Option<&'a RawValue>,
-    }
-
-    /// `as_str`: a JSON string (borrowed unless it has escapes).
-    pub fn string(v: &RawValue) -> Option<Cow<'_, str>> {
-        v.get()
-            .starts_with('"')
-            .then(|| serde_json::from_str(v.get()).ok())
-            .flatten()
-    }
-
-    /// `as_bool`.
-    pub fn boolean(v: &RawValue) -> Option<bool> {
-        match v.get() {
-            "true" => Some(true),
-            "false" => Some(false),
-            _ => None,
-        }
-    }
-
-    /// `as_u64`: a non-negative integer (not a float, not a string).
-    pub fn unsigned(v: &RawValue) -> Option<u64> {
-        let t = v.get();
-        if t.bytes().all(|b| b.is_ascii_digit()) {
-            t.parse().ok()
-        } else {
-            None
-        }
-    }
-
-    /// [`super::super::uint_field`] over a field's JSON text, with the same message.
-    pub fn uint_field(v: Option<&RawValue>, field: &str) -> Result<Option<u64>, BadRequest> {
-        match v {
-            None => Ok(None),
-            Some(v) if v.get() == "null" => Ok(None),
-            Some(v) => match unsigned(v) {
-                Some(n) => Ok(Some(n)),
-                None => {
-                    let shown: Value = serde_json::from_str(v.get()).unwrap_or(Value::Null);
-                    Err(super::super::uint_field_error(field, &shown))
-                }
-            },
-        }
-    }
+#[derive(serde::Deserialize)]
+struct MessageFields<'a> {
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    role: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    content: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw::present")]
+    tool_calls: Option<&'a RawValue>,
 }
 
 /// A completions `prompt` or embeddings `input`: a string, an array of strings, an array of

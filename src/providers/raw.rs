@@ -1,0 +1,110 @@
+//! Reading a request's facts from its bytes (issue 18): the fields admission needs, borrowed
+//! from the body as JSON text (`&RawValue`), and read as `Value`'s accessors read them
+//! (`as_str`, `as_bool`, `as_u64`, [`super::uint_field`]), so that a provider's reader of bytes
+//! and its reader of the tree give the same facts. The shapes of each format's fields are in
+//! the provider's module; what both readers share (a message `content`, kept as JSON text) is
+//! handed to the tree path's own functions.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::{collect_content, push_json, push_text, BadRequest, RequestFacts};
+
+/// A present field as its JSON text, `null` included (serde's `Option` would read `null` as
+/// absent, where the tree path tells a present `null` from an absent field):
+/// `#[serde(borrow, default, deserialize_with = "raw::present")]`.
+pub fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// The first byte of a JSON text that is not whitespace.
+pub fn first_byte(text: &str) -> Option<u8> {
+    text.bytes()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
+/// Whether a JSON text is an object (and not an array, which serde would also read into a
+/// struct, field by position).
+pub fn is_object(v: &RawValue) -> bool {
+    first_byte(v.get()) == Some(b'{')
+}
+
+/// `as_str`: a JSON string (borrowed unless it has escapes).
+pub fn string(v: &RawValue) -> Option<Cow<'_, str>> {
+    v.get()
+        .starts_with('"')
+        .then(|| serde_json::from_str(v.get()).ok())
+        .flatten()
+}
+
+/// `as_bool`.
+pub fn boolean(v: &RawValue) -> Option<bool> {
+    match v.get() {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// `as_u64`: a non-negative integer (not a float, not a string).
+pub fn unsigned(v: &RawValue) -> Option<u64> {
+    let t = v.get();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        t.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// [`super::uint_field`] over a field's JSON text, with the same message.
+pub fn uint_field(v: Option<&RawValue>, field: &str) -> Result<Option<u64>, BadRequest> {
+    match v {
+        None => Ok(None),
+        Some(v) if v.get() == "null" => Ok(None),
+        Some(v) => match unsigned(v) {
+            Some(n) => Ok(Some(n)),
+            None => {
+                let shown: Value = serde_json::from_str(v.get()).unwrap_or(Value::Null);
+                Err(super::uint_field_error(field, &shown))
+            }
+        },
+    }
+}
+
+/// [`collect_content`] over a field's JSON text: a string is pushed as it is (borrowed), anything
+/// else (an array of parts, which may hold images) is read into a `Value` for the tree path's
+/// function. `None` when the text is not valid JSON (the caller leaves the body to the tree).
+pub fn collect(content: Option<&RawValue>, facts: &mut RequestFacts) -> Option<()> {
+    let Some(c) = content else {
+        return Some(());
+    };
+    if first_byte(c.get()) == Some(b'"') {
+        if let Some(s) = string(c) {
+            push_text(&mut facts.prompt_text, &s);
+        }
+        return Some(());
+    }
+    let v: Value = serde_json::from_str(c.get()).ok()?;
+    collect_content(Some(&v), facts);
+    Some(())
+}
+
+/// [`push_json`] over a field's JSON text (read into a `Value` first, so that the text pushed
+/// is the compact form the tree path pushes).
+pub fn push(text: &mut String, v: &RawValue) -> Option<()> {
+    let v: Value = serde_json::from_str(v.get()).ok()?;
+    push_json(text, &v);
+    Some(())
+}
+
+/// The items of a JSON array's text, borrowed; an empty list for anything that is not an array
+/// (as `as_array` then iterating nothing). `None` for invalid JSON.
+pub fn items(v: Option<&RawValue>) -> Option<Vec<&RawValue>> {
+    match v {
+        Some(m) if first_byte(m.get()) == Some(b'[') => serde_json::from_str(m.get()).ok(),
+        _ => Some(Vec::new()),
+    }
+}
