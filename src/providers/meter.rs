@@ -7,8 +7,6 @@
 //! nothing of users or the store, and nothing of any provider's JSON fields.
 
 use bytes::{Buf, Bytes, BytesMut};
-use std::borrow::Cow;
-
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -176,8 +174,7 @@ impl Meter {
             // Fast path: read only the top-level usage field (serde skips everything else
             // without building it). When it holds both counts nothing else in the body matters.
             if let Some([Some(u), model]) = top_level_fields(&body, [key, "model"]) {
-                if let Some(m) = model.and_then(|m| serde_json::from_str::<Cow<str>>(m.get()).ok())
-                {
+                if let Some(m) = model.and_then(super::raw::string) {
                     self.seen.model(&m);
                 }
                 if let Some(r) = self.provider.usage_from_raw(self.api, u.get()) {
@@ -310,7 +307,7 @@ fn top_level_fields<'b>(body: &'b [u8], keys: [&str; 2]) -> Option<[Option<&'b R
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut found = [None, None];
-            while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            while let Some(super::raw::Key(k)) = map.next_key()? {
                 match self.0.iter().position(|key| *key == k) {
                     Some(i) => found[i] = Some(map.next_value::<&'de RawValue>()?),
                     None => {

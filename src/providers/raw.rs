@@ -32,12 +32,40 @@ pub fn is_object(v: &RawValue) -> bool {
     first_byte(v.get()) == Some(b'{')
 }
 
-/// `as_str`: a JSON string (borrowed unless it has escapes).
+/// `as_str`: a JSON string (borrowed unless it has escapes). (`Cow<str>`'s own `Deserialize`
+/// always copies; `&str` borrows but refuses a string with escapes, which is then copied.)
 pub fn string(v: &RawValue) -> Option<Cow<'_, str>> {
-    v.get()
-        .starts_with('"')
-        .then(|| serde_json::from_str(v.get()).ok())
-        .flatten()
+    let text = v.get();
+    if !text.starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&str>(text) {
+        Ok(s) => Some(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+    }
+}
+
+/// An object key, borrowed from the input unless it has escapes (for visitors that compare
+/// keys: `Cow<str>`'s own `Deserialize` would copy every one).
+pub struct Key<'a>(pub Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key<'de>, D::Error> {
+        struct KeyVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
 }
 
 /// `as_bool`.
@@ -106,5 +134,30 @@ pub fn items(v: Option<&RawValue>) -> Option<Vec<&RawValue>> {
     match v {
         Some(m) if first_byte(m.get()) == Some(b'[') => serde_json::from_str(m.get()).ok(),
         _ => Some(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_string()).expect("valid JSON")
+    }
+
+    #[test]
+    fn strings_are_borrowed_unless_escaped_and_read_as_as_str_reads_them() {
+        let plain = raw(r#""gpt-4o""#);
+        assert!(matches!(string(&plain), Some(Cow::Borrowed("gpt-4o"))));
+        let escaped = raw(r#""a\"b\u00e9""#);
+        assert_eq!(string(&escaped).as_deref(), Some("a\"bé"));
+        assert!(matches!(string(&escaped), Some(Cow::Owned(_))));
+        for other in ["1", "null", "true", "[\"x\"]", "{}"] {
+            assert_eq!(string(&raw(other)), None, "{other}");
+        }
+        let key: Key = serde_json::from_str(r#""usage""#).expect("key");
+        assert!(matches!(key.0, Cow::Borrowed("usage")));
+        let key: Key = serde_json::from_str(r#""us\u0061ge""#).expect("escaped key");
+        assert_eq!(key.0, "usage");
     }
 }

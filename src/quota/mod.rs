@@ -208,20 +208,17 @@ impl Ticket {
         let charge = usage.map(Usage::total).unwrap_or(0);
         // Where the response's model decides the family (Azure deployments), usage is counted
         // there; the reservation is released where it was made.
-        let charged_family = meter.response_family().unwrap_or_else(|| s.family.clone());
+        let from_response = meter.response_family();
+        let charged_family: &str = from_response.as_deref().unwrap_or(&s.family);
         if let Some(u) = usage {
-            crate::metrics::tokens(&charged_family, u.prompt, u.completion);
+            crate::metrics::tokens(charged_family, u.prompt, u.completion);
         }
         let found = s.users.update_entry_at(s.key, &s.token, |e| {
             release(e, &s.family, s.reserved);
             if charge == 0 {
                 return ((), false);
             }
-            let count = e
-                .user
-                .token_counts
-                .entry(charged_family.clone())
-                .or_insert(0);
+            let count = e.user.token_counts.entry(charged_family).or_insert(0);
             *count = count.saturating_add(charge);
             ((), true)
         });
