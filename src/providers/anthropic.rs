@@ -75,17 +75,9 @@ pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest>
 /// [`request_facts`] for a Messages request, read from the body's bytes without building its
 /// tree (as [`super::openai::chat_facts_from_bytes`]; `None` leaves the body to the tree).
 pub fn messages_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequest>> {
-    let body = std::str::from_utf8(body).ok()?;
-    if raw::first_byte(body) != Some(b'{') {
-        return None;
-    }
-    let f: MessagesFields = serde_json::from_str(body).ok()?;
+    let f: MessagesFields = raw::object(body)?;
     let mut facts = RequestFacts {
-        model: f
-            .model
-            .and_then(raw::string)
-            .map(|m| m.into_owned())
-            .unwrap_or_default(),
+        model: raw::model(f.model),
         stream: f.stream.and_then(raw::boolean).unwrap_or(false),
         choices: 1,
         capped_output: true,

@@ -125,17 +125,9 @@ pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest>
 /// object, invalid JSON, a duplicated field, a message that is not an object): the caller then
 /// reads the tree, which answers those cases as before.
 pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequest>> {
-    let body = std::str::from_utf8(body).ok()?;
-    if raw::first_byte(body) != Some(b'{') {
-        return None;
-    }
-    let f: ChatFields = serde_json::from_str(body).ok()?;
+    let f: ChatFields = raw::object(body)?;
     let mut facts = RequestFacts {
-        model: f
-            .model
-            .and_then(raw::string)
-            .map(|m| m.into_owned())
-            .unwrap_or_default(),
+        model: raw::model(f.model),
         stream: f.stream.and_then(raw::boolean).unwrap_or(false),
         include_usage: f
             .stream_options

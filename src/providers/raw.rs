@@ -20,6 +20,22 @@ pub fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>,
     <&RawValue>::deserialize(d).map(Some)
 }
 
+/// A body's top-level fields, borrowed into `T`: `None` when the body is not UTF-8, not a JSON
+/// object, or not readable into `T` (invalid JSON, a duplicated field) — cases the caller
+/// leaves to the tree.
+pub fn object<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Option<T> {
+    let body = std::str::from_utf8(body).ok()?;
+    if first_byte(body) != Some(b'{') {
+        return None;
+    }
+    serde_json::from_str(body).ok()
+}
+
+/// The `model` field as the tree path reads it: its string, or "" when absent or not a string.
+pub fn model(v: Option<&RawValue>) -> String {
+    v.and_then(string).map(Cow::into_owned).unwrap_or_default()
+}
+
 /// The first byte of a JSON text that is not whitespace.
 pub fn first_byte(text: &str) -> Option<u8> {
     text.bytes()
