@@ -81,6 +81,16 @@ async fn aws_app_with(
     credentials: &str,
     allow_logging: bool,
 ) -> common::TestApp {
+    aws_app_at(fake, credentials, allow_logging, &fake.url).await
+}
+
+/// [`aws_app_with`] with Bedrock's control plane (the logging check) at `control_url`.
+async fn aws_app_at(
+    fake: &FakeBedrock,
+    credentials: &str,
+    allow_logging: bool,
+    control_url: &str,
+) -> common::TestApp {
     let allow = allow_logging.to_string();
     common::spawn(
         &[
@@ -97,7 +107,7 @@ async fn aws_app_with(
             "--aws-sts-base-url",
             &fake.url,
             "--aws-bedrock-control-base-url",
-            &fake.url,
+            control_url,
             "--allow-aws-logging",
             &allow,
             "--admin-key",
@@ -151,6 +161,17 @@ async fn post(app: &common::TestApp, path: &str, body: Value) -> (u16, String) {
         .await
         .expect("request");
     (r.status().as_u16(), r.text().await.expect("body"))
+}
+
+/// A short Claude Sonnet request on a Messages route (`/proxy/aws/...` or `/proxy/gcp/...`).
+async fn sonnet(app: &common::TestApp, path: &str) -> (u16, String) {
+    post(
+        app,
+        path,
+        json!({"model": "claude-3-5-sonnet-20240620", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -285,13 +306,7 @@ async fn aws_credentials_are_checked_by_identity_logging_and_model_access() {
     assert_eq!(fake.served_by(), [AK_GOOD, AK_GOOD, AK_GOOD]);
     // Sonnet: the two working credentials take turns.
     for _ in 0..4 {
-        let (status, body) = post(
-            &app,
-            "/proxy/aws/claude/v1/messages",
-            json!({"model": "claude-3-5-sonnet-20240620", "max_tokens": 10,
-                "messages": [{"role": "user", "content": "hi"}]}),
-        )
-        .await;
+        let (status, body) = sonnet(&app, "/proxy/aws/claude/v1/messages").await;
         assert_eq!(status, 200, "{body}");
     }
     let served = fake.served_by();
@@ -348,13 +363,7 @@ async fn a_credential_found_invalid_by_a_request_is_out_of_both_aws_pools() {
     )
     .await;
     // Without checks: a Claude request finds the unknown credential out.
-    let (status, body) = post(
-        &app,
-        "/proxy/aws/claude/v1/messages",
-        json!({"model": "claude-3-5-sonnet-20240620", "max_tokens": 10,
-            "messages": [{"role": "user", "content": "hi"}]}),
-    )
-    .await;
+    let (status, body) = sonnet(&app, "/proxy/aws/claude/v1/messages").await;
     assert_eq!(status, 200, "{body}");
     let mistral = app
         .state
@@ -458,13 +467,7 @@ async fn gcp_credentials_are_checked_by_token_grant_and_a_probe_per_family() {
     // Requests go to the working credential only.
     let before = vertex.requests().len();
     for _ in 0..3 {
-        let (status, body) = post(
-            &app,
-            "/proxy/gcp/claude/v1/messages",
-            json!({"model": "claude-3-5-sonnet-20240620", "max_tokens": 10,
-                "messages": [{"role": "user", "content": "hi"}]}),
-        )
-        .await;
+        let (status, body) = sonnet(&app, "/proxy/gcp/claude/v1/messages").await;
         assert_eq!(status, 200, "{body}");
     }
     let after = vertex.requests();
@@ -481,24 +484,11 @@ async fn a_network_error_during_a_check_changes_nothing_and_requests_go_on() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         format!("http://{}", l.local_addr().expect("addr"))
     };
-    let app = common::spawn(
-        &[
-            "--check-keys",
-            "true",
-            "--key-check-interval-ms",
-            "1",
-            "--text-model-rate-limit",
-            "0",
-            "--aws-credentials",
-            &format!("{AK_GOOD}:{SK_GOOD}:us-east-1"),
-            "--aws-bedrock-base-url",
-            &fake.url,
-            "--aws-sts-base-url",
-            &fake.url,
-            "--aws-bedrock-control-base-url",
-            &closed,
-        ],
-        &[],
+    let app = aws_app_at(
+        &fake,
+        &format!("{AK_GOOD}:{SK_GOOD}:us-east-1"),
+        false,
+        &closed,
     )
     .await;
     common::cloud::until(20, "the identity call", || {
@@ -506,13 +496,7 @@ async fn a_network_error_during_a_check_changes_nothing_and_requests_go_on() {
     })
     .await;
     // The request is served whatever the checker is doing.
-    let (status, body) = post(
-        &app,
-        "/proxy/aws/claude/v1/messages",
-        json!({"model": "claude-3-5-sonnet-20240620", "max_tokens": 10,
-            "messages": [{"role": "user", "content": "hi"}]}),
-    )
-    .await;
+    let (status, body) = sonnet(&app, "/proxy/aws/claude/v1/messages").await;
     assert_eq!(status, 200, "{body}");
     // The failed check left no verdict: the key is as a request left it, never checked.
     let v = &app.state.upstreams.provider(Provider::Aws).keys.views()[0];
@@ -533,24 +517,7 @@ async fn a_throttled_check_rests_the_key_without_judging_it() {
     fake.state
         .sts_throttle_next
         .store(1, std::sync::atomic::Ordering::SeqCst);
-    let app = common::spawn(
-        &[
-            "--check-keys",
-            "true",
-            "--key-check-interval-ms",
-            "1",
-            "--aws-credentials",
-            &format!("{AK_GOOD}:{SK_GOOD}:us-east-1"),
-            "--aws-bedrock-base-url",
-            &fake.url,
-            "--aws-sts-base-url",
-            &fake.url,
-            "--aws-bedrock-control-base-url",
-            &fake.url,
-        ],
-        &[],
-    )
-    .await;
+    let app = aws_app_with(&fake, &format!("{AK_GOOD}:{SK_GOOD}:us-east-1"), false).await;
     let views = checked(&app, Provider::Aws).await;
     // STS said `Throttling`: the key rests (and is checked again after it), not revoked.
     assert_eq!(states(&views), ["rate_limited"]);
@@ -566,13 +533,7 @@ async fn with_only_a_logged_credential_requests_are_refused_and_told_why() {
     let fake = bedrock().await;
     let app = aws_app_with(&fake, &format!("{AK_LOGGED}:{SK_LOGGED}:us-east-1"), false).await;
     assert_eq!(states(&checked(&app, Provider::Aws).await), ["logging"]);
-    let (status, body) = post(
-        &app,
-        "/proxy/aws/claude/v1/messages",
-        json!({"model": "claude-3-5-sonnet-20240620", "max_tokens": 10,
-            "messages": [{"role": "user", "content": "hi"}]}),
-    )
-    .await;
+    let (status, body) = sonnet(&app, "/proxy/aws/claude/v1/messages").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("ALLOW_AWS_LOGGING=true"), "{body}");
     // No prompt reached the logging account.
