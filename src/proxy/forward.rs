@@ -241,6 +241,14 @@ pub async fn forward_parts(
         None => (None, HeaderMap::new()),
     };
     let eligible = upstream.eligible_keys(model.as_deref());
+    let req = Admitted {
+        body,
+        ticket,
+        extra_headers,
+        stream,
+        eligible,
+        family,
+    };
     // Phase 2b: the fair queue (queue.rs): the caller's slot, and a place in the family's queue
     // while every key rests; free capacity goes straight on. A waiting stream gets its head
     // and heartbeats now, and the rest of the request runs inside its body.
@@ -249,30 +257,22 @@ pub async fn forward_parts(
         &ctx.principal,
         ctx.ip,
         &upstream.keys,
-        family.as_deref(),
-        eligible.as_deref(),
+        req.family.as_deref(),
+        req.eligible.as_deref(),
     ) {
-        Enter::Go(turn) => turn.stream_head_pending(stream),
+        Enter::Go(turn) => turn.stream_head_pending(req.stream),
         Enter::Wait(wait) => {
             let (settings, position) = (queue.settings(), wait.position());
             let format = sse_error_format(&ctx);
+            let stream = req.stream;
             let run = async move {
-                let mut ticket = queue::Unsent(ticket);
+                let mut req = req;
+                let unsent = queue::Unsent(req.ticket.take());
                 let keys = &state.upstreams.provider(ctx.provider).keys;
                 match wait.turn(keys).await {
                     Ok(turn) => {
-                        dispatch(
-                            state,
-                            ctx,
-                            body,
-                            ticket.0.take(),
-                            extra_headers,
-                            stream,
-                            eligible,
-                            family,
-                            turn,
-                        )
-                        .await
+                        req.ticket = unsent.take();
+                        dispatch(state, ctx, req, turn).await
                     }
                     Err(e) => log_refusal(&ctx, e.into_error(settings, keys.var())),
                 }
@@ -285,45 +285,32 @@ pub async fn forward_parts(
             };
         }
     };
-    dispatch(
-        state,
-        ctx,
-        body,
-        ticket,
-        extra_headers,
-        stream,
-        eligible,
-        family,
-        turn,
-    )
-    .await
+    dispatch(state, ctx, req, turn).await
+}
+
+/// What admission hands on to [`dispatch`]: the body to send and what the request was
+/// admitted with.
+struct Admitted {
+    body: Bytes,
+    /// The quota ticket; held as [`queue::Unsent`] while the request waits for its turn.
+    ticket: Option<Ticket>,
+    /// The quota's response headers.
+    extra_headers: HeaderMap,
+    stream: bool,
+    /// The keys that may serve the request's model (`None`: all).
+    eligible: Option<Vec<usize>>,
+    family: Option<String>,
 }
 
 /// [`dispatch`] boxed, for the second attempt of a stream that had to wait after its first
 /// (the only place it calls itself).
-#[allow(clippy::too_many_arguments)]
 fn dispatch_boxed(
     state: AppState,
     ctx: Ctx,
-    body: Bytes,
-    ticket: Option<Ticket>,
-    extra_headers: HeaderMap,
-    stream: bool,
-    eligible: Option<Vec<usize>>,
-    family: Option<String>,
+    req: Admitted,
     turn: Turn,
 ) -> Pin<Box<dyn Future<Output = Response> + Send>> {
-    Box::pin(dispatch(
-        state,
-        ctx,
-        body,
-        ticket,
-        extra_headers,
-        stream,
-        eligible,
-        family,
-        turn,
-    ))
+    Box::pin(dispatch(state, ctx, req, turn))
 }
 
 /// The error event format of the client's stream, for a stream that waits in the queue.
@@ -335,18 +322,7 @@ fn sse_error_format(ctx: &Ctx) -> SseErrorFormat {
 }
 
 /// Phases 3 to 5 of a request that has its turn: build the upstream request, send it, relay.
-#[allow(clippy::too_many_arguments)]
-async fn dispatch(
-    state: AppState,
-    ctx: Ctx,
-    body: Bytes,
-    mut ticket: Option<Ticket>,
-    extra_headers: HeaderMap,
-    stream: bool,
-    eligible: Option<Vec<usize>>,
-    family: Option<String>,
-    mut turn: Turn,
-) -> Response {
+async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> Response {
     let (provider, api) = (ctx.provider, ctx.api);
     let upstream = state.upstreams.provider(provider);
     // Phases 3 and 4: build the upstream request and send it.
@@ -358,10 +334,10 @@ async fn dispatch(
         upstream,
         &ctx,
         headers,
-        body.clone(),
+        req.body.clone(),
         deadline,
-        eligible.as_deref(),
-        family.as_deref(),
+        req.eligible.as_deref(),
+        req.family.as_deref(),
         &mut turn,
     )
     .await;
@@ -373,39 +349,36 @@ async fn dispatch(
     if turn.requeue_stream(
         status,
         &upstream.keys,
-        family.as_deref(),
-        eligible.as_deref(),
+        req.family.as_deref(),
+        req.eligible.as_deref(),
     ) {
         drop(sent);
         let (settings, position) = (state.upstreams.queue.settings(), 1);
         let format = sse_error_format(&ctx);
         let run = async move {
-            let ticket = queue::Unsent(ticket);
+            let mut req = req;
+            let unsent = queue::Unsent(req.ticket.take());
             let keys = &state.upstreams.provider(ctx.provider).keys;
             match turn
-                .wait_for_key(keys, family.as_deref(), eligible.as_deref())
+                .wait_for_key(keys, req.family.as_deref(), req.eligible.as_deref())
                 .await
             {
                 Ok(()) => {
-                    let t = ticket.take();
-                    dispatch_boxed(
-                        state,
-                        ctx,
-                        body,
-                        t,
-                        extra_headers,
-                        stream,
-                        eligible,
-                        family,
-                        turn,
-                    )
-                    .await
+                    req.ticket = unsent.take();
+                    dispatch_boxed(state, ctx, req, turn).await
                 }
                 Err(e) => log_refusal(&ctx, e),
             }
         };
         return queue::waiting_stream(run, format, settings.heartbeat, position);
     }
+    let Admitted {
+        mut ticket,
+        extra_headers,
+        stream,
+        family,
+        ..
+    } = req;
     match sent {
         Ok((resp, key)) => {
             let latency = started.elapsed();
