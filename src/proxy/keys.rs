@@ -101,6 +101,23 @@ struct PoolKey {
 }
 
 impl PoolKey {
+    /// A key never checked, used or rested, of no organisation.
+    fn fresh(header: HeaderValue, secret: Secret, fingerprint: String) -> PoolKey {
+        PoolKey {
+            header,
+            secret,
+            fingerprint,
+            status: Arc::new(AtomicU8::new(KeyStatus::Unchecked as u8)),
+            rest_until_ms: AtomicU64::new(0),
+            last_used: AtomicU64::new(0),
+            last_checked_ms: AtomicI64::new(0),
+            families: RwLock::new(None),
+            detail: RwLock::new(None),
+            org: None,
+            parent: None,
+        }
+    }
+
     fn status(&self) -> KeyStatus {
         KeyStatus::from_u8(self.status.load(Ordering::Relaxed))
     }
@@ -252,19 +269,7 @@ impl KeyPool {
                 ))
             })?;
             header.set_sensitive(true);
-            pool.push(PoolKey {
-                header,
-                secret: key.clone(),
-                fingerprint: fp,
-                status: Arc::new(AtomicU8::new(KeyStatus::Unchecked as u8)),
-                rest_until_ms: AtomicU64::new(0),
-                last_used: AtomicU64::new(0),
-                last_checked_ms: AtomicI64::new(0),
-                families: RwLock::new(None),
-                detail: RwLock::new(None),
-                org: None,
-                parent: None,
-            });
+            pool.push(PoolKey::fresh(header, key.clone(), fp));
         }
         Ok(KeyPool {
             var,
@@ -336,17 +341,13 @@ impl KeyPool {
         }
         let header = HeaderValue::from_str(org).ok()?;
         let entry = PoolKey {
-            header: base.header.clone(),
-            secret: base.secret.clone(),
-            fingerprint: format!("{}/{org}", base.fingerprint),
-            status: Arc::new(AtomicU8::new(KeyStatus::Unchecked as u8)),
-            rest_until_ms: AtomicU64::new(0),
-            last_used: AtomicU64::new(0),
-            last_checked_ms: AtomicI64::new(0),
-            families: RwLock::new(None),
-            detail: RwLock::new(None),
             org: Some((org.into(), header)),
             parent: Some(parent),
+            ..PoolKey::fresh(
+                base.header.clone(),
+                base.secret.clone(),
+                format!("{}/{org}", base.fingerprint),
+            )
         };
         let index = self.keys.len() + self.clones.push(entry);
         tracing::info!(
