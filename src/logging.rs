@@ -18,12 +18,13 @@
 //! queue as one message when it holds [`BATCH_BYTES`] or when the thread's runtime is about to
 //! wait for work ([`flush_thread`], the runtime's park hook) — so a line is handed on within one
 //! turn of the worker's loop, and under load the queue and the writer thread see one message per
-//! few dozen requests instead of one per request. On a full queue a whole batch is dropped and
-//! counted as one. Other threads (the main thread's background tasks, tests) queue each line.
+//! few dozen requests instead of one per request. On a full queue a whole batch is dropped, and
+//! each of its lines is counted. Other threads (the main thread's background tasks, tests) queue each line.
 
 use std::cell::RefCell;
 use std::io::{BufWriter, IsTerminal, Write};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -35,10 +36,12 @@ use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::config::LogFormat;
 
-/// Lines the queue between request threads and the writer holds (a few hundred kB when full:
-/// the queue's slots are allocated up front, the lines themselves only while queued). At
-/// 30 000 logged requests per second that is half a second of a stalled stdout.
-pub const BUFFERED_LINES: usize = 16 * 1024;
+/// Entries the queue between request threads and the writer holds: single lines from threads
+/// that do not batch, or a worker's batch of up to [`BATCH_BYTES`] plus one line. Bounded in
+/// entries, so at most about 9 MB wait while stdout is stalled (the queue's slots are
+/// allocated up front, the lines only while queued). At 30 000 logged requests per second
+/// (batches of about 50 access lines) that is well over a second of a stalled stdout.
+pub const QUEUED_ENTRIES: usize = 1024;
 
 /// How often the count of dropped lines is checked (and reported when it grew).
 pub const DROP_REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -54,7 +57,9 @@ pub const BATCH_BYTES: usize = 8 * 1024;
 /// first line written).
 struct Batch {
     buf: Vec<u8>,
-    to: Option<NonBlocking>,
+    /// The lines in `buf`.
+    lines: usize,
+    to: Option<Queue>,
 }
 
 impl Batch {
@@ -63,10 +68,43 @@ impl Batch {
             return;
         }
         if let Some(to) = &mut self.to {
-            // One message for the whole batch; a full queue drops it and counts one.
-            let _ = to.write(&self.buf);
+            // One entry for the whole batch. A full queue drops it and counts one line; the
+            // batch's other lines are counted here (the counter moved during our write: another
+            // thread's line dropped at that very moment would be taken for ours, which only
+            // ever overstates a loss that is happening anyway).
+            let before = to.dropped.counter.dropped_lines();
+            let _ = to.queue.write(&self.buf);
+            if self.lines > 1 && to.dropped.counter.dropped_lines() > before {
+                to.dropped
+                    .batched
+                    .fetch_add(self.lines - 1, Ordering::Relaxed);
+            }
         }
         self.buf.clear();
+        self.lines = 0;
+    }
+}
+
+/// The queue to the writer thread, and its count of dropped lines.
+#[derive(Clone)]
+struct Queue {
+    queue: NonBlocking,
+    dropped: Dropped,
+}
+
+/// Lines dropped on a full queue: the queue counts one per entry; a batch's further lines are
+/// counted beside it.
+#[derive(Clone)]
+struct Dropped {
+    counter: ErrorCounter,
+    batched: Arc<AtomicUsize>,
+}
+
+impl Dropped {
+    fn lines(&self) -> usize {
+        self.counter
+            .dropped_lines()
+            .saturating_add(self.batched.load(Ordering::Relaxed))
     }
 }
 
@@ -81,6 +119,7 @@ pub fn batch_this_thread() {
     BATCH.with(|b| {
         *b.borrow_mut() = Some(Batch {
             buf: Vec::with_capacity(BATCH_BYTES + 1024),
+            lines: 0,
             to: None,
         })
     });
@@ -100,7 +139,7 @@ pub fn flush_thread() {
 
 /// The subscriber's writer: into the thread's batch where there is one, else straight to the
 /// queue.
-struct Lines(NonBlocking);
+struct Lines(Queue);
 
 impl<'a> MakeWriter<'a> for Lines {
     type Writer = LineWriter<'a>;
@@ -110,7 +149,7 @@ impl<'a> MakeWriter<'a> for Lines {
     }
 }
 
-struct LineWriter<'a>(&'a NonBlocking);
+struct LineWriter<'a>(&'a Queue);
 
 impl Write for LineWriter<'_> {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
@@ -125,13 +164,14 @@ impl Write for LineWriter<'_> {
                 batch.to = Some(self.0.clone());
             }
             batch.buf.extend_from_slice(line);
+            batch.lines += 1;
             if batch.buf.len() >= BATCH_BYTES {
                 batch.flush();
             }
             true
         });
         if !batched {
-            self.0.clone().write_all(line)?;
+            self.0.queue.clone().write_all(line)?;
         }
         Ok(line.len())
     }
@@ -146,7 +186,7 @@ impl Write for LineWriter<'_> {
 /// to stderr.
 pub struct LogGuard {
     worker: Option<WorkerGuard>,
-    dropped: ErrorCounter,
+    dropped: Dropped,
     reporter: Option<(mpsc::Sender<()>, JoinHandle<usize>)>,
 }
 
@@ -159,7 +199,7 @@ impl Drop for LogGuard {
         }
         // Flushes the queue (tracing-appender waits up to about a second for the writer).
         drop(self.worker.take());
-        let dropped = self.dropped.dropped_lines();
+        let dropped = self.dropped.lines();
         if dropped > 0 {
             // The writer is gone: stderr, written directly, is the one place left.
             eprintln!(
@@ -202,8 +242,8 @@ fn install<W: Write + Send + 'static>(
         eprintln!("llm-gatekeeper: LOG_LEVEL={level:?} is not a valid level; using info");
         EnvFilter::new("info")
     });
-    let (writer, worker) = queue(out, BUFFERED_LINES);
-    let dropped = writer.error_counter();
+    let (writer, worker) = queue(out, QUEUED_ENTRIES);
+    let dropped = writer.dropped.clone();
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match format {
         LogFormat::Text => registry
@@ -232,18 +272,23 @@ fn install<W: Write + Send + 'static>(
 }
 
 /// The bounded, lossy queue of `lines` lines in front of `out`, and its writer thread.
-fn queue<W: Write + Send + 'static>(out: W, lines: usize) -> (NonBlocking, WorkerGuard) {
-    NonBlockingBuilder::default()
+fn queue<W: Write + Send + 'static>(out: W, entries: usize) -> (Queue, WorkerGuard) {
+    let (queue, worker) = NonBlockingBuilder::default()
         .lossy(true)
-        .buffered_lines_limit(lines)
+        .buffered_lines_limit(entries)
         .thread_name("log-writer")
-        .finish(out)
+        .finish(out);
+    let dropped = Dropped {
+        counter: queue.error_counter(),
+        batched: Arc::default(),
+    };
+    (Queue { queue, dropped }, worker)
 }
 
 /// A thread that logs a warning whenever lines were dropped since its last look, until its
 /// sender is dropped; returns the count it reported. A plain thread, not a task: logging is
 /// set up before any runtime, and the thread ends with the guard.
-fn spawn_drop_reporter(dropped: ErrorCounter) -> Option<(mpsc::Sender<()>, JoinHandle<usize>)> {
+fn spawn_drop_reporter(dropped: Dropped) -> Option<(mpsc::Sender<()>, JoinHandle<usize>)> {
     let (stop, stopped) = mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
         .name("log-drops".into())
@@ -251,12 +296,12 @@ fn spawn_drop_reporter(dropped: ErrorCounter) -> Option<(mpsc::Sender<()>, JoinH
             let mut reported = 0;
             while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(DROP_REPORT_EVERY)
             {
-                let now = dropped.dropped_lines();
+                let now = dropped.lines();
                 if now > reported {
                     tracing::warn!(
                         dropped = now - reported,
                         dropped_total = now,
-                        "log lines dropped: stdout could not keep up with the log (queue of {BUFFERED_LINES} lines full)"
+                        "log lines dropped: stdout could not keep up with the log (queue of {QUEUED_ENTRIES} entries full)"
                     );
                     reported = now;
                 }
@@ -361,10 +406,51 @@ mod tests {
     }
 
     #[test]
+    fn a_stalled_stdout_drops_whole_batches_and_counts_every_line_of_them() {
+        let stdout = Stalled::default();
+        // Four entries: a few batches wait, the rest are dropped.
+        let (writer, worker) = queue(stdout.clone(), 4);
+        let dropped = writer.dropped.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(fmt::layer().with_ansi(false).with_writer(Lines(writer)));
+        std::thread::spawn(move || {
+            batch_this_thread();
+            tracing::subscriber::with_default(subscriber, || {
+                for i in 0..3000 {
+                    tracing::info!(i, "batched access line");
+                }
+                flush_thread();
+            });
+        })
+        .join()
+        .expect("the batching thread");
+        let queued_at_most = 5 * (BATCH_BYTES / 60 + 1);
+        assert!(
+            dropped.lines() >= 3000 - queued_at_most,
+            "the lines of dropped batches are counted, not only the batches: {}",
+            dropped.lines()
+        );
+        stdout.open();
+        drop(worker);
+        let out = stdout.out.clone();
+        let written = || lines_with(&out, "batched access line").len();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while written() + dropped.lines() < 3000 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(written() > 0);
+        assert_eq!(
+            written() + dropped.lines(),
+            3000,
+            "every line is either written or counted as dropped"
+        );
+    }
+
+    #[test]
     fn a_stalled_stdout_drops_and_counts_lines_instead_of_blocking_the_caller() {
         let stdout = Stalled::default();
         let (writer, worker) = queue(stdout.clone(), 8);
-        let dropped = writer.error_counter();
+        let dropped = writer.dropped.clone();
         let subscriber = tracing_subscriber::registry()
             .with(fmt::layer().with_ansi(false).with_writer(Lines(writer)));
         // All 100 events return while nothing can be written: none waits for stdout.
@@ -374,7 +460,7 @@ mod tests {
             }
         });
         // The queue holds 8 lines and the writer one more, stuck in its write.
-        assert!(dropped.dropped_lines() >= 91, "{}", dropped.dropped_lines());
+        assert!(dropped.lines() >= 91, "{}", dropped.lines());
         stdout.open();
         // Dropping the guard writes out what was queued (waiting a bounded time for the
         // writer thread; the loop below only keeps a busy machine from failing the test).
@@ -387,12 +473,12 @@ mod tests {
                 .count()
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while written() + dropped.dropped_lines() < 100 && std::time::Instant::now() < deadline {
+        while written() + dropped.lines() < 100 && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert!(written() >= 1);
         assert_eq!(
-            written() + dropped.dropped_lines(),
+            written() + dropped.lines(),
             100,
             "every line is either written or counted as dropped"
         );
