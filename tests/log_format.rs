@@ -84,6 +84,63 @@ async fn json_log_is_one_object_per_line_with_the_access_fields_and_no_secret() 
     assert!(!log.contains("XYZZY"), "a secret was logged:\n{log}");
 }
 
+#[tokio::test]
+async fn text_access_lines_have_the_subscriber_format_and_every_request_gets_one() {
+    let fake = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = RunningBinary::start(
+        dir.path(),
+        &[
+            ("OPENAI_KEY", "sk-operator-XYZZY"),
+            ("OPENAI_BASE_URL", &fake.url),
+            ("GATEKEEPER", "proxy_key"),
+            ("PROXY_KEY", "pk-XYZZY"),
+            ("TEXT_MODEL_RATE_LIMIT", "0"),
+        ],
+    );
+    let c = reqwest::Client::new();
+    // Several requests, so that each worker writes access lines after its first (the first
+    // may go through `tracing`, the others straight into the worker's batch).
+    for _ in 0..6 {
+        let resp = c
+            .post(format!("{}/v1/chat/completions", server.url))
+            .bearer_auth("pk-XYZZY")
+            .json(&serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .expect("proxied request");
+        assert_eq!(resp.status(), 200);
+        let _ = resp.bytes().await.expect("body");
+    }
+    server.sigterm();
+    let (status, log) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .expect("join");
+    assert!(status.success(), "exit {status:?}; log:\n{log}");
+    let access: Vec<&str> = log.lines().filter(|l| l.contains(" proxied ")).collect();
+    assert_eq!(access.len(), 6, "one access line per request:\n{log}");
+    for line in access {
+        // 2026-12-01T15:40:28.955146Z  INFO llm_gatekeeper::proxy::forward: proxied method=POST ...
+        let (ts, rest) = line.split_at(27);
+        let b = ts.as_bytes();
+        assert!(
+            ts.ends_with('Z') && b[10] == b'T' && b[19] == b'.' && b[4] == b'-',
+            "timestamp {ts:?} in {line}"
+        );
+        assert!(
+            ts[..4].parse::<u32>().is_ok_and(|y| y >= 2024) && ts[20..26].parse::<u32>().is_ok(),
+            "timestamp {ts:?} in {line}"
+        );
+        let rest = rest
+            .strip_prefix("  INFO llm_gatekeeper::proxy::forward: proxied method=POST path=/v1/chat/completions status=200 upstream_ms=")
+            .unwrap_or_else(|| panic!("not the access line's format: {line}"));
+        let (ms, key) = rest.split_once(" key=").expect("key field");
+        assert!(ms.parse::<u64>().is_ok(), "{line}");
+        assert!(!key.is_empty() && !key.contains(' '), "{line}");
+    }
+    assert!(!log.contains("XYZZY"), "a secret was logged:\n{log}");
+}
+
 #[test]
 fn an_unknown_log_format_stops_startup_naming_the_variable() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -382,14 +382,7 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
     match sent {
         Ok((resp, key)) => {
             let latency = started.elapsed();
-            tracing::info!(
-                method = %ctx.method,
-                path = %ctx.client_path,
-                status = resp.status().as_u16(),
-                upstream_ms = latency.as_millis() as u64,
-                key = %key.fingerprint,
-                "proxied"
-            );
+            log_proxied(&ctx, resp.status(), latency, &key.fingerprint);
             // Phase 5: relay.
             let transforms = Transforms {
                 decode: provider.stream_decoder(api, resp.status(), resp.headers()),
@@ -427,6 +420,33 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
             extend_headers(resp.headers_mut(), extra_headers);
             resp
         }
+    }
+}
+
+/// The access line of a request the upstream answered: straight into the worker's batch
+/// ([`crate::logging::info_line`]), or through `tracing` with the same fields where that cannot.
+fn log_proxied(ctx: &Ctx, status: StatusCode, latency: std::time::Duration, key: &str) {
+    use crate::logging::Field;
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return;
+    }
+    let upstream_ms = latency.as_millis() as u64;
+    let fields = [
+        ("method", Field::Text(ctx.method.as_str())),
+        ("path", Field::Text(&ctx.client_path)),
+        ("status", Field::Number(status.as_u16().into())),
+        ("upstream_ms", Field::Number(upstream_ms)),
+        ("key", Field::Text(key)),
+    ];
+    if !crate::logging::info_line(module_path!(), "proxied", &fields) {
+        tracing::info!(
+            method = %ctx.method,
+            path = %ctx.client_path,
+            status = status.as_u16(),
+            upstream_ms,
+            key = %key,
+            "proxied"
+        );
     }
 }
 
