@@ -174,10 +174,11 @@ impl Meter {
             // Fast path: read only the top-level usage field (serde skips everything else
             // without building it). When it holds both counts nothing else in the body matters.
             if let Some([Some(u), model]) = top_level_fields(&body, [key, "model"]) {
+                let model = model.and_then(|m| serde_json::from_str::<&RawValue>(m).ok());
                 if let Some(m) = model.and_then(super::raw::string) {
                     self.seen.model(&m);
                 }
-                if let Some(r) = self.provider.usage_from_raw(self.api, u.get()) {
+                if let Some(r) = self.provider.usage_from_raw(self.api, u) {
                     self.seen.usage(r);
                     if self.seen.prompt.is_some() && self.seen.completion_final {
                         return;
@@ -296,8 +297,133 @@ impl Meter {
 
 /// The JSON text of two top-level fields of a JSON object (borrowed from `body`), skipping
 /// every other field without building it. `None` when the body is not a JSON object; a missing
-/// field is `None` inside.
-fn top_level_fields<'b>(body: &'b [u8], keys: [&str; 2]) -> Option<[Option<&'b RawValue>; 2]> {
+/// field is `None` inside. The usual body goes through [`scan_fields`]; what that leaves (a key
+/// with an escape) goes through serde.
+fn top_level_fields<'b>(body: &'b [u8], keys: [&str; 2]) -> Option<[Option<&'b str>; 2]> {
+    let text = std::str::from_utf8(body).ok()?;
+    match scan_fields(text, keys) {
+        Scan::Found(found) => Some(found),
+        Scan::NotAnObject => None,
+        Scan::AskSerde => serde_fields(body, keys).map(|f| f.map(|v| v.map(RawValue::get))),
+    }
+}
+
+/// What [`scan_fields`] made of a body.
+#[derive(Debug, PartialEq)]
+enum Scan<'b> {
+    Found([Option<&'b str>; 2]),
+    /// Not a JSON object (or cut short): serde would not read it either.
+    NotAnObject,
+    /// A key with an escape: serde decodes it.
+    AskSerde,
+}
+
+/// The top-level fields of a JSON object by a scan of its structure: strings are skipped by
+/// their quotes, objects and arrays by their brackets, scalars by the byte that ends them;
+/// nothing is parsed or built. serde's `IgnoredAny` does the same walk while also checking the
+/// grammar of everything it skips, which was most of the cost of reading a response's usage
+/// (issue 18). The values found are parsed by their readers afterwards; the skipped ones are
+/// not checked (a body that is broken only outside the wanted fields is still read).
+fn scan_fields<'b>(body: &'b str, keys: [&str; 2]) -> Scan<'b> {
+    let b = body.as_bytes();
+    let mut found = [None, None];
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return Scan::NotAnObject;
+    }
+    i = skip_ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        return Scan::Found(found);
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return Scan::NotAnObject;
+        }
+        let Some(key_end) = string_end(b, i) else {
+            return Scan::NotAnObject;
+        };
+        let key = &body[i + 1..key_end - 1];
+        if key.contains('\\') {
+            return Scan::AskSerde;
+        }
+        i = skip_ws(b, key_end);
+        if b.get(i) != Some(&b':') {
+            return Scan::NotAnObject;
+        }
+        i = skip_ws(b, i + 1);
+        let Some(value_end) = value_end(b, i) else {
+            return Scan::NotAnObject;
+        };
+        if let Some(k) = keys.iter().position(|k| *k == key) {
+            found[k] = Some(&body[i..value_end]);
+        }
+        i = skip_ws(b, value_end);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(b'}') => return Scan::Found(found),
+            _ => return Scan::NotAnObject,
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// The index after the closing quote of the string that opens at `start`.
+fn string_end(b: &[u8], start: usize) -> Option<usize> {
+    let mut j = start + 1;
+    loop {
+        let k = j + b.get(j..)?.iter().position(|&c| c == b'"' || c == b'\\')?;
+        if b[k] == b'"' {
+            return Some(k + 1);
+        }
+        // An escape: the next byte is escaped (a `\uXXXX`'s hex digits need no care).
+        j = k + 2;
+    }
+}
+
+/// The index after the value that starts at `start`.
+fn value_end(b: &[u8], start: usize) -> Option<usize> {
+    match *b.get(start)? {
+        b'"' => string_end(b, start),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = start;
+            while let Some(&c) = b.get(j) {
+                match c {
+                    b'"' => {
+                        j = string_end(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            None
+        }
+        _ => {
+            let len = b[start..]
+                .iter()
+                .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+                .unwrap_or(b.len() - start);
+            (len > 0).then_some(start + len)
+        }
+    }
+}
+
+/// [`top_level_fields`] by serde.
+fn serde_fields<'b>(body: &'b [u8], keys: [&str; 2]) -> Option<[Option<&'b RawValue>; 2]> {
     use serde::de::{Deserializer, MapAccess, Visitor};
     struct Fields<'k>([&'k str; 2]);
     impl<'de> Visitor<'de> for Fields<'_> {
@@ -357,6 +483,65 @@ fn field_from_tail(body: &[u8], key: &str) -> Option<Value> {
 mod tests {
     use super::*;
     use crate::quota::estimate::count_tokens;
+
+    /// Valid JSON bodies of many shapes: the scan finds exactly what serde finds.
+    #[test]
+    fn the_structural_scan_finds_what_serde_finds() {
+        let bodies = [
+            r#"{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello!"},"finish_reason":"stop"}],"usage":{"prompt_tokens":14,"completion_tokens":2,"total_tokens":16}}"#,
+            r#"{}"#,
+            r#"  { }  "#,
+            "{\n  \"usage\" : { \"prompt_tokens\" : 1 } ,\n  \"model\"\t:\r\n \"m\"\n}\n",
+            r#"{"model":null,"usage":null}"#,
+            r#"{"model":"a\"b\\","usage":[1,2,{"x":"}]"}]}"#,
+            r#"{"content":"text with \"usage\": {} and } and ] and \\","usage":{"input_tokens":3}}"#,
+            r#"{"a":{"usage":{"nested":1}},"model":"top"}"#,
+            r#"{"a":[[],[{}],"[{"],"usage":true,"n":-1.5e10,"f":false}"#,
+            r#"{"usage":1,"usage":2}"#,
+            r#"{"s":"\u0022usage\u0022","usage":{"k":"\ud83d\ude00"}}"#,
+            r#"{"model":"é ü 日本","usage":{}}"#,
+            r#"{"x":"\\","model":"\\\""}"#,
+            r#"[{"usage":1}]"#,
+            r#""usage""#,
+            r#"42"#,
+            r#"null"#,
+        ];
+        for body in bodies {
+            let serde = serde_fields(body.as_bytes(), ["usage", "model"])
+                .map(|f| f.map(|v| v.map(RawValue::get)));
+            match scan_fields(body, ["usage", "model"]) {
+                Scan::Found(found) => assert_eq!(Some(found), serde, "{body}"),
+                Scan::NotAnObject => assert_eq!(serde, None, "{body}"),
+                Scan::AskSerde => panic!("no escaped key in {body}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_with_an_escape_is_left_to_serde_and_read_the_same() {
+        let body = r#"{"usag\u0065":{"prompt_tokens":5},"model":"m"}"#;
+        assert_eq!(scan_fields(body, ["usage", "model"]), Scan::AskSerde);
+        assert_eq!(
+            top_level_fields(body.as_bytes(), ["usage", "model"]),
+            Some([Some(r#"{"prompt_tokens":5}"#), Some(r#""m""#)])
+        );
+    }
+
+    #[test]
+    fn a_body_cut_short_is_not_an_object_for_the_scan() {
+        let full = r#"{"model":"m","choices":[{"message":{"content":"a \" b"}}],"usage":{"prompt_tokens":1}}"#;
+        for end in 0..full.len() {
+            let cut = &full[..end];
+            assert_ne!(
+                scan_fields(cut, ["usage", "model"]),
+                Scan::AskSerde,
+                "{cut}"
+            );
+            if let Scan::Found(f) = scan_fields(cut, ["usage", "model"]) {
+                panic!("a cut body was read whole: {cut} -> {f:?}");
+            }
+        }
+    }
 
     fn sse(events: &[&str]) -> String {
         events.iter().map(|e| format!("data: {e}\n\n")).collect()
