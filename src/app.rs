@@ -359,9 +359,11 @@ pub async fn serve_workers(
                     let _ = drained.send(());
                     release.cancelled().await;
                 });
-                // Tasks a request left behind are dropped with the runtime; blocking work
-                // (a token count) gets a moment to finish.
-                runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+                // Tasks a request left behind are dropped with the runtime; blocking work (a
+                // settlement waiting for the tokenizer to load, `quota::Ticket`) gets time to
+                // finish, so that its charge is in the store before the final flush. The wait
+                // ends as soon as that work does.
+                runtime.shutdown_timeout(std::time::Duration::from_secs(5));
                 crate::logging::flush_thread();
                 let _ = done.send(());
             })?;

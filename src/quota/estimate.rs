@@ -28,10 +28,14 @@ const INLINE_COUNT_BYTES: usize = 16 * 1024;
 
 static BPE: OnceLock<Option<CoreBPE>> = OnceLock::new();
 
+/// The thread that loaded the tokenizer.
+static LOADED_ON: OnceLock<std::thread::ThreadId> = OnceLock::new();
+
 /// The tokenizer, loaded on first use. `o200k_base` is the vocabulary of current OpenAI models;
 /// for Claude it is a close enough estimate (Anthropic publishes no local tokenizer).
 fn bpe() -> Option<&'static CoreBPE> {
     BPE.get_or_init(|| {
+        let _ = LOADED_ON.set(std::thread::current().id());
         let b = tiktoken_rs::o200k_base();
         match b {
             Ok(b) => {
@@ -50,6 +54,12 @@ fn bpe() -> Option<&'static CoreBPE> {
 /// Whether the tokenizer has been loaded (for tests and the benchmark's memory notes).
 pub fn tokenizer_loaded() -> bool {
     BPE.get().is_some()
+}
+
+/// The thread that loaded the tokenizer, once it started loading (for tests: never a server
+/// worker, see `quota::Ticket`).
+pub fn loaded_on() -> Option<std::thread::ThreadId> {
+    LOADED_ON.get().copied()
 }
 
 /// [`count_tokens`] without holding up an async worker: text that is large, or a first count
