@@ -174,9 +174,12 @@ impl Meter {
             // Fast path: read only the top-level usage field (serde skips everything else
             // without building it). When it holds both counts nothing else in the body matters.
             if let Some([Some(u), model]) = top_level_fields(&body, [key, "model"]) {
-                let model = model.and_then(|m| serde_json::from_str::<&RawValue>(m).ok());
-                if let Some(m) = model.and_then(super::raw::string) {
-                    self.seen.model(&m);
+                // The model matters only where the response decides the family (Azure).
+                if self.provider.family_from_response() {
+                    let model = model.and_then(|m| serde_json::from_str::<&RawValue>(m).ok());
+                    if let Some(m) = model.and_then(super::raw::string) {
+                        self.seen.model(&m);
+                    }
                 }
                 if let Some(r) = self.provider.usage_from_raw(self.api, u) {
                     self.seen.usage(r);
