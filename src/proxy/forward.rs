@@ -492,6 +492,48 @@ struct Incoming {
     generation: bool,
 }
 
+/// Why a request body could not be read.
+#[derive(Debug, PartialEq)]
+enum BodyError {
+    TooLarge,
+    Broken,
+}
+
+/// The whole body, at most `limit` bytes. A small request usually arrives in one frame, which
+/// is taken as it is; the general collector (a list of frames, then one copy) cost about
+/// 1 800 instructions per request for that case (callgrind).
+async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, BodyError> {
+    let first = match body.frame().await {
+        None => return Ok(Bytes::new()),
+        Some(Err(_)) => return Err(BodyError::Broken),
+        // Trailers first: nothing to keep, the rest as usual.
+        Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+    };
+    if first.len() > limit {
+        return Err(BodyError::TooLarge);
+    }
+    if http_body::Body::is_end_stream(&body) {
+        return Ok(first);
+    }
+    let rest = match Limited::new(body, limit - first.len()).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return Err(BodyError::TooLarge)
+        }
+        Err(_) => return Err(BodyError::Broken),
+    };
+    if first.is_empty() {
+        return Ok(rest);
+    }
+    if rest.is_empty() {
+        return Ok(first);
+    }
+    let mut whole = bytes::BytesMut::with_capacity(first.len() + rest.len());
+    whole.extend_from_slice(&first);
+    whole.extend_from_slice(&rest);
+    Ok(whole.freeze())
+}
+
 /// Phase 1: reads the body within the size limit and validates JSON routes.
 async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, ProxyError> {
     if ctx.method == Method::GET || ctx.method == Method::HEAD {
@@ -518,10 +560,10 @@ async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, P
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
-        Err(_) => {
+    let bytes = match read_body(body, limit).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return Err(too_large()),
+        Err(BodyError::Broken) => {
             return Err(ProxyError::bad_request(
                 "The request body could not be read completely; send it again.",
             ))
@@ -1403,6 +1445,52 @@ impl http_body::Body for Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body of `chunks` frames.
+    fn chunked(chunks: &[&'static [u8]]) -> Body {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+            frames,
+        )))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_in_one_frame_or_many_within_its_limit() {
+        let one = Body::from(Bytes::from_static(b"{\"model\":\"x\"}"));
+        assert_eq!(
+            read_body(one, 100).await,
+            Ok(Bytes::from_static(b"{\"model\":\"x\"}"))
+        );
+        assert_eq!(read_body(Body::empty(), 100).await, Ok(Bytes::new()));
+        let many = chunked(&[b"ab", b"", b"cd", b"e"]);
+        assert_eq!(read_body(many, 5).await, Ok(Bytes::from_static(b"abcde")));
+        assert_eq!(
+            read_body(chunked(&[b"ab", b"cd", b"e"]), 4).await,
+            Err(BodyError::TooLarge)
+        );
+        assert_eq!(
+            read_body(chunked(&[b"abcdef"]), 5).await,
+            Err(BodyError::TooLarge)
+        );
+        assert_eq!(
+            read_body(Body::from(Bytes::from_static(b"abcdef")), 5).await,
+            Err(BodyError::TooLarge)
+        );
+        assert_eq!(
+            read_body(chunked(&[b"", b"xy"]), 5).await,
+            Ok(Bytes::from_static(b"xy"))
+        );
+        let broken = Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+            vec![
+                Ok(Frame::data(Bytes::from_static(b"ab"))),
+                Err(std::io::Error::other("reset")),
+            ],
+        )));
+        assert_eq!(read_body(broken, 100).await, Err(BodyError::Broken));
+    }
 
     #[test]
     fn a_remembered_upstream_uri_is_the_parsed_one() {
