@@ -11,6 +11,19 @@ use common::binary::{command, wait_exit, RunningBinary};
 use common::upstream::FakeUpstream;
 use serde_json::Value;
 
+/// A chat request with the proxy key, answered 200 and read to its end.
+async fn chat(c: &reqwest::Client, url: &str) {
+    let resp = c
+        .post(url)
+        .bearer_auth("pk-XYZZY")
+        .json(&serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("proxied request");
+    assert_eq!(resp.status(), 200);
+    let _ = resp.bytes().await.expect("body");
+}
+
 #[tokio::test]
 async fn json_log_is_one_object_per_line_with_the_access_fields_and_no_secret() {
     let fake = FakeUpstream::start().await;
@@ -26,15 +39,11 @@ async fn json_log_is_one_object_per_line_with_the_access_fields_and_no_secret() 
         ],
     );
     let c = reqwest::Client::new();
-    let resp = c
-        .post(format!("{}/v1/chat/completions?key=q-XYZZY", server.url))
-        .bearer_auth("pk-XYZZY")
-        .json(&serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .expect("proxied request");
-    assert_eq!(resp.status(), 200);
-    let _ = resp.bytes().await.expect("body");
+    chat(
+        &c,
+        &format!("{}/v1/chat/completions?key=q-XYZZY", server.url),
+    )
+    .await;
     // A token in a proxied path is logged as the route template only.
     let resp = c
         .get(format!("{}/v1/models/tok-XYZZY", server.url))
@@ -99,18 +108,9 @@ async fn text_access_lines_have_the_subscriber_format_and_every_request_gets_one
         ],
     );
     let c = reqwest::Client::new();
-    // Several requests, so that each worker writes access lines after its first (the first
-    // may go through `tracing`, the others straight into the worker's batch).
+    // Several requests, spread over the workers (each writes its access lines into its batch).
     for _ in 0..6 {
-        let resp = c
-            .post(format!("{}/v1/chat/completions", server.url))
-            .bearer_auth("pk-XYZZY")
-            .json(&serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
-            .send()
-            .await
-            .expect("proxied request");
-        assert_eq!(resp.status(), 200);
-        let _ = resp.bytes().await.expect("body");
+        chat(&c, &format!("{}/v1/chat/completions", server.url)).await;
     }
     server.sigterm();
     let (status, log) = tokio::task::spawn_blocking(move || server.wait())

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::quota::{add_user, eventually, post, proxy, reserved, used};
+use common::quota::{add_user, eventually, hang_up_before_the_answer, post, proxy, reserved, used};
 use common::upstream::{anthropic_event, anthropic_text_delta, FakeUpstream, Reply};
 use futures::FutureExt;
 use llm_gatekeeper::providers::Api;
@@ -517,26 +517,9 @@ async fn client_gone_before_the_upstream_answered_pays_the_prompt() {
     let fake = FakeUpstream::start().await;
     let app = proxy(&fake, NO_RATE, &[]).await;
     add_user(&app, "u", UserType::Normal, &[]);
-    fake.push(
-        Reply::json(
-            200,
-            json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
-        )
-        .delayed(Duration::from_secs(60)),
-    );
     let body = chat("gpt-4o", None, None);
     let prompt_estimate = prompt_tokens(&request_facts(Api::OpenAiChat, &body));
-    let url = format!("{}/v1/chat/completions", app.url);
-    let task = tokio::spawn(async move {
-        let _ = reqwest::Client::new()
-            .post(url)
-            .bearer_auth("u")
-            .json(&body)
-            .send()
-            .await;
-    });
-    eventually("the upstream got the request", || fake.request_count() == 1).await;
-    task.abort();
+    hang_up_before_the_answer(&app, &fake, "u", &body).await;
     eventually("prompt charged", || {
         used(&app, "u", "gpt4o") == prompt_estimate
     })

@@ -5,10 +5,8 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::quota::{add_user, eventually, proxy, reserved, used};
-use common::upstream::{FakeUpstream, Reply};
+use common::quota::{add_user, eventually, hang_up_before_the_answer, proxy, reserved, used};
+use common::upstream::FakeUpstream;
 use llm_gatekeeper::quota::estimate::{loaded_on, prompt_tokens, tokenizer_loaded};
 use llm_gatekeeper::users::UserType;
 use serde_json::json;
@@ -20,27 +18,9 @@ async fn the_first_estimate_loads_the_tokenizer_off_the_serving_thread() {
     let fake = FakeUpstream::start().await;
     let app = proxy(&fake, &["--text-model-rate-limit", "0"], &[]).await;
     add_user(&app, "u", UserType::Normal, &[]);
-    fake.push(
-        Reply::json(
-            200,
-            json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
-        )
-        .delayed(Duration::from_secs(60)),
-    );
     let body = json!({"model": "gpt-4o", "max_tokens": 50,
         "messages": [{"role": "user", "content": "Say hello to the gateway, please"}]});
-    let url = format!("{}/v1/chat/completions", app.url);
-    let sent = body.clone();
-    let task = tokio::spawn(async move {
-        let _ = reqwest::Client::new()
-            .post(url)
-            .bearer_auth("u")
-            .json(&sent)
-            .send()
-            .await;
-    });
-    eventually("the upstream got the request", || fake.request_count() == 1).await;
-    task.abort();
+    hang_up_before_the_answer(&app, &fake, "u", &body).await;
     eventually("the prompt is charged", || used(&app, "u", "gpt4o") > 0).await;
     assert_eq!(reserved(&app, "u", "gpt4o"), 0);
     let serving = std::thread::current().id();

@@ -89,3 +89,39 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// Sends a chat request as user `token` that the upstream (`fake`) holds for a minute, and
+/// hangs up once the upstream has it: a client gone before the upstream answered.
+pub async fn hang_up_before_the_answer(
+    app: &TestApp,
+    fake: &FakeUpstream,
+    token: &str,
+    body: &serde_json::Value,
+) {
+    fake.push(
+        super::upstream::Reply::json(
+            200,
+            serde_json::json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
+        )
+        .delayed(std::time::Duration::from_secs(60)),
+    );
+    let (url, token, body) = (
+        format!("{}/v1/chat/completions", app.url),
+        token.to_string(),
+        body.clone(),
+    );
+    let task = tokio::spawn(async move {
+        let _ = reqwest::Client::new()
+            .post(url)
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await;
+    });
+    let before = fake.request_count();
+    eventually("the upstream got the request", || {
+        fake.request_count() > before
+    })
+    .await;
+    task.abort();
+}
