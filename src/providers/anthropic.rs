@@ -18,7 +18,10 @@ pub const DEFAULT_VERSION: &str = "2023-06-01";
 
 /// Extra client headers forwarded to the Anthropic upstream (`anthropic-version` is always
 /// set, see [`default_headers`]).
-pub const FORWARDED_HEADERS: &[&str] = &["anthropic-beta", "anthropic-version"];
+pub static FORWARDED_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("anthropic-beta"),
+    HeaderName::from_static("anthropic-version"),
+];
 
 /// The header that carries the operator's key (the bare key).
 pub const AUTH_HEADER: HeaderName = HeaderName::from_static("x-api-key");

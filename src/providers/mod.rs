@@ -561,11 +561,11 @@ impl Provider {
     }
 
     /// Client request headers forwarded to this provider, besides `content-type` and `accept`.
-    pub fn forwarded_headers(self) -> &'static [&'static str] {
+    pub fn forwarded_headers(self) -> &'static [http::HeaderName] {
         match self {
-            Provider::OpenAi => openai::FORWARDED_HEADERS,
+            Provider::OpenAi => &openai::FORWARDED_HEADERS,
             // Bedrock takes `anthropic-beta` in the body; Vertex as a header.
-            Provider::Anthropic | Provider::Aws | Provider::Gcp => anthropic::FORWARDED_HEADERS,
+            Provider::Anthropic | Provider::Aws | Provider::Gcp => &anthropic::FORWARDED_HEADERS,
             Provider::GoogleAi | Provider::MistralAi | Provider::Azure | Provider::AwsMistral => {
                 &[]
             }

@@ -15,7 +15,7 @@ use super::{
 };
 
 /// Extra client headers forwarded to an OpenAI upstream.
-pub const FORWARDED_HEADERS: &[&str] = &["openai-beta"];
+pub static FORWARDED_HEADERS: [HeaderName; 1] = [HeaderName::from_static("openai-beta")];
 
 /// The header that carries the operator's key.
 pub const AUTH_HEADER: HeaderName = header::AUTHORIZATION;

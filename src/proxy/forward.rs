@@ -62,7 +62,7 @@ use crate::quota::{AdmitRequest, Ticket};
 /// (recomputed by the client library), but also `accept-encoding` (so that usage accounting
 /// can read the response) and `openai-organization`/`openai-project` (the operator's key
 /// decides those).
-const FORWARDED_HEADERS: &[&str] = &["content-type", "accept"];
+const FORWARDED_HEADERS: &[HeaderName] = &[header::CONTENT_TYPE, header::ACCEPT];
 
 /// Upstream response headers not relayed to the client: hop-by-hop headers, cookies and
 /// transport hints that belong to the upstream's host, and headers that describe the
@@ -865,8 +865,9 @@ fn upstream_headers(ctx: &Ctx) -> HeaderMap {
         .iter()
         .chain(ctx.provider.forwarded_headers())
     {
-        for v in ctx.headers.get_all(*name) {
-            out.append(HeaderName::from_static(name), v.clone());
+        // Names, not text: a lookup by text parses the name every time.
+        for v in ctx.headers.get_all(name) {
+            out.append(name.clone(), v.clone());
         }
     }
     if ctx.method == Method::POST && !out.contains_key(header::CONTENT_TYPE) {
