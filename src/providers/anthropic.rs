@@ -91,12 +91,11 @@ pub fn messages_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, Bad
         Err(e) => return Some(Err(e)),
     };
     raw::collect(f.system, &mut facts)?;
-    for m in raw::items(f.messages)? {
+    for m in f.messages.0 {
         facts.prompt_fixed += MESSAGE_OVERHEAD;
-        if !raw::is_object(m) {
+        let Some(m) = m else {
             continue;
-        }
-        let m: MessageFields = serde_json::from_str(m.get()).ok()?;
+        };
         raw::collect(m.content, &mut facts)?;
     }
     if let Some(tools) = f.tools {
@@ -117,8 +116,8 @@ struct MessagesFields<'a> {
     max_tokens: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw::present")]
     system: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: raw::Objects<MessageFields<'a>>,
     #[serde(borrow, default, deserialize_with = "raw::present")]
     tools: Option<&'a RawValue>,
 }

@@ -152,7 +152,7 @@ pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequ
     facts.max_output = newer.or(older);
     for m in f.messages.0 {
         facts.prompt_fixed += MESSAGE_OVERHEAD;
-        let Message::Fields(m) = m else {
+        let Some(m) = m else {
             continue;
         };
         for field in [m.role, m.name] {
@@ -195,7 +195,7 @@ struct ChatFields<'a> {
     #[serde(borrow, default, deserialize_with = "raw::present")]
     n: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    messages: Messages<'a>,
+    messages: raw::Objects<MessageFields<'a>>,
     #[serde(borrow, default, deserialize_with = "raw::present")]
     tools: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw::present")]
@@ -220,119 +220,6 @@ struct MessageFields<'a> {
     content: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw::present")]
     tool_calls: Option<&'a RawValue>,
-}
-
-/// The `messages` of a chat request, read in the same pass as the body's other fields (not
-/// kept as JSON text and read again item by item: that parsed each message three times, the
-/// largest part of the reader's cost). Anything other than an array gives no messages, as
-/// `as_array` does on the tree path.
-#[derive(Default)]
-struct Messages<'a>(Vec<Message<'a>>);
-
-/// One item of `messages`: its fields when it is an object; anything else is skipped (it still
-/// counts a message's overhead, as on the tree path).
-enum Message<'a> {
-    Fields(MessageFields<'a>),
-    Other,
-}
-
-impl<'de: 'a, 'a> serde::Deserialize<'de> for Messages<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ItemsOrNothing)
-    }
-}
-
-impl<'de: 'a, 'a> serde::Deserialize<'de> for Message<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ObjectOrOther)
-    }
-}
-
-/// Visits a JSON value as [`Messages`]: an array's items, or no items for any other value
-/// (which is consumed).
-struct ItemsOrNothing;
-
-impl<'de> serde::de::Visitor<'de> for ItemsOrNothing {
-    type Value = Messages<'de>;
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(
-        self,
-        mut seq: A,
-    ) -> Result<Messages<'de>, A::Error> {
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(4));
-        while let Some(m) = seq.next_element::<Message<'de>>()? {
-            items.push(m);
-        }
-        Ok(Messages(items))
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(
-        self,
-        mut map: A,
-    ) -> Result<Messages<'de>, A::Error> {
-        while map
-            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-            .is_some()
-        {}
-        Ok(Messages::default())
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Messages<'de>, E> {
-        Ok(Messages::default())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Messages<'de>, E> {
-        Ok(Messages::default())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Messages<'de>, E> {
-        Ok(Messages::default())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Messages<'de>, E> {
-        Ok(Messages::default())
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Messages<'de>, E> {
-        Ok(Messages::default())
-    }
-    fn visit_unit<E>(self) -> Result<Messages<'de>, E> {
-        Ok(Messages::default())
-    }
-}
-
-/// Visits a JSON value as a [`Message`]: an object's fields, or [`Message::Other`] for any
-/// other value (which is consumed).
-struct ObjectOrOther;
-
-impl<'de> serde::de::Visitor<'de> for ObjectOrOther {
-    type Value = Message<'de>;
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Message<'de>, A::Error> {
-        use serde::Deserialize;
-        MessageFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-            .map(Message::Fields)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Message<'de>, A::Error> {
-        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-        Ok(Message::Other)
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Message<'de>, E> {
-        Ok(Message::Other)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Message<'de>, E> {
-        Ok(Message::Other)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Message<'de>, E> {
-        Ok(Message::Other)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Message<'de>, E> {
-        Ok(Message::Other)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Message<'de>, E> {
-        Ok(Message::Other)
-    }
-    fn visit_unit<E>(self) -> Result<Message<'de>, E> {
-        Ok(Message::Other)
-    }
 }
 
 /// A completions `prompt` or embeddings `input`: a string, an array of strings, an array of
