@@ -78,6 +78,10 @@ pub struct Lockout {
     last_prune_ms: AtomicU64,
     /// Serialises pruning (never held on the request path: `try_lock` only).
     pruning: Mutex<()>,
+    /// Milliseconds after `epoch` (rounded up) at which the latest lock ever set ends; 0 while
+    /// none was ever set. Every request asks whether its address is locked: while no lock is
+    /// running, one atomic load answers, without a clock read, a hash or a shard lock.
+    locks_end_ms: AtomicU64,
 }
 
 impl Lockout {
@@ -96,6 +100,7 @@ impl Lockout {
             epoch: Instant::now(),
             last_prune_ms: AtomicU64::new(0),
             pruning: Mutex::new(()),
+            locks_end_ms: AtomicU64::new(0),
         }
     }
 
@@ -105,6 +110,9 @@ impl Lockout {
 
     /// Seconds until `ip` may try again, when it is locked out.
     pub fn locked_for(&self, ip: IpAddr) -> Option<u64> {
+        if self.locks_end_ms.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         self.locked_for_at(ip, Instant::now())
     }
 
@@ -120,6 +128,11 @@ impl Lockout {
     /// [`Lockout::locked_for`] at a given instant (for tests).
     pub fn locked_for_at(&self, ip: IpAddr, now: Instant) -> Option<u64> {
         if !self.enabled() {
+            return None;
+        }
+        let end = self.locks_end_ms.load(Ordering::Relaxed);
+        if end == 0 || self.ms_since_epoch(now) >= end {
+            // No lock was ever set, or every lock set has ended.
             return None;
         }
         let ip = crate::net::normalize(ip);
@@ -174,7 +187,16 @@ impl Lockout {
         }
         f.count = f.count.saturating_add(1);
         if f.count >= max {
-            f.locked_until = Some(now + ttl);
+            let until = now + ttl;
+            f.locked_until = Some(until);
+            let end = until
+                .saturating_duration_since(self.epoch)
+                .as_micros()
+                .div_ceil(1000);
+            self.locks_end_ms.fetch_max(
+                u64::try_from(end).unwrap_or(u64::MAX).max(1),
+                Ordering::Relaxed,
+            );
             let failures = f.count;
             drop(entry);
             tracing::warn!(
@@ -259,6 +281,13 @@ fn ceil_secs(d: Duration) -> u64 {
     }
 }
 
+impl Lockout {
+    /// Whole milliseconds from `epoch` to `now` (rounded down; 0 before it).
+    fn ms_since_epoch(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
 fn remaining_secs(until: Instant, now: Instant) -> Option<u64> {
     let left = until.checked_duration_since(now)?;
     if left.is_zero() {
@@ -294,6 +323,33 @@ mod tests {
         assert_eq!(l.locked_for_at(a, t0 + Duration::from_secs(60)), None);
         // Other addresses are unaffected.
         assert_eq!(l.locked_for_at(ip("10.0.0.2"), t0), None);
+    }
+
+    #[test]
+    fn the_quick_answer_without_running_locks_agrees_with_the_table() {
+        let l = Lockout::new(1, Duration::from_secs(10));
+        let t0 = Instant::now();
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        assert_eq!(l.locked_for(a), None, "no lock was ever set");
+        l.record_failure_at(a, t0);
+        assert_eq!(
+            l.locked_for_at(a, t0 + Duration::from_millis(9_999)),
+            Some(1)
+        );
+        assert_eq!(l.locked_for_at(a, t0 + Duration::from_secs(10)), None);
+        // A later lock of another address is seen, and keeps the earlier one's answers.
+        l.record_failure_at(b, t0 + Duration::from_secs(5));
+        assert_eq!(l.locked_for_at(a, t0 + Duration::from_secs(11)), None);
+        assert_eq!(l.locked_for_at(b, t0 + Duration::from_secs(11)), Some(4));
+        assert_eq!(l.locked_for_at(b, t0 + Duration::from_secs(15)), None);
+        let now = Lockout::new(1, Duration::from_secs(10));
+        now.record_failure(a);
+        assert_eq!(
+            now.locked_for(a),
+            Some(10),
+            "a lock set now is seen at once"
+        );
+        assert_eq!(now.locked_for(b), None);
     }
 
     #[test]
