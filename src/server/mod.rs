@@ -10,7 +10,7 @@
 //! - the request head must arrive within `CLIENT_HEADER_TIMEOUT_SECS` (hyper's header read
 //!   timer, which also closes a keep-alive connection idle for as long: hyper starts it when it
 //!   waits for the next head); the request body may pause at most `CLIENT_BODY_TIMEOUT_SECS`
-//!   between reads (`TimeoutBody`, whose timer runs only while a handler reads). Neither timer
+//!   between reads ([`ReadTimeout`], whose timer runs only while a handler waits for data). Neither timer
 //!   runs while a response is being written, so a long stream is never cut;
 //! - `MAX_CONNECTIONS_PER_IP` per socket peer (not with `TRUSTED_PROXIES > 0`, where the peer
 //!   is the front proxy) and `MAX_CONNECTIONS` in all (by default derived from the open-file
@@ -43,7 +43,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_http::timeout::TimeoutBody;
+
+mod body;
+pub use body::{BodyTimeout, ReadTimeout};
 
 /// File descriptors kept out of the connection budget: the listener, log files, the SQLite
 /// database, the runtime's own descriptors, and headroom.
@@ -246,7 +248,7 @@ pub fn bind_listeners(
 
 /// The request a [`Front`] gets: hyper's, with the body under the `CLIENT_BODY_TIMEOUT_SECS`
 /// timer between reads.
-pub type FrontRequest = hyper::Request<TimeoutBody<Incoming>>;
+pub type FrontRequest = hyper::Request<ReadTimeout<Incoming>>;
 
 /// What the accept loop serves: each request with the connection's socket peer (which the
 /// front uses to decide the client address). One value for the whole server, cloned once per
@@ -286,7 +288,7 @@ impl<F: Front> hyper::service::Service<hyper::Request<Incoming>> for ConnService
     type Future = Served<F::Future>;
 
     fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
-        let req = req.map(|body| TimeoutBody::new(self.body_timeout, body));
+        let req = req.map(|body| ReadTimeout::new(self.body_timeout, body));
         Served(self.front.serve(req, self.peer))
     }
 }
