@@ -37,8 +37,8 @@ pub fn default_headers(headers: &mut HeaderMap) {
 }
 
 /// The quota family of a model sent to an Anthropic-style upstream (unknown: `claude`).
-pub fn family(model: &str) -> String {
-    family_for(model).unwrap_or_else(|| ANTHROPIC_FALLBACK.to_string())
+pub fn family(model: &str) -> &'static str {
+    family_for(model).unwrap_or(ANTHROPIC_FALLBACK)
 }
 
 /// Reads the facts admission needs from a Messages request body.

@@ -118,15 +118,15 @@ pub fn parse_credentials(entries: &[&str]) -> Result<(Vec<Deployment>, Vec<Strin
 /// The quota family of an Azure model: `azure-` + its OpenAI family (Azure writes
 /// `gpt-35-turbo` for `gpt-3.5-turbo`); unknown models (a deployment name) are `azure-gpt4`,
 /// as in the original.
-pub fn family(model: &str) -> String {
+pub fn family(model: &str) -> &'static str {
     let m = model.trim().to_ascii_lowercase();
     let m = m
         .replace("azure-", "")
         .replace("gpt-35-turbo", "gpt-3.5-turbo");
     let inner = family_for(&m)
         .filter(|f| is_openai_family(f))
-        .unwrap_or_else(|| OPENAI_FALLBACK.to_string());
-    format!("azure-{inner}")
+        .unwrap_or(OPENAI_FALLBACK);
+    crate::users::counts::Family::intern(&format!("azure-{inner}")).as_str()
 }
 
 /// Whether a family is one of OpenAI's (not Claude, Gemini, Mistral...).

@@ -65,13 +65,16 @@ pub const FAMILIES: &[&str] = &[
 /// still counted as Claude, and the original's Azure/AWS/GCP naming conventions are honoured);
 /// only a name that says nothing (`None`) falls back to the provider's default family, which
 /// each provider module applies.
-pub fn family_for(model: &str) -> Option<String> {
+///
+/// Names are `&'static`: the table's, or interned ([`Family`]) for the few that are built
+/// (`azure-…`), so that a request's family is copied, never allocated.
+pub fn family_for(model: &str) -> Option<&'static str> {
     // A request's model is looked up more than once (admission, the settlement's metrics) and
     // most requests name one of a few models: the last few answers of this thread are kept.
     // A hit costs a few string comparisons instead of the table's substring searches (about
     // 1 000 instructions per lookup, measured with callgrind).
     const KEPT: usize = 4;
-    type Recent = [Option<(Box<str>, Option<String>)>; KEPT];
+    type Recent = [Option<(Box<str>, Option<&'static str>)>; KEPT];
     thread_local! {
         static RECENT: std::cell::RefCell<(Recent, usize)> =
             const { std::cell::RefCell::new(([None, None, None, None], 0)) };
@@ -87,17 +90,17 @@ pub fn family_for(model: &str) -> Option<String> {
         };
         let (kept, next) = &mut *recent;
         if let Some((_, family)) = kept.iter().flatten().find(|(m, _)| **m == *model) {
-            return family.clone();
+            return *family;
         }
         let family = family_of(model);
-        kept[*next] = Some((model.into(), family.clone()));
+        kept[*next] = Some((model.into(), family));
         *next = (*next + 1) % KEPT;
         family
     })
 }
 
 /// [`family_for`] without the thread's memory of recent answers.
-fn family_of(model: &str) -> Option<String> {
+fn family_of(model: &str) -> Option<&'static str> {
     let m = bare_model(model);
     // The original's service conventions: Azure deployments carry "azure" in the model name,
     // AWS Bedrock model ids start with "anthropic.", and GCP Vertex names are `claude-…@date`.
@@ -106,16 +109,16 @@ fn family_of(model: &str) -> Option<String> {
             .replace("azure-", "")
             .replace("gpt-35-turbo", "gpt-3.5-turbo");
         let inner = openai_family(&bare).unwrap_or(OPENAI_FALLBACK);
-        return Some(format!("azure-{inner}"));
+        return Some(crate::users::counts::Family::intern(&format!("azure-{inner}")).as_str());
     }
     if m.contains("anthropic.") {
-        return Some(claude_variant(&m, "aws-claude", "aws-claude-opus").to_string());
+        return Some(claude_variant(&m, "aws-claude", "aws-claude-opus"));
     }
     if m.starts_with("claude-") && m.contains('@') {
-        return Some(claude_variant(&m, "gcp-claude", "gcp-claude-opus").to_string());
+        return Some(claude_variant(&m, "gcp-claude", "gcp-claude-opus"));
     }
     if m.starts_with("claude") {
-        return Some(claude_variant(&m, "claude", "claude-opus").to_string());
+        return Some(claude_variant(&m, "claude", "claude-opus"));
     }
     if m.starts_with("gemini") {
         // As the original's getGoogleAIModelFamily: ultra and flash by name, else pro.
@@ -126,11 +129,9 @@ fn family_of(model: &str) -> Option<String> {
         } else {
             GEMINI_FALLBACK
         };
-        return Some(family.to_string());
+        return Some(family);
     }
-    mistral_family(&m)
-        .or_else(|| openai_family(&m))
-        .map(str::to_string)
+    mistral_family(&m).or_else(|| openai_family(&m))
 }
 
 /// The lower-cased model name without a vendor prefix: OpenRouter-style clients send
@@ -162,7 +163,7 @@ pub fn max_output_tokens(model: &str) -> u64 {
         .strip_prefix("azure-")
         .or_else(|| family.strip_prefix("aws-"))
         .or_else(|| family.strip_prefix("gcp-"))
-        .unwrap_or(&family);
+        .unwrap_or(family);
     match family {
         "turbo" | "gpt4o" | "gpt45" => 16_384,
         "gpt4" => 8_192,
@@ -342,10 +343,10 @@ pub fn mistral_ai_family(model: &str) -> &'static str {
 mod tests {
     use super::*;
 
-    fn oa(m: &str) -> String {
+    fn oa(m: &str) -> &'static str {
         crate::providers::openai::family(m)
     }
-    fn an(m: &str) -> String {
+    fn an(m: &str) -> &'static str {
         crate::providers::anthropic::family(m)
     }
 

@@ -159,8 +159,8 @@ pub fn take_query_key(query: &str) -> (Option<String>, Option<String>) {
 
 /// The quota family of a model sent to Google AI (see [`super::families`]: `gemini-flash`,
 /// `gemini-pro`, `gemini-ultra` as the original; any other model `gemini-pro`).
-pub fn family(model: &str) -> String {
-    family_for(model).unwrap_or_else(|| GEMINI_FALLBACK.to_string())
+pub fn family(model: &str) -> &'static str {
+    family_for(model).unwrap_or(GEMINI_FALLBACK)
 }
 
 /// Reads the facts admission needs from a Google AI request body. The model is in the path,

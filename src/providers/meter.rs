@@ -140,7 +140,7 @@ impl Meter {
 
     /// The family the response's model is counted in, for providers whose response decides
     /// it ([`Provider::family_from_response`]); `None` otherwise or when it named no model.
-    pub fn response_family(&self) -> Option<String> {
+    pub fn response_family(&self) -> Option<&'static str> {
         if !self.provider.family_from_response() || !self.succeeded() {
             return None;
         }

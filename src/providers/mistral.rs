@@ -11,8 +11,8 @@ use super::openai;
 use super::{Api, BadRequest, RequestFacts};
 
 /// The quota family of a model sent to Mistral AI.
-pub fn family(model: &str) -> String {
-    mistral_ai_family(model).to_string()
+pub fn family(model: &str) -> &'static str {
+    mistral_ai_family(model)
 }
 
 /// The facts of an OpenAI-format chat body.

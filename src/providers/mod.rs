@@ -165,7 +165,7 @@ pub struct RequestFacts {
     /// The `model` field as the client sent it ("" when absent).
     pub model: String,
     /// The quota family of the model on this provider.
-    pub family: String,
+    pub family: &'static str,
     /// The prompt's text (messages, system prompt, tools), as the tokenizer would count it.
     pub prompt_text: String,
     /// Prompt tokens that are not text: images, pre-tokenized input, per-message overhead.
@@ -421,8 +421,8 @@ impl Provider {
             // The images endpoint serves only image models, whatever `model` names (on Azure,
             // a deployment).
             match self {
-                Provider::Azure => "azure-dall-e".to_string(),
-                _ => "dall-e".to_string(),
+                Provider::Azure => "azure-dall-e",
+                _ => "dall-e",
             }
         } else {
             self.family(&facts.model)
@@ -468,7 +468,7 @@ impl Provider {
     }
 
     /// The quota family of a model on this provider.
-    pub fn family(self, model: &str) -> String {
+    pub fn family(self, model: &str) -> &'static str {
         match self {
             Provider::OpenAi => openai::family(model),
             Provider::Anthropic => anthropic::family(model),
@@ -477,13 +477,11 @@ impl Provider {
             Provider::Azure => azure::family(model),
             Provider::Aws => {
                 aws::family(&aws::claude_model_id(model).unwrap_or_else(|_| model.to_string()))
-                    .to_string()
             }
             Provider::AwsMistral => {
                 aws::family(&aws::mistral_model_id(model).unwrap_or_else(|_| model.to_string()))
-                    .to_string()
             }
-            Provider::Gcp => gcp::family(model).to_string(),
+            Provider::Gcp => gcp::family(model),
         }
     }
 

@@ -26,8 +26,8 @@ pub fn key_credential(key: &str) -> String {
 }
 
 /// The quota family of a model sent to an OpenAI-style upstream (unknown models: `gpt4`).
-pub fn family(model: &str) -> String {
-    family_for(model).unwrap_or_else(|| OPENAI_FALLBACK.to_string())
+pub fn family(model: &str) -> &'static str {
+    family_for(model).unwrap_or(OPENAI_FALLBACK)
 }
 
 /// Prompt tokens every chat request is charged for the reply's priming, as OpenAI documents.

@@ -461,7 +461,12 @@ async fn probe_openai(
         .then(|| serde_json::from_slice::<ModelList>(&models.body).ok())
         .flatten()
         .map(|list| {
-            let mut f: Vec<String> = list.data.iter().filter_map(|m| family_for(&m.id)).collect();
+            let mut f: Vec<String> = list
+                .data
+                .iter()
+                .filter_map(|m| family_for(&m.id))
+                .map(str::to_string)
+                .collect();
             f.sort();
             f.dedup();
             f

@@ -257,7 +257,7 @@ pub async fn forward_parts(
         &ctx.principal,
         ctx.ip,
         &upstream.keys,
-        req.family.as_deref(),
+        req.family,
         req.eligible.as_deref(),
     ) {
         Enter::Go(turn) => turn.stream_head_pending(req.stream),
@@ -299,7 +299,7 @@ struct Admitted {
     stream: bool,
     /// The keys that may serve the request's model (`None`: all).
     eligible: Option<Vec<usize>>,
-    family: Option<String>,
+    family: Option<&'static str>,
 }
 
 /// [`dispatch`] boxed, for the second attempt of a stream that had to wait after its first
@@ -337,7 +337,7 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
         req.body.clone(),
         deadline,
         req.eligible.as_deref(),
-        req.family.as_deref(),
+        req.family,
         &mut turn,
     )
     .await;
@@ -346,12 +346,7 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
     let status = sent
         .as_ref()
         .map_or_else(|f| f.error.status, |r| r.0.status());
-    if turn.requeue_stream(
-        status,
-        &upstream.keys,
-        req.family.as_deref(),
-        req.eligible.as_deref(),
-    ) {
+    if turn.requeue_stream(status, &upstream.keys, req.family, req.eligible.as_deref()) {
         drop(sent);
         let (settings, position) = (state.upstreams.queue.settings(), 1);
         let format = sse_error_format(&ctx);
@@ -360,7 +355,7 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
             let unsent = queue::Unsent(req.ticket.take());
             let keys = &state.upstreams.provider(ctx.provider).keys;
             match turn
-                .wait_for_key(keys, req.family.as_deref(), req.eligible.as_deref())
+                .wait_for_key(keys, req.family, req.eligible.as_deref())
                 .await
             {
                 Ok(()) => {
@@ -392,7 +387,7 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
                 },
             };
             let resp = relay(resp, ticket, extra_headers, deadline, transforms, turn);
-            crate::metrics::proxied(resp, provider, family.as_deref(), started)
+            crate::metrics::proxied(resp, provider, family, started)
         }
         Err(Failure {
             error: e,
@@ -415,7 +410,7 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
                 t.on_response_start(e.status, false);
                 t.finish();
             }
-            crate::metrics::count_request(provider, family.as_deref(), e.status);
+            crate::metrics::count_request(provider, family, e.status);
             let mut resp = e.into_response();
             extend_headers(resp.headers_mut(), extra_headers);
             resp
@@ -629,7 +624,7 @@ type AdmitOutcome = (
     Option<crate::quota::Admitted>,
     bool,
     Option<String>,
-    Option<String>,
+    Option<&'static str>,
 );
 
 /// Phase 2: admission for generation requests.
@@ -785,7 +780,7 @@ async fn apply_policy(
     let req = PolicyFacts {
         service,
         model: &facts.model,
-        family: &facts.family,
+        family: facts.family,
         has_images: facts.has_images,
         has_tools: facts.has_tools,
         openai_tools_api: matches!(ctx.api, Api::OpenAiChat),

@@ -89,7 +89,7 @@ struct Settlement {
     users: Arc<UserStore>,
     key: UserKey,
     token: String,
-    family: String,
+    family: &'static str,
     reserved: u64,
     prompt: PromptEstimate,
 }
@@ -184,7 +184,7 @@ impl Ticket {
         let Some(mut meter) = self.meter.take() else {
             // Admitted but never sent (the forwarder gave no meter): release the reservation.
             s.users.update_entry_at(s.key, &s.token, |e| {
-                release(e, &s.family, s.reserved);
+                release(e, s.family, s.reserved);
                 ((), false)
             });
             return;
@@ -228,12 +228,12 @@ fn charge(mut s: Settlement, meter: Meter, abandoned: bool) {
     // Where the response's model decides the family (Azure deployments), usage is counted
     // there; the reservation is released where it was made.
     let from_response = meter.response_family();
-    let charged_family: &str = from_response.as_deref().unwrap_or(&s.family);
+    let charged_family: &str = from_response.unwrap_or(s.family);
     if let Some(u) = usage {
         crate::metrics::tokens(charged_family, u.prompt, u.completion);
     }
     let found = s.users.update_entry_at(s.key, &s.token, |e| {
-        release(e, &s.family, s.reserved);
+        release(e, s.family, s.reserved);
         if charge == 0 {
             return ((), false);
         }
@@ -426,7 +426,7 @@ impl Quotas {
         // The entry the gatekeeper found: no second lookup of the token.
         let key = key.unwrap_or_else(|| self.users.key(token));
 
-        let family = facts.family.clone();
+        let family = facts.family;
         let want = Want {
             prompt: facts.prompt_bound(),
             max_output: facts.max_output,
@@ -437,7 +437,7 @@ impl Quotas {
         };
         // First try: reserve with the prompt's upper bound when the user has plenty of room,
         // without tokenizing; otherwise count the prompt and decide on its real size.
-        let (prompt, outcome) = match self.reserve(key, token, &family, want) {
+        let (prompt, outcome) = match self.reserve(key, token, family, want) {
             Some(Reservation::NeedsCount) => {
                 let text = std::mem::take(&mut facts.prompt_text);
                 let tokens = estimate::count_tokens_async(text)
@@ -446,7 +446,7 @@ impl Quotas {
                 let outcome = self.reserve(
                     key,
                     token,
-                    &family,
+                    family,
                     Want {
                         prompt: tokens,
                         is_bound: false,
@@ -470,7 +470,7 @@ impl Quotas {
                 ))
             }
             Some(Reservation::Refused(r)) => {
-                return Err(self.quota_error(&family, &r).with_headers(headers))
+                return Err(self.quota_error(family, &r).with_headers(headers))
             }
             Some(Reservation::Reserved { requested, cap }) => (requested, cap),
             // A counted prompt never needs counting again.
