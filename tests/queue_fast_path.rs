@@ -51,7 +51,7 @@ fn a_request_on_free_capacity_allocates_nothing_for_the_queue() {
     let queue = Arc::new(FairQueue::new(QueueSettings::default()));
     let users: Vec<Principal> = (0..4)
         .map(|i| Principal::User {
-            token: format!("user-{i}"),
+            token: format!("user-{i}").into(),
             kind: UserType::Normal,
             key: None,
         })

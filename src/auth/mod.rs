@@ -56,7 +56,7 @@ pub enum Principal {
     /// quotas reach the same entry with it, without looking the token up again (`None` only
     /// for a principal made without the store, as unit tests do).
     User {
-        token: String,
+        token: std::sync::Arc<str>,
         kind: UserType,
         key: Option<UserKey>,
     },

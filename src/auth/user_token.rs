@@ -99,7 +99,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
         Look::Refused(e) => return Err(e),
         Look::Pass(kind) => {
             return Ok(Principal::User {
-                token: token.to_string(),
+                token: token.into(),
                 kind,
                 key: Some(key),
             })
@@ -148,7 +148,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
     });
     match outcome {
         Some(Ok(kind)) => Ok(Principal::User {
-            token: token.to_string(),
+            token: token.into(),
             kind,
             key: Some(key),
         }),

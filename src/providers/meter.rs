@@ -37,6 +37,9 @@ pub struct Meter {
     event_data: String,
     /// SSE: the current event is the hidden usage chunk; its remaining lines are dropped.
     dropping_event: bool,
+    /// JSON: the first chunk, kept as it came (shared, not copied): most answers are one
+    /// chunk. Moved into `body` when a second one comes.
+    first_chunk: Option<Bytes>,
     /// JSON: the body so far (or its tail once it outgrew [`JSON_BODY_CAP`]).
     body: Vec<u8>,
     body_truncated: bool,
@@ -59,6 +62,7 @@ impl Meter {
             last_line_forwarded: true,
             event_data: String::new(),
             dropping_event: false,
+            first_chunk: None,
             body: Vec::new(),
             body_truncated: false,
             seen: Seen::default(),
@@ -87,7 +91,11 @@ impl Meter {
             return chunk;
         }
         if !self.is_sse {
-            self.keep_body(&chunk);
+            if self.first_chunk.is_none() && self.body.is_empty() && chunk.len() <= JSON_BODY_CAP {
+                self.first_chunk = Some(chunk.clone());
+            } else {
+                self.keep_body(&chunk);
+            }
             return chunk;
         }
         if !self.hide_usage_chunk {
@@ -159,6 +167,9 @@ impl Meter {
     }
 
     fn keep_body(&mut self, chunk: &[u8]) {
+        if let Some(first) = self.first_chunk.take() {
+            self.body.extend_from_slice(&first);
+        }
         self.body.extend_from_slice(chunk);
         if self.body.len() > JSON_BODY_CAP {
             let cut = self.body.len() - JSON_TAIL;
@@ -168,12 +179,14 @@ impl Meter {
     }
 
     fn read_json_body(&mut self) {
-        let body = std::mem::take(&mut self.body);
+        let first = self.first_chunk.take();
+        let kept = std::mem::take(&mut self.body);
+        let body: &[u8] = first.as_deref().unwrap_or(&kept);
         let key = self.provider.usage_key();
         if !self.body_truncated {
             // Fast path: read only the top-level usage field (serde skips everything else
             // without building it). When it holds both counts nothing else in the body matters.
-            if let Some([Some(u), model]) = top_level_fields(&body, [key, "model"]) {
+            if let Some([Some(u), model]) = top_level_fields(body, [key, "model"]) {
                 // The model matters only where the response decides the family (Azure).
                 if self.provider.family_from_response() {
                     let model = model.and_then(|m| serde_json::from_str::<&RawValue>(m).ok());
@@ -189,14 +202,14 @@ impl Meter {
                 }
             }
             // Otherwise the whole body: the text seen stands in for a missing count.
-            if let Ok(v) = serde_json::from_slice::<Value>(&body) {
+            if let Ok(v) = serde_json::from_slice::<Value>(body) {
                 self.observe_json(&v);
                 return;
             }
         }
         // A body too large to keep whole: the usage is near its end. A key inside a string
         // would be escaped (`\"usage\"`), so an unescaped key is the real one.
-        if let Some(v) = field_from_tail(&body, key) {
+        if let Some(v) = field_from_tail(body, key) {
             if let Some(r) = self.provider.usage_from(self.api, &v) {
                 self.seen.usage(r);
             }
@@ -342,11 +355,11 @@ fn scan_fields<'b>(body: &'b str, keys: [&str; 2]) -> Scan<'b> {
         if b.get(i) != Some(&b'"') {
             return Scan::NotAnObject;
         }
-        let Some(key_end) = string_end(b, i) else {
+        let Some((key_end, escaped)) = string_end_escaped(b, i) else {
             return Scan::NotAnObject;
         };
         let key = &body[i + 1..key_end - 1];
-        if key.contains('\\') {
+        if escaped {
             return Scan::AskSerde;
         }
         i = skip_ws(b, key_end);
@@ -357,7 +370,9 @@ fn scan_fields<'b>(body: &'b str, keys: [&str; 2]) -> Scan<'b> {
         let Some(value_end) = value_end(b, i) else {
             return Scan::NotAnObject;
         };
-        if let Some(k) = keys.iter().position(|k| *k == key) {
+        // The first byte before the whole key: most keys are not wanted.
+        let wanted = |k: &&str| k.as_bytes().first() == key.as_bytes().first() && *k == key;
+        if let Some(k) = keys.iter().position(wanted) {
             found[k] = Some(&body[i..value_end]);
         }
         i = skip_ws(b, value_end);
@@ -378,13 +393,21 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 
 /// The index after the closing quote of the string that opens at `start`.
 fn string_end(b: &[u8], start: usize) -> Option<usize> {
+    string_end_escaped(b, start).map(|(end, _)| end)
+}
+
+/// [`string_end`], and whether the string holds an escape.
+#[inline]
+fn string_end_escaped(b: &[u8], start: usize) -> Option<(usize, bool)> {
+    let mut escaped = false;
     let mut j = start + 1;
     loop {
         let k = j + quote_or_escape(b.get(j..)?)?;
         if b[k] == b'"' {
-            return Some(k + 1);
+            return Some((k + 1, escaped));
         }
         // An escape: the next byte is escaped (a `\uXXXX`'s hex digits need no care).
+        escaped = true;
         j = k + 2;
     }
 }

@@ -723,6 +723,10 @@ async fn admit(
 /// Phase 0: `BLOCKED_ORIGINS`. A browser (it accepts HTML and sends no JSON) gets a page that
 /// redirects to `BLOCK_REDIRECT`; an API client gets the JSON error, as the original.
 fn check_origin(state: &AppState, ctx: &Ctx) -> Option<Response> {
+    if state.policy.origins.is_empty() {
+        // Nothing blocked: the headers need not be looked up.
+        return None;
+    }
     let h = |name| ctx.headers.get(name).and_then(|v| v.to_str().ok());
     let block = state
         .policy
@@ -1018,9 +1022,10 @@ async fn send(
         };
         turn.answered(resp.status());
         let status = resp.status().as_u16();
-        let aws_error = resp
-            .headers()
-            .get("x-amzn-errortype")
+        // Only Bedrock names its errors in a header (a lookup by text parses the name).
+        let aws_error = matches!(ctx.provider, Provider::Aws | Provider::AwsMistral)
+            .then(|| resp.headers().get("x-amzn-errortype"))
+            .flatten()
             .and_then(|v| v.to_str().ok())
             .map(crate::providers::aws::classify_error);
         if status == 403 && aws_error == Some(crate::providers::aws::ErrorKind::ModelDenied) {

@@ -88,7 +88,8 @@ pub struct Ticket {
 struct Settlement {
     users: Arc<UserStore>,
     key: UserKey,
-    token: String,
+    /// The principal's token, shared.
+    token: Arc<str>,
     family: &'static str,
     reserved: u64,
     prompt: PromptEstimate,
@@ -387,7 +388,7 @@ impl Quotas {
             });
         };
         let (token, kind, key) = match req.principal {
-            Principal::User { token, kind, key } => (Some(token.as_str()), Some(*kind), *key),
+            Principal::User { token, kind, key } => (Some(token), Some(*kind), *key),
             _ => (None, None, None),
         };
 
@@ -491,7 +492,7 @@ impl Quotas {
                 settlement: Some(Settlement {
                     users: self.users.clone(),
                     key,
-                    token: token.to_string(),
+                    token: token.clone(),
                     family,
                     reserved: requested,
                     prompt,

@@ -32,7 +32,7 @@ fn add_user(users: &UserStore, token: &str, kind: UserType, limits: &[(&str, u64
 
 fn user(token: &str, kind: UserType) -> Principal {
     Principal::User {
-        token: token.to_string(),
+        token: token.into(),
         kind,
         key: None,
     }

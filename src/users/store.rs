@@ -75,6 +75,14 @@ pub struct UserStore {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UserKey(u64);
 
+impl UserKey {
+    /// The token's hash, random per process: a stand-in for the token where a request needs
+    /// to tell users apart (the fair queue's callers) without hashing it again.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
 impl Default for UserStore {
     fn default() -> UserStore {
         UserStore {
