@@ -1244,15 +1244,12 @@ fn relay(
     // and no copy of the rest; a response has a handful of headers, so the repeated scan is
     // cheaper than collecting the names).
     let mut headers = parts.headers;
+    // A ticket may remove an SSE event, so a stream's length is only known without one.
+    // Other bodies pass through the ticket unchanged and keep their length, which lets the
+    // server send headers and body in one write instead of chunking them.
+    let length_changes = (ticket.is_some() && is_sse) || rewritten;
     let dropped = |name: &HeaderName| {
-        let n = name.as_str();
-        DROPPED_RESPONSE_HEADERS.contains(&n)
-            || DROPPED_RESPONSE_PREFIXES.iter().any(|p| n.starts_with(p))
-            // A ticket may remove an SSE event, so a stream's length is only known without
-            // one. Other bodies pass through the ticket unchanged and keep their length, which
-            // lets the server send headers and body in one write instead of chunking them.
-            || (ticket.is_some() && is_sse && name == header::CONTENT_LENGTH)
-            || (rewritten && name == header::CONTENT_LENGTH)
+        dropped_response_header(name) || (length_changes && name == header::CONTENT_LENGTH)
     };
     while let Some(name) = headers.keys().find(|n| dropped(n)).cloned() {
         headers.remove(&name);
@@ -1278,6 +1275,14 @@ fn relay(
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     out
+}
+
+/// Whether an upstream response header is kept from the client ([`DROPPED_RESPONSE_HEADERS`],
+/// [`DROPPED_RESPONSE_PREFIXES`]).
+fn dropped_response_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    DROPPED_RESPONSE_HEADERS.contains(&n)
+        || DROPPED_RESPONSE_PREFIXES.iter().any(|p| n.starts_with(p))
 }
 
 /// Adds the quota's headers, replacing any of the same name.
@@ -1531,6 +1536,38 @@ mod tests {
             principal: Principal::Anonymous,
             ip: IpAddr::from([127, 0, 0, 1]),
             path_model: None,
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_account_and_rate_limit_headers_are_not_relayed() {
+        for dropped in [
+            "connection",
+            "Keep-Alive",
+            "transfer-encoding",
+            "set-cookie",
+            "strict-transport-security",
+            "openai-organization",
+            "anthropic-organization-id",
+            "x-ratelimit-remaining-tokens",
+            "anthropic-ratelimit-requests-limit",
+        ] {
+            let name = HeaderName::try_from(dropped).expect("name");
+            assert!(dropped_response_header(&name), "{dropped} was relayed");
+        }
+        for kept in [
+            "content-type",
+            "content-length",
+            "date",
+            "server",
+            "x-request-id",
+            "openai-processing-ms",
+            "retry-after",
+            "x-ratelimit",
+            "anthropic-ratelimit",
+        ] {
+            let name = HeaderName::try_from(kept).expect("name");
+            assert!(!dropped_response_header(&name), "{kept} was dropped");
         }
     }
 
