@@ -84,6 +84,10 @@ struct Idle {
 /// The idle connections of one host on this thread.
 struct HostIdle {
     target: Arc<Target>,
+    /// The URL authority (`host:port`) this entry was made for, as written: a request to the
+    /// same text finds its entry without parsing host and port out of it again (which cost
+    /// about 700 instructions per request, callgrind). Empty for an entry made by `checkin`.
+    authority: Box<str>,
     /// The `Host` header for this target, built once per thread and host.
     host_header: HeaderValue,
     /// Oldest at the front; connections are taken from the back (the most recently used is
@@ -102,23 +106,35 @@ thread_local! {
 /// request, not idle too long); also returns the target's key and `Host` header.
 fn checkout(
     https: bool,
-    host: &str,
-    port: u16,
+    authority: &Authority,
 ) -> Option<(Arc<Target>, HeaderValue, Option<SendRequest<ReqBody>>)> {
     IDLE.with_borrow_mut(|hosts| {
-        let i = match hosts.iter().position(|h| h.target.is(https, host, port)) {
+        let text = authority.as_str();
+        let known = hosts
+            .iter()
+            .position(|h| h.target.https == https && *h.authority == *text);
+        let i = match known {
             Some(i) => i,
             None => {
-                hosts.push(HostIdle {
-                    target: Arc::new(Target {
-                        https,
-                        host: host.into(),
-                        port,
-                    }),
-                    host_header: host_header(https, host, port)?,
-                    idle: VecDeque::new(),
-                });
-                hosts.len() - 1
+                let (host, port) = (authority.host(), authority.port_u16());
+                let port = port.unwrap_or(default_port(https));
+                match hosts.iter().position(|h| h.target.is(https, host, port)) {
+                    // The same target written another way (`Example.com`, a default port).
+                    Some(i) => i,
+                    None => {
+                        hosts.push(HostIdle {
+                            target: Arc::new(Target {
+                                https,
+                                host: host.into(),
+                                port,
+                            }),
+                            authority: text.into(),
+                            host_header: host_header(https, host, port)?,
+                            idle: VecDeque::new(),
+                        });
+                        hosts.len() - 1
+                    }
+                }
             }
         };
         let h = &mut hosts[i];
@@ -166,6 +182,7 @@ fn checkin(target: &Arc<Target>, tx: SendRequest<ReqBody>) {
                 };
                 hosts.push(HostIdle {
                     target: target.clone(),
+                    authority: Box::default(),
                     host_header,
                     idle: VecDeque::new(),
                 });
@@ -273,10 +290,9 @@ impl Pool {
                 "the upstream URL's scheme is neither http nor https",
             ));
         };
-        let port = authority.port_u16().unwrap_or(default_port(https));
-        let (target, host, idle) = checkout(https, authority.host(), port).ok_or(
-            UpstreamError::BadUri("the upstream URL's host is not valid"),
-        )?;
+        let (target, host, idle) = checkout(https, &authority).ok_or(UpstreamError::BadUri(
+            "the upstream URL's host is not valid",
+        ))?;
         // HTTP/1.1 to an origin server: the request line carries the path only.
         let path = path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(path);
@@ -623,6 +639,28 @@ mod tests {
         assert_eq!(fake.accepted(), 2);
     }
 
+    /// A target's entry is found by the authority's text; another text of the same target
+    /// (the default port written out) finds the same entry.
+    #[test]
+    fn one_target_written_two_ways_has_one_entry() {
+        let entry = |a: &str| {
+            let (target, host, _) = checkout(false, &Authority::try_from(a).unwrap()).unwrap();
+            (target, host)
+        };
+        let (first, host) = entry("127.0.0.9");
+        assert_eq!(host, "127.0.0.9");
+        let (again, _) = entry("127.0.0.9");
+        let (with_port, _) = entry("127.0.0.9:80");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(
+            Arc::ptr_eq(&first, &with_port),
+            "the default port is the same target"
+        );
+        let (other, host) = entry("127.0.0.9:8080");
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!(host, "127.0.0.9:8080");
+    }
+
     /// A reused connection that closes before it could send the request (the upstream hung up
     /// while it was idle, and this side learns it only when sending): the request goes once
     /// more, on a new connection.
@@ -638,7 +676,8 @@ mod tests {
             .unwrap();
         tokio::spawn(conn);
         tx.ready().await.unwrap();
-        let (target, _, none) = checkout(false, "127.0.0.1", fake.port).unwrap();
+        let authority = Authority::try_from(format!("127.0.0.1:{}", fake.port)).unwrap();
+        let (target, _, none) = checkout(false, &authority).unwrap();
         assert!(none.is_none());
         checkin(&target, tx);
         // Closing the far end wakes the driver, which runs only when this task waits: in
