@@ -32,19 +32,12 @@ pub fn client_credential(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
     {
         let v = v.trim();
-        let b = v.as_bytes();
-        let token = if b.len() > 7
-            && b[..6].eq_ignore_ascii_case(b"bearer")
-            && b[6].is_ascii_whitespace()
-        {
-            // The usual `Bearer <token>`, without walking the value character by character.
-            v[7..].trim()
-        } else {
-            match v.split_once(|c: char| c.is_ascii_whitespace()) {
-                Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
-                None if v.eq_ignore_ascii_case("bearer") => "",
-                _ => v,
-            }
+        // The scheme ends at the first ASCII whitespace, found by bytes (a split by `char`
+        // decoded the value character by character).
+        let token = match v.bytes().position(|b| b.is_ascii_whitespace()) {
+            Some(i) if v[..i].eq_ignore_ascii_case("bearer") => v[i..].trim(),
+            None if v.eq_ignore_ascii_case("bearer") => "",
+            _ => v,
         };
         if !token.is_empty() {
             return Some(token);

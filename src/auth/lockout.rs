@@ -244,9 +244,13 @@ impl Lockout {
         self.table.len()
     }
 
+    /// Whole milliseconds from `epoch` to `now` (rounded down; 0 before it).
+    fn ms_since_epoch(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn maybe_prune(&self, now: Instant) {
-        let now_ms = u64::try_from(now.saturating_duration_since(self.epoch).as_millis())
-            .unwrap_or(u64::MAX);
+        let now_ms = self.ms_since_epoch(now);
         let last = self.last_prune_ms.load(Ordering::Relaxed);
         let every = u64::try_from(PRUNE_EVERY.as_millis()).unwrap_or(u64::MAX);
         if now_ms.saturating_sub(last) < every {
@@ -278,13 +282,6 @@ fn ceil_secs(d: Duration) -> u64 {
         s + 1
     } else {
         s
-    }
-}
-
-impl Lockout {
-    /// Whole milliseconds from `epoch` to `now` (rounded down; 0 before it).
-    fn ms_since_epoch(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 }
 

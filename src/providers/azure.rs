@@ -8,7 +8,7 @@
 
 use axum::http::HeaderName;
 
-use super::families::{family_for, OPENAI_FALLBACK};
+use super::families::{azure_family, family_for, OPENAI_FALLBACK};
 
 /// The header that carries the operator's key (the bare key).
 pub const AUTH_HEADER: HeaderName = HeaderName::from_static("api-key");
@@ -126,7 +126,7 @@ pub fn family(model: &str) -> &'static str {
     let inner = family_for(&m)
         .filter(|f| is_openai_family(f))
         .unwrap_or(OPENAI_FALLBACK);
-    crate::users::counts::Family::intern(&format!("azure-{inner}")).as_str()
+    azure_family(inner)
 }
 
 /// Whether a family is one of OpenAI's (not Claude, Gemini, Mistral...).

@@ -109,7 +109,7 @@ fn family_of(model: &str) -> Option<&'static str> {
             .replace("azure-", "")
             .replace("gpt-35-turbo", "gpt-3.5-turbo");
         let inner = openai_family(&bare).unwrap_or(OPENAI_FALLBACK);
-        return Some(crate::users::counts::Family::intern(&format!("azure-{inner}")).as_str());
+        return Some(azure_family(inner));
     }
     if m.contains("anthropic.") {
         return Some(claude_variant(&m, "aws-claude", "aws-claude-opus"));
@@ -132,6 +132,12 @@ fn family_of(model: &str) -> Option<&'static str> {
         return Some(family);
     }
     mistral_family(&m).or_else(|| openai_family(&m))
+}
+
+/// `azure-` and an OpenAI family: the table does not repeat these names, so they are interned
+/// ([`Family`](crate::users::counts::Family)) to be `&'static` like the others.
+pub fn azure_family(inner: &str) -> &'static str {
+    crate::users::counts::Family::intern(&format!("azure-{inner}")).as_str()
 }
 
 /// The lower-cased model name without a vendor prefix: OpenRouter-style clients send

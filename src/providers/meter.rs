@@ -91,11 +91,7 @@ impl Meter {
             return chunk;
         }
         if !self.is_sse {
-            if self.first_chunk.is_none() && self.body.is_empty() && chunk.len() <= JSON_BODY_CAP {
-                self.first_chunk = Some(chunk.clone());
-            } else {
-                self.keep_body(&chunk);
-            }
+            self.keep_body(&chunk);
             return chunk;
         }
         if !self.hide_usage_chunk {
@@ -166,7 +162,11 @@ impl Meter {
         self.seen.prompt.is_some() && (self.seen.completion_final || !self.api.has_output())
     }
 
-    fn keep_body(&mut self, chunk: &[u8]) {
+    fn keep_body(&mut self, chunk: &Bytes) {
+        if self.first_chunk.is_none() && self.body.is_empty() && chunk.len() <= JSON_BODY_CAP {
+            self.first_chunk = Some(chunk.clone());
+            return;
+        }
         if let Some(first) = self.first_chunk.take() {
             self.body.extend_from_slice(&first);
         }

@@ -56,8 +56,8 @@ struct Padded(RwLock<Shard>);
 
 pub struct UserStore {
     shards: Box<[Padded]>,
-    /// SipHash with a random key: tokens come from clients, so the hash must not be guessable.
-    /// foldhash, seeded per process, rather than SipHash: every request hashes its token once,
+    /// foldhash, seeded per process (so a client cannot guess where a token lands), rather than
+    /// SipHash: every request hashes its token once,
     /// and SipHash cost about 250 instructions of it (callgrind). The keys are tokens this
     /// server generates (or an administrator imports), never chosen by a client, so no client
     /// can fill the table with colliding keys.
