@@ -186,7 +186,17 @@ impl Meter {
         if !self.body_truncated {
             // Fast path: read only the top-level usage field (serde skips everything else
             // without building it). When it holds both counts nothing else in the body matters.
-            if let Some([Some(u), model]) = top_level_fields(body, [key, "model"]) {
+            // The model matters only where the response decides the family (Azure); without it
+            // the usage is found from the body's end, where providers put it.
+            let fields = if self.provider.family_from_response() {
+                top_level_fields(body, [key, "model"])
+            } else {
+                match field_from_end(body, key) {
+                    FromEnd::Found(usage) => Some([usage, None]),
+                    FromEnd::Unsure => top_level_fields(body, [key, "model"]),
+                }
+            };
+            if let Some([Some(u), model]) = fields {
                 // The model matters only where the response decides the family (Azure).
                 if self.provider.family_from_response() {
                     let model = model.and_then(|m| serde_json::from_str::<&RawValue>(m).ok());
@@ -322,6 +332,131 @@ fn top_level_fields<'b>(body: &'b [u8], keys: [&str; 2]) -> Option<[Option<&'b s
         Scan::NotAnObject => None,
         Scan::AskSerde => serde_fields(body, keys).map(|f| f.map(|v| v.map(RawValue::get))),
     }
+}
+
+/// What [`field_from_end`] made of a body.
+#[derive(Debug, PartialEq)]
+enum FromEnd<'b> {
+    /// The field's JSON text, or `None`: the whole object was walked without it.
+    Found(Option<&'b str>),
+    /// Not an object this walk reads (cut short, a key with an escape, text that is not
+    /// UTF-8): [`top_level_fields`] decides.
+    Unsure,
+}
+
+/// The top-level field `key` of a JSON object, found by walking the object backwards from its
+/// closing brace: value, colon, key, comma, and so on. Providers put a response's `usage` after
+/// its generated content, so the walk usually stops after the last few dozen bytes, where
+/// [`scan_fields`] walks the whole answer (issue 18). JSON reads the same backwards: a string
+/// ends at a quote that follows an even number of backslashes, and containers nest. As
+/// forwards, the last of duplicated keys wins and the values skipped are not checked.
+fn field_from_end<'b>(b: &'b [u8], key: &str) -> FromEnd<'b> {
+    field_from_end_inner(b, key).unwrap_or(FromEnd::Unsure)
+}
+
+fn field_from_end_inner<'b>(b: &'b [u8], key: &str) -> Option<FromEnd<'b>> {
+    let close = skip_ws_back(b, b.len().checked_sub(1)?)?;
+    if b[close] != b'}' {
+        return None;
+    }
+    // The object's opening brace, which must be the body's first byte but for whitespace.
+    let opens_body = |i: usize| b[..i].iter().all(|c| c.is_ascii_whitespace());
+    let mut i = skip_ws_back(b, close.checked_sub(1)?)?;
+    if b[i] == b'{' {
+        return opens_body(i).then_some(FromEnd::Found(None));
+    }
+    loop {
+        // `i` is the last byte of a value.
+        let value_start = value_start_back(b, i)?;
+        let colon = skip_ws_back(b, value_start.checked_sub(1)?)?;
+        if b[colon] != b':' {
+            return None;
+        }
+        let key_end = skip_ws_back(b, colon.checked_sub(1)?)?;
+        if b[key_end] != b'"' {
+            return None;
+        }
+        let key_start = string_start_back(b, key_end)?;
+        let found = &b[key_start + 1..key_end];
+        if found == key.as_bytes() {
+            let value = std::str::from_utf8(&b[value_start..=i]).ok()?;
+            return Some(FromEnd::Found(Some(value)));
+        }
+        if found.contains(&b'\\') {
+            // An escaped key may spell `key`: serde decodes it.
+            return None;
+        }
+        let before = skip_ws_back(b, key_start.checked_sub(1)?)?;
+        match b[before] {
+            b',' => i = skip_ws_back(b, before.checked_sub(1)?)?,
+            b'{' => return opens_body(before).then_some(FromEnd::Found(None)),
+            _ => return None,
+        }
+    }
+}
+
+/// The last index at or before `i` that is not JSON whitespace.
+fn skip_ws_back(b: &[u8], mut i: usize) -> Option<usize> {
+    while matches!(b[i], b' ' | b'\t' | b'\n' | b'\r') {
+        i = i.checked_sub(1)?;
+    }
+    Some(i)
+}
+
+/// The index of the first byte of the value whose last byte is at `end`.
+fn value_start_back(b: &[u8], end: usize) -> Option<usize> {
+    match b[end] {
+        b'"' => string_start_back(b, end),
+        b'}' | b']' => {
+            let mut depth = 0usize;
+            let mut j = end;
+            loop {
+                match b[j] {
+                    b'"' => j = string_start_back(b, j)?,
+                    b'}' | b']' => depth += 1,
+                    b'{' | b'[' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j);
+                        }
+                    }
+                    _ => {}
+                }
+                j = j.checked_sub(1)?;
+            }
+        }
+        _ => {
+            let len = b[..=end].iter().rev().position(|c| {
+                matches!(c, b',' | b':' | b'{' | b'[' | b' ' | b'\t' | b'\n' | b'\r')
+            })?;
+            (len > 0).then(|| end + 1 - len)
+        }
+    }
+}
+
+/// The index of the opening quote of the string whose closing quote is at `close`: the
+/// nearest quote before it that follows an even number of backslashes.
+fn string_start_back(b: &[u8], close: usize) -> Option<usize> {
+    let mut end = close;
+    loop {
+        let q = quote_back(&b[..end])?;
+        let backslashes = b[..q].iter().rev().take_while(|&&c| c == b'\\').count();
+        if backslashes % 2 == 0 {
+            return Some(q);
+        }
+        end = q;
+    }
+}
+
+/// The last `"` of `b`: a plain loop over a short tail, `memrchr` beyond (as
+/// [`quote_or_escape`] forwards).
+fn quote_back(b: &[u8]) -> Option<usize> {
+    const SHORT: usize = 32;
+    let split = b.len().saturating_sub(SHORT);
+    if let Some(i) = b[split..].iter().rposition(|&c| c == b'"') {
+        return Some(split + i);
+    }
+    memchr::memrchr(b'"', &b[..split])
 }
 
 /// What [`scan_fields`] made of a body.
@@ -547,6 +682,12 @@ mod tests {
             r#""usage""#,
             r#"42"#,
             r#"null"#,
+            r#"{"usage":{"prompt_tokens":1},"choices":[{"text":"\\\"}"}],"n":[-0.5,true,null]}"#,
+            r#"{"usage":{"a":"\\"},"t":"\\\\"}"#,
+            r#"{"usag\u0065":{"prompt_tokens":5},"model":"m"}"#,
+            r#"{"usage":{"prompt_tokens":5},"mod\u0065l":"m"}"#,
+            r#"{"x":"{\"usage\":1}"}"#,
+            r#"{"choices":[],"usage"  :  {"k":[{},[]]}  ,  "z":1e3  }"#,
         ];
         // Strings around the length where the scan switches from a loop to `memchr`, with
         // escapes and structural characters inside, before and after that point.
@@ -567,7 +708,32 @@ mod tests {
             match scan_fields(body, ["usage", "model"]) {
                 Scan::Found(found) => assert_eq!(Some(found), serde, "{body}"),
                 Scan::NotAnObject => assert_eq!(serde, None, "{body}"),
-                Scan::AskSerde => panic!("no escaped key in {body}"),
+                Scan::AskSerde => assert!(body.contains("\\u0065"), "no escaped key in {body}"),
+            }
+            // Backwards: the same usage, or left to the forward reading.
+            match field_from_end(body.as_bytes(), "usage") {
+                FromEnd::Found(usage) => assert_eq!(serde.map(|f| f[0]), Some(usage), "{body}"),
+                FromEnd::Unsure => assert!(
+                    serde.is_none() || body.contains("\\u0065"),
+                    "{body} was left to the forward reading"
+                ),
+            }
+        }
+    }
+
+    /// A body cut short is left to the forward reading, or read backwards as the reading of a
+    /// cut body's tail ([`field_from_tail`]) reads it.
+    #[test]
+    fn a_body_cut_short_is_read_backwards_as_its_tail() {
+        let full = r#"{"model":"m","choices":[{"message":{"content":"a \" b } \\"}}],"usage":{"prompt_tokens":1,"x":{"y":[2]}},"n":3}"#;
+        for start in 0..full.len() {
+            for end in start..=full.len() {
+                let cut = &full[start..end];
+                if let FromEnd::Found(Some(v)) = field_from_end(cut.as_bytes(), "usage") {
+                    let want = field_from_tail(cut.as_bytes(), "usage");
+                    let got: Value = serde_json::from_str(v).expect("a found value is JSON");
+                    assert_eq!(Some(got), want, "{cut}");
+                }
             }
         }
     }
