@@ -56,6 +56,14 @@ pub fn string(v: &RawValue) -> Option<Cow<'_, str>> {
     if !text.starts_with('"') {
         return None;
     }
+    // A raw value is valid JSON (serde checked it when it borrowed it): a string without a
+    // backslash is the text between its quotes, which needs no second reading.
+    if let Some(inner) = text
+        .get(1..text.len() - 1)
+        .filter(|inner| text.len() >= 2 && text.ends_with('"') && !inner.contains('\\'))
+    {
+        return Some(Cow::Borrowed(inner));
+    }
     match serde_json::from_str::<&str>(text) {
         Ok(s) => Some(Cow::Borrowed(s)),
         Err(_) => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
@@ -250,6 +258,16 @@ mod tests {
         let escaped = raw(r#""a\"b\u00e9""#);
         assert_eq!(string(&escaped).as_deref(), Some("a\"bé"));
         assert!(matches!(string(&escaped), Some(Cow::Owned(_))));
+        for text in [
+            r#""""#,
+            r#""é 日本 😀""#,
+            r#""\\""#,
+            r#""a\/b""#,
+            r#""\ud83d\ude00""#,
+        ] {
+            let want: String = serde_json::from_str(text).expect("a JSON string");
+            assert_eq!(string(&raw(text)).as_deref(), Some(want.as_str()), "{text}");
+        }
         for other in ["1", "null", "true", "[\"x\"]", "{}"] {
             assert_eq!(string(&raw(other)), None, "{other}");
         }
