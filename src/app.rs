@@ -426,9 +426,9 @@ fn start_background(state: &AppState) -> (CancellationToken, TaskTracker) {
 
 /// Hands memory freed by a large operation (a bulk import, a listing of every user) back to
 /// the system from glibc's heap, which keeps freed memory mapped: the heap of everything when
-/// the library runs under the system allocator (tests, embedders), of the C code (SQLite) under
-/// the binary's mimalloc, which returns its own at once (`main.rs`). Elsewhere this does
-/// nothing.
+/// the library runs under the system allocator (tests, embedders), of the C code (SQLite)
+/// under the binary's mimalloc, which returns its own at once ([`crate::allocator`]).
+/// Elsewhere this does nothing.
 pub fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory of the allocator's own heap.

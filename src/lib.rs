@@ -2,6 +2,7 @@
 //! who may use them. See `ARCHITECTURE.md` for the map of modules.
 
 pub mod admin;
+pub mod allocator;
 pub mod app;
 pub mod auth;
 pub mod config;

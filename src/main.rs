@@ -1,12 +1,9 @@
 //! The `llm-gatekeeper` binary: parses configuration, sets up logging, binds the port and
 //! hands over to [`llm_gatekeeper::serve`]. Everything else lives in the library.
 
-/// mimalloc, not glibc's malloc: about 2 000 instructions less per proxied request (the ~22
-/// allocations of one request, callgrind) and a faster `GET /admin/users`, at the same resident
-/// memory with its arenas committed as used (`.cargo/config.toml`) and freed memory returned at
-/// once ([`tune_allocator`]); docs/performance.md, step 6.
+/// mimalloc, not glibc's malloc (`llm_gatekeeper::allocator`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: llm_gatekeeper::allocator::MiMalloc = llm_gatekeeper::allocator::MiMalloc;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -14,7 +11,7 @@ use std::process::ExitCode;
 use llm_gatekeeper::{AppState, Config};
 
 fn main() -> ExitCode {
-    tune_allocator();
+    llm_gatekeeper::allocator::tune();
     // Every client connection is a file: use all the process may have (the connection caps
     // are derived from it, see `llm_gatekeeper::server`).
     llm_gatekeeper::server::raise_nofile_limit();
@@ -43,21 +40,6 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(run(config))
-}
-
-/// `mi_option_purge_delay` of mimalloc 3's `mi_option_e` (libmimalloc-sys names only mimalloc 2's).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// Makes mimalloc hand freed memory back to the system at once: after a bulk import or a
-/// listing of 100 000 users, the process returns to its size before (`bench/store-mem`).
-fn tune_allocator() {
-    // SAFETY: mi_option_set only sets allocator parameters; no other thread exists yet.
-    unsafe {
-        // Freed memory goes back to the system at once (mimalloc 3 waits a second), so that a
-        // bulk import's temporary memory does not stay resident. (The arenas' commit policy is
-        // read before `main` runs: `.cargo/config.toml` sets its default.)
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-    }
 }
 
 async fn run(config: Config) -> ExitCode {
