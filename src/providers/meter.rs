@@ -184,10 +184,10 @@ impl Meter {
         let body: &[u8] = first.as_deref().unwrap_or(&kept);
         let key = self.provider.usage_key();
         if !self.body_truncated {
-            // Fast path: read only the top-level usage field (serde skips everything else
-            // without building it). When it holds both counts nothing else in the body matters.
-            // The model matters only where the response decides the family (Azure); without it
-            // the usage is found from the body's end, where providers put it.
+            // Fast path: read only the top-level usage field, found by a scan of the body's
+            // structure that builds nothing. When it holds both counts nothing else in the
+            // body matters. The model matters only where the response decides the family
+            // (Azure); without it the usage is found from the body's end, where providers put it.
             let fields = if self.provider.family_from_response() {
                 top_level_fields(body, [key, "model"])
             } else {
@@ -197,7 +197,6 @@ impl Meter {
                 }
             };
             if let Some([Some(u), model]) = fields {
-                // The model matters only where the response decides the family (Azure).
                 if self.provider.family_from_response() {
                     let model = model.and_then(|m| serde_json::from_str::<&RawValue>(m).ok());
                     if let Some(m) = model.and_then(super::raw::string) {
