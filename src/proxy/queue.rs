@@ -498,20 +498,14 @@ impl FairQueue {
 
     /// Gives a slot of `caller` back and hands the turn to its next waiter.
     fn release_slot(&self, caller: Caller) {
-        let empty = match self.callers.get_mut(&caller) {
-            Some(mut entry) => {
-                entry.in_flight = entry.in_flight.saturating_sub(1);
-                if let Some(next) = entry.waiters.front() {
-                    next.1.notify_one();
-                }
-                entry.in_flight == 0 && entry.waiters.is_empty()
+        // One lookup, under the shard's lock: the entry goes when this was its last slot.
+        self.callers.remove_if_mut(&caller, |_, entry| {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+            if let Some(next) = entry.waiters.front() {
+                next.1.notify_one();
             }
-            None => false,
-        };
-        if empty {
-            self.callers
-                .remove_if(&caller, |_, s| s.in_flight == 0 && s.waiters.is_empty());
-        }
+            entry.in_flight == 0 && entry.waiters.is_empty()
+        });
     }
 
     /// Waits until the request at `seq` (already in the family's queue) may go: a key of the
