@@ -4,7 +4,6 @@
 //! family of Claude model names. Knows nothing of users, quotas or HTTP routing.
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::families::{family_for, ANTHROPIC_FALLBACK};
@@ -78,7 +77,7 @@ pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest>
 /// [`request_facts`] for a Messages request, read from the body's bytes without building its
 /// tree (as [`super::openai::chat_facts_from_bytes`]; `None` leaves the body to the tree).
 pub fn messages_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequest>> {
-    let f: MessagesFields = raw::object(body)?;
+    let f = MessagesFields::read(body)?;
     let mut facts = RequestFacts {
         model: raw::model(f.model),
         stream: f.stream.and_then(raw::boolean).unwrap_or(false),
@@ -91,12 +90,12 @@ pub fn messages_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, Bad
         Err(e) => return Some(Err(e)),
     };
     raw::collect(f.system, &mut facts)?;
-    for m in f.messages.0 {
+    for content in f.messages {
         facts.prompt_fixed += MESSAGE_OVERHEAD;
-        let Some(m) = m else {
+        let Some(content) = content else {
             continue;
         };
-        raw::collect(m.content, &mut facts)?;
+        raw::collect(content, &mut facts)?;
     }
     if let Some(tools) = f.tools {
         raw::push(&mut facts.prompt_text, tools)?;
@@ -106,26 +105,51 @@ pub fn messages_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, Bad
 }
 
 /// The fields of a Messages request [`messages_facts_from_bytes`] reads, borrowed.
-#[derive(serde::Deserialize)]
+#[derive(Default)]
 struct MessagesFields<'a> {
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    model: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    stream: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    max_tokens: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    system: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    messages: raw::Objects<MessageFields<'a>>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    tools: Option<&'a RawValue>,
+    model: Option<&'a str>,
+    stream: Option<&'a str>,
+    max_tokens: Option<&'a str>,
+    system: Option<&'a str>,
+    /// Each message's `content` (`None` for an item that is not an object).
+    messages: Vec<Option<Option<&'a str>>>,
+    tools: Option<&'a str>,
 }
 
-#[derive(serde::Deserialize)]
-struct MessageFields<'a> {
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    content: Option<&'a RawValue>,
+impl<'a> MessagesFields<'a> {
+    /// The body's fields, in one pass that also checks the whole body; `None` leaves the body
+    /// to the tree (as [`super::openai::chat_facts_from_bytes`]).
+    fn read(body: &'a [u8]) -> Option<MessagesFields<'a>> {
+        let mut f = MessagesFields::default();
+        let mut messages_seen = false;
+        let mut r = raw::Reader::object_body(body)?;
+        r.object(|r, key| {
+            let slot = match key {
+                "model" => &mut f.model,
+                "stream" => &mut f.stream,
+                "max_tokens" => &mut f.max_tokens,
+                "system" => &mut f.system,
+                "tools" => &mut f.tools,
+                "messages" if !messages_seen => {
+                    messages_seen = true;
+                    f.messages = raw::objects(r, |r| {
+                        let mut content = None;
+                        r.object(|r, key| match key {
+                            "content" => raw::once(&mut content, r),
+                            _ => r.value().map(drop),
+                        })?;
+                        Some(content)
+                    })?;
+                    return Some(());
+                }
+                "messages" => return None,
+                _ => return r.value().map(drop),
+            };
+            raw::once(slot, r)
+        })?;
+        r.end()?;
+        Some(f)
+    }
 }
 
 /// Sets `max_tokens` (required by the Messages API).

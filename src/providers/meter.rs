@@ -198,7 +198,9 @@ impl Meter {
             };
             if let Some([Some(u), model]) = fields {
                 if self.provider.family_from_response() {
-                    let model = model.and_then(|m| serde_json::from_str::<&RawValue>(m).ok());
+                    let model = model
+                        .and_then(|m| serde_json::from_str::<&RawValue>(m).ok())
+                        .map(RawValue::get);
                     if let Some(m) = model.and_then(super::raw::string) {
                         self.seen.model(&m);
                     }

@@ -528,7 +528,10 @@ impl Provider {
                 Some(u.into_usage())
             }
             _ => {
-                let u: openai::OpenAiUsage = serde_json::from_str(usage).ok()?;
+                let u = match openai::OpenAiUsage::from_text(usage) {
+                    Some(u) => u,
+                    None => serde_json::from_str(usage).ok()?,
+                };
                 u.prompt_tokens.is_some().then(|| u.into_usage())
             }
         }

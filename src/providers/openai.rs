@@ -5,7 +5,6 @@
 //! functions. Knows nothing of users, quotas or HTTP routing.
 
 use axum::http::{header, HeaderName};
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::families::{family_for, OPENAI_FALLBACK};
@@ -125,17 +124,22 @@ pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest>
 /// object, invalid JSON, a duplicated field, a message that is not an object): the caller then
 /// reads the tree, which answers those cases as before.
 pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequest>> {
-    let f: ChatFields = raw::object(body)?;
+    let f = ChatFields::read(body)?;
+    let include_usage = match f.stream_options {
+        Some(o) if raw::first_byte(o) == Some(b'{') => {
+            let mut include_usage = None;
+            raw::Reader::of(o).object(|r, key| match key {
+                "include_usage" => raw::once(&mut include_usage, r),
+                _ => r.value().map(drop),
+            })?;
+            include_usage
+        }
+        _ => None,
+    };
     let mut facts = RequestFacts {
         model: raw::model(f.model),
         stream: f.stream.and_then(raw::boolean).unwrap_or(false),
-        include_usage: f
-            .stream_options
-            .filter(|o| raw::is_object(o))
-            .and_then(|o| serde_json::from_str::<StreamOptionsFields>(o.get()).ok())
-            .and_then(|o| o.include_usage)
-            .and_then(raw::boolean)
-            .unwrap_or(false),
+        include_usage: include_usage.and_then(raw::boolean).unwrap_or(false),
         choices: f.n.and_then(raw::unsigned).unwrap_or(1).clamp(1, 128),
         capped_output: true,
         prompt_fixed: REPLY_PRIMING,
@@ -150,7 +154,7 @@ pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequ
         Err(e) => return Some(Err(e)),
     };
     facts.max_output = newer.or(older);
-    for m in f.messages.0 {
+    for m in f.messages {
         facts.prompt_fixed += MESSAGE_OVERHEAD;
         let Some(m) = m else {
             continue;
@@ -179,47 +183,78 @@ pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequ
 }
 
 /// The fields of a chat request [`chat_facts_from_bytes`] reads, as JSON text borrowed from
-/// the body ([`raw::present`]: a present `null` is told from an absent field).
-#[derive(serde::Deserialize)]
+/// the body (a present `null` is told from an absent field).
+#[derive(Default)]
 struct ChatFields<'a> {
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    model: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    stream: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    stream_options: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    max_completion_tokens: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    max_tokens: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    n: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    messages: raw::Objects<MessageFields<'a>>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    tools: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    functions: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    response_format: Option<&'a RawValue>,
+    model: Option<&'a str>,
+    stream: Option<&'a str>,
+    stream_options: Option<&'a str>,
+    max_completion_tokens: Option<&'a str>,
+    max_tokens: Option<&'a str>,
+    n: Option<&'a str>,
+    /// `None` until the field is seen; then its objects.
+    messages: Vec<Option<MessageFields<'a>>>,
+    tools: Option<&'a str>,
+    functions: Option<&'a str>,
+    response_format: Option<&'a str>,
 }
 
-#[derive(serde::Deserialize)]
-struct StreamOptionsFields<'a> {
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    include_usage: Option<&'a RawValue>,
+impl<'a> ChatFields<'a> {
+    /// The body's fields, in one pass that also checks the whole body; `None` leaves the body
+    /// to the tree (not a JSON object, invalid JSON, a duplicated field, an escaped key).
+    fn read(body: &'a [u8]) -> Option<ChatFields<'a>> {
+        let mut f = ChatFields::default();
+        let mut messages_seen = false;
+        let mut r = raw::Reader::object_body(body)?;
+        r.object(|r, key| {
+            let slot = match key {
+                "model" => &mut f.model,
+                "stream" => &mut f.stream,
+                "stream_options" => &mut f.stream_options,
+                "max_completion_tokens" => &mut f.max_completion_tokens,
+                "max_tokens" => &mut f.max_tokens,
+                "n" => &mut f.n,
+                "tools" => &mut f.tools,
+                "functions" => &mut f.functions,
+                "response_format" => &mut f.response_format,
+                "messages" if !messages_seen => {
+                    messages_seen = true;
+                    f.messages = raw::objects(r, MessageFields::read)?;
+                    return Some(());
+                }
+                "messages" => return None,
+                _ => return r.value().map(drop),
+            };
+            raw::once(slot, r)
+        })?;
+        r.end()?;
+        Some(f)
+    }
 }
 
-#[derive(serde::Deserialize)]
+#[derive(Default)]
 struct MessageFields<'a> {
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    role: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    name: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    content: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw::present")]
-    tool_calls: Option<&'a RawValue>,
+    role: Option<&'a str>,
+    name: Option<&'a str>,
+    content: Option<&'a str>,
+    tool_calls: Option<&'a str>,
+}
+
+impl<'a> MessageFields<'a> {
+    fn read(r: &mut raw::Reader<'a>) -> Option<MessageFields<'a>> {
+        let mut m = MessageFields::default();
+        r.object(|r, key| {
+            let slot = match key {
+                "role" => &mut m.role,
+                "name" => &mut m.name,
+                "content" => &mut m.content,
+                "tool_calls" => &mut m.tool_calls,
+                _ => return r.value().map(drop),
+            };
+            raw::once(slot, r)
+        })?;
+        Some(m)
+    }
 }
 
 /// A completions `prompt` or embeddings `input`: a string, an array of strings, an array of
@@ -315,6 +350,30 @@ impl OpenAiUsage {
     pub fn from_json(v: &Value) -> Option<OpenAiUsage> {
         let u = <OpenAiUsage as serde::Deserialize>::deserialize(v).ok()?;
         u.prompt_tokens.is_some().then_some(u)
+    }
+
+    /// Read from a usage object's JSON text, as the derived reader reads it, without serde
+    /// (issue 18: about 900 instructions per answer): `None` when the text is not an object
+    /// this reader takes (an escaped key, a duplicated field, not an object), left to serde.
+    pub fn from_text(text: &str) -> Option<OpenAiUsage> {
+        let [mut prompt, mut completion, mut total] = [None; 3];
+        let mut r = raw::Reader::of(text);
+        if r.peek()? != b'{' {
+            return None;
+        }
+        r.object(|r, key| match key {
+            "prompt_tokens" => raw::once(&mut prompt, r),
+            "completion_tokens" => raw::once(&mut completion, r),
+            "total_tokens" => raw::once(&mut total, r),
+            _ => r.value().map(drop),
+        })?;
+        r.end()?;
+        // `lenient::u64`: a non-negative integer (serde reads `-0` as a float).
+        Some(OpenAiUsage {
+            prompt_tokens: prompt.and_then(raw::unsigned),
+            completion_tokens: completion.and_then(raw::unsigned),
+            total_tokens: total.and_then(raw::unsigned),
+        })
     }
 
     /// OpenAI reports usage once, final; a missing completion count is `total - prompt`.
@@ -434,6 +493,57 @@ mod tests {
                 (Some(got), Err(e)) => panic!("read invalid JSON {body} ({e}) as {got:?}"),
             }
         }
+    }
+
+    /// On every text one byte away from the fixtures, the reader of bytes either leaves the
+    /// body to the tree or reads what the tree reads: it never reads facts from a body serde
+    /// refuses, nor other facts than the tree's.
+    #[test]
+    fn chat_facts_from_bytes_never_differ_from_the_tree_on_near_bodies() {
+        let fixtures = [
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in one word."}],"max_tokens":16}"#,
+            r#"{"model":"o3","stream":true,"stream_options":{"include_usage":true},"n":2,"max_completion_tokens":9,"messages":[{"role":"system","name":"b","content":"x\"y"},{"role":"user","content":[{"type":"text","text":"t"}]},7],"tools":[{"type":"function"}]}"#,
+        ];
+        let mut read = 0;
+        for body in crate::providers::raw::tests::near_texts(&fixtures) {
+            let Some(got) = chat_facts_from_bytes(body.as_bytes()) else {
+                continue;
+            };
+            let tree: Value = match serde_json::from_str(&body) {
+                Ok(v) => v,
+                Err(e) => panic!("read invalid JSON {body} ({e}) as {got:?}"),
+            };
+            assert!(tree.is_object(), "{body}");
+            assert_eq!(got, request_facts(Api::OpenAiChat, &tree), "{body}");
+            read += 1;
+        }
+        assert!(read > 100, "{read}");
+    }
+
+    /// The usage read without serde is the derived reader's, on usage objects and on every
+    /// text one byte away from them (or left to serde).
+    #[test]
+    fn usage_from_text_equals_serdes_reading() {
+        let fixtures = [
+            r#"{"prompt_tokens":14,"completion_tokens":2,"total_tokens":16}"#,
+            r#"{ "prompt_tokens" : 9 , "total_tokens" : 20, "prompt_tokens_details": {"cached_tokens": 3, "x": [1, "2"]}, "completion_tokens_details": null }"#,
+            r#"{"prompt_tokens":-0,"completion_tokens":1.5,"total_tokens":"7","extra":true}"#,
+        ];
+        let read = OpenAiUsage::from_text(fixtures[0]).expect("read");
+        assert_eq!(read.into_usage().completion, Some(2));
+        let mut compared = 0;
+        for text in crate::providers::raw::tests::near_texts(&fixtures) {
+            let Some(ours) = OpenAiUsage::from_text(&text) else {
+                continue;
+            };
+            let serde: OpenAiUsage = match serde_json::from_str(&text) {
+                Ok(u) => u,
+                Err(e) => panic!("read {text} ({e}) as {ours:?}"),
+            };
+            assert_eq!(ours, serde, "{text}");
+            compared += 1;
+        }
+        assert!(compared > 100, "{compared}");
     }
 
     #[test]

@@ -1,39 +1,284 @@
 //! Reading a request's facts from its bytes (issue 18): the fields admission needs, borrowed
-//! from the body as JSON text (`&RawValue`), and read as `Value`'s accessors read them
-//! (`as_str`, `as_bool`, `as_u64`, [`super::uint_field`]), so that a provider's reader of bytes
-//! and its reader of the tree give the same facts. The shapes of each format's fields are in
-//! the provider's module; what both readers share (a message `content`, kept as JSON text) is
-//! handed to the tree path's own functions.
+//! from the body as JSON text, and read as `Value`'s accessors read them (`as_str`, `as_bool`,
+//! `as_u64`, [`super::uint_field`]), so that a provider's reader of bytes and its reader of the
+//! tree give the same facts. The shapes of each format's fields are in the provider's module;
+//! what both readers share (a message `content`, kept as JSON text) is handed to the tree path's
+//! own functions.
+//!
+//! [`Reader`] walks the body once and checks its grammar as serde_json checks a value it
+//! skips; it replaced serde's borrowed reading (`&RawValue` fields), which cost about 3 700
+//! instructions on the benchmark's 111-byte chat body, most of admission's work. It is written
+//! here rather than taken from a crate because what it must do is narrow and exact: accept and
+//! refuse the texts serde_json accepts and refuses, hand out each field's text borrowed, and
+//! leave every doubtful case (an escaped key, a duplicated field, deep nesting) to the tree.
 
 use std::borrow::Cow;
 
-use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
-use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::{collect_content, push_json, push_text, BadRequest, RequestFacts};
 
-/// A present field as its JSON text, `null` included (serde's `Option` would read `null` as
-/// absent, where the tree path tells a present `null` from an absent field):
-/// `#[serde(borrow, default, deserialize_with = "raw::present")]`.
-pub fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(d).map(Some)
+/// How deep containers may nest before the reader leaves the body to the tree (serde_json
+/// refuses beyond 128 levels; the tree path gives that answer).
+const MAX_DEPTH: u32 = 100;
+
+/// A one-pass reader of a JSON text: objects' members and arrays' items are handed to the
+/// caller, every other value is checked and skipped (or handed out as its text). Every method
+/// answers `None` for a text serde_json would refuse, or one the reader leaves to serde.
+pub struct Reader<'a> {
+    text: &'a str,
+    i: usize,
+    depth: u32,
 }
 
-/// A body's top-level fields, borrowed into `T`: `None` when the body is not UTF-8, not a JSON
-/// object, or not readable into `T` (invalid JSON, a duplicated field) — cases the caller
-/// leaves to the tree.
-pub fn object<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Option<T> {
-    let body = std::str::from_utf8(body).ok()?;
-    if first_byte(body) != Some(b'{') {
+impl<'a> Reader<'a> {
+    /// A reader of `body`, which must be UTF-8 and open with `{` (after whitespace).
+    pub fn object_body(body: &'a [u8]) -> Option<Reader<'a>> {
+        let text = std::str::from_utf8(body).ok()?;
+        let mut r = Reader {
+            text,
+            i: 0,
+            depth: 0,
+        };
+        (r.peek() == Some(b'{')).then_some(r)
+    }
+
+    /// A reader of a text already checked to be one JSON value (a field this reader handed
+    /// out).
+    pub fn of(text: &'a str) -> Reader<'a> {
+        Reader {
+            text,
+            i: 0,
+            depth: 0,
+        }
+    }
+
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
+    /// The next byte after whitespace (the reader stays on it).
+    pub fn peek(&mut self) -> Option<u8> {
+        let b = self.bytes();
+        while let Some(&c) = b.get(self.i) {
+            if !matches!(c, b' ' | b'\t' | b'\n' | b'\r') {
+                return Some(c);
+            }
+            self.i += 1;
+        }
+        None
+    }
+
+    /// Only whitespace is left.
+    pub fn end(&mut self) -> Option<()> {
+        self.peek().is_none().then_some(())
+    }
+
+    /// The members of the object that comes next: `member` is called with each key, the
+    /// reader on its value, and must read that value ([`Reader::value`] or its own reading).
+    /// A key with an escape is left to serde (`None`).
+    pub fn object(
+        &mut self,
+        mut member: impl FnMut(&mut Reader<'a>, &'a str) -> Option<()>,
+    ) -> Option<()> {
+        self.open(b'{')?;
+        if self.peek()? == b'}' {
+            return self.close();
+        }
+        loop {
+            if self.peek()? != b'"' {
+                return None;
+            }
+            let start = self.i;
+            if self.string()? {
+                return None;
+            }
+            let key = self.text.get(start + 1..self.i - 1)?;
+            if self.peek()? != b':' {
+                return None;
+            }
+            self.i += 1;
+            member(self, key)?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => return self.close(),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The items of the array that comes next: `item` is called with the reader on each and
+    /// must read it.
+    pub fn array(&mut self, mut item: impl FnMut(&mut Reader<'a>) -> Option<()>) -> Option<()> {
+        self.open(b'[')?;
+        if self.peek()? == b']' {
+            return self.close();
+        }
+        loop {
+            item(self)?;
+            match self.peek()? {
+                b',' => self.i += 1,
+                b']' => return self.close(),
+                _ => return None,
+            }
+        }
+    }
+
+    fn open(&mut self, bracket: u8) -> Option<()> {
+        if self.peek()? != bracket || self.depth >= MAX_DEPTH {
+            return None;
+        }
+        self.depth += 1;
+        self.i += 1;
+        Some(())
+    }
+
+    /// Steps over the closing bracket [`Reader::object`] or [`Reader::array`] found.
+    fn close(&mut self) -> Option<()> {
+        self.depth -= 1;
+        self.i += 1;
+        Some(())
+    }
+
+    /// The next value, checked, as its text.
+    pub fn value(&mut self) -> Option<&'a str> {
+        let first = self.peek()?;
+        let start = self.i;
+        match first {
+            b'"' => {
+                self.string()?;
+            }
+            b'{' => self.object(|r, _| r.value().map(drop))?,
+            b'[' => self.array(|r| r.value().map(drop))?,
+            b't' => self.literal(b"true")?,
+            b'f' => self.literal(b"false")?,
+            b'n' => self.literal(b"null")?,
+            b'-' | b'0'..=b'9' => self.number()?,
+            _ => return None,
+        }
+        self.text.get(start..self.i)
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        if !self.bytes().get(self.i..)?.starts_with(word) {
+            return None;
+        }
+        self.i += word.len();
+        Some(())
+    }
+
+    /// A number in JSON's grammar (serde_json's, which checks the grammar of a number it
+    /// skips, not its range): `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+    fn number(&mut self) -> Option<()> {
+        let b = self.bytes();
+        let mut i = self.i;
+        if b.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        let digits = |i: usize| {
+            b.get(i..)
+                .map_or(0, |t| t.iter().take_while(|c| c.is_ascii_digit()).count())
+        };
+        match b.get(i)? {
+            b'0' => i += 1,
+            b'1'..=b'9' => i += digits(i),
+            _ => return None,
+        }
+        if b.get(i) == Some(&b'.') {
+            let n = digits(i + 1);
+            if n == 0 {
+                return None;
+            }
+            i += 1 + n;
+        }
+        if matches!(b.get(i), Some(b'e' | b'E')) {
+            i += 1;
+            if matches!(b.get(i), Some(b'+' | b'-')) {
+                i += 1;
+            }
+            let n = digits(i);
+            if n == 0 {
+                return None;
+            }
+            i += n;
+        }
+        self.i = i;
+        Some(())
+    }
+
+    /// Steps over the string that opens here, checked as serde_json checks one (no control
+    /// character, only JSON's escapes); whether it holds an escape.
+    fn string(&mut self) -> Option<bool> {
+        let b = self.bytes();
+        let mut i = self.i + 1;
+        let mut escaped = false;
+        loop {
+            i += plain_run(b.get(i..)?);
+            match *b.get(i)? {
+                b'"' => {
+                    self.i = i + 1;
+                    return Some(escaped);
+                }
+                b'\\' => {
+                    escaped = true;
+                    match *b.get(i + 1)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                        b'u' => {
+                            let hex = b.get(i + 2..i + 6)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return None;
+                            }
+                            i += 6;
+                        }
+                        _ => return None,
+                    }
+                }
+                // A control character, which JSON strings may hold only escaped.
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// How many bytes of `b` come before the first `"`, `\\` or control character: eight bytes at
+/// a time (a word's first such byte found from its flags), the last few byte by byte.
+fn plain_run(b: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let mut i = 0;
+    while let Some(word) = b.get(i..i + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        let v = u64::from_le_bytes(w);
+        let special = has_zero(v ^ (ONES * u64::from(b'"')))
+            | has_zero(v ^ (ONES * u64::from(b'\\')))
+            | (v.wrapping_sub(ONES * 0x20) & !v & HIGH);
+        if special != 0 {
+            // The lowest flagged byte is a real one (a borrow flags only bytes above it).
+            return i + (special.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    i + b[i..]
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+        .unwrap_or(b.len() - i)
+}
+
+/// One field's text into its slot; a field seen twice leaves the body to the tree (serde
+/// refuses a duplicated field, and the tree keeps the last).
+pub fn once<'a>(slot: &mut Option<&'a str>, r: &mut Reader<'a>) -> Option<()> {
+    if slot.is_some() {
         return None;
     }
-    serde_json::from_str(body).ok()
+    *slot = Some(r.value()?);
+    Some(())
 }
 
 /// The `model` field as the tree path reads it: its string, or "" when absent or not a string.
-pub fn model(v: Option<&RawValue>) -> String {
+pub fn model(v: Option<&str>) -> String {
     v.and_then(string).map(Cow::into_owned).unwrap_or_default()
 }
 
@@ -43,31 +288,20 @@ pub fn first_byte(text: &str) -> Option<u8> {
         .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
 }
 
-/// Whether a JSON text is an object (and not an array, which serde would also read into a
-/// struct, field by position).
-pub fn is_object(v: &RawValue) -> bool {
-    first_byte(v.get()) == Some(b'{')
-}
-
-/// `as_str`: a JSON string (borrowed unless it has escapes). (`Cow<str>`'s own `Deserialize`
-/// always copies; `&str` borrows but refuses a string with escapes, which is then copied.)
-pub fn string(v: &RawValue) -> Option<Cow<'_, str>> {
-    let text = v.get();
+/// `as_str` over a checked JSON value's text: a JSON string (borrowed unless it has escapes).
+pub fn string(text: &str) -> Option<Cow<'_, str>> {
     if !text.starts_with('"') {
         return None;
     }
-    // A raw value is valid JSON (serde checked it when it borrowed it): a string without a
-    // backslash is the text between its quotes, which needs no second reading.
+    // The text is valid JSON (its reader checked it): a string without a backslash is the
+    // text between its quotes, which needs no second reading.
     if let Some(inner) = text
         .get(1..text.len() - 1)
         .filter(|inner| text.len() >= 2 && text.ends_with('"') && !inner.contains('\\'))
     {
         return Some(Cow::Borrowed(inner));
     }
-    match serde_json::from_str::<&str>(text) {
-        Ok(s) => Some(Cow::Borrowed(s)),
-        Err(_) => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
-    }
+    serde_json::from_str::<String>(text).ok().map(Cow::Owned)
 }
 
 /// An object key, borrowed from the input unless it has escapes (for visitors that compare
@@ -94,8 +328,8 @@ impl<'de> Deserialize<'de> for Key<'de> {
 }
 
 /// `as_bool`.
-pub fn boolean(v: &RawValue) -> Option<bool> {
-    match v.get() {
+pub fn boolean(text: &str) -> Option<bool> {
+    match text {
         "true" => Some(true),
         "false" => Some(false),
         _ => None,
@@ -103,24 +337,22 @@ pub fn boolean(v: &RawValue) -> Option<bool> {
 }
 
 /// `as_u64`: a non-negative integer (not a float, not a string).
-pub fn unsigned(v: &RawValue) -> Option<u64> {
-    let t = v.get();
-    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
-        t.parse().ok()
+pub fn unsigned(text: &str) -> Option<u64> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        text.parse().ok()
     } else {
         None
     }
 }
 
 /// [`super::uint_field`] over a field's JSON text, with the same message.
-pub fn uint_field(v: Option<&RawValue>, field: &str) -> Result<Option<u64>, BadRequest> {
+pub fn uint_field(v: Option<&str>, field: &str) -> Result<Option<u64>, BadRequest> {
     match v {
-        None => Ok(None),
-        Some(v) if v.get() == "null" => Ok(None),
+        None | Some("null") => Ok(None),
         Some(v) => match unsigned(v) {
             Some(n) => Ok(Some(n)),
             None => {
-                let shown: Value = serde_json::from_str(v.get()).unwrap_or(Value::Null);
+                let shown: Value = serde_json::from_str(v).unwrap_or(Value::Null);
                 Err(super::uint_field_error(field, &shown))
             }
         },
@@ -129,135 +361,70 @@ pub fn uint_field(v: Option<&RawValue>, field: &str) -> Result<Option<u64>, BadR
 
 /// [`collect_content`] over a field's JSON text: a string is pushed as it is (borrowed), anything
 /// else (an array of parts, which may hold images) is read into a `Value` for the tree path's
-/// function. `None` when the text is not valid JSON (the caller leaves the body to the tree).
-pub fn collect(content: Option<&RawValue>, facts: &mut RequestFacts) -> Option<()> {
+/// function. `None` when serde cannot read the text (the caller leaves the body to the tree).
+pub fn collect(content: Option<&str>, facts: &mut RequestFacts) -> Option<()> {
     let Some(c) = content else {
         return Some(());
     };
-    if first_byte(c.get()) == Some(b'"') {
+    if first_byte(c) == Some(b'"') {
         if let Some(s) = string(c) {
             push_text(&mut facts.prompt_text, &s);
         }
         return Some(());
     }
-    let v: Value = serde_json::from_str(c.get()).ok()?;
+    let v: Value = serde_json::from_str(c).ok()?;
     collect_content(Some(&v), facts);
     Some(())
 }
 
 /// [`push_json`] over a field's JSON text (read into a `Value` first, so that the text pushed
 /// is the compact form the tree path pushes).
-pub fn push(text: &mut String, v: &RawValue) -> Option<()> {
-    let v: Value = serde_json::from_str(v.get()).ok()?;
+pub fn push(text: &mut String, v: &str) -> Option<()> {
+    let v: Value = serde_json::from_str(v).ok()?;
     push_json(text, &v);
     Some(())
 }
 
-/// The items of a JSON array field, read in the same pass as the body's other fields: each
-/// item's fields (`T`, borrowed) when it is an object, `None` for any other item (the tree path
-/// skips it); no items for a value that is not an array, as `as_array` gives none. Reading the
-/// array as JSON text and then each item again parsed every message three times, the largest
-/// part of a chat body's reading (issue 18).
-pub struct Objects<T>(pub Vec<Option<T>>);
-
-impl<T> Default for Objects<T> {
-    fn default() -> Self {
-        Objects(Vec::new())
+/// The items of an array field, each an object read by `read` (`None` for an item that is
+/// not an object, which the tree path skips); no items for a value that is not an array, as
+/// `as_array` gives none. Reads (and checks) the value either way.
+pub fn objects<'a, T>(
+    r: &mut Reader<'a>,
+    mut read: impl FnMut(&mut Reader<'a>) -> Option<T>,
+) -> Option<Vec<Option<T>>> {
+    let mut items = Vec::new();
+    if r.peek()? != b'[' {
+        r.value()?;
+        return Some(items);
     }
-}
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Objects<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ArrayOrNothing(std::marker::PhantomData))
-    }
-}
-
-/// One item of [`Objects`].
-struct Item<T>(Option<T>);
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Item<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ObjectOrNothing(std::marker::PhantomData))
-    }
-}
-
-/// A visitor's answer to every value that is not the one it reads (a scalar or `null`): `$v`.
-macro_rules! any_other_value {
-    ($v:expr) => {
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok($v)
+    r.array(|r| {
+        if r.peek()? == b'{' {
+            items.push(Some(read(r)?));
+        } else {
+            r.value()?;
+            items.push(None);
         }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok($v)
-        }
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok($v)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok($v)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok($v)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok($v)
-        }
-    };
-}
-
-struct ArrayOrNothing<T>(std::marker::PhantomData<T>);
-
-impl<'de, T: Deserialize<'de>> Visitor<'de> for ArrayOrNothing<T> {
-    type Value = Objects<T>;
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Objects<T>, A::Error> {
-        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(4));
-        while let Some(Item(item)) = seq.next_element::<Item<T>>()? {
-            items.push(item);
-        }
-        Ok(Objects(items))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Objects<T>, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Objects::default())
-    }
-    any_other_value!(Objects::default());
-}
-
-struct ObjectOrNothing<T>(std::marker::PhantomData<T>);
-
-impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectOrNothing<T> {
-    type Value = Item<T>;
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Item<T>, A::Error> {
-        T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(|t| Item(Some(t)))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item<T>, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Item(None))
-    }
-    any_other_value!(Item(None));
+        Some(())
+    })?;
+    Some(items)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn raw(text: &str) -> Box<RawValue> {
-        RawValue::from_string(text.to_string()).expect("valid JSON")
+    fn raw(text: &str) -> &str {
+        serde_json::from_str::<&serde_json::value::RawValue>(text).expect("valid JSON");
+        text
     }
 
     #[test]
     fn strings_are_borrowed_unless_escaped_and_read_as_as_str_reads_them() {
         let plain = raw(r#""gpt-4o""#);
-        assert!(matches!(string(&plain), Some(Cow::Borrowed("gpt-4o"))));
+        assert!(matches!(string(plain), Some(Cow::Borrowed("gpt-4o"))));
         let escaped = raw(r#""a\"b\u00e9""#);
-        assert_eq!(string(&escaped).as_deref(), Some("a\"bé"));
-        assert!(matches!(string(&escaped), Some(Cow::Owned(_))));
+        assert_eq!(string(escaped).as_deref(), Some("a\"bé"));
+        assert!(matches!(string(escaped), Some(Cow::Owned(_))));
         for text in [
             r#""""#,
             r#""é 日本 😀""#,
@@ -266,14 +433,86 @@ mod tests {
             r#""\ud83d\ude00""#,
         ] {
             let want: String = serde_json::from_str(text).expect("a JSON string");
-            assert_eq!(string(&raw(text)).as_deref(), Some(want.as_str()), "{text}");
+            assert_eq!(string(raw(text)).as_deref(), Some(want.as_str()), "{text}");
         }
         for other in ["1", "null", "true", "[\"x\"]", "{}"] {
-            assert_eq!(string(&raw(other)), None, "{other}");
+            assert_eq!(string(raw(other)), None, "{other}");
         }
         let key: Key = serde_json::from_str(r#""usage""#).expect("key");
         assert!(matches!(key.0, Cow::Borrowed("usage")));
         let key: Key = serde_json::from_str(r#""us\u0061ge""#).expect("escaped key");
         assert_eq!(key.0, "usage");
+    }
+
+    /// Every text of `fixtures`, and every text one byte away from one (a byte deleted, or
+    /// replaced by or preceded by a byte that matters to JSON's grammar), that is UTF-8.
+    pub(crate) fn near_texts(fixtures: &[&str]) -> Vec<String> {
+        let edits = b"{}[]\",:\\ 0123-+.eEaunltf\n\x01";
+        let mut out = Vec::new();
+        for f in fixtures {
+            let b = f.as_bytes();
+            out.push(f.to_string());
+            for i in 0..=b.len() {
+                let mut variants = Vec::new();
+                if i < b.len() {
+                    let mut v = b.to_vec();
+                    v.remove(i);
+                    variants.push(v);
+                }
+                for &e in edits {
+                    let mut v = b.to_vec();
+                    v.insert(i, e);
+                    variants.push(v);
+                    if i < b.len() {
+                        let mut v = b.to_vec();
+                        v[i] = e;
+                        variants.push(v);
+                    }
+                }
+                out.extend(
+                    variants
+                        .into_iter()
+                        .filter_map(|v| String::from_utf8(v).ok()),
+                );
+            }
+        }
+        out
+    }
+
+    /// The reader accepts exactly the JSON texts serde_json accepts when it skips a value
+    /// (grammar, escapes, control characters, trailing bytes), on fixtures and on every text
+    /// one byte away from them; the one difference is an escaped key, which it leaves to serde.
+    #[test]
+    fn the_reader_accepts_what_serde_accepts() {
+        let fixtures = [
+            r#"{"a":[1,-0.5e+10,0,1E5,2.25,-7],"b":{"c":null,"d":true,"e":false},"f":""}"#,
+            r#" [ "x" , { } , [ ] , "a\n\u00e9\"x\\/" , "日本 😀" ] "#,
+            r#"{"long":"0123456789abcdefghij\"klmnopqrstuvwxyz0123456789","k":"0123456789abcdef"}"#,
+            r#""a string of more than eight bytes, with a \t tab escape""#,
+            "123",
+            "-0.0e-0",
+            r#"{"nested":[[[{"x":[{}]}]]]}"#,
+        ];
+        let mut checked = 0;
+        for text in near_texts(&fixtures) {
+            let mut r = Reader::of(&text);
+            let ours = r.value().is_some() && r.end().is_some();
+            let serde = serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok();
+            if serde && !ours && text.contains('\\') {
+                continue;
+            }
+            assert_eq!(ours, serde, "{text:?}");
+            checked += 1;
+        }
+        assert!(checked > 10_000, "{checked}");
+    }
+
+    /// Nesting deeper than the reader goes is left to serde (which refuses beyond 128).
+    #[test]
+    fn deep_nesting_is_left_to_serde() {
+        let deep = format!("{}{}", "[".repeat(150), "]".repeat(150));
+        assert_eq!(Reader::of(&deep).value(), None);
+        let fine = format!("{}{}", "[".repeat(50), "]".repeat(50));
+        assert_eq!(Reader::of(&fine).value(), Some(fine.as_str()));
     }
 }

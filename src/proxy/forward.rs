@@ -913,11 +913,13 @@ async fn send(
         Some(p) => (p.as_str(), None),
         None => (&*ctx.upstream_path, ctx.query.as_deref()),
     };
-    let mut last_429: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
+    // Boxed, as the answer kept below: they are rare, and held inline they would enlarge the
+    // future of every request (a future's moves copy its whole size; issue 18).
+    let mut last_429: Option<Box<(hyper::Response<UpstreamBody>, ChosenKey)>> = None;
     // Cloud credentials that cannot serve this request's model (Bedrock's
     // AccessDeniedException), and the last such answer, relayed when no other key can.
     let mut skip: Vec<usize> = Vec::new();
-    let mut last_denied: Option<(hyper::Response<UpstreamBody>, ChosenKey)> = None;
+    let mut last_denied: Option<Box<(hyper::Response<UpstreamBody>, ChosenKey)>> = None;
     // Keys whose cached access token Vertex refused once (renewed, then tried again).
     let mut renewed: Vec<usize> = Vec::new();
     loop {
@@ -945,7 +947,7 @@ async fn send(
             }
             Err(no) => {
                 return match last_429.or(last_denied) {
-                    Some(r) => Ok(r),
+                    Some(r) => Ok(*r),
                     None => Err(Failure {
                         error: no_key_error(upstream, no),
                         key: None,
@@ -1032,7 +1034,7 @@ async fn send(
             // This credential lacks the model; another may have it.
             tracing::warn!(key = %key.fingerprint, "AWS Bedrock: this credential has no access to the model; trying another");
             skip.push(key.index);
-            last_denied = Some((resp.map(UpstreamBody::Live), key));
+            last_denied = Some(Box::new((resp.map(UpstreamBody::Live), key)));
             continue;
         }
         if status == 401 && !renewed.contains(&key.index) && upstream.forget_token(key.index).await
@@ -1066,7 +1068,7 @@ async fn send(
             Some(KeyVerdict::OverQuota(reason)) => upstream.keys.mark_over_quota(key.index, reason),
             Some(KeyVerdict::RateLimited) => {
                 upstream.keys.rest(key.index, rest_duration(resp.headers()));
-                last_429 = Some((resp, key));
+                last_429 = Some(Box::new((resp, key)));
             }
             None => return Ok((resp, key)),
         }
