@@ -105,7 +105,6 @@ pub fn messages_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, Bad
 }
 
 /// The fields of a Messages request [`messages_facts_from_bytes`] reads, borrowed.
-#[derive(Default)]
 struct MessagesFields<'a> {
     model: Option<&'a str>,
     stream: Option<&'a str>,
@@ -117,38 +116,21 @@ struct MessagesFields<'a> {
 }
 
 impl<'a> MessagesFields<'a> {
-    /// The body's fields, in one pass that also checks the whole body; `None` leaves the body
-    /// to the tree (as [`super::openai::chat_facts_from_bytes`]).
+    /// The body's fields ([`raw::request_body`]).
     fn read(body: &'a [u8]) -> Option<MessagesFields<'a>> {
-        let mut f = MessagesFields::default();
-        let mut messages_seen = false;
-        let mut r = raw::Reader::object_body(body)?;
-        r.object(|r, key| {
-            let slot = match key {
-                "model" => &mut f.model,
-                "stream" => &mut f.stream,
-                "max_tokens" => &mut f.max_tokens,
-                "system" => &mut f.system,
-                "tools" => &mut f.tools,
-                "messages" if !messages_seen => {
-                    messages_seen = true;
-                    f.messages = raw::objects(r, |r| {
-                        let mut content = None;
-                        r.object(|r, key| match key {
-                            "content" => raw::once(&mut content, r),
-                            _ => r.value().map(drop),
-                        })?;
-                        Some(content)
-                    })?;
-                    return Some(());
-                }
-                "messages" => return None,
-                _ => return r.value().map(drop),
-            };
-            raw::once(slot, r)
-        })?;
-        r.end()?;
-        Some(f)
+        let ([model, stream, max_tokens, system, tools], messages) = raw::request_body(
+            body,
+            ["model", "stream", "max_tokens", "system", "tools"],
+            |r| raw::fields(r, ["content"]).map(|[content]| content),
+        )?;
+        Some(MessagesFields {
+            model,
+            stream,
+            max_tokens,
+            system,
+            messages,
+            tools,
+        })
     }
 }
 

@@ -127,11 +127,7 @@ pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequ
     let f = ChatFields::read(body)?;
     let include_usage = match f.stream_options {
         Some(o) if raw::first_byte(o) == Some(b'{') => {
-            let mut include_usage = None;
-            raw::Reader::of(o).object(|r, key| match key {
-                "include_usage" => raw::once(&mut include_usage, r),
-                _ => r.value().map(drop),
-            })?;
+            let [include_usage] = raw::fields(&mut raw::Reader::of(o), ["include_usage"])?;
             include_usage
         }
         _ => None,
@@ -184,7 +180,6 @@ pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequ
 
 /// The fields of a chat request [`chat_facts_from_bytes`] reads, as JSON text borrowed from
 /// the body (a present `null` is told from an absent field).
-#[derive(Default)]
 struct ChatFields<'a> {
     model: Option<&'a str>,
     stream: Option<&'a str>,
@@ -192,7 +187,6 @@ struct ChatFields<'a> {
     max_completion_tokens: Option<&'a str>,
     max_tokens: Option<&'a str>,
     n: Option<&'a str>,
-    /// `None` until the field is seen; then its objects.
     messages: Vec<Option<MessageFields<'a>>>,
     tools: Option<&'a str>,
     functions: Option<&'a str>,
@@ -200,39 +194,41 @@ struct ChatFields<'a> {
 }
 
 impl<'a> ChatFields<'a> {
-    /// The body's fields, in one pass that also checks the whole body; `None` leaves the body
-    /// to the tree (not a JSON object, invalid JSON, a duplicated field, an escaped key).
+    /// The body's fields ([`raw::request_body`]).
     fn read(body: &'a [u8]) -> Option<ChatFields<'a>> {
-        let mut f = ChatFields::default();
-        let mut messages_seen = false;
-        let mut r = raw::Reader::object_body(body)?;
-        r.object(|r, key| {
-            let slot = match key {
-                "model" => &mut f.model,
-                "stream" => &mut f.stream,
-                "stream_options" => &mut f.stream_options,
-                "max_completion_tokens" => &mut f.max_completion_tokens,
-                "max_tokens" => &mut f.max_tokens,
-                "n" => &mut f.n,
-                "tools" => &mut f.tools,
-                "functions" => &mut f.functions,
-                "response_format" => &mut f.response_format,
-                "messages" if !messages_seen => {
-                    messages_seen = true;
-                    f.messages = raw::objects(r, MessageFields::read)?;
-                    return Some(());
-                }
-                "messages" => return None,
-                _ => return r.value().map(drop),
-            };
-            raw::once(slot, r)
-        })?;
-        r.end()?;
-        Some(f)
+        let (
+            [model, stream, stream_options, max_completion_tokens, max_tokens, n, tools, functions, response_format],
+            messages,
+        ) = raw::request_body(
+            body,
+            [
+                "model",
+                "stream",
+                "stream_options",
+                "max_completion_tokens",
+                "max_tokens",
+                "n",
+                "tools",
+                "functions",
+                "response_format",
+            ],
+            MessageFields::read,
+        )?;
+        Some(ChatFields {
+            model,
+            stream,
+            stream_options,
+            max_completion_tokens,
+            max_tokens,
+            n,
+            messages,
+            tools,
+            functions,
+            response_format,
+        })
     }
 }
 
-#[derive(Default)]
 struct MessageFields<'a> {
     role: Option<&'a str>,
     name: Option<&'a str>,
@@ -242,18 +238,14 @@ struct MessageFields<'a> {
 
 impl<'a> MessageFields<'a> {
     fn read(r: &mut raw::Reader<'a>) -> Option<MessageFields<'a>> {
-        let mut m = MessageFields::default();
-        r.object(|r, key| {
-            let slot = match key {
-                "role" => &mut m.role,
-                "name" => &mut m.name,
-                "content" => &mut m.content,
-                "tool_calls" => &mut m.tool_calls,
-                _ => return r.value().map(drop),
-            };
-            raw::once(slot, r)
-        })?;
-        Some(m)
+        let [role, name, content, tool_calls] =
+            raw::fields(r, ["role", "name", "content", "tool_calls"])?;
+        Some(MessageFields {
+            role,
+            name,
+            content,
+            tool_calls,
+        })
     }
 }
 
@@ -356,17 +348,14 @@ impl OpenAiUsage {
     /// (issue 18: about 900 instructions per answer): `None` when the text is not an object
     /// this reader takes (an escaped key, a duplicated field, not an object), left to serde.
     pub fn from_text(text: &str) -> Option<OpenAiUsage> {
-        let [mut prompt, mut completion, mut total] = [None; 3];
         let mut r = raw::Reader::of(text);
         if r.peek()? != b'{' {
             return None;
         }
-        r.object(|r, key| match key {
-            "prompt_tokens" => raw::once(&mut prompt, r),
-            "completion_tokens" => raw::once(&mut completion, r),
-            "total_tokens" => raw::once(&mut total, r),
-            _ => r.value().map(drop),
-        })?;
+        let [prompt, completion, total] = raw::fields(
+            &mut r,
+            ["prompt_tokens", "completion_tokens", "total_tokens"],
+        )?;
         r.end()?;
         // `lenient::u64`: a non-negative integer (serde reads `-0` as a float).
         Some(OpenAiUsage {

@@ -385,6 +385,49 @@ pub fn push(text: &mut String, v: &str) -> Option<()> {
     Some(())
 }
 
+/// The fields named by `keys` of the object that comes next, as their texts (a field seen
+/// twice leaves the body to the tree); the others are checked and skipped.
+pub fn fields<'a, const N: usize>(
+    r: &mut Reader<'a>,
+    keys: [&str; N],
+) -> Option<[Option<&'a str>; N]> {
+    let mut found = [None; N];
+    r.object(|r, key| match keys.iter().position(|k| *k == key) {
+        Some(i) => once(&mut found[i], r),
+        None => r.value().map(drop),
+    })?;
+    Some(found)
+}
+
+/// A request body's top-level fields named by `keys`, and the objects of its `messages` array
+/// read by `message` (`None` for an item that is not an object): one pass that checks the
+/// whole body. `None` leaves the body to the tree (not a JSON object, invalid JSON, a
+/// duplicated field, an escaped key).
+#[allow(clippy::type_complexity)]
+pub fn request_body<'a, const N: usize, M>(
+    body: &'a [u8],
+    keys: [&str; N],
+    message: impl FnMut(&mut Reader<'a>) -> Option<M>,
+) -> Option<([Option<&'a str>; N], Vec<Option<M>>)> {
+    let mut found = [None; N];
+    let mut messages = None;
+    let mut message = Some(message);
+    let mut r = Reader::object_body(body)?;
+    r.object(|r, key| {
+        if key == "messages" {
+            // A second `messages` finds the reader taken: left to the tree.
+            messages = Some(objects(r, message.take()?)?);
+            return Some(());
+        }
+        match keys.iter().position(|k| *k == key) {
+            Some(i) => once(&mut found[i], r),
+            None => r.value().map(drop),
+        }
+    })?;
+    r.end()?;
+    Some((found, messages.unwrap_or_default()))
+}
+
 /// The items of an array field, each an object read by `read` (`None` for an item that is
 /// not an object, which the tree path skips); no items for a value that is not an array, as
 /// `as_array` gives none. Reads (and checks) the value either way.
