@@ -48,7 +48,7 @@ struct Cleanup {
 
 impl Browser {
     async fn start(driver_path: &Path) -> Browser {
-        let driver_port = free_port();
+        let driver_port = common::child_port();
         let driver = Command::new(driver_path)
             .arg(format!("--port={driver_port}"))
             .stdout(Stdio::null())
@@ -184,13 +184,6 @@ fn processes_using(profile: &Path) -> Vec<libc::pid_t> {
                 .unwrap_or(false)
         })
         .collect()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 async fn wait_for_driver(url: &str) {

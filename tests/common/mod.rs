@@ -106,3 +106,31 @@ pub fn client_from(source_ip: &str) -> reqwest::Client {
         .build()
         .expect("client builds")
 }
+
+/// A port for a child process that must be told its port before it binds (firebase-server,
+/// chromedriver). A port learned from `bind(0)` and released could be handed by the kernel to
+/// any other server of a parallel test before the child binds it, and the child's caller would
+/// then talk to that server (seen: firebase-server's URL answered by another test's server
+/// with a 404). So the port is drawn from below the kernel's ephemeral range, from which every
+/// `bind(0)` draws, never twice in one test process, and checked free when drawn.
+pub fn child_port() -> u16 {
+    use rand::Rng;
+    static TAKEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, ephemeral_low.max(10_001));
+    let mut taken = TAKEN.lock().expect("ports lock");
+    loop {
+        let port = rand::rng().random_range(from..to);
+        if taken.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.insert(port);
+            return port;
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! (the real binary, or this test binary re-executed to generate usage) for SIGTERM/kill -9.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -43,11 +43,6 @@ where
     }
 }
 
-fn free_port() -> u16 {
-    let l = StdListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("addr").port()
-}
-
 // ---------------------------------------------------------------------------------------------
 // firebase-server
 
@@ -72,7 +67,7 @@ impl FirebaseServer {
             return None;
         }
         for _ in 0..5 {
-            let port = free_port();
+            let port = super::child_port();
             let mut child = Command::new("node")
                 .arg(&script)
                 .args(["-e", "-p", &port.to_string(), "-a", "127.0.0.1"])
@@ -85,7 +80,10 @@ impl FirebaseServer {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // Port taken meanwhile: try another.
                 }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // Listening, and still running (not another process on its port).
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    && matches!(child.try_wait(), Ok(None))
+                {
                     return Some(FirebaseServer {
                         child,
                         url: format!("http://127.0.0.1:{port}"),
