@@ -84,7 +84,7 @@ impl FakeGoogleAi {
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
-        self.inner.requests.lock().unwrap().clone()
+        self.inner.requests.lock().expect("requests lock").clone()
     }
 
     pub fn last_request(&self) -> Recorded {
@@ -98,7 +98,7 @@ fn error(status: StatusCode, grpc: &str, message: &str) -> Response {
         .status(status)
         .header("content-type", "application/json; charset=UTF-8")
         .body(Body::from(body.to_string()))
-        .unwrap()
+        .expect("a fixed response")
 }
 
 fn usage(candidates: u64, thoughts: u64) -> Value {
@@ -151,13 +151,17 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         .unwrap_or_default();
     let path = parts.uri.path().to_string();
     let query = parts.uri.query().map(str::to_string);
-    inner.requests.lock().unwrap().push(Recorded {
-        method: parts.method.to_string(),
-        path: path.clone(),
-        query: query.clone(),
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    });
+    inner
+        .requests
+        .lock()
+        .expect("requests lock")
+        .push(Recorded {
+            method: parts.method.to_string(),
+            path: path.clone(),
+            query: query.clone(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
     let params: Vec<(String, String)> =
         url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
             .into_owned()
@@ -212,7 +216,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
         return Response::builder()
             .header("content-type", "application/json; charset=UTF-8")
             .body(Body::from(body.to_string()))
-            .unwrap();
+            .expect("a fixed response");
     }
     if parts.method != "POST" || segments.len() != 3 || segments[1] != "models" {
         return error(StatusCode::NOT_FOUND, "NOT_FOUND", "fake: unknown path");
@@ -246,7 +250,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             Response::builder()
                 .header("content-type", "application/json; charset=UTF-8")
                 .body(Body::from(body.to_string()))
-                .unwrap()
+                .expect("a fixed response")
         }
         "streamGenerateContent" if sse => {
             let chunks: Vec<Result<Bytes, std::io::Error>> = stream_chunks(model)
@@ -256,7 +260,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             Response::builder()
                 .header("content-type", "text/event-stream")
                 .body(Body::from_stream(futures::stream::iter(chunks)))
-                .unwrap()
+                .expect("a fixed response")
         }
         "streamGenerateContent" => {
             // Without alt=sse the real API streams one JSON array.
@@ -264,7 +268,7 @@ async fn handle(State(inner): State<Arc<Inner>>, req: Request) -> Response {
             Response::builder()
                 .header("content-type", "application/json; charset=UTF-8")
                 .body(Body::from(body.to_string()))
-                .unwrap()
+                .expect("a fixed response")
         }
         _ => error(StatusCode::NOT_FOUND, "NOT_FOUND", "fake: unknown method"),
     }
