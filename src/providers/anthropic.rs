@@ -77,61 +77,37 @@ pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest>
 /// [`request_facts`] for a Messages request, read from the body's bytes without building its
 /// tree (as [`super::openai::chat_facts_from_bytes`]; `None` leaves the body to the tree).
 pub fn messages_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequest>> {
-    let f = MessagesFields::read(body)?;
+    // Each field as its JSON text, borrowed; each message's `content` (`None` for an item
+    // that is not an object).
+    let ([model, stream, max_tokens, system, tools], messages) = raw::request_body(
+        body,
+        ["model", "stream", "max_tokens", "system", "tools"],
+        |r| raw::fields(r, ["content"]).map(|[content]| content),
+    )?;
     let mut facts = RequestFacts {
-        model: raw::model(f.model),
-        stream: f.stream.and_then(raw::boolean).unwrap_or(false),
+        model: raw::model(model),
+        stream: stream.and_then(raw::boolean).unwrap_or(false),
         choices: 1,
         capped_output: true,
         ..RequestFacts::default()
     };
-    facts.max_output = match raw::uint_field(f.max_tokens, "max_tokens") {
+    facts.max_output = match raw::uint_field(max_tokens, "max_tokens") {
         Ok(n) => n,
         Err(e) => return Some(Err(e)),
     };
-    raw::collect(f.system, &mut facts)?;
-    for content in f.messages {
+    raw::collect(system, &mut facts)?;
+    for content in messages {
         facts.prompt_fixed += MESSAGE_OVERHEAD;
         let Some(content) = content else {
             continue;
         };
         raw::collect(content, &mut facts)?;
     }
-    if let Some(tools) = f.tools {
+    if let Some(tools) = tools {
         raw::push(&mut facts.prompt_text, tools)?;
         facts.has_tools = true;
     }
     Some(Ok(facts))
-}
-
-/// The fields of a Messages request [`messages_facts_from_bytes`] reads, borrowed.
-struct MessagesFields<'a> {
-    model: Option<&'a str>,
-    stream: Option<&'a str>,
-    max_tokens: Option<&'a str>,
-    system: Option<&'a str>,
-    /// Each message's `content` (`None` for an item that is not an object).
-    messages: Vec<Option<Option<&'a str>>>,
-    tools: Option<&'a str>,
-}
-
-impl<'a> MessagesFields<'a> {
-    /// The body's fields ([`raw::request_body`]).
-    fn read(body: &'a [u8]) -> Option<MessagesFields<'a>> {
-        let ([model, stream, max_tokens, system, tools], messages) = raw::request_body(
-            body,
-            ["model", "stream", "max_tokens", "system", "tools"],
-            |r| raw::fields(r, ["content"]).map(|[content]| content),
-        )?;
-        Some(MessagesFields {
-            model,
-            stream,
-            max_tokens,
-            system,
-            messages,
-            tools,
-        })
-    }
 }
 
 /// Sets `max_tokens` (required by the Messages API).

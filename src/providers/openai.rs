@@ -121,11 +121,30 @@ pub fn request_facts(api: Api, body: &Value) -> Result<RequestFacts, BadRequest>
 /// handed to the same functions as on the tree path, so both paths give the same facts.
 ///
 /// `None` when the body is anything this reader does not take as a plain JSON object (not an
-/// object, invalid JSON, a duplicated field, a message that is not an object): the caller then
-/// reads the tree, which answers those cases as before.
+/// object, invalid JSON, a duplicated field, an escaped key, nesting deeper than
+/// [`raw::Reader`] goes): the caller then reads the tree, which answers those cases as before.
 pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequest>> {
-    let f = ChatFields::read(body)?;
-    let include_usage = match f.stream_options {
+    // Each field as its JSON text, borrowed from the body (a present `null` is told from an
+    // absent field); each message's fields likewise.
+    let (
+        [model, stream, stream_options, max_completion_tokens, max_tokens, n, tools, functions, response_format],
+        messages,
+    ) = raw::request_body(
+        body,
+        [
+            "model",
+            "stream",
+            "stream_options",
+            "max_completion_tokens",
+            "max_tokens",
+            "n",
+            "tools",
+            "functions",
+            "response_format",
+        ],
+        |r| raw::fields(r, ["role", "name", "content", "tool_calls"]),
+    )?;
+    let include_usage = match stream_options {
         Some(o) if raw::first_byte(o) == Some(b'{') => {
             let [include_usage] = raw::fields(&mut raw::Reader::of(o), ["include_usage"])?;
             include_usage
@@ -133,120 +152,45 @@ pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequ
         _ => None,
     };
     let mut facts = RequestFacts {
-        model: raw::model(f.model),
-        stream: f.stream.and_then(raw::boolean).unwrap_or(false),
+        model: raw::model(model),
+        stream: stream.and_then(raw::boolean).unwrap_or(false),
         include_usage: include_usage.and_then(raw::boolean).unwrap_or(false),
-        choices: f.n.and_then(raw::unsigned).unwrap_or(1).clamp(1, 128),
+        choices: n.and_then(raw::unsigned).unwrap_or(1).clamp(1, 128),
         capped_output: true,
         prompt_fixed: REPLY_PRIMING,
         ..RequestFacts::default()
     };
-    let newer = match raw::uint_field(f.max_completion_tokens, "max_completion_tokens") {
+    let newer = match raw::uint_field(max_completion_tokens, "max_completion_tokens") {
         Ok(n) => n,
         Err(e) => return Some(Err(e)),
     };
-    let older = match raw::uint_field(f.max_tokens, "max_tokens") {
+    let older = match raw::uint_field(max_tokens, "max_tokens") {
         Ok(n) => n,
         Err(e) => return Some(Err(e)),
     };
     facts.max_output = newer.or(older);
-    for m in f.messages {
+    for m in messages {
         facts.prompt_fixed += MESSAGE_OVERHEAD;
-        let Some(m) = m else {
+        let Some([role, name, content, tool_calls]) = m else {
             continue;
         };
-        for field in [m.role, m.name] {
+        for field in [role, name] {
             if let Some(s) = field.and_then(raw::string) {
                 push_text(&mut facts.prompt_text, &s);
             }
         }
-        raw::collect(m.content, &mut facts)?;
-        if let Some(calls) = m.tool_calls {
+        raw::collect(content, &mut facts)?;
+        if let Some(calls) = tool_calls {
             raw::push(&mut facts.prompt_text, calls)?;
         }
     }
-    for (field, tools) in [
-        (f.tools, true),
-        (f.functions, true),
-        (f.response_format, false),
-    ] {
+    for (field, tools) in [(tools, true), (functions, true), (response_format, false)] {
         if let Some(v) = field {
             raw::push(&mut facts.prompt_text, v)?;
             facts.has_tools |= tools;
         }
     }
     Some(Ok(facts))
-}
-
-/// The fields of a chat request [`chat_facts_from_bytes`] reads, as JSON text borrowed from
-/// the body (a present `null` is told from an absent field).
-struct ChatFields<'a> {
-    model: Option<&'a str>,
-    stream: Option<&'a str>,
-    stream_options: Option<&'a str>,
-    max_completion_tokens: Option<&'a str>,
-    max_tokens: Option<&'a str>,
-    n: Option<&'a str>,
-    messages: Vec<Option<MessageFields<'a>>>,
-    tools: Option<&'a str>,
-    functions: Option<&'a str>,
-    response_format: Option<&'a str>,
-}
-
-impl<'a> ChatFields<'a> {
-    /// The body's fields ([`raw::request_body`]).
-    fn read(body: &'a [u8]) -> Option<ChatFields<'a>> {
-        let (
-            [model, stream, stream_options, max_completion_tokens, max_tokens, n, tools, functions, response_format],
-            messages,
-        ) = raw::request_body(
-            body,
-            [
-                "model",
-                "stream",
-                "stream_options",
-                "max_completion_tokens",
-                "max_tokens",
-                "n",
-                "tools",
-                "functions",
-                "response_format",
-            ],
-            MessageFields::read,
-        )?;
-        Some(ChatFields {
-            model,
-            stream,
-            stream_options,
-            max_completion_tokens,
-            max_tokens,
-            n,
-            messages,
-            tools,
-            functions,
-            response_format,
-        })
-    }
-}
-
-struct MessageFields<'a> {
-    role: Option<&'a str>,
-    name: Option<&'a str>,
-    content: Option<&'a str>,
-    tool_calls: Option<&'a str>,
-}
-
-impl<'a> MessageFields<'a> {
-    fn read(r: &mut raw::Reader<'a>) -> Option<MessageFields<'a>> {
-        let [role, name, content, tool_calls] =
-            raw::fields(r, ["role", "name", "content", "tool_calls"])?;
-        Some(MessageFields {
-            role,
-            name,
-            content,
-            tool_calls,
-        })
-    }
 }
 
 /// A completions `prompt` or embeddings `input`: a string, an array of strings, an array of
@@ -349,9 +293,6 @@ impl OpenAiUsage {
     /// this reader takes (an escaped key, a duplicated field, not an object), left to serde.
     pub fn from_text(text: &str) -> Option<OpenAiUsage> {
         let mut r = raw::Reader::of(text);
-        if r.peek()? != b'{' {
-            return None;
-        }
         let [prompt, completion, total] = raw::fields(
             &mut r,
             ["prompt_tokens", "completion_tokens", "total_tokens"],

@@ -35,12 +35,7 @@ pub struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// A reader of `body`, which must be UTF-8 and open with `{` (after whitespace).
     pub fn object_body(body: &'a [u8]) -> Option<Reader<'a>> {
-        let text = std::str::from_utf8(body).ok()?;
-        let mut r = Reader {
-            text,
-            i: 0,
-            depth: 0,
-        };
+        let mut r = Reader::of(std::str::from_utf8(body).ok()?);
         (r.peek() == Some(b'{')).then_some(r)
     }
 
@@ -269,7 +264,7 @@ fn plain_run(b: &[u8]) -> usize {
 
 /// One field's text into its slot; a field seen twice leaves the body to the tree (serde
 /// refuses a duplicated field, and the tree keeps the last).
-pub fn once<'a>(slot: &mut Option<&'a str>, r: &mut Reader<'a>) -> Option<()> {
+fn once<'a>(slot: &mut Option<&'a str>, r: &mut Reader<'a>) -> Option<()> {
     if slot.is_some() {
         return None;
     }
@@ -392,11 +387,22 @@ pub fn fields<'a, const N: usize>(
     keys: [&str; N],
 ) -> Option<[Option<&'a str>; N]> {
     let mut found = [None; N];
-    r.object(|r, key| match keys.iter().position(|k| *k == key) {
+    r.object(|r, key| member(&mut found, &keys, r, key))?;
+    Some(found)
+}
+
+/// One member of an object read by [`fields`]: its text into the slot of its key (once), or
+/// checked and skipped.
+fn member<'a, const N: usize>(
+    found: &mut [Option<&'a str>; N],
+    keys: &[&str; N],
+    r: &mut Reader<'a>,
+    key: &str,
+) -> Option<()> {
+    match keys.iter().position(|k| *k == key) {
         Some(i) => once(&mut found[i], r),
         None => r.value().map(drop),
-    })?;
-    Some(found)
+    }
 }
 
 /// A request body's top-level fields named by `keys`, and the objects of its `messages` array
@@ -419,10 +425,7 @@ pub fn request_body<'a, const N: usize, M>(
             messages = Some(objects(r, message.take()?)?);
             return Some(());
         }
-        match keys.iter().position(|k| *k == key) {
-            Some(i) => once(&mut found[i], r),
-            None => r.value().map(drop),
-        }
+        member(&mut found, &keys, r, key)
     })?;
     r.end()?;
     Some((found, messages.unwrap_or_default()))

@@ -1236,6 +1236,8 @@ impl Drop for Unsent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
+    use crate::proxy::keys::{CheckResult, KeyStatus};
 
     /// Users and addresses hash apart and steadily; an address's hash depends on the table's
     /// random key (SipHash), not only on the address.
@@ -1262,8 +1264,6 @@ mod tests {
         assert_eq!(q.callers.len(), 65);
         assert_eq!(q.callers.get(&user).map(|s| s.in_flight), Some(1));
     }
-    use crate::config::Secret;
-    use crate::proxy::keys::{CheckResult, KeyStatus};
 
     fn pool() -> KeyPool {
         KeyPool::new("OPENAI_KEY", &[Secret::new("sk-1")], true).expect("pool")
