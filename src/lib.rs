@@ -21,6 +21,7 @@ pub mod providers;
 pub mod proxy;
 pub mod quota;
 pub mod server;
+pub mod timer;
 pub mod users;
 pub mod web;
 

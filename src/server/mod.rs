@@ -9,7 +9,7 @@
 //! limit so that every other client failed. Here:
 //! - the request head must arrive within `CLIENT_HEADER_TIMEOUT_SECS` (hyper's header read
 //!   timer, which also closes a keep-alive connection idle for as long: hyper starts it when it
-//!   waits for the next head); the request body may pause at most `CLIENT_BODY_TIMEOUT_SECS`
+//!   waits for the next head; on [`crate::timer::HyperTimer`], up to a tenth of a second late); the request body may pause at most `CLIENT_BODY_TIMEOUT_SECS`
 //!   between reads ([`ReadTimeout`], whose timer runs only while a handler waits for data). Neither timer
 //!   runs while a response is being written, so a long stream is never cut;
 //! - `MAX_CONNECTIONS_PER_IP` per socket peer (not with `TRUSTED_PROXIES > 0`, where the peer
@@ -39,12 +39,13 @@ use axum::extract::ConnectInfo;
 use axum::response::Response;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod body;
+mod stop;
 pub use body::{BodyTimeout, ReadTimeout};
 
 /// File descriptors kept out of the connection budget: the listener, log files, the SQLite
@@ -336,8 +337,9 @@ pub async fn run_shared(
 ) {
     let connections = TaskTracker::new();
     let force_close = CancellationToken::new();
+    let stopping = Arc::new(stop::StopSignal::default());
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
+    http.timer(crate::timer::HyperTimer)
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
     let mut refused_logged = false;
@@ -385,13 +387,20 @@ pub async fn run_shared(
             body_timeout: limits.body_timeout,
         };
         let conn = http.serve_connection(TokioIo::new(tcp), svc);
-        let (stop, force_close) = (stop.clone(), force_close.clone());
+        let (mut watch, force_close) = (stopping.watch(), force_close.clone());
         connections.spawn(async move {
             let _slot = slot;
             let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => log_connection_end(res),
-                _ = stop.cancelled() => {
+            let ended = std::future::poll_fn(|cx| {
+                if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Some(res));
+                }
+                watch.poll_stopped(cx).map(|()| None)
+            })
+            .await;
+            match ended {
+                Some(res) => log_connection_end(res),
+                None => {
                     // Finish the request in flight (if any), then close.
                     conn.as_mut().graceful_shutdown();
                     tokio::select! {
@@ -402,6 +411,8 @@ pub async fn run_shared(
             }
         });
     }
+    // The loop ends only when `stop` is cancelled: now the connections hear it.
+    stopping.trigger();
     drop(listener);
     connections.close();
     if tokio::time::timeout(grace, connections.wait())

@@ -1,0 +1,397 @@
+//! Coarse deadlines for the timeouts every request arms and almost none reaches: the client's
+//! header read (hyper's server timer, [`HyperTimer`]) and the upstream's answer
+//! ([`timeout_at`]). A [`Sleep`] here ends up to [`TICK`] after its deadline, never before.
+//! Knows nothing of requests; a bottom module like `net`.
+//!
+//! Why not tokio's timer (issue 18): a tokio `Sleep` that is created, polled once and dropped
+//! goes into the runtime's timer wheel and out again under the time driver's lock, and the
+//! driver does work for it at every park. Measured with `bench/instructions` (callgrind), the
+//! two per-request timers of a proxied request cost about 2 400 instructions, 4.7 % of the
+//! request. These deadlines are long (seconds) and a fraction of a second late is harmless, so
+//! a sleep here is one slot in a table of its thread (registered when first polled, freed when
+//! dropped: a lock nobody else holds and a slab insert or remove), and one sweeper thread
+//! wakes the sleeps whose deadline passed, every [`TICK`] while any is registered, and parks
+//! while none is. No crate offered this (tokio-util's `DelayQueue` is a second timer wheel
+//! behind `&mut`, without wakers per entry); `slab` holds the slots.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+/// How late a [`Sleep`] may end: the sweeper's period while sleeps are registered.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// A deadline that resolves at most [`TICK`] after `deadline` (and never before it), once
+/// polled. Dropping it before then cancels it.
+#[derive(Debug)]
+pub struct Sleep {
+    deadline: Instant,
+    /// The table and slot this sleep is registered in (from its first poll on).
+    slot: Option<(Arc<Table>, usize)>,
+}
+
+/// One thread's registered sleeps. Sleeps register in the table of the thread that first
+/// polls them, so the lock is normally taken by that thread only (and by the sweeper at each
+/// tick); a sleep moved to another thread keeps its slot there.
+#[derive(Debug, Default)]
+struct Table {
+    slots: Mutex<Slab<Slot>>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    deadline: Instant,
+    /// Taken when the sweeper fires the slot.
+    waker: Option<Waker>,
+    fired: bool,
+}
+
+impl Table {
+    fn lock(&self) -> MutexGuard<'_, Slab<Slot>> {
+        // A panic while holding this lock leaves the slab consistent (every change is one
+        // slab call), so a poisoned lock is used as it is.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+thread_local! {
+    static TABLE: Arc<Table> = {
+        let table = Arc::new(Table::default());
+        sweeper().tables.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&table));
+        table
+    };
+}
+
+impl Sleep {
+    pub fn until(deadline: Instant) -> Sleep {
+        Sleep {
+            deadline,
+            slot: None,
+        }
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Moves the deadline (later or earlier); a sleep that had already ended waits again.
+    pub fn reset(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+        if let Some((table, key)) = &self.slot {
+            if let Some(slot) = table.lock().get_mut(*key) {
+                slot.deadline = deadline;
+                slot.fired = false;
+            }
+        }
+    }
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        match &this.slot {
+            None => {
+                let table = TABLE.with(Arc::clone);
+                let key = table.lock().insert(Slot {
+                    deadline: this.deadline,
+                    waker: Some(cx.waker().clone()),
+                    fired: false,
+                });
+                this.slot = Some((table, key));
+                sweeper().registered();
+                Poll::Pending
+            }
+            Some((table, key)) => {
+                let mut slots = table.lock();
+                let Some(slot) = slots.get_mut(*key) else {
+                    return Poll::Ready(());
+                };
+                if slot.fired {
+                    return Poll::Ready(());
+                }
+                match &slot.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => slot.waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        if let Some((table, key)) = self.slot.take() {
+            let removed = table.lock().try_remove(key);
+            // The waker (a task reference) is dropped outside the lock.
+            drop(removed);
+        }
+    }
+}
+
+/// The sweeper thread and the tables it sweeps.
+struct Sweeper {
+    tables: Mutex<Vec<Weak<Table>>>,
+    /// Set by the sweeper before it parks (no sleep registered anywhere); a registration that
+    /// sees it set unparks the sweeper.
+    idle: AtomicBool,
+    thread: OnceLock<Option<std::thread::Thread>>,
+}
+
+fn sweeper() -> &'static Sweeper {
+    static SWEEPER: Sweeper = Sweeper {
+        tables: Mutex::new(Vec::new()),
+        idle: AtomicBool::new(false),
+        thread: OnceLock::new(),
+    };
+    &SWEEPER
+}
+
+impl Sweeper {
+    /// Called after every registration: starts the thread the first time, wakes it when it
+    /// parked with nothing to do.
+    fn registered(&'static self) {
+        let thread = self.thread.get_or_init(|| self.spawn());
+        // SeqCst pairs with the sweeper's: either it sees the slot just inserted when it looks
+        // again after setting `idle`, or this load sees `idle` set.
+        if self.idle.load(Ordering::SeqCst) && self.idle.swap(false, Ordering::SeqCst) {
+            if let Some(t) = thread {
+                t.unpark();
+            }
+        }
+    }
+
+    fn spawn(&'static self) -> Option<std::thread::Thread> {
+        match std::thread::Builder::new()
+            .name("gk-timer".into())
+            .spawn(move || self.run())
+        {
+            Ok(handle) => Some(handle.thread().clone()),
+            Err(e) => {
+                // Without it no coarse deadline ever ends: requests still end when their
+                // peers do, but the header and upstream timeouts are off.
+                tracing::error!(error = %e, "cannot start the timer thread; client header and upstream timeouts will not fire");
+                None
+            }
+        }
+    }
+
+    fn run(&'static self) {
+        let mut due: Vec<Waker> = Vec::new();
+        loop {
+            let now = Instant::now();
+            let any = self.sweep(now, &mut due);
+            for w in due.drain(..) {
+                w.wake();
+            }
+            if any {
+                std::thread::sleep(TICK);
+                continue;
+            }
+            self.idle.store(true, Ordering::SeqCst);
+            let any = self.sweep(Instant::now(), &mut due);
+            // What this look fired is woken whether or not anything still waits.
+            for w in due.drain(..) {
+                w.wake();
+            }
+            if any {
+                self.idle.store(false, Ordering::SeqCst);
+                continue;
+            }
+            // Unparked by the next registration (or spuriously, which only costs a sweep).
+            std::thread::park();
+            self.idle.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Fires the sleeps whose deadline is `now` or earlier (their wakers go into `due`, woken
+    /// outside every lock); true when any sleep is still waiting.
+    fn sweep(&self, now: Instant, due: &mut Vec<Waker>) -> bool {
+        let tables: Vec<Arc<Table>> = {
+            let mut list = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+            list.retain(|t| t.strong_count() > 0);
+            list.iter().filter_map(Weak::upgrade).collect()
+        };
+        let mut waiting = false;
+        for table in tables {
+            let mut slots = table.lock();
+            for (_, slot) in slots.iter_mut() {
+                if slot.fired {
+                    continue;
+                }
+                if slot.deadline <= now {
+                    slot.fired = true;
+                    due.extend(slot.waker.take());
+                } else {
+                    waiting = true;
+                }
+            }
+        }
+        waiting
+    }
+}
+
+/// The error of a [`timeout_at`] whose deadline passed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elapsed;
+
+impl std::fmt::Display for Elapsed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("deadline has elapsed")
+    }
+}
+
+impl std::error::Error for Elapsed {}
+
+/// `fut`'s output, or [`Elapsed`] when `deadline` passes first (up to [`TICK`] late). `fut`
+/// is polled first, so an answer that is there wins over a deadline that passed meanwhile.
+pub async fn timeout_at<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    let mut sleep = Sleep::until(deadline);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        match Pin::new(&mut sleep).poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// hyper's server timer (the header read timeout) on these deadlines.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HyperTimer;
+
+impl hyper::rt::Sleep for Sleep {}
+
+impl hyper::rt::Timer for HyperTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(Sleep::until(Instant::now() + duration))
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(Sleep::until(deadline))
+    }
+
+    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: Instant) {
+        match sleep.as_mut().downcast_mut_pin::<Sleep>() {
+            Some(ours) => ours.get_mut().reset(new_deadline),
+            None => *sleep = self.sleep_until(new_deadline),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SLACK: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn a_sleep_ends_after_its_deadline_and_within_a_tick_or_so() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(150);
+        Sleep::until(deadline).await;
+        let now = Instant::now();
+        assert!(now >= deadline, "ended {:?} early", deadline - now);
+        // Late by at most a tick, plus whatever a busy machine adds (generous: never flaky).
+        assert!(
+            now - deadline < TICK + SLACK,
+            "ended {:?} late",
+            now - deadline
+        );
+    }
+
+    #[tokio::test]
+    async fn a_past_deadline_ends_too() {
+        Sleep::until(Instant::now() - Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn timeout_at_returns_the_answer_or_elapsed() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(timeout_at(far, async { 7 }).await, Ok(7));
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert_eq!(
+            timeout_at(soon, std::future::pending::<()>()).await,
+            Err(Elapsed)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_sleep_frees_its_slot() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut s = Sleep::until(far);
+        let waker = futures_noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut s).poll(&mut cx).is_pending());
+        let (table, key) = s.slot.clone().expect("registered");
+        assert!(table.lock().contains(key));
+        drop(s);
+        assert!(!table.lock().contains(key));
+    }
+
+    #[tokio::test]
+    async fn reset_moves_the_deadline_both_ways() {
+        let mut s = Sleep::until(Instant::now() + Duration::from_secs(3600));
+        let waker = futures_noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut s).poll(&mut cx).is_pending());
+        // Earlier: it now ends soon.
+        s.reset(Instant::now() + Duration::from_millis(20));
+        (&mut s).await;
+        // Later again: it waits again.
+        s.reset(Instant::now() + Duration::from_secs(3600));
+        assert!(Pin::new(&mut s).poll(&mut cx).is_pending());
+    }
+
+    #[tokio::test]
+    async fn many_sleeps_on_several_threads_all_end() {
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .expect("runtime");
+                    rt.block_on(async move {
+                        let sleeps: Vec<_> = (0..100).map(|_| Sleep::until(deadline)).collect();
+                        for s in sleeps {
+                            s.await;
+                        }
+                    });
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("thread");
+        }
+        assert!(Instant::now() >= deadline);
+    }
+
+    #[test]
+    fn hyper_resets_our_sleep_in_place() {
+        use hyper::rt::Timer;
+        let mut s = HyperTimer.sleep(Duration::from_secs(3600));
+        let before: *const dyn hyper::rt::Sleep = &*s;
+        let later = Instant::now() + Duration::from_secs(7200);
+        HyperTimer.reset(&mut s, later);
+        let after: *const dyn hyper::rt::Sleep = &*s;
+        assert!(std::ptr::addr_eq(before, after), "reset reused the box");
+        let ours = s.as_mut().downcast_mut_pin::<Sleep>().expect("ours");
+        assert_eq!(ours.deadline(), later);
+    }
+
+    fn futures_noop_waker() -> Waker {
+        Waker::noop().clone()
+    }
+}
