@@ -1,6 +1,5 @@
 //! Coarse deadlines for the timeouts every request arms and almost none reaches: the client's
-//! header read (hyper's server timer, [`HyperTimer`]) and the upstream's answer
-//! ([`timeout_at`]). A [`Sleep`] here ends up to [`TICK`] after its deadline, never before.
+//! header read (`server/head.rs`) and the upstream's answer ([`timeout_at`]). A [`Sleep`] here ends up to [`TICK`] after its deadline, never before.
 //! Knows nothing of requests; a bottom module like `net`.
 //!
 //! Why not tokio's timer (issue 18): a tokio `Sleep` that is created, polled once and dropped
@@ -267,29 +266,6 @@ pub async fn timeout_at<F: Future>(deadline: Instant, fut: F) -> Result<F::Outpu
     .await
 }
 
-/// hyper's server timer (the header read timeout) on these deadlines.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct HyperTimer;
-
-impl hyper::rt::Sleep for Sleep {}
-
-impl hyper::rt::Timer for HyperTimer {
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(Sleep::until(Instant::now() + duration))
-    }
-
-    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(Sleep::until(deadline))
-    }
-
-    fn reset(&self, sleep: &mut Pin<Box<dyn hyper::rt::Sleep>>, new_deadline: Instant) {
-        match sleep.as_mut().downcast_mut_pin::<Sleep>() {
-            Some(ours) => ours.get_mut().reset(new_deadline),
-            None => *sleep = self.sleep_until(new_deadline),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,19 +352,6 @@ mod tests {
             h.join().expect("thread");
         }
         assert!(Instant::now() >= deadline);
-    }
-
-    #[test]
-    fn hyper_resets_our_sleep_in_place() {
-        use hyper::rt::Timer;
-        let mut s = HyperTimer.sleep(Duration::from_secs(3600));
-        let before: *const dyn hyper::rt::Sleep = &*s;
-        let later = Instant::now() + Duration::from_secs(7200);
-        HyperTimer.reset(&mut s, later);
-        let after: *const dyn hyper::rt::Sleep = &*s;
-        assert!(std::ptr::addr_eq(before, after), "reset reused the box");
-        let ours = s.as_mut().downcast_mut_pin::<Sleep>().expect("ours");
-        assert_eq!(ours.deadline(), later);
     }
 
     fn futures_noop_waker() -> Waker {

@@ -174,6 +174,20 @@ async fn an_idle_keep_alive_connection_is_closed() {
 }
 
 #[tokio::test]
+async fn a_keep_alive_connection_that_keeps_asking_is_not_cut() {
+    // The header timeout counts from the end of each response, not from the connection's
+    // start: requests 0.3 s apart over 4.5 s, with a 2 s timeout, all get their answer on the
+    // same connection.
+    let app = common::spawn(&["--client-header-timeout-secs", "2"], &[]).await;
+    let mut s = TcpStream::connect(app.addr).await.expect("connect");
+    for _ in 0..15 {
+        assert_eq!(request_on(&mut s, "/health").await, 200);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(request_on(&mut s, "/health").await, 200);
+}
+
+#[tokio::test]
 async fn a_stalled_request_body_is_dropped() {
     let app = common::spawn(
         &[

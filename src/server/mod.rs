@@ -7,9 +7,10 @@
 //! connections trickling header bytes, a slow body and an idle keep-alive were all still open
 //! after a minute, and 1 100 half-open connections from one address exhausted a 1 024-file
 //! limit so that every other client failed. Here:
-//! - the request head must arrive within `CLIENT_HEADER_TIMEOUT_SECS` (hyper's header read
-//!   timer, which also closes a keep-alive connection idle for as long: hyper starts it when it
-//!   waits for the next head; on [`crate::timer::HyperTimer`], up to a tenth of a second late); the request body may pause at most `CLIENT_BODY_TIMEOUT_SECS`
+//! - the request head must arrive within `CLIENT_HEADER_TIMEOUT_SECS`, which also closes a
+//!   keep-alive connection idle for as long (`head.rs`: the connection task's deadline, from
+//!   the connection's start and from the end of each response, up to a tenth of a second
+//!   late); the request body may pause at most `CLIENT_BODY_TIMEOUT_SECS`
 //!   between reads ([`ReadTimeout`], whose timer runs only while a handler waits for data). Neither timer
 //!   runs while a response is being written, so a long stream is never cut;
 //! - `MAX_CONNECTIONS_PER_IP` per socket peer (not with `TRUSTED_PROXIES > 0`, where the peer
@@ -45,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod body;
+mod head;
 mod stop;
 pub use body::{BodyTimeout, ReadTimeout};
 
@@ -276,32 +278,39 @@ impl Front for Router {
     }
 }
 
-/// One connection's hyper service: the front, the peer and the body timer.
+/// One connection's hyper service: the front, the peer, the body timer, and the header
+/// timeout's state (a head arrived when hyper calls the service; the response's body tells when
+/// it is done).
 struct ConnService<F> {
     front: F,
     peer: SocketAddr,
     body_timeout: Duration,
+    head: Arc<head::HeadWait>,
 }
 
 impl<F: Front> hyper::service::Service<hyper::Request<Incoming>> for ConnService<F> {
-    type Response = Response;
+    type Response = hyper::Response<head::Rearm<axum::body::Body>>;
     type Error = Infallible;
     type Future = Served<F::Future>;
 
     fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+        self.head.started();
         let req = req.map(|body| ReadTimeout::new(self.body_timeout, body));
-        Served(self.front.serve(req, self.peer))
+        Served(self.front.serve(req, self.peer), self.head.clone())
     }
 }
 
-/// A front's future as hyper wants it (a `Result` that is never an error).
-struct Served<Fut>(Fut);
+/// A front's future as hyper wants it (a `Result` that is never an error), its response's
+/// body reporting its end to the connection's header timeout.
+struct Served<Fut>(Fut, Arc<head::HeadWait>);
 
 impl<Fut: Future<Output = Response> + Unpin> Future for Served<Fut> {
-    type Output = Result<Response, Infallible>;
+    type Output = Result<hyper::Response<head::Rearm<axum::body::Body>>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map(Ok)
+        let resp = std::task::ready!(Pin::new(&mut self.0).poll(cx));
+        let wait = self.1.clone();
+        Poll::Ready(Ok(resp.map(|body| head::Rearm::new(body, wait))))
     }
 }
 
@@ -339,9 +348,8 @@ pub async fn run_shared(
     let force_close = CancellationToken::new();
     let stopping = Arc::new(stop::StopSignal::default());
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(crate::timer::HyperTimer)
-        .header_read_timeout(limits.header_timeout)
-        .keep_alive(true);
+    // No hyper timer: the header timeout is the connection task's (`head`).
+    http.keep_alive(true);
     let mut refused_logged = false;
 
     loop {
@@ -381,10 +389,12 @@ pub async fn run_shared(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY on a client connection");
         }
+        let mut head = head::HeadDeadline::start(limits.header_timeout);
         let svc = ConnService {
             front: app.clone(),
             peer,
             body_timeout: limits.body_timeout,
+            head: head.wait(),
         };
         let conn = http.serve_connection(TokioIo::new(tcp), svc);
         let (mut watch, force_close) = (stopping.watch(), force_close.clone());
@@ -393,18 +403,26 @@ pub async fn run_shared(
             let mut conn = std::pin::pin!(conn);
             let ended = std::future::poll_fn(|cx| {
                 if let Poll::Ready(res) = conn.as_mut().poll(cx) {
-                    return Poll::Ready(Some(res));
+                    return Poll::Ready(Ended::Closed(res));
                 }
-                watch.poll_stopped(cx).map(|()| None)
+                if head.poll_expired(cx).is_ready() {
+                    return Poll::Ready(Ended::HeadTimeout);
+                }
+                watch.poll_stopped(cx).map(|()| Ended::Stopping)
             })
             .await;
             match ended {
-                Some(res) => log_connection_end(res),
-                None => {
+                Ended::Closed(res) => log_connection_end(res),
+                // Dropping the connection closes it, as hyper's own timeout did.
+                Ended::HeadTimeout => tracing::debug!(
+                    "client connection closed: no request head within CLIENT_HEADER_TIMEOUT_SECS"
+                ),
+                Ended::Stopping => {
                     // Finish the request in flight (if any), then close.
                     conn.as_mut().graceful_shutdown();
                     tokio::select! {
                         res = conn.as_mut() => log_connection_end(res),
+                        _ = std::future::poll_fn(|cx| head.poll_expired(cx)) => {}
                         _ = force_close.cancelled() => {}
                     }
                 }
@@ -425,6 +443,13 @@ pub async fn run_shared(
         force_close.cancel();
         connections.wait().await;
     }
+}
+
+/// How a connection task's watch ended.
+enum Ended {
+    Closed(hyper::Result<()>),
+    HeadTimeout,
+    Stopping,
 }
 
 fn log_connection_end(res: hyper::Result<()>) {
