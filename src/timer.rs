@@ -86,6 +86,8 @@ impl Sleep {
                 slot.deadline = deadline;
                 slot.fired = false;
             }
+            // The sweeper may have parked since (nothing else waiting): it must look again.
+            sweeper().registered();
         }
     }
 }
@@ -328,6 +330,33 @@ mod tests {
         // Later again: it waits again.
         s.reset(Instant::now() + Duration::from_secs(3600));
         assert!(Pin::new(&mut s).poll(&mut cx).is_pending());
+    }
+
+    #[test]
+    fn a_reset_after_the_sweeper_parked_still_ends() {
+        // Its own thread and runtime: no other test's sleep keeps the sweeper awake.
+        std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let mut s = Sleep::until(Instant::now() + Duration::from_millis(10));
+                (&mut s).await;
+                // Fired; wait until the sweeper has nothing left and parks.
+                let parked = Instant::now() + SLACK;
+                while !sweeper().idle.load(Ordering::SeqCst) && Instant::now() < parked {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                s.reset(Instant::now() + Duration::from_millis(10));
+                // Bounded by tokio's own timer: a lost wake-up fails instead of hanging.
+                tokio::time::timeout(SLACK, &mut s)
+                    .await
+                    .expect("a reset sleep ends even when the sweeper had parked");
+            });
+        })
+        .join()
+        .expect("the reset sleep ended");
     }
 
     #[tokio::test]
