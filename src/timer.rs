@@ -74,10 +74,6 @@ impl Sleep {
         }
     }
 
-    pub fn deadline(&self) -> Instant {
-        self.deadline
-    }
-
     /// Moves the deadline (later or earlier); a sleep that had already ended waits again.
     pub fn reset(&mut self, deadline: Instant) {
         self.deadline = deadline;
@@ -187,22 +183,12 @@ impl Sweeper {
     fn run(&'static self) {
         let mut due: Vec<Waker> = Vec::new();
         loop {
-            let now = Instant::now();
-            let any = self.sweep(now, &mut due);
-            for w in due.drain(..) {
-                w.wake();
-            }
-            if any {
+            if self.fire_due(&mut due) {
                 std::thread::sleep(TICK);
                 continue;
             }
             self.idle.store(true, Ordering::SeqCst);
-            let any = self.sweep(Instant::now(), &mut due);
-            // What this look fired is woken whether or not anything still waits.
-            for w in due.drain(..) {
-                w.wake();
-            }
-            if any {
+            if self.fire_due(&mut due) {
                 self.idle.store(false, Ordering::SeqCst);
                 continue;
             }
@@ -210,6 +196,16 @@ impl Sweeper {
             std::thread::park();
             self.idle.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// One look: fires and wakes the sleeps now due (every look wakes what it fired, whether or
+    /// not anything still waits); true when any sleep is still waiting.
+    fn fire_due(&self, due: &mut Vec<Waker>) -> bool {
+        let any = self.sweep(Instant::now(), due);
+        for w in due.drain(..) {
+            w.wake();
+        }
+        any
     }
 
     /// Fires the sleeps whose deadline is `now` or earlier (their wakers go into `due`, woken
@@ -309,8 +305,7 @@ mod tests {
     async fn a_dropped_sleep_frees_its_slot() {
         let far = Instant::now() + Duration::from_secs(3600);
         let mut s = Sleep::until(far);
-        let waker = futures_noop_waker();
-        let mut cx = Context::from_waker(&waker);
+        let mut cx = Context::from_waker(Waker::noop());
         assert!(Pin::new(&mut s).poll(&mut cx).is_pending());
         let (table, key) = s.slot.clone().expect("registered");
         assert!(table.lock().contains(key));
@@ -321,8 +316,7 @@ mod tests {
     #[tokio::test]
     async fn reset_moves_the_deadline_both_ways() {
         let mut s = Sleep::until(Instant::now() + Duration::from_secs(3600));
-        let waker = futures_noop_waker();
-        let mut cx = Context::from_waker(&waker);
+        let mut cx = Context::from_waker(Waker::noop());
         assert!(Pin::new(&mut s).poll(&mut cx).is_pending());
         // Earlier: it now ends soon.
         s.reset(Instant::now() + Duration::from_millis(20));
@@ -381,9 +375,5 @@ mod tests {
             h.join().expect("thread");
         }
         assert!(Instant::now() >= deadline);
-    }
-
-    fn futures_noop_waker() -> Waker {
-        Waker::noop().clone()
     }
 }
