@@ -31,11 +31,13 @@ pub fn client_credential(headers: &HeaderMap) -> Option<&str> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
     {
-        let v = v.trim();
+        // `to_str` let through visible ASCII and tabs only, so the ASCII trim is the whole
+        // trim (and, unlike `str::trim`, does not decode characters).
+        let v = v.trim_ascii();
         // The scheme ends at the first ASCII whitespace, found by bytes (a split by `char`
         // decoded the value character by character).
         let token = match v.bytes().position(|b| b.is_ascii_whitespace()) {
-            Some(i) if v[..i].eq_ignore_ascii_case("bearer") => v[i..].trim(),
+            Some(i) if v[..i].eq_ignore_ascii_case("bearer") => v[i..].trim_ascii(),
             None if v.eq_ignore_ascii_case("bearer") => "",
             _ => v,
         };
@@ -49,7 +51,7 @@ pub fn client_credential(headers: &HeaderMap) -> Option<&str> {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
-                .map(str::trim)
+                .map(str::trim_ascii)
                 .filter(|s| !s.is_empty())
         })
 }
@@ -322,7 +324,7 @@ mod tests {
     #[test]
     fn reads_bearer_then_x_api_key() {
         let mut h = HeaderMap::new();
-        h.insert("x-api-key", HeaderValue::from_static("k2"));
+        h.insert("x-api-key", HeaderValue::from_static("\t k2 "));
         assert_eq!(client_credential(&h), Some("k2"));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k1"));
         assert_eq!(client_credential(&h), Some("k1"));
@@ -339,7 +341,15 @@ mod tests {
         for empty in ["Bearer ", "Bearer", "bearer   ", "BEARER"] {
             assert_eq!(client_credential(&with(empty)), Some("k2"), "{empty:?}");
         }
-        for k1 in ["BEARER k1", "bearer k1", "BeArEr  k1 ", "Bearer\tk1", "k1"] {
+        for k1 in [
+            "BEARER k1",
+            "bearer k1",
+            "BeArEr  k1 ",
+            "Bearer\tk1",
+            "k1",
+            "\tBearer \t k1\t ",
+            " k1\t",
+        ] {
             assert_eq!(client_credential(&with(k1)), Some("k1"), "{k1:?}");
         }
     }

@@ -860,12 +860,11 @@ async fn apply_policy(
 /// credential is added per attempt in [`send`].
 fn upstream_headers(ctx: &Ctx) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(6);
-    for name in FORWARDED_HEADERS
-        .iter()
-        .chain(ctx.provider.forwarded_headers())
-    {
-        // Names, not text: a lookup by text parses the name every time.
-        for v in ctx.headers.get_all(name) {
+    let provider_headers = ctx.provider.forwarded_headers();
+    // One pass over the client's few headers, comparing names (a standard name compares as
+    // one byte), instead of a hashed lookup per allowed name (issue 18).
+    for (name, v) in &ctx.headers {
+        if FORWARDED_HEADERS.contains(name) || provider_headers.contains(name) {
             out.append(name.clone(), v.clone());
         }
     }
@@ -1592,8 +1591,9 @@ mod tests {
             ("accept", "text/event-stream"),
         ]);
         let o = upstream_headers(&c);
-        let names: Vec<&str> = o.keys().map(|k| k.as_str()).collect();
-        assert_eq!(names, vec!["accept", "openai-beta", "content-type"]);
+        let mut names: Vec<&str> = o.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["accept", "content-type", "openai-beta"]);
         let a = upstream_headers(&Ctx {
             provider: Provider::Anthropic,
             ..c
@@ -1601,6 +1601,23 @@ mod tests {
         assert_eq!(a.get("anthropic-version").expect("set"), "2023-06-01");
         assert_eq!(a.get("anthropic-beta").expect("set"), "tools-2024");
         assert!(a.get("openai-beta").is_none());
+    }
+
+    #[test]
+    fn a_repeated_allowed_header_goes_upstream_with_its_values_in_order() {
+        let c = ctx(&[
+            ("accept", "text/event-stream"),
+            ("cookie", "a=b"),
+            ("accept", "application/json"),
+        ]);
+        let o = upstream_headers(&c);
+        let values: Vec<&str> = o
+            .get_all(header::ACCEPT)
+            .iter()
+            .map(|v| v.to_str().expect("text"))
+            .collect();
+        assert_eq!(values, vec!["text/event-stream", "application/json"]);
+        assert!(o.get(header::COOKIE).is_none());
     }
 
     #[test]
