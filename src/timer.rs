@@ -239,14 +239,6 @@ impl Sweeper {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elapsed;
 
-impl std::fmt::Display for Elapsed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("deadline has elapsed")
-    }
-}
-
-impl std::error::Error for Elapsed {}
-
 /// `fut`'s output, or [`Elapsed`] when `deadline` passes first (up to [`TICK`] late). `fut`
 /// is polled first, so an answer that is there wins over a deadline that passed meanwhile.
 pub async fn timeout_at<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, Elapsed> {
