@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -339,7 +339,7 @@ async fn call(
 async fn send(upstreams: &Upstreams, out: UpstreamRequest) -> Result<Answer, Transient> {
     let uri = axum::http::Uri::try_from(out.url.as_str())
         .map_err(|e| Transient(format!("bad probe URL: {e}")))?;
-    let mut req = hyper::Request::new(Full::new(out.body));
+    let mut req = hyper::Request::new(out.body);
     *req.method_mut() = out.method;
     *req.uri_mut() = uri;
     *req.headers_mut() = out.headers;

@@ -990,7 +990,7 @@ async fn send(
             });
         }
         let uri = upstream_uri(out.url).map_err(bad_url)?;
-        let mut req = hyper::Request::new(Full::new(out.body));
+        let mut req = hyper::Request::new(out.body);
         *req.method_mut() = out.method;
         *req.uri_mut() = uri;
         *req.headers_mut() = out.headers;
@@ -1089,12 +1089,12 @@ enum UpstreamBody {
 
 impl http_body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.get_mut() {
             UpstreamBody::Live(b) => Pin::new(b).poll_frame(cx),
             UpstreamBody::Buffered(b) => Pin::new(b)

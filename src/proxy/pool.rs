@@ -1,45 +1,52 @@
 //! The upstream connection pool: per worker thread (a `thread_local!`, no lock, no background
-//! task), idle HTTP/1.1 connections to the upstreams keyed by scheme, host and port, over
-//! hyper's low-level `client::conn::http1` and the rustls connector; the rules for reusing,
-//! expiring and retrying them. Knows nothing of providers, keys or users: it sends one ready
-//! request and hands back the response, whose body returns the connection when it ends.
+//! task), idle HTTP/1.1 connections to the upstreams keyed by scheme, host and port, over the
+//! rustls connector; the rules for reusing, expiring and retrying them. Knows nothing of
+//! providers, keys or users: it sends one ready request and hands back the response, whose
+//! body returns the connection when it ends.
 //!
-//! Why not hyper-util's legacy pooled client (what we used before): its pool is shared by all
-//! threads behind a mutex, and every response spawns a task that waits for the connection to
-//! become ready again. Measured on this machine (issue 18), a hyper forwarder costs 16.0 µs of
-//! CPU per request with it and 13.5 µs with this design. The server runs one current-thread
-//! runtime per worker (`WORKERS`), so a pool per thread needs no synchronisation, and each
-//! connection's driver task runs on the worker that made it.
+//! A request is written and its answer read by the request's own task ([`super::h1`] holds the
+//! wire format): no task per connection, no channel between the request and its connection.
+//! The response body reads straight from the socket when the client's connection asks for
+//! the next bytes. (Issue 18: hyper's client, with a driver task per connection, cost about
+//! 8 000 instructions per request more; before it, hyper-util's legacy client, with a pool
+//! shared by all threads behind a mutex, more still.) The server runs one current-thread
+//! runtime per worker (`WORKERS`), so a pool per thread needs no synchronisation.
 //!
 //! The rules are the legacy client's: idle connections expire after [`IDLE_TIMEOUT`] (checked
 //! when a connection is taken or given back, not by a timer); at most [`MAX_IDLE_PER_HOST`]
 //! idle per host and thread; a connection goes back only when its response body was read to the
-//! end and it is still open; a request that a reused connection could not even start to send
-//! (closed by the upstream while idle) is sent once more on a new connection. Unlike the legacy
-//! client there is no reaper timer: an expired connection is closed when its thread next takes
-//! or gives back a connection to that host; until then (a worker with no more traffic to that
-//! host) it stays open until the upstream closes it, which providers do after a minute or so.
+//! end, its framing allows another request, and nothing more was sent on it. An idle connection
+//! is looked at before it is used (without waiting, and without a system call unless the socket
+//! has news): one the upstream closed, or that has bytes nobody asked for, is dropped. A
+//! request that a reused connection could not write (closed by the upstream under our feet) is
+//! sent once more on a new connection; one that was written is never sent twice. Unlike the
+//! legacy client there is no reaper timer: an expired connection is closed when its thread next
+//! takes or gives back a connection to that host; until then (a worker with no more traffic to
+//! that host) it stays open until the upstream closes it, which providers do after a minute or
+//! so.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
+use std::future::poll_fn;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use axum::http::uri::{Authority, Parts, PathAndQuery, Scheme};
-use axum::http::{header, HeaderValue, Request, Response, Uri};
-use bytes::Bytes;
+use axum::http::{HeaderValue, Method, Request, Response, Uri};
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tower::Service;
 
+use super::h1::{self, Framing, Parsed, Step};
 use crate::config::{Config, ConfigError};
 
 /// How long an idle connection may wait for its next request before it is closed: the legacy
@@ -50,16 +57,28 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The most idle connections kept per upstream host on one worker thread. A worker needs as
 /// many as it has requests in flight to that host at once (HTTP/1.1: one request per
 /// connection), so this is the burst a worker can absorb without new TLS handshakes. Each idle
-/// connection holds a socket, hyper's buffers and a TLS session (some tens of KB) and a slot
+/// connection holds a socket, its buffers and a TLS session (some tens of KB) and a slot
 /// on the upstream's side; beyond 64 per worker a burst costs handshakes rather than memory.
 pub const MAX_IDLE_PER_HOST: usize = 64;
 
+/// The first read of a connection's answers; reads that fill it grow it (to [`MAX_READ`]), so
+/// a large body comes in large pieces.
+const READ_SIZE: usize = 8 * 1024;
+const MAX_READ: usize = 64 * 1024;
+
+/// A request body up to this size is written together with its head (one write); a larger one
+/// is written after it, from its own memory.
+const COALESCE: usize = 16 * 1024;
+
 /// The request body type of every upstream call: the whole body, already read.
-type ReqBody = Full<Bytes>;
+type ReqBody = Bytes;
 
 /// The connector of new connections: TCP (with `TCP_NODELAY` and the connect timeout) and,
 /// for `https`, rustls with the platform's certificate verifier, ALPN `http/1.1`.
 pub type Connector = HttpsConnector<HttpConnector>;
+
+/// A connection's byte stream (TLS or plain TCP), as tokio's `AsyncRead`/`AsyncWrite`.
+type Io = TokioIo<MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>>;
 
 /// Where a connection goes: the pool's key.
 #[derive(Debug, PartialEq, Eq)]
@@ -75,9 +94,94 @@ impl Target {
     }
 }
 
+/// One upstream connection and its buffers (boxed, so that taking it from the pool and handing
+/// it to a body moves a pointer).
+struct Conn {
+    io: Io,
+    /// Bytes read and not yet taken (the answer's head or body). The answers' pieces are split
+    /// off it and share its memory.
+    read: BytesMut,
+    /// The size of the next read.
+    read_size: usize,
+    /// The next request's head (kept, so that its memory is reused).
+    write: Vec<u8>,
+}
+
+impl Conn {
+    fn new(io: Io) -> Box<Conn> {
+        Box::new(Conn {
+            io,
+            read: BytesMut::new(),
+            read_size: READ_SIZE,
+            write: Vec::new(),
+        })
+    }
+
+    /// Reads what the connection has into `read`: how many bytes (0: the upstream closed it).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let spare = self.read.capacity() - self.read.len();
+        if spare < self.read_size / 4 {
+            self.read.reserve(self.read_size);
+        }
+        let spare = self.read.capacity() - self.read.len();
+        let polled = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read);
+        if let Poll::Ready(Ok(n)) = polled {
+            if n == spare && self.read_size < MAX_READ {
+                self.read_size *= 2;
+            }
+        }
+        polled
+    }
+
+    /// Whether an idle connection can carry a request: not closed by the upstream and with
+    /// nothing to read (an answer nobody asked for makes it unusable). Looks without waiting:
+    /// tokio knows from the last read whether the socket has news, so this makes a system call
+    /// only when it has.
+    fn usable(&mut self) -> bool {
+        if !self.read.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(self.poll_fill(&mut cx), Poll::Pending)
+    }
+
+    /// Writes the request whose head is in `write`, and its body.
+    async fn write_request(&mut self, body: &Bytes) -> io::Result<()> {
+        if body.len() <= COALESCE {
+            self.write.extend_from_slice(body);
+            self.io.write_all(&self.write).await?;
+        } else {
+            self.io.write_all(&self.write).await?;
+            self.io.write_all(body).await?;
+        }
+        self.io.flush().await
+    }
+
+    /// Reads the answer's head (after any interim 1xx answers).
+    async fn read_head(&mut self, method: &Method) -> io::Result<h1::Head> {
+        loop {
+            if !self.read.is_empty() {
+                match h1::parse_head(&mut self.read, method)? {
+                    Parsed::Done(head) => return Ok(head),
+                    Parsed::Interim => continue,
+                    Parsed::Partial => {}
+                }
+            }
+            if poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
+                let what = if self.read.is_empty() {
+                    "the upstream closed the connection before it answered"
+                } else {
+                    "the upstream closed the connection in the middle of its answer's head"
+                };
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, what));
+            }
+        }
+    }
+}
+
 /// One idle connection.
 struct Idle {
-    tx: SendRequest<ReqBody>,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -102,12 +206,12 @@ thread_local! {
     static IDLE: RefCell<Vec<HostIdle>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Takes an idle connection to the target if this thread has a usable one (open, ready for a
-/// request, not idle too long); also returns the target's key and `Host` header.
+/// Takes an idle connection to the target if this thread has a usable one (open, with nothing
+/// unasked to read, not idle too long); also returns the target's key and `Host` header.
 fn checkout(
     https: bool,
     authority: &Authority,
-) -> Option<(Arc<Target>, HeaderValue, Option<SendRequest<ReqBody>>)> {
+) -> Option<(Arc<Target>, HeaderValue, Option<Box<Conn>>)> {
     IDLE.with_borrow_mut(|hosts| {
         let text = authority.as_str();
         let known = hosts
@@ -141,15 +245,15 @@ fn checkout(
         let mut found = None;
         if !h.idle.is_empty() {
             let now = Instant::now();
-            while let Some(c) = h.idle.pop_back() {
+            while let Some(mut c) = h.idle.pop_back() {
                 if now.saturating_duration_since(c.since) > IDLE_TIMEOUT {
                     // The newest is too old: all the others are older still.
                     h.idle.clear();
                     break;
                 }
-                // Closed: the upstream hung up, or the runtime that drove it is gone.
-                if !c.tx.is_closed() && c.tx.is_ready() {
-                    found = Some(c.tx);
+                // Closed: the upstream hung up, or the runtime its socket belongs to is gone.
+                if c.conn.usable() {
+                    found = Some(c.conn);
                     break;
                 }
             }
@@ -158,11 +262,8 @@ fn checkout(
     })
 }
 
-/// Gives a connection whose response has ended back to this thread's pool, unless it closed.
-fn checkin(target: &Arc<Target>, tx: SendRequest<ReqBody>) {
-    if tx.is_closed() {
-        return;
-    }
+/// Gives a connection whose answer has ended back to this thread's pool.
+fn checkin(target: &Arc<Target>, conn: Box<Conn>) {
     // `try_with`: a body dropped while the thread's locals are being destroyed just closes
     // its connection.
     let _ = IDLE.try_with(|cell| {
@@ -201,7 +302,7 @@ fn checkin(target: &Arc<Target>, tx: SendRequest<ReqBody>) {
         if h.idle.len() >= MAX_IDLE_PER_HOST {
             h.idle.pop_front();
         }
-        h.idle.push_back(Idle { tx, since: now });
+        h.idle.push_back(Idle { conn, since: now });
     });
 }
 
@@ -263,19 +364,17 @@ impl Pool {
     }
 
     /// Sends a request with an absolute `http://` or `https://` URI on an idle connection of
-    /// this thread, or a new one. A reused connection that could not start sending (it closed
-    /// while idle) gets the request once more on a new connection. Dropping the future drops
-    /// the request (and its connection).
-    pub async fn send(
-        &self,
-        mut req: Request<ReqBody>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
+    /// this thread, or a new one, and reads the answer's head. A reused connection that could
+    /// not take the request (it closed while idle) gets it once more on a new connection.
+    /// Dropping the future drops the request (and its connection).
+    pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<PooledBody>, UpstreamError> {
+        let (parts, body) = req.into_parts();
         let Parts {
             scheme,
             authority,
             path_and_query,
             ..
-        } = std::mem::take(req.uri_mut()).into_parts();
+        } = parts.uri.into_parts();
         let (Some(scheme), Some(authority)) = (scheme, authority) else {
             return Err(UpstreamError::BadUri(
                 "the upstream URL has no scheme or host",
@@ -294,36 +393,46 @@ impl Pool {
             "the upstream URL's host is not valid",
         ))?;
         // HTTP/1.1 to an origin server: the request line carries the path only.
-        let path = path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
-        req.headers_mut().entry(header::HOST).or_insert(host);
-        if let Some(mut tx) = idle {
-            match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(PooledBody::wrap(resp, target, tx)),
-                Err(mut e) => match e.take_message() {
-                    // Nothing was written: as the legacy client's `retry_canceled_requests`,
-                    // once more on a new connection.
-                    Some(unsent) => {
-                        tracing::debug!(error = %e.error(), "reused upstream connection closed before the request; retrying on a new one");
-                        req = unsent;
-                    }
-                    None => return Err(UpstreamError::Send(e.into_error())),
-                },
+        let path = path_and_query.as_ref().map_or("/", PathAndQuery::as_str);
+        let head = |conn: &mut Conn| {
+            conn.write.clear();
+            h1::encode_head(
+                &mut conn.write,
+                &parts.method,
+                path,
+                &host,
+                &parts.headers,
+                body.len(),
+            );
+        };
+        if let Some(mut conn) = idle {
+            head(&mut conn);
+            match conn.write_request(&body).await {
+                Ok(()) => return answer(conn, &parts.method, target).await,
+                // Nothing of the request can have been processed (a request that was not
+                // written whole is never answered): as the legacy client's
+                // `retry_canceled_requests`, once more on a new connection.
+                Err(e) => {
+                    tracing::debug!(error = %e, "reused upstream connection closed before the request; retrying on a new one");
+                }
             }
         }
         // Boxed: the connect and TLS handshake futures are large and rarely run; inline, they
         // would make every request's future (moved and copied per request) that much larger.
-        let mut tx = Box::pin(self.connect(scheme, authority)).await?;
-        let resp = tx.send_request(req).await.map_err(UpstreamError::Send)?;
-        Ok(PooledBody::wrap(resp, target, tx))
+        let mut conn = Box::pin(self.connect(scheme, authority)).await?;
+        head(&mut conn);
+        conn.write_request(&body)
+            .await
+            .map_err(UpstreamError::Send)?;
+        answer(conn, &parts.method, target).await
     }
 
-    /// A new connection, its driver spawned on this thread's runtime.
+    /// A new connection (TCP, and TLS for `https`).
     async fn connect(
         &self,
         scheme: Scheme,
         authority: Authority,
-    ) -> Result<SendRequest<ReqBody>, UpstreamError> {
+    ) -> Result<Box<Conn>, UpstreamError> {
         let mut parts = Parts::default();
         parts.scheme = Some(scheme);
         parts.authority = Some(authority);
@@ -334,16 +443,23 @@ impl Pool {
             .await
             .map_err(UpstreamError::Connect)?;
         let io = connector.call(uri).await.map_err(UpstreamError::Connect)?;
-        let (tx, conn) = http1::handshake(io).await.map_err(UpstreamError::Send)?;
-        // The driver ends with the connection (closed by either side, or dropped from the
-        // pool); nothing needs to wait for it at shutdown.
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(tx)
+        Ok(Conn::new(TokioIo::new(io)))
     }
+}
+
+/// Reads the answer's head on a connection that carries the request; its body reads on.
+async fn answer(
+    mut conn: Box<Conn>,
+    method: &Method,
+    target: Arc<Target>,
+) -> Result<Response<PooledBody>, UpstreamError> {
+    let head = conn.read_head(method).await.map_err(UpstreamError::Send)?;
+    let body = PooledBody::new(conn, target, head.framing, head.keep_alive);
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.version_mut() = head.version;
+    *resp.headers_mut() = head.headers;
+    Ok(resp)
 }
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -353,8 +469,9 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 pub enum UpstreamError {
     /// No connection: refused, unreachable, DNS, TLS, or the connect timeout.
     Connect(BoxError),
-    /// The connection failed after it was made (reset, closed before the answer).
-    Send(hyper::Error),
+    /// The connection failed after it was made (reset, closed before the answer, an answer
+    /// that is not HTTP/1.1).
+    Send(io::Error),
     /// The URL cannot be sent (not `http`/`https`, no host).
     BadUri(&'static str),
 }
@@ -404,81 +521,166 @@ impl StdError for UpstreamError {
     }
 }
 
-/// An upstream response body. When it has been read to the end, its connection goes back to
-/// this thread's pool; dropped before that (client gone, deadline, error), the connection is
-/// closed with it, so the upstream stops generating.
+/// Where an answer's body stands.
+enum Reading {
+    /// This many bytes are left (`content-length`).
+    Length(u64),
+    Chunked(h1::Chunked),
+    /// Until the upstream closes the connection.
+    UntilClose,
+    /// Ended (or failed): nothing more comes.
+    Done,
+}
+
+/// An upstream response body, read from its connection as it is polled. When it has been
+/// read to the end, its connection goes back to this thread's pool (if it may carry another
+/// request); dropped before that (client gone, deadline, error), the connection is closed
+/// with it, so the upstream stops generating.
 pub struct PooledBody {
-    inner: Incoming,
-    /// The connection, until it is given back.
-    home: Option<(Arc<Target>, SendRequest<ReqBody>)>,
-    /// The body has ended (`None` read, or the last frame of a known length).
-    done: bool,
+    /// The connection, until the body ends.
+    conn: Option<Box<Conn>>,
+    target: Arc<Target>,
+    reading: Reading,
+    keep_alive: bool,
+}
+
+/// What the buffered bytes gave.
+enum Got {
+    Data(Bytes),
+    /// The body ended with these bytes (which may be empty).
+    Last(Bytes),
+    /// More must be read.
+    More,
 }
 
 impl PooledBody {
-    fn wrap(
-        resp: Response<Incoming>,
-        target: Arc<Target>,
-        tx: SendRequest<ReqBody>,
-    ) -> Response<PooledBody> {
-        resp.map(|inner| PooledBody {
-            inner,
-            home: Some((target, tx)),
-            done: false,
-        })
+    fn new(conn: Box<Conn>, target: Arc<Target>, framing: Framing, keep_alive: bool) -> PooledBody {
+        let reading = match framing {
+            Framing::Empty => Reading::Done,
+            Framing::Length(n) => Reading::Length(n),
+            Framing::Chunked => Reading::Chunked(h1::Chunked::new()),
+            Framing::UntilClose => Reading::UntilClose,
+        };
+        let mut body = PooledBody {
+            conn: Some(conn),
+            target,
+            reading,
+            keep_alive,
+        };
+        if matches!(body.reading, Reading::Done) {
+            body.give_back();
+        }
+        body
     }
 
+    /// The body has ended: its connection goes back to the pool, when its answer allows
+    /// another request and nothing was sent after the body.
     fn give_back(&mut self) {
-        self.done = true;
-        if let Some((target, tx)) = self.home.take() {
-            checkin(&target, tx);
+        self.reading = Reading::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && conn.read.is_empty() {
+                checkin(&self.target, conn);
+            }
         }
+    }
+
+    /// A broken body: the error, and the connection closed.
+    fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.reading = Reading::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    /// The body's next bytes from what is already read.
+    fn take(&mut self) -> io::Result<Got> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Got::Last(Bytes::new()));
+        };
+        let buf = &mut conn.read;
+        Ok(match &mut self.reading {
+            Reading::Done => Got::Last(Bytes::new()),
+            Reading::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(Got::More);
+                }
+                let n = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                *left -= n as u64;
+                let data = buf.split_to(n).freeze();
+                if *left == 0 {
+                    Got::Last(data)
+                } else {
+                    Got::Data(data)
+                }
+            }
+            Reading::Chunked(d) => match d.step(buf)? {
+                Step::Data(data) => Got::Data(data),
+                Step::End => Got::Last(Bytes::new()),
+                Step::More => Got::More,
+            },
+            Reading::UntilClose if buf.is_empty() => Got::More,
+            Reading::UntilClose => Got::Data(buf.split().freeze()),
+        })
     }
 }
 
 impl fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PooledBody")
-            .field("done", &self.done)
+            .field("done", &self.is_end_stream())
             .finish_non_exhaustive()
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.give_back(),
-            // The last frame of a body of known length: a reader may stop here.
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
-            // A broken body: its connection is not reused.
-            Poll::Ready(Some(Err(_))) => this.home = None,
-            _ => {}
+        loop {
+            match this.take() {
+                Ok(Got::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Got::Last(data)) => {
+                    this.give_back();
+                    return Poll::Ready((!data.is_empty()).then(|| Ok(Frame::data(data))));
+                }
+                Ok(Got::More) => {}
+                Err(e) => return this.fail(e),
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match conn.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) if matches!(this.reading, Reading::UntilClose) => {
+                    this.reading = Reading::Done;
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(0)) => {
+                    return this.fail(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection before the answer's body was complete",
+                    ))
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return this.fail(e),
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
+        matches!(self.reading, Reading::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // An empty body (204, `content-length: 0`) may never be polled.
-        if self.inner.is_end_stream() {
-            self.give_back();
+        match self.reading {
+            Reading::Done => SizeHint::with_exact(0),
+            Reading::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
         }
     }
 }
@@ -486,7 +688,8 @@ impl Drop for PooledBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -589,7 +792,7 @@ mod tests {
     }
 
     fn get(url: &str) -> Request<ReqBody> {
-        Request::get(url).body(Full::new(Bytes::new())).unwrap()
+        Request::get(url).body(Bytes::new()).unwrap()
     }
 
     async fn fetch(pool: &Pool, url: &str) -> Bytes {
@@ -598,13 +801,18 @@ mod tests {
         resp.into_body().collect().await.unwrap().to_bytes()
     }
 
-    /// The idle connections to `port` on this thread that are still open.
+    /// The idle connections to `port` on this thread that are still usable.
     fn idle_open(port: u16) -> usize {
-        IDLE.with_borrow(|hosts| {
+        IDLE.with_borrow_mut(|hosts| {
             hosts
-                .iter()
+                .iter_mut()
                 .filter(|h| h.target.port == port)
-                .map(|h| h.idle.iter().filter(|c| !c.tx.is_closed()).count())
+                .map(|h| {
+                    h.idle
+                        .iter_mut()
+                        .map(|c| usize::from(c.conn.usable()))
+                        .sum::<usize>()
+                })
                 .sum()
         })
     }
@@ -661,31 +869,136 @@ mod tests {
         assert_eq!(host, "127.0.0.9:8080");
     }
 
-    /// A reused connection that closes before it could send the request (the upstream hung up
-    /// while it was idle, and this side learns it only when sending): the request goes once
-    /// more, on a new connection.
+    /// A reused connection that cannot take the request (here: its sending side already shut,
+    /// as when the upstream reset it after the last look): the request goes once more, on a
+    /// new connection.
     #[tokio::test]
     async fn a_request_the_reused_connection_could_not_send_is_retried() {
         let fake = fake(Mode::KeepAlive).await;
         let pool = pool();
-        // An idle connection to the fake's address that really is a pipe whose far end is
-        // about to close. Its driver has run once, so it is ready.
-        let (near, far) = tokio::io::duplex(1024);
-        let (mut tx, conn) = http1::handshake(hyper_util::rt::TokioIo::new(near))
+        // An idle connection filed under the fake's address, to a listener that keeps it open
+        // without ever answering; its sending side is shut, so writing the request fails.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(silent.local_addr().unwrap())
             .await
             .unwrap();
-        tokio::spawn(conn);
-        tx.ready().await.unwrap();
+        let (_far, _) = silent.accept().await.unwrap();
+        let mut conn = Conn::new(TokioIo::new(MaybeHttpsStream::Http(TokioIo::new(stream))));
+        conn.io.shutdown().await.unwrap();
         let authority = Authority::try_from(format!("127.0.0.1:{}", fake.port)).unwrap();
         let (target, _, none) = checkout(false, &authority).unwrap();
         assert!(none.is_none());
-        checkin(&target, tx);
-        // Closing the far end wakes the driver, which runs only when this task waits: in
-        // `send`, after the request was queued on the idle connection.
-        drop(far);
+        checkin(&target, conn);
         assert_eq!(fetch(&pool, &fake.url()).await, "ok");
         assert_eq!(fake.accepted(), 1, "the retry went on a new connection");
         assert_eq!(idle_open(fake.port), 1);
+    }
+
+    /// The answers the pool reads itself: an interim answer before the real one, a body cut
+    /// short, a body that runs until the connection closes, an answer nobody asked for.
+    #[tokio::test]
+    async fn answers_are_framed_and_broken_ones_are_errors() {
+        async fn serve(answer: &'static [u8], then_close: bool) -> (String, u16) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            tokio::spawn(async move {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let _ = read_request(&mut sock).await;
+                sock.write_all(answer).await.unwrap();
+                if then_close {
+                    drop(sock);
+                } else {
+                    // Hold the connection open until the client is done.
+                    let mut rest = Vec::new();
+                    let _ = sock.read_to_end(&mut rest).await;
+                }
+            });
+            (format!("http://127.0.0.1:{port}/v1/x?y=1"), port)
+        }
+        let pool = pool();
+        let (url, _) = serve(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        )
+        .await;
+        assert_eq!(fetch(&pool, &url).await, "ok");
+        let (url, _) = serve(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true).await;
+        assert_eq!(fetch(&pool, &url).await, "until the end");
+        let (url, _) = serve(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", true).await;
+        let resp = pool.send(get(&url)).await.unwrap();
+        let err = resp.into_body().collect().await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("before the answer's body was complete"),
+            "{err}"
+        );
+        let (url, _) = serve(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n",
+            true,
+        )
+        .await;
+        let resp = pool.send(get(&url)).await.unwrap();
+        assert!(
+            resp.into_body().collect().await.is_err(),
+            "cut in the trailers"
+        );
+        let (url, port) = serve(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA",
+            false,
+        )
+        .await;
+        assert_eq!(fetch(&pool, &url).await, "ok");
+        assert_eq!(idle_open(port), 0, "bytes after the body: not used again");
+        let (url, _) = serve(b"HTTP/1.1 200 OK\r\ncontent-len", true).await;
+        let err = pool.send(get(&url)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("in the middle of its answer's head"),
+            "{err}"
+        );
+        let (url, _) = serve(b"", true).await;
+        let err = pool.send(get(&url)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("closed the connection before it answered"),
+            "{err}"
+        );
+        assert!(!err.is_connect());
+    }
+
+    /// A request's body goes with its length, small or large; the fake upstream answers with
+    /// what it received.
+    #[tokio::test]
+    async fn request_bodies_are_sent_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            while let Some(head) = read_request(&mut sock).await {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let mut body = vec![0u8; len];
+                sock.read_exact(&mut body).await.unwrap();
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n");
+                sock.write_all(answer.as_bytes()).await.unwrap();
+                sock.write_all(&body).await.unwrap();
+            }
+        });
+        let pool = pool();
+        let url = format!("http://127.0.0.1:{port}/v1/x");
+        for size in [3, COALESCE, COALESCE + 1, 1_000_000] {
+            let body: Bytes = (0..size)
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<_>>()
+                .into();
+            let req = Request::post(&url).body(body.clone()).unwrap();
+            let resp = pool.send(req).await.unwrap();
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), body);
+        }
     }
 
     #[tokio::test]
