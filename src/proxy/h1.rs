@@ -29,17 +29,22 @@ pub const MAX_HEADERS: usize = 100;
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
 
-/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), and the
-/// framing headers the head writer sets itself: never copied from the request.
-fn written_by_us(name: &HeaderName) -> bool {
-    name == header::CONTENT_LENGTH
-        || name == header::TRANSFER_ENCODING
+/// Headers that belong to one connection, not to the message (RFC 9110 §7.6.1): never
+/// copied from a request, and taken out of an answer's head once its framing is known (a
+/// proxy must not pass them on, and nothing after the pool needs them).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    name == header::TRANSFER_ENCODING
         || name == header::CONNECTION
         || name == header::TE
         || name == header::TRAILER
         || name == header::UPGRADE
         || name.as_str() == "keep-alive"
         || name.as_str() == "proxy-connection"
+}
+
+/// The request headers the head writer sets itself, or drops: never copied from the request.
+fn written_by_us(name: &HeaderName) -> bool {
+    name == header::CONTENT_LENGTH || hop_by_hop(name)
 }
 
 /// Methods whose request carries no body unless it has one: an empty body gets no
@@ -227,7 +232,9 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
                 }
             }
         }
-        headers.append(name, value);
+        if !hop_by_hop(&name) {
+            headers.append(name, value);
+        }
     }
     let framing = if *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
@@ -479,6 +486,15 @@ mod tests {
         assert!(h.keep_alive);
         assert_eq!(h.headers["content-type"], "application/json");
         assert_eq!(h.headers["x-request-id"], "abc");
+        // The connection's own headers are read for the framing, then left out.
+        let h = head_of(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\
+             Keep-Alive: timeout=5\r\nX-Kept: 1\r\n\r\n",
+            &post,
+        );
+        assert_eq!(h.framing, Framing::Chunked);
+        let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
         let cases: &[(&str, Framing, bool)] = &[
             (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
