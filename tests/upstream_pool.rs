@@ -185,3 +185,60 @@ async fn a_request_after_the_upstream_closed_its_idle_connection_succeeds() {
     }
     assert_eq!(upstream.accepted(), 3, "one new connection per request");
 }
+
+/// An upstream that answers each request with `answer` and then closes the connection.
+async fn fixed_upstream(answer: &'static [u8]) -> RawUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if read_request(&mut sock).await.is_some() {
+                    let _ = sock.write_all(answer).await;
+                }
+            });
+        }
+    });
+    RawUpstream {
+        url,
+        accepted,
+        closed: Arc::new(AtomicUsize::new(0)),
+    }
+}
+
+/// An upstream whose answer is not valid HTTP/1.1 (two different lengths, a broken chunk
+/// size, not HTTP at all): the client gets a 502 with a JSON error, not a half-read answer.
+/// A chunked answer that is valid reaches the client whole.
+#[tokio::test]
+async fn an_answer_that_is_not_valid_http_is_a_502_with_a_json_error() {
+    let client = reqwest::Client::new();
+    for garbage in [
+        &b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello"[..],
+        b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n",
+    ] {
+        let upstream = fixed_upstream(garbage).await;
+        let app = app(&upstream).await;
+        let (status, body) = chat(&client, &app).await;
+        assert_eq!(status, 502, "{}: {body}", String::from_utf8_lossy(garbage));
+        assert!(
+            body["error"]["message"].as_str().is_some_and(|m| m.contains("upstream")),
+            "{body}"
+        );
+    }
+    let chunked: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n\
+        10\r\n{\"choices\":[{\"me\r\n\
+        3d; ext=1\r\nssage\":{\"role\":\"assistant\",\"content\":\"pong\"}}],\"usage\":{\"prom\r\n\
+        35\r\npt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\r\n\
+        0\r\n\r\n";
+    let upstream = fixed_upstream(chunked).await;
+    let app = app(&upstream).await;
+    let (status, body) = chat(&client, &app).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "pong");
+    assert_eq!(body["usage"]["total_tokens"], 4);
+}

@@ -347,14 +347,19 @@ fn line(buf: &mut BytesMut) -> io::Result<Option<BytesMut>> {
 /// A chunk-size line's size: hex digits, then optional spaces and `;` extensions.
 fn chunk_size(l: &[u8]) -> io::Result<u64> {
     let hex = l.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if hex == 0 || hex > 16 {
-        return Err(malformed("a chunk size is not a hex number"));
+    // Leading zeros are allowed (`1*HEXDIG`); the rest must fit in 64 bits.
+    let zeros = l[..hex].iter().take_while(|&&b| b == b'0').count();
+    let digits = &l[zeros.min(hex.saturating_sub(1))..hex];
+    if hex == 0 || digits.len() > 16 {
+        return Err(malformed(
+            "a chunk size is not a hex number of at most 64 bits",
+        ));
     }
     let rest = l[hex..].trim_ascii_start();
     if !(rest.is_empty() || rest[0] == b';') {
         return Err(malformed("a chunk size is followed by something else"));
     }
-    let size = l[..hex].iter().fold(0u64, |n, &d| {
+    let size = digits.iter().fold(0u64, |n, &d| {
         let v = match d {
             b'0'..=b'9' => d - b'0',
             b'a'..=b'f' => d - b'a' + 10,
@@ -652,6 +657,12 @@ mod tests {
             assert_eq!(left, 4, "the bytes after the body are not taken");
         }
         assert_eq!(dechunk(b"0\r\n\r\n", 1).unwrap().0, b"");
+        assert_eq!(
+            dechunk(b"00000000000000000003\r\nabc\r\n000\r\n\r\n", 5)
+                .unwrap()
+                .0,
+            b"abc"
+        );
         assert_eq!(
             dechunk(b"FFFFFFFFFFFFFFFF\r\nab", 64).unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof
