@@ -150,17 +150,10 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
             buf,
             &mut fields,
         );
-        let len = match parsed {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => {
-                if buf.len() > MAX_HEAD {
-                    return Err(invalid(format_args!(
-                        "its head is larger than {} KiB",
-                        MAX_HEAD / 1024
-                    )));
-                }
-                return Ok(Parsed::Partial);
-            }
+        // A partial head counts with all that was read of it.
+        let (len, whole) = match parsed {
+            Ok(httparse::Status::Complete(len)) => (len, true),
+            Ok(httparse::Status::Partial) => (buf.len(), false),
             Err(e) => return Err(invalid(e)),
         };
         if len > MAX_HEAD {
@@ -168,6 +161,9 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
                 "its head is larger than {} KiB",
                 MAX_HEAD / 1024
             )));
+        }
+        if !whole {
+            return Ok(Parsed::Partial);
         }
         let base = buf.as_ptr() as usize;
         let count = res.headers.len();
@@ -347,27 +343,15 @@ fn line(buf: &mut BytesMut) -> io::Result<Option<BytesMut>> {
 /// A chunk-size line's size: hex digits, then optional spaces and `;` extensions.
 fn chunk_size(l: &[u8]) -> io::Result<u64> {
     let hex = l.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    // Leading zeros are allowed (`1*HEXDIG`); the rest must fit in 64 bits.
-    let zeros = l[..hex].iter().take_while(|&&b| b == b'0').count();
-    let digits = &l[zeros.min(hex.saturating_sub(1))..hex];
-    if hex == 0 || digits.len() > 16 {
-        return Err(malformed(
-            "a chunk size is not a hex number of at most 64 bits",
-        ));
-    }
     let rest = l[hex..].trim_ascii_start();
     if !(rest.is_empty() || rest[0] == b';') {
         return Err(malformed("a chunk size is followed by something else"));
     }
-    let size = digits.iter().fold(0u64, |n, &d| {
-        let v = match d {
-            b'0'..=b'9' => d - b'0',
-            b'a'..=b'f' => d - b'a' + 10,
-            _ => d - b'A' + 10,
-        };
-        (n << 4) | u64::from(v)
-    });
-    Ok(size)
+    // Leading zeros are allowed (`1*HEXDIG`); the value must fit in 64 bits.
+    std::str::from_utf8(&l[..hex])
+        .ok()
+        .and_then(|digits| u64::from_str_radix(digits, 16).ok())
+        .ok_or_else(|| malformed("a chunk size is not a hex number of at most 64 bits"))
 }
 
 impl Chunked {
