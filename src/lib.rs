@@ -12,6 +12,7 @@ pub mod gatekeeper {
     pub use crate::auth::*;
 }
 pub mod google_oauth;
+pub mod http1;
 pub mod logging;
 pub mod metrics;
 pub mod net;

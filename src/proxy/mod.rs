@@ -10,7 +10,6 @@
 pub mod checker;
 pub mod forward;
 pub mod google_ai;
-pub mod h1;
 pub mod keys;
 pub mod pool;
 pub mod queue;

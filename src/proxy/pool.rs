@@ -4,7 +4,7 @@
 //! providers, keys or users: it sends one ready request and hands back the response, whose
 //! body returns the connection when it ends.
 //!
-//! A request is written and its answer read by the request's own task ([`super::h1`] holds the
+//! A request is written and its answer read by the request's own task ([`crate::http1`] holds the
 //! wire format): no task per connection, no channel between the request and its connection.
 //! The response body reads straight from the socket when the client's connection asks for
 //! the next bytes. (Issue 18: hyper's client, with a driver task per connection, cost about
@@ -46,8 +46,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tower::Service;
 
-use super::h1::{self, Framing, Parsed, Step};
 use crate::config::{Config, ConfigError};
+use crate::http1::{self as h1, Framing, Parsed, Step};
 
 /// How long an idle connection may wait for its next request before it is closed: the legacy
 /// client's default, which we had until now. Upstreams close idle connections on their side

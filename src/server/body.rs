@@ -15,10 +15,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 /// A request body that fails when its client pauses longer than `timeout` between frames.
-pub struct ReadTimeout<B = Incoming> {
+pub struct ReadTimeout<B = super::RequestBody> {
     timeout: Duration,
     /// Running while a read waits for data; cleared by each frame.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,

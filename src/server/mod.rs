@@ -31,24 +31,23 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
 use axum::extract::ConnectInfo;
 use axum::response::Response;
 use axum::Router;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod body;
+mod conn;
 mod head;
 mod stop;
 pub use body::{BodyTimeout, ReadTimeout};
+pub use conn::RequestBody;
 
 /// File descriptors kept out of the connection budget: the listener, log files, the SQLite
 /// database, the runtime's own descriptors, and headroom.
@@ -249,9 +248,9 @@ pub fn bind_listeners(
     Ok(out)
 }
 
-/// The request a [`Front`] gets: hyper's, with the body under the `CLIENT_BODY_TIMEOUT_SECS`
-/// timer between reads.
-pub type FrontRequest = hyper::Request<ReadTimeout<Incoming>>;
+/// The request a [`Front`] gets: its body under the `CLIENT_BODY_TIMEOUT_SECS` timer between
+/// reads.
+pub type FrontRequest = axum::http::Request<ReadTimeout<RequestBody>>;
 
 /// What the accept loop serves: each request with the connection's socket peer (which the
 /// front uses to decide the client address). One value for the whole server, cloned once per
@@ -275,42 +274,6 @@ impl Front for Router {
                 Err(never) => match never {},
             }
         })
-    }
-}
-
-/// One connection's hyper service: the front, the peer, the body timer, and the header
-/// timeout's state (a head arrived when hyper calls the service; the response's body tells when
-/// it is done).
-struct ConnService<F> {
-    front: F,
-    peer: SocketAddr,
-    body_timeout: Duration,
-    head: Arc<head::HeadWait>,
-}
-
-impl<F: Front> hyper::service::Service<hyper::Request<Incoming>> for ConnService<F> {
-    type Response = hyper::Response<head::Rearm<axum::body::Body>>;
-    type Error = Infallible;
-    type Future = Served<F::Future>;
-
-    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
-        self.head.started();
-        let req = req.map(|body| ReadTimeout::new(self.body_timeout, body));
-        Served(self.front.serve(req, self.peer), self.head.clone())
-    }
-}
-
-/// A front's future as hyper wants it (a `Result` that is never an error), its response's
-/// body reporting its end to the connection's header timeout.
-struct Served<Fut>(Fut, Arc<head::HeadWait>);
-
-impl<Fut: Future<Output = Response> + Unpin> Future for Served<Fut> {
-    type Output = Result<hyper::Response<head::Rearm<axum::body::Body>>, Infallible>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let resp = std::task::ready!(Pin::new(&mut self.0).poll(cx));
-        let wait = self.1.clone();
-        Poll::Ready(Ok(resp.map(|body| head::Rearm::new(body, wait))))
     }
 }
 
@@ -345,17 +308,13 @@ pub async fn run_shared(
     grace: Duration,
 ) {
     let connections = TaskTracker::new();
-    let force_close = CancellationToken::new();
+    // Graceful: no new request on a connection. Forced: connections closed where they are.
     let stopping = Arc::new(stop::StopSignal::default());
-    let mut http = hyper::server::conn::http1::Builder::new();
-    // No hyper timer: the header timeout is the connection task's (`head`).
-    http.keep_alive(true);
-    // A response's head and its body bytes copied into one buffer and written with one
-    // `write`, instead of queued as separate buffers for `writev` (hyper's choice for a
-    // socket): measured 250-310 instructions less per request (bench/instructions, issue 18
-    // step 10); the copy is of the body's pieces as they pass, which a socket write costs
-    // anyway.
-    http.writev(false);
+    let force_close = Arc::new(stop::StopSignal::default());
+    let settings = conn::Settings {
+        header_timeout: limits.header_timeout,
+        body_timeout: limits.body_timeout,
+    };
     let mut refused_logged = false;
 
     loop {
@@ -395,44 +354,19 @@ pub async fn run_shared(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY on a client connection");
         }
-        let mut head = head::HeadDeadline::start(limits.header_timeout);
-        let svc = ConnService {
-            front: app.clone(),
-            peer,
-            body_timeout: limits.body_timeout,
-            head: head.wait(),
-        };
-        let conn = http.serve_connection(TokioIo::new(tcp), svc);
-        let (mut watch, force_close) = (stopping.watch(), force_close.clone());
+        let conn = conn::serve(tcp, peer, app.clone(), settings, stopping.watch());
+        let mut forced = force_close.watch();
         connections.spawn(async move {
             let _slot = slot;
             let mut conn = std::pin::pin!(conn);
-            let ended = std::future::poll_fn(|cx| {
-                if let Poll::Ready(res) = conn.as_mut().poll(cx) {
-                    return Poll::Ready(Ended::Closed(res));
+            std::future::poll_fn(|cx| {
+                if conn.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
                 }
-                if head.poll_expired(cx).is_ready() {
-                    return Poll::Ready(Ended::HeadTimeout);
-                }
-                watch.poll_stopped(cx).map(|()| Ended::Stopping)
+                // Dropping the connection's future closes it.
+                forced.poll_stopped(cx)
             })
             .await;
-            match ended {
-                Ended::Closed(res) => log_connection_end(res),
-                // Dropping the connection closes it, as hyper's own timeout did.
-                Ended::HeadTimeout => tracing::debug!(
-                    "client connection closed: no request head within CLIENT_HEADER_TIMEOUT_SECS"
-                ),
-                Ended::Stopping => {
-                    // Finish the request in flight (if any), then close.
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        res = conn.as_mut() => log_connection_end(res),
-                        _ = std::future::poll_fn(|cx| head.poll_expired(cx)) => {}
-                        _ = force_close.cancelled() => {}
-                    }
-                }
-            }
         });
     }
     // The loop ends only when `stop` is cancelled: now the connections hear it.
@@ -446,22 +380,8 @@ pub async fn run_shared(
         tracing::warn!(
             "in-flight requests did not finish within SHUTDOWN_GRACE_SECS; closing them"
         );
-        force_close.cancel();
+        force_close.trigger();
         connections.wait().await;
-    }
-}
-
-/// How a connection task's watch ended.
-enum Ended {
-    Closed(hyper::Result<()>),
-    HeadTimeout,
-    Stopping,
-}
-
-fn log_connection_end(res: hyper::Result<()>) {
-    if let Err(e) = res {
-        // Timeouts and clients that went away are routine; they are not the server's errors.
-        tracing::debug!(error = %e, "client connection ended");
     }
 }
 

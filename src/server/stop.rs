@@ -49,6 +49,11 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// Whether the signal has been triggered.
+    pub fn stopped(&self) -> bool {
+        self.signal.stopped.load(Ordering::Acquire)
+    }
+
     /// Ready once the signal is triggered; otherwise makes sure `cx`'s waker is woken then.
     pub fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.signal.stopped.load(Ordering::Acquire) {

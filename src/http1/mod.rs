@@ -17,6 +17,8 @@ use axum::http::header::{self, HeaderName};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use bytes::{Buf, Bytes, BytesMut};
 
+pub mod server;
+
 /// The largest response head accepted. Providers' answers carry about 2 KB of headers;
 /// anything near this is not an API answer.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -316,7 +318,7 @@ impl Default for Chunked {
 fn malformed(what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!("the upstream's chunked body is malformed: {what}"),
+        format!("a chunked body is malformed: {what}"),
     )
 }
 

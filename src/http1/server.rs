@@ -1,0 +1,531 @@
+//! The server side of HTTP/1.1 without I/O: a client's request head read with `httparse`
+//! (RFC 9112 §2–§6), its body's framing, and a response head written. `crate::server` reads
+//! and writes the client's connection and hands these functions its bytes.
+
+use std::io;
+
+use axum::http::header::{self, HeaderName};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, Version};
+use bytes::BytesMut;
+
+use super::{digits, MAX_HEAD, MAX_HEADERS};
+
+/// How a request's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// `content-length` bytes (0: no body).
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+}
+
+/// A request head read from the front of a buffer.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    /// Every field as sent (hop-by-hop ones included, as hyper hands them to a service).
+    pub headers: HeaderMap,
+    pub body: BodyFraming,
+    /// The client lets the connection carry another request after this one.
+    pub keep_alive: bool,
+    /// `expect: 100-continue`: the client waits for an interim answer before its body.
+    pub expect_continue: bool,
+}
+
+/// Why a request head was refused: answered with this status, then the connection closes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadRequest {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+fn bad(message: impl Into<String>) -> BadRequest {
+    BadRequest {
+        status: StatusCode::BAD_REQUEST,
+        message: message.into(),
+    }
+}
+
+/// Reads a request head from the front of `buf`, taking it off the buffer when whole;
+/// `Ok(None)` while it is not whole yet. Empty lines before the request line are skipped
+/// (RFC 9112 §2.2). The header values and the URI share the buffer's memory (no copy).
+pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadRequest> {
+    let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let (len, method, path, version, count) = {
+        let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+            &mut req,
+            buf,
+            &mut fields,
+        );
+        let (len, whole) = match parsed {
+            Ok(httparse::Status::Complete(len)) => (len, true),
+            Ok(httparse::Status::Partial) => (buf.len(), false),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(BadRequest {
+                    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    message: format!(
+                        "The request has more than {MAX_HEADERS} header fields; send fewer."
+                    ),
+                })
+            }
+            Err(httparse::Error::Version) => {
+                return Err(BadRequest {
+                    status: StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                    message: "Only HTTP/1.1 and HTTP/1.0 are served here; connect with HTTP/1.1."
+                        .into(),
+                })
+            }
+            Err(e) => {
+                return Err(bad(format!(
+                    "The request is not valid HTTP/1.1 ({e}); check what your client sends."
+                )))
+            }
+        };
+        if len > MAX_HEAD {
+            return Err(BadRequest {
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                message: format!(
+                    "The request's head is larger than {} KiB; send smaller headers.",
+                    MAX_HEAD / 1024
+                ),
+            });
+        }
+        if !whole {
+            return Ok(None);
+        }
+        let base = buf.as_ptr() as usize;
+        let count = req.headers.len();
+        for (slot, h) in at.iter_mut().zip(req.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            // Within MAX_HEAD, so each offset fits.
+            *slot = (
+                name as u32,
+                (name + h.name.len()) as u32,
+                value as u32,
+                (value + h.value.len()) as u32,
+            );
+        }
+        let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+            .map_err(|_| bad("The request's method is not valid; send a standard method."))?;
+        let path = req.path.unwrap_or("");
+        let p0 = path.as_ptr() as usize - base;
+        (
+            len,
+            method,
+            (p0, p0 + path.len()),
+            req.version.unwrap_or(1),
+            count,
+        )
+    };
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(path.0..path.1))
+        .map_err(|_| bad("The request's target is not a valid URI; check the path you call."))?;
+    let version = if version == 1 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut close = version != Version::HTTP_11;
+    let mut expect_continue = false;
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    for &(n0, n1, v0, v1) in &at[..count] {
+        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
+            .map_err(|_| bad("A request header's name is not valid; check your headers."))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
+            .map_err(|_| bad("A request header's value is not valid; check your headers."))?;
+        if name == header::CONTENT_LENGTH {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let n = digits(part.trim_ascii()).ok_or_else(|| {
+                    bad("The request's content-length is not a number; send the body's size in bytes.")
+                })?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(bad(
+                        "The request has two different content-lengths; send one.",
+                    ));
+                }
+                length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            let last = value
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or(b"");
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for t in value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+            {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    close = false;
+                }
+            }
+        } else if name == header::EXPECT {
+            if value.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+                expect_continue = version == Version::HTTP_11;
+            } else {
+                return Err(BadRequest {
+                    status: StatusCode::EXPECTATION_FAILED,
+                    message:
+                        "Only `expect: 100-continue` is understood; leave out the expect header."
+                            .into(),
+                });
+            }
+        }
+        headers.append(name, value);
+    }
+    let body = match chunked {
+        // RFC 9112 §6.1: a request whose last coding is not chunked cannot be delimited; one
+        // with both framings is how requests are smuggled past another server.
+        Some(_) if length.is_some() => {
+            return Err(bad(
+                "The request has both transfer-encoding and content-length; send one.",
+            ))
+        }
+        Some(_) if version != Version::HTTP_11 => {
+            return Err(bad(
+                "transfer-encoding is not allowed in an HTTP/1.0 request; send a content-length.",
+            ))
+        }
+        Some(true) => BodyFraming::Chunked,
+        Some(false) => {
+            return Err(bad(
+                "The request's transfer-encoding does not end with chunked; send chunked or a content-length.",
+            ))
+        }
+        None => BodyFraming::Length(length.unwrap_or(0)),
+    };
+    Ok(Some(RequestHead {
+        method,
+        uri,
+        version,
+        headers,
+        body,
+        keep_alive: !close,
+        expect_continue,
+    }))
+}
+
+/// How a response's body is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    /// No body bytes follow the head (a `HEAD` request, 1xx, 204, 304).
+    None,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client and a body of unknown length).
+    UntilClose,
+}
+
+/// The response headers the head writer decides itself: never copied from a response.
+fn framing_header(name: &HeaderName) -> bool {
+    name == header::TRANSFER_ENCODING || name == header::CONNECTION || name.as_str() == "keep-alive"
+}
+
+/// Writes a response head into `out`: the status line (always `HTTP/1.1`, RFC 9110 §6.2),
+/// the response's headers but the connection's own ones, `date` (unless it has one), the
+/// framing, and `connection` when it is not the version's default. With
+/// [`ResponseFraming::None`] a `content-length` the response has is kept (the size a `HEAD`
+/// request asked about); otherwise `content-length` is written by the framing.
+pub fn encode_response_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: ResponseFraming,
+    version: Version,
+    keep_alive: bool,
+    date: &[u8],
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let keep_length = framing == ResponseFraming::None;
+    for (name, value) in headers {
+        if framing_header(name) || (!keep_length && name == header::CONTENT_LENGTH) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date);
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ResponseFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        ResponseFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        ResponseFraming::None | ResponseFraming::UntilClose => {}
+    }
+    if !keep_alive && version == Version::HTTP_11 {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if keep_alive && version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes one chunk of a chunked body (a non-empty `data`) into `out`.
+pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    let mut hex = [0u8; 16];
+    let mut n = data.len();
+    let mut i = hex.len();
+    loop {
+        i -= 1;
+        hex[i] = b"0123456789abcdef"[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&hex[i..]);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end of a chunked body (no trailers).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// The interim answer to `expect: 100-continue`.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// The response framing for a status, a request method and what is known of the body's size.
+pub fn response_framing(
+    method: &Method,
+    status: StatusCode,
+    exact_len: Option<u64>,
+    version: Version,
+) -> ResponseFraming {
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        ResponseFraming::None
+    } else if let Some(n) = exact_len {
+        ResponseFraming::Length(n)
+    } else if version == Version::HTTP_11 {
+        ResponseFraming::Chunked
+    } else {
+        ResponseFraming::UntilClose
+    }
+}
+
+/// The `date` header's value for the current second, formatted once per second per thread.
+pub fn date_now() -> [u8; 29] {
+    use std::cell::Cell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let (at, text) = c.get();
+        if at == secs {
+            return text;
+        }
+        let mut text = [0u8; 29];
+        let formatted = httpdate::fmt_http_date(now);
+        let n = formatted.len().min(29);
+        text[..n].copy_from_slice(&formatted.as_bytes()[..n]);
+        c.set((secs, text));
+        text
+    })
+}
+
+/// An I/O error for a client whose request body is broken.
+pub fn body_error(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("the client's request body is broken: {what}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Option<RequestHead>, BadRequest> {
+        parse_request(&mut BytesMut::from(s))
+    }
+
+    fn head(s: &str) -> RequestHead {
+        parse(s).expect("valid").expect("whole")
+    }
+
+    #[test]
+    fn a_request_head_is_read_and_taken_off_the_buffer() {
+        let mut buf = BytesMut::from(
+            "\r\nPOST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nX-Two: 1\r\nx-two: 2\r\n\r\nhello",
+        );
+        let h = parse_request(&mut buf).expect("valid").expect("whole");
+        assert_eq!(h.method, Method::POST);
+        assert_eq!(h.uri.path(), "/v1/chat/completions");
+        assert_eq!(h.uri.query(), Some("x=1"));
+        assert_eq!(h.version, Version::HTTP_11);
+        assert_eq!(h.body, BodyFraming::Length(5));
+        assert!(h.keep_alive && !h.expect_continue);
+        assert_eq!(h.headers.get_all("x-two").iter().count(), 2);
+        assert_eq!(h.headers["host"], "a");
+        assert_eq!(&buf[..], b"hello");
+        // Byte by byte: partial until the last one.
+        let whole = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut buf = BytesMut::new();
+        for (i, b) in whole.iter().enumerate() {
+            buf.extend_from_slice(&[*b]);
+            let got = parse_request(&mut buf).expect("valid");
+            assert_eq!(got.is_some(), i == whole.len() - 1);
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn keep_alive_expect_and_framing_follow_the_rfc() {
+        assert!(!head("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n").keep_alive);
+        assert!(!head("GET / HTTP/1.0\r\n\r\n").keep_alive);
+        assert!(head("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").keep_alive);
+        let h = head(
+            "POST / HTTP/1.1\r\nExpect: 100-Continue\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        );
+        assert!(h.expect_continue);
+        assert_eq!(h.body, BodyFraming::Chunked);
+        assert_eq!(
+            head("POST / HTTP/1.1\r\nContent-Length: 7, 7\r\n\r\n").body,
+            BodyFraming::Length(7)
+        );
+        assert_eq!(head("GET / HTTP/1.1\r\n\r\n").body, BodyFraming::Length(0));
+    }
+
+    #[test]
+    fn hostile_heads_are_refused_with_a_status_that_says_why() {
+        let status = |s: &str| parse(s).expect_err("refused").status;
+        for s in [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "GET http://[bad/ HTTP/1.1\r\n\r\n",
+            "GE\x01T / HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(status(s), StatusCode::BAD_REQUEST, "{s:?}");
+        }
+        assert_eq!(
+            status("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED
+        );
+        assert_eq!(
+            status("POST / HTTP/1.1\r\nExpect: something\r\n\r\n"),
+            StatusCode::EXPECTATION_FAILED
+        );
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        assert_eq!(
+            status(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
+        let big = "a".repeat(MAX_HEAD);
+        assert_eq!(
+            status(&format!("GET / HTTP/1.1\r\nx-big: {big}")),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "a partial head over the limit is refused without waiting for its end"
+        );
+    }
+
+    #[test]
+    fn response_heads_carry_the_framing_and_the_connection() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.insert("content-length", HeaderValue::from_static("999"));
+        headers.insert("connection", HeaderValue::from_static("upgrade"));
+        let date = b"Wed, 02 Dec 2026 10:00:00 GMT";
+        let mut out = Vec::new();
+        encode_response_head(
+            &mut out,
+            StatusCode::OK,
+            &headers,
+            ResponseFraming::Length(2),
+            Version::HTTP_11,
+            true,
+            date,
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ndate: Wed, 02 Dec 2026 10:00:00 GMT\r\ncontent-length: 2\r\n\r\n"
+        );
+        out.clear();
+        encode_response_head(
+            &mut out,
+            StatusCode::OK,
+            &headers,
+            ResponseFraming::None,
+            Version::HTTP_11,
+            false,
+            date,
+        );
+        let s = String::from_utf8_lossy(&out);
+        assert!(s.contains("content-length: 999\r\n"), "{s}");
+        assert!(s.ends_with("connection: close\r\n\r\n"), "{s}");
+        out.clear();
+        encode_response_head(
+            &mut out,
+            StatusCode::OK,
+            &HeaderMap::new(),
+            ResponseFraming::UntilClose,
+            Version::HTTP_10,
+            true,
+            date,
+        );
+        assert!(String::from_utf8_lossy(&out).ends_with("connection: keep-alive\r\n\r\n"));
+        out.clear();
+        encode_chunk(&mut out, &[b'x'; 26]);
+        assert_eq!(&out[..4], b"1a\r\n");
+        assert_eq!(
+            response_framing(&Method::GET, StatusCode::OK, None, Version::HTTP_11),
+            ResponseFraming::Chunked
+        );
+        assert_eq!(
+            response_framing(&Method::GET, StatusCode::OK, None, Version::HTTP_10),
+            ResponseFraming::UntilClose
+        );
+        assert_eq!(
+            response_framing(&Method::HEAD, StatusCode::OK, Some(3), Version::HTTP_11),
+            ResponseFraming::None
+        );
+        assert_eq!(
+            response_framing(
+                &Method::GET,
+                StatusCode::NO_CONTENT,
+                Some(0),
+                Version::HTTP_11
+            ),
+            ResponseFraming::None
+        );
+        assert_eq!(date_now().len(), 29);
+        assert!(date_now().ends_with(b" GMT"));
+    }
+}
