@@ -215,3 +215,58 @@ async fn a_request_body_left_unread_closes_the_connection_after_the_answer() {
     assert!(got.contains("connection: close"), "{got}");
     assert!(got.ends_with("\r\n\r\nOK"), "{got}");
 }
+
+#[tokio::test]
+async fn large_pieces_of_a_stream_and_of_a_whole_answer_arrive_intact() {
+    use common::upstream::{openai_chat_json, openai_chat_sse, Reply};
+    let fake = FakeUpstream::start().await;
+    let app = proxy(&fake).await;
+    let big: String = (0..40_000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    // A stream with one event far larger than a socket write: chunked, written as it comes.
+    fake.push(Reply::sse(openai_chat_sse(
+        "gpt-4o-mini",
+        &["x", &big, "y"],
+        true,
+    )));
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", app.url))
+        .json(&serde_json::json!({
+            "model": "gpt-4o-mini", "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("transfer-encoding")
+            .and_then(|v| v.to_str().ok()),
+        Some("chunked")
+    );
+    let text = resp.text().await.expect("whole stream");
+    assert!(text.contains(&big), "the large event arrived whole");
+    assert!(
+        text.trim_end().ends_with("data: [DONE]"),
+        "{}",
+        &text[text.len() - 50..]
+    );
+    // A whole answer larger than a socket write: with its length.
+    fake.push(Reply::json(200, openai_chat_json("gpt-4o-mini", &big)));
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", app.url))
+        .json(&serde_json::json!({
+            "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+    let declared = resp.content_length();
+    let body = resp.bytes().await.expect("whole answer");
+    assert_eq!(declared, Some(body.len() as u64));
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!(v["choices"][0]["message"]["content"], big.as_str());
+}

@@ -1,7 +1,9 @@
-//! HTTP/1.1 as the upstream pool speaks it (issue 18): a request head written into a buffer,
-//! a response head read with `httparse`, the answer's framing (RFC 9112 §6.3) and the chunked
-//! decoder. No I/O here: [`super::pool`] reads and writes the connection and hands these
-//! functions its bytes, so each rule is tested on fixtures.
+//! HTTP/1.1 without I/O (issue 18), for both of a request's connections. Here, the upstream
+//! side as `proxy::pool` speaks it: a request head written into a buffer, a response head read
+//! with `httparse`, the answer's framing (RFC 9112 §6.3), and the chunked decoder (which the
+//! server uses for request bodies too). [`server`]: the client side, as `crate::server` speaks
+//! it. No I/O here: the callers read and write the connections and hand these functions their
+//! bytes, so each rule is tested on fixtures.
 //!
 //! Why not hyper's client (what the pool used until issue 18's step 10): hyper drives each
 //! connection from a task of its own, and a request crosses to it and back over channels.

@@ -286,10 +286,11 @@ pub fn encode_response_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Writes one chunk of a chunked body (a non-empty `data`) into `out`.
-pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+/// Writes the size line of a chunk of `len` bytes (not 0) into `out`; the data and a CRLF
+/// follow it.
+pub fn encode_chunk_size(out: &mut Vec<u8>, len: usize) {
     let mut hex = [0u8; 16];
-    let mut n = data.len();
+    let mut n = len;
     let mut i = hex.len();
     loop {
         i -= 1;
@@ -301,6 +302,11 @@ pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
     }
     out.extend_from_slice(&hex[i..]);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Writes one chunk of a chunked body (a non-empty `data`) into `out`.
+pub fn encode_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    encode_chunk_size(out, data.len());
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
 }

@@ -541,7 +541,7 @@ async fn write_response(
                 let chunked = framing == ResponseFraming::Chunked;
                 if data.len() >= COPY_LIMIT {
                     if chunked {
-                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        h1s::encode_chunk_size(out, data.len());
                     }
                     wr.write_all(out).await?;
                     out.clear();

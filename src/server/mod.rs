@@ -1,5 +1,6 @@
 //! The accept loop: takes TCP connections, applies the connection caps, and serves each one
-//! with hyper's HTTP/1 server under the client timers, handing each request to a [`Front`]
+//! with our HTTP/1.1 connection loop (`conn.rs`) under the client timers, handing each request
+//! to a [`Front`]
 //! (the application's front, `app::Front`, or a bare axum `Router`) with the socket peer.
 //! Knows nothing of routes, users or upstreams.
 //!
@@ -8,9 +9,8 @@
 //! after a minute, and 1 100 half-open connections from one address exhausted a 1 024-file
 //! limit so that every other client failed. Here:
 //! - the request head must arrive within `CLIENT_HEADER_TIMEOUT_SECS`, which also closes a
-//!   keep-alive connection idle for as long (`head.rs`: the connection task's deadline, from
-//!   the connection's start and from the end of each response, up to a tenth of a second
-//!   late); the request body may pause at most `CLIENT_BODY_TIMEOUT_SECS`
+//!   keep-alive connection idle for as long (`head.rs`: the connection's deadline, from its
+//!   start and from the end of each response, up to a tenth of a second late); the request body may pause at most `CLIENT_BODY_TIMEOUT_SECS`
 //!   between reads ([`ReadTimeout`], whose timer runs only while a handler waits for data). Neither timer
 //!   runs while a response is being written, so a long stream is never cut;
 //! - `MAX_CONNECTIONS_PER_IP` per socket peer (not with `TRUSTED_PROXIES > 0`, where the peer
