@@ -270,3 +270,16 @@ async fn large_pieces_of_a_stream_and_of_a_whole_answer_arrive_intact() {
     let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
     assert_eq!(v["choices"][0]["message"]["content"], big.as_str());
 }
+
+#[tokio::test]
+async fn a_head_sent_a_byte_at_a_time_is_answered() {
+    let app = common::spawn(&[], &[]).await;
+    let mut s = TcpStream::connect(app.addr).await.expect("connect");
+    for b in b"GET /health HTTP/1.1\r\nHost: t\r\nX-Long: 0123456789\r\n\r\n" {
+        s.write_all(&[*b]).await.expect("one byte");
+        s.flush().await.expect("flush");
+    }
+    assert!(read_until(&mut s, "OK", 1)
+        .await
+        .starts_with("HTTP/1.1 200"));
+}

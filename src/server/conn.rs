@@ -263,14 +263,21 @@ pub(super) async fn serve<F: Front>(
         if !std::mem::take(&mut first) {
             timer.restart();
         }
+        // Bytes of the buffer already looked at without finding a whole head: a head ends
+        // with a line feed, so it is parsed again only when one has arrived since (a head
+        // trickled a byte at a time is parsed once per line, not once per byte), or when the
+        // buffer has grown past the largest head (to refuse it).
+        let mut seen = 0;
         let wait = poll_fn(|cx| loop {
-            if !rd.buf.is_empty() {
+            let fresh = &rd.buf[seen.min(rd.buf.len())..];
+            if memchr::memchr(b'\n', fresh).is_some() || rd.buf.len() > MAX_HEAD {
                 match h1s::parse_request(&mut rd.buf) {
                     Ok(Some(h)) => return Poll::Ready(Wait::Head(h)),
                     Err(bad) => return Poll::Ready(Wait::Bad(bad)),
                     Ok(None) => {}
                 }
             }
+            seen = rd.buf.len();
             match rd.poll_fill(cx) {
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Wait::Close),
                 Poll::Ready(Ok(_)) => continue,
