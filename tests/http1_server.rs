@@ -15,19 +15,7 @@ const BOUND: Duration = Duration::from_secs(20);
 
 /// Reads until the server closes the connection; fails the test if it stays open.
 async fn read_until_closed(s: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let closed = tokio::time::timeout(BOUND, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the server kept the connection open");
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&common::read_until_closed(s).await).into_owned()
 }
 
 /// Reads until `got` holds `needle` `times` times.

@@ -25,24 +25,6 @@ async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
     socket.connect(to).await.expect("connect")
 }
 
-/// Reads until the server closes the connection (EOF or reset); returns what was read. Fails
-/// the test if the connection is still open after [`BOUND`].
-async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let closed = tokio::time::timeout(BOUND, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the server kept the connection open");
-    out
-}
-
 /// Sends one request on `s` and reads its answer head; returns the status.
 async fn request_on(s: &mut TcpStream, path: &str) -> u16 {
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
@@ -170,7 +152,7 @@ async fn an_idle_keep_alive_connection_is_closed() {
     let mut s = TcpStream::connect(app.addr).await.expect("connect");
     assert_eq!(request_on(&mut s, "/health").await, 200);
     // Nothing more is sent: the server closes the idle connection.
-    read_until_closed(&mut s).await;
+    common::read_until_closed(&mut s).await;
 }
 
 #[tokio::test]
@@ -206,7 +188,7 @@ async fn a_stalled_request_body_is_dropped() {
     .await
     .expect("head and start of body");
     // The rest never comes; the server gives up on the body and closes the connection.
-    read_until_closed(&mut s).await;
+    common::read_until_closed(&mut s).await;
 }
 
 #[tokio::test]
@@ -233,7 +215,7 @@ async fn connections_over_the_per_address_cap_are_closed_while_others_are_served
     let _ = extra
         .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
         .await;
-    assert!(read_until_closed(&mut extra).await.is_empty());
+    assert!(common::read_until_closed(&mut extra).await.is_empty());
     // Another address is served, and so are the held connections.
     let mut other = connect_from("127.0.0.3", app.addr).await;
     assert_eq!(request_on(&mut other, "/health").await, 200);
@@ -282,6 +264,6 @@ async fn the_global_cap_closes_the_excess_and_frees_places() {
     let _ = c
         .write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
         .await;
-    assert!(read_until_closed(&mut c).await.is_empty());
+    assert!(common::read_until_closed(&mut c).await.is_empty());
     assert_eq!(request_on(&mut a, "/health").await, 200);
 }

@@ -138,13 +138,127 @@ fn invalid(what: impl std::fmt::Display) -> io::Error {
     )
 }
 
+/// Where each header field's name and value lie in a head, as offsets into its buffer:
+/// httparse borrows the buffer, which must be split before the values can share it.
+pub(crate) struct Spans {
+    at: [(u32, u32, u32, u32); MAX_HEADERS],
+    len: usize,
+}
+
+impl Spans {
+    /// The spans of `fields`, parsed from the buffer starting at `base`; the head is at most
+    /// [`MAX_HEAD`] long, so each offset fits.
+    pub(crate) fn of(base: *const u8, fields: &[httparse::Header<'_>]) -> Spans {
+        let mut spans = Spans {
+            at: [(0, 0, 0, 0); MAX_HEADERS],
+            len: fields.len(),
+        };
+        let base = base as usize;
+        for (slot, h) in spans.at.iter_mut().zip(fields) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            *slot = (
+                name as u32,
+                (name + h.name.len()) as u32,
+                value as u32,
+                (value + h.value.len()) as u32,
+            );
+        }
+        spans
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The fields, their values sharing `head`'s memory; `None` for a name or value that is
+    /// not valid.
+    pub(crate) fn fields<'h>(
+        &'h self,
+        head: &'h Bytes,
+    ) -> impl Iterator<Item = Option<(HeaderName, HeaderValue)>> + 'h {
+        self.at[..self.len].iter().map(move |&(n0, n1, v0, v1)| {
+            let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).ok()?;
+            let value =
+                HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)).ok()?;
+            Some((name, value))
+        })
+    }
+}
+
+/// The fields that delimit a message and decide its connection's reuse, as a head's fields
+/// are read (the same rules for a request and an answer, RFC 9112 §6 and §9.3).
+pub(crate) struct Delimiters {
+    /// `content-length`, when given (a list of equal values counts once).
+    pub length: Option<u64>,
+    /// `transfer-encoding`, when given: whether its last coding is `chunked`.
+    pub chunked: Option<bool>,
+    /// The connection closes after this message.
+    pub close: bool,
+    version: Version,
+}
+
+/// A delimiting field that cannot be read.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum BadDelimiter {
+    LengthNotANumber,
+    TwoLengths,
+}
+
+impl Delimiters {
+    pub(crate) fn new(version: Version) -> Delimiters {
+        Delimiters {
+            length: None,
+            chunked: None,
+            close: version != Version::HTTP_11,
+            version,
+        }
+    }
+
+    /// Takes note of one field (any field: the others are ignored).
+    pub(crate) fn see(
+        &mut self,
+        name: &HeaderName,
+        value: &HeaderValue,
+    ) -> Result<(), BadDelimiter> {
+        if name == header::CONTENT_LENGTH {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let n = digits(part.trim_ascii()).ok_or(BadDelimiter::LengthNotANumber)?;
+                if self.length.is_some_and(|l| l != n) {
+                    return Err(BadDelimiter::TwoLengths);
+                }
+                self.length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            // The last coding decides: chunked, or the body cannot be delimited by it.
+            let last = value
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or(b"");
+            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for t in value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+            {
+                if t.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") && self.version == Version::HTTP_10
+                {
+                    self.close = false;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Reads a response head from the front of `buf` (an answer to `method`), taking it off the
 /// buffer when whole. The header values share the buffer's memory (no copy).
 pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
-    // Where each header's name and value lie in the head (httparse borrows the buffer, which
-    // must be split before the values can share it).
-    let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let (len, code, version, count) = {
+    let (len, code, version, spans) = {
         // Uninitialised slots: httparse fills the ones it uses (a hundred empty headers
         // written first would be work for nothing).
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -169,20 +283,8 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
         if !whole {
             return Ok(Parsed::Partial);
         }
-        let base = buf.as_ptr() as usize;
-        let count = res.headers.len();
-        for (slot, h) in at.iter_mut().zip(res.headers.iter()) {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            // Within MAX_HEAD, so each offset fits.
-            *slot = (
-                name as u32,
-                (name + h.name.len()) as u32,
-                value as u32,
-                (value + h.value.len()) as u32,
-            );
-        }
-        (len, res.code.unwrap_or(0), res.version.unwrap_or(1), count)
+        let spans = Spans::of(buf.as_ptr(), res.headers);
+        (len, res.code.unwrap_or(0), res.version.unwrap_or(1), spans)
     };
     let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(invalid)?;
@@ -197,45 +299,26 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
     } else {
         Version::HTTP_10
     };
-    let mut headers = HeaderMap::with_capacity(count);
-    let mut close = version != Version::HTTP_11;
-    let mut length: Option<u64> = None;
-    let mut chunked = None;
-    for &(n0, n1, v0, v1) in &at[..count] {
-        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).map_err(invalid)?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
-            .map_err(invalid)?;
-        if name == header::CONTENT_LENGTH {
-            for part in value.as_bytes().split(|&b| b == b',') {
-                let n = digits(part.trim_ascii())
-                    .ok_or_else(|| invalid("its content-length is not a number"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(invalid("it has two different content-lengths"));
-                }
-                length = Some(n);
-            }
-        } else if name == header::TRANSFER_ENCODING {
-            // The last coding decides: chunked, or the body runs to the connection's end.
-            let last = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"");
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
-            let tokens = value.as_bytes().split(|&b| b == b',');
-            for t in tokens.map(<[u8]>::trim_ascii) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    close = false;
-                }
-            }
-        }
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut delimiters = Delimiters::new(version);
+    for field in spans.fields(&head) {
+        let (name, value) = field.ok_or_else(|| invalid("a header field is not valid"))?;
+        delimiters.see(&name, &value).map_err(|e| {
+            invalid(match e {
+                BadDelimiter::LengthNotANumber => "its content-length is not a number",
+                BadDelimiter::TwoLengths => "it has two different content-lengths",
+            })
+        })?;
         if !hop_by_hop(&name) {
             headers.append(name, value);
         }
     }
+    let Delimiters {
+        length,
+        chunked,
+        mut close,
+        ..
+    } = delimiters;
     let framing = if *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED

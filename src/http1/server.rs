@@ -5,10 +5,10 @@
 use std::io;
 
 use axum::http::header::{self, HeaderName};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, Version};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, Version};
 use bytes::BytesMut;
 
-use super::{digits, MAX_HEAD, MAX_HEADERS};
+use super::{BadDelimiter, Delimiters, Spans, MAX_HEAD, MAX_HEADERS};
 
 /// How a request's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +52,7 @@ fn bad(message: impl Into<String>) -> BadRequest {
 /// `Ok(None)` while it is not whole yet. Empty lines before the request line are skipped
 /// (RFC 9112 §2.2). The header values and the URI share the buffer's memory (no copy).
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadRequest> {
-    let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let (len, method, path, version, count) = {
+    let (len, method, path, version, spans) = {
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -97,19 +96,8 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
         if !whole {
             return Ok(None);
         }
+        let spans = Spans::of(buf.as_ptr(), req.headers);
         let base = buf.as_ptr() as usize;
-        let count = req.headers.len();
-        for (slot, h) in at.iter_mut().zip(req.headers.iter()) {
-            let name = h.name.as_ptr() as usize - base;
-            let value = h.value.as_ptr() as usize - base;
-            // Within MAX_HEAD, so each offset fits.
-            *slot = (
-                name as u32,
-                (name + h.name.len()) as u32,
-                value as u32,
-                (value + h.value.len()) as u32,
-            );
-        }
         let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
             .map_err(|_| bad("The request's method is not valid; send a standard method."))?;
         let path = req.path.unwrap_or("");
@@ -119,7 +107,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
             method,
             (p0, p0 + path.len()),
             req.version.unwrap_or(1),
-            count,
+            spans,
         )
     };
     let head = buf.split_to(len).freeze();
@@ -130,48 +118,22 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
     } else {
         Version::HTTP_10
     };
-    let mut headers = HeaderMap::with_capacity(count);
-    let mut close = version != Version::HTTP_11;
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut delimiters = Delimiters::new(version);
     let mut expect_continue = false;
-    let mut length: Option<u64> = None;
-    let mut chunked = None;
-    for &(n0, n1, v0, v1) in &at[..count] {
-        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize])
-            .map_err(|_| bad("A request header's name is not valid; check your headers."))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize))
-            .map_err(|_| bad("A request header's value is not valid; check your headers."))?;
-        if name == header::CONTENT_LENGTH {
-            for part in value.as_bytes().split(|&b| b == b',') {
-                let n = digits(part.trim_ascii()).ok_or_else(|| {
-                    bad("The request's content-length is not a number; send the body's size in bytes.")
-                })?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(bad(
-                        "The request has two different content-lengths; send one.",
-                    ));
-                }
-                length = Some(n);
+    for field in spans.fields(&head) {
+        let (name, value) = field.ok_or_else(|| {
+            bad("A request header's name or value is not valid; check your headers.")
+        })?;
+        delimiters.see(&name, &value).map_err(|e| match e {
+            BadDelimiter::LengthNotANumber => {
+                bad("The request's content-length is not a number; send the body's size in bytes.")
             }
-        } else if name == header::TRANSFER_ENCODING {
-            let last = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"");
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == header::CONNECTION {
-            for t in value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-            {
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    close = false;
-                }
+            BadDelimiter::TwoLengths => {
+                bad("The request has two different content-lengths; send one.")
             }
-        } else if name == header::EXPECT {
+        })?;
+        if name == header::EXPECT {
             if value.as_bytes().eq_ignore_ascii_case(b"100-continue") {
                 expect_continue = version == Version::HTTP_11;
             } else {
@@ -185,6 +147,12 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
         }
         headers.append(name, value);
     }
+    let Delimiters {
+        length,
+        chunked,
+        close,
+        ..
+    } = delimiters;
     let body = match chunked {
         // RFC 9112 §6.1: a request whose last coding is not chunked cannot be delimited; one
         // with both framings is how requests are smuggled past another server.
@@ -373,6 +341,7 @@ pub fn body_error(what: &str) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     fn parse(s: &str) -> Result<Option<RequestHead>, BadRequest> {
         parse_request(&mut BytesMut::from(s))

@@ -134,3 +134,22 @@ pub fn child_port() -> u16 {
         }
     }
 }
+
+/// Reads from `s` until the server closes the connection (end of stream or reset) and returns
+/// what was read; fails the test if the connection is still open after 20 s.
+pub async fn read_until_closed(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept the connection open");
+    out
+}
