@@ -171,7 +171,7 @@ pub fn info_line(target: &str, message: &str, fields: &[(&str, Field<'_>)]) -> b
         if batch.to.is_none() {
             batch.to = Some(queue.clone());
         }
-        let now = std::time::SystemTime::now()
+        let now = crate::timer::system_now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         match *format {

@@ -146,15 +146,22 @@ pub(crate) struct Spans {
 }
 
 impl Spans {
-    /// The spans of `fields`, parsed from the buffer starting at `base`; the head is at most
-    /// [`MAX_HEAD`] long, so each offset fits.
-    pub(crate) fn of(base: *const u8, fields: &[httparse::Header<'_>]) -> Spans {
-        let mut spans = Spans {
+    /// No fields yet. (Declared before the parse, so that its table is written in place.)
+    #[inline]
+    pub(crate) fn new() -> Spans {
+        Spans {
             at: [(0, 0, 0, 0); MAX_HEADERS],
-            len: fields.len(),
-        };
+            len: 0,
+        }
+    }
+
+    /// Records where `fields`, parsed from the buffer starting at `base`, lie; the head is at
+    /// most [`MAX_HEAD`] long, so each offset fits.
+    #[inline(always)]
+    pub(crate) fn record(&mut self, base: *const u8, fields: &[httparse::Header<'_>]) {
         let base = base as usize;
-        for (slot, h) in spans.at.iter_mut().zip(fields) {
+        self.len = fields.len();
+        for (slot, h) in self.at.iter_mut().zip(fields) {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
             *slot = (
@@ -164,25 +171,21 @@ impl Spans {
                 (value + h.value.len()) as u32,
             );
         }
-        spans
     }
 
+    #[inline]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
-    /// The fields, their values sharing `head`'s memory; `None` for a name or value that is
-    /// not valid.
-    pub(crate) fn fields<'h>(
-        &'h self,
-        head: &'h Bytes,
-    ) -> impl Iterator<Item = Option<(HeaderName, HeaderValue)>> + 'h {
-        self.at[..self.len].iter().map(move |&(n0, n1, v0, v1)| {
-            let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).ok()?;
-            let value =
-                HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)).ok()?;
-            Some((name, value))
-        })
+    /// Field `i`, its value sharing `head`'s memory; `None` for a name or value that is not
+    /// valid.
+    #[inline(always)]
+    pub(crate) fn field(&self, head: &Bytes, i: usize) -> Option<(HeaderName, HeaderValue)> {
+        let (n0, n1, v0, v1) = self.at[i];
+        let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)).ok()?;
+        Some((name, value))
     }
 }
 
@@ -216,6 +219,7 @@ impl Delimiters {
     }
 
     /// Takes note of one field (any field: the others are ignored).
+    #[inline(always)]
     pub(crate) fn see(
         &mut self,
         name: &HeaderName,
@@ -258,7 +262,8 @@ impl Delimiters {
 /// Reads a response head from the front of `buf` (an answer to `method`), taking it off the
 /// buffer when whole. The header values share the buffer's memory (no copy).
 pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
-    let (len, code, version, spans) = {
+    let mut spans = Spans::new();
+    let (len, code, version) = {
         // Uninitialised slots: httparse fills the ones it uses (a hundred empty headers
         // written first would be work for nothing).
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -283,8 +288,8 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
         if !whole {
             return Ok(Parsed::Partial);
         }
-        let spans = Spans::of(buf.as_ptr(), res.headers);
-        (len, res.code.unwrap_or(0), res.version.unwrap_or(1), spans)
+        spans.record(buf.as_ptr(), res.headers);
+        (len, res.code.unwrap_or(0), res.version.unwrap_or(1))
     };
     let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(invalid)?;
@@ -301,8 +306,10 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
     };
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut delimiters = Delimiters::new(version);
-    for field in spans.fields(&head) {
-        let (name, value) = field.ok_or_else(|| invalid("a header field is not valid"))?;
+    for i in 0..spans.len() {
+        let (name, value) = spans
+            .field(&head, i)
+            .ok_or_else(|| invalid("a header field is not valid"))?;
         delimiters.see(&name, &value).map_err(|e| {
             invalid(match e {
                 BadDelimiter::LengthNotANumber => "its content-length is not a number",

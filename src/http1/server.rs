@@ -52,7 +52,8 @@ fn bad(message: impl Into<String>) -> BadRequest {
 /// `Ok(None)` while it is not whole yet. Empty lines before the request line are skipped
 /// (RFC 9112 §2.2). The header values and the URI share the buffer's memory (no copy).
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadRequest> {
-    let (len, method, path, version, spans) = {
+    let mut spans = Spans::new();
+    let (len, method, path, version) = {
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -96,19 +97,13 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
         if !whole {
             return Ok(None);
         }
-        let spans = Spans::of(buf.as_ptr(), req.headers);
+        spans.record(buf.as_ptr(), req.headers);
         let base = buf.as_ptr() as usize;
         let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
             .map_err(|_| bad("The request's method is not valid; send a standard method."))?;
         let path = req.path.unwrap_or("");
         let p0 = path.as_ptr() as usize - base;
-        (
-            len,
-            method,
-            (p0, p0 + path.len()),
-            req.version.unwrap_or(1),
-            spans,
-        )
+        (len, method, (p0, p0 + path.len()), req.version.unwrap_or(1))
     };
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path.0..path.1))
@@ -121,8 +116,8 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut delimiters = Delimiters::new(version);
     let mut expect_continue = false;
-    for field in spans.fields(&head) {
-        let (name, value) = field.ok_or_else(|| {
+    for i in 0..spans.len() {
+        let (name, value) = spans.field(&head, i).ok_or_else(|| {
             bad("A request header's name or value is not valid; check your headers.")
         })?;
         delimiters.see(&name, &value).map_err(|e| match e {
@@ -307,14 +302,13 @@ pub fn response_framing(
     }
 }
 
-/// The `date` header's value for the current second, formatted once per second per thread.
-pub fn date_now() -> [u8; 29] {
+/// The `date` header's value for `now`, formatted once per second per thread.
+pub fn date_now(now: std::time::SystemTime) -> [u8; 29] {
     use std::cell::Cell;
-    use std::time::{SystemTime, UNIX_EPOCH};
+    use std::time::UNIX_EPOCH;
     thread_local! {
         static CACHED: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
     }
-    let now = SystemTime::now();
     let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     CACHED.with(|c| {
         let (at, text) = c.get();
@@ -500,7 +494,8 @@ mod tests {
             ),
             ResponseFraming::None
         );
-        assert_eq!(date_now().len(), 29);
-        assert!(date_now().ends_with(b" GMT"));
+        let now = std::time::SystemTime::now();
+        assert_eq!(date_now(now).len(), 29);
+        assert!(date_now(now).ends_with(b" GMT"));
     }
 }

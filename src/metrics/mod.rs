@@ -488,6 +488,13 @@ pub fn proxied(
     Response::from_parts(parts, Body::new(timed))
 }
 
+/// Seconds since `sent` ([`crate::timer::now`]: the connection's poll's clock reading).
+fn elapsed(sent: Instant) -> f64 {
+    crate::timer::now()
+        .saturating_duration_since(sent)
+        .as_secs_f64()
+}
+
 /// A response body that records when its first data and its end went by.
 struct Timed {
     inner: Body,
@@ -501,7 +508,7 @@ impl Timed {
     fn end(&mut self) {
         if !self.ended {
             self.ended = true;
-            self.histograms[0].record(self.sent.elapsed().as_secs_f64());
+            self.histograms[0].record(elapsed(self.sent));
         }
     }
 }
@@ -520,7 +527,7 @@ impl http_body::Body for Timed {
             Poll::Ready(Some(Ok(frame))) => {
                 if !this.first_seen && frame.data_ref().is_some_and(|d| !d.is_empty()) {
                     this.first_seen = true;
-                    this.histograms[1].record(this.sent.elapsed().as_secs_f64());
+                    this.histograms[1].record(elapsed(this.sent));
                 }
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.end(),

@@ -29,7 +29,6 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -327,7 +326,7 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
     let upstream = state.upstreams.provider(provider);
     // Phases 3 and 4: build the upstream request and send it.
     let headers = upstream_headers(&ctx);
-    let started = Instant::now();
+    let started = crate::timer::now();
     let deadline = tokio::time::Instant::from_std(started) + state.upstreams.timeout;
     let sent = send(
         &state,
@@ -376,7 +375,7 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
     } = req;
     match sent {
         Ok((resp, key)) => {
-            let latency = started.elapsed();
+            let latency = crate::timer::now().saturating_duration_since(started);
             log_proxied(&ctx, resp.status(), latency, &key.fingerprint);
             // Phase 5: relay.
             let transforms = Transforms {
@@ -398,7 +397,9 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
                 method = %ctx.method,
                 path = %ctx.client_path,
                 status = e.status.as_u16(),
-                upstream_ms = started.elapsed().as_millis() as u64,
+                upstream_ms = crate::timer::now()
+                    .saturating_duration_since(started)
+                    .as_millis() as u64,
                 key = key.as_deref().unwrap_or("-"),
                 error = %e.message,
                 cause = cause.as_deref().map(|c| c as &dyn StdError),

@@ -375,7 +375,8 @@ impl KeyPool {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        let since = crate::timer::now().saturating_duration_since(self.epoch);
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Chooses a key for a request of `family` (`None`: any key): only usable keys that can

@@ -244,7 +244,7 @@ fn checkout(
         let h = &mut hosts[i];
         let mut found = None;
         if !h.idle.is_empty() {
-            let now = Instant::now();
+            let now = crate::timer::now();
             while let Some(mut c) = h.idle.pop_back() {
                 if now.saturating_duration_since(c.since) > IDLE_TIMEOUT {
                     // The newest is too old: all the others are older still.
@@ -291,7 +291,7 @@ fn checkin(target: &Arc<Target>, conn: Box<Conn>) {
             }
         };
         let h = &mut hosts[i];
-        let now = Instant::now();
+        let now = crate::timer::now();
         while h
             .idle
             .front()

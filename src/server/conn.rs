@@ -497,7 +497,7 @@ async fn write_response(
         framing,
         version,
         keep_alive,
-        &h1s::date_now(),
+        &h1s::date_now(crate::timer::system_now()),
     );
     drop(parts);
     if framing == ResponseFraming::None {

@@ -32,7 +32,7 @@ impl HeadTimer {
 
     /// A response was written: the wait for the next head starts now.
     pub fn restart(&mut self) {
-        self.sleep.reset(Instant::now() + self.timeout);
+        self.sleep.reset(crate::timer::now() + self.timeout);
     }
 
     /// Ready once the current wait has lasted longer than the timeout.

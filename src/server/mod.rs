@@ -360,6 +360,8 @@ pub async fn run_shared(
             let _slot = slot;
             let mut conn = std::pin::pin!(conn);
             std::future::poll_fn(|cx| {
+                // One clock reading for everything this poll times (`timer::now`).
+                let _now = crate::timer::freeze();
                 if conn.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(());
                 }

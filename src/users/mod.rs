@@ -16,8 +16,9 @@ pub use store::{UserKey, UserStore};
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp in the user model.
 pub fn now_ms() -> i64 {
-    // The clock straight, not through chrono's calendar types (a request reads it once).
-    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+    // The clock straight, not through chrono's calendar types; within a connection's poll, the
+    // poll's reading (`timer::system_now`).
+    match crate::timer::system_now().duration_since(std::time::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
         Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
     }
