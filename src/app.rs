@@ -232,15 +232,12 @@ async fn straight(
         ip,
         client_path: template,
     };
-    crate::proxy::forward::forward_parts(
-        state,
-        route,
-        caller,
-        parts,
-        None,
-        axum::body::Body::new(body),
-    )
-    .await
+    // A body that came whole with the head goes on as it is, without a boxed body around it.
+    let body = match body.into_whole() {
+        Ok(bytes) => crate::proxy::forward::ClientBody::Whole(bytes),
+        Err(body) => crate::proxy::forward::ClientBody::Streamed(axum::body::Body::new(body)),
+    };
+    crate::proxy::forward::forward_parts(state, route, caller, parts, None, body).await
 }
 
 /// The span of one request in the debug trace: its method and route *template*

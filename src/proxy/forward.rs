@@ -178,7 +178,22 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         ip,
         client_path,
     };
-    forward_parts(state, route, caller, parts, path_model, body).await
+    forward_parts(
+        state,
+        route,
+        caller,
+        parts,
+        path_model,
+        ClientBody::Streamed(body),
+    )
+    .await
+}
+
+/// A client's request body as the forwarder gets it: already whole (the server had it with the
+/// request's head, the usual case on the straight path), or to be read.
+pub enum ClientBody {
+    Whole(Bytes),
+    Streamed(Body),
 }
 
 /// Handles one proxied request along a [`Route`] from its parts: the forwarder proper, called
@@ -189,7 +204,7 @@ pub async fn forward_parts(
     caller: Caller,
     parts: axum::http::request::Parts,
     path_model: Option<String>,
-    body: Body,
+    body: ClientBody,
 ) -> Response {
     let Route {
         provider,
@@ -531,7 +546,7 @@ async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, BodyError> {
 }
 
 /// Phase 1: reads the body within the size limit and validates JSON routes.
-async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, ProxyError> {
+async fn read_request(ctx: &Ctx, body: ClientBody, limit: usize) -> Result<Incoming, ProxyError> {
     if ctx.method == Method::GET || ctx.method == Method::HEAD {
         return Ok(Incoming {
             bytes: Bytes::new(),
@@ -556,7 +571,12 @@ async fn read_request(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, P
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let bytes = match read_body(body, limit).await {
+    let read = match body {
+        ClientBody::Whole(b) if b.len() > limit => Err(BodyError::TooLarge),
+        ClientBody::Whole(b) => Ok(b),
+        ClientBody::Streamed(body) => read_body(body, limit).await,
+    };
+    let bytes = match read {
         Ok(b) => b,
         Err(BodyError::TooLarge) => return Err(too_large()),
         Err(BodyError::Broken) => {

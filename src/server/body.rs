@@ -34,6 +34,23 @@ impl<B> ReadTimeout<B> {
     }
 }
 
+impl ReadTimeout<super::RequestBody> {
+    /// The body's bytes when it arrived whole with the request's head (nothing to wait for,
+    /// so no timer); the body itself otherwise.
+    pub fn into_whole(self) -> Result<bytes::Bytes, Self> {
+        let ReadTimeout {
+            timeout,
+            sleep,
+            body,
+        } = self;
+        body.into_whole().map_err(|body| ReadTimeout {
+            timeout,
+            sleep,
+            body,
+        })
+    }
+}
+
 /// The error of a body whose client paused longer than `CLIENT_BODY_TIMEOUT_SECS`.
 #[derive(Debug)]
 pub struct BodyTimeout;

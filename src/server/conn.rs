@@ -130,6 +130,14 @@ impl RequestBody {
     fn whole(bytes: Bytes) -> RequestBody {
         RequestBody(Kind::Whole(bytes))
     }
+
+    /// The bytes of a body that arrived whole with its head; the body itself otherwise.
+    pub fn into_whole(self) -> Result<Bytes, RequestBody> {
+        match self.0 {
+            Kind::Whole(bytes) => Ok(bytes),
+            other => Err(RequestBody(other)),
+        }
+    }
 }
 
 impl Streaming {
