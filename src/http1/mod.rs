@@ -21,11 +21,11 @@ use bytes::{Buf, Bytes, BytesMut};
 
 pub mod server;
 
-/// The largest response head accepted. Providers' answers carry about 2 KB of headers;
-/// anything near this is not an API answer.
+/// The largest head accepted, a client's request's or an upstream's answer's. Clients and
+/// providers send about 2 KB of headers; anything near this is not an API call or answer.
 pub const MAX_HEAD: usize = 64 * 1024;
 
-/// The most header fields a response head may have (hyper's default).
+/// The most header fields a head may have (hyper's default).
 pub const MAX_HEADERS: usize = 100;
 
 /// The longest line of a chunked body's framing (a size with its extensions, a trailer
@@ -60,6 +60,23 @@ fn bodiless(method: &Method) -> bool {
     )
 }
 
+/// Writes one header field line into `out`.
+fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The version of a head whose version line `httparse` read as `HTTP/1.<minor>`.
+fn version_of(minor: u8) -> Version {
+    if minor == 1 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    }
+}
+
 /// Writes a request head into `out`: the request line, `host` (unless the headers have one),
 /// the headers but the connection's own ones, and `content-length` for `body_len` bytes.
 pub fn encode_head(
@@ -75,23 +92,19 @@ pub fn encode_head(
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if !headers.contains_key(header::HOST) {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(host.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, b"host", host.as_bytes());
     }
     for (name, value) in headers {
-        if written_by_us(name) {
-            continue;
+        if !written_by_us(name) {
+            write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
     if body_len > 0 || !bodiless(method) {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(
+            out,
+            b"content-length",
+            itoa::Buffer::new().format(body_len).as_bytes(),
+        );
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -299,11 +312,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
         }
         return Ok(Parsed::Interim);
     }
-    let version = if version == 1 {
-        Version::HTTP_11
-    } else {
-        Version::HTTP_10
-    };
+    let version = version_of(version);
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut delimiters = Delimiters::new(version);
     for i in 0..spans.len() {

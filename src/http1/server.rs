@@ -8,7 +8,7 @@ use axum::http::header::{self, HeaderName};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, Version};
 use bytes::BytesMut;
 
-use super::{BadDelimiter, Delimiters, Spans, MAX_HEAD, MAX_HEADERS};
+use super::{version_of, write_field, BadDelimiter, Delimiters, Spans, MAX_HEAD, MAX_HEADERS};
 
 /// How a request's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,11 +108,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path.0..path.1))
         .map_err(|_| bad("The request's target is not a valid URI; check the path you call."))?;
-    let version = if version == 1 {
-        Version::HTTP_11
-    } else {
-        Version::HTTP_10
-    };
+    let version = version_of(version);
     let mut headers = HeaderMap::with_capacity(spans.len());
     let mut delimiters = Delimiters::new(version);
     let mut expect_continue = false;
@@ -219,32 +215,26 @@ pub fn encode_response_head(
     out.extend_from_slice(b"\r\n");
     let keep_length = framing == ResponseFraming::None;
     for (name, value) in headers {
-        if framing_header(name) || (!keep_length && name == header::CONTENT_LENGTH) {
-            continue;
+        if !(framing_header(name) || (!keep_length && name == header::CONTENT_LENGTH)) {
+            write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
     if !headers.contains_key(header::DATE) {
-        out.extend_from_slice(b"date: ");
-        out.extend_from_slice(date);
-        out.extend_from_slice(b"\r\n");
+        write_field(out, b"date", date);
     }
     match framing {
-        ResponseFraming::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        ResponseFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        ResponseFraming::Length(n) => write_field(
+            out,
+            b"content-length",
+            itoa::Buffer::new().format(n).as_bytes(),
+        ),
+        ResponseFraming::Chunked => write_field(out, b"transfer-encoding", b"chunked"),
         ResponseFraming::None | ResponseFraming::UntilClose => {}
     }
     if !keep_alive && version == Version::HTTP_11 {
-        out.extend_from_slice(b"connection: close\r\n");
+        write_field(out, b"connection", b"close");
     } else if keep_alive && version == Version::HTTP_10 {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
+        write_field(out, b"connection", b"keep-alive");
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -280,14 +270,15 @@ pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 /// The interim answer to `expect: 100-continue`.
 pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// The response framing for a status, a request method and what is known of the body's size.
+/// The response framing for a status, whether the request was a `HEAD`, and what is known of
+/// the body's size.
 pub fn response_framing(
-    method: &Method,
+    head_request: bool,
     status: StatusCode,
     exact_len: Option<u64>,
     version: Version,
 ) -> ResponseFraming {
-    if *method == Method::HEAD
+    if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -474,24 +465,19 @@ mod tests {
         encode_chunk(&mut out, &[b'x'; 26]);
         assert_eq!(&out[..4], b"1a\r\n");
         assert_eq!(
-            response_framing(&Method::GET, StatusCode::OK, None, Version::HTTP_11),
+            response_framing(false, StatusCode::OK, None, Version::HTTP_11),
             ResponseFraming::Chunked
         );
         assert_eq!(
-            response_framing(&Method::GET, StatusCode::OK, None, Version::HTTP_10),
+            response_framing(false, StatusCode::OK, None, Version::HTTP_10),
             ResponseFraming::UntilClose
         );
         assert_eq!(
-            response_framing(&Method::HEAD, StatusCode::OK, Some(3), Version::HTTP_11),
+            response_framing(true, StatusCode::OK, Some(3), Version::HTTP_11),
             ResponseFraming::None
         );
         assert_eq!(
-            response_framing(
-                &Method::GET,
-                StatusCode::NO_CONTENT,
-                Some(0),
-                Version::HTTP_11
-            ),
+            response_framing(false, StatusCode::NO_CONTENT, Some(0), Version::HTTP_11),
             ResponseFraming::None
         );
         let now = std::time::SystemTime::now();

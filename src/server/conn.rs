@@ -99,8 +99,19 @@ impl Home {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((reader, finished));
     }
 
-    fn take(&self) -> Option<(Box<Reader>, bool)> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    /// The reader, however its body ended.
+    fn take(&self) -> Option<Box<Reader>> {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.take().map(|(r, _)| r)
+    }
+
+    /// The reader, when its body was read to its end.
+    fn take_finished(&self) -> Option<Box<Reader>> {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match *slot {
+            Some((_, true)) => slot.take().map(|(r, _)| r),
+            _ => None,
+        }
     }
 }
 
@@ -263,14 +274,10 @@ pub(super) async fn serve<F: Front>(
     }));
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut timer = HeadTimer::start(settings.header_timeout);
-    let mut first = true;
     loop {
         let Some(rd) = reader.as_deref_mut() else {
             return;
         };
-        if !std::mem::take(&mut first) {
-            timer.restart();
-        }
         // Bytes of the buffer already looked at without finding a whole head: a head ends
         // with a line feed, so it is parsed again only when one has arrived since (a head
         // trickled a byte at a time is parsed once per line, not once per byte), or when the
@@ -317,7 +324,7 @@ pub(super) async fn serve<F: Front>(
                     &mut wr,
                     &mut out,
                     resp,
-                    &Method::GET,
+                    false,
                     Version::HTTP_11,
                     false,
                     &mut None,
@@ -358,7 +365,7 @@ pub(super) async fn serve<F: Front>(
                 })))
             }
         };
-        let is_head = method == Method::HEAD;
+        let head_request = method == Method::HEAD;
         let mut req = Request::new(ReadTimeout::new(settings.body_timeout, body));
         *req.method_mut() = method;
         *req.uri_mut() = uri;
@@ -389,12 +396,11 @@ pub(super) async fn serve<F: Front>(
         // Another request may follow when the client allows it, its body was read to the end,
         // and the server goes on.
         let keep_alive = keep_alive && reader.is_some() && !stop.stopped();
-        let method = if is_head { Method::HEAD } else { Method::GET };
         let kept = write_response(
             &mut wr,
             &mut out,
             resp,
-            &method,
+            head_request,
             version,
             keep_alive,
             &mut reader,
@@ -404,7 +410,7 @@ pub(super) async fn serve<F: Front>(
             Ok(true) => {}
             Ok(false) => {
                 // The reader, also from a body dropped before its end, for the lingering close.
-                let reader = reader.or_else(|| home.and_then(|h| h.take()).map(|(r, _)| r));
+                let reader = reader.or_else(|| home.and_then(|h| h.take()));
                 return linger(reader, wr).await;
             }
             Err(_) => return,
@@ -412,6 +418,8 @@ pub(super) async fn serve<F: Front>(
         if out.capacity() > 64 * 1024 {
             out = Vec::with_capacity(4096);
         }
+        // The wait for the next head starts now.
+        timer.restart();
     }
 }
 
@@ -422,12 +430,7 @@ fn come_home(reader: &mut Option<Box<Reader>>, home: &Option<Arc<Home>>) {
         return;
     }
     if let Some(h) = home {
-        match h.take() {
-            Some((r, true)) => *reader = Some(r),
-            // Unfinished: kept for the lingering close.
-            Some((r, false)) => h.put(r, false),
-            None => {}
-        }
+        *reader = h.take_finished();
     }
 }
 
@@ -464,14 +467,14 @@ enum Next {
     Gone,
 }
 
-/// Writes `resp` (to a request with `method` and `version`); `Ok(true)` when the connection
+/// Writes `resp` (to a `HEAD` request or not, of `version`); `Ok(true)` when the connection
 /// can carry another request. While the body has nothing to send, the reader (when home)
 /// watches for the client's close, which ends the response.
 async fn write_response(
     wr: &mut OwnedWriteHalf,
     out: &mut Vec<u8>,
     resp: Response,
-    method: &Method,
+    head_request: bool,
     version: Version,
     mut keep_alive: bool,
     reader: &mut Option<Box<Reader>>,
@@ -488,7 +491,7 @@ async fn write_response(
                 .and_then(|v| v.parse::<u64>().ok())
         })
     };
-    let framing = h1s::response_framing(method, parts.status, declared, version);
+    let framing = h1s::response_framing(head_request, parts.status, declared, version);
     if framing == ResponseFraming::UntilClose
         || parts
             .headers
