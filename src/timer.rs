@@ -286,19 +286,38 @@ pub struct Elapsed;
 
 /// `fut`'s output, or [`Elapsed`] when `deadline` passes first (up to [`TICK`] late). `fut`
 /// is polled first, so an answer that is there wins over a deadline that passed meanwhile.
-pub async fn timeout_at<F: Future>(deadline: Instant, fut: F) -> Result<F::Output, Elapsed> {
-    let mut fut = std::pin::pin!(fut);
-    let mut sleep = Sleep::until(deadline);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+pub fn timeout_at<F: Future>(deadline: Instant, fut: F) -> Timeout<F> {
+    Timeout {
+        fut,
+        sleep: Sleep::until(deadline),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`timeout_at`]. A struct rather than an `async fn`: an `async fn` keeps
+    /// the future it is given twice (as its argument and as its pinned local), which made the
+    /// upstream call's future 1 792 bytes around the pool's 856, copied whole with every
+    /// future that holds it (issue 18).
+    pub struct Timeout<F> {
+        #[pin]
+        fut: F,
+        sleep: Sleep,
+    }
+}
+
+impl<F: Future> Future for Timeout<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(v) = this.fut.poll(cx) {
             return Poll::Ready(Ok(v));
         }
-        match Pin::new(&mut sleep).poll(cx) {
+        match Pin::new(this.sleep).poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
             Poll::Pending => Poll::Pending,
         }
-    })
-    .await
+    }
 }
 
 #[cfg(test)]

@@ -1289,6 +1289,7 @@ fn relay(
     extend_headers(&mut headers, extra);
     let body = Relay {
         upstream: upstream_body,
+        same_length: !length_changes,
         ticket,
         transforms,
         ended: false,
@@ -1312,6 +1313,11 @@ fn dropped_response_header(name: &HeaderName) -> bool {
 
 /// Adds the quota's headers, replacing any of the same name.
 fn extend_headers(headers: &mut HeaderMap, extra: HeaderMap) {
+    // Most requests have none (no rate limit configured): walking an empty map as an
+    // iterator costs about 200 instructions (callgrind).
+    if extra.is_empty() {
+        return;
+    }
     let mut last: Option<HeaderName> = None;
     for (name, value) in extra {
         match name {
@@ -1333,6 +1339,9 @@ fn extend_headers(headers: &mut HeaderMap, extra: HeaderMap) {
 /// connection and so cancels the upstream request, and drops the ticket unfinished.
 struct Relay {
     upstream: UpstreamBody,
+    /// Neither the ticket (an SSE body's hidden usage event) nor a transform changes the
+    /// body's length: the upstream's size is the client's.
+    same_length: bool,
     ticket: Option<Ticket>,
     transforms: Transforms,
     /// The upstream body ended (what the transforms still held has been sent).
@@ -1461,11 +1470,9 @@ impl http_body::Body for Relay {
 
     fn size_hint(&self) -> SizeHint {
         // A ticket may shorten an SSE body (it hides the usage event it asked for) and a
-        // transform rewrites it, so only a body without either keeps the upstream's length.
-        if self.ticket.is_none()
-            && self.transforms.decode.is_none()
-            && self.transforms.translate.is_none()
-        {
+        // transform rewrites it; any other body keeps the upstream's length, which the
+        // server then writes without reading the `content-length` header again.
+        if self.same_length {
             self.upstream.size_hint()
         } else {
             SizeHint::default()

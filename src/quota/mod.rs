@@ -427,7 +427,8 @@ impl Quotas {
         // The entry the gatekeeper found: no second lookup of the token.
         let key = key.unwrap_or_else(|| self.users.key(token));
 
-        let family = facts.family;
+        // The interned name: the user's counts find it by address (`users::counts`).
+        let family = crate::users::counts::Family::intern(facts.family).as_str();
         let want = Want {
             prompt: facts.prompt_bound(),
             max_output: facts.max_output,
