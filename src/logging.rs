@@ -245,18 +245,7 @@ fn write_json_str(buf: &mut Vec<u8>, s: &str) {
 }
 
 fn write_number(buf: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&digits[i..]);
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 thread_local! {
@@ -275,14 +264,12 @@ fn write_timestamp(buf: &mut Vec<u8>, now: Duration) {
         SECOND.set((secs, text));
     }
     buf.extend_from_slice(&text);
-    let micros = now.subsec_micros();
-    let mut frac = *b".000000Z";
-    let mut m = micros;
-    for i in (1..7).rev() {
-        frac[i] = b'0' + (m % 10) as u8;
-        m /= 10;
-    }
-    buf.extend_from_slice(&frac);
+    // The microseconds, zero-padded to six digits: 1 000 000 more, its first digit dropped.
+    let mut digits = itoa::Buffer::new();
+    let padded = digits.format(1_000_000 + now.subsec_micros()).as_bytes();
+    buf.push(b'.');
+    buf.extend_from_slice(&padded[1..]);
+    buf.push(b'Z');
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` of a Unix time in UTC (years 1970–9999), by the days-to-civil

@@ -158,6 +158,10 @@ pub fn chat_facts_from_bytes(body: &[u8]) -> Option<Result<RequestFacts, BadRequ
         choices: n.and_then(raw::unsigned).unwrap_or(1).clamp(1, 128),
         capped_output: true,
         prompt_fixed: REPLY_PRIMING,
+        // The prompt's text is read out of the body: sized once for a usual prompt rather
+        // than grown string by string (each growth is a reallocation). Capped: the text is
+        // kept while the request runs, and a large body is mostly images.
+        prompt_text: String::with_capacity(body.len().min(4096)),
         ..RequestFacts::default()
     };
     let newer = match raw::uint_field(max_completion_tokens, "max_completion_tokens") {

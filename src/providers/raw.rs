@@ -438,11 +438,13 @@ pub fn objects<'a, T>(
     r: &mut Reader<'a>,
     mut read: impl FnMut(&mut Reader<'a>) -> Option<T>,
 ) -> Option<Vec<Option<T>>> {
-    let mut items = Vec::new();
     if r.peek()? != b'[' {
         r.value()?;
-        return Some(items);
+        return Some(Vec::new());
     }
+    // Room for a short conversation at once (growing from empty costs more than the
+    // allocation itself).
+    let mut items = Vec::with_capacity(4);
     r.array(|r| {
         if r.peek()? == b'{' {
             items.push(Some(read(r)?));

@@ -563,18 +563,21 @@ async fn read_request(ctx: &Ctx, body: ClientBody, limit: usize) -> Result<Incom
             ),
         )
     };
-    let declared = ctx
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
     let read = match body {
         ClientBody::Whole(b) if b.len() > limit => Err(BodyError::TooLarge),
         ClientBody::Whole(b) => Ok(b),
-        ClientBody::Streamed(body) => read_body(body, limit).await,
+        ClientBody::Streamed(body) => {
+            // A body still to come is refused by its declared size before it is read.
+            let declared = ctx
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > limit as u64) {
+                return Err(too_large());
+            }
+            read_body(body, limit).await
+        }
     };
     let bytes = match read {
         Ok(b) => b,
