@@ -63,10 +63,24 @@ fn bodiless(method: &Method) -> bool {
 
 /// Writes one header field line into `out`.
 fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    // Room for the whole line first: each piece's own check then never grows the buffer.
+    out.reserve(name.len() + value.len() + 4);
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Puts `headers` into a message just made (`Request::new`, `Response::new`), in place of its
+/// empty map. That map was made by `HeaderMap::new`, which does not allocate, so it is
+/// forgotten rather than dropped: the drop glue of an empty map costs about 60 instructions
+/// (callgrind), four times a request. A map that holds anything is dropped as usual.
+#[inline]
+pub fn put_headers(slot: &mut HeaderMap, headers: HeaderMap) {
+    let old = std::mem::replace(slot, headers);
+    if old.capacity() == 0 {
+        std::mem::forget(old);
+    }
 }
 
 /// The version of a head whose version line `httparse` read as `HTTP/1.<minor>`.
@@ -92,7 +106,8 @@ pub fn encode_head(
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(header::HOST) {
+    // A walk of the few names, cheaper than a hashed lookup (about 100 instructions).
+    if !headers.keys().any(|n| n == header::HOST) {
         write_field(out, b"host", host.as_bytes());
     }
     for (name, value) in headers {
@@ -722,6 +737,21 @@ mod tests {
         let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx-big: "[..]);
         huge.resize(MAX_HEAD + 10, b'a');
         assert!(parse_head(&mut huge, &Method::POST).is_err());
+    }
+
+    #[test]
+    fn headers_put_into_a_new_message_replace_its_empty_map() {
+        let mut resp = axum::http::Response::new(());
+        let mut headers = HeaderMap::new();
+        headers.insert(header::SERVER, HeaderValue::from_static("x"));
+        put_headers(resp.headers_mut(), headers);
+        assert_eq!(resp.headers()[header::SERVER], "x");
+        // A map with room of its own is dropped, not forgotten (nothing to see but no leak).
+        let mut other = HeaderMap::with_capacity(4);
+        other.insert(header::DATE, HeaderValue::from_static("y"));
+        put_headers(resp.headers_mut(), other);
+        assert_eq!(resp.headers().len(), 1);
+        assert_eq!(HeaderMap::<HeaderValue>::new().capacity(), 0);
     }
 
     /// Every byte value inside a header value, in a head long enough for `httparse`'s vector

@@ -887,12 +887,14 @@ fn upstream_headers(ctx: &Ctx) -> HeaderMap {
     let provider_headers = ctx.provider.forwarded_headers();
     // One pass over the client's few headers, comparing names (a standard name compares as
     // one byte), instead of a hashed lookup per allowed name (issue 18).
+    let mut has_type = false;
     for (name, v) in &ctx.headers {
         if FORWARDED_HEADERS.contains(name) || provider_headers.contains(name) {
+            has_type |= name == header::CONTENT_TYPE;
             out.append(name.clone(), v.clone());
         }
     }
-    if ctx.method == Method::POST && !out.contains_key(header::CONTENT_TYPE) {
+    if ctx.method == Method::POST && !has_type {
         // The body was validated as JSON; say so even when the client did not.
         out.insert(
             header::CONTENT_TYPE,
@@ -1017,7 +1019,7 @@ async fn send(
         let mut req = hyper::Request::new(out.body);
         *req.method_mut() = out.method;
         *req.uri_mut() = uri;
-        *req.headers_mut() = out.headers;
+        crate::http1::put_headers(req.headers_mut(), out.headers);
         // A coarse deadline (`timer`): tokio's timer cost about a thousand instructions for a
         // timeout that almost never fires.
         let sent =
@@ -1302,7 +1304,7 @@ fn relay(
     };
     let mut out = Response::new(Body::new(body));
     *out.status_mut() = status;
-    *out.headers_mut() = headers;
+    crate::http1::put_headers(out.headers_mut(), headers);
     out
 }
 

@@ -458,7 +458,7 @@ async fn answer(
     let mut resp = Response::new(body);
     *resp.status_mut() = head.status;
     *resp.version_mut() = head.version;
-    *resp.headers_mut() = head.headers;
+    crate::http1::put_headers(resp.headers_mut(), head.headers);
     Ok(resp)
 }
 

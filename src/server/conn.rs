@@ -370,7 +370,7 @@ pub(super) async fn serve<F: Front>(
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.version_mut() = version;
-        *req.headers_mut() = headers;
+        crate::http1::put_headers(req.headers_mut(), headers);
 
         // The handler, cancelled if the client closes meanwhile.
         let mut fut = front.serve(req, peer);
