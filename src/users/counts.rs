@@ -70,7 +70,9 @@ impl Family {
         // and hash.
         RECENT.with(|recent| {
             let mut recent = recent.borrow_mut();
-            if let Some(f) = recent.iter().flatten().find(|f| f.as_str() == name) {
+            // An interned name itself (the request path's) is found by its address.
+            let same = |f: &&Family| std::ptr::eq(f.as_str(), name) || f.as_str() == name;
+            if let Some(f) = recent.iter().flatten().find(same) {
                 return *f;
             }
             let f = Family::intern_shared(name);
