@@ -428,7 +428,7 @@ impl Quotas {
         let key = key.unwrap_or_else(|| self.users.key(token));
 
         // The interned name: the user's counts find it by address (`users::counts`).
-        let family = crate::users::counts::Family::intern(facts.family).as_str();
+        let family = crate::users::counts::Family::intern_static(facts.family).as_str();
         let want = Want {
             prompt: facts.prompt_bound(),
             max_output: facts.max_output,

@@ -82,6 +82,25 @@ impl Family {
         })
     }
 
+    /// [`Family::intern`] for a name that lives as long as the process (the family table's),
+    /// remembered per thread by its address: a name that is never freed never changes, so the
+    /// same address is the same family, found without comparing text.
+    pub fn intern_static(name: &'static str) -> Family {
+        thread_local! {
+            static LAST: std::cell::Cell<Option<(&'static str, Family)>> = const { std::cell::Cell::new(None) };
+        }
+        LAST.with(|last| {
+            if let Some((n, f)) = last.get() {
+                if std::ptr::eq(n, name) {
+                    return f;
+                }
+            }
+            let f = Family::intern(name);
+            last.set(Some((name, f)));
+            f
+        })
+    }
+
     fn intern_shared(name: &str) -> Family {
         // The set only ever grows and holds plain data: a panic elsewhere cannot leave it
         // inconsistent, so a poisoned lock is still usable.
@@ -487,6 +506,17 @@ mod tests {
     fn is_small() {
         assert_eq!(std::mem::size_of::<Family>(), 8);
         assert_eq!(std::mem::size_of::<TokenCounts>(), 8);
+    }
+
+    #[test]
+    fn a_static_name_is_interned_as_its_text_is() {
+        let a: &'static str = "gpt4-static-test";
+        let b: &'static str = Box::leak(String::from("gpt4-static-test").into_boxed_str());
+        let c: &'static str = "claude-static-test";
+        assert_eq!(Family::intern_static(a), Family::intern("gpt4-static-test"));
+        assert_eq!(Family::intern_static(b), Family::intern_static(a));
+        assert_eq!(Family::intern_static(c).as_str(), "claude-static-test");
+        assert_eq!(Family::intern_static(a).as_str(), "gpt4-static-test");
     }
 
     /// A family is found by its interned name (by address) and by any other copy of its text
