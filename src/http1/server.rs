@@ -140,7 +140,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
     let uri = target_uri(&head, path.0..path.1)
         .ok_or_else(|| bad("The request's target is not a valid URI; check the path you call."))?;
     let version = version_of(version);
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = super::header_map(spans.len());
     let mut delimiters = Delimiters::new(version);
     let mut expect_continue = false;
     for i in 0..spans.len() {

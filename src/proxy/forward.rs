@@ -109,6 +109,14 @@ impl Route {
     }
 }
 
+/// The client's header map goes back to the thread's spares when the request is done
+/// (`http1::recycle_map`).
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        crate::http1::recycle_map(std::mem::take(&mut self.headers));
+    }
+}
+
 /// Everything the phases share about one request.
 struct Ctx {
     provider: Provider,
@@ -883,7 +891,7 @@ async fn apply_policy(
 /// Phase 3: the upstream request headers, from an allowlist of the client's headers. The
 /// credential is added per attempt in [`send`].
 fn upstream_headers(ctx: &Ctx) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(6);
+    let mut out = crate::http1::header_map(6);
     let provider_headers = ctx.provider.forwarded_headers();
     // One pass over the client's few headers, comparing names (a standard name compares as
     // one byte), instead of a hashed lookup per allowed name (issue 18).
@@ -1632,10 +1640,9 @@ mod tests {
         let mut names: Vec<&str> = o.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, vec!["accept", "content-type", "openai-beta"]);
-        let a = upstream_headers(&Ctx {
-            provider: Provider::Anthropic,
-            ..c
-        });
+        let mut c = c;
+        c.provider = Provider::Anthropic;
+        let a = upstream_headers(&c);
         assert_eq!(a.get("anthropic-version").expect("set"), "2023-06-01");
         assert_eq!(a.get("anthropic-beta").expect("set"), "tools-2024");
         assert!(a.get("openai-beta").is_none());
@@ -1660,11 +1667,9 @@ mod tests {
 
     #[test]
     fn client_anthropic_version_wins() {
-        let c = ctx(&[("anthropic-version", "2024-01-01")]);
-        let a = upstream_headers(&Ctx {
-            provider: Provider::Anthropic,
-            ..c
-        });
+        let mut c = ctx(&[("anthropic-version", "2024-01-01")]);
+        c.provider = Provider::Anthropic;
+        let a = upstream_headers(&c);
         assert_eq!(a.get("anthropic-version").expect("set"), "2024-01-01");
     }
 }

@@ -408,7 +408,11 @@ impl Pool {
         if let Some(mut conn) = idle {
             head(&mut conn);
             match conn.write_request(&body).await {
-                Ok(()) => return answer(conn, &parts.method, target).await,
+                Ok(()) => {
+                    let answered = answer(conn, &parts.method, target).await;
+                    crate::http1::recycle_map(parts.headers);
+                    return answered;
+                }
                 // Nothing of the request can have been processed (a request that was not
                 // written whole is never answered): as the legacy client's
                 // `retry_canceled_requests`, once more on a new connection.
@@ -424,7 +428,9 @@ impl Pool {
         conn.write_request(&body)
             .await
             .map_err(UpstreamError::Send)?;
-        answer(conn, &parts.method, target).await
+        let answered = answer(conn, &parts.method, target).await;
+        crate::http1::recycle_map(parts.headers);
+        answered
     }
 
     /// A new connection (TCP, and TLS for `https`).

@@ -510,7 +510,7 @@ async fn write_response(
         keep_alive,
         &h1s::date_now(crate::timer::system_now()),
     );
-    drop(parts);
+    crate::http1::recycle_map(parts.headers);
     if framing == ResponseFraming::None {
         drop(body);
         wr.write_all(out).await?;
