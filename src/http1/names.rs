@@ -9,11 +9,15 @@
 
 use axum::http::header::{self, HeaderName};
 
-/// A lower-case name laid out for matching: the words a name of its length is read as (see
-/// [`words`]), and for each word the bits that fold case (`0x20` where the name has a letter,
-/// nothing elsewhere, so that `-` and digits match only themselves).
+/// A lower-case name laid out for matching: where the words a name of its length is read as
+/// start and how wide they are ([`layout`]), the words, and for each word the bits that fold
+/// case (`0x20` where the name has a letter, nothing elsewhere, so that `-` and digits match
+/// only themselves).
 struct Pattern {
     len: usize,
+    starts: [usize; 3],
+    width: usize,
+    count: usize,
     words: [u64; 3],
     folds: [u64; 3],
 }
@@ -41,7 +45,7 @@ const fn word(b: &[u8], at: usize, width: usize) -> u64 {
 }
 
 const fn pattern(lower: &[u8]) -> Pattern {
-    let Some((starts, width, n)) = layout(lower.len()) else {
+    let Some((starts, width, count)) = layout(lower.len()) else {
         panic!("a known header name is 4 to 24 bytes long");
     };
     let mut folded = [0u8; 24];
@@ -58,13 +62,16 @@ const fn pattern(lower: &[u8]) -> Pattern {
     let mut words = [0u64; 3];
     let mut folds = [0u64; 3];
     let mut k = 0;
-    while k < n {
+    while k < count {
         words[k] = word(lower, starts[k], width);
         folds[k] = word(&folded, starts[k], width);
         k += 1;
     }
     Pattern {
         len: lower.len(),
+        starts,
+        width,
+        count,
         words,
         folds,
     }
@@ -89,16 +96,27 @@ fn read(b: &[u8], at: usize, width: usize) -> u64 {
 /// compared as they are.
 #[inline(always)]
 fn is(b: &[u8], p: &Pattern) -> bool {
-    let Some((starts, width, n)) = layout(p.len) else {
-        return false;
-    };
-    b.len() == p.len && (0..n).all(|k| read(b, starts[k], width) | p.folds[k] == p.words[k])
+    b.len() == p.len
+        && (0..p.count).all(|k| read(b, p.starts[k], p.width) | p.folds[k] == p.words[k])
 }
 
+/// The table of known names, written once: each name's pattern, the lookup [`name`] (the
+/// patterns are constants, so each test folds to a length compare and two or three word
+/// compares), and the list the tests walk.
 macro_rules! known {
     ($($pat:ident = $name:literal => $header:expr;)*) => {
         $(const $pat: Pattern = pattern($name);)*
-        /// The names of the table, each with its pattern (for the tests).
+
+        /// The header name `b` spells; `None` when it is not a valid name.
+        #[inline(always)]
+        pub(crate) fn name(b: &[u8]) -> Option<HeaderName> {
+            $(if is(b, &$pat) {
+                return Some($header);
+            })*
+            HeaderName::from_bytes(b).ok()
+        }
+
+        /// The names of the table with their headers (for the tests).
         #[cfg(test)]
         const ALL: &[(&[u8], HeaderName)] = &[$(($name, $header)),*];
     };
@@ -119,29 +137,6 @@ known! {
     ACCEPT_ENCODING = b"accept-encoding" => header::ACCEPT_ENCODING;
     CONTENT_ENCODING = b"content-encoding" => header::CONTENT_ENCODING;
     TRANSFER_ENCODING = b"transfer-encoding" => header::TRANSFER_ENCODING;
-}
-
-/// The header name `b` spells; `None` when it is not a valid name.
-#[inline(always)]
-pub(crate) fn name(b: &[u8]) -> Option<HeaderName> {
-    let known = match b.len() {
-        4 if is(b, &HOST) => Some(header::HOST),
-        4 if is(b, &DATE) => Some(header::DATE),
-        6 if is(b, &SERVER) => Some(header::SERVER),
-        6 if is(b, &ACCEPT) => Some(header::ACCEPT),
-        6 if is(b, &ORIGIN) => Some(header::ORIGIN),
-        10 if is(b, &CONNECTION) => Some(header::CONNECTION),
-        10 if is(b, &USER_AGENT) => Some(header::USER_AGENT),
-        12 if is(b, &CONTENT_TYPE) => Some(header::CONTENT_TYPE),
-        13 if is(b, &AUTHORIZATION) => Some(header::AUTHORIZATION),
-        13 if is(b, &CACHE_CONTROL) => Some(header::CACHE_CONTROL),
-        14 if is(b, &CONTENT_LENGTH) => Some(header::CONTENT_LENGTH),
-        15 if is(b, &ACCEPT_ENCODING) => Some(header::ACCEPT_ENCODING),
-        16 if is(b, &CONTENT_ENCODING) => Some(header::CONTENT_ENCODING),
-        17 if is(b, &TRANSFER_ENCODING) => Some(header::TRANSFER_ENCODING),
-        _ => None,
-    };
-    known.or_else(|| HeaderName::from_bytes(b).ok())
 }
 
 #[cfg(test)]

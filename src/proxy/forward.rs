@@ -1329,11 +1329,7 @@ fn extend_headers(headers: &mut HeaderMap, extra: HeaderMap) {
     // Most requests have none (no rate limit configured): walking an empty map as an
     // iterator costs about 200 instructions (callgrind).
     if extra.is_empty() {
-        // Made by `HeaderMap::new`, it holds no memory: forgotten rather than dropped, as
-        // `http1::put_headers` does (about 60 instructions).
-        if extra.capacity() == 0 {
-            std::mem::forget(extra);
-        }
+        crate::http1::recycle_map(extra);
         return;
     }
     let mut last: Option<HeaderName> = None;

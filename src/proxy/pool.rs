@@ -405,14 +405,11 @@ impl Pool {
                 body.len(),
             );
         };
+        let mut written = None;
         if let Some(mut conn) = idle {
             head(&mut conn);
             match conn.write_request(&body).await {
-                Ok(()) => {
-                    let answered = answer(conn, &parts.method, target).await;
-                    crate::http1::recycle_map(parts.headers);
-                    return answered;
-                }
+                Ok(()) => written = Some(conn),
                 // Nothing of the request can have been processed (a request that was not
                 // written whole is never answered): as the legacy client's
                 // `retry_canceled_requests`, once more on a new connection.
@@ -421,13 +418,20 @@ impl Pool {
                 }
             }
         }
-        // Boxed: the connect and TLS handshake futures are large and rarely run; inline, they
-        // would make every request's future (moved and copied per request) that much larger.
-        let mut conn = Box::pin(self.connect(scheme, authority)).await?;
-        head(&mut conn);
-        conn.write_request(&body)
-            .await
-            .map_err(UpstreamError::Send)?;
+        let conn = match written {
+            Some(conn) => conn,
+            None => {
+                // Boxed: the connect and TLS handshake futures are large and rarely run;
+                // inline, they would make every request's future (moved and copied per
+                // request) that much larger.
+                let mut conn = Box::pin(self.connect(scheme, authority)).await?;
+                head(&mut conn);
+                conn.write_request(&body)
+                    .await
+                    .map_err(UpstreamError::Send)?;
+                conn
+            }
+        };
         let answered = answer(conn, &parts.method, target).await;
         crate::http1::recycle_map(parts.headers);
         answered
