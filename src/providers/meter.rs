@@ -191,8 +191,23 @@ impl Meter {
             let fields = if self.provider.family_from_response() {
                 top_level_fields(body, [key, "model"])
             } else {
-                match field_from_end(body, key) {
-                    FromEnd::Found(usage) => Some([usage, None]),
+                let count_keys = self.provider.usage_count_keys(self.api);
+                let found = field_from_end(body, key, count_keys);
+                if let FromEnd::Found(Some(_), Some(counts)) = found {
+                    // The usage object was a flat one the walk read as it went.
+                    if let Some(r) = self.provider.usage_from_counts(self.api, counts) {
+                        self.seen.usage(r);
+                        if self.seen.prompt.is_some() && self.seen.completion_final {
+                            return;
+                        }
+                    }
+                }
+                match found {
+                    FromEnd::Found(None, _) => Some([None, None]),
+                    FromEnd::Found(Some(usage), _) => match std::str::from_utf8(usage) {
+                        Ok(usage) => Some([Some(usage), None]),
+                        Err(_) => top_level_fields(body, [key, "model"]),
+                    },
                     FromEnd::Unsure => top_level_fields(body, [key, "model"]),
                 }
             };
@@ -338,8 +353,10 @@ fn top_level_fields<'b>(body: &'b [u8], keys: [&str; 2]) -> Option<[Option<&'b s
 /// What [`field_from_end`] made of a body.
 #[derive(Debug, PartialEq)]
 enum FromEnd<'b> {
-    /// The field's JSON text, or `None`: the whole object was walked without it.
-    Found(Option<&'b str>),
+    /// The field's JSON text (not yet checked to be UTF-8), or `None`: the whole object was
+    /// walked without it. With the counts the walk read from it when it was the body's last
+    /// field and a flat object ([`counts_back`]).
+    Found(Option<&'b [u8]>, Option<Counts>),
     /// Not an object this walk reads (cut short, a key with an escape, text that is not
     /// UTF-8): [`top_level_fields`] decides.
     Unsure,
@@ -351,11 +368,19 @@ enum FromEnd<'b> {
 /// [`scan_fields`] walks the whole answer (issue 18). JSON reads the same backwards: a string
 /// ends at a quote that follows an even number of backslashes, and containers nest. As
 /// forwards, the last of duplicated keys wins and the values skipped are not checked.
-fn field_from_end<'b>(b: &'b [u8], key: &str) -> FromEnd<'b> {
-    field_from_end_inner(b, key).unwrap_or(FromEnd::Unsure)
+///
+/// With `count_keys`, a last field whose value is an object is first read as a flat object of
+/// counts ([`counts_back`]), which finds its start as [`value_start_back`] does and reads the
+/// counts on the way: the usage object is read once instead of walked back and read again.
+fn field_from_end<'b>(b: &'b [u8], key: &str, count_keys: Option<CountKeys>) -> FromEnd<'b> {
+    field_from_end_inner(b, key, count_keys).unwrap_or(FromEnd::Unsure)
 }
 
-fn field_from_end_inner<'b>(b: &'b [u8], key: &str) -> Option<FromEnd<'b>> {
+fn field_from_end_inner<'b>(
+    b: &'b [u8],
+    key: &str,
+    count_keys: Option<CountKeys>,
+) -> Option<FromEnd<'b>> {
     let close = skip_ws_back(b, b.len().checked_sub(1)?)?;
     if b[close] != b'}' {
         return None;
@@ -364,11 +389,18 @@ fn field_from_end_inner<'b>(b: &'b [u8], key: &str) -> Option<FromEnd<'b>> {
     let opens_body = |i: usize| b[..i].iter().all(|c| c.is_ascii_whitespace());
     let mut i = skip_ws_back(b, close.checked_sub(1)?)?;
     if b[i] == b'{' {
-        return opens_body(i).then_some(FromEnd::Found(None));
+        return opens_body(i).then_some(FromEnd::Found(None, None));
+    }
+    let mut counts = None;
+    if let (Some(keys), b'}') = (count_keys, b[i]) {
+        counts = counts_back(b, i, keys);
     }
     loop {
         // `i` is the last byte of a value.
-        let value_start = value_start_back(b, i)?;
+        let value_start = match counts {
+            Some((start, _)) => start,
+            None => value_start_back(b, i)?,
+        };
         let colon = skip_ws_back(b, value_start.checked_sub(1)?)?;
         if b[colon] != b':' {
             return None;
@@ -380,9 +412,10 @@ fn field_from_end_inner<'b>(b: &'b [u8], key: &str) -> Option<FromEnd<'b>> {
         let key_start = string_start_back(b, key_end)?;
         let found = &b[key_start + 1..key_end];
         if found == key.as_bytes() {
-            let value = std::str::from_utf8(&b[value_start..=i]).ok()?;
-            return Some(FromEnd::Found(Some(value)));
+            let value = &b[value_start..=i];
+            return Some(FromEnd::Found(Some(value), counts.map(|(_, c)| c)));
         }
+        counts = None;
         if found.contains(&b'\\') {
             // An escaped key may spell `key`: serde decodes it.
             return None;
@@ -390,10 +423,109 @@ fn field_from_end_inner<'b>(b: &'b [u8], key: &str) -> Option<FromEnd<'b>> {
         let before = skip_ws_back(b, key_start.checked_sub(1)?)?;
         match b[before] {
             b',' => i = skip_ws_back(b, before.checked_sub(1)?)?,
-            b'{' => return opens_body(before).then_some(FromEnd::Found(None)),
+            b'{' => return opens_body(before).then_some(FromEnd::Found(None, None)),
             _ => return None,
         }
     }
+}
+
+/// The names of up to four integer fields of a provider's usage object
+/// ([`Provider::usage_count_keys`]); unused slots are empty.
+pub type CountKeys = [&'static str; 4];
+/// Their values, in the same order: `None` for a field the object does not have.
+pub type Counts = [Option<u64>; 4];
+
+/// Reads the flat JSON object that ends at `close` backwards: the index of its opening brace
+/// and the values of `keys`, each a non-negative integer. Other fields' values are skipped as
+/// [`value_start_back`] skips them. `None` for anything this walk does not settle the way the
+/// forward reading ([`Provider::usage_from_raw`]) would: a wanted field that is not a plain
+/// integer (a float, a string, a leading zero, past `u64::MAX`) or that comes twice, a key
+/// with an escape, or text that is not an object. The caller then walks and reads as before,
+/// so a `None` changes only the cost.
+fn counts_back(b: &[u8], close: usize, keys: CountKeys) -> Option<(usize, Counts)> {
+    let mut counts: Counts = [None; 4];
+    let mut i = skip_ws_back(b, close.checked_sub(1)?)?;
+    if b[i] == b'{' {
+        return Some((i, counts));
+    }
+    loop {
+        // `i` is the last byte of a value: a plain integer is read here, anything else
+        // skipped.
+        let mut start = i;
+        while start > 0 && b[start - 1].is_ascii_digit() {
+            start -= 1;
+        }
+        let digits = &b[start..=i];
+        let number = (digits[0].is_ascii_digit()
+            && (digits[0] != b'0' || digits.len() == 1)
+            && start > 0
+            && matches!(b[start - 1], b':' | b' ' | b'\t' | b'\n' | b'\r'))
+        .then(|| plain_integer(digits))
+        .flatten();
+        if number.is_none() {
+            start = value_start_back(b, i)?;
+        }
+        let colon = skip_ws_back(b, start.checked_sub(1)?)?;
+        if b[colon] != b':' {
+            return None;
+        }
+        let key_end = skip_ws_back(b, colon.checked_sub(1)?)?;
+        if b[key_end] != b'"' {
+            return None;
+        }
+        // The key: one of `keys` where its text and an opening quote end at `key_end`, or
+        // else found back to its opening quote. An escaped quote (`\"`) ends either early,
+        // and the backslash before it then fails the check for `,` or `{` below.
+        let wanted = keys.iter().position(|k| {
+            let k = k.as_bytes();
+            !k.is_empty()
+                && key_end > k.len()
+                && b[key_end - k.len() - 1] == b'"'
+                && &b[key_end - k.len()..key_end] == k
+        });
+        let key_start = match wanted {
+            Some(k) => {
+                if counts[k].is_some() {
+                    return None;
+                }
+                counts[k] = Some(number?);
+                key_end - keys[k].len() - 1
+            }
+            None => {
+                let mut q = key_end;
+                loop {
+                    q = q.checked_sub(1)?;
+                    match b[q] {
+                        b'"' => break q,
+                        b'\\' => return None,
+                        _ => {}
+                    }
+                }
+            }
+        };
+        let before = skip_ws_back(b, key_start.checked_sub(1)?)?;
+        match b[before] {
+            b',' => i = skip_ws_back(b, before.checked_sub(1)?)?,
+            b'{' => return Some((before, counts)),
+            _ => return None,
+        }
+    }
+}
+
+/// The value of a JSON integer's digits (no sign, no leading zero); `None` past `u64::MAX`.
+fn plain_integer(digits: &[u8]) -> Option<u64> {
+    const SAFE: usize = 19; // 19 digits never pass u64::MAX
+    if digits.len() <= SAFE {
+        return Some(
+            digits
+                .iter()
+                .fold(0, |n, &d| n * 10 + u64::from(d.wrapping_sub(b'0'))),
+        );
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?
+            .checked_add(u64::from(d.wrapping_sub(b'0')))
+    })
 }
 
 /// The last index at or before `i` that is not JSON whitespace.
@@ -662,6 +794,105 @@ mod tests {
     use super::*;
     use crate::quota::estimate::count_tokens;
 
+    /// A usage object read backwards as the body's last field gives what the forward reading
+    /// of its text gives, and the usual flat shapes are read that way.
+    #[test]
+    fn usage_counts_read_backwards_agree_with_the_forward_reading() {
+        let (provider, api) = (Provider::OpenAi, Api::OpenAiChat);
+        let keys = provider.usage_count_keys(api).expect("OpenAI reads counts");
+        // (usage object, read backwards in one go)
+        let usages = [
+            (
+                r#"{"prompt_tokens":14,"completion_tokens":2,"total_tokens":16}"#,
+                true,
+            ),
+            (
+                "{ \"prompt_tokens\" : 7 ,\n\"completion_tokens\":\r\n8\t}",
+                true,
+            ),
+            (r#"{}"#, true),
+            (r#"{ }"#, true),
+            (r#"{"total_tokens":16}"#, true),
+            (r#"{"prompt_tokens":0,"completion_tokens":10}"#, true),
+            (r#"{"prompt_tokens":18446744073709551615}"#, true),
+            (r#"{"a":-1,"b":1.5,"c":1e3,"prompt_tokens":5}"#, true),
+            (
+                r#"{"x":true,"prompt_tokens":5,"y":false,"z":null,"w":"s\"}{,"}"#,
+                true,
+            ),
+            (
+                r#"{"prompt_tokens":5,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":2,"audio_tokens":0}}"#,
+                true,
+            ),
+            (
+                r#"{"prompt_tokens":5,"completion_tokens_details":{"reasoning_tokens":0,"x":[1,{"a":"}"}]},"completion_tokens":3}"#,
+                true,
+            ),
+            (r#"{"prompt_tokens":18446744073709551616}"#, false),
+            (r#"{"prompt_tokens":100000000000000000000000}"#, false),
+            (r#"{"prompt_tokens":1.0}"#, false),
+            (r#"{"prompt_tokens":-0}"#, false),
+            (r#"{"prompt_tokens":1e3}"#, false),
+            (r#"{"prompt_tokens":"14"}"#, false),
+            (r#"{"prompt_tokens":null}"#, false),
+            (r#"{"prompt_tokens":1,"prompt_tokens":2}"#, false),
+            (r#"{"prompt_t\u006fkens":5}"#, false),
+            (r#"{"a\"prompt_tokens":5}"#, false),
+            (r#"{"prompt_tokens":5,"a\"b":1}"#, false),
+            (r#"{"prompt_tokens":5,"a\\":1}"#, false),
+            (r#"{"completion_tokens":2,"prompt_tokens":014}"#, false),
+        ];
+        for (usage, in_one_go) in usages {
+            for body in [
+                format!(
+                    r#"{{"id":"x","choices":[{{"message":{{"content":"}}"}}}}],"usage":{usage}}}"#
+                ),
+                format!("{{\"usage\" :\n{usage}\n}}\n"),
+            ] {
+                let plain = field_from_end(body.as_bytes(), "usage", None);
+                match field_from_end(body.as_bytes(), "usage", Some(keys)) {
+                    FromEnd::Found(Some(text), counts) => {
+                        let text = std::str::from_utf8(text).unwrap();
+                        assert_eq!(text, usage, "{body}");
+                        assert!(
+                            matches!(plain, FromEnd::Found(Some(t), None) if t == text.as_bytes())
+                        );
+                        assert_eq!(counts.is_some(), in_one_go, "{body}");
+                        if let Some(c) = counts {
+                            assert_eq!(
+                                provider.usage_from_counts(api, c),
+                                provider.usage_from_raw(api, text),
+                                "{body}"
+                            );
+                        }
+                    }
+                    other => panic!("{body}: {other:?}"),
+                }
+            }
+        }
+        // Usage that is not the last field is found as before, without counts.
+        let body = r#"{"usage":{"prompt_tokens":1},"x":{"prompt_tokens":2}}"#;
+        assert!(matches!(
+            field_from_end(body.as_bytes(), "usage", Some(keys)),
+            FromEnd::Found(Some(br#"{"prompt_tokens":1}"#), None)
+        ));
+        // Every cut of a body is read backwards with counts as without them.
+        let full =
+            r#"{"model":"m","usage":{"prompt_tokens":12,"x":{"y":[2]},"completion_tokens":3}}"#;
+        for start in 0..full.len() {
+            for end in start..=full.len() {
+                let cut = full[start..end].as_bytes();
+                let with = field_from_end(cut, "usage", Some(keys));
+                let without = field_from_end(cut, "usage", None);
+                match (&with, &without) {
+                    (FromEnd::Found(a, _), FromEnd::Found(b, None)) => assert_eq!(a, b),
+                    (FromEnd::Unsure, FromEnd::Unsure) => {}
+                    _ => panic!("{}: {with:?} / {without:?}", &full[start..end]),
+                }
+            }
+        }
+    }
+
     /// Valid JSON bodies of many shapes: the scan finds exactly what serde finds.
     #[test]
     fn the_structural_scan_finds_what_serde_finds() {
@@ -712,8 +943,12 @@ mod tests {
                 Scan::AskSerde => assert!(body.contains("\\u0065"), "no escaped key in {body}"),
             }
             // Backwards: the same usage, or left to the forward reading.
-            match field_from_end(body.as_bytes(), "usage") {
-                FromEnd::Found(usage) => assert_eq!(serde.map(|f| f[0]), Some(usage), "{body}"),
+            match field_from_end(body.as_bytes(), "usage", None) {
+                FromEnd::Found(usage, _) => assert_eq!(
+                    serde.map(|f| f[0]),
+                    Some(usage.map(|u| std::str::from_utf8(u).unwrap())),
+                    "{body}"
+                ),
                 FromEnd::Unsure => assert!(
                     serde.is_none() || body.contains("\\u0065"),
                     "{body} was left to the forward reading"
@@ -730,9 +965,9 @@ mod tests {
         for start in 0..full.len() {
             for end in start..=full.len() {
                 let cut = &full[start..end];
-                if let FromEnd::Found(Some(v)) = field_from_end(cut.as_bytes(), "usage") {
+                if let FromEnd::Found(Some(v), _) = field_from_end(cut.as_bytes(), "usage", None) {
                     let want = field_from_tail(cut.as_bytes(), "usage");
-                    let got: Value = serde_json::from_str(v).expect("a found value is JSON");
+                    let got: Value = serde_json::from_slice(v).expect("a found value is JSON");
                     assert_eq!(Some(got), want, "{cut}");
                 }
             }

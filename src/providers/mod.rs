@@ -537,6 +537,33 @@ impl Provider {
         }
     }
 
+    /// The integer fields of this API's usage object that [`Provider::usage_from_counts`]
+    /// reads, for the meter's one backward reading of a flat usage object
+    /// (`meter::counts_back`); `None` where the usage is read only from its text.
+    pub fn usage_count_keys(self, api: Api) -> Option<meter::CountKeys> {
+        match api {
+            Api::AnthropicMessages
+            | Api::AnthropicOther
+            | Api::GoogleAiGenerate
+            | Api::GoogleAiStream
+            | Api::GoogleAiOther => None,
+            _ => Some(["prompt_tokens", "completion_tokens", "total_tokens", ""]),
+        }
+    }
+
+    /// [`Provider::usage_from_raw`] from the counts of [`Provider::usage_count_keys`]'s fields
+    /// (`None` for a field the object does not have), as that reads the same object.
+    pub fn usage_from_counts(self, api: Api, counts: meter::Counts) -> Option<ReportedUsage> {
+        self.usage_count_keys(api)?;
+        let [prompt_tokens, completion_tokens, total_tokens, _] = counts;
+        let u = openai::OpenAiUsage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens,
+        };
+        u.prompt_tokens.is_some().then(|| u.into_usage())
+    }
+
     /// The top-level field of a JSON response that holds its usage.
     pub fn usage_key(self) -> &'static str {
         match self {
