@@ -881,7 +881,7 @@ mod tests {
             r#"{"model":"m","usage":{"prompt_tokens":12,"x":{"y":[2]},"completion_tokens":3}}"#;
         for start in 0..full.len() {
             for end in start..=full.len() {
-                let cut = full[start..end].as_bytes();
+                let cut = &full.as_bytes()[start..end];
                 let with = field_from_end(cut, "usage", Some(keys));
                 let without = field_from_end(cut, "usage", None);
                 match (&with, &without) {
