@@ -50,6 +50,39 @@ async fn read_until(resp: &mut reqwest::Response, buf: &mut String, needle: &str
     .expect("chunk arrived");
 }
 
+/// The upstream's own headers reach the client, but not its `Server` (which names its software
+/// or CDN) nor its `Date`: the client gets the gateway's date, as nginx's proxy does it.
+#[tokio::test]
+async fn upstream_server_and_date_are_replaced_other_headers_pass() {
+    let fake = FakeUpstream::start().await;
+    let app = proxy_for(&fake, &[]).await;
+    let old_date = "Mon, 01 Jan 2001 00:00:00 GMT";
+    fake.push(
+        Reply::json(200, openai_chat_json("gpt-4o-mini", "hi"))
+            .header("server", "cloudflare")
+            .header("date", old_date)
+            .header("x-request-id", "req-42"),
+    );
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", app.url))
+        .bearer_auth(PROXY_KEY)
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers();
+    assert_eq!(
+        h.get("x-request-id").map(|v| v.as_bytes()),
+        Some(&b"req-42"[..])
+    );
+    assert!(h.get("server").is_none(), "{h:?}");
+    let dates: Vec<_> = h.get_all("date").iter().collect();
+    assert_eq!(dates.len(), 1, "{h:?}");
+    assert_ne!(dates[0], old_date);
+    assert!(dates[0].to_str().expect("date").ends_with(" GMT"));
+}
+
 #[tokio::test]
 async fn openai_chat_non_streaming_forwards_original_bytes_with_operator_key() {
     let fake = FakeUpstream::start().await;

@@ -347,6 +347,16 @@ impl Delimiters {
 /// Reads a response head from the front of `buf` (an answer to `method`), taking it off the
 /// buffer when whole. The header values share the buffer's memory (no copy).
 pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
+    parse_head_without(buf, method, &[])
+}
+
+/// [`parse_head`], leaving the headers named in `left_out` out of the head (they are still
+/// checked as the others are).
+pub fn parse_head_without(
+    buf: &mut BytesMut,
+    method: &Method,
+    left_out: &[HeaderName],
+) -> io::Result<Parsed> {
     let mut spans = Spans::new();
     let (len, code, version) = {
         // Uninitialised slots: httparse fills the ones it uses (a hundred empty headers
@@ -397,7 +407,7 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> io::Result<Parsed> {
                 BadDelimiter::TwoLengths => "it has two different content-lengths",
             })
         })?;
-        if !hop_by_hop(&name) {
+        if !hop_by_hop(&name) && !left_out.contains(&name) {
             headers.append(name, value);
         }
     }
@@ -787,6 +797,24 @@ mod tests {
 
     /// A map given back comes out again empty, with its room; one grown past the limit is not
     /// kept; the spares are bounded.
+    #[test]
+    fn headers_left_out_of_a_response_head_are_still_checked() {
+        let text =
+            "HTTP/1.1 200 OK\r\nServer: up\r\nDate: then\r\nX-Id: 1\r\nContent-Length: 2\r\n\r\nok";
+        let left_out = [header::SERVER, header::DATE];
+        let Parsed::Done(head) =
+            parse_head_without(&mut BytesMut::from(text), &Method::GET, &left_out).unwrap()
+        else {
+            panic!("a whole head");
+        };
+        let names: Vec<_> = head.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-id", "content-length"]);
+        // A left-out field still counts where it frames the body.
+        let two = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok";
+        let left_out = [header::CONTENT_LENGTH];
+        assert!(parse_head_without(&mut BytesMut::from(two), &Method::GET, &left_out).is_err());
+    }
+
     #[test]
     fn header_maps_given_back_come_out_empty() {
         let mut m = header_map(4);

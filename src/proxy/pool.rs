@@ -161,7 +161,7 @@ impl Conn {
     async fn read_head(&mut self, method: &Method) -> io::Result<h1::Head> {
         loop {
             if !self.read.is_empty() {
-                match h1::parse_head(&mut self.read, method)? {
+                match h1::parse_head_without(&mut self.read, method, &LEFT_OUT)? {
                     Parsed::Done(head) => return Ok(head),
                     Parsed::Interim => continue,
                     Parsed::Partial => {}
@@ -178,6 +178,13 @@ impl Conn {
         }
     }
 }
+
+/// An upstream answer's headers that are not kept, as nginx's proxy does not pass them: the
+/// client gets our own `date` (the server writes one for a response without) and not the
+/// upstream's `server`, which names the upstream's software or its CDN. Nothing reads either,
+/// and each kept field cost about 250 instructions a request (read, kept, written again).
+static LEFT_OUT: [axum::http::HeaderName; 2] =
+    [axum::http::header::SERVER, axum::http::header::DATE];
 
 /// One idle connection.
 struct Idle {
