@@ -254,22 +254,10 @@ pub async fn forward_parts(
         return log_refusal(&ctx, no_key_error(upstream, NoKey::NoneConfigured));
     }
     // Phase 2: admission.
-    let (body, admitted, stream, model, family) = match admit(&state, &ctx, body).await {
+    // Built where it is decided: each move of its ticket is a copy of some 300 bytes.
+    let req = match admit(&state, &ctx, body).await {
         Ok(v) => v,
         Err(e) => return log_refusal(&ctx, e),
-    };
-    let (ticket, extra_headers) = match admitted {
-        Some(a) => (Some(a.ticket), a.headers),
-        None => (None, HeaderMap::new()),
-    };
-    let eligible = upstream.eligible_keys(model.as_deref());
-    let req = Admitted {
-        body,
-        ticket,
-        extra_headers,
-        stream,
-        eligible,
-        family,
     };
     // Phase 2b: the fair queue (queue.rs): the caller's slot, and a place in the family's queue
     // while every key rests; free capacity goes straight on. A waiting stream gets its head
@@ -648,26 +636,21 @@ impl Tree<'_> {
     }
 }
 
-/// What admission hands on: the bytes to send (the client's original bytes unless the body
-/// was changed), the admission, whether the client asked for a stream, and the model named.
-/// The body to send, the admission, the stream flag, the model and its family.
-type AdmitOutcome = (
-    Bytes,
-    Option<crate::quota::Admitted>,
-    bool,
-    Option<String>,
-    Option<&'static str>,
-);
-
-/// Phase 2: admission for generation requests.
-async fn admit(
-    state: &AppState,
-    ctx: &Ctx,
-    incoming: Incoming,
-) -> Result<AdmitOutcome, ProxyError> {
+/// Phase 2: admission for generation requests; what it hands on is the bytes to send (the
+/// client's original bytes unless the body was changed), the quota's ticket and headers,
+/// whether the client asked for a stream, the keys that may serve the model, and its family.
+async fn admit(state: &AppState, ctx: &Ctx, incoming: Incoming) -> Result<Admitted, ProxyError> {
     let Incoming { bytes, generation } = incoming;
+    let upstream = state.upstreams.provider(ctx.provider);
     if !generation {
-        return Ok((bytes, None, false, None, None));
+        return Ok(Admitted {
+            body: bytes,
+            ticket: None,
+            extra_headers: HeaderMap::new(),
+            stream: false,
+            eligible: upstream.eligible_keys(None),
+            family: None,
+        });
     }
     let mut changed = false;
     let mut tree = Tree {
@@ -743,13 +726,14 @@ async fn admit(
     } else {
         bytes
     };
-    Ok((
-        bytes,
-        Some(admitted),
-        facts.stream,
-        Some(facts.model),
-        Some(facts.family),
-    ))
+    Ok(Admitted {
+        body: bytes,
+        eligible: upstream.eligible_keys(Some(&facts.model)),
+        ticket: Some(admitted.ticket),
+        extra_headers: admitted.headers,
+        stream: facts.stream,
+        family: Some(facts.family),
+    })
 }
 
 /// Phase 0: `BLOCKED_ORIGINS`. A browser (it accepts HTML and sends no JSON) gets a page that

@@ -131,6 +131,33 @@ fn admission_reserves_and_settlement_charges_real_usage() {
     t.finish();
     assert_eq!(counts(&users, "u", "gpt4o"), (42, 0));
     assert_eq!(users.get("u").expect("user").prompt_count, 1);
+    // The family's reservation stays at zero and the next request reserves in place; a second
+    // request while one runs adds to it.
+    let a = admit(
+        &q,
+        &user("u", UserType::Normal),
+        Api::OpenAiChat,
+        &mut chat(100),
+    )
+    .expect("a");
+    let b = admit(
+        &q,
+        &user("u", UserType::Normal),
+        Api::OpenAiChat,
+        &mut chat(100),
+    )
+    .expect("b");
+    let both = counts(&users, "u", "gpt4o").1;
+    assert!(both > 200, "{both}");
+    for mut t in [a.ticket, b.ticket] {
+        json_response(&mut t, 12, 30);
+        t.finish();
+    }
+    assert_eq!(counts(&users, "u", "gpt4o"), (126, 0));
+    let entries = users
+        .update_entry("u", |e| (e.reserved.len(), false))
+        .expect("user");
+    assert_eq!(entries, 1);
 }
 
 #[test]

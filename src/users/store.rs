@@ -23,7 +23,8 @@ use super::model::{TokenCounts, User};
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub user: User,
-    /// Tokens reserved by admitted requests that have not finished yet, by model family.
+    /// Tokens reserved by admitted requests that have not finished yet, by model family (a
+    /// family whose requests all finished stays, at zero).
     pub reserved: TokenCounts,
     /// Changed since it was last taken for a flush.
     dirty: bool,
