@@ -401,14 +401,7 @@ fn field_from_end_inner<'b>(
             Some((start, _)) => start,
             None => value_start_back(b, i)?,
         };
-        let colon = skip_ws_back(b, value_start.checked_sub(1)?)?;
-        if b[colon] != b':' {
-            return None;
-        }
-        let key_end = skip_ws_back(b, colon.checked_sub(1)?)?;
-        if b[key_end] != b'"' {
-            return None;
-        }
+        let key_end = key_end_back(b, value_start)?;
         let key_start = string_start_back(b, key_end)?;
         let found = &b[key_start + 1..key_end];
         if found == key.as_bytes() {
@@ -427,6 +420,17 @@ fn field_from_end_inner<'b>(
             _ => return None,
         }
     }
+}
+
+/// The closing quote of the key of the member whose value starts at `value_start`: back over
+/// the colon and the whitespace around it. `None` when that is not what precedes the value.
+fn key_end_back(b: &[u8], value_start: usize) -> Option<usize> {
+    let colon = skip_ws_back(b, value_start.checked_sub(1)?)?;
+    if b[colon] != b':' {
+        return None;
+    }
+    let key_end = skip_ws_back(b, colon.checked_sub(1)?)?;
+    (b[key_end] == b'"').then_some(key_end)
 }
 
 /// The names of up to four integer fields of a provider's usage object
@@ -465,14 +469,7 @@ fn counts_back(b: &[u8], close: usize, keys: CountKeys) -> Option<(usize, Counts
         if number.is_none() {
             start = value_start_back(b, i)?;
         }
-        let colon = skip_ws_back(b, start.checked_sub(1)?)?;
-        if b[colon] != b':' {
-            return None;
-        }
-        let key_end = skip_ws_back(b, colon.checked_sub(1)?)?;
-        if b[key_end] != b'"' {
-            return None;
-        }
+        let key_end = key_end_back(b, start)?;
         // The key: one of `keys` where its text and an opening quote end at `key_end`, or
         // else found back to its opening quote. An escaped quote (`\"`) ends either early,
         // and the backslash before it then fails the check for `,` or `{` below.
