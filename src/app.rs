@@ -191,22 +191,16 @@ impl crate::server::Front for Front {
         });
         match fixed {
             Some(route) => {
-                // Written straight into its box: `Box::pin(straight(..))` built the future on
-                // the stack and copied all of it (7.8 KB, the whole request's nested futures)
-                // into the box, about 770 instructions per request (issue 18). That the
-                // compiler builds it in place is an optimisation (rustc 1.95), not a language
-                // guarantee: `bench/instructions` shows it if it ever stops.
-                let fut = Box::write(
-                    Box::new_uninit(),
-                    straight(
-                        parts.state.clone(),
-                        route.route(),
-                        route.path.clone(),
-                        req,
-                        peer,
-                    ),
-                );
-                Box::into_pin(fut)
+                // In a block kept per thread (`server::spare`): a new box for this several-KB
+                // future emptied and refilled an allocator page per request, a page fault each
+                // time. The small box around it shares its page with many others.
+                Box::pin(crate::server::spare::Recycled::new(straight(
+                    parts.state.clone(),
+                    route.route(),
+                    route.path.clone(),
+                    req,
+                    peer,
+                )))
             }
             None => parts.router.serve(req, peer),
         }

@@ -45,6 +45,7 @@ use tokio_util::task::TaskTracker;
 mod body;
 mod conn;
 mod head;
+pub mod spare;
 mod stop;
 pub use body::{BodyTimeout, ReadTimeout};
 pub use conn::RequestBody;
