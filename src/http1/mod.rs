@@ -795,8 +795,7 @@ mod tests {
         assert!(parse_head(&mut huge, &Method::POST).is_err());
     }
 
-    /// A map given back comes out again empty, with its room; one grown past the limit is not
-    /// kept; the spares are bounded.
+    /// Fields left out of a response head are not in it, but still frame its body.
     #[test]
     fn headers_left_out_of_a_response_head_are_still_checked() {
         let text =
@@ -815,6 +814,8 @@ mod tests {
         assert!(parse_head_without(&mut BytesMut::from(two), &Method::GET, &left_out).is_err());
     }
 
+    /// A map given back comes out again empty, with its room; one grown past the limit is not
+    /// kept; the spares are bounded.
     #[test]
     fn header_maps_given_back_come_out_empty() {
         let mut m = header_map(4);
