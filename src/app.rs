@@ -194,13 +194,12 @@ impl crate::server::Front for Front {
                 // In a block kept per thread (`server::spare`): a new box for this several-KB
                 // future emptied and refilled an allocator page per request, a page fault each
                 // time. The small box around it shares its page with many others.
-                Box::pin(crate::server::spare::Recycled::new(straight(
-                    parts.state.clone(),
-                    route.route(),
-                    route.path.clone(),
-                    req,
-                    peer,
-                )))
+                // Built in its block (`Recycled::build`), not on the stack and copied there.
+                let (state, path) = (parts.state.clone(), route.path.clone());
+                let route = route.route();
+                Box::pin(crate::server::spare::Recycled::build(move || {
+                    straight(state, route, path, req, peer)
+                }))
             }
             None => parts.router.serve(req, peer),
         }
