@@ -193,8 +193,8 @@ impl crate::server::Front for Front {
             Some(route) => {
                 // In a block kept per thread (`server::spare`): a new box for this several-KB
                 // future emptied and refilled an allocator page per request, a page fault each
-                // time. The small box around it shares its page with many others.
-                // Built in its block (`Recycled::build`), not on the stack and copied there.
+                // time. The small box around it shares its page with many others. Built in its
+                // block (`Recycled::build`), not on the stack and copied there.
                 let (state, path) = (parts.state.clone(), route.path.clone());
                 let route = route.route();
                 Box::pin(crate::server::spare::Recycled::build(move || {

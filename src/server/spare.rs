@@ -44,7 +44,9 @@ pub struct Recycled<F> {
 unsafe impl<F: Send> Send for Recycled<F> {}
 
 impl<F> Recycled<F> {
-    /// `fut` moved into a spare block of its size, or a new one.
+    /// `fut` moved into a spare block of its size, or a new one (tests; the server builds in
+    /// place with `build`).
+    #[cfg(test)]
     pub fn new(fut: F) -> Recycled<F> {
         Recycled::build(|| fut)
     }
