@@ -492,16 +492,12 @@ async fn write_response(
         })
     };
     let framing = h1s::response_framing(head_request, parts.status, declared, version);
-    if framing == ResponseFraming::UntilClose
-        || parts
-            .headers
-            .get(header::CONNECTION)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
-    {
+    if framing == ResponseFraming::UntilClose {
         keep_alive = false;
     }
     out.clear();
-    h1s::encode_response_head(
+    // The response's own `connection: close` is noted as its head is written.
+    keep_alive = h1s::encode_response_head(
         out,
         parts.status,
         &parts.headers,
