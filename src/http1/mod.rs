@@ -38,18 +38,20 @@ const MAX_TRAILERS: usize = 16 * 1024;
 /// copied from a request, and taken out of an answer's head once its framing is known (a
 /// proxy must not pass them on, and nothing after the pool needs them).
 fn hop_by_hop(name: &HeaderName) -> bool {
+    hop_by_hop_named(name, name.as_str())
+}
+
+/// [`hop_by_hop`] for a name whose text the caller has already: `as_str` of a standard name
+/// is a table lookup, which a walk that compares and then writes would otherwise repeat
+/// (issue 18).
+fn hop_by_hop_named(name: &HeaderName, text: &str) -> bool {
     name == header::TRANSFER_ENCODING
         || name == header::CONNECTION
         || name == header::TE
         || name == header::TRAILER
         || name == header::UPGRADE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
-}
-
-/// The request headers the head writer sets itself, or drops: never copied from the request.
-fn written_by_us(name: &HeaderName) -> bool {
-    name == header::CONTENT_LENGTH || hop_by_hop(name)
+        || text == "keep-alive"
+        || text == "proxy-connection"
 }
 
 /// Methods whose request carries no body unless it has one: an empty body gets no
@@ -157,8 +159,10 @@ pub fn encode_head(
         write_field(out, b"host", host.as_bytes());
     }
     for (name, value) in headers {
-        if !written_by_us(name) {
-            write_field(out, name.as_str().as_bytes(), value.as_bytes());
+        // The request headers the head writer sets itself, or drops: never copied.
+        let text = name.as_str();
+        if !(name == header::CONTENT_LENGTH || hop_by_hop_named(name, text)) {
+            write_field(out, text.as_bytes(), value.as_bytes());
         }
     }
     if body_len > 0 || !bodiless(method) {
