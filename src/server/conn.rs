@@ -492,9 +492,6 @@ async fn write_response(
         })
     };
     let framing = h1s::response_framing(head_request, parts.status, declared, version);
-    if framing == ResponseFraming::UntilClose {
-        keep_alive = false;
-    }
     out.clear();
     // The response's own `connection: close` is noted as its head is written.
     keep_alive = h1s::encode_response_head(
@@ -503,7 +500,7 @@ async fn write_response(
         &parts.headers,
         framing,
         version,
-        keep_alive,
+        keep_alive && framing != ResponseFraming::UntilClose,
         &h1s::date_now(crate::timer::system_now()),
     );
     crate::http1::recycle_map(parts.headers);
