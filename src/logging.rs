@@ -88,7 +88,7 @@ impl Batch {
         }
         if let Some(to) = &self.to {
             // One entry for the whole batch; a full queue drops it and counts its lines.
-            let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(BATCH_BYTES + 1024));
+            let buf = std::mem::replace(&mut self.buf, to.spares.take());
             to.send(buf, self.lines);
         } else {
             self.buf.clear();
@@ -110,6 +110,36 @@ enum Entry {
 struct Queue {
     tx: SyncSender<Entry>,
     dropped: Dropped,
+    spares: Spares,
+}
+
+/// Batch buffers the writer thread wrote out, for the workers' next batches: a buffer
+/// allocated per batch and freed by the writer came from pages the allocator handed back to
+/// the system and faulted in again under load (issue 18).
+#[derive(Clone, Default)]
+struct Spares(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+/// Spare batch buffers kept at most (about 300 KB).
+const SPARE_BATCHES: usize = 32;
+
+impl Spares {
+    /// An empty buffer with room for a batch.
+    fn take(&self) -> Vec<u8> {
+        let spare = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        spare.unwrap_or_else(|| Vec::with_capacity(BATCH_BYTES + 1024))
+    }
+
+    /// Keeps `buf` for [`Spares::take`] if it is a batch's buffer and there is room.
+    fn give_back(&self, mut buf: Vec<u8>) {
+        if buf.capacity() < BATCH_BYTES || buf.capacity() > 4 * BATCH_BYTES {
+            return;
+        }
+        buf.clear();
+        let mut spares = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if spares.len() < SPARE_BATCHES {
+            spares.push(buf);
+        }
+    }
 }
 
 impl Queue {
@@ -464,10 +494,12 @@ fn install<W: Write + Send + 'static>(
 fn queue<W: Write + Send + 'static>(out: W, entries: usize) -> (Queue, Writer) {
     let (tx, rx) = mpsc::sync_channel(entries);
     let (done_tx, done) = mpsc::channel();
+    let spares = Spares::default();
+    let given_back = spares.clone();
     let thread = std::thread::Builder::new()
         .name("log-writer".into())
         .spawn(move || {
-            write_queue(rx, out);
+            write_queue(rx, out, &given_back);
             let _ = done_tx.send(());
         });
     if let Err(e) = &thread {
@@ -479,18 +511,20 @@ fn queue<W: Write + Send + 'static>(out: W, entries: usize) -> (Queue, Writer) {
     let queue = Queue {
         tx: tx.clone(),
         dropped: Dropped::default(),
+        spares,
     };
     (queue, Writer { tx, done })
 }
 
 /// The writer thread: waits for an entry, lets more arrive for [`LINGER`], writes all that is
 /// queued, and again, until [`Entry::Stop`] (or every sender is gone).
-fn write_queue<W: Write>(rx: Receiver<Entry>, out: W) {
+fn write_queue<W: Write>(rx: Receiver<Entry>, out: W, spares: &Spares) {
     let mut out = out;
     while let Ok(first) = rx.recv() {
         let mut stop = matches!(first, Entry::Stop);
         if let Entry::Lines(buf) = first {
             let _ = out.write_all(&buf);
+            spares.give_back(buf);
             // Sleeping rather than waiting on the queue: entries arriving now need no wake-up.
             std::thread::sleep(LINGER);
         }
@@ -498,6 +532,7 @@ fn write_queue<W: Write>(rx: Receiver<Entry>, out: W) {
             match entry {
                 Entry::Lines(buf) => {
                     let _ = out.write_all(&buf);
+                    spares.give_back(buf);
                 }
                 Entry::Stop => stop = true,
             }
