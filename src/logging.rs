@@ -87,8 +87,16 @@ impl Batch {
             return;
         }
         if let Some(to) = &self.to {
-            // One entry for the whole batch; a full queue drops it and counts its lines.
-            let buf = std::mem::replace(&mut self.buf, to.spares.take());
+            // One entry for the whole batch; a full queue drops it and counts its lines. A
+            // full batch goes as it is, the buffer replaced by a spare; a few lines (a worker
+            // about to wait) go as a copy of their size, the buffer kept.
+            let buf = if self.buf.len() >= BATCH_BYTES / 2 {
+                std::mem::replace(&mut self.buf, to.spares.take())
+            } else {
+                let copy = self.buf.clone();
+                self.buf.clear();
+                copy
+            };
             to.send(buf, self.lines);
         } else {
             self.buf.clear();
