@@ -69,6 +69,43 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
 }
 
 #[tokio::test]
+async fn a_request_sent_while_the_one_before_waits_for_its_upstream_is_answered_after_it() {
+    // While a proxied request waits for its upstream, the server watches the connection for a
+    // hang-up; a next request arriving meanwhile is kept, not taken for one, and answered after.
+    let fake = FakeUpstream::start().await;
+    fake.push(
+        common::upstream::Reply::json(200, serde_json::json!({"first": true}))
+            .delayed(Duration::from_secs(2)),
+    );
+    let app = proxy(&fake).await;
+    let mut s = TcpStream::connect(app.addr).await.expect("connect");
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{CHAT}",
+        CHAT.len()
+    );
+    s.write_all(request.as_bytes())
+        .await
+        .expect("first request");
+    let deadline = std::time::Instant::now() + BOUND;
+    while fake.request_count() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s.write_all(request.as_bytes())
+        .await
+        .expect("second request");
+    let got = read_until(&mut s, "\"usage\"", 1).await;
+    let first = got.find("\"first\"").expect("the first answer");
+    let second = got.find("\"usage\"").expect("the second answer");
+    assert!(first < second, "{got}");
+    assert_eq!(got.matches("HTTP/1.1 200").count(), 2, "{got}");
+    assert_eq!(fake.request_count(), 2);
+}
+
+#[tokio::test]
 async fn a_chunked_request_body_sent_in_pieces_reaches_the_upstream_whole() {
     let fake = FakeUpstream::start().await;
     let app = proxy(&fake).await;
