@@ -4,8 +4,8 @@
 //! holds the returned [`LogGuard`] until the process ends.
 //!
 //! A request thread formats its line (tracing-subscriber formats into a reused per-thread
-//! buffer) and hands it to a bounded queue; one writer thread ([`Writer`]) writes the queue to
-//! stdout in batches. When the queue is full — stdout
+//! buffer) and hands it to a bounded queue; one writer thread writes the queue to
+//! stdout in batches ([`write_queue`]). When the queue is full — stdout
 //! blocked (a stalled pipe, a log collector that stopped reading) or slower than the lines
 //! arrive — new lines are dropped and counted rather than making requests wait: serving
 //! requests matters more than a complete log, and a collector that stops reading must not stop
@@ -63,7 +63,7 @@ const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// How long the writer thread, woken by a first entry, lets more arrive before it writes:
 /// a line reaches stdout at most this much later, and under load the writer wakes about
 /// `1 / LINGER` times a second whatever the rate of lines.
-pub const LINGER: Duration = Duration::from_millis(10);
+const LINGER: Duration = Duration::from_millis(10);
 
 /// How long dropping the [`LogGuard`] waits for the writer thread to write out the queue.
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
@@ -171,7 +171,7 @@ impl Dropped {
 }
 
 thread_local! {
-/// `Some` on threads that batch their lines ([`batch_this_thread`]).
+    /// `Some` on threads that batch their lines ([`batch_this_thread`]).
     static BATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
 }
 
@@ -504,13 +504,13 @@ fn queue<W: Write + Send + 'static>(out: W, entries: usize) -> (Queue, Writer) {
     let (done_tx, done) = mpsc::channel();
     let spares = Spares::default();
     let given_back = spares.clone();
-    let thread = std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("log-writer".into())
         .spawn(move || {
             write_queue(rx, out, &given_back);
             let _ = done_tx.send(());
         });
-    if let Err(e) = &thread {
+    if let Err(e) = spawned {
         // Without a writer every line is dropped (and counted); requests are served anyway.
         eprintln!(
             "llm-gatekeeper: could not start the log writer thread ({e}); log lines are dropped"
@@ -526,17 +526,14 @@ fn queue<W: Write + Send + 'static>(out: W, entries: usize) -> (Queue, Writer) {
 
 /// The writer thread: waits for an entry, lets more arrive for [`LINGER`], writes all that is
 /// queued, and again, until [`Entry::Stop`] (or every sender is gone).
-fn write_queue<W: Write>(rx: Receiver<Entry>, out: W, spares: &Spares) {
-    let mut out = out;
+fn write_queue<W: Write>(rx: Receiver<Entry>, mut out: W, spares: &Spares) {
     while let Ok(first) = rx.recv() {
-        let mut stop = matches!(first, Entry::Stop);
-        if let Entry::Lines(buf) = first {
-            let _ = out.write_all(&buf);
-            spares.give_back(buf);
+        if matches!(first, Entry::Lines(_)) {
             // Sleeping rather than waiting on the queue: entries arriving now need no wake-up.
             std::thread::sleep(LINGER);
         }
-        while let Ok(entry) = rx.try_recv() {
+        let mut stop = false;
+        for entry in std::iter::once(first).chain(rx.try_iter()) {
             match entry {
                 Entry::Lines(buf) => {
                     let _ = out.write_all(&buf);
