@@ -186,8 +186,8 @@ impl crate::server::Front for Front {
     fn serve(&self, req: crate::server::FrontRequest, peer: SocketAddr) -> Self::Future {
         let parts = &*self.0;
         let fixed = parts.fixed.as_ref().and_then(|f| {
-            let query_key = req.uri().query().is_some_and(|q| q.contains("key"));
-            f.get(req.method(), req.uri().path()).filter(|_| !query_key)
+            let query_key = req.uri.query().is_some_and(|q| q.contains("key"));
+            f.get(&req.method, req.uri.path()).filter(|_| !query_key)
         });
         match fixed {
             Some(route) => {
@@ -214,11 +214,19 @@ async fn straight(
     req: crate::server::FrontRequest,
     peer: SocketAddr,
 ) -> Response {
-    let (parts, body) = req.into_parts();
-    let (ip, principal) = match crate::auth::admit_proxied(&state, peer.ip(), &parts.headers).await
-    {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refusal,
+    let crate::server::FrontRequest {
+        method,
+        uri,
+        headers,
+        body,
+        ..
+    } = req;
+    // The gate decides without waiting; only a locked-out address's answer waits (boxed, so
+    // that every request's future does not carry the pause's state).
+    let (ip, principal) = match crate::auth::gate_proxied(&state, peer.ip(), &headers) {
+        crate::auth::Gate::Pass(ip, principal) => (ip, principal),
+        crate::auth::Gate::Refused(refusal) => return refusal,
+        crate::auth::Gate::LockedOut(secs) => return Box::pin(crate::auth::locked_out(secs)).await,
     };
     let caller = crate::proxy::forward::Caller {
         principal,
@@ -230,7 +238,12 @@ async fn straight(
         Ok(bytes) => crate::proxy::forward::ClientBody::Whole(bytes),
         Err(body) => crate::proxy::forward::ClientBody::Streamed(axum::body::Body::new(body)),
     };
-    crate::proxy::forward::forward_parts(state, route, caller, parts, None, body).await
+    let head = crate::proxy::forward::ClientHead {
+        method,
+        uri,
+        headers,
+    };
+    crate::proxy::forward::forward_parts(state, route, caller, head, None, body).await
 }
 
 /// The span of one request in the debug trace: its method and route *template*

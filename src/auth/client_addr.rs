@@ -2,9 +2,8 @@
 //! entry of `X-Forwarded-For` the outermost trusted proxy appended, read from the right.
 //! Decided once per request by [`crate::auth::guard`]. Knows nothing of users.
 
+use crate::http1::Lookup;
 use std::net::{IpAddr, SocketAddr};
-
-use axum::http::HeaderMap;
 
 use crate::net::normalize;
 
@@ -36,9 +35,9 @@ impl BadForwardedFor {
 /// among the `n` right-most that is not an address (`unknown`, an empty `,,`, garbage) makes
 /// the header untrustworthy, and the request is refused. With 0 the header is ignored, so it
 /// cannot be forged.
-pub fn client_ip(
+pub fn client_ip<H: Lookup + ?Sized>(
     peer: IpAddr,
-    headers: &HeaderMap,
+    headers: &H,
     trusted_proxies: usize,
 ) -> Result<IpAddr, BadForwardedFor> {
     let peer = normalize(peer);
@@ -48,8 +47,7 @@ pub fn client_ip(
     // Every X-Forwarded-For header in order, every comma-separated entry; walked from the
     // right (the nearest hop) and only as far as the trusted hops reach.
     let values: Vec<&[u8]> = headers
-        .get_all("x-forwarded-for")
-        .iter()
+        .each("x-forwarded-for")
         .map(|v| v.as_bytes())
         .collect();
     let mut chosen = None;
@@ -79,7 +77,7 @@ fn parse_forwarded_entry(s: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
+    use axum::http::{HeaderMap, HeaderValue};
 
     fn h(xff: &str) -> HeaderMap {
         let mut m = HeaderMap::new();

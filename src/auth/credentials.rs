@@ -4,6 +4,7 @@
 //! for the lockout, here and nowhere else; whether an address is locked out is asked once, by
 //! [`crate::auth::guard`], before any of these runs.
 
+use crate::http1::Lookup;
 use std::net::IpAddr;
 
 use axum::http::{header, HeaderMap};
@@ -26,11 +27,8 @@ pub fn secret_eq(presented: &str, expected: &str) -> bool {
 /// without a scheme is taken as is), else `x-api-key` (Anthropic clients), else
 /// `x-goog-api-key` (Google's SDKs; a `?key=` has been moved there by [`move_query_key`]). An
 /// `Authorization` header without a value (`Bearer `) does not hide an `x-api-key`.
-pub fn client_credential(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
+pub fn client_credential<H: Lookup + ?Sized>(headers: &H) -> Option<&str> {
+    if let Some(v) = headers.first("authorization").and_then(|v| v.to_str().ok()) {
         // `to_str` let through visible ASCII and tabs only, so the ASCII trim is the whole
         // trim (and, unlike `str::trim`, does not decode characters).
         let v = v.trim_ascii();
@@ -49,7 +47,7 @@ pub fn client_credential(headers: &HeaderMap) -> Option<&str> {
         .into_iter()
         .find_map(|name| {
             headers
-                .get(name)
+                .first(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim_ascii)
                 .filter(|s| !s.is_empty())
@@ -125,10 +123,10 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Decides whether a proxied request may pass under the `GATEKEEPER` mode, counting wrong
 /// credentials toward the lockout.
-pub fn admit_client(
+pub fn admit_client<H: Lookup + ?Sized>(
     state: &AppState,
     ip: IpAddr,
-    headers: &HeaderMap,
+    headers: &H,
 ) -> Result<Principal, ProxyError> {
     let mode = state.config.mode();
     let credential = client_credential(headers);

@@ -28,7 +28,7 @@ pub mod user_token;
 use std::net::{IpAddr, SocketAddr};
 
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 
@@ -241,38 +241,72 @@ pub async fn guard(
 /// required), then the client credential under `GATEKEEPER`. The one home of that rule: the
 /// [`guard`] calls it for proxied routes the router matched, and so does the proxied routes'
 /// straight path (`app::Front`), which skips the router. Refusals are counted here.
-pub async fn admit_proxied(
+pub async fn admit_proxied<H: crate::http1::Lookup + ?Sized>(
     state: &AppState,
     peer: IpAddr,
-    headers: &HeaderMap,
+    headers: &H,
 ) -> Result<(IpAddr, Principal), Response> {
+    match gate_proxied(state, peer, headers) {
+        Gate::Pass(ip, principal) => Ok((ip, principal)),
+        Gate::Refused(refusal) => Err(refusal),
+        Gate::LockedOut(secs) => Err(locked_out(secs).await),
+    }
+}
+
+/// What [`gate_proxied`] decided.
+pub enum Gate {
+    /// The client's address and who it is.
+    Pass(IpAddr, Principal),
+    /// Refused now, with this answer.
+    Refused(Response),
+    /// The address is locked out for these seconds: answer with [`locked_out`], which holds
+    /// the answer for the [`lockout::TARPIT`] pause first.
+    LockedOut(u64),
+}
+
+/// [`admit_proxied`] without waiting: the gate decides at once, and only a locked-out address
+/// needs a pause before its answer ([`Gate::LockedOut`]). The straight path calls this, so
+/// that a request's future carries no state for a pause it almost never takes (issue 18).
+pub fn gate_proxied<H: crate::http1::Lookup + ?Sized>(
+    state: &AppState,
+    peer: IpAddr,
+    headers: &H,
+) -> Gate {
     let trusted = state.config.trusted_proxies();
     let ip = match client_ip(peer, headers, trusted) {
         Ok(ip) => ip,
         Err(bad) => {
             crate::metrics::refused(Refused::BadRequest);
-            return Err(ProxyError::bad_request(bad_forwarded_for(&bad, trusted)).into_response());
+            return Gate::Refused(
+                ProxyError::bad_request(bad_forwarded_for(&bad, trusted)).into_response(),
+            );
         }
     };
     if in_list(&state.config.ip_blacklist, ip) {
         crate::metrics::refused(Refused::Blacklist);
-        return Err(ProxyError::forbidden(BLACKLISTED).into_response());
+        return Gate::Refused(ProxyError::forbidden(BLACKLISTED).into_response());
     }
     let presents_credential =
         state.config.mode() != GatekeeperMode::None || client_credential(headers).is_some();
     if presents_credential {
-        if let Some(secs) = state.lockout.refusal(ip).await {
+        if let Some(secs) = state.lockout.locked_for(ip) {
             crate::metrics::refused(Refused::Lockout);
-            return Err(lockout_error(secs).into_response());
+            return Gate::LockedOut(secs);
         }
     }
     match credentials::admit_client(state, ip, headers) {
-        Ok(principal) => Ok((ip, principal)),
+        Ok(principal) => Gate::Pass(ip, principal),
         Err(e) => {
             crate::metrics::refused(Refused::Auth);
-            Err(e.into_response())
+            Gate::Refused(e.into_response())
         }
     }
+}
+
+/// The answer to a locked-out address on a proxied route, after the [`lockout::TARPIT`] pause.
+pub async fn locked_out(secs: u64) -> Response {
+    tokio::time::sleep(lockout::TARPIT).await;
+    lockout_error(secs).into_response()
 }
 
 /// The refusal of an address in `IP_BLACKLIST`.

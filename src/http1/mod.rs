@@ -19,8 +19,11 @@ use axum::http::header::{self, HeaderName};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version};
 use bytes::{Buf, Bytes, BytesMut};
 
+mod fields;
 mod names;
 pub mod server;
+
+pub use fields::{FieldName, Fields, Lookup};
 
 /// The largest head accepted, a client's request's or an upstream's answer's. Clients and
 /// providers send about 2 KB of headers; anything near this is not an API call or answer.

@@ -6,6 +6,8 @@ use std::io;
 
 use axum::http::header;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, Version};
+
+use super::Fields;
 use bytes::{Bytes, BytesMut};
 
 use super::{version_of, write_field, BadDelimiter, Delimiters, Spans, MAX_HEAD, MAX_HEADERS};
@@ -26,7 +28,7 @@ pub struct RequestHead {
     pub uri: Uri,
     pub version: Version,
     /// Every field as sent (hop-by-hop ones included, as hyper hands them to a service).
-    pub headers: HeaderMap,
+    pub headers: Fields,
     pub body: BodyFraming,
     /// The client lets the connection carry another request after this one.
     pub keep_alive: bool,
@@ -140,7 +142,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
     let uri = target_uri(&head, path.0..path.1)
         .ok_or_else(|| bad("The request's target is not a valid URI; check the path you call."))?;
     let version = version_of(version);
-    let mut headers = super::header_map(spans.len());
+    let mut headers = Fields::with_capacity(spans.len());
     let mut delimiters = Delimiters::new(version);
     let mut expect_continue = false;
     for i in 0..spans.len() {
@@ -395,8 +397,8 @@ mod tests {
         assert_eq!(h.version, Version::HTTP_11);
         assert_eq!(h.body, BodyFraming::Length(5));
         assert!(h.keep_alive && !h.expect_continue);
-        assert_eq!(h.headers.get_all("x-two").iter().count(), 2);
-        assert_eq!(h.headers["host"], "a");
+        assert_eq!(h.headers.get_all("x-two").count(), 2);
+        assert_eq!(h.headers.get("host").unwrap(), "a");
         assert_eq!(&buf[..], b"hello");
         // Byte by byte: partial until the last one.
         let whole = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";

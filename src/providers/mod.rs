@@ -638,7 +638,7 @@ impl Provider {
     /// `key.credential` is what [`Provider::key_credential`] made of the operator's key (a
     /// provider whose key has several parts, such as `accessKey:secret:region`, keeps them
     /// there and parses them here).
-    pub async fn authorize(
+    pub fn authorize(
         self,
         endpoint: &Endpoint,
         req: &mut UpstreamRequest,

@@ -319,7 +319,6 @@ async fn call(
     upstream
         .provider
         .authorize(upstream.endpoint(), &mut out, &KeyUse { index, credential })
-        .await
         .map_err(|e| Transient(e.0))?;
     if let Some(org) = pool.organization(index) {
         out.headers.insert("openai-organization", org.clone());

@@ -2,8 +2,8 @@
 //! context (in the manner of Pingora):
 //!
 //! 0. [`check_origin`]: `BLOCKED_ORIGINS` refuses before the body is read.
-//! 1. [`read_request`]: read the body within `MAX_REQUEST_BODY_MB` (413); other JSON routes
-//!    are checked for valid JSON here (400).
+//! 1. [`check_body`] (after [`read_streamed`] for a body still to come): the body within
+//!    `MAX_REQUEST_BODY_MB` (413); other JSON routes are checked for valid JSON here (400).
 //! 2. [`admit`]: for generation APIs, read the request facts through the provider — from the
 //!    body's bytes where the provider has such a reader (OpenAI-format chat), else from its
 //!    JSON tree ([`Tree`], built only when needed; a body that is not a JSON object is a 400),
@@ -44,6 +44,7 @@ use std::sync::Arc;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::ProxyError;
+use crate::http1::Fields;
 use crate::net::ClientIp;
 use crate::providers::key_errors::{self, KeyVerdict};
 use crate::providers::{
@@ -109,14 +110,6 @@ impl Route {
     }
 }
 
-/// The client's header map goes back to the thread's spares when the request is done
-/// (`http1::recycle_map`).
-impl Drop for Ctx {
-    fn drop(&mut self) {
-        crate::http1::recycle_map(std::mem::take(&mut self.headers));
-    }
-}
-
 /// Everything the phases share about one request.
 struct Ctx {
     provider: Provider,
@@ -129,7 +122,7 @@ struct Ctx {
     /// The normalised upstream path (`/v1/...`).
     upstream_path: Arc<str>,
     query: Option<String>,
-    headers: HeaderMap,
+    headers: Fields,
     principal: Principal,
     ip: IpAddr,
     /// The model named by the path ([`PathModel`], Gemini), for the request facts.
@@ -186,11 +179,16 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         ip,
         client_path,
     };
+    let head = ClientHead {
+        headers: Fields::from_header_map(&parts.headers),
+        method: parts.method,
+        uri: parts.uri,
+    };
     forward_parts(
         state,
         route,
         caller,
-        parts,
+        head,
         path_model,
         ClientBody::Streamed(body),
     )
@@ -204,13 +202,20 @@ pub enum ClientBody {
     Streamed(Body),
 }
 
+/// What the forwarder reads of a client's request head.
+pub struct ClientHead {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: Fields,
+}
+
 /// Handles one proxied request along a [`Route`] from its parts: the forwarder proper, called
 /// by [`forward`] and by the proxied routes' straight path (`app::Front`).
 pub async fn forward_parts(
     state: AppState,
     route: Route,
     caller: Caller,
-    parts: axum::http::request::Parts,
+    parts: ClientHead,
     path_model: Option<String>,
     body: ClientBody,
 ) -> Response {
@@ -244,8 +249,15 @@ pub async fn forward_parts(
     if let Some(resp) = check_origin(&state, &ctx) {
         return resp;
     }
-    // Phase 1: read and validate.
-    let body = match read_request(&ctx, body, state.config.max_request_body_bytes()).await {
+    // Phase 1: the body within the size limit, JSON routes validated. A body that came whole
+    // with the request's head is checked without waiting; one still to come is read first,
+    // boxed, so that the straight path's future carries no reader state (issue 18).
+    let limit = state.config.max_request_body_bytes();
+    let read = match body {
+        ClientBody::Whole(bytes) => check_body(&ctx, bytes, limit),
+        ClientBody::Streamed(body) => Box::pin(read_streamed(&ctx, body, limit)).await,
+    };
+    let body = match read {
         Ok(b) => b,
         Err(e) => return log_refusal(&ctx, e),
     };
@@ -541,51 +553,54 @@ async fn read_body(mut body: Body, limit: usize) -> Result<Bytes, BodyError> {
     Ok(whole.freeze())
 }
 
-/// Phase 1: reads the body within the size limit and validates JSON routes.
-async fn read_request(ctx: &Ctx, body: ClientBody, limit: usize) -> Result<Incoming, ProxyError> {
+/// The refusal of a body above `MAX_REQUEST_BODY_MB`.
+fn too_large(limit: usize) -> ProxyError {
+    ProxyError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        format!(
+            "The request body is larger than this proxy accepts ({} MB, set by MAX_REQUEST_BODY_MB); send a smaller request.",
+            limit / (1024 * 1024)
+        ),
+    )
+}
+
+/// Phase 1 for a body still to come: refused by its declared size before it is read,
+/// then read within the limit.
+async fn read_streamed(ctx: &Ctx, body: Body, limit: usize) -> Result<Incoming, ProxyError> {
+    if ctx.method == Method::GET || ctx.method == Method::HEAD {
+        return check_body(ctx, Bytes::new(), limit);
+    }
+    let declared = ctx
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    match read_body(body, limit).await {
+        Ok(bytes) => check_body(ctx, bytes, limit),
+        Err(BodyError::TooLarge) => Err(too_large(limit)),
+        Err(BodyError::Broken) => Err(ProxyError::bad_request(
+            "The request body could not be read completely; send it again.",
+        )),
+    }
+}
+
+/// Phase 1 for a body in hand: its size, and JSON for the routes that are not
+/// generations (a generation's JSON is checked in [`admit`], by the first reader of the body).
+fn check_body(ctx: &Ctx, bytes: Bytes, limit: usize) -> Result<Incoming, ProxyError> {
     if ctx.method == Method::GET || ctx.method == Method::HEAD {
         return Ok(Incoming {
             bytes: Bytes::new(),
             generation: false,
         });
     }
-    let too_large = || {
-        ProxyError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            format!(
-                "The request body is larger than this proxy accepts ({} MB, set by MAX_REQUEST_BODY_MB); send a smaller request.",
-                limit / (1024 * 1024)
-            ),
-        )
-    };
-    let read = match body {
-        ClientBody::Whole(b) if b.len() > limit => Err(BodyError::TooLarge),
-        ClientBody::Whole(b) => Ok(b),
-        ClientBody::Streamed(body) => {
-            // A body still to come is refused by its declared size before it is read.
-            let declared = ctx
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|n| n > limit as u64) {
-                return Err(too_large());
-            }
-            read_body(body, limit).await
-        }
-    };
-    let bytes = match read {
-        Ok(b) => b,
-        Err(BodyError::TooLarge) => return Err(too_large()),
-        Err(BodyError::Broken) => {
-            return Err(ProxyError::bad_request(
-                "The request body could not be read completely; send it again.",
-            ))
-        }
-    };
+    if bytes.len() > limit {
+        return Err(too_large(limit));
+    }
     if ctx.api.is_generation() {
-        // Checked in `admit`, by the first reader of the body (its bytes or its tree).
         Ok(Incoming {
             bytes,
             generation: true,
@@ -988,7 +1003,13 @@ async fn send(
             index: key.index,
             credential: &key.header,
         };
-        if let Err(e) = upstream.authorize(&mut out, &key_use).await {
+        // Without waiting where the provider needs none (all but Vertex); a token fetch is
+        // boxed, so that every request's future does not carry its state (issue 18).
+        let authorized = match upstream.authorize_now(&mut out, &key_use) {
+            Some(done) => done,
+            None => Box::pin(upstream.authorize_later(&mut out, &key_use)).await,
+        };
+        if let Err(e) = authorized {
             let e = match e {
                 AuthFailure::BadKey(m) => {
                     tracing::error!(key = %key.fingerprint, error = %m, "credential refused");
@@ -1562,7 +1583,7 @@ mod tests {
             client_path: "/v1/chat/completions".into(),
             upstream_path: "/v1/chat/completions".into(),
             query: None,
-            headers: h,
+            headers: Fields::from_header_map(&h),
             principal: Principal::Anonymous,
             ip: IpAddr::from([127, 0, 0, 1]),
             path_model: None,

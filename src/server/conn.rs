@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use axum::http::{header, Method, Request, Version};
+use axum::http::{header, Method, Version};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -376,11 +376,13 @@ pub(super) async fn serve<F: Front>(
             }
         };
         let head_request = method == Method::HEAD;
-        let mut req = Request::new(ReadTimeout::new(settings.body_timeout, body));
-        *req.method_mut() = method;
-        *req.uri_mut() = uri;
-        *req.version_mut() = version;
-        crate::http1::put_headers(req.headers_mut(), headers);
+        let req = super::FrontRequest {
+            method,
+            uri,
+            version,
+            headers,
+            body: ReadTimeout::new(settings.body_timeout, body),
+        };
 
         // The handler, cancelled if the client closes meanwhile.
         let mut fut = front.serve(req, peer);

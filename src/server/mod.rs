@@ -35,6 +35,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
+use crate::http1::Fields;
 use axum::extract::ConnectInfo;
 use axum::response::Response;
 use axum::Router;
@@ -249,9 +250,29 @@ pub fn bind_listeners(
     Ok(out)
 }
 
-/// The request a [`Front`] gets: its body under the `CLIENT_BODY_TIMEOUT_SECS` timer between
-/// reads.
-pub type FrontRequest = axum::http::Request<ReadTimeout<RequestBody>>;
+/// The request a [`Front`] gets: its head as read, its fields as a [`Fields`] list (the
+/// straight path reads a few of them once; a `HeaderMap` is built only for the router,
+/// [`FrontRequest::into_http`]), and its body under the `CLIENT_BODY_TIMEOUT_SECS` timer
+/// between reads.
+pub struct FrontRequest {
+    pub method: axum::http::Method,
+    pub uri: axum::http::Uri,
+    pub version: axum::http::Version,
+    pub headers: Fields,
+    pub body: ReadTimeout<RequestBody>,
+}
+
+impl FrontRequest {
+    /// The same request as an `http::Request`, for the router.
+    pub fn into_http(self) -> axum::http::Request<ReadTimeout<RequestBody>> {
+        let mut req = axum::http::Request::new(self.body);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        crate::http1::put_headers(req.headers_mut(), self.headers.into_header_map());
+        req
+    }
+}
 
 /// What the accept loop serves: each request with the connection's socket peer (which the
 /// front uses to decide the client address). One value for the whole server, cloned once per
@@ -266,7 +287,7 @@ impl Front for Router {
     type Future = Pin<Box<dyn Future<Output = Response> + Send>>;
 
     fn serve(&self, req: FrontRequest, peer: SocketAddr) -> Self::Future {
-        let mut req = req.map(axum::body::Body::new);
+        let mut req = req.into_http().map(axum::body::Body::new);
         req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
         let router = self.clone();
         Box::pin(async move {
