@@ -3,7 +3,9 @@
 //! [`AnthropicUsage`]), the `x-api-key` credential, the `anthropic-version` default, and the
 //! family of Claude model names. Knows nothing of users, quotas or HTTP routing.
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::http::{HeaderName, HeaderValue};
+
+use crate::http1::Fields;
 use serde_json::Value;
 
 use super::families::{family_for, ANTHROPIC_FALLBACK};
@@ -26,10 +28,10 @@ pub static FORWARDED_HEADERS: [HeaderName; 2] = [
 pub const AUTH_HEADER: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Adds `anthropic-version` when the client sent none.
-pub fn default_headers(headers: &mut HeaderMap) {
+pub fn default_headers(headers: &mut Fields) {
     if !headers.contains_key("anthropic-version") {
-        headers.insert(
-            "anthropic-version",
+        headers.append(
+            HeaderName::from_static("anthropic-version"),
             HeaderValue::from_static(DEFAULT_VERSION),
         );
     }

@@ -3,6 +3,7 @@
 //! the decoder from Bedrock's binary event stream to Anthropic SSE. Knows nothing of users,
 //! quotas or HTTP routing: the forwarder calls these pieces.
 
+use crate::http1::Fields;
 use std::fmt;
 use std::time::SystemTime;
 
@@ -819,7 +820,7 @@ impl Bedrock {
         );
         if stream {
             h.insert(
-                "x-amzn-bedrock-accept",
+                http::HeaderName::from_static("x-amzn-bedrock-accept"),
                 http::HeaderValue::from_static("application/json"),
             );
             h.insert(
@@ -837,9 +838,10 @@ impl Bedrock {
             .uri(req.url.as_str())
             .body(())
             .map_err(|e| AuthError(format!("cannot build the Bedrock request: {e}")))?;
-        *signed.headers_mut() = std::mem::take(&mut req.headers);
+        // The signer reads and writes a `HeaderMap`: the fields go there and back.
+        *signed.headers_mut() = std::mem::take(&mut req.headers).into_header_map();
         let result = sign_request(cred, &mut signed, &req.body, SystemTime::now());
-        req.headers = std::mem::take(signed.headers_mut());
+        req.headers = Fields::from_header_map(signed.headers());
         result.map_err(AuthError)
     }
 }

@@ -68,6 +68,7 @@ pub mod openai;
 pub mod raw;
 pub mod translate;
 
+use crate::http1::Fields;
 use axum::http::{HeaderMap, HeaderValue, Method};
 use bytes::Bytes;
 use serde_json::Value;
@@ -326,7 +327,7 @@ pub struct PathModel(pub String);
 pub struct UpstreamRequest {
     pub method: Method,
     pub url: String,
-    pub headers: HeaderMap,
+    pub headers: Fields,
     pub body: Bytes,
 }
 
@@ -601,7 +602,7 @@ impl Provider {
     }
 
     /// Adds the headers this provider needs when the client sent none.
-    pub fn default_headers(self, headers: &mut HeaderMap) {
+    pub fn default_headers(self, headers: &mut Fields) {
         if self == Provider::Anthropic {
             anthropic::default_headers(headers);
         }

@@ -25,6 +25,8 @@
 
 mod clouds;
 
+use crate::http1::Fields;
+use axum::http::HeaderName;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -296,7 +298,7 @@ async fn call(
     let credential = pool
         .credential(index)
         .ok_or_else(|| Transient("no such key".into()))?;
-    let mut headers = HeaderMap::new();
+    let mut headers = Fields::with_capacity(6);
     headers.insert(header::USER_AGENT, upstreams.user_agent.clone());
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
     let body = match body {
@@ -321,7 +323,8 @@ async fn call(
         .authorize(upstream.endpoint(), &mut out, &KeyUse { index, credential })
         .map_err(|e| Transient(e.0))?;
     if let Some(org) = pool.organization(index) {
-        out.headers.insert("openai-organization", org.clone());
+        out.headers
+            .insert(HeaderName::from_static("openai-organization"), org.clone());
     }
     let answer = send(upstreams, out).await?;
     if answer.status >= 500 {
@@ -338,10 +341,12 @@ async fn call(
 async fn send(upstreams: &Upstreams, out: UpstreamRequest) -> Result<Answer, Transient> {
     let uri = axum::http::Uri::try_from(out.url.as_str())
         .map_err(|e| Transient(format!("bad probe URL: {e}")))?;
-    let mut req = hyper::Request::new(out.body);
-    *req.method_mut() = out.method;
-    *req.uri_mut() = uri;
-    *req.headers_mut() = out.headers;
+    let req = crate::proxy::pool::Outgoing {
+        method: out.method,
+        uri,
+        headers: out.headers,
+        body: out.body,
+    };
     let resp = upstreams
         .pool()
         .send(req)

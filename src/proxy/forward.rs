@@ -889,8 +889,8 @@ async fn apply_policy(
 
 /// Phase 3: the upstream request headers, from an allowlist of the client's headers. The
 /// credential is added per attempt in [`send`].
-fn upstream_headers(ctx: &Ctx) -> HeaderMap {
-    let mut out = crate::http1::header_map(6);
+fn upstream_headers(ctx: &Ctx) -> Fields {
+    let mut out = Fields::with_capacity(6);
     let provider_headers = ctx.provider.forwarded_headers();
     // One pass over the client's few headers, comparing names (a standard name compares as
     // one byte), instead of a hashed lookup per allowed name (issue 18).
@@ -903,7 +903,7 @@ fn upstream_headers(ctx: &Ctx) -> HeaderMap {
     }
     if ctx.method == Method::POST && !has_type {
         // The body was validated as JSON; say so even when the client did not.
-        out.insert(
+        out.append(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
@@ -921,7 +921,7 @@ async fn send(
     state: &AppState,
     upstream: &ProviderUpstream,
     ctx: &Ctx,
-    mut headers: HeaderMap,
+    mut headers: Fields,
     body: Bytes,
     deadline: tokio::time::Instant,
     eligible: Option<&[usize]>,
@@ -1029,10 +1029,12 @@ async fn send(
             });
         }
         let uri = upstream_uri(out.url).map_err(bad_url)?;
-        let mut req = hyper::Request::new(out.body);
-        *req.method_mut() = out.method;
-        *req.uri_mut() = uri;
-        crate::http1::put_headers(req.headers_mut(), out.headers);
+        let req = crate::proxy::pool::Outgoing {
+            method: out.method,
+            uri,
+            headers: out.headers,
+            body: out.body,
+        };
         // A coarse deadline (`timer`): tokio's timer cost about a thousand instructions for a
         // timeout that almost never fires.
         let sent =
@@ -1638,7 +1640,7 @@ mod tests {
             ("accept", "text/event-stream"),
         ]);
         let o = upstream_headers(&c);
-        let mut names: Vec<&str> = o.keys().map(|k| k.as_str()).collect();
+        let mut names: Vec<&str> = o.iter().map(|(k, _)| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, vec!["accept", "content-type", "openai-beta"]);
         let mut c = c;
@@ -1659,7 +1661,6 @@ mod tests {
         let o = upstream_headers(&c);
         let values: Vec<&str> = o
             .get_all(header::ACCEPT)
-            .iter()
             .map(|v| v.to_str().expect("text"))
             .collect();
         assert_eq!(values, vec!["text/event-stream", "application/json"]);

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod pool;
 pub mod queue;
 
+use axum::http::HeaderName;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -143,7 +144,10 @@ impl ProviderUpstream {
                     .map(|()| {
                         // An OpenAI key's entry for one of its other organisations.
                         if let Some(org) = self.keys.organization(key.index) {
-                            req.headers.insert("openai-organization", org.clone());
+                            req.headers.insert(
+                                HeaderName::from_static("openai-organization"),
+                                org.clone(),
+                            );
                         }
                     }),
             ),

@@ -25,6 +25,7 @@
 //! that host) it stays open until the upstream closes it, which providers do after a minute or
 //! so.
 
+use crate::http1::Fields;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::error::Error as StdError;
@@ -37,7 +38,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use axum::http::uri::{Authority, Parts, PathAndQuery, Scheme};
-use axum::http::{HeaderValue, Method, Request, Response, Uri};
+use axum::http::{HeaderValue, Method, Response, Uri};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
@@ -70,8 +71,27 @@ const MAX_READ: usize = 64 * 1024;
 /// is written after it, from its own memory.
 const COALESCE: usize = 16 * 1024;
 
-/// The request body type of every upstream call: the whole body, already read.
-type ReqBody = Bytes;
+/// An upstream request as the pool sends it: the method, an absolute `http://` or `https://`
+/// URI, the fields (the head writer adds `host` and `content-length`, and leaves out the
+/// connection's own ones), and the whole body, already read.
+pub struct Outgoing {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: Fields,
+    pub body: Bytes,
+}
+
+impl Outgoing {
+    /// A request without fields.
+    pub fn new(method: Method, uri: Uri, body: Bytes) -> Outgoing {
+        Outgoing {
+            method,
+            uri,
+            headers: Fields::new(),
+            body,
+        }
+    }
+}
 
 /// The connector of new connections: TCP (with `TCP_NODELAY` and the connect timeout) and,
 /// for `https`, rustls with the platform's certificate verifier, ALPN `http/1.1`.
@@ -374,14 +394,19 @@ impl Pool {
     /// this thread, or a new one, and reads the answer's head. A reused connection that could
     /// not take the request (it closed while idle) gets it once more on a new connection.
     /// Dropping the future drops the request (and its connection).
-    pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<PooledBody>, UpstreamError> {
-        let (parts, body) = req.into_parts();
+    pub async fn send(&self, req: Outgoing) -> Result<Response<PooledBody>, UpstreamError> {
+        let Outgoing {
+            method,
+            uri,
+            headers,
+            body,
+        } = req;
         let Parts {
             scheme,
             authority,
             path_and_query,
             ..
-        } = parts.uri.into_parts();
+        } = uri.into_parts();
         let (Some(scheme), Some(authority)) = (scheme, authority) else {
             return Err(UpstreamError::BadUri(
                 "the upstream URL has no scheme or host",
@@ -403,14 +428,7 @@ impl Pool {
         let path = path_and_query.as_ref().map_or("/", PathAndQuery::as_str);
         let head = |conn: &mut Conn| {
             conn.write.clear();
-            h1::encode_head(
-                &mut conn.write,
-                &parts.method,
-                path,
-                &host,
-                &parts.headers,
-                body.len(),
-            );
+            h1::encode_head(&mut conn.write, &method, path, &host, &headers, body.len());
         };
         let mut written = None;
         if let Some(mut conn) = idle {
@@ -439,9 +457,7 @@ impl Pool {
                 conn
             }
         };
-        let answered = answer(conn, &parts.method, target).await;
-        crate::http1::recycle_map(parts.headers);
-        answered
+        answer(conn, &method, target).await
     }
 
     /// A new connection (TCP, and TLS for `https`).
@@ -808,8 +824,8 @@ mod tests {
         Pool::from_config(&config).unwrap()
     }
 
-    fn get(url: &str) -> Request<ReqBody> {
-        Request::get(url).body(Bytes::new()).unwrap()
+    fn get(url: &str) -> Outgoing {
+        Outgoing::new(Method::GET, url.parse().unwrap(), Bytes::new())
     }
 
     async fn fetch(pool: &Pool, url: &str) -> Bytes {
@@ -1012,7 +1028,7 @@ mod tests {
                 .map(|i| (i % 251) as u8)
                 .collect::<Vec<_>>()
                 .into();
-            let req = Request::post(&url).body(body.clone()).unwrap();
+            let req = Outgoing::new(Method::POST, url.parse().unwrap(), body.clone());
             let resp = pool.send(req).await.unwrap();
             assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), body);
         }
@@ -1135,12 +1151,14 @@ mod tests {
                     let Ok(tls) = acceptor.accept(sock).await else {
                         return;
                     };
-                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        assert_eq!(req.uri(), "/v1/x?y=1");
-                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
-                            Bytes::from_static(b"ok"),
-                        )))
-                    });
+                    let svc = hyper::service::service_fn(
+                        |req: axum::http::Request<Incoming>| async move {
+                            assert_eq!(req.uri(), "/v1/x?y=1");
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                                Bytes::from_static(b"ok"),
+                            )))
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                         .await;

@@ -12,6 +12,7 @@
 //!
 //! Requests go one after the other (never a burst), through the proxy's upstream client.
 
+use crate::http1::Fields;
 use std::time::SystemTime;
 
 use axum::http::{header, HeaderMap, HeaderValue, Method};
@@ -73,7 +74,7 @@ async fn aws_call(
     }
     aws::sign_request_for(cred, service, region, &mut req, &body, SystemTime::now())
         .map_err(Transient)?;
-    let headers = std::mem::take(req.headers_mut());
+    let headers = Fields::from_header_map(req.headers());
     send(
         upstreams,
         UpstreamRequest {
@@ -274,7 +275,7 @@ pub async fn probe_gcp(
                 let mut out = UpstreamRequest {
                     method: Method::POST,
                     url: String::new(),
-                    headers: HeaderMap::new(),
+                    headers: Fields::new(),
                     body: Bytes::from(gcp::probe_body(model)),
                 };
                 out.headers
