@@ -28,6 +28,9 @@ impl BadForwardedFor {
     }
 }
 
+static X_FORWARDED_FOR: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("x-forwarded-for");
+
 /// The client address: the socket peer, or with `trusted_proxies = n > 0` the `n`-th entry of
 /// `X-Forwarded-For` **counted from the right** — the one the outermost trusted proxy appended
 /// (with fewer entries, the left-most one: every entry was then written by a trusted proxy).
@@ -47,7 +50,7 @@ pub fn client_ip<H: Lookup + ?Sized>(
     // Every X-Forwarded-For header in order, every comma-separated entry; walked from the
     // right (the nearest hop) and only as far as the trusted hops reach.
     let values: Vec<&[u8]> = headers
-        .each("x-forwarded-for")
+        .each(&X_FORWARDED_FOR)
         .map(|v| v.as_bytes())
         .collect();
     let mut chosen = None;

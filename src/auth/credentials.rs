@@ -28,7 +28,10 @@ pub fn secret_eq(presented: &str, expected: &str) -> bool {
 /// `x-goog-api-key` (Google's SDKs; a `?key=` has been moved there by [`move_query_key`]). An
 /// `Authorization` header without a value (`Bearer `) does not hide an `x-api-key`.
 pub fn client_credential<H: Lookup + ?Sized>(headers: &H) -> Option<&str> {
-    if let Some(v) = headers.first("authorization").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers
+        .first(&header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         // `to_str` let through visible ASCII and tabs only, so the ASCII trim is the whole
         // trim (and, unlike `str::trim`, does not decode characters).
         let v = v.trim_ascii();
@@ -43,7 +46,7 @@ pub fn client_credential<H: Lookup + ?Sized>(headers: &H) -> Option<&str> {
             return Some(token);
         }
     }
-    ["x-api-key", GOOGLE_KEY_HEADER]
+    [&X_API_KEY, &crate::providers::google_ai::AUTH_HEADER]
         .into_iter()
         .find_map(|name| {
             headers
@@ -56,6 +59,9 @@ pub fn client_credential<H: Lookup + ?Sized>(headers: &H) -> Option<&str> {
 
 /// The header Google's SDKs send their key in.
 const GOOGLE_KEY_HEADER: &str = crate::providers::google_ai::KEY_HEADER;
+
+/// Anthropic's clients' key header.
+const X_API_KEY: axum::http::HeaderName = axum::http::HeaderName::from_static("x-api-key");
 
 /// Google's REST examples pass the key as `?key=`: on proxied routes this moves it out of the
 /// URL into the `x-goog-api-key` header (unless one was sent) before anything else sees the

@@ -71,7 +71,7 @@ impl Fields {
         let mut first = None;
         let mut i = 0;
         while i < self.list.len() {
-            if self.list[i].0.as_str().eq_ignore_ascii_case(name.text()) {
+            if name.matches(&self.list[i].0) {
                 let (_, v) = self.list.remove(i);
                 first.get_or_insert(v);
             } else {
@@ -90,7 +90,7 @@ impl Fields {
     pub fn get_all<K: FieldName>(&self, name: K) -> impl Iterator<Item = &HeaderValue> {
         self.list
             .iter()
-            .filter(move |(n, _)| n.as_str().eq_ignore_ascii_case(name.text()))
+            .filter(move |(n, _)| name.matches(n))
             .map(|(_, v)| v)
     }
 
@@ -165,54 +165,55 @@ impl<'a> IntoIterator for &'a Fields {
     }
 }
 
-/// A header name to look up in [`Fields`]: a `HeaderName` or its text (any case).
+/// A header name to look up in [`Fields`]: a `HeaderName` (compared as one: a standard name
+/// is a number) or its text (any case).
 pub trait FieldName {
-    fn text(&self) -> &str;
+    fn matches(&self, name: &HeaderName) -> bool;
 }
 
 impl FieldName for &str {
-    fn text(&self) -> &str {
-        self
+    fn matches(&self, name: &HeaderName) -> bool {
+        name.as_str().eq_ignore_ascii_case(self)
     }
 }
 
 impl FieldName for HeaderName {
-    fn text(&self) -> &str {
-        self.as_str()
+    fn matches(&self, name: &HeaderName) -> bool {
+        name == self
     }
 }
 
 impl FieldName for &HeaderName {
-    fn text(&self) -> &str {
-        self.as_str()
+    fn matches(&self, name: &HeaderName) -> bool {
+        name == *self
     }
 }
 
 /// Reading a request's header fields, from a [`Fields`] list or a `HeaderMap`: what the gate
 /// and the forwarder ask of a request's headers.
 pub trait Lookup {
-    /// The first value of `name` (a lowercase name).
-    fn first(&self, name: &str) -> Option<&HeaderValue>;
-    /// Every value of `name` (a lowercase name), in order.
-    fn each<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a HeaderValue>;
+    /// The first value of `name`.
+    fn first(&self, name: &HeaderName) -> Option<&HeaderValue>;
+    /// Every value of `name`, in order.
+    fn each<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a HeaderValue>;
 }
 
 impl Lookup for Fields {
-    fn first(&self, name: &str) -> Option<&HeaderValue> {
+    fn first(&self, name: &HeaderName) -> Option<&HeaderValue> {
         self.get(name)
     }
 
-    fn each<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a HeaderValue> {
+    fn each<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a HeaderValue> {
         self.get_all(name)
     }
 }
 
 impl Lookup for HeaderMap {
-    fn first(&self, name: &str) -> Option<&HeaderValue> {
+    fn first(&self, name: &HeaderName) -> Option<&HeaderValue> {
         self.get(name)
     }
 
-    fn each<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a HeaderValue> {
+    fn each<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a HeaderValue> {
         self.get_all(name).iter()
     }
 }
@@ -283,8 +284,10 @@ mod tests {
         assert_eq!(map["b"], "2");
         let back = Fields::from_header_map(&map);
         assert_eq!(back.get_all("a").collect::<Vec<_>>(), ["1", "3"]);
-        assert_eq!(Lookup::first(&map, "b").unwrap(), "2");
-        assert_eq!(Lookup::each(&back, "a").count(), 2);
+        let (a, b) = (HeaderName::from_static("a"), HeaderName::from_static("b"));
+        assert_eq!(Lookup::first(&map, &b).unwrap(), "2");
+        assert_eq!(Lookup::each(&back, &a).count(), 2);
+        assert_eq!(Lookup::each(&map, &a).count(), 2);
     }
 
     #[test]
