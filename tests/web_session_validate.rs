@@ -102,7 +102,7 @@ async fn a_session_service_that_takes_too_long_is_a_refusal() {
 
 #[tokio::test]
 async fn an_unreachable_session_service_is_a_refusal() {
-    let url = unreachable_url().await;
+    let (url, _held) = unreachable_url();
     let app = app(&url).await;
     let b = Browser::new(&app.url);
     let r = b

@@ -271,12 +271,16 @@ pub async fn fake_session_service() -> (String, Arc<Mutex<Seen>>) {
     (format!("http://{addr}/session/validate"), seen)
 }
 
-/// A URL on 127.0.0.1 where nothing listens (bound, then released).
-pub async fn unreachable_url() -> String {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
+/// A URL on 127.0.0.1 where nothing listens, while the returned socket lives: its port is
+/// bound (without `SO_REUSEADDR`) but not listening, so a connection there is refused and no
+/// other test's listener can be given the port. (A port bound and released at once was
+/// sometimes handed to a fake session service of a test running alongside, which then
+/// answered.)
+pub fn unreachable_url() -> (String, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("address"))
         .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    drop(l);
-    format!("http://{addr}/session/validate")
+    let addr = socket.local_addr().expect("addr");
+    (format!("http://{addr}/session/validate"), socket)
 }
