@@ -2,9 +2,9 @@
 //! entry of `X-Forwarded-For` the outermost trusted proxy appended, read from the right.
 //! Decided once per request by [`crate::auth::guard`]. Knows nothing of users.
 
-use crate::http1::Lookup;
 use std::net::{IpAddr, SocketAddr};
 
+use crate::http1::Lookup;
 use crate::net::normalize;
 
 /// The client's address as decided once per request by [`crate::auth::guard`]; read it from the

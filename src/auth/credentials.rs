@@ -4,7 +4,6 @@
 //! for the lockout, here and nowhere else; whether an address is locked out is asked once, by
 //! [`crate::auth::guard`], before any of these runs.
 
-use crate::http1::Lookup;
 use std::net::IpAddr;
 
 use axum::http::{header, HeaderMap};
@@ -16,6 +15,7 @@ use super::{user_token, AdminIdentity, Principal};
 use crate::app::AppState;
 use crate::config::GatekeeperMode;
 use crate::error::{AdminError, ProxyError};
+use crate::http1::Lookup;
 use crate::users::User;
 
 /// Constant-time comparison of a presented secret with the configured one.
@@ -46,22 +46,22 @@ pub fn client_credential<H: Lookup + ?Sized>(headers: &H) -> Option<&str> {
             return Some(token);
         }
     }
-    [&X_API_KEY, &crate::providers::google_ai::AUTH_HEADER]
-        .into_iter()
-        .find_map(|name| {
-            headers
-                .first(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim_ascii)
-                .filter(|s| !s.is_empty())
-        })
+    [
+        &crate::providers::anthropic::AUTH_HEADER,
+        &crate::providers::google_ai::AUTH_HEADER,
+    ]
+    .into_iter()
+    .find_map(|name| {
+        headers
+            .first(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim_ascii)
+            .filter(|s| !s.is_empty())
+    })
 }
 
 /// The header Google's SDKs send their key in.
 const GOOGLE_KEY_HEADER: &str = crate::providers::google_ai::KEY_HEADER;
-
-/// Anthropic's clients' key header.
-const X_API_KEY: axum::http::HeaderName = axum::http::HeaderName::from_static("x-api-key");
 
 /// Google's REST examples pass the key as `?key=`: on proxied routes this moves it out of the
 /// URL into the `x-goog-api-key` header (unless one was sent) before anything else sees the

@@ -35,8 +35,7 @@ impl Fields {
 
     /// No fields yet, with room for `capacity`: a list this thread gave back when it has one.
     pub fn with_capacity(capacity: usize) -> Fields {
-        let spare = SPARE_LISTS.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()));
-        let mut list = spare.unwrap_or_default();
+        let mut list = super::take_spare(&SPARE_LISTS).unwrap_or_default();
         list.reserve(capacity);
         Fields { list }
     }
@@ -68,16 +67,12 @@ impl Fields {
 
     /// Takes every value of `name` out; the first of them, if any.
     pub fn remove<K: FieldName>(&mut self, name: K) -> Option<HeaderValue> {
-        let mut first = None;
-        let mut i = 0;
-        while i < self.list.len() {
-            if name.matches(&self.list[i].0) {
-                let (_, v) = self.list.remove(i);
-                first.get_or_insert(v);
-            } else {
-                i += 1;
-            }
-        }
+        let first = self
+            .list
+            .iter()
+            .find(|(n, _)| name.matches(n))
+            .map(|(_, v)| v.clone());
+        self.list.retain(|(n, _)| !name.matches(n));
         first
     }
 
@@ -143,13 +138,7 @@ impl Drop for Fields {
         }
         let mut list = std::mem::take(&mut self.list);
         list.clear();
-        SPARE_LISTS.with(|s| {
-            if let Ok(mut s) = s.try_borrow_mut() {
-                if s.len() < SPARE_LISTS_MAX {
-                    s.push(list);
-                }
-            }
-        });
+        super::keep_spare(&SPARE_LISTS, list, SPARE_LISTS_MAX);
     }
 }
 

@@ -99,8 +99,7 @@ const SPARE_MAP_ROOM: usize = 64;
 /// request, the upstream's answer); each new one costs two allocations and, dropped, two
 /// frees, about 250 instructions (callgrind) that a cleared map given back does not.
 pub fn header_map(capacity: usize) -> HeaderMap {
-    let spare = SPARE_MAPS.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()));
-    match spare {
+    match take_spare(&SPARE_MAPS) {
         Some(mut map) => {
             // Empty: room for `capacity` more is room for `capacity` (nothing when it has it).
             map.reserve(capacity);
@@ -125,10 +124,24 @@ pub fn recycle_map(mut map: HeaderMap) {
         return;
     }
     map.clear();
-    SPARE_MAPS.with(|s| {
+    keep_spare(&SPARE_MAPS, map, SPARE_MAPS_MAX);
+}
+
+/// A thread's list of emptied values of one kind (header maps, field lists), for the next
+/// head read or request built on that thread.
+type Spares<T> = std::thread::LocalKey<std::cell::RefCell<Vec<T>>>;
+
+/// One of `spares`, if the thread has one.
+fn take_spare<T: 'static>(spares: &'static Spares<T>) -> Option<T> {
+    spares.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+}
+
+/// Keeps `spare` (emptied by the caller) in `spares`, unless they hold `max` already.
+fn keep_spare<T: 'static>(spares: &'static Spares<T>, spare: T, max: usize) {
+    spares.with(|s| {
         if let Ok(mut s) = s.try_borrow_mut() {
-            if s.len() < SPARE_MAPS_MAX {
-                s.push(map);
+            if s.len() < max {
+                s.push(spare);
             }
         }
     });

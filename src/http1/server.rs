@@ -6,11 +6,11 @@ use std::io;
 
 use axum::http::header;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, Version};
-
-use super::Fields;
 use bytes::{Bytes, BytesMut};
 
-use super::{version_of, write_field, BadDelimiter, Delimiters, Spans, MAX_HEAD, MAX_HEADERS};
+use super::{
+    version_of, write_field, BadDelimiter, Delimiters, Fields, Spans, MAX_HEAD, MAX_HEADERS,
+};
 
 /// How a request's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,8 +4,6 @@
 //! family of Claude model names. Knows nothing of users, quotas or HTTP routing.
 
 use axum::http::{HeaderName, HeaderValue};
-
-use crate::http1::Fields;
 use serde_json::Value;
 
 use super::families::{family_for, ANTHROPIC_FALLBACK};
@@ -13,6 +11,7 @@ use super::{
     collect_content, push_json, raw, uint_field, Api, BadRequest, ReportedUsage, RequestFacts,
     Seen, MESSAGE_OVERHEAD,
 };
+use crate::http1::Fields;
 
 /// The `anthropic-version` sent when the client sends none.
 pub const DEFAULT_VERSION: &str = "2023-06-01";

@@ -3,7 +3,6 @@
 //! the decoder from Bedrock's binary event stream to Anthropic SSE. Knows nothing of users,
 //! quotas or HTTP routing: the forwarder calls these pieces.
 
-use crate::http1::Fields;
 use std::fmt;
 use std::time::SystemTime;
 
@@ -18,6 +17,7 @@ use serde_json::{json, Map, Value};
 
 use super::{AuthError, StreamTransform, UpstreamRequest};
 use crate::config::Secret;
+use crate::http1::Fields;
 
 /// The variable holding the credentials, for messages.
 pub const VAR: &str = "AWS_CREDENTIALS";

@@ -68,10 +68,11 @@ pub mod openai;
 pub mod raw;
 pub mod translate;
 
-use crate::http1::Fields;
 use axum::http::{HeaderMap, HeaderValue, Method};
 use bytes::Bytes;
 use serde_json::Value;
+
+use crate::http1::Fields;
 
 pub use meter::Meter;
 

@@ -25,12 +25,10 @@
 
 mod clouds;
 
-use crate::http1::Fields;
-use axum::http::HeaderName;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, HeaderMap, HeaderValue, Method};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
@@ -38,6 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::http1::Fields;
 use crate::providers::families::family_for;
 use crate::providers::key_errors::{judge, KeyVerdict};
 use crate::providers::{KeyUse, Provider, UpstreamRequest};

@@ -1003,13 +1003,7 @@ async fn send(
             index: key.index,
             credential: &key.header,
         };
-        // Without waiting where the provider needs none (all but Vertex); a token fetch is
-        // boxed, so that every request's future does not carry its state (issue 18).
-        let authorized = match upstream.authorize_now(&mut out, &key_use) {
-            Some(done) => done,
-            None => Box::pin(upstream.authorize_later(&mut out, &key_use)).await,
-        };
-        if let Err(e) = authorized {
+        if let Err(e) = upstream.authorize(&mut out, &key_use).await {
             let e = match e {
                 AuthFailure::BadKey(m) => {
                     tracing::error!(key = %key.fingerprint, error = %m, "credential refused");

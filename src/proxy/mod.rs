@@ -14,11 +14,10 @@ pub mod keys;
 pub mod pool;
 pub mod queue;
 
-use axum::http::HeaderName;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
@@ -120,58 +119,30 @@ impl ProviderUpstream {
         req: &mut UpstreamRequest,
         key: &KeyUse<'_>,
     ) -> Result<(), AuthFailure> {
-        match self.authorize_now(req, key) {
-            Some(done) => done,
-            // Boxed: a token fetch is a large future that runs rarely (see `pool::send`).
-            None => Box::pin(self.authorize_later(req, key)).await,
-        }
-    }
-
-    /// [`ProviderUpstream::authorize`] where it needs no wait: every provider but Vertex, and
-    /// Vertex never (`None`: call [`ProviderUpstream::authorize_later`]). The forwarder calls
-    /// this first, so that a request's future carries no state for a token fetch it does not
-    /// make (issue 18).
-    pub fn authorize_now(
-        &self,
-        req: &mut UpstreamRequest,
-        key: &KeyUse<'_>,
-    ) -> Option<Result<(), AuthFailure>> {
         match &self.cloud {
-            None => Some(
+            None => {
                 self.provider
                     .authorize(&self.endpoint, req, key)
-                    .map_err(|e| AuthFailure::Other(e.0))
-                    .map(|()| {
-                        // An OpenAI key's entry for one of its other organisations.
-                        if let Some(org) = self.keys.organization(key.index) {
-                            req.headers.insert(
-                                HeaderName::from_static("openai-organization"),
-                                org.clone(),
-                            );
-                        }
-                    }),
-            ),
-            Some(Cloud::Aws(b)) => Some(
-                b.authorize(req, key.index, self.provider == Provider::AwsMistral)
-                    .map_err(|e| AuthFailure::Other(e.0)),
-            ),
-            Some(Cloud::Gcp(_)) => None,
-        }
-    }
-
-    /// [`ProviderUpstream::authorize`] where it may wait: Vertex's access token, fetched when
-    /// the credential has none cached.
-    pub async fn authorize_later(
-        &self,
-        req: &mut UpstreamRequest,
-        key: &KeyUse<'_>,
-    ) -> Result<(), AuthFailure> {
-        match &self.cloud {
-            Some(Cloud::Gcp(v)) => v.authorize(req, key.index).await.map_err(|e| match e {
-                gcp::VertexAuthError::KeyRejected(m) => AuthFailure::BadKey(m),
-                gcp::VertexAuthError::Other(m) => AuthFailure::Other(m),
-            }),
-            _ => self.authorize_now(req, key).unwrap_or(Ok(())),
+                    .map_err(|e| AuthFailure::Other(e.0))?;
+                // An OpenAI key's entry for one of its other organisations.
+                if let Some(org) = self.keys.organization(key.index) {
+                    req.headers
+                        .insert(HeaderName::from_static("openai-organization"), org.clone());
+                }
+                Ok(())
+            }
+            Some(Cloud::Aws(b)) => b
+                .authorize(req, key.index, self.provider == Provider::AwsMistral)
+                .map_err(|e| AuthFailure::Other(e.0)),
+            // Boxed: a token fetch is a large future that runs rarely (see `pool::send`).
+            Some(Cloud::Gcp(v)) => {
+                Box::pin(v.authorize(req, key.index))
+                    .await
+                    .map_err(|e| match e {
+                        gcp::VertexAuthError::KeyRejected(m) => AuthFailure::BadKey(m),
+                        gcp::VertexAuthError::Other(m) => AuthFailure::Other(m),
+                    })
+            }
         }
     }
 

@@ -25,7 +25,6 @@
 //! that host) it stays open until the upstream closes it, which providers do after a minute or
 //! so.
 
-use crate::http1::Fields;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::error::Error as StdError;
@@ -48,7 +47,7 @@ use tokio::io::AsyncWriteExt;
 use tower::Service;
 
 use crate::config::{Config, ConfigError};
-use crate::http1::{self as h1, Framing, Parsed, Step};
+use crate::http1::{self as h1, Fields, Framing, Parsed, Step};
 
 /// How long an idle connection may wait for its next request before it is closed: the legacy
 /// client's default, which we had until now. Upstreams close idle connections on their side
@@ -81,6 +80,7 @@ pub struct Outgoing {
     pub body: Bytes,
 }
 
+#[cfg(test)]
 impl Outgoing {
     /// A request without fields.
     pub fn new(method: Method, uri: Uri, body: Bytes) -> Outgoing {

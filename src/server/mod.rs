@@ -35,13 +35,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
 
-use crate::http1::Fields;
 use axum::extract::ConnectInfo;
 use axum::response::Response;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::http1::Fields;
 
 mod body;
 mod conn;

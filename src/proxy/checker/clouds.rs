@@ -12,7 +12,6 @@
 //!
 //! Requests go one after the other (never a burst), through the proxy's upstream client.
 
-use crate::http1::Fields;
 use std::time::SystemTime;
 
 use axum::http::{header, HeaderMap, HeaderValue, Method};
@@ -20,6 +19,7 @@ use bytes::Bytes;
 
 use super::{send, Answer, Transient};
 use crate::config::Config;
+use crate::http1::Fields;
 use crate::providers::aws::{self, AwsCredential, Bedrock};
 use crate::providers::aws_check::{self, CredentialVerdict, Identity, Logging, ModelAccess};
 use crate::providers::{gcp, KeyUse, UpstreamRequest};
