@@ -21,6 +21,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::lockout::Lockout;
 use crate::config::{Config, ConfigError};
+use crate::http1::Reply;
 use crate::proxy::Upstreams;
 use crate::quota::Quotas;
 use crate::users::persist::Persistence;
@@ -181,7 +182,7 @@ pub fn front(state: AppState) -> Front {
 }
 
 impl crate::server::Front for Front {
-    type Future = std::pin::Pin<Box<dyn Future<Output = Response> + Send>>;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Reply> + Send>>;
 
     fn serve(&self, req: crate::server::FrontRequest, peer: SocketAddr) -> Self::Future {
         let parts = &*self.0;
@@ -213,7 +214,7 @@ async fn straight(
     template: Arc<str>,
     req: crate::server::FrontRequest,
     peer: SocketAddr,
-) -> Response {
+) -> Reply {
     let crate::server::FrontRequest {
         method,
         uri,
@@ -225,8 +226,10 @@ async fn straight(
     // that every request's future does not carry the pause's state).
     let (ip, principal) = match crate::auth::gate_proxied(&state, peer.ip(), &headers) {
         crate::auth::Gate::Pass(ip, principal) => (ip, principal),
-        crate::auth::Gate::Refused(refusal) => return refusal,
-        crate::auth::Gate::LockedOut(secs) => return Box::pin(crate::auth::locked_out(secs)).await,
+        crate::auth::Gate::Refused(refusal) => return refusal.into(),
+        crate::auth::Gate::LockedOut(secs) => {
+            return Box::pin(crate::auth::locked_out(secs)).await.into()
+        }
     };
     let caller = crate::proxy::forward::Caller {
         principal,

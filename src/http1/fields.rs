@@ -119,6 +119,29 @@ impl Fields {
         map
     }
 
+    /// Keeps only the fields for which `keep` says true, in their order.
+    pub fn retain(&mut self, mut keep: impl FnMut(&HeaderName, &HeaderValue) -> bool) {
+        self.list.retain(|(n, v)| keep(n, v));
+    }
+
+    /// The fields of a `HeaderMap`, moved out in its order (a name's values together); the
+    /// emptied map goes back to the thread's spares.
+    pub fn from_map(mut map: HeaderMap) -> Fields {
+        let mut fields = Fields::with_capacity(map.len());
+        let mut last: Option<HeaderName> = None;
+        for (name, value) in map.drain() {
+            // A name comes once, before the first of its values.
+            if let Some(n) = name {
+                last = Some(n);
+            }
+            if let Some(n) = &last {
+                fields.append(n.clone(), value);
+            }
+        }
+        super::recycle_map(map);
+        fields
+    }
+
     /// The fields of a `HeaderMap`, in its order (a name's values together).
     pub fn from_header_map(map: &HeaderMap) -> Fields {
         let mut fields = Fields::with_capacity(map.len());

@@ -21,9 +21,11 @@ use bytes::{Buf, Bytes, BytesMut};
 
 mod fields;
 mod names;
+mod reply;
 pub mod server;
 
 pub use fields::{FieldName, Fields, Lookup};
+pub use reply::Reply;
 
 /// The largest head accepted, a client's request's or an upstream's answer's. Clients and
 /// providers send about 2 KB of headers; anything near this is not an API call or answer.
@@ -209,7 +211,7 @@ pub enum Framing {
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
-    pub headers: HeaderMap,
+    pub headers: Fields,
     pub framing: Framing,
     /// The connection may carry another request after this answer's body.
     pub keep_alive: bool,
@@ -415,7 +417,7 @@ pub fn parse_head_without(
         return Ok(Parsed::Interim);
     }
     let version = version_of(version);
-    let mut headers = header_map(spans.len());
+    let mut headers = Fields::with_capacity(spans.len());
     let mut delimiters = Delimiters::new(version);
     for i in 0..spans.len() {
         let (name, value) = spans
@@ -679,8 +681,8 @@ mod tests {
         assert_eq!(h.status, 200);
         assert_eq!(h.framing, Framing::Length(2));
         assert!(h.keep_alive);
-        assert_eq!(h.headers["content-type"], "application/json");
-        assert_eq!(h.headers["x-request-id"], "abc");
+        assert_eq!(h.headers.get("content-type").unwrap(), "application/json");
+        assert_eq!(h.headers.get("x-request-id").unwrap(), "abc");
         // The connection's own headers are read for the framing, then left out.
         let h = head_of(
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\
@@ -688,7 +690,7 @@ mod tests {
             &post,
         );
         assert_eq!(h.framing, Framing::Chunked);
-        let names: Vec<&str> = h.headers.keys().map(|n| n.as_str()).collect();
+        let names: Vec<&str> = h.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
         let cases: &[(&str, Framing, bool)] = &[
             (
@@ -827,7 +829,7 @@ mod tests {
         else {
             panic!("a whole head");
         };
-        let names: Vec<_> = head.headers.keys().map(HeaderName::as_str).collect();
+        let names: Vec<_> = head.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["x-id", "content-length"]);
         // A left-out field still counts where it frames the body.
         let two = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok";

@@ -5,7 +5,7 @@
 use std::io;
 
 use axum::http::header;
-use axum::http::{HeaderMap, Method, StatusCode, Uri, Version};
+use axum::http::{Method, StatusCode, Uri, Version};
 use bytes::{Bytes, BytesMut};
 
 use super::{
@@ -234,7 +234,7 @@ pub enum ResponseFraming {
 pub fn encode_response_head(
     out: &mut Vec<u8>,
     status: StatusCode,
-    headers: &HeaderMap,
+    headers: &Fields,
     framing: ResponseFraming,
     version: Version,
     mut keep_alive: bool,
@@ -375,7 +375,7 @@ pub fn body_error(what: &str) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
+    use axum::http::{HeaderMap, HeaderValue};
 
     fn parse(s: &str) -> Result<Option<RequestHead>, BadRequest> {
         parse_request(&mut BytesMut::from(s))
@@ -502,7 +502,7 @@ mod tests {
         assert!(encode_response_head(
             &mut out,
             StatusCode::OK,
-            &headers,
+            &Fields::from_header_map(&headers),
             ResponseFraming::Length(2),
             Version::HTTP_11,
             true,
@@ -516,7 +516,7 @@ mod tests {
         assert!(!encode_response_head(
             &mut out,
             StatusCode::OK,
-            &headers,
+            &Fields::from_header_map(&headers),
             ResponseFraming::None,
             Version::HTTP_11,
             false,
@@ -529,7 +529,7 @@ mod tests {
         assert!(encode_response_head(
             &mut out,
             StatusCode::OK,
-            &HeaderMap::new(),
+            &Fields::new(),
             ResponseFraming::UntilClose,
             Version::HTTP_10,
             true,
@@ -544,7 +544,7 @@ mod tests {
         assert!(!encode_response_head(
             &mut out,
             StatusCode::OK,
-            &closing,
+            &Fields::from_header_map(&closing),
             ResponseFraming::Length(0),
             Version::HTTP_11,
             true,

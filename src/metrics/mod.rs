@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::StatusCode;
-use axum::response::Response;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use metrics::{Counter, Histogram};
@@ -38,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
 use crate::error::ProxyError;
+use crate::http1::Reply;
 use crate::providers::families::FAMILIES;
 use crate::providers::Provider;
 
@@ -467,25 +467,20 @@ fn timings(provider: Provider) -> &'static [Histogram; 2] {
 /// status) and times its body — the first bytes relayed ([`UPSTREAM_TTFB`]) and its end or
 /// the client leaving ([`UPSTREAM_LATENCY`]), both from `sent`, when the request went
 /// upstream. Without metrics the response is returned untouched.
-pub fn proxied(
-    resp: Response,
-    provider: Provider,
-    family: Option<&str>,
-    sent: Instant,
-) -> Response {
+pub fn proxied(mut resp: Reply, provider: Provider, family: Option<&str>, sent: Instant) -> Reply {
     if !enabled() {
         return resp;
     }
-    count_request(provider, family, resp.status());
-    let (parts, body) = resp.into_parts();
+    count_request(provider, family, resp.status);
     let timed = Timed {
-        inner: body,
+        inner: std::mem::take(&mut resp.body),
         histograms: timings(provider),
         sent,
         first_seen: false,
         ended: false,
     };
-    Response::from_parts(parts, Body::new(timed))
+    resp.body = Body::new(timed);
+    resp
 }
 
 /// Seconds since `sent` ([`crate::timer::now`]: the connection's poll's clock reading).

@@ -852,7 +852,7 @@ impl Bedrock {
 pub fn response_decoder(
     mistral: bool,
     status: http::StatusCode,
-    headers: &http::HeaderMap,
+    headers: &Fields,
 ) -> Option<Box<dyn StreamTransform>> {
     let content_type = headers
         .get(http::header::CONTENT_TYPE)

@@ -68,7 +68,7 @@ pub mod openai;
 pub mod raw;
 pub mod translate;
 
-use axum::http::{HeaderMap, HeaderValue, Method};
+use axum::http::{HeaderValue, Method};
 use bytes::Bytes;
 use serde_json::Value;
 
@@ -581,7 +581,7 @@ impl Provider {
         self,
         _api: Api,
         status: axum::http::StatusCode,
-        headers: &HeaderMap,
+        headers: &crate::http1::Fields,
     ) -> Option<Box<dyn StreamTransform>> {
         match self {
             Provider::Aws => aws::response_decoder(false, status, headers),

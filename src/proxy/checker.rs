@@ -351,15 +351,20 @@ async fn send(upstreams: &Upstreams, out: UpstreamRequest) -> Result<Answer, Tra
         .send(req)
         .await
         .map_err(|e| Transient(format!("network error: {e}")))?;
-    let (parts, body) = resp.into_parts();
+    let crate::proxy::pool::Answer {
+        status,
+        headers,
+        body,
+    } = resp;
     let body = Limited::new(body, PROBE_BODY_LIMIT)
         .collect()
         .await
         .map_err(|e| Transient(format!("reading the answer failed: {e}")))?
         .to_bytes();
     Ok(Answer {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
+        status: status.as_u16(),
+        // The probes' readers ask a map (rare: a key check).
+        headers: headers.into_header_map(),
         body,
     })
 }

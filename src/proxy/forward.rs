@@ -44,14 +44,14 @@ use std::sync::Arc;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::ProxyError;
-use crate::http1::Fields;
+use crate::http1::{Fields, Reply};
 use crate::net::ClientIp;
 use crate::providers::key_errors::{self, KeyVerdict};
 use crate::providers::{
     Api, KeyUse, Meter, PathModel, Provider, StreamTransform, Translation, UpstreamRequest,
 };
 use crate::proxy::keys::{rest_duration, ChosenKey, NoKey};
-use crate::proxy::pool::PooledBody;
+use crate::proxy::pool::{Answer, PooledBody};
 use crate::proxy::queue::{self, Enter, SseErrorFormat, Turn};
 use crate::proxy::{AuthFailure, ProviderUpstream};
 use crate::quota::{AdmitRequest, Ticket};
@@ -193,6 +193,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         ClientBody::Streamed(body),
     )
     .await
+    .into_response()
 }
 
 /// A client's request body as the forwarder gets it: already whole (the server had it with the
@@ -218,7 +219,7 @@ pub async fn forward_parts(
     parts: ClientHead,
     path_model: Option<String>,
     body: ClientBody,
-) -> Response {
+) -> Reply {
     let Route {
         provider,
         api,
@@ -247,7 +248,7 @@ pub async fn forward_parts(
 
     // Phase 0: a blocked Origin/Referer is refused before the body is read.
     if let Some(resp) = check_origin(&state, &ctx) {
-        return resp;
+        return resp.into();
     }
     // Phase 1: the body within the size limit, JSON routes validated. A body that came whole
     // with the request's head is checked without waiting; one still to come is read first,
@@ -331,7 +332,7 @@ fn dispatch_boxed(
     ctx: Ctx,
     req: Admitted,
     turn: Turn,
-) -> Pin<Box<dyn Future<Output = Response> + Send>> {
+) -> Pin<Box<dyn Future<Output = Reply> + Send>> {
     Box::pin(dispatch(state, ctx, req, turn))
 }
 
@@ -344,7 +345,7 @@ fn sse_error_format(ctx: &Ctx) -> SseErrorFormat {
 }
 
 /// Phases 3 to 5 of a request that has its turn: build the upstream request, send it, relay.
-async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> Response {
+async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> Reply {
     let (provider, api) = (ctx.provider, ctx.api);
     let upstream = state.upstreams.provider(provider);
     // Phases 3 and 4: build the upstream request and send it.
@@ -367,7 +368,7 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
     // a key and the next attempt inside its body (queue.rs).
     let status = sent
         .as_ref()
-        .map_or_else(|f| f.error.status, |r| r.0.status());
+        .map_or_else(|f| f.error.status, |r| r.0.status);
     if turn.requeue_stream(status, &upstream.keys, req.family, req.eligible.as_deref()) {
         drop(sent);
         let (settings, position) = (state.upstreams.queue.settings(), 1);
@@ -399,12 +400,12 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
     match sent {
         Ok((resp, key)) => {
             let latency = crate::timer::now().saturating_duration_since(started);
-            log_proxied(&ctx, resp.status(), latency, &key.fingerprint);
+            log_proxied(&ctx, resp.status, latency, &key.fingerprint);
             // Phase 5: relay.
             let transforms = Transforms {
-                decode: provider.stream_decoder(api, resp.status(), resp.headers()),
+                decode: provider.stream_decoder(api, resp.status, &resp.headers),
                 translate: match &ctx.translation {
-                    Some(t) if resp.status().is_success() => Some(t.response(stream)),
+                    Some(t) if resp.status.is_success() => Some(t.response(stream)),
                     _ => None,
                 },
             };
@@ -435,8 +436,8 @@ async fn dispatch(state: AppState, ctx: Ctx, req: Admitted, mut turn: Turn) -> R
                 t.finish();
             }
             crate::metrics::count_request(provider, family, e.status);
-            let mut resp = e.into_response();
-            extend_headers(resp.headers_mut(), extra_headers);
+            let mut resp = Reply::from(e.into_response());
+            extend_headers(&mut resp.headers, extra_headers);
             resp
         }
     }
@@ -492,7 +493,7 @@ fn log_proxied(ctx: &Ctx, status: StatusCode, latency: std::time::Duration, key:
 }
 
 /// Logs a request refused before anything was sent upstream, and answers it.
-fn log_refusal(ctx: &Ctx, e: ProxyError) -> Response {
+fn log_refusal(ctx: &Ctx, e: ProxyError) -> Reply {
     crate::metrics::refused_with(&e);
     tracing::info!(
         method = %ctx.method,
@@ -501,7 +502,7 @@ fn log_refusal(ctx: &Ctx, e: ProxyError) -> Response {
         error = %e.message,
         "refused"
     );
-    e.into_response()
+    e.into_response().into()
 }
 
 /// The body as read.
@@ -927,7 +928,7 @@ async fn send(
     eligible: Option<&[usize]>,
     family: Option<&str>,
     turn: &mut Turn,
-) -> Result<(hyper::Response<UpstreamBody>, ChosenKey), Failure> {
+) -> Result<(Answer<UpstreamBody>, ChosenKey), Failure> {
     let bad_url = |e: axum::http::uri::InvalidUri| Failure {
         error: ProxyError::bad_request(
             "The request path or query cannot be sent upstream; check the URL you call.",
@@ -947,11 +948,11 @@ async fn send(
     };
     // Boxed, as the answer kept below: they are rare, and held inline they would enlarge the
     // future of every request (a future's moves copy its whole size; issue 18).
-    let mut last_429: Option<Box<(hyper::Response<UpstreamBody>, ChosenKey)>> = None;
+    let mut last_429: Option<Box<(Answer<UpstreamBody>, ChosenKey)>> = None;
     // Cloud credentials that cannot serve this request's model (Bedrock's
     // AccessDeniedException), and the last such answer, relayed when no other key can.
     let mut skip: Vec<usize> = Vec::new();
-    let mut last_denied: Option<Box<(hyper::Response<UpstreamBody>, ChosenKey)>> = None;
+    let mut last_denied: Option<Box<(Answer<UpstreamBody>, ChosenKey)>> = None;
     // Keys whose cached access token Vertex refused once (renewed, then tried again).
     let mut renewed: Vec<usize> = Vec::new();
     loop {
@@ -1059,11 +1060,11 @@ async fn send(
                 })
             }
         };
-        turn.answered(resp.status());
-        let status = resp.status().as_u16();
+        turn.answered(resp.status);
+        let status = resp.status.as_u16();
         // Only Bedrock names its errors in a header (a lookup by text parses the name).
         let aws_error = matches!(ctx.provider, Provider::Aws | Provider::AwsMistral)
-            .then(|| resp.headers().get("x-amzn-errortype"))
+            .then(|| resp.headers.get("x-amzn-errortype"))
             .flatten()
             .and_then(|v| v.to_str().ok())
             .map(crate::providers::aws::classify_error);
@@ -1071,7 +1072,7 @@ async fn send(
             // This credential lacks the model; another may have it.
             tracing::warn!(key = %key.fingerprint, "AWS Bedrock: this credential has no access to the model; trying another");
             skip.push(key.index);
-            last_denied = Some(Box::new((resp.map(UpstreamBody::Live), key)));
+            last_denied = Some(Box::new((resp.map_body(UpstreamBody::Live), key)));
             continue;
         }
         if status == 401 && !renewed.contains(&key.index) && upstream.forget_token(key.index).await
@@ -1088,23 +1089,31 @@ async fn send(
             upstream.keys.note_success(key.index);
         }
         if !key_errors::body_matters(ctx.provider, status) {
-            return Ok((resp.map(UpstreamBody::Live), key));
+            return Ok((resp.map_body(UpstreamBody::Live), key));
         }
         // An error answer whose body tells whether the key is spent: read it (bounded, it is
         // small) and keep it to relay.
-        let (parts, incoming) = resp.into_parts();
+        let Answer {
+            status: answered,
+            headers: fields,
+            body: incoming,
+        } = resp;
         let limited = Limited::new(incoming, ERROR_BODY_LIMIT);
         let bytes = match tokio::time::timeout_at(deadline, limited.collect()).await {
             Ok(Ok(b)) => b.to_bytes(),
             _ => Bytes::new(),
         };
         let verdict = key_errors::judge(ctx.provider, status, &bytes);
-        let resp = hyper::Response::from_parts(parts, UpstreamBody::Buffered(Full::new(bytes)));
+        let resp = Answer {
+            status: answered,
+            headers: fields,
+            body: UpstreamBody::Buffered(Full::new(bytes)),
+        };
         match verdict {
             Some(KeyVerdict::Revoked) => upstream.keys.mark_invalid(key.index, status),
             Some(KeyVerdict::OverQuota(reason)) => upstream.keys.mark_over_quota(key.index, reason),
             Some(KeyVerdict::RateLimited) => {
-                upstream.keys.rest(key.index, rest_duration(resp.headers()));
+                upstream.keys.rest(key.index, rest_duration(&resp.headers));
                 last_429 = Some(Box::new((resp, key)));
             }
             None => return Ok((resp, key)),
@@ -1255,18 +1264,22 @@ struct Transforms {
 
 /// Phase 5: relays status, headers and the body, chunk by chunk, through the ticket.
 fn relay(
-    resp: hyper::Response<UpstreamBody>,
+    resp: Answer<UpstreamBody>,
     mut ticket: Option<Ticket>,
     extra: HeaderMap,
     deadline: tokio::time::Instant,
     transforms: Transforms,
     turn: Turn,
-) -> Response {
-    let status = resp.status();
+) -> Reply {
+    let Answer {
+        status,
+        mut headers,
+        body: upstream_body,
+    } = resp;
     let decoded_type = transforms.decode.as_ref().and_then(|d| d.content_type());
     let is_sse = decoded_type
         .as_ref()
-        .or_else(|| resp.headers().get(header::CONTENT_TYPE))
+        .or_else(|| headers.get(header::CONTENT_TYPE))
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
     let client_type = transforms
@@ -1278,27 +1291,20 @@ fn relay(
     if let Some(t) = ticket.as_mut() {
         t.on_response_start(status, is_sse);
     }
-    let (parts, upstream_body) = resp.into_parts();
-    // The upstream's header map, kept, with the dropped headers taken out of it (no new map
-    // and no copy of the rest; a response has a handful of headers, so the repeated scan is
-    // cheaper than collecting the names).
-    let mut headers = parts.headers;
+    // The upstream's fields, kept, with the dropped ones taken out (no copy of the rest).
     // A ticket may remove an SSE event, so a stream's length is only known without one.
     // Other bodies pass through the ticket unchanged and keep their length, which lets the
     // server send headers and body in one write instead of chunking them.
     let length_changes = (ticket.is_some() && is_sse) || rewritten;
-    let dropped = |name: &HeaderName| {
-        dropped_response_header(name) || (length_changes && name == header::CONTENT_LENGTH)
-    };
-    while let Some(name) = headers.keys().find(|n| dropped(n)).cloned() {
-        headers.remove(&name);
-    }
+    headers.retain(|name, _| {
+        !(dropped_response_header(name) || (length_changes && name == header::CONTENT_LENGTH))
+    });
     if let Some(t) = client_type {
         headers.insert(header::CONTENT_TYPE, t);
     }
     if is_sse {
         // Tells a buffering reverse proxy in front of us (nginx) to pass events through.
-        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        headers.insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
     }
     extend_headers(&mut headers, extra);
     let body = Relay {
@@ -1311,11 +1317,11 @@ fn relay(
         timer: None,
         _turn: turn,
     };
-    let mut out = Response::new(Body::new(body));
-    *out.status_mut() = status;
-    crate::http1::put_headers(out.headers_mut(), headers);
-    out
+    Reply::new(status, headers, Body::new(body))
 }
+
+/// Asks a buffering reverse proxy in front of us (nginx) to pass a stream's events through.
+const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// Whether an upstream response header is kept from the client ([`DROPPED_RESPONSE_HEADERS`],
 /// [`DROPPED_RESPONSE_PREFIXES`]).
@@ -1326,7 +1332,7 @@ fn dropped_response_header(name: &HeaderName) -> bool {
 }
 
 /// Adds the quota's headers, replacing any of the same name.
-fn extend_headers(headers: &mut HeaderMap, extra: HeaderMap) {
+fn extend_headers(headers: &mut Fields, extra: HeaderMap) {
     // Most requests have none (no rate limit configured): walking an empty map as an
     // iterator costs about 200 instructions (callgrind).
     if extra.is_empty() {

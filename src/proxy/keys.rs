@@ -699,16 +699,18 @@ pub const DEFAULT_REST: Duration = Duration::from_secs(60);
 /// Reads how long to rest a key from a 429's headers: `retry-after-ms`, then `retry-after`
 /// (seconds or an HTTP date), else [`DEFAULT_REST`]. Capped at one hour so that a wrong header
 /// cannot take a key out for good.
-pub fn rest_duration(headers: &axum::http::HeaderMap) -> Duration {
+pub fn rest_duration(headers: &impl crate::http1::Lookup) -> Duration {
+    const RETRY_AFTER_MS: axum::http::HeaderName =
+        axum::http::HeaderName::from_static("retry-after-ms");
     let parsed = headers
-        .get("retry-after-ms")
+        .first(&RETRY_AFTER_MS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|ms| ms.is_finite() && *ms >= 0.0)
         .map(|ms| Duration::from_secs_f64(ms / 1000.0))
         .or_else(|| {
             headers
-                .get(axum::http::header::RETRY_AFTER)
+                .first(&axum::http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse_retry_after)
         });

@@ -37,7 +37,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use axum::http::uri::{Authority, Parts, PathAndQuery, Scheme};
-use axum::http::{HeaderValue, Method, Response, Uri};
+use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
@@ -78,6 +78,35 @@ pub struct Outgoing {
     pub uri: Uri,
     pub headers: Fields,
     pub body: Bytes,
+}
+
+/// An upstream's answer as the pool reads it: status, the fields of its head (without the
+/// connection's own ones, which the pool has read), and its body, read as it is polled.
+/// Generic over the body for the forwarder, which keeps an error answer's body read.
+pub struct Answer<B = PooledBody> {
+    pub status: StatusCode,
+    pub headers: Fields,
+    pub body: B,
+}
+
+impl<B> fmt::Debug for Answer<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Answer")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Answer<B> {
+    /// The same answer with its body made into another.
+    pub fn map_body<C>(self, f: impl FnOnce(B) -> C) -> Answer<C> {
+        Answer {
+            status: self.status,
+            headers: self.headers,
+            body: f(self.body),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -394,7 +423,7 @@ impl Pool {
     /// this thread, or a new one, and reads the answer's head. A reused connection that could
     /// not take the request (it closed while idle) gets it once more on a new connection.
     /// Dropping the future drops the request (and its connection).
-    pub async fn send(&self, req: Outgoing) -> Result<Response<PooledBody>, UpstreamError> {
+    pub async fn send(&self, req: Outgoing) -> Result<Answer, UpstreamError> {
         let Outgoing {
             method,
             uri,
@@ -485,14 +514,14 @@ async fn answer(
     mut conn: Box<Conn>,
     method: &Method,
     target: Arc<Target>,
-) -> Result<Response<PooledBody>, UpstreamError> {
+) -> Result<Answer, UpstreamError> {
     let head = conn.read_head(method).await.map_err(UpstreamError::Send)?;
     let body = PooledBody::new(conn, target, head.framing, head.keep_alive);
-    let mut resp = Response::new(body);
-    *resp.status_mut() = head.status;
-    *resp.version_mut() = head.version;
-    crate::http1::put_headers(resp.headers_mut(), head.headers);
-    Ok(resp)
+    Ok(Answer {
+        status: head.status,
+        headers: head.headers,
+        body,
+    })
 }
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -830,8 +859,8 @@ mod tests {
 
     async fn fetch(pool: &Pool, url: &str) -> Bytes {
         let resp = pool.send(get(url)).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        resp.into_body().collect().await.unwrap().to_bytes()
+        assert_eq!(resp.status, 200);
+        resp.body.collect().await.unwrap().to_bytes()
     }
 
     /// The idle connections to `port` on this thread that are still usable.
@@ -959,7 +988,7 @@ mod tests {
         assert_eq!(fetch(&pool, &url).await, "until the end");
         let (url, _) = serve(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", true).await;
         let resp = pool.send(get(&url)).await.unwrap();
-        let err = resp.into_body().collect().await.unwrap_err();
+        let err = resp.body.collect().await.unwrap_err();
         assert!(
             err.to_string()
                 .contains("before the answer's body was complete"),
@@ -971,10 +1000,7 @@ mod tests {
         )
         .await;
         let resp = pool.send(get(&url)).await.unwrap();
-        assert!(
-            resp.into_body().collect().await.is_err(),
-            "cut in the trailers"
-        );
+        assert!(resp.body.collect().await.is_err(), "cut in the trailers");
         let (url, port) = serve(
             b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA",
             false,
@@ -1030,7 +1056,7 @@ mod tests {
                 .into();
             let req = Outgoing::new(Method::POST, url.parse().unwrap(), body.clone());
             let resp = pool.send(req).await.unwrap();
-            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), body);
+            assert_eq!(resp.body.collect().await.unwrap().to_bytes(), body);
         }
     }
 
@@ -1039,13 +1065,13 @@ mod tests {
         let fake = fake(Mode::Big).await;
         let pool = pool();
         let resp = pool.send(get(&fake.url())).await.unwrap();
-        let mut body = resp.into_body();
+        let mut body = resp.body;
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.is_data());
         drop(body);
         assert_eq!(idle_open(fake.port), 0);
         let resp = pool.send(get(&fake.url())).await.unwrap();
-        let all = resp.into_body().collect().await.unwrap().to_bytes();
+        let all = resp.body.collect().await.unwrap().to_bytes();
         assert_eq!(all.len(), 1_000_000);
         assert_eq!(fake.accepted(), 2);
         // Read to the end, that one went back.
@@ -1154,7 +1180,7 @@ mod tests {
                     let svc = hyper::service::service_fn(
                         |req: axum::http::Request<Incoming>| async move {
                             assert_eq!(req.uri(), "/v1/x?y=1");
-                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Ok::<_, std::convert::Infallible>(axum::http::Response::new(Full::new(
                                 Bytes::from_static(b"ok"),
                             )))
                         },

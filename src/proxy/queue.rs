@@ -40,8 +40,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use http_body::Frame;
@@ -51,6 +50,7 @@ use tokio::time::{Instant, Sleep};
 use crate::auth::Principal;
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::http1::{Fields, Reply};
 use crate::proxy::keys::{KeyPool, NoKey};
 use crate::quota::Ticket;
 use crate::users::UserType;
@@ -1064,11 +1064,11 @@ pub const HEARTBEAT: &[u8] = b": queue heartbeat\n\n";
 /// error as one SSE error event. Dropping the body (the client left) drops `run`, which
 /// leaves the queue.
 pub fn waiting_stream(
-    run: impl Future<Output = Response> + Send + 'static,
+    run: impl Future<Output = Reply> + Send + 'static,
     format: SseErrorFormat,
     heartbeat: Duration,
     position: usize,
-) -> Response {
+) -> Reply {
     let body = QueuedStream {
         run: Some(Box::pin(run)),
         state: StreamState::Joining(position),
@@ -1076,15 +1076,17 @@ pub fn waiting_stream(
         timer: Box::pin(tokio::time::sleep(heartbeat)),
         format,
     };
-    let mut resp = Response::new(Body::new(body));
-    let h = resp.headers_mut();
-    h.insert(
+    let mut h = Fields::with_capacity(3);
+    h.append(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream; charset=utf-8"),
     );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    resp
+    h.append(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.append(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    Reply::new(StatusCode::OK, h, Body::new(body))
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -1105,7 +1107,7 @@ enum StreamState {
 }
 
 struct QueuedStream {
-    run: Option<Pin<Box<dyn Future<Output = Response> + Send>>>,
+    run: Option<Pin<Box<dyn Future<Output = Reply> + Send>>>,
     state: StreamState,
     heartbeat: Duration,
     timer: Pin<Box<Sleep>>,
@@ -1135,8 +1137,7 @@ impl http_body::Body for QueuedStream {
                     };
                     if let Poll::Ready(resp) = run.as_mut().poll(cx) {
                         this.run = None;
-                        let status = resp.status();
-                        let body = resp.into_body();
+                        let Reply { status, body, .. } = resp;
                         this.state = if status.is_success() {
                             StreamState::Relaying(body)
                         } else {

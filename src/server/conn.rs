@@ -31,7 +31,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::http::{header, Method, Version};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
@@ -44,7 +44,7 @@ use super::{Front, ReadTimeout};
 use crate::http1::server::{
     self as h1s, BodyFraming, RequestHead, ResponseFraming, CONTINUE, LAST_CHUNK,
 };
-use crate::http1::{Chunked, Step, MAX_HEAD};
+use crate::http1::{Chunked, Reply, Step, MAX_HEAD};
 
 /// How much is read from the socket at a time.
 const READ_SIZE: usize = 8 * 1024;
@@ -329,7 +329,8 @@ pub(super) async fn serve<F: Front>(
                 tracing::debug!(status = %bad.status, reason = %bad.message, "malformed request head");
                 let resp =
                     crate::error::ProxyError::new(bad.status, "invalid_request_error", bad.message)
-                        .into_response();
+                        .into_response()
+                        .into();
                 let _ = write_response(
                     &mut wr,
                     &mut out,
@@ -485,37 +486,40 @@ enum Next {
 async fn write_response(
     wr: &mut OwnedWriteHalf,
     out: &mut Vec<u8>,
-    resp: Response,
+    resp: Reply,
     head_request: bool,
     version: Version,
     mut keep_alive: bool,
     reader: &mut Option<Box<Reader>>,
 ) -> io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
+    let Reply {
+        status,
+        headers,
+        mut body,
+    } = resp;
     let declared = if body.is_end_stream() {
         Some(0)
     } else {
         body.size_hint().exact().or_else(|| {
-            parts
-                .headers
+            headers
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok())
         })
     };
-    let framing = h1s::response_framing(head_request, parts.status, declared, version);
+    let framing = h1s::response_framing(head_request, status, declared, version);
     out.clear();
     // The response's own `connection: close` is noted as its head is written.
     keep_alive = h1s::encode_response_head(
         out,
-        parts.status,
-        &parts.headers,
+        status,
+        &headers,
         framing,
         version,
         keep_alive && framing != ResponseFraming::UntilClose,
         &h1s::date_now(crate::timer::system_now()),
     );
-    crate::http1::recycle_map(parts.headers);
+    drop(headers);
     if framing == ResponseFraming::None {
         drop(body);
         wr.write_all(out).await?;

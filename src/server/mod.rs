@@ -36,13 +36,12 @@ use std::pin::Pin;
 use std::task::Poll;
 
 use axum::extract::ConnectInfo;
-use axum::response::Response;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::http1::Fields;
+use crate::http1::{Fields, Reply};
 
 mod body;
 mod conn;
@@ -279,13 +278,13 @@ impl FrontRequest {
 /// front uses to decide the client address). One value for the whole server, cloned once per
 /// connection.
 pub trait Front: Clone + Send + Sync + 'static {
-    type Future: Future<Output = Response> + Send + Unpin + 'static;
+    type Future: Future<Output = Reply> + Send + Unpin + 'static;
     fn serve(&self, req: FrontRequest, peer: SocketAddr) -> Self::Future;
 }
 
 /// A bare router as the front: every request goes through it, with [`ConnectInfo`] inserted.
 impl Front for Router {
-    type Future = Pin<Box<dyn Future<Output = Response> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Reply> + Send>>;
 
     fn serve(&self, req: FrontRequest, peer: SocketAddr) -> Self::Future {
         let mut req = req.into_http().map(axum::body::Body::new);
@@ -293,7 +292,7 @@ impl Front for Router {
         let router = self.clone();
         Box::pin(async move {
             match tower::ServiceExt::oneshot(router, req).await {
-                Ok(resp) => resp,
+                Ok(resp) => resp.into(),
                 Err(never) => match never {},
             }
         })
