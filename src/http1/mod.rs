@@ -282,17 +282,43 @@ impl Spans {
     /// valid.
     #[inline(always)]
     pub(crate) fn field(&self, head: &Bytes, i: usize) -> Option<(HeaderName, HeaderValue)> {
+        let name = self.name(head, i)?;
+        Some((name, self.value(head, i)))
+    }
+
+    /// The offsets of field `i`'s name and value.
+    #[inline(always)]
+    fn at(&self, i: usize) -> (usize, usize, usize, usize) {
         // SAFETY: the slots below `len` were written by `record` (the slice panics beyond).
         let (n0, n1, v0, v1) = unsafe { self.at[..self.len][i].assume_init() };
-        let name = names::name(&head[n0 as usize..n1 as usize])?;
-        let value = head.slice(v0 as usize..v1 as usize);
+        (n0 as usize, n1 as usize, v0 as usize, v1 as usize)
+    }
+
+    /// Field `i`'s name; `None` for one that is not valid.
+    #[inline(always)]
+    pub(crate) fn name(&self, head: &Bytes, i: usize) -> Option<HeaderName> {
+        let (n0, n1, _, _) = self.at(i);
+        names::name(&head[n0..n1])
+    }
+
+    /// Field `i`'s value as bytes (not kept: no count of the head's buffer taken).
+    #[inline(always)]
+    pub(crate) fn bytes<'h>(&self, head: &'h Bytes, i: usize) -> &'h [u8] {
+        let (_, _, v0, v1) = self.at(i);
+        &head[v0..v1]
+    }
+
+    /// Field `i`'s value, sharing `head`'s memory.
+    #[inline(always)]
+    pub(crate) fn value(&self, head: &Bytes, i: usize) -> HeaderValue {
+        let (_, _, v0, v1) = self.at(i);
+        let value = head.slice(v0..v1);
         // SAFETY: `from_maybe_shared_unchecked` skips the byte check (about 50 instructions per
         // value, 450 per request). The spans come only from `record`, whose fields `httparse`
         // read, and `httparse` accepts in a value exactly the bytes `HeaderValue` does: tab,
         // 0x20..=0x7e and 0x80..=0xff (`a_value_httparse_accepts_is_a_valid_header_value`
         // checks all 256). A wrong value would be a wrong header, not unsound memory.
-        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
-        Some((name, value))
+        unsafe { HeaderValue::from_maybe_shared_unchecked(value) }
     }
 }
 
@@ -327,13 +353,9 @@ impl Delimiters {
 
     /// Takes note of one field (any field: the others are ignored).
     #[inline(always)]
-    pub(crate) fn see(
-        &mut self,
-        name: &HeaderName,
-        value: &HeaderValue,
-    ) -> Result<(), BadDelimiter> {
+    pub(crate) fn see(&mut self, name: &HeaderName, value: &[u8]) -> Result<(), BadDelimiter> {
         if name == header::CONTENT_LENGTH {
-            for part in value.as_bytes().split(|&b| b == b',') {
+            for part in value.split(|&b| b == b',') {
                 let n = digits(part.trim_ascii()).ok_or(BadDelimiter::LengthNotANumber)?;
                 if self.length.is_some_and(|l| l != n) {
                     return Err(BadDelimiter::TwoLengths);
@@ -342,18 +364,10 @@ impl Delimiters {
             }
         } else if name == header::TRANSFER_ENCODING {
             // The last coding decides: chunked, or the body cannot be delimited by it.
-            let last = value
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or(b"");
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or(b"");
             self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
-            for t in value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-            {
+            for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 if t.eq_ignore_ascii_case(b"close") {
                     self.close = true;
                 } else if t.eq_ignore_ascii_case(b"keep-alive") && self.version == Version::HTTP_10
@@ -420,17 +434,18 @@ pub fn parse_head_without(
     let mut headers = Fields::with_capacity(spans.len());
     let mut delimiters = Delimiters::new(version);
     for i in 0..spans.len() {
-        let (name, value) = spans
-            .field(&head, i)
+        let name = spans
+            .name(&head, i)
             .ok_or_else(|| invalid("a header field is not valid"))?;
-        delimiters.see(&name, &value).map_err(|e| {
+        delimiters.see(&name, spans.bytes(&head, i)).map_err(|e| {
             invalid(match e {
                 BadDelimiter::LengthNotANumber => "its content-length is not a number",
                 BadDelimiter::TwoLengths => "it has two different content-lengths",
             })
         })?;
+        // The value is made (a count taken on the head's buffer) only for a field kept.
         if !hop_by_hop(&name) && !left_out.contains(&name) {
-            headers.append(name, value);
+            headers.append(name, spans.value(&head, i));
         }
     }
     let Delimiters {

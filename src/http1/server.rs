@@ -149,14 +149,16 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
         let (name, value) = spans.field(&head, i).ok_or_else(|| {
             bad("A request header's name or value is not valid; check your headers.")
         })?;
-        delimiters.see(&name, &value).map_err(|e| match e {
-            BadDelimiter::LengthNotANumber => {
-                bad("The request's content-length is not a number; send the body's size in bytes.")
-            }
-            BadDelimiter::TwoLengths => {
-                bad("The request has two different content-lengths; send one.")
-            }
-        })?;
+        delimiters
+            .see(&name, value.as_bytes())
+            .map_err(|e| match e {
+                BadDelimiter::LengthNotANumber => bad(
+                    "The request's content-length is not a number; send the body's size in bytes.",
+                ),
+                BadDelimiter::TwoLengths => {
+                    bad("The request has two different content-lengths; send one.")
+                }
+            })?;
         if name == header::EXPECT {
             if value.as_bytes().eq_ignore_ascii_case(b"100-continue") {
                 expect_continue = version == Version::HTTP_11;
