@@ -141,15 +141,6 @@ impl Fields {
         super::recycle_map(map);
         fields
     }
-
-    /// The fields of a `HeaderMap`, in its order (a name's values together).
-    pub fn from_header_map(map: &HeaderMap) -> Fields {
-        let mut fields = Fields::with_capacity(map.len());
-        for (name, value) in map {
-            fields.append(name.clone(), value.clone());
-        }
-        fields
-    }
 }
 
 /// An emptied list goes back to the thread's spares (one with no room holds no memory).
@@ -294,7 +285,7 @@ mod tests {
         let map = f.clone().into_header_map();
         assert_eq!(map.get_all("a").iter().collect::<Vec<_>>(), ["1", "3"]);
         assert_eq!(map["b"], "2");
-        let back = Fields::from_header_map(&map);
+        let back = Fields::from_map(map.clone());
         assert_eq!(back.get_all("a").collect::<Vec<_>>(), ["1", "3"]);
         let (a, b) = (HeaderName::from_static("a"), HeaderName::from_static("b"));
         assert_eq!(Lookup::first(&map, &b).unwrap(), "2");

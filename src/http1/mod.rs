@@ -210,7 +210,6 @@ pub enum Framing {
 #[derive(Debug)]
 pub struct Head {
     pub status: StatusCode,
-    pub version: Version,
     pub headers: Fields,
     pub framing: Framing,
     /// The connection may carry another request after this answer's body.
@@ -483,7 +482,6 @@ pub fn parse_head_without(
     };
     Ok(Parsed::Done(Head {
         status,
-        version,
         headers,
         framing,
         keep_alive: !close,
@@ -664,7 +662,7 @@ mod tests {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         let mut out = Vec::new();
         let host = HeaderValue::from_static("api.example:8443");
-        let headers = Fields::from_header_map(&headers);
+        let headers = Fields::from_map(headers.clone());
         encode_head(&mut out, &Method::POST, "/v1/x?y=1", &host, &headers, 12);
         assert_eq!(
             String::from_utf8(out).unwrap(),

@@ -504,7 +504,7 @@ mod tests {
         assert!(encode_response_head(
             &mut out,
             StatusCode::OK,
-            &Fields::from_header_map(&headers),
+            &Fields::from_map(headers.clone()),
             ResponseFraming::Length(2),
             Version::HTTP_11,
             true,
@@ -518,7 +518,7 @@ mod tests {
         assert!(!encode_response_head(
             &mut out,
             StatusCode::OK,
-            &Fields::from_header_map(&headers),
+            &Fields::from_map(headers.clone()),
             ResponseFraming::None,
             Version::HTTP_11,
             false,
@@ -546,7 +546,7 @@ mod tests {
         assert!(!encode_response_head(
             &mut out,
             StatusCode::OK,
-            &Fields::from_header_map(&closing),
+            &Fields::from_map(closing.clone()),
             ResponseFraming::Length(0),
             Version::HTTP_11,
             true,

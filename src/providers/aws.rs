@@ -841,7 +841,7 @@ impl Bedrock {
         // The signer reads and writes a `HeaderMap`: the fields go there and back.
         *signed.headers_mut() = std::mem::take(&mut req.headers).into_header_map();
         let result = sign_request(cred, &mut signed, &req.body, SystemTime::now());
-        req.headers = Fields::from_header_map(signed.headers());
+        req.headers = Fields::from_map(std::mem::take(signed.headers_mut()));
         result.map_err(AuthError)
     }
 }

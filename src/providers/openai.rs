@@ -19,6 +19,10 @@ pub static FORWARDED_HEADERS: [HeaderName; 1] = [HeaderName::from_static("openai
 /// The header that carries the operator's key.
 pub const AUTH_HEADER: HeaderName = header::AUTHORIZATION;
 
+/// The header naming which of its organisations an OpenAI key acts for (`OPENAI_KEY`'s
+/// `key:org` entries).
+pub const ORGANIZATION_HEADER: HeaderName = HeaderName::from_static("openai-organization");
+
 /// `Bearer <key>`.
 pub fn key_credential(key: &str) -> String {
     format!("Bearer {key}")

@@ -28,7 +28,7 @@ mod clouds;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method};
+use axum::http::{header, HeaderMap, HeaderValue, Method};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
@@ -323,7 +323,7 @@ async fn call(
         .map_err(|e| Transient(e.0))?;
     if let Some(org) = pool.organization(index) {
         out.headers
-            .insert(HeaderName::from_static("openai-organization"), org.clone());
+            .insert(crate::providers::openai::ORGANIZATION_HEADER, org.clone());
     }
     let answer = send(upstreams, out).await?;
     if answer.status >= 500 {

@@ -180,7 +180,7 @@ pub async fn forward(state: AppState, route: Route, req: Request) -> Response {
         client_path,
     };
     let head = ClientHead {
-        headers: Fields::from_header_map(&parts.headers),
+        headers: Fields::from_map(std::mem::take(&mut parts.headers)),
         method: parts.method,
         uri: parts.uri,
     };
@@ -1304,7 +1304,7 @@ fn relay(
     }
     if is_sse {
         // Tells a buffering reverse proxy in front of us (nginx) to pass events through.
-        headers.insert(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
+        headers.insert(queue::X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
     }
     extend_headers(&mut headers, extra);
     let body = Relay {
@@ -1319,9 +1319,6 @@ fn relay(
     };
     Reply::new(status, headers, Body::new(body))
 }
-
-/// Asks a buffering reverse proxy in front of us (nginx) to pass a stream's events through.
-const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 /// Whether an upstream response header is kept from the client ([`DROPPED_RESPONSE_HEADERS`],
 /// [`DROPPED_RESPONSE_PREFIXES`]).
@@ -1585,7 +1582,7 @@ mod tests {
             client_path: "/v1/chat/completions".into(),
             upstream_path: "/v1/chat/completions".into(),
             query: None,
-            headers: Fields::from_header_map(&h),
+            headers: Fields::from_map(h.clone()),
             principal: Principal::Anonymous,
             ip: IpAddr::from([127, 0, 0, 1]),
             path_model: None,

@@ -17,7 +17,7 @@ pub mod queue;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
@@ -28,7 +28,7 @@ use crate::error::ProxyError;
 use std::sync::Arc;
 
 use crate::providers::{
-    aws, azure, gcp, Api, BaseUrl, Endpoint, KeyUse, Provider, UpstreamRequest,
+    aws, azure, gcp, openai, Api, BaseUrl, Endpoint, KeyUse, Provider, UpstreamRequest,
 };
 use forward::Route;
 use keys::{KeyCounts, KeyPool};
@@ -126,8 +126,7 @@ impl ProviderUpstream {
                     .map_err(|e| AuthFailure::Other(e.0))?;
                 // An OpenAI key's entry for one of its other organisations.
                 if let Some(org) = self.keys.organization(key.index) {
-                    req.headers
-                        .insert(HeaderName::from_static("openai-organization"), org.clone());
+                    req.headers.insert(openai::ORGANIZATION_HEADER, org.clone());
                 }
                 Ok(())
             }

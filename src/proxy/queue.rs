@@ -1082,12 +1082,12 @@ pub fn waiting_stream(
         HeaderValue::from_static("text/event-stream; charset=utf-8"),
     );
     h.append(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.append(
-        HeaderName::from_static("x-accel-buffering"),
-        HeaderValue::from_static("no"),
-    );
+    h.append(X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
     Reply::new(StatusCode::OK, h, Body::new(body))
 }
+
+/// Asks a buffering reverse proxy in front of us (nginx) to pass a stream's events through.
+pub const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -74,7 +74,7 @@ async fn aws_call(
     }
     aws::sign_request_for(cred, service, region, &mut req, &body, SystemTime::now())
         .map_err(Transient)?;
-    let headers = Fields::from_header_map(req.headers());
+    let headers = Fields::from_map(std::mem::take(req.headers_mut()));
     send(
         upstreams,
         UpstreamRequest {
