@@ -411,6 +411,21 @@ impl TokenCounts {
         TokenCounts(None)
     }
 
+    /// Starts loading the shared map's cache line (see [`super::prefetch`]).
+    pub(crate) fn prefetch(&self) {
+        if let Some(counts) = &self.0 {
+            super::prefetch(Arc::as_ptr(counts));
+        }
+    }
+
+    /// Starts loading the map's pairs (see [`super::prefetch`]): the second step after
+    /// [`TokenCounts::prefetch`], once the map itself is likely in the cache.
+    pub(crate) fn prefetch_pairs(&self) {
+        if let Some(counts) = &self.0 {
+            super::prefetch(counts.0.as_ptr());
+        }
+    }
+
     /// Sets the count of `family`, returning the previous one. Setting a count to the value
     /// it has does not copy a shared map (a quota refresh that changes nothing stays cheap).
     pub fn insert(&mut self, family: impl AsRef<str>, n: u64) -> Option<u64> {

@@ -31,6 +31,23 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Starts loading, all at once, what a request reads of this entry besides the line
+    /// already read (its token's length): the entry's other lines, the token's bytes, the
+    /// address list and the counts (see [`super::prefetch`]).
+    #[inline(always)]
+    fn prefetch(&self) {
+        let at = (self as *const Entry).cast::<u8>();
+        let mut offset = 0;
+        while offset < std::mem::size_of::<Entry>() {
+            super::prefetch(at.wrapping_add(offset));
+            offset += 64;
+        }
+        super::prefetch(self.user.token.as_ptr());
+        super::prefetch(self.user.ip.as_ptr());
+        self.user.token_counts.prefetch();
+        self.reserved.prefetch();
+    }
+
     fn new(user: User) -> Box<Entry> {
         Box::new(Entry {
             user,
@@ -303,10 +320,22 @@ impl UserStore {
         f: impl FnOnce(&User) -> R,
     ) -> Option<R> {
         let shard = Self::read(self.shard(hash));
+        // The first look of a request at its user: what the request reads of the entry is
+        // asked for together with the token's bytes (compared first), then the counts' pairs.
         shard
             .table
-            .find(hash, |e| e.user.token == token)
-            .map(|e| f(&e.user))
+            .find(hash, |e| {
+                e.prefetch();
+                e.user.token == token
+            })
+            .map(|e| {
+                if let Some(ip) = e.user.ip.first() {
+                    super::prefetch(ip.as_ptr());
+                }
+                e.user.token_counts.prefetch_pairs();
+                e.reserved.prefetch_pairs();
+                f(&e.user)
+            })
     }
 
     /// Changes one user in place and marks it dirty. `None` if there is no such user.
