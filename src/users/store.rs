@@ -36,12 +36,16 @@ impl Entry {
     /// address list and the counts (see [`super::prefetch`]).
     #[inline(always)]
     fn prefetch(&self) {
+        // Every line the entry overlaps: one address in each 64 bytes, and its last byte (an
+        // entry does not start on a line's boundary).
         let at = (self as *const Entry).cast::<u8>();
+        let size = std::mem::size_of::<Entry>();
         let mut offset = 0;
-        while offset < std::mem::size_of::<Entry>() {
+        while offset < size {
             super::prefetch(at.wrapping_add(offset));
             offset += 64;
         }
+        super::prefetch(at.wrapping_add(size - 1));
         super::prefetch(self.user.token.as_ptr());
         super::prefetch(self.user.ip.as_ptr());
         self.user.token_counts.prefetch();
