@@ -69,7 +69,8 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
 
     // The one lookup of the token for this request: its key goes on in the `Principal`.
     let key = state.users.key(token);
-    let look = state.users.with_user_at(key, token, |u| {
+    // The request's first look at its user, which starts loading the rest of it (issue 18).
+    let look = state.users.with_user_prefetched(key, token, |u| {
         if u.is_disabled() {
             return Look::Refused(disabled_error(u.disabled_reason.as_deref()));
         }

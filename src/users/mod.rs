@@ -79,12 +79,12 @@ mod tests {
         let key = store.key("tok-a");
         assert_eq!(
             store
-                .with_user_at(key, "tok-a", |u| u.token.clone())
+                .with_user_prefetched(key, "tok-a", |u| u.token.clone())
                 .as_deref(),
             Some("tok-a")
         );
         assert!(store
-            .with_user_at(store.key("tok-b"), "tok-b", |_| ())
+            .with_user_prefetched(store.key("tok-b"), "tok-b", |_| ())
             .is_none());
     }
 }

@@ -36,16 +36,14 @@ impl Entry {
     /// address list and the counts (see [`super::prefetch`]).
     #[inline(always)]
     fn prefetch(&self) {
-        // Every line the entry overlaps: one address in each 64 bytes, and its last byte (an
-        // entry does not start on a line's boundary).
+        // Every 64-byte line the entry overlaps (it does not start on a line's boundary).
         let at = (self as *const Entry).cast::<u8>();
-        let size = std::mem::size_of::<Entry>();
-        let mut offset = 0;
-        while offset < size {
-            super::prefetch(at.wrapping_add(offset));
-            offset += 64;
+        let last = at.wrapping_add(std::mem::size_of::<Entry>() - 1);
+        let mut line = at.wrapping_sub(at as usize % 64);
+        while line <= last {
+            super::prefetch(line);
+            line = line.wrapping_add(64);
         }
-        super::prefetch(at.wrapping_add(size - 1));
         super::prefetch(self.user.token.as_ptr());
         super::prefetch(self.user.ip.as_ptr());
         self.user.token_counts.prefetch();
@@ -324,8 +322,23 @@ impl UserStore {
         f: impl FnOnce(&User) -> R,
     ) -> Option<R> {
         let shard = Self::read(self.shard(hash));
-        // The first look of a request at its user: what the request reads of the entry is
-        // asked for together with the token's bytes (compared first), then the counts' pairs.
+        shard
+            .table
+            .find(hash, |e| e.user.token == token)
+            .map(|e| f(&e.user))
+    }
+
+    /// [`UserStore::with_user_at`] for a request's first look at its user (the gate's): what
+    /// the request goes on to read of the entry is asked for together with the token's bytes
+    /// (compared first), then the counts' pairs and the first address (see
+    /// [`super::prefetch`]). The request's later looks find it all in the cache.
+    pub fn with_user_prefetched<R>(
+        &self,
+        UserKey(hash): UserKey,
+        token: &str,
+        f: impl FnOnce(&User) -> R,
+    ) -> Option<R> {
+        let shard = Self::read(self.shard(hash));
         shard
             .table
             .find(hash, |e| {
