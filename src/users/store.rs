@@ -321,11 +321,7 @@ impl UserStore {
         token: &str,
         f: impl FnOnce(&User) -> R,
     ) -> Option<R> {
-        let shard = Self::read(self.shard(hash));
-        shard
-            .table
-            .find(hash, |e| e.user.token == token)
-            .map(|e| f(&e.user))
+        self.look::<false, R>(hash, token, f)
     }
 
     /// [`UserStore::with_user_at`] for a request's first look at its user (the gate's): what
@@ -338,19 +334,35 @@ impl UserStore {
         token: &str,
         f: impl FnOnce(&User) -> R,
     ) -> Option<R> {
+        self.look::<true, R>(hash, token, f)
+    }
+
+    /// Reads the user of `token` under its shard's read lock; with `PREFETCH`, starting to load
+    /// what a request reads of it ([`UserStore::with_user_prefetched`]).
+    #[inline(always)]
+    fn look<const PREFETCH: bool, R>(
+        &self,
+        hash: u64,
+        token: &str,
+        f: impl FnOnce(&User) -> R,
+    ) -> Option<R> {
         let shard = Self::read(self.shard(hash));
         shard
             .table
             .find(hash, |e| {
-                e.prefetch();
+                if PREFETCH {
+                    e.prefetch();
+                }
                 e.user.token == token
             })
             .map(|e| {
-                if let Some(ip) = e.user.ip.first() {
-                    super::prefetch(ip.as_ptr());
+                if PREFETCH {
+                    if let Some(ip) = e.user.ip.first() {
+                        super::prefetch(ip.as_ptr());
+                    }
+                    e.user.token_counts.prefetch_pairs();
+                    e.reserved.prefetch_pairs();
                 }
-                e.user.token_counts.prefetch_pairs();
-                e.reserved.prefetch_pairs();
                 f(&e.user)
             })
     }
