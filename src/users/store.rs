@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hashbrown::hash_table::{Entry as TableEntry, HashTable};
+use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 
 use super::model::{TokenCounts, User};
@@ -57,6 +58,14 @@ impl Entry {
             dirty: false,
         })
     }
+}
+
+/// Whether a stored token is the one presented, in time that does not depend on where they
+/// differ: a token is a secret, and the table's hash match only narrows the candidates (a
+/// short-circuiting `==` would tell a prober how much of a stored token it guessed).
+#[inline(always)]
+fn same_token(stored: &str, presented: &str) -> bool {
+    stored.as_bytes().ct_eq(presented.as_bytes()).into()
 }
 
 /// Enough shards that writers of different users rarely meet; a power of two.
@@ -219,7 +228,7 @@ impl UserStore {
         let mut shard = Self::write(self.shard(hash));
         let Shard { table, dirty } = &mut *shard;
         table
-            .find_mut(hash, |e| e.user.token == token)
+            .find_mut(hash, |e| same_token(&e.user.token, token))
             .map(|e| f(e, dirty))
     }
 
@@ -235,7 +244,7 @@ impl UserStore {
         let Shard { table, dirty } = &mut *shard;
         let entry = match table.entry(
             hash,
-            |e| e.user.token == token,
+            |e| same_token(&e.user.token, token),
             |e| self.hasher.hash_one(e.user.token.as_str()),
         ) {
             TableEntry::Occupied(o) => o.into_mut(),
@@ -274,7 +283,7 @@ impl UserStore {
         } = &mut *shard;
         let e = match table.entry(
             hash,
-            |e| e.user.token == user.token,
+            |e| same_token(&e.user.token, &user.token),
             |e| self.hasher.hash_one(e.user.token.as_str()),
         ) {
             TableEntry::Occupied(o) => {
@@ -353,7 +362,7 @@ impl UserStore {
                 if PREFETCH {
                     e.prefetch();
                 }
-                e.user.token == token
+                same_token(&e.user.token, token)
             })
             .map(|e| {
                 if PREFETCH {
@@ -439,7 +448,7 @@ impl UserStore {
         let Shard { table, dirty } = &mut *shard;
         let e = match table.entry(
             hash,
-            |e| e.user.token == token,
+            |e| same_token(&e.user.token, &token),
             |e| self.hasher.hash_one(e.user.token.as_str()),
         ) {
             TableEntry::Occupied(o) => o.into_mut(),
@@ -456,7 +465,7 @@ impl UserStore {
         let removed = {
             let mut shard = Self::write(self.shard(hash));
             let Shard { table, dirty } = &mut *shard;
-            match table.find_entry(hash, |e| e.user.token == token) {
+            match table.find_entry(hash, |e| same_token(&e.user.token, token)) {
                 Ok(o) => {
                     let (mut e, _) = o.remove();
                     unmark(&mut e, dirty, &self.dirty);
@@ -578,6 +587,20 @@ mod tests {
 
     fn user(t: &str) -> User {
         User::new(t.to_string(), UserType::Normal, TokenCounts::new(), 0)
+    }
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(same_token("tok-abcdef", "tok-abcdef"));
+        assert!(!same_token("tok-abcdef", "tok-abcdeg"));
+        assert!(!same_token("tok-abcdef", "xok-abcdef"));
+        assert!(!same_token("tok-abcdef", "tok-abcde"));
+        assert!(!same_token("tok-abcdef", ""));
+        let s = UserStore::default();
+        s.put(user("tok-one"), false);
+        assert!(s.contains("tok-one"));
+        assert!(!s.contains("tok-onf"));
+        assert!(!s.contains("tok-on"));
     }
 
     #[test]
