@@ -70,23 +70,24 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
     // The one lookup of the token for this request: its key goes on in the `Principal`.
     let key = state.users.key(token);
     // The request's first look at its user, which starts loading the rest of it (issue 18).
-    let look = state.users.with_user_prefetched(key, token, |u| {
-        if u.is_disabled() {
-            return Look::Refused(disabled_error(u.disabled_reason.as_deref()));
-        }
-        if u.is_expired(now) {
-            return Look::Refused(expired_error());
-        }
-        let known_ip = u.ip.iter().any(|known| known.as_bytes() == &*ip_s);
-        let fresh = u
-            .last_used_at
-            .is_some_and(|t| now.saturating_sub(t) < LAST_USED_RESOLUTION_MS);
-        if known_ip && fresh {
-            Look::Pass(u.kind)
-        } else {
-            Look::NeedsWrite
-        }
-    });
+    let look = state
+        .users
+        .with_user_prefetched(key, token, &ip_s, |u, known_ip| {
+            if u.is_disabled() {
+                return Look::Refused(disabled_error(u.disabled_reason.as_deref()));
+            }
+            if u.is_expired(now) {
+                return Look::Refused(expired_error());
+            }
+            let fresh = u
+                .last_used_at
+                .is_some_and(|t| now.saturating_sub(t) < LAST_USED_RESOLUTION_MS);
+            if known_ip && fresh {
+                Look::Pass(u.kind)
+            } else {
+                Look::NeedsWrite
+            }
+        });
     let look = match look {
         Some(l) => l,
         None => {

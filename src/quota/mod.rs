@@ -187,7 +187,7 @@ impl Ticket {
         };
         let Some(mut meter) = self.meter.take() else {
             // Admitted but never sent (the forwarder gave no meter): release the reservation.
-            s.users.update_entry_at(s.key, &s.token, |e| {
+            s.users.update_usage_at(s.key, &s.token, |e| {
                 release(e, s.family, s.reserved);
                 ((), false)
             });
@@ -236,7 +236,7 @@ fn charge(mut s: Settlement, meter: Box<Meter>, abandoned: bool) {
     if let Some(u) = usage {
         crate::metrics::tokens(charged_family, u.prompt, u.completion);
     }
-    let found = s.users.update_entry_at(s.key, &s.token, |e| {
+    let found = s.users.update_usage_at(s.key, &s.token, |e| {
         release(e, s.family, s.reserved);
         if charge == 0 {
             return ((), false);
@@ -513,7 +513,7 @@ impl Quotas {
     /// `want.is_bound` (the prompt's upper bound) it reserves only with [`BOUND_HEADROOM`] to
     /// spare, and otherwise answers `NeedsCount`. `None`: the user is gone.
     fn reserve(&self, key: UserKey, token: &str, family: &str, want: Want) -> Option<Reservation> {
-        self.users.update_entry_at(key, token, |e| {
+        self.users.update_usage_at(key, token, |e| {
             // The stored type decides (an admin may have changed it since authentication).
             let special = e.user.kind == UserType::Special;
             let limit = e.user.token_limits.get(family).copied().unwrap_or(0);

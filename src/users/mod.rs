@@ -10,9 +10,11 @@ pub mod persist;
 pub mod sqlite;
 pub mod store;
 pub mod sweep;
+pub mod token;
 
 pub use model::{User, UserType};
 pub use store::{UserKey, UserStore};
+pub use token::Token;
 
 /// Asks the processor to start loading the cache line holding `p` into its caches, so that a
 /// later read of it finds it there. A hint only: nothing is read, whatever `p` points to (a
@@ -79,12 +81,12 @@ mod tests {
         let key = store.key("tok-a");
         assert_eq!(
             store
-                .with_user_prefetched(key, "tok-a", |u| u.token.clone())
+                .with_user_prefetched(key, "tok-a", b"10.0.0.1", |u, _| u.token.clone())
                 .as_deref(),
             Some("tok-a")
         );
         assert!(store
-            .with_user_prefetched(store.key("tok-b"), "tok-b", |_| ())
+            .with_user_prefetched(store.key("tok-b"), "tok-b", b"10.0.0.1", |_, _| ())
             .is_none());
     }
 }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use thin_vec::ThinVec;
 
 pub use super::counts::TokenCounts;
+use super::token::Token;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -32,7 +33,8 @@ impl UserType {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct User {
-    pub token: String,
+    /// Inline when short ([`Token`]): the gate compares it on every request.
+    pub token: Token,
     /// A `ThinVec` (one pointer) rather than a `Vec` (three): most users have few addresses.
     #[serde(default)]
     pub ip: ThinVec<String>,
@@ -73,7 +75,7 @@ impl User {
     /// A fresh user with the given token and limits, created now.
     pub fn new(token: String, kind: UserType, token_limits: TokenCounts, now_ms: i64) -> User {
         User {
-            token,
+            token: Token::from(token),
             ip: ThinVec::new(),
             nickname: None,
             kind,

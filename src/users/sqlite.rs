@@ -168,7 +168,9 @@ impl UserBackend for SqliteBackend {
                     )
                     .map_err(err)?;
                 for (token, json) in &rows {
-                    upsert.execute(params![token, json, now]).map_err(err)?;
+                    upsert
+                        .execute(params![token.as_str(), json, now])
+                        .map_err(err)?;
                 }
                 let mut delete = tx
                     .prepare_cached("DELETE FROM users WHERE token = ?1")

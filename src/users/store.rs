@@ -29,12 +29,61 @@ pub struct Entry {
     pub reserved: TokenCounts,
     /// Changed since it was last taken for a flush.
     dirty: bool,
+    /// A copy of the user's first address ([`Hot`]); kept equal to `user` by every change
+    /// made through the store.
+    hot: Hot,
+}
+
+/// The longest address text [`Hot`] holds: the longest IPv4 text. No more: the entry must stay
+/// within 256 bytes, the allocator's size class it would have without the copy (the next one
+/// is 320).
+const HOT_IP: usize = 15;
+/// [`Hot`]'s length when it holds no address (none, or longer than [`HOT_IP`]).
+const NOT_HELD: u8 = u8::MAX;
+
+/// The text of the user's first address, in the entry itself (issue 18).
+///
+/// Why: with thousands of users in turn, a request's user is never in the cache, and the
+/// addresses the gate compares the client's with live behind two pointers of the entry (the
+/// list, then each address's text): two more memory reads, one after the other, on every
+/// request. The usual user sends from one address; with its copy here, the gate's decision
+/// reads the entry only (the token is in the entry too, [`super::Token`]). Any other address
+/// is looked for in the list.
+#[derive(Debug, Clone)]
+struct Hot {
+    ip: [u8; HOT_IP],
+    ip_len: u8,
+}
+
+impl Hot {
+    fn of(user: &User) -> Hot {
+        let mut hot = Hot {
+            ip: [0; HOT_IP],
+            ip_len: NOT_HELD,
+        };
+        if let Some(ip) = user.ip.first().map(String::as_bytes) {
+            if ip.len() <= HOT_IP {
+                hot.ip[..ip.len()].copy_from_slice(ip);
+                hot.ip_len = ip.len() as u8;
+            }
+        }
+        hot
+    }
+
+    /// Whether `ip` (an address's text) is one of the user's addresses: the first one compared
+    /// here, the others in the list.
+    #[inline(always)]
+    fn knows_ip(&self, user: &User, ip: &[u8]) -> bool {
+        if self.ip.get(..usize::from(self.ip_len)) == Some(ip) {
+            return true;
+        }
+        user.ip.iter().any(|known| known.as_bytes() == ip)
+    }
 }
 
 impl Entry {
     /// Starts loading, all at once, what a request reads of this entry besides the line
-    /// already read (its token's length): the entry's other lines, the token's bytes, the
-    /// address list and the counts (see [`super::prefetch`]).
+    /// already read: the entry's other lines and the counts (see [`super::prefetch`]).
     #[inline(always)]
     fn prefetch(&self) {
         // Every 64-byte line the entry overlaps (it does not start on a line's boundary).
@@ -45,18 +94,30 @@ impl Entry {
             super::prefetch(line);
             line = line.wrapping_add(64);
         }
-        super::prefetch(self.user.token.as_ptr());
-        super::prefetch(self.user.ip.as_ptr());
         self.user.token_counts.prefetch();
         self.reserved.prefetch();
     }
 
     fn new(user: User) -> Box<Entry> {
+        let hot = Hot::of(&user);
         Box::new(Entry {
             user,
             reserved: TokenCounts::new(),
             dirty: false,
+            hot,
         })
+    }
+
+    /// Makes the copy in [`Hot`] equal to the user again, after a change.
+    fn sync(&mut self) {
+        self.hot = Hot::of(&self.user);
+    }
+
+    /// Whether the copy is equal to the user (it is, after every change through the store;
+    /// checked in debug builds after changes that leave it as it is).
+    fn in_sync(&self) -> bool {
+        let hot = Hot::of(&self.user);
+        hot.ip_len == self.hot.ip_len && hot.ip == self.hot.ip
     }
 }
 
@@ -250,7 +311,9 @@ impl UserStore {
             TableEntry::Occupied(o) => o.into_mut(),
             TableEntry::Vacant(v) => v.insert(Entry::new(create())).into_mut(),
         };
-        f(entry, dirty)
+        let r = f(entry, dirty);
+        entry.sync();
+        r
     }
 
     /// Puts users read from the backend at startup in place, without marking them dirty.
@@ -289,6 +352,7 @@ impl UserStore {
             TableEntry::Occupied(o) => {
                 let e = o.into_mut();
                 e.user = user;
+                e.sync();
                 e
             }
             TableEntry::Vacant(v) => v.insert(Entry::new(user)).into_mut(),
@@ -330,30 +394,36 @@ impl UserStore {
         token: &str,
         f: impl FnOnce(&User) -> R,
     ) -> Option<R> {
-        self.look::<false, R>(hash, token, f)
+        self.look::<false, R>(hash, token, |e| f(&e.user))
     }
 
-    /// [`UserStore::with_user_at`] for a request's first look at its user (the gate's): what
-    /// the request goes on to read of the entry is asked for together with the token's bytes
-    /// (compared first), then the counts' pairs and the first address (see
-    /// [`super::prefetch`]). The request's later looks find it all in the cache.
+    /// The gate's look at a request's user, its first: `f` gets the user and whether `ip` (an
+    /// address's text) is one of the user's addresses. The entry's lines are asked for at
+    /// once, then the counts the request goes on to read (see [`super::prefetch`]), so that its
+    /// later looks find them in the cache.
     pub fn with_user_prefetched<R>(
         &self,
         UserKey(hash): UserKey,
         token: &str,
-        f: impl FnOnce(&User) -> R,
+        ip: &[u8],
+        f: impl FnOnce(&User, bool) -> R,
     ) -> Option<R> {
-        self.look::<true, R>(hash, token, f)
+        self.look::<true, R>(hash, token, |e| {
+            let r = f(&e.user, e.hot.knows_ip(&e.user, ip));
+            e.user.token_counts.prefetch_pairs();
+            e.reserved.prefetch_pairs();
+            r
+        })
     }
 
-    /// Reads the user of `token` under its shard's read lock; with `PREFETCH`, starting to load
-    /// what a request reads of it ([`UserStore::with_user_prefetched`]).
+    /// Reads the entry of `token` under its shard's read lock; with `PREFETCH`, starting to
+    /// load what a request reads of it ([`UserStore::with_user_prefetched`]).
     #[inline(always)]
     fn look<const PREFETCH: bool, R>(
         &self,
         hash: u64,
         token: &str,
-        f: impl FnOnce(&User) -> R,
+        f: impl FnOnce(&Entry) -> R,
     ) -> Option<R> {
         let shard = Self::read(self.shard(hash));
         shard
@@ -364,22 +434,14 @@ impl UserStore {
                 }
                 same_token(&e.user.token, token)
             })
-            .map(|e| {
-                if PREFETCH {
-                    if let Some(ip) = e.user.ip.first() {
-                        super::prefetch(ip.as_ptr());
-                    }
-                    e.user.token_counts.prefetch_pairs();
-                    e.reserved.prefetch_pairs();
-                }
-                f(&e.user)
-            })
+            .map(|e| f(e))
     }
 
     /// Changes one user in place and marks it dirty. `None` if there is no such user.
     pub fn update<R>(&self, token: &str, f: impl FnOnce(&mut User) -> R) -> Option<R> {
         self.with_entry_mut(token, |e, dirty| {
             let r = f(&mut e.user);
+            e.sync();
             mark(e, dirty, &self.dirty);
             r
         })
@@ -404,6 +466,27 @@ impl UserStore {
     ) -> Option<R> {
         self.with_entry_mut_at(key, token, |e, dirty| {
             let (r, changed) = f(e);
+            e.sync();
+            if changed {
+                mark(e, dirty, &self.dirty);
+            }
+            r
+        })
+    }
+
+    /// [`UserStore::update_entry_at`] for a request's usage (the quota's reservation and
+    /// charge), on every request: `f` may change the counts, the reservations, the prompt count
+    /// and the times, but not the token or the addresses (whose copy in the entry is left as
+    /// it is; checked in debug builds).
+    pub fn update_usage_at<R>(
+        &self,
+        key: UserKey,
+        token: &str,
+        f: impl FnOnce(&mut Entry) -> (R, bool),
+    ) -> Option<R> {
+        self.with_entry_mut_at(key, token, |e, dirty| {
+            let (r, changed) = f(e);
+            debug_assert!(e.in_sync(), "update_usage_at changed the user's addresses");
             if changed {
                 mark(e, dirty, &self.dirty);
             }
@@ -413,7 +496,7 @@ impl UserStore {
 
     /// Inserts or replaces a user (reservations in flight are kept) and marks it dirty.
     pub fn upsert(&self, user: User) {
-        self.deleted().remove(&user.token);
+        self.deleted().remove(user.token.as_str());
         self.put(user, true);
     }
 
@@ -455,6 +538,7 @@ impl UserStore {
             TableEntry::Vacant(v) => v.insert(Entry::new(create(token))).into_mut(),
         };
         let r = f(&mut e.user);
+        e.sync();
         mark(e, dirty, &self.dirty);
         r
     }
@@ -504,7 +588,9 @@ impl UserStore {
             let mut shard = Self::write(&s.0);
             let Shard { table, dirty } = &mut *shard;
             for e in table.iter_mut() {
-                if f(&mut e.user) {
+                let changed = f(&mut e.user);
+                e.sync();
+                if changed {
                     mark(e, dirty, &self.dirty);
                     n += 1;
                 }
@@ -587,6 +673,59 @@ mod tests {
 
     fn user(t: &str) -> User {
         User::new(t.to_string(), UserType::Normal, TokenCounts::new(), 0)
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn an_entry_stays_within_its_allocation_class() {
+        // mimalloc's classes around it are 224, 256 and 320 bytes: each byte over 256 would
+        // cost 64 per user (see HOT_IP).
+        assert!(
+            std::mem::size_of::<Entry>() <= 256,
+            "{}",
+            std::mem::size_of::<Entry>()
+        );
+    }
+
+    #[test]
+    fn the_copies_follow_every_change() {
+        let s = UserStore::default();
+        let uuid = "0000beef-0000-4000-8000-000000000001";
+        let long = "x".repeat(60);
+        for token in [uuid, long.as_str()] {
+            s.upsert(user(token));
+            let known = |ip: &str| {
+                s.with_user_prefetched(s.key(token), token, ip.as_bytes(), |_, k| k)
+                    .expect("the user is found")
+            };
+            assert!(!known("10.0.0.1"));
+            s.update(token, |u| u.ip.push("10.0.0.1".into()));
+            assert!(known("10.0.0.1"));
+            // A second address is found in the list; an IPv6 text is too long for the copy.
+            s.update(token, |u| u.ip.push("2001:db8::1234:5678:9abc".into()));
+            assert!(known("2001:db8::1234:5678:9abc"));
+            // Replaced or cleared by an administrator: the old first address is gone at once.
+            s.update(token, |u| {
+                u.ip = ["10.0.0.2".to_string()].into_iter().collect()
+            });
+            assert!(!known("10.0.0.1"));
+            assert!(known("10.0.0.2"));
+            s.update_all(|u| {
+                u.ip.clear();
+                true
+            });
+            assert!(!known("10.0.0.2"));
+            let mut imported = user(token);
+            imported.ip.push("10.0.0.3".into());
+            s.upsert(imported);
+            assert!(known("10.0.0.3"));
+            // Found by the whole token only (inline or not).
+            assert!(s.contains(token));
+            assert!(!s.contains(&token[..token.len() - 1]));
+            let mut other = token.to_string();
+            other.replace_range(..1, "y");
+            assert!(!s.contains(&other));
+        }
     }
 
     #[test]

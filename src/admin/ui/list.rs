@@ -113,7 +113,7 @@ fn matches(u: &User, q: &Query, needle: &str, now: i64) -> bool {
 
 fn key(u: &User, sort: SortBy) -> Key {
     match sort {
-        SortBy::Token => Key::Text(u.token.clone()),
+        SortBy::Token => Key::Text(u.token.to_string()),
         SortBy::Nickname => Key::Text(u.nickname.clone().unwrap_or_default().to_lowercase()),
         SortBy::Type => Key::Text(u.kind.as_str().to_string()),
         SortBy::Prompts => Key::Num(i64::try_from(u.prompt_count).unwrap_or(i64::MAX)),
@@ -136,7 +136,7 @@ pub fn page(store: &UserStore, q: &Query, now: i64) -> Page {
     let mut hits: Vec<(Key, String)> = Vec::new();
     store.for_each(|u| {
         if matches(u, q, &needle, now) {
-            hits.push((key(u, q.sort), u.token.clone()));
+            hits.push((key(u, q.sort), u.token.to_string()));
         }
     });
     hits.sort_unstable_by(|a, b| {
