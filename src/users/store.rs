@@ -398,8 +398,8 @@ impl UserStore {
     }
 
     /// The gate's look at a request's user, its first: `f` gets the user and whether `ip` (an
-    /// address's text) is one of the user's addresses. The entry's lines are asked for at
-    /// once, then the counts the request goes on to read (see [`super::prefetch`]), so that its
+    /// address's text) is one of the user's addresses. The entry's lines and the counts the
+    /// request goes on to read are asked for at once (see [`super::prefetch`]), so that its
     /// later looks find them in the cache.
     pub fn with_user_prefetched<R>(
         &self,
@@ -408,12 +408,7 @@ impl UserStore {
         ip: &[u8],
         f: impl FnOnce(&User, bool) -> R,
     ) -> Option<R> {
-        self.look::<true, R>(hash, token, |e| {
-            let r = f(&e.user, e.hot.knows_ip(&e.user, ip));
-            e.user.token_counts.prefetch_pairs();
-            e.reserved.prefetch_pairs();
-            r
-        })
+        self.look::<true, R>(hash, token, |e| f(&e.user, e.hot.knows_ip(&e.user, ip)))
     }
 
     /// Reads the entry of `token` under its shard's read lock; with `PREFETCH`, starting to
