@@ -34,9 +34,8 @@ pub struct Entry {
     hot: Hot,
 }
 
-/// The longest address text [`Hot`] holds: the longest IPv4 text. No more: the entry must stay
-/// within 256 bytes, the allocator's size class it would have without the copy (the next one
-/// is 320).
+/// The longest address text [`Hot`] holds: the longest IPv4 text. No more: the entry (240
+/// bytes with it) must stay within the allocator's 256-byte size class (the next is 320).
 const HOT_IP: usize = 15;
 /// [`Hot`]'s length when it holds no address (none, or longer than [`HOT_IP`]).
 const NOT_HELD: u8 = u8::MAX;
