@@ -458,14 +458,7 @@ impl UserStore {
         token: &str,
         f: impl FnOnce(&mut Entry) -> (R, bool),
     ) -> Option<R> {
-        self.with_entry_mut_at(key, token, |e, dirty| {
-            let (r, changed) = f(e);
-            e.sync();
-            if changed {
-                mark(e, dirty, &self.dirty);
-            }
-            r
-        })
+        self.change_at::<true, R>(key, token, f)
     }
 
     /// [`UserStore::update_entry_at`] for a request's usage (the quota's reservation and
@@ -478,9 +471,25 @@ impl UserStore {
         token: &str,
         f: impl FnOnce(&mut Entry) -> (R, bool),
     ) -> Option<R> {
+        self.change_at::<false, R>(key, token, f)
+    }
+
+    /// Runs `f` on the entry and marks it dirty when `f` says so; with `SYNC`, copies what
+    /// changed into the entry's [`Hot`] (without, checks in debug builds that nothing did).
+    #[inline(always)]
+    fn change_at<const SYNC: bool, R>(
+        &self,
+        key: UserKey,
+        token: &str,
+        f: impl FnOnce(&mut Entry) -> (R, bool),
+    ) -> Option<R> {
         self.with_entry_mut_at(key, token, |e, dirty| {
             let (r, changed) = f(e);
-            debug_assert!(e.in_sync(), "update_usage_at changed the user's addresses");
+            if SYNC {
+                e.sync();
+            } else {
+                debug_assert!(e.in_sync(), "update_usage_at changed the user's addresses");
+            }
             if changed {
                 mark(e, dirty, &self.dirty);
             }
