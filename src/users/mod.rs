@@ -20,10 +20,10 @@ pub use token::Token;
 /// later read of it finds it there. A hint only: nothing is read, whatever `p` points to (a
 /// dangling or null pointer included), and on targets other than x86-64 it does nothing.
 ///
-/// Why: a request reads its user's data behind several pointers (the entry, the token's bytes,
-/// the address list, the counts), and with thousands of users in turn none of it is cached.
-/// Read one after the other, each pointer's miss waits for the previous one's (about 75 ns
-/// each on the benchmark's processor); asked for together, the misses overlap (issue 18).
+/// Why: a request reads its user's data behind pointers (the entry's several lines, then the
+/// count maps), and with thousands of users in turn none of it is cached. Read one after the
+/// other, each miss waits for the previous one's (about 75 ns each on the benchmark's
+/// processor); asked for together, the misses overlap (issue 18).
 #[inline(always)]
 pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
