@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Redirect, Response};
-use subtle::ConstantTimeEq;
+use constant_time_eq::constant_time_eq;
 
 use super::session::External;
 use super::{user_token, AdminIdentity, Principal};
@@ -20,7 +20,7 @@ use crate::users::User;
 
 /// Constant-time comparison of a presented secret with the configured one.
 pub fn secret_eq(presented: &str, expected: &str) -> bool {
-    presented.as_bytes().ct_eq(expected.as_bytes()).into()
+    constant_time_eq(presented.as_bytes(), expected.as_bytes())
 }
 
 /// The client credential: `Authorization: Bearer …` (the scheme in any case; a bare value

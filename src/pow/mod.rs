@@ -15,10 +15,10 @@ use std::sync::Mutex;
 use argon2::{Algorithm, Argon2, Params, Version};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use constant_time_eq::constant_time_eq;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
 use crate::config::{CaptchaMode, Config, ConfigError};
 
@@ -342,7 +342,7 @@ impl Pow {
             return Err(PowError::RateLimited);
         }
         let expected = self.sign_with(&s.epoch, ch);
-        if !bool::from(expected.as_bytes().ct_eq(signature.as_bytes())) {
+        if !constant_time_eq(expected.as_bytes(), signature.as_bytes()) {
             return Err(PowError::BadSignature);
         }
         if ch.ip != ip.to_string() {

@@ -14,8 +14,8 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use constant_time_eq::constant_time_eq;
 use hashbrown::hash_table::{Entry as TableEntry, HashTable};
-use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 
 use super::model::{TokenCounts, User};
@@ -125,7 +125,7 @@ impl Entry {
 /// short-circuiting `==` would tell a prober how much of a stored token it guessed).
 #[inline(always)]
 fn same_token(stored: &str, presented: &str) -> bool {
-    stored.as_bytes().ct_eq(presented.as_bytes()).into()
+    constant_time_eq(stored.as_bytes(), presented.as_bytes())
 }
 
 /// Enough shards that writers of different users rarely meet; a power of two.

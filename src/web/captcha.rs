@@ -11,9 +11,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use constant_time_eq::constant_time_eq;
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use super::templates::html;
 use crate::app::AppState;
@@ -152,7 +152,7 @@ async fn parse<T: for<'de> Deserialize<'de>>(
 fn key_ok(state: &AppState, presented: Option<&str>) -> bool {
     match state.config.proxy_key() {
         None => true,
-        Some(k) => presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(k.as_bytes()))),
+        Some(k) => presented.is_some_and(|p| constant_time_eq(p.as_bytes(), k.as_bytes())),
     }
 }
 
