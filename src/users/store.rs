@@ -48,7 +48,7 @@ const NOT_HELD: u8 = u8::MAX;
 /// request. The usual user sends from one address; with its copy here, the gate's decision
 /// reads the entry only (the token is in the entry too, [`super::Token`]). Any other address
 /// is looked for in the list.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Hot {
     ip: [u8; HOT_IP],
     ip_len: u8,
@@ -115,8 +115,7 @@ impl Entry {
     /// Whether the copy is equal to the user (it is, after every change through the store;
     /// checked in debug builds after changes that leave it as it is).
     fn in_sync(&self) -> bool {
-        let hot = Hot::of(&self.user);
-        hot.ip_len == self.hot.ip_len && hot.ip == self.hot.ip
+        Hot::of(&self.user) == self.hot
     }
 }
 
@@ -584,18 +583,22 @@ impl UserStore {
         }
     }
 
-    /// Applies `f` to every user, marking dirty those for which it returns true.
+    /// Applies `f` to every user, marking dirty those for which it returns true (`f` returns
+    /// whether it changed the user).
     pub fn update_all(&self, mut f: impl FnMut(&mut User) -> bool) -> usize {
         let mut n = 0;
         for s in self.shards.iter() {
             let mut shard = Self::write(&s.0);
             let Shard { table, dirty } = &mut *shard;
             for e in table.iter_mut() {
-                let changed = f(&mut e.user);
-                e.sync();
-                if changed {
+                if f(&mut e.user) {
+                    // Only a changed user can need its copy made again: a pass over every
+                    // user (a quota refresh) does not read every user's address list.
+                    e.sync();
                     mark(e, dirty, &self.dirty);
                     n += 1;
+                } else {
+                    debug_assert!(e.in_sync(), "update_all changed a user it called unchanged");
                 }
             }
         }
