@@ -4,7 +4,9 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, so that source changes do not rebuild them.
-# .cargo/config.toml sets the C defaults of the allocator (mimalloc), built with the dependencies.
+# .cargo/ holds the C defaults of the allocator (mimalloc), built with the dependencies, and the
+# profile-guided optimisation of x86_64 builds (config.toml, the rustc wrapper it names, the
+# profile in pgo/): the dependencies are compiled with the profile too.
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \

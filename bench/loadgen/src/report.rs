@@ -493,12 +493,16 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
     let _ = writeln!(w, "# Benchmarks\n");
     let _ = writeln!(
         w,
-        "Output of `bench/run` (run `{}`, {}), llm-gatekeeper commit `{}`. Rerun with `bench/run`; \
-         raw numbers of this run: [`benchmarks.json`](benchmarks.json). The performance work step by \
-         step, with a profile: [`performance.md`](performance.md).\n",
+        "Output of `bench/run` (run `{}`, {}), llm-gatekeeper commit `{}`{}. Rerun with \
+         `bench/run`; raw numbers of this run: [`benchmarks.json`](benchmarks.json). The performance \
+         work step by step, with a profile: [`performance.md`](performance.md).\n",
         s(env, "run_id"),
         s(env, "date_utc"),
-        s(env, "gatekeeper_commit")
+        s(env, "gatekeeper_commit"),
+        match s(env, "gatekeeper_build") {
+            "" => String::new(),
+            build => format!(", built {build}"),
+        }
     );
     let _ = writeln!(
         w,
@@ -670,7 +674,8 @@ fn markdown(all: &Value, checks: &[Check], notes: &[(String, String)], rates: &[
             "\nThe floor (`bench/floor`, same CPU, same load) is the least a forwarder on this stack costs: \
              {f:.1} µs per request, {fa:.1} µs with a bearer-token lookup among the users and a `memchr` \
              scan of the answer for usage. llm-gatekeeper's {g:.1} µs is {:.2}× the latter: what our own \
-             work costs above the stack's floor.",
+             work costs above the stack's floor (the floor is built without profile-guided \
+             optimisation; llm-gatekeeper's build is stated at the top).",
             g / fa
         );
     }
