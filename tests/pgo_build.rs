@@ -76,6 +76,23 @@ fn other_invocations_pass_through_unchanged() {
 }
 
 #[test]
+fn the_environment_reaches_rustc_whole() {
+    // Cargo gives an integration test the binary's path in a variable whose name is not a
+    // shell name; `env!` reads it in rustc, behind the wrapper.
+    let out = Command::new(root().join(".cargo/rustc-pgo"))
+        .arg("env")
+        .env("CARGO_BIN_EXE_llm-gatekeeper", "/x/llm-gatekeeper")
+        .output()
+        .expect("run .cargo/rustc-pgo");
+    assert!(out.status.success(), "{out:?}");
+    let env = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(
+        env.lines().any(|l| l == "CARGO_BIN_EXE_llm-gatekeeper=/x/llm-gatekeeper"),
+        "{env}"
+    );
+}
+
+#[test]
 fn cargo_sees_the_id_of_the_profile_the_wrapper_uses() {
     let bytes = std::fs::read(profile()).expect(".cargo/pgo/llm-gatekeeper.profdata (bench/pgo)");
     // An indexed LLVM profile (what `llvm-profdata merge` writes), not a raw one.
