@@ -87,7 +87,8 @@ fn the_environment_reaches_rustc_whole() {
     assert!(out.status.success(), "{out:?}");
     let env = String::from_utf8(out.stdout).expect("utf-8");
     assert!(
-        env.lines().any(|l| l == "CARGO_BIN_EXE_llm-gatekeeper=/x/llm-gatekeeper"),
+        env.lines()
+            .any(|l| l == "CARGO_BIN_EXE_llm-gatekeeper=/x/llm-gatekeeper"),
         "{env}"
     );
 }
