@@ -55,8 +55,10 @@ pub enum Principal {
     /// A user of the user store, with the key the gatekeeper looked the token up by: the
     /// quotas reach the same entry with it, without looking the token up again (`None` only
     /// for a principal made without the store, as unit tests do).
+    ///
+    /// The token is held as the user record holds it (inline: no allocation per request).
     User {
-        token: std::sync::Arc<str>,
+        token: crate::users::Token,
         kind: UserType,
         key: Option<UserKey>,
     },

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::ProxyError;
-use crate::users::{fingerprint, now_ms, UserType};
+use crate::users::{fingerprint, now_ms, Token, UserType};
 
 /// `lastUsedAt` is rewritten at most once per this many milliseconds per user (it is "last used"
 /// to the minute), so a busy user does not take a write lock and a persistence write on every
@@ -101,7 +101,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
         Look::Refused(e) => return Err(e),
         Look::Pass(kind) => {
             return Ok(Principal::User {
-                token: token.into(),
+                token: Token::new(token),
                 kind,
                 key: Some(key),
             })
@@ -150,7 +150,7 @@ pub fn admit(state: &AppState, token: &str, ip: IpAddr) -> Result<Principal, Pro
     });
     match outcome {
         Some(Ok(kind)) => Ok(Principal::User {
-            token: token.into(),
+            token: Token::new(token),
             kind,
             key: Some(key),
         }),

@@ -277,7 +277,9 @@ impl FairQueue {
             // The store's hash of the token, made once by the gatekeeper (a principal made
             // without the store, in tests, has its token hashed here).
             Principal::User { key: Some(key), .. } => Some(Caller::User(key.as_u64())),
-            Principal::User { token, .. } => Some(Caller::User(self.hasher.hash_one(token))),
+            Principal::User { token, .. } => {
+                Some(Caller::User(self.hasher.hash_one(token.as_str())))
+            }
             Principal::Anonymous | Principal::ProxyKey => Some(Caller::Addr(ip)),
         }
     }

@@ -91,8 +91,8 @@ pub struct Ticket {
 struct Settlement {
     users: Arc<UserStore>,
     key: UserKey,
-    /// The principal's token, shared.
-    token: Arc<str>,
+    /// The principal's token (inline: a copy costs no allocation).
+    token: crate::users::Token,
     family: &'static str,
     reserved: u64,
     prompt: PromptEstimate,
