@@ -37,7 +37,7 @@ use crate::config::GatekeeperMode;
 use crate::error::{AdminError, ProxyError};
 use crate::metrics::Reason as Refused;
 use crate::net::in_list;
-use crate::users::{UserKey, UserType};
+use crate::users::{Token, UserKey, UserType};
 
 pub use client_addr::{client_ip, BadForwardedFor, ClientIp};
 pub use credentials::{client_credential, secret_eq};
@@ -58,7 +58,7 @@ pub enum Principal {
     ///
     /// The token is held as the user record holds it (inline: no allocation per request).
     User {
-        token: crate::users::Token,
+        token: Token,
         kind: UserType,
         key: Option<UserKey>,
     },

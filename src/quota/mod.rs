@@ -34,7 +34,7 @@ use crate::config::{Config, ConfigError};
 use crate::error::ProxyError;
 use crate::providers::{Meter, RequestFacts, Usage};
 use crate::users::model::TokenCounts;
-use crate::users::{UserKey, UserStore, UserType};
+use crate::users::{Token, UserKey, UserStore, UserType};
 
 use self::ratelimit::{PromptLimiter, RateKey};
 use self::refresh::Schedule;
@@ -92,7 +92,7 @@ struct Settlement {
     users: Arc<UserStore>,
     key: UserKey,
     /// The principal's token (inline: a copy costs no allocation).
-    token: crate::users::Token,
+    token: Token,
     family: &'static str,
     reserved: u64,
     prompt: PromptEstimate,

@@ -11,13 +11,12 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use constant_time_eq::constant_time_eq;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::templates::html;
 use crate::app::AppState;
-use crate::auth::{ClientIp, LockedOut};
+use crate::auth::{secret_eq, ClientIp, LockedOut};
 use crate::pow::{Challenge, Pow, PowError};
 use crate::users::ops::{CreateRequest, UserOps};
 use crate::users::{fingerprint, now_ms, UserType};
@@ -152,7 +151,7 @@ async fn parse<T: for<'de> Deserialize<'de>>(
 fn key_ok(state: &AppState, presented: Option<&str>) -> bool {
     match state.config.proxy_key() {
         None => true,
-        Some(k) => presented.is_some_and(|p| constant_time_eq(p.as_bytes(), k.as_bytes())),
+        Some(k) => presented.is_some_and(|p| secret_eq(p, k)),
     }
 }
 

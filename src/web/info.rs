@@ -8,11 +8,11 @@ use serde_json::{json, Value};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use constant_time_eq::constant_time_eq;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::app::AppState;
+use crate::auth::secret_eq;
 use crate::config::{Config, ConfigError, GatekeeperMode};
 use crate::providers::Provider;
 
@@ -100,12 +100,12 @@ impl InfoLock {
     /// True when the request carries the unlock cookie.
     pub fn unlocked(&self, headers: &HeaderMap) -> bool {
         crate::auth::session::cookie(headers, UNLOCK_COOKIE)
-            .is_some_and(|v| constant_time_eq(v.as_bytes(), self.cookie_value.as_bytes()))
+            .is_some_and(|v| secret_eq(v, &self.cookie_value))
     }
 
     /// True when `presented` is the password (compared in constant time).
     pub fn check(&self, presented: &str) -> bool {
-        constant_time_eq(presented.as_bytes(), self.password.as_bytes())
+        secret_eq(presented, &self.password)
     }
 
     /// The `Set-Cookie` value that unlocks the page for a week.
