@@ -22,6 +22,7 @@ pub mod providers;
 pub mod proxy;
 pub mod quota;
 pub mod server;
+pub mod sock;
 pub mod timer;
 pub mod users;
 pub mod web;

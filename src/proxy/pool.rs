@@ -129,6 +129,14 @@ pub type Connector = HttpsConnector<HttpConnector>;
 /// A connection's byte stream (TLS or plain TCP), as tokio's `AsyncRead`/`AsyncWrite`.
 type Io = TokioIo<MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>>;
 
+/// The socket of a connection without TLS, which `sock` reads and writes directly.
+fn plain(io: &Io) -> Option<&tokio::net::TcpStream> {
+    match io.inner() {
+        MaybeHttpsStream::Http(tcp) => Some(tcp.inner()),
+        MaybeHttpsStream::Https(_) => None,
+    }
+}
+
 /// Where a connection goes: the pool's key.
 #[derive(Debug, PartialEq, Eq)]
 struct Target {
@@ -173,7 +181,10 @@ impl Conn {
             self.read.reserve(self.read_size);
         }
         let spare = self.read.capacity() - self.read.len();
-        let polled = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read);
+        let polled = match plain(&self.io) {
+            Some(tcp) => crate::sock::poll_recv(tcp, cx, &mut self.read),
+            None => tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read),
+        };
         if let Poll::Ready(Ok(n)) = polled {
             if n == spare && self.read_size < MAX_READ {
                 self.read_size *= 2;
@@ -196,6 +207,14 @@ impl Conn {
 
     /// Writes the request whose head is in `write`, and its body.
     async fn write_request(&mut self, body: &Bytes) -> io::Result<()> {
+        if let Some(tcp) = plain(&self.io) {
+            if body.len() <= COALESCE {
+                self.write.extend_from_slice(body);
+                return crate::sock::send_all(tcp, &self.write).await;
+            }
+            crate::sock::send_all(tcp, &self.write).await?;
+            return crate::sock::send_all(tcp, body).await;
+        }
         if body.len() <= COALESCE {
             self.write.extend_from_slice(body);
             self.io.write_all(&self.write).await?;

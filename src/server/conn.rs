@@ -70,7 +70,7 @@ impl Reader {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_SIZE);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.half), cx, &mut self.buf)
+        crate::sock::poll_recv(self.half.as_ref(), cx, &mut self.buf)
     }
 
     /// Ready when the client has closed the connection (or it failed). Reads what arrives
@@ -361,7 +361,7 @@ pub(super) async fn serve<F: Front>(
                 RequestBody::whole(rd.buf.split_to(n as usize).freeze())
             }
             framing => {
-                if expect_continue && wr.write_all(CONTINUE).await.is_err() {
+                if expect_continue && crate::sock::send_all(wr.as_ref(), CONTINUE).await.is_err() {
                     return;
                 }
                 let h = Arc::new(Home::default());
@@ -522,7 +522,7 @@ async fn write_response(
     drop(headers);
     if framing == ResponseFraming::None {
         drop(body);
-        wr.write_all(out).await?;
+        crate::sock::send_all(wr.as_ref(), out).await?;
         return Ok(keep_alive);
     }
     let mut left = match framing {
@@ -570,9 +570,9 @@ async fn write_response(
                     if chunked {
                         h1s::encode_chunk_size(out, data.len());
                     }
-                    wr.write_all(out).await?;
+                    crate::sock::send_all(wr.as_ref(), out).await?;
                     out.clear();
-                    wr.write_all(&data).await?;
+                    crate::sock::send_all(wr.as_ref(), &data).await?;
                     if chunked {
                         out.extend_from_slice(b"\r\n");
                     }
@@ -596,18 +596,18 @@ async fn write_response(
                 break;
             }
             Next::Flush => {
-                wr.write_all(out).await?;
+                crate::sock::send_all(wr.as_ref(), out).await?;
                 out.clear();
             }
             Next::Failed => {
-                wr.write_all(out).await?;
+                crate::sock::send_all(wr.as_ref(), out).await?;
                 return Ok(false);
             }
             Next::Gone => return Err(io::ErrorKind::ConnectionAborted.into()),
         }
     }
     drop(body);
-    wr.write_all(out).await?;
+    crate::sock::send_all(wr.as_ref(), out).await?;
     out.clear();
     Ok(keep_alive)
 }
