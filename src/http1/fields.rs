@@ -6,13 +6,138 @@
 //! either, so that the gate's rules have one home for the straight path and the router's
 //! requests.
 
+use std::fmt;
+
 use axum::http::header::HeaderName;
 use axum::http::{HeaderMap, HeaderValue};
+use bytes::Bytes;
 
 /// Header fields in the order they came, duplicates kept.
+///
+/// A field read from a head keeps its value as a span of that head (`head`), not as a
+/// `HeaderValue` of its own (issue 18): a `HeaderValue` sharing the head's memory takes a
+/// count on it when made and gives it back when dropped, two atomic operations per field, and
+/// most fields are only looked at. [`Value::to_value`] makes one for a field passed on.
 #[derive(Debug, Default, Clone)]
 pub struct Fields {
-    list: Vec<(HeaderName, HeaderValue)>,
+    /// The head the spans point into (empty when none do).
+    head: Bytes,
+    list: Vec<(HeaderName, Slot)>,
+}
+
+/// Where a field's value is.
+#[derive(Debug, Clone)]
+enum Slot {
+    Value(HeaderValue),
+    /// `head[start..end]`, bytes a `HeaderValue` accepts (the parser's, see [`Fields::append_span`]).
+    Span(u32, u32),
+}
+
+/// A field's value as a list or map holds it: bytes to read, and a `HeaderValue` on demand.
+#[derive(Clone, Copy)]
+pub struct Value<'a> {
+    bytes: &'a [u8],
+    owner: Owner<'a>,
+}
+
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    Value(&'a HeaderValue),
+    /// Bytes within this head.
+    Head(&'a Bytes),
+}
+
+/// A value that is not visible ASCII text (as `HeaderValue::to_str` refuses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotText;
+
+impl fmt::Display for NotText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the header value is not visible ASCII text")
+    }
+}
+
+impl std::error::Error for NotText {}
+
+impl<'a> Value<'a> {
+    /// A value of its own (a `HeaderMap`'s, or one set on a list).
+    pub fn of(value: &'a HeaderValue) -> Value<'a> {
+        Value {
+            bytes: value.as_bytes(),
+            owner: Owner::Value(value),
+        }
+    }
+
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// The value as text when it is visible ASCII (tab included), as `HeaderValue::to_str`.
+    pub fn to_str(&self) -> Result<&'a str, NotText> {
+        if self
+            .bytes
+            .iter()
+            .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+        {
+            std::str::from_utf8(self.bytes).map_err(|_| NotText)
+        } else {
+            Err(NotText)
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// A `HeaderValue` of these bytes (sharing the head's memory: a count on it).
+    pub fn to_value(&self) -> HeaderValue {
+        match self.owner {
+            Owner::Value(v) => v.clone(),
+            Owner::Head(head) => {
+                let value = head.slice_ref(self.bytes);
+                // SAFETY: a span's bytes are a field value `httparse` accepted, which
+                // `HeaderValue` accepts too (`append_span`).
+                unsafe { HeaderValue::from_maybe_shared_unchecked(value) }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Value<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.owner {
+            Owner::Value(v) => fmt::Debug::fmt(v, f),
+            Owner::Head(_) => fmt::Debug::fmt(&self.to_value(), f),
+        }
+    }
+}
+
+impl PartialEq<str> for Value<'_> {
+    fn eq(&self, other: &str) -> bool {
+        self.bytes == other.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for Value<'_> {
+    fn eq(&self, other: &&str) -> bool {
+        self.bytes == other.as_bytes()
+    }
+}
+
+impl PartialEq<HeaderValue> for Value<'_> {
+    fn eq(&self, other: &HeaderValue) -> bool {
+        self.bytes == other.as_bytes()
+    }
+}
+
+impl PartialEq for Value<'_> {
+    fn eq(&self, other: &Value<'_>) -> bool {
+        self.bytes == other.bytes
+    }
 }
 
 /// How many field lists a thread keeps for reuse, and the most fields one may have room for
@@ -23,27 +148,53 @@ const SPARE_LIST_ROOM: usize = 32;
 thread_local! {
     /// Emptied field lists, for the next head read on this thread: a new list is an
     /// allocation and, dropped, a free.
-    static SPARE_LISTS: std::cell::RefCell<Vec<Vec<(HeaderName, HeaderValue)>>> =
+    static SPARE_LISTS: std::cell::RefCell<Vec<Vec<(HeaderName, Slot)>>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Fields {
     /// No fields, and no memory.
     pub const fn new() -> Fields {
-        Fields { list: Vec::new() }
+        Fields {
+            head: Bytes::new(),
+            list: Vec::new(),
+        }
     }
 
     /// No fields yet, with room for `capacity`: a list this thread gave back when it has one.
     pub fn with_capacity(capacity: usize) -> Fields {
         let mut list = super::take_spare(&SPARE_LISTS).unwrap_or_default();
         list.reserve(capacity);
-        Fields { list }
+        Fields {
+            head: Bytes::new(),
+            list,
+        }
+    }
+
+    /// Adds a field after the others whose value is `head[start..end]` of the head given to
+    /// [`Fields::set_head`]. The bytes must be a value `httparse` accepted: `httparse` accepts
+    /// in a value exactly the bytes `HeaderValue` does (tab, 0x20..=0x7e, 0x80..=0xff;
+    /// `a_value_httparse_accepts_is_a_valid_header_value` checks all 256), which
+    /// [`Value::to_value`] relies on.
+    #[inline]
+    pub(crate) fn append_span(&mut self, name: HeaderName, start: usize, end: usize) {
+        // Offsets within a head of at most `MAX_HEAD` bytes fit.
+        self.list.push((name, Slot::Span(start as u32, end as u32)));
+    }
+
+    /// The head the spans of [`Fields::append_span`] lie in.
+    pub(crate) fn set_head(&mut self, head: Bytes) {
+        debug_assert!(self.list.iter().all(|(_, slot)| match slot {
+            Slot::Span(a, b) => a <= b && (*b as usize) <= head.len(),
+            Slot::Value(_) => true,
+        }));
+        self.head = head;
     }
 
     /// Adds a field after the others (a name already there keeps its values).
     #[inline]
     pub fn append(&mut self, name: HeaderName, value: HeaderValue) {
-        self.list.push((name, value));
+        self.list.push((name, Slot::Value(value)));
     }
 
     /// Sets `name` to `value` alone: its other values go, and it takes the place of the
@@ -51,7 +202,7 @@ impl Fields {
     pub fn insert(&mut self, name: HeaderName, value: HeaderValue) {
         match self.list.iter().position(|(n, _)| *n == name) {
             Some(i) => {
-                self.list[i].1 = value;
+                self.list[i].1 = Slot::Value(value);
                 let mut j = i + 1;
                 while j < self.list.len() {
                     if self.list[j].0 == name {
@@ -61,7 +212,19 @@ impl Fields {
                     }
                 }
             }
-            None => self.list.push((name, value)),
+            None => self.list.push((name, Slot::Value(value))),
+        }
+    }
+
+    /// The value in `slot`.
+    #[inline]
+    fn value<'a>(&'a self, slot: &'a Slot) -> Value<'a> {
+        match slot {
+            Slot::Value(v) => Value::of(v),
+            Slot::Span(a, b) => Value {
+                bytes: &self.head[*a as usize..*b as usize],
+                owner: Owner::Head(&self.head),
+            },
         }
     }
 
@@ -71,32 +234,32 @@ impl Fields {
             .list
             .iter()
             .find(|(n, _)| name.matches(n))
-            .map(|(_, v)| v.clone());
+            .map(|(_, v)| self.value(v).to_value());
         self.list.retain(|(n, _)| !name.matches(n));
         first
     }
 
     /// The first value of `name`.
-    pub fn get<K: FieldName>(&self, name: K) -> Option<&HeaderValue> {
+    pub fn get<K: FieldName>(&self, name: K) -> Option<Value<'_>> {
         self.get_all(name).next()
     }
 
     /// Every value of `name`, in order.
-    pub fn get_all<K: FieldName>(&self, name: K) -> impl Iterator<Item = &HeaderValue> {
+    pub fn get_all<K: FieldName>(&self, name: K) -> impl Iterator<Item = Value<'_>> {
         self.list
             .iter()
             .filter(move |(n, _)| name.matches(n))
-            .map(|(_, v)| v)
+            .map(|(_, v)| self.value(v))
     }
 
     /// True when `name` has a value.
     pub fn contains_key<K: FieldName>(&self, name: K) -> bool {
-        self.get(name).is_some()
+        self.list.iter().any(|(n, _)| name.matches(n))
     }
 
     /// Every field, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
-        self.list.iter().map(|(n, v)| (n, v))
+    pub fn iter(&self) -> Iter<'_> {
+        self.into_iter()
     }
 
     /// How many fields there are (a name sent twice counts twice).
@@ -113,15 +276,28 @@ impl Fields {
     /// the thread's spares.
     pub fn into_header_map(mut self) -> HeaderMap {
         let mut map = super::header_map(self.list.len());
-        for (name, value) in self.list.drain(..) {
-            map.append(name, value);
+        let list = std::mem::take(&mut self.list);
+        for (name, slot) in &list {
+            map.append(name.clone(), self.value(slot).to_value());
         }
+        self.list = list;
+        self.list.clear();
         map
     }
 
     /// Keeps only the fields for which `keep` says true, in their order.
-    pub fn retain(&mut self, mut keep: impl FnMut(&HeaderName, &HeaderValue) -> bool) {
-        self.list.retain(|(n, v)| keep(n, v));
+    pub fn retain(&mut self, mut keep: impl FnMut(&HeaderName, Value<'_>) -> bool) {
+        let head = &self.head;
+        self.list.retain(|(n, slot)| {
+            let v = match slot {
+                Slot::Value(v) => Value::of(v),
+                Slot::Span(a, b) => Value {
+                    bytes: &head[*a as usize..*b as usize],
+                    owner: Owner::Head(head),
+                },
+            };
+            keep(n, v)
+        });
     }
 
     /// The fields of a `HeaderMap`, moved out in its order (a name's values together); the
@@ -156,15 +332,30 @@ impl Drop for Fields {
     }
 }
 
-impl<'a> IntoIterator for &'a Fields {
-    type Item = (&'a HeaderName, &'a HeaderValue);
-    type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (HeaderName, HeaderValue)>,
-        fn(&'a (HeaderName, HeaderValue)) -> (&'a HeaderName, &'a HeaderValue),
-    >;
+/// The fields of a list, in order.
+pub struct Iter<'a> {
+    fields: &'a Fields,
+    inner: std::slice::Iter<'a, (HeaderName, Slot)>,
+}
 
-    fn into_iter(self) -> Self::IntoIter {
-        self.list.iter().map(|(n, v)| (n, v))
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a HeaderName, Value<'a>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (n, slot) = self.inner.next()?;
+        Some((n, self.fields.value(slot)))
+    }
+}
+
+impl<'a> IntoIterator for &'a Fields {
+    type Item = (&'a HeaderName, Value<'a>);
+    type IntoIter = Iter<'a>;
+
+    fn into_iter(self) -> Iter<'a> {
+        Iter {
+            fields: self,
+            inner: self.list.iter(),
+        }
     }
 }
 
@@ -196,28 +387,28 @@ impl FieldName for &HeaderName {
 /// and the forwarder ask of a request's headers.
 pub trait Lookup {
     /// The first value of `name`.
-    fn first(&self, name: &HeaderName) -> Option<&HeaderValue>;
+    fn first(&self, name: &HeaderName) -> Option<Value<'_>>;
     /// Every value of `name`, in order.
-    fn each<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a HeaderValue>;
+    fn each<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = Value<'a>>;
 }
 
 impl Lookup for Fields {
-    fn first(&self, name: &HeaderName) -> Option<&HeaderValue> {
+    fn first(&self, name: &HeaderName) -> Option<Value<'_>> {
         self.get(name)
     }
 
-    fn each<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a HeaderValue> {
+    fn each<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = Value<'a>> {
         self.get_all(name)
     }
 }
 
 impl Lookup for HeaderMap {
-    fn first(&self, name: &HeaderName) -> Option<&HeaderValue> {
-        self.get(name)
+    fn first(&self, name: &HeaderName) -> Option<Value<'_>> {
+        self.get(name).map(Value::of)
     }
 
-    fn each<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = &'a HeaderValue> {
-        self.get_all(name).iter()
+    fn each<'a>(&'a self, name: &'a HeaderName) -> impl Iterator<Item = Value<'a>> {
+        self.get_all(name).iter().map(Value::of)
     }
 }
 
@@ -310,5 +501,65 @@ mod tests {
         big.append(HeaderName::from_static("a"), HeaderValue::from_static("1"));
         drop(big);
         assert!(Fields::with_capacity(1).list.capacity() <= SPARE_LIST_ROOM);
+    }
+
+    fn of_head() -> Fields {
+        let head = bytes::Bytes::from_static(b"x-a: 1\r\nauthorization: Bearer tok\r\nx-a: 3\r\n");
+        let mut f = Fields::with_capacity(3);
+        f.append_span(HeaderName::from_static("x-a"), 5, 6);
+        f.append_span(axum::http::header::AUTHORIZATION, 23, 33);
+        f.append_span(HeaderName::from_static("x-a"), 40, 41);
+        f.set_head(head);
+        f
+    }
+
+    #[test]
+    fn fields_read_from_a_head_read_as_values_of_their_own_do() {
+        let mut f = of_head();
+        assert_eq!(f.get("authorization").unwrap(), "Bearer tok");
+        assert_eq!(f.get("x-a").unwrap().to_str(), Ok("1"));
+        let all: Vec<_> = f.get_all("x-a").map(|v| v.to_value()).collect();
+        assert_eq!(all, ["1", "3"]);
+        assert_eq!(f.clone().into_header_map().get_all("x-a").iter().count(), 2);
+        // A value set later sits beside the spans.
+        f.append(
+            HeaderName::from_static("x-b"),
+            HeaderValue::from_static("b"),
+        );
+        let names: Vec<_> = f
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("x-a", "1"),
+                ("authorization", "Bearer tok"),
+                ("x-a", "3"),
+                ("x-b", "b")
+            ]
+        );
+        f.retain(|_, v| v != "3");
+        assert_eq!(f.len(), 3);
+        assert_eq!(f.remove("x-a").unwrap(), "1");
+        assert_eq!(f.len(), 2);
+        let map = f.into_header_map();
+        assert_eq!(map["authorization"], "Bearer tok");
+        assert_eq!(map["x-b"], "b");
+    }
+
+    #[test]
+    fn a_value_is_text_exactly_when_a_header_value_is() {
+        for byte in 0..=255u8 {
+            let bytes = [b'a', byte, b'z'];
+            let Ok(hv) = HeaderValue::from_bytes(&bytes) else {
+                continue;
+            };
+            assert_eq!(
+                Value::of(&hv).to_str().ok(),
+                hv.to_str().ok(),
+                "byte {byte:#x}"
+            );
+        }
     }
 }

@@ -24,7 +24,7 @@ mod names;
 mod reply;
 pub mod server;
 
-pub use fields::{FieldName, Fields, Lookup};
+pub use fields::{FieldName, Fields, Lookup, Value};
 pub use reply::Reply;
 
 /// The largest head accepted, a client's request's or an upstream's answer's. Clients and
@@ -277,14 +277,6 @@ impl Spans {
         self.len
     }
 
-    /// Field `i`, its value sharing `head`'s memory; `None` for a name or value that is not
-    /// valid.
-    #[inline(always)]
-    pub(crate) fn field(&self, head: &Bytes, i: usize) -> Option<(HeaderName, HeaderValue)> {
-        let name = self.name(head, i)?;
-        Some((name, self.value(head, i)))
-    }
-
     /// The offsets of field `i`'s name and value.
     #[inline(always)]
     fn at(&self, i: usize) -> (usize, usize, usize, usize) {
@@ -307,17 +299,11 @@ impl Spans {
         &head[v0..v1]
     }
 
-    /// Field `i`'s value, sharing `head`'s memory.
+    /// Where field `i`'s value lies in the head.
     #[inline(always)]
-    pub(crate) fn value(&self, head: &Bytes, i: usize) -> HeaderValue {
+    pub(crate) fn value_span(&self, i: usize) -> (usize, usize) {
         let (_, _, v0, v1) = self.at(i);
-        let value = head.slice(v0..v1);
-        // SAFETY: `from_maybe_shared_unchecked` skips the byte check (about 50 instructions per
-        // value, 450 per request). The spans come only from `record`, whose fields `httparse`
-        // read, and `httparse` accepts in a value exactly the bytes `HeaderValue` does: tab,
-        // 0x20..=0x7e and 0x80..=0xff (`a_value_httparse_accepts_is_a_valid_header_value`
-        // checks all 256). A wrong value would be a wrong header, not unsound memory.
-        unsafe { HeaderValue::from_maybe_shared_unchecked(value) }
+        (v0, v1)
     }
 }
 
@@ -442,11 +428,12 @@ pub fn parse_head_without(
                 BadDelimiter::TwoLengths => "it has two different content-lengths",
             })
         })?;
-        // The value is made (a count taken on the head's buffer) only for a field kept.
         if !hop_by_hop(&name) && !left_out.contains(&name) {
-            headers.append(name, spans.value(&head, i));
+            let (v0, v1) = spans.value_span(i);
+            headers.append_span(name, v0, v1);
         }
     }
+    headers.set_head(head);
     let Delimiters {
         length,
         chunked,

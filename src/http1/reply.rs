@@ -70,7 +70,7 @@ mod tests {
         let fields: Vec<_> = reply
             .headers
             .iter()
-            .map(|(n, v)| (n.as_str().to_string(), v.clone()))
+            .map(|(n, v)| (n.as_str().to_string(), v.to_value()))
             .collect();
         assert_eq!(
             fields,

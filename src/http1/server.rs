@@ -146,21 +146,20 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
     let mut delimiters = Delimiters::new(version);
     let mut expect_continue = false;
     for i in 0..spans.len() {
-        let (name, value) = spans.field(&head, i).ok_or_else(|| {
+        let name = spans.name(&head, i).ok_or_else(|| {
             bad("A request header's name or value is not valid; check your headers.")
         })?;
-        delimiters
-            .see(&name, value.as_bytes())
-            .map_err(|e| match e {
-                BadDelimiter::LengthNotANumber => bad(
-                    "The request's content-length is not a number; send the body's size in bytes.",
-                ),
-                BadDelimiter::TwoLengths => {
-                    bad("The request has two different content-lengths; send one.")
-                }
-            })?;
+        let value = spans.bytes(&head, i);
+        delimiters.see(&name, value).map_err(|e| match e {
+            BadDelimiter::LengthNotANumber => {
+                bad("The request's content-length is not a number; send the body's size in bytes.")
+            }
+            BadDelimiter::TwoLengths => {
+                bad("The request has two different content-lengths; send one.")
+            }
+        })?;
         if name == header::EXPECT {
-            if value.as_bytes().eq_ignore_ascii_case(b"100-continue") {
+            if value.eq_ignore_ascii_case(b"100-continue") {
                 expect_continue = version == Version::HTTP_11;
             } else {
                 return Err(BadRequest {
@@ -171,8 +170,10 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, BadReque
                 });
             }
         }
-        headers.append(name, value);
+        let (v0, v1) = spans.value_span(i);
+        headers.append_span(name, v0, v1);
     }
+    headers.set_head(head);
     let Delimiters {
         length,
         chunked,

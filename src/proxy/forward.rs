@@ -899,7 +899,7 @@ fn upstream_headers(ctx: &Ctx) -> Fields {
     for (name, v) in &ctx.headers {
         if FORWARDED_HEADERS.contains(name) || provider_headers.contains(name) {
             has_type |= name == header::CONTENT_TYPE;
-            out.append(name.clone(), v.clone());
+            out.append(name.clone(), v.to_value());
         }
     }
     if ctx.method == Method::POST && !has_type {
@@ -1279,6 +1279,7 @@ fn relay(
     let decoded_type = transforms.decode.as_ref().and_then(|d| d.content_type());
     let is_sse = decoded_type
         .as_ref()
+        .map(crate::http1::Value::of)
         .or_else(|| headers.get(header::CONTENT_TYPE))
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));

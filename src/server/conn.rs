@@ -560,8 +560,11 @@ async fn write_response(
                             // More than the length said: the rest cannot be sent.
                             tracing::debug!("a response body is longer than its length");
                             keep_alive = false;
+                            data.slice(..take)
+                        } else {
+                            // The whole piece, without a slice (a count taken and given back).
+                            data
                         }
-                        data.slice(..take)
                     }
                     None => data,
                 };
