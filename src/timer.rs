@@ -77,7 +77,19 @@ pub struct Sleep {
     deadline: Instant,
     /// The table and slot this sleep is registered in (from its first poll on).
     slot: Option<(Arc<Table>, usize)>,
+    /// The deadline in the slot, which fires it: at most `deadline` (a later `deadline` is
+    /// armed when this one fires, so that moving the deadline later, as the header timer does
+    /// for every request, takes no lock; issue 18).
+    armed: Instant,
+    /// The waker the slot holds, as `Waker::will_wake` compares it (its data and vtable): a
+    /// poll from the same task with the slot not yet due looks at nothing shared.
+    woken: Option<(*const (), *const std::task::RawWakerVTable)>,
 }
+
+// SAFETY: `woken` is only compared, never dereferenced; the rest is `Send` and `Sync`.
+unsafe impl Send for Sleep {}
+// SAFETY: as above; `&Sleep` gives access to nothing that is not `Sync`.
+unsafe impl Sync for Sleep {}
 
 /// One thread's registered sleeps. Sleeps register in the table of the thread that first
 /// polls them, so the lock is normally taken by that thread only (and by the sweeper at each
@@ -116,21 +128,38 @@ impl Sleep {
         Sleep {
             deadline,
             slot: None,
+            armed: deadline,
+            woken: None,
         }
     }
 
     /// Moves the deadline (later or earlier); a sleep that had already ended waits again.
+    /// Later is noted here only: the slot fires at the deadline it has, and the poll that sees
+    /// it fired arms the new one.
     pub fn reset(&mut self, deadline: Instant) {
         self.deadline = deadline;
+        if deadline >= self.armed {
+            return;
+        }
         if let Some((table, key)) = &self.slot {
             if let Some(slot) = table.lock().get_mut(*key) {
                 slot.deadline = deadline;
                 slot.fired = false;
             }
+            self.armed = deadline;
+            // The slot may have fired and given its waker away: the next poll looks.
+            self.woken = None;
             // The sweeper may have parked since (nothing else waiting): it must look again.
             sweeper().registered();
+        } else {
+            self.armed = deadline;
         }
     }
+}
+
+/// What `Waker::will_wake` compares.
+fn identity(w: &Waker) -> (*const (), *const std::task::RawWakerVTable) {
+    (w.data(), w.vtable())
 }
 
 impl Future for Sleep {
@@ -147,21 +176,40 @@ impl Future for Sleep {
                     fired: false,
                 });
                 this.slot = Some((table, key));
+                this.armed = this.deadline;
+                this.woken = Some(identity(cx.waker()));
                 sweeper().registered();
                 Poll::Pending
             }
             Some((table, key)) => {
+                // Not due yet, and the slot wakes this task: nothing to look at. (The sweeper
+                // may fire it meanwhile; its wake-up brings another poll, which looks.)
+                if now() < this.armed && this.woken == Some(identity(cx.waker())) {
+                    return Poll::Pending;
+                }
                 let mut slots = table.lock();
                 let Some(slot) = slots.get_mut(*key) else {
                     return Poll::Ready(());
                 };
                 if slot.fired {
-                    return Poll::Ready(());
+                    if this.deadline <= this.armed || Instant::now() >= this.deadline {
+                        return Poll::Ready(());
+                    }
+                    // The deadline moved later after the slot was armed: arm it now.
+                    slot.deadline = this.deadline;
+                    slot.fired = false;
+                    slot.waker = Some(cx.waker().clone());
+                    this.armed = this.deadline;
+                    this.woken = Some(identity(cx.waker()));
+                    drop(slots);
+                    sweeper().registered();
+                    return Poll::Pending;
                 }
                 match &slot.waker {
                     Some(w) if w.will_wake(cx.waker()) => {}
                     _ => slot.waker = Some(cx.waker().clone()),
                 }
+                this.woken = Some(identity(cx.waker()));
                 Poll::Pending
             }
         }
@@ -452,5 +500,32 @@ mod tests {
             h.join().expect("thread");
         }
         assert!(Instant::now() >= deadline);
+    }
+
+    #[tokio::test]
+    async fn a_deadline_moved_later_is_kept_without_the_lock_and_ends_after_it() {
+        let start = Instant::now();
+        let mut s = Sleep::until(start + Duration::from_millis(30));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut s).poll(&mut cx).is_pending());
+        // Later, as the header timer moves it for every request: the slot keeps its first
+        // deadline, fires there, and the poll after arms the later one.
+        let later = start + Duration::from_millis(200);
+        s.reset(later);
+        assert_eq!(s.armed, start + Duration::from_millis(30));
+        (&mut s).await;
+        assert!(Instant::now() >= later, "ended before the moved deadline");
+    }
+
+    #[tokio::test]
+    async fn a_poll_from_another_task_takes_the_slot_over() {
+        let mut s = Sleep::until(Instant::now() + Duration::from_millis(50));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(Pin::new(&mut s).poll(&mut cx).is_pending());
+        // Awaited now with this task's waker (not the no-op one it registered with): it is
+        // woken at the deadline, not left waiting.
+        tokio::time::timeout(SLACK, &mut s)
+            .await
+            .expect("the sleep woke the task that polled it last");
     }
 }
