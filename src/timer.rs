@@ -83,13 +83,8 @@ pub struct Sleep {
     armed: Instant,
     /// The waker the slot holds, as `Waker::will_wake` compares it (its data and vtable): a
     /// poll from the same task with the slot not yet due looks at nothing shared.
-    woken: Option<(*const (), *const std::task::RawWakerVTable)>,
+    woken: Option<(usize, usize)>,
 }
-
-// SAFETY: `woken` is only compared, never dereferenced; the rest is `Send` and `Sync`.
-unsafe impl Send for Sleep {}
-// SAFETY: as above; `&Sleep` gives access to nothing that is not `Sync`.
-unsafe impl Sync for Sleep {}
 
 /// One thread's registered sleeps. Sleeps register in the table of the thread that first
 /// polls them, so the lock is normally taken by that thread only (and by the sweeper at each
@@ -157,9 +152,9 @@ impl Sleep {
     }
 }
 
-/// What `Waker::will_wake` compares.
-fn identity(w: &Waker) -> (*const (), *const std::task::RawWakerVTable) {
-    (w.data(), w.vtable())
+/// What `Waker::will_wake` compares, as addresses (compared, never followed).
+fn identity(w: &Waker) -> (usize, usize) {
+    (w.data() as usize, std::ptr::from_ref(w.vtable()) as usize)
 }
 
 impl Future for Sleep {
@@ -183,8 +178,12 @@ impl Future for Sleep {
             }
             Some((table, key)) => {
                 // Not due yet, and the slot wakes this task: nothing to look at. (The sweeper
-                // may fire it meanwhile; its wake-up brings another poll, which looks.)
-                if now() < this.armed && this.woken == Some(identity(cx.waker())) {
+                // may fire it meanwhile; its wake-up brings another poll, which looks.) The
+                // clock itself, not the poll's frozen reading: a slot that fired before this
+                // look is seen as due, so its waker, which the sweeper took (and which kept the
+                // task it wakes, and so the identity compared, from being reused until then),
+                // is never taken for this task's.
+                if Instant::now() < this.armed && this.woken == Some(identity(cx.waker())) {
                     return Poll::Pending;
                 }
                 let mut slots = table.lock();
