@@ -136,18 +136,16 @@ impl Sleep {
         if deadline >= self.armed {
             return;
         }
+        self.armed = deadline;
         if let Some((table, key)) = &self.slot {
             if let Some(slot) = table.lock().get_mut(*key) {
                 slot.deadline = deadline;
                 slot.fired = false;
             }
-            self.armed = deadline;
             // The slot may have fired and given its waker away: the next poll looks.
             self.woken = None;
             // The sweeper may have parked since (nothing else waiting): it must look again.
             sweeper().registered();
-        } else {
-            self.armed = deadline;
         }
     }
 }

@@ -33,6 +33,28 @@ enum Slot {
     Span(u32, u32),
 }
 
+impl Slot {
+    /// The value, with `head` the list's head.
+    #[inline]
+    fn value<'a>(&'a self, head: &'a Bytes) -> Value<'a> {
+        match self {
+            Slot::Value(v) => Value::of(v),
+            Slot::Span(a, b) => Value {
+                bytes: &head[*a as usize..*b as usize],
+                owner: Owner::Head(head),
+            },
+        }
+    }
+
+    /// The value as a `HeaderValue` of its own, with `head` the list's head.
+    fn into_value(self, head: &Bytes) -> HeaderValue {
+        match self {
+            Slot::Value(v) => v,
+            span => span.value(head).to_value(),
+        }
+    }
+}
+
 /// A field's value as a list or map holds it: bytes to read, and a `HeaderValue` on demand.
 #[derive(Clone, Copy)]
 pub struct Value<'a> {
@@ -85,14 +107,6 @@ impl<'a> Value<'a> {
         Ok(unsafe { std::str::from_utf8_unchecked(self.bytes) })
     }
 
-    pub fn len(&self) -> usize {
-        self.bytes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
-    }
-
     /// A `HeaderValue` of these bytes (sharing the head's memory: a count on it).
     pub fn to_value(&self) -> HeaderValue {
         match self.owner {
@@ -125,18 +139,6 @@ impl PartialEq<str> for Value<'_> {
 impl PartialEq<&str> for Value<'_> {
     fn eq(&self, other: &&str) -> bool {
         self.bytes == other.as_bytes()
-    }
-}
-
-impl PartialEq<HeaderValue> for Value<'_> {
-    fn eq(&self, other: &HeaderValue) -> bool {
-        self.bytes == other.as_bytes()
-    }
-}
-
-impl PartialEq for Value<'_> {
-    fn eq(&self, other: &Value<'_>) -> bool {
-        self.bytes == other.bytes
     }
 }
 
@@ -216,25 +218,13 @@ impl Fields {
         }
     }
 
-    /// The value in `slot`.
-    #[inline]
-    fn value<'a>(&'a self, slot: &'a Slot) -> Value<'a> {
-        match slot {
-            Slot::Value(v) => Value::of(v),
-            Slot::Span(a, b) => Value {
-                bytes: &self.head[*a as usize..*b as usize],
-                owner: Owner::Head(&self.head),
-            },
-        }
-    }
-
     /// Takes every value of `name` out; the first of them, if any.
     pub fn remove<K: FieldName>(&mut self, name: K) -> Option<HeaderValue> {
         let first = self
             .list
             .iter()
             .find(|(n, _)| name.matches(n))
-            .map(|(_, v)| self.value(v).to_value());
+            .map(|(_, v)| v.value(&self.head).to_value());
         self.list.retain(|(n, _)| !name.matches(n));
         first
     }
@@ -249,7 +239,7 @@ impl Fields {
         self.list
             .iter()
             .filter(move |(n, _)| name.matches(n))
-            .map(|(_, v)| self.value(v))
+            .map(|(_, v)| v.value(&self.head))
     }
 
     /// True when `name` has a value.
@@ -276,28 +266,17 @@ impl Fields {
     /// the thread's spares.
     pub fn into_header_map(mut self) -> HeaderMap {
         let mut map = super::header_map(self.list.len());
-        let list = std::mem::take(&mut self.list);
-        for (name, slot) in &list {
-            map.append(name.clone(), self.value(slot).to_value());
+        let head = std::mem::take(&mut self.head);
+        for (name, slot) in self.list.drain(..) {
+            map.append(name, slot.into_value(&head));
         }
-        self.list = list;
-        self.list.clear();
         map
     }
 
     /// Keeps only the fields for which `keep` says true, in their order.
     pub fn retain(&mut self, mut keep: impl FnMut(&HeaderName, Value<'_>) -> bool) {
         let head = &self.head;
-        self.list.retain(|(n, slot)| {
-            let v = match slot {
-                Slot::Value(v) => Value::of(v),
-                Slot::Span(a, b) => Value {
-                    bytes: &head[*a as usize..*b as usize],
-                    owner: Owner::Head(head),
-                },
-            };
-            keep(n, v)
-        });
+        self.list.retain(|(n, slot)| keep(n, slot.value(head)));
     }
 
     /// The fields of a `HeaderMap`, moved out in its order (a name's values together); the
@@ -343,7 +322,7 @@ impl<'a> Iterator for Iter<'a> {
 
     fn next(&mut self) -> Option<Self::Item> {
         let (n, slot) = self.inner.next()?;
-        Some((n, self.fields.value(slot)))
+        Some((n, slot.value(&self.fields.head)))
     }
 }
 

@@ -137,6 +137,14 @@ fn plain(io: &Io) -> Option<&tokio::net::TcpStream> {
     }
 }
 
+/// Writes all of `data`: by `sock` on a plain connection, through TLS otherwise.
+async fn write_all(io: &mut Io, data: &[u8]) -> io::Result<()> {
+    match plain(io) {
+        Some(tcp) => crate::sock::send_all(tcp, data).await,
+        None => io.write_all(data).await,
+    }
+}
+
 /// Where a connection goes: the pool's key.
 #[derive(Debug, PartialEq, Eq)]
 struct Target {
@@ -207,20 +215,12 @@ impl Conn {
 
     /// Writes the request whose head is in `write`, and its body.
     async fn write_request(&mut self, body: &Bytes) -> io::Result<()> {
-        if let Some(tcp) = plain(&self.io) {
-            if body.len() <= COALESCE {
-                self.write.extend_from_slice(body);
-                return crate::sock::send_all(tcp, &self.write).await;
-            }
-            crate::sock::send_all(tcp, &self.write).await?;
-            return crate::sock::send_all(tcp, body).await;
-        }
         if body.len() <= COALESCE {
             self.write.extend_from_slice(body);
-            self.io.write_all(&self.write).await?;
+            write_all(&mut self.io, &self.write).await?;
         } else {
-            self.io.write_all(&self.write).await?;
-            self.io.write_all(body).await?;
+            write_all(&mut self.io, &self.write).await?;
+            write_all(&mut self.io, body).await?;
         }
         self.io.flush().await
     }
