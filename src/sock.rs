@@ -13,6 +13,8 @@
 //! socket is then empty, as tokio's own reads assume on Linux), so the next read waits for the
 //! next event instead of making a system call that finds nothing.
 
+pub mod outbox;
+
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};

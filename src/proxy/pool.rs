@@ -36,6 +36,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::sock::outbox::Deferred;
+
 use axum::http::uri::{Authority, Parts, PathAndQuery, Scheme};
 use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use bytes::{Bytes, BytesMut};
@@ -162,6 +164,9 @@ impl Target {
 /// One upstream connection and its buffers (boxed, so that taking it from the pool and handing
 /// it to a body moves a pointer).
 struct Conn {
+    /// A plain connection's place in the thread's outbox (`sock::outbox`), where its requests
+    /// are written. Before `io`: dropped first, as `Deferred` requires.
+    held: Option<Deferred>,
     io: Io,
     /// Bytes read and not yet taken (the answer's head or body). The answers' pieces are split
     /// off it and share its memory.
@@ -175,6 +180,7 @@ struct Conn {
 impl Conn {
     fn new(io: Io) -> Box<Conn> {
         Box::new(Conn {
+            held: plain(&io).map(Deferred::new),
             io,
             read: BytesMut::new(),
             read_size: READ_SIZE,
@@ -190,7 +196,15 @@ impl Conn {
         }
         let spare = self.read.capacity() - self.read.len();
         let polled = match plain(&self.io) {
-            Some(tcp) => crate::sock::poll_recv(tcp, cx, &mut self.read),
+            Some(tcp) => {
+                // The request, when the flusher could not send it all, or failed to.
+                if let Some(held) = &self.held {
+                    if let Err(e) = held.progress(tcp, cx) {
+                        return Poll::Ready(Err(not_written(e)));
+                    }
+                }
+                crate::sock::poll_recv(tcp, cx, &mut self.read)
+            }
             None => tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read),
         };
         if let Poll::Ready(Ok(n)) = polled {
@@ -215,8 +229,21 @@ impl Conn {
 
     /// Writes the request whose head is in `write`, and its body.
     async fn write_request(&mut self, body: &Bytes) -> io::Result<()> {
+        if let (Some(held), Some(tcp)) = (&self.held, plain(&self.io)) {
+            // Whatever an earlier request left held goes first (none does normally: its answer came).
+            held.settle(tcp).await?;
+        }
         if body.len() <= COALESCE {
             self.write.extend_from_slice(body);
+            // A plain connection's request goes out with the other tasks' writes; the answer's
+            // read finishes or reports it ([`Conn::poll_fill`]).
+            if self
+                .held
+                .as_ref()
+                .is_some_and(|h| h.send_later(&self.write))
+            {
+                return Ok(());
+            }
             write_all(&mut self.io, &self.write).await?;
         } else {
             write_all(&mut self.io, &self.write).await?;
@@ -479,6 +506,7 @@ impl Pool {
             h1::encode_head(&mut conn.write, &method, path, &host, &headers, body.len());
         };
         let mut written = None;
+        let reused = idle.is_some();
         if let Some(mut conn) = idle {
             head(&mut conn);
             match conn.write_request(&body).await {
@@ -491,21 +519,34 @@ impl Pool {
                 }
             }
         }
-        let conn = match written {
-            Some(conn) => conn,
+        let (conn, reused) = match written {
+            Some(conn) => (conn, reused),
             None => {
                 // Boxed: the connect and TLS handshake futures are large and rarely run;
                 // inline, they would make every request's future (moved and copied per
                 // request) that much larger.
+                let mut conn = Box::pin(self.connect(scheme.clone(), authority.clone())).await?;
+                head(&mut conn);
+                conn.write_request(&body)
+                    .await
+                    .map_err(UpstreamError::Send)?;
+                (conn, false)
+            }
+        };
+        match answer(conn, &method, target).await {
+            Ok(answer) => Ok(answer),
+            // A held request that a reused connection could not write: as above.
+            Err((e, target)) if reused && is_not_written(&e) => {
+                tracing::debug!(error = %e, "reused upstream connection closed before the request; retrying on a new one");
                 let mut conn = Box::pin(self.connect(scheme, authority)).await?;
                 head(&mut conn);
                 conn.write_request(&body)
                     .await
                     .map_err(UpstreamError::Send)?;
-                conn
+                answer(conn, &method, target).await.map_err(|(e, _)| e)
             }
-        };
-        answer(conn, &method, target).await
+            Err((e, _)) => Err(e),
+        }
     }
 
     /// A new connection (TCP, and TLS for `https`).
@@ -528,13 +569,43 @@ impl Pool {
     }
 }
 
-/// Reads the answer's head on a connection that carries the request; its body reads on.
+/// A request held for the outbox that could not be written (`sock::outbox`): as a write that
+/// failed at once, the request was not sent.
+#[derive(Debug)]
+struct NotWritten(io::Error);
+
+impl fmt::Display for NotWritten {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the request could not be written: {}", self.0)
+    }
+}
+
+impl StdError for NotWritten {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.0)
+    }
+}
+
+fn not_written(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), NotWritten(e))
+}
+
+/// True when `e` says the request was not written ([`NotWritten`]).
+fn is_not_written(e: &UpstreamError) -> bool {
+    matches!(e, UpstreamError::Send(io) if io.get_ref().is_some_and(|inner| inner.is::<NotWritten>()))
+}
+
+/// Reads the answer's head on a connection that carries the request; its body reads on. The
+/// target comes back with an error, for a retry.
 async fn answer(
     mut conn: Box<Conn>,
     method: &Method,
     target: Arc<Target>,
-) -> Result<Answer, UpstreamError> {
-    let head = conn.read_head(method).await.map_err(UpstreamError::Send)?;
+) -> Result<Answer, (UpstreamError, Arc<Target>)> {
+    let head = match conn.read_head(method).await {
+        Ok(head) => head,
+        Err(e) => return Err((UpstreamError::Send(e), target)),
+    };
     let body = PooledBody::new(conn, target, head.framing, head.keep_alive);
     Ok(Answer {
         status: head.status,

@@ -45,6 +45,7 @@ use crate::http1::server::{
     self as h1s, BodyFraming, RequestHead, ResponseFraming, CONTINUE, LAST_CHUNK,
 };
 use crate::http1::{Chunked, Reply, Step, MAX_HEAD};
+use crate::sock::outbox::Deferred;
 
 /// How much is read from the socket at a time.
 const READ_SIZE: usize = 8 * 1024;
@@ -97,6 +98,14 @@ impl Reader {
             }
         }
     }
+}
+
+/// The writing side of a connection: the socket's half, and its place in the thread's outbox
+/// (`sock::outbox`), where the last piece of a kept-alive response is written. `held` first:
+/// dropped before the socket, as `Deferred` requires.
+struct Writer {
+    held: Deferred,
+    half: OwnedWriteHalf,
 }
 
 /// Where a streaming request body gives the reader back: with `true` once it was read to its
@@ -277,15 +286,20 @@ pub(super) async fn serve<F: Front>(
     settings: Settings,
     mut stop: Watch,
 ) {
-    let (rd, mut wr) = tcp.into_split();
+    let (rd, half) = tcp.into_split();
     let mut reader = Some(Box::new(Reader {
         half: rd,
         buf: BytesMut::with_capacity(READ_SIZE),
     }));
+    let mut wr = Writer {
+        held: Deferred::new(half.as_ref()),
+        half,
+    };
     let mut out: Vec<u8> = Vec::with_capacity(4096);
     let mut timer = HeadTimer::start(settings.header_timeout);
     loop {
         let Some(rd) = reader.as_deref_mut() else {
+            let _ = wr.held.settle(wr.half.as_ref()).await;
             return;
         };
         // Bytes of the buffer already looked at without finding a whole head: a head ends
@@ -294,6 +308,10 @@ pub(super) async fn serve<F: Front>(
         // buffer has grown past the largest head (to refuse it).
         let mut seen = 0;
         let wait = poll_fn(|cx| loop {
+            // The last response's bytes, when the flusher could not send them all.
+            if wr.held.progress(wr.half.as_ref(), cx).is_err() {
+                return Poll::Ready(Wait::Close);
+            }
             let fresh = &rd.buf[seen.min(rd.buf.len())..];
             if memchr::memchr(b'\n', fresh).is_some() || rd.buf.len() > MAX_HEAD {
                 match h1s::parse_request(&mut rd.buf) {
@@ -324,7 +342,11 @@ pub(super) async fn serve<F: Front>(
         .await;
         let head = match wait {
             Wait::Head(h) => h,
-            Wait::Close => return,
+            Wait::Close => {
+                // The last response goes out before the connection closes.
+                let _ = wr.held.settle(wr.half.as_ref()).await;
+                return;
+            }
             Wait::Bad(bad) => {
                 tracing::debug!(status = %bad.status, reason = %bad.message, "malformed request head");
                 let resp =
@@ -361,7 +383,12 @@ pub(super) async fn serve<F: Front>(
                 RequestBody::whole(rd.buf.split_to(n as usize).freeze())
             }
             framing => {
-                if expect_continue && crate::sock::send_all(wr.as_ref(), CONTINUE).await.is_err() {
+                if expect_continue
+                    && (wr.held.settle(wr.half.as_ref()).await.is_err()
+                        || crate::sock::send_all(wr.half.as_ref(), CONTINUE)
+                            .await
+                            .is_err())
+                {
                     return;
                 }
                 let h = Arc::new(Home::default());
@@ -450,8 +477,8 @@ fn come_home(reader: &mut Option<Box<Reader>>, home: &Option<Arc<Home>>) {
 /// Closes a connection whose client may still be sending (a request body we did not read):
 /// our side is shut first, then what the client sends is read and dropped for a while, so
 /// that the client reads our answer before it sees the connection end.
-async fn linger(reader: Option<Box<Reader>>, mut wr: OwnedWriteHalf) {
-    let _ = wr.shutdown().await;
+async fn linger(reader: Option<Box<Reader>>, mut wr: Writer) {
+    let _ = wr.half.shutdown().await;
     let Some(mut rd) = reader else {
         return;
     };
@@ -484,7 +511,7 @@ enum Next {
 /// can carry another request. While the body has nothing to send, the reader (when home)
 /// watches for the client's close, which ends the response.
 async fn write_response(
-    wr: &mut OwnedWriteHalf,
+    wr: &mut Writer,
     out: &mut Vec<u8>,
     resp: Reply,
     head_request: bool,
@@ -508,6 +535,8 @@ async fn write_response(
         })
     };
     let framing = h1s::response_framing(head_request, status, declared, version);
+    // The previous response's bytes are out before any of this one's.
+    wr.held.settle(wr.half.as_ref()).await?;
     out.clear();
     // The response's own `connection: close` is noted as its head is written.
     keep_alive = h1s::encode_response_head(
@@ -522,7 +551,7 @@ async fn write_response(
     drop(headers);
     if framing == ResponseFraming::None {
         drop(body);
-        crate::sock::send_all(wr.as_ref(), out).await?;
+        crate::sock::send_all(wr.half.as_ref(), out).await?;
         return Ok(keep_alive);
     }
     let mut left = match framing {
@@ -573,9 +602,9 @@ async fn write_response(
                     if chunked {
                         h1s::encode_chunk_size(out, data.len());
                     }
-                    crate::sock::send_all(wr.as_ref(), out).await?;
+                    crate::sock::send_all(wr.half.as_ref(), out).await?;
                     out.clear();
-                    crate::sock::send_all(wr.as_ref(), &data).await?;
+                    crate::sock::send_all(wr.half.as_ref(), &data).await?;
                     if chunked {
                         out.extend_from_slice(b"\r\n");
                     }
@@ -599,18 +628,22 @@ async fn write_response(
                 break;
             }
             Next::Flush => {
-                crate::sock::send_all(wr.as_ref(), out).await?;
+                crate::sock::send_all(wr.half.as_ref(), out).await?;
                 out.clear();
             }
             Next::Failed => {
-                crate::sock::send_all(wr.as_ref(), out).await?;
+                crate::sock::send_all(wr.half.as_ref(), out).await?;
                 return Ok(false);
             }
             Next::Gone => return Err(io::ErrorKind::ConnectionAborted.into()),
         }
     }
     drop(body);
-    crate::sock::send_all(wr.as_ref(), out).await?;
+    // The last piece of a response after which the connection stays open goes out with the
+    // other tasks' writes (`sock::outbox`); one that closes it, at once.
+    if !(keep_alive && wr.held.send_later(out)) {
+        crate::sock::send_all(wr.half.as_ref(), out).await?;
+    }
     out.clear();
     Ok(keep_alive)
 }
