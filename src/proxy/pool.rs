@@ -237,12 +237,11 @@ impl Conn {
             self.write.extend_from_slice(body);
             // A plain connection's request goes out with the other tasks' writes; the answer's
             // read finishes or reports it ([`Conn::poll_fill`]).
-            if self
-                .held
-                .as_ref()
-                .is_some_and(|h| h.send_later(&self.write))
-            {
-                return Ok(());
+            if let Some(held) = &self.held {
+                let write = &self.write;
+                if poll_fn(|cx| Poll::Ready(held.send_later(write, cx.waker()))).await {
+                    return Ok(());
+                }
             }
             write_all(&mut self.io, &self.write).await?;
         } else {

@@ -25,6 +25,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
@@ -45,22 +46,53 @@ enum State {
     Withdrawn,
 }
 
+impl State {
+    /// The state as [`Shared::quick`] holds it.
+    fn code(self) -> u8 {
+        match self {
+            State::Idle => IDLE,
+            State::Queued => QUEUED,
+            _ => OTHER,
+        }
+    }
+}
+
+/// [`Shared::quick`]'s values.
+const IDLE: u8 = 0;
+const QUEUED: u8 = 1;
+const OTHER: u8 = 2;
+
 struct Entry {
     fd: RawFd,
     state: State,
     /// The bytes not yet sent (kept between writes, so that its memory is reused).
     data: Vec<u8>,
-    /// The owner's task, to wake when the flusher is done with its bytes.
+    /// The owner's task, woken when the flusher stalls or fails, and when it is done if
+    /// `wants_sent`.
     waker: Option<Waker>,
-    /// Whether the owner waits for its bytes to be sent (not only for a stall or a failure).
+    /// Whether the owner waits for its bytes to be sent.
     wants_sent: bool,
 }
 
-type Shared = Arc<Mutex<Entry>>;
+/// One socket's entry, shared by its owner and the outbox.
+struct Shared {
+    /// The entry's state, readable without the lock: a request's usual looks (nothing held;
+    /// held and waiting for the flusher) take no lock. Written under the lock, with `state`.
+    quick: AtomicU8,
+    entry: Mutex<Entry>,
+}
 
-fn lock(e: &Mutex<Entry>) -> MutexGuard<'_, Entry> {
-    // Every change of an entry is a few assignments: a poisoned lock is used as it is.
-    e.lock().unwrap_or_else(|p| p.into_inner())
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Entry> {
+        // Every change of an entry is a few assignments: a poisoned lock is used as it is.
+        self.entry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the entry's state (`e` is this entry, locked).
+    fn set(&self, e: &mut Entry, state: State) {
+        e.state = state;
+        self.quick.store(state.code(), Ordering::Release);
+    }
 }
 
 /// One thread's outbox: the entries with bytes queued, and the flusher's waker.
@@ -71,7 +103,7 @@ struct Outbox {
 
 #[derive(Default)]
 struct Queue {
-    entries: Vec<Shared>,
+    entries: Vec<Arc<Shared>>,
     flusher: Option<Waker>,
     /// The flusher task was dropped (its runtime ended): nothing queued would be sent.
     closed: bool,
@@ -112,7 +144,7 @@ fn outbox() -> Option<Arc<Outbox>> {
 struct Flusher {
     outbox: Arc<Outbox>,
     /// The list taken last time, kept for its memory.
-    spare: Vec<Shared>,
+    spare: Vec<Arc<Shared>>,
 }
 
 impl std::future::Future for Flusher {
@@ -145,8 +177,8 @@ impl Drop for Flusher {
 }
 
 /// Sends one entry's bytes, as far as the socket takes them.
-fn flush(shared: &Mutex<Entry>) {
-    let mut e = lock(shared);
+fn flush(shared: &Shared) {
+    let mut e = shared.lock();
     if e.state != State::Queued {
         return;
     }
@@ -163,14 +195,12 @@ fn flush(shared: &Mutex<Entry>) {
             Err(err) => break State::Failed(err.kind()),
         }
     };
-    match state {
-        State::Idle => e.data.clear(),
-        State::Stalled => {
-            e.data.drain(..sent);
-        }
-        _ => e.data.clear(),
+    if state == State::Stalled {
+        e.data.drain(..sent);
+    } else {
+        e.data.clear();
     }
-    e.state = state;
+    shared.set(&mut e, state);
     let wake = state != State::Idle || e.wants_sent;
     let waker = if wake { e.waker.take() } else { None };
     drop(e);
@@ -182,7 +212,7 @@ fn flush(shared: &Mutex<Entry>) {
 /// One socket's place in its thread's outbox; see the module's documentation. Must be dropped
 /// before the socket it was made for.
 pub struct Deferred {
-    shared: Shared,
+    shared: Arc<Shared>,
     /// The outbox it queues in (the thread's when it was made).
     outbox: Option<Arc<Outbox>>,
 }
@@ -191,37 +221,42 @@ impl Deferred {
     /// A place for `tcp`'s writes in the current thread's outbox.
     pub fn new(tcp: &TcpStream) -> Deferred {
         Deferred {
-            shared: Arc::new(Mutex::new(Entry {
-                fd: tcp.as_raw_fd(),
-                state: State::Idle,
-                data: Vec::new(),
-                waker: None,
-                wants_sent: false,
-            })),
+            shared: Arc::new(Shared {
+                quick: AtomicU8::new(IDLE),
+                entry: Mutex::new(Entry {
+                    fd: tcp.as_raw_fd(),
+                    state: State::Idle,
+                    data: Vec::new(),
+                    waker: None,
+                    wants_sent: false,
+                }),
+            }),
             outbox: outbox(),
         }
     }
 
-    /// Hands `data` to the flusher, which sends it once the tasks ready now have run. `false`,
-    /// taking nothing, when it cannot (outside a runtime, or earlier bytes not yet settled):
-    /// the caller then writes `data` itself.
-    pub fn send_later(&self, data: &[u8]) -> bool {
+    /// Hands `data` to the flusher, which sends it once the tasks ready now have run; `waker`
+    /// (the owner's task) is woken if the flusher cannot send it all. `false`, taking nothing,
+    /// when it cannot (outside a runtime, or earlier bytes not yet settled): the caller then
+    /// writes `data` itself.
+    pub fn send_later(&self, data: &[u8], waker: &Waker) -> bool {
         let Some(outbox) = &self.outbox else {
             return false;
         };
-        let mut e = lock(&self.shared);
+        let mut e = self.shared.lock();
         if e.state != State::Idle {
             return false;
         }
-        e.data.extend_from_slice(data);
-        e.state = State::Queued;
-        e.wants_sent = false;
         let mut q = outbox.lock();
         if q.closed {
-            e.data.clear();
-            e.state = State::Idle;
             return false;
         }
+        e.data.extend_from_slice(data);
+        e.wants_sent = false;
+        if !e.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            e.waker = Some(waker.clone());
+        }
+        self.shared.set(&mut e, State::Queued);
         drop(e);
         q.entries.push(self.shared.clone());
         let flusher = if q.entries.len() == 1 {
@@ -239,13 +274,19 @@ impl Deferred {
     /// Ready once every byte given to [`Deferred::send_later`] was sent (with the error that
     /// ended sending, if one did): then the socket may be written or closed by its owner.
     pub fn poll_settle(&self, tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.shared.quick.load(Ordering::Acquire) == IDLE {
+            return Poll::Ready(Ok(()));
+        }
         self.poll(tcp, cx, true)
     }
 
     /// Finishes what the flusher could not send, and reports a failure (once): for the owner's
-    /// every wait while its bytes may be held. Registers the task to be woken when the flusher
-    /// stalls or fails (not when it succeeds: nothing then needs the owner).
+    /// every wait while its bytes may be held. Takes no lock while the bytes wait for the
+    /// flusher, which wakes the owner (the waker given to `send_later`) if it stalls or fails.
     pub fn progress(&self, tcp: &TcpStream, cx: &mut Context<'_>) -> io::Result<()> {
+        if self.shared.quick.load(Ordering::Acquire) != OTHER {
+            return Ok(());
+        }
         match self.poll(tcp, cx, false) {
             Poll::Ready(Err(e)) => Err(e),
             _ => Ok(()),
@@ -253,12 +294,12 @@ impl Deferred {
     }
 
     fn poll(&self, tcp: &TcpStream, cx: &mut Context<'_>, settle: bool) -> Poll<io::Result<()>> {
-        let mut e = lock(&self.shared);
+        let mut e = self.shared.lock();
         loop {
             match e.state {
                 State::Idle | State::Withdrawn => return Poll::Ready(Ok(())),
                 State::Failed(kind) => {
-                    e.state = State::Idle;
+                    self.shared.set(&mut e, State::Idle);
                     return Poll::Ready(Err(kind.into()));
                 }
                 State::Queued => {
@@ -279,12 +320,12 @@ impl Deferred {
                         Ok(n) => {
                             e.data.drain(..n);
                             if e.data.is_empty() {
-                                e.state = State::Idle;
+                                self.shared.set(&mut e, State::Idle);
                             }
                         }
                         Err(err) => {
                             e.data.clear();
-                            e.state = State::Idle;
+                            self.shared.set(&mut e, State::Idle);
                             return Poll::Ready(Err(err));
                         }
                     }
@@ -301,15 +342,15 @@ impl Deferred {
     /// Whether bytes are held (queued, or stalled with the owner to send the rest).
     #[cfg(test)]
     fn is_holding(&self) -> bool {
-        matches!(lock(&self.shared).state, State::Queued | State::Stalled)
+        matches!(self.shared.lock().state, State::Queued | State::Stalled)
     }
 }
 
 impl Drop for Deferred {
     fn drop(&mut self) {
         // Under the entry's lock: a flusher sending now finishes first, and none sends after.
-        let mut e = lock(&self.shared);
-        e.state = State::Withdrawn;
+        let mut e = self.shared.lock();
+        self.shared.set(&mut e, State::Withdrawn);
         e.data = Vec::new();
         e.waker = None;
     }
@@ -332,13 +373,13 @@ mod tests {
     async fn held_bytes_arrive_in_order_after_the_batch() {
         let (ours, mut peer) = pair().await;
         let d = Deferred::new(&ours);
-        assert!(d.send_later(b"hello "));
+        assert!(d.send_later(b"hello ", Waker::noop()));
         assert!(d.is_holding());
         // Earlier bytes not settled: the caller must wait, nothing is taken.
-        assert!(!d.send_later(b"too early"));
+        assert!(!d.send_later(b"too early", Waker::noop()));
         d.settle(&ours).await.expect("settled");
         assert!(!d.is_holding());
-        assert!(d.send_later(b"world"));
+        assert!(d.send_later(b"world", Waker::noop()));
         d.settle(&ours).await.expect("settled");
         let mut got = vec![0u8; 11];
         peer.read_exact(&mut got).await.expect("read");
@@ -351,7 +392,7 @@ mod tests {
         let d = Deferred::new(&ours);
         // Far more than the socket buffers take while the peer reads nothing.
         let big: Vec<u8> = (0..16 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-        assert!(d.send_later(&big));
+        assert!(d.send_later(&big, Waker::noop()));
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut buf = vec![0u8; 64 * 1024];
@@ -375,7 +416,7 @@ mod tests {
         // write until the failure shows.
         let mut failed = false;
         for _ in 0..50 {
-            assert!(d.send_later(b"x"));
+            assert!(d.send_later(b"x", Waker::noop()));
             if d.settle(&ours).await.is_err() {
                 failed = true;
                 break;
@@ -389,7 +430,7 @@ mod tests {
     async fn bytes_of_a_dropped_owner_are_not_sent() {
         let (ours, mut peer) = pair().await;
         let d = Deferred::new(&ours);
-        assert!(d.send_later(b"never"));
+        assert!(d.send_later(b"never", Waker::noop()));
         drop(d);
         drop(ours);
         // The flusher runs after this task yields; the socket is already closed by then.
