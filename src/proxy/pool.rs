@@ -238,8 +238,8 @@ impl Conn {
             // A plain connection's request goes out with the other tasks' writes; the answer's
             // read finishes or reports it ([`Conn::poll_fill`]).
             if let Some(held) = &self.held {
-                let write = &self.write;
-                if poll_fn(|cx| Poll::Ready(held.send_later(write, cx.waker()))).await {
+                let write = &mut self.write;
+                if poll_fn(|cx| Poll::Ready(held.send_later(&mut *write, cx.waker()))).await {
                     return Ok(());
                 }
             }

@@ -20,8 +20,9 @@
 //! before the socket (the owner's job) withdraws bytes not yet sent: the flusher never writes
 //! to a descriptor whose owner has let it go.
 //!
-//! No crate does this (tokio writes at once; io_uring-based runtimes batch their submissions,
-//! but are another runtime).
+//! One outbox per thread, flushed by a task on the runtime that first used it there (the
+//! server runs one current-thread runtime per worker thread). No crate does this: tokio writes
+//! at once, and io_uring-based runtimes, which batch their submissions, are another runtime.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -56,6 +57,9 @@ impl State {
         }
     }
 }
+
+/// The most memory an entry keeps for its next bytes once sent (a connection lives long).
+const KEEP_CAPACITY: usize = 64 * 1024;
 
 /// [`Shared::quick`]'s values.
 const IDLE: u8 = 0;
@@ -197,6 +201,8 @@ fn flush(shared: &Shared) {
     };
     if state == State::Stalled {
         e.data.drain(..sent);
+    } else if e.data.capacity() > KEEP_CAPACITY {
+        e.data = Vec::new();
     } else {
         e.data.clear();
     }
@@ -235,11 +241,12 @@ impl Deferred {
         }
     }
 
-    /// Hands `data` to the flusher, which sends it once the tasks ready now have run; `waker`
-    /// (the owner's task) is woken if the flusher cannot send it all. `false`, taking nothing,
-    /// when it cannot (outside a runtime, or earlier bytes not yet settled): the caller then
-    /// writes `data` itself.
-    pub fn send_later(&self, data: &[u8], waker: &Waker) -> bool {
+    /// Hands the bytes of `data` to the flusher (leaving `data` empty, with the memory of the
+    /// entry's last bytes: no copy), which sends them once the tasks ready now have run;
+    /// `waker` (the owner's task) is woken if the flusher cannot send them all. `false`,
+    /// taking nothing, when it cannot (outside a runtime, or earlier bytes not yet settled):
+    /// the caller then writes `data` itself.
+    pub fn send_later(&self, data: &mut Vec<u8>, waker: &Waker) -> bool {
         let Some(outbox) = &self.outbox else {
             return false;
         };
@@ -251,7 +258,8 @@ impl Deferred {
         if q.closed {
             return false;
         }
-        e.data.extend_from_slice(data);
+        std::mem::swap(&mut e.data, data);
+        data.clear();
         e.wants_sent = false;
         if !e.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
             e.waker = Some(waker.clone());
@@ -373,13 +381,13 @@ mod tests {
     async fn held_bytes_arrive_in_order_after_the_batch() {
         let (ours, mut peer) = pair().await;
         let d = Deferred::new(&ours);
-        assert!(d.send_later(b"hello ", Waker::noop()));
+        assert!(d.send_later(&mut b"hello ".to_vec(), Waker::noop()));
         assert!(d.is_holding());
         // Earlier bytes not settled: the caller must wait, nothing is taken.
-        assert!(!d.send_later(b"too early", Waker::noop()));
+        assert!(!d.send_later(&mut b"too early".to_vec(), Waker::noop()));
         d.settle(&ours).await.expect("settled");
         assert!(!d.is_holding());
-        assert!(d.send_later(b"world", Waker::noop()));
+        assert!(d.send_later(&mut b"world".to_vec(), Waker::noop()));
         d.settle(&ours).await.expect("settled");
         let mut got = vec![0u8; 11];
         peer.read_exact(&mut got).await.expect("read");
@@ -392,7 +400,7 @@ mod tests {
         let d = Deferred::new(&ours);
         // Far more than the socket buffers take while the peer reads nothing.
         let big: Vec<u8> = (0..16 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-        assert!(d.send_later(&big, Waker::noop()));
+        assert!(d.send_later(&mut big.clone(), Waker::noop()));
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut buf = vec![0u8; 64 * 1024];
@@ -416,7 +424,7 @@ mod tests {
         // write until the failure shows.
         let mut failed = false;
         for _ in 0..50 {
-            assert!(d.send_later(b"x", Waker::noop()));
+            assert!(d.send_later(&mut b"x".to_vec(), Waker::noop()));
             if d.settle(&ours).await.is_err() {
                 failed = true;
                 break;
@@ -430,7 +438,7 @@ mod tests {
     async fn bytes_of_a_dropped_owner_are_not_sent() {
         let (ours, mut peer) = pair().await;
         let d = Deferred::new(&ours);
-        assert!(d.send_later(b"never", Waker::noop()));
+        assert!(d.send_later(&mut b"never".to_vec(), Waker::noop()));
         drop(d);
         drop(ours);
         // The flusher runs after this task yields; the socket is already closed by then.
