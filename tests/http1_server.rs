@@ -308,3 +308,85 @@ async fn a_head_sent_a_byte_at_a_time_is_answered() {
         .await
         .starts_with("HTTP/1.1 200"));
 }
+
+/// Reads one response with a `content-length` from `s` (whatever follows stays unread in
+/// `pending`): its head and its body.
+async fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> (String, String) {
+    tokio::time::timeout(BOUND, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse().ok())?
+                    })
+                    .expect("a content-length");
+                if pending.len() >= end + 4 + length {
+                    let body =
+                        String::from_utf8_lossy(&pending[end + 4..end + 4 + length]).into_owned();
+                    pending.drain(..end + 4 + length);
+                    return (head, body);
+                }
+            }
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(pending));
+            pending.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("a whole response within the bound")
+}
+
+#[tokio::test]
+async fn many_kept_alive_connections_at_once_each_get_their_own_answers_whole() {
+    // The last write of a kept-alive response and the upstream request are held to the end of
+    // the worker's batch of ready tasks (`sock::outbox`): with many connections ready at once,
+    // every answer still reaches its own connection, whole and in order.
+    let responder: common::upstream::Responder = std::sync::Arc::new(|req| {
+        let body = req.json();
+        let text = body["messages"][0]["content"].as_str().unwrap_or("?");
+        common::upstream::Reply::json(
+            200,
+            common::upstream::openai_chat_json("gpt-4o-mini", &format!("echo {text}")),
+        )
+    });
+    let fake = FakeUpstream::start_with(responder).await;
+    let app = proxy(&fake).await;
+    const CONNECTIONS: usize = 16;
+    const REQUESTS: usize = 8;
+    let mut clients = Vec::new();
+    for c in 0..CONNECTIONS {
+        let addr = app.addr;
+        clients.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let mut pending = Vec::new();
+            for r in 0..REQUESTS {
+                let body = format!(
+                    r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"c{c} r{r}"}}]}}"#
+                );
+                let request = format!(
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                s.write_all(request.as_bytes()).await.expect("request");
+                let (head, body) = read_response(&mut s, &mut pending).await;
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+                let json: serde_json::Value = serde_json::from_str(&body).expect("a whole JSON body");
+                assert_eq!(
+                    json["choices"][0]["message"]["content"],
+                    format!("echo c{c} r{r}"),
+                    "connection {c} got another's answer"
+                );
+            }
+            assert!(pending.is_empty(), "bytes nobody asked for");
+        }));
+    }
+    for client in clients {
+        client.await.expect("client");
+    }
+    assert_eq!(fake.request_count(), CONNECTIONS * REQUESTS);
+}
