@@ -15,7 +15,7 @@
 //! A [`Deferred`] is one socket's place in the outbox. Its owner (the connection) gives it
 //! bytes with [`Deferred::send_later`] and must see them settled ([`Deferred::poll_settle`])
 //! before it writes anything else on the socket, and before it closes it; meanwhile it drives
-//! [`Deferred::poll_progress`] wherever it waits, which finishes a write the flusher could
+//! [`Deferred::progress`] wherever it waits, which finishes a write the flusher could
 //! not finish (the socket's buffer full) and reports a failed one. Dropping the `Deferred`
 //! before the socket (the owner's job) withdraws bytes not yet sent: the flusher never writes
 //! to a descriptor whose owner has let it go.
