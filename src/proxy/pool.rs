@@ -238,8 +238,7 @@ impl Conn {
             // A plain connection's request goes out with the other tasks' writes; the answer's
             // read finishes or reports it ([`Conn::poll_fill`]).
             if let Some(held) = &self.held {
-                let write = &mut self.write;
-                if poll_fn(|cx| Poll::Ready(held.send_later(&mut *write, cx.waker()))).await {
+                if held.send_later(&mut self.write).await {
                     return Ok(());
                 }
             }
@@ -505,7 +504,6 @@ impl Pool {
             h1::encode_head(&mut conn.write, &method, path, &host, &headers, body.len());
         };
         let mut written = None;
-        let reused = idle.is_some();
         if let Some(mut conn) = idle {
             head(&mut conn);
             match conn.write_request(&body).await {
@@ -518,30 +516,29 @@ impl Pool {
                 }
             }
         }
-        let (conn, reused) = match written {
-            Some(conn) => (conn, reused),
-            None => {
-                // Boxed: the connect and TLS handshake futures are large and rarely run;
-                // inline, they would make every request's future (moved and copied per
-                // request) that much larger.
-                let mut conn = Box::pin(self.connect(scheme.clone(), authority.clone())).await?;
-                head(&mut conn);
-                conn.write_request(&body)
-                    .await
-                    .map_err(UpstreamError::Send)?;
-                (conn, false)
-            }
+        // A new connection with the request written on it.
+        let fresh = |scheme, authority| async {
+            // Boxed: the connect and TLS handshake futures are large and rarely run; inline,
+            // they would make every request's future (moved and copied per request) that much
+            // larger.
+            let mut conn = Box::pin(self.connect(scheme, authority)).await?;
+            head(&mut conn);
+            conn.write_request(&body)
+                .await
+                .map_err(UpstreamError::Send)?;
+            Ok::<_, UpstreamError>(conn)
+        };
+        let reused = written.is_some();
+        let conn = match written {
+            Some(conn) => conn,
+            None => fresh(scheme.clone(), authority.clone()).await?,
         };
         match answer(conn, &method, target).await {
             Ok(answer) => Ok(answer),
             // A held request that a reused connection could not write: as above.
             Err((e, target)) if reused && is_not_written(&e) => {
                 tracing::debug!(error = %e, "reused upstream connection closed before the request; retrying on a new one");
-                let mut conn = Box::pin(self.connect(scheme, authority)).await?;
-                head(&mut conn);
-                conn.write_request(&body)
-                    .await
-                    .map_err(UpstreamError::Send)?;
+                let conn = fresh(scheme, authority).await?;
                 answer(conn, &method, target).await.map_err(|(e, _)| e)
             }
             Err((e, _)) => Err(e),

@@ -641,7 +641,7 @@ async fn write_response(
     drop(body);
     // The last piece of a response after which the connection stays open goes out with the
     // other tasks' writes (`sock::outbox`); one that closes it, at once.
-    if !(keep_alive && poll_fn(|cx| Poll::Ready(wr.held.send_later(&mut *out, cx.waker()))).await) {
+    if !(keep_alive && wr.held.send_later(out).await) {
         crate::sock::send_all(wr.half.as_ref(), out).await?;
     }
     out.clear();

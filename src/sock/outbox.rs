@@ -13,7 +13,7 @@
 //! already queued and before the runtime looks for new events.
 //!
 //! A [`Deferred`] is one socket's place in the outbox. Its owner (the connection) gives it
-//! bytes with [`Deferred::send_later`] and must see them settled ([`Deferred::poll_settle`])
+//! bytes with [`Deferred::send_later`] and must see them settled ([`Deferred::settle`])
 //! before it writes anything else on the socket, and before it closes it; meanwhile it drives
 //! [`Deferred::progress`] wherever it waits, which finishes a write the flusher could
 //! not finish (the socket's buffer full) and reports a failed one. Dropping the `Deferred`
@@ -242,11 +242,16 @@ impl Deferred {
     }
 
     /// Hands the bytes of `data` to the flusher (leaving `data` empty, with the memory of the
-    /// entry's last bytes: no copy), which sends them once the tasks ready now have run;
-    /// `waker` (the owner's task) is woken if the flusher cannot send them all. `false`,
-    /// taking nothing, when it cannot (outside a runtime, or earlier bytes not yet settled):
-    /// the caller then writes `data` itself.
-    pub fn send_later(&self, data: &mut Vec<u8>, waker: &Waker) -> bool {
+    /// entry's last bytes: no copy), which sends them once the tasks ready now have run; the
+    /// calling task is woken if the flusher cannot send them all. `false`, taking nothing, when
+    /// it cannot (outside a runtime, or earlier bytes not yet settled): the caller then writes
+    /// `data` itself.
+    pub async fn send_later(&self, data: &mut Vec<u8>) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(self.hold(data, cx.waker()))).await
+    }
+
+    /// [`Deferred::send_later`], with the owner's `waker`.
+    fn hold(&self, data: &mut Vec<u8>, waker: &Waker) -> bool {
         let Some(outbox) = &self.outbox else {
             return false;
         };
@@ -277,15 +282,6 @@ impl Deferred {
             w.wake();
         }
         true
-    }
-
-    /// Ready once every byte given to [`Deferred::send_later`] was sent (with the error that
-    /// ended sending, if one did): then the socket may be written or closed by its owner.
-    pub fn poll_settle(&self, tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.shared.quick.load(Ordering::Acquire) == IDLE {
-            return Poll::Ready(Ok(()));
-        }
-        self.poll(tcp, cx, true)
     }
 
     /// Finishes what the flusher could not send, and reports a failure (once): for the owner's
@@ -342,9 +338,13 @@ impl Deferred {
         }
     }
 
-    /// Waits for [`Deferred::poll_settle`].
+    /// Done once every byte given to [`Deferred::send_later`] was sent (with the error that
+    /// ended sending, if one did): then the socket may be written or closed by its owner.
     pub async fn settle(&self, tcp: &TcpStream) -> io::Result<()> {
-        std::future::poll_fn(|cx| self.poll_settle(tcp, cx)).await
+        if self.shared.quick.load(Ordering::Acquire) == IDLE {
+            return Ok(());
+        }
+        std::future::poll_fn(|cx| self.poll(tcp, cx, true)).await
     }
 
     /// Whether bytes are held (queued, or stalled with the owner to send the rest).
@@ -381,13 +381,13 @@ mod tests {
     async fn held_bytes_arrive_in_order_after_the_batch() {
         let (ours, mut peer) = pair().await;
         let d = Deferred::new(&ours);
-        assert!(d.send_later(&mut b"hello ".to_vec(), Waker::noop()));
+        assert!(d.send_later(&mut b"hello ".to_vec()).await);
         assert!(d.is_holding());
         // Earlier bytes not settled: the caller must wait, nothing is taken.
-        assert!(!d.send_later(&mut b"too early".to_vec(), Waker::noop()));
+        assert!(!d.send_later(&mut b"too early".to_vec()).await);
         d.settle(&ours).await.expect("settled");
         assert!(!d.is_holding());
-        assert!(d.send_later(&mut b"world".to_vec(), Waker::noop()));
+        assert!(d.send_later(&mut b"world".to_vec()).await);
         d.settle(&ours).await.expect("settled");
         let mut got = vec![0u8; 11];
         peer.read_exact(&mut got).await.expect("read");
@@ -400,7 +400,7 @@ mod tests {
         let d = Deferred::new(&ours);
         // Far more than the socket buffers take while the peer reads nothing.
         let big: Vec<u8> = (0..16 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
-        assert!(d.send_later(&mut big.clone(), Waker::noop()));
+        assert!(d.send_later(&mut big.clone()).await);
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             let mut buf = vec![0u8; 64 * 1024];
@@ -424,7 +424,7 @@ mod tests {
         // write until the failure shows.
         let mut failed = false;
         for _ in 0..50 {
-            assert!(d.send_later(&mut b"x".to_vec(), Waker::noop()));
+            assert!(d.send_later(&mut b"x".to_vec()).await);
             if d.settle(&ours).await.is_err() {
                 failed = true;
                 break;
@@ -438,7 +438,7 @@ mod tests {
     async fn bytes_of_a_dropped_owner_are_not_sent() {
         let (ours, mut peer) = pair().await;
         let d = Deferred::new(&ours);
-        assert!(d.send_later(&mut b"never".to_vec(), Waker::noop()));
+        assert!(d.send_later(&mut b"never".to_vec()).await);
         drop(d);
         drop(ours);
         // The flusher runs after this task yields; the socket is already closed by then.
